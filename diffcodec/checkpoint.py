@@ -1,0 +1,143 @@
+"""Checkpoints: weights + the two config records + a fingerprint of the weights.
+
+File layout (``torch.save`` of a dict of tensors and plain Python values, loaded with
+``weights_only=True`` so that loading never runs code from the file):
+
+    format            "diffcodec-checkpoint"
+    version           1
+    model_config      ModelConfig as a dict
+    diffusion_config  DiffusionConfig as a dict
+    state_dict        the network's tensors (the shipped model stores fp16 EMA weights)
+    fingerprint       fingerprint(state_dict): 16 hex digits
+    meta              a JSON-like dict: preset, training steps, which weights (EMA/raw), ...
+
+The fingerprint is the first 16 hex digits of SHA-256 over the tensors in sorted name order
+(name, dtype, shape, raw bytes). Coded files record it, so a decoder can refuse a file that
+was written with other weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcodec.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict
+from diffcodec.errors import DiffcodecError
+from diffcodec.unet import UNet
+
+FORMAT = "diffcodec-checkpoint"
+VERSION = 1
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default.pt"
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: UNet  # float32, eval mode, on the requested device
+    model_config: ModelConfig
+    diffusion_config: DiffusionConfig
+    fingerprint: str
+    meta: dict[str, Any]
+    path: str
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    diffusion_config: DiffusionConfig,
+    *,
+    meta: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Write a checkpoint atomically; ``dtype=torch.float16`` stores half-precision weights.
+
+    Returns the fingerprint of the stored weights.
+    """
+    state = {k: (v.detach().cpu().to(dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu())
+             for k, v in model.state_dict().items()}
+    fp = fingerprint(state)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": config_to_dict(model_config),
+        "diffusion_config": config_to_dict(diffusion_config),
+        "state_dict": state,
+        "fingerprint": fp,
+        "meta": dict(meta or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return fp
+
+
+def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
+    """The user's checkpoint path, or the embedded default model."""
+    if path is None:
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise DiffcodecError(f"no default model is installed at {DEFAULT_CHECKPOINT}; pass --checkpoint")
+        return DEFAULT_CHECKPOINT
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated payload dict of a checkpoint file (no network built)."""
+    path = Path(path)
+    if not path.exists():
+        raise DiffcodecError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise DiffcodecError(f"{path}: checkpoint is not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:
+        raise DiffcodecError(f"{path}: cannot read checkpoint ({e.strerror})") from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffcodecError(f"{path}: not a readable diffcodec checkpoint ({first_line[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DiffcodecError(f"{path}: not a diffcodec checkpoint (no '{FORMAT}' marker)")
+    if payload.get("version") != VERSION:
+        raise DiffcodecError(f"{path}: checkpoint version {payload.get('version')!r}; this diffcodec reads {VERSION}")
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DiffcodecError(f"{path}: checkpoint has no valid state_dict")
+    if fingerprint(state) != payload.get("fingerprint"):
+        raise DiffcodecError(f"{path}: weights do not match the checkpoint's fingerprint (corrupt file?)")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike | None = None, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a checkpoint (the embedded default when path is None) as a float32 eval-mode UNet."""
+    path = resolve_checkpoint(path)
+    payload = read_checkpoint(path)
+    model_config = config_from_dict(ModelConfig, payload["model_config"], where=str(path))
+    diffusion_config = config_from_dict(DiffusionConfig, payload["diffusion_config"], where=str(path))
+    model = UNet(model_config)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise DiffcodecError(f"{path}: weights do not fit the model config ({str(e).splitlines()[0][:120]})") from None
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise DiffcodecError(f"{path}: checkpoint holds non-finite weights")
+    model.to(device).eval()
+    meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
+    return LoadedModel(model, model_config, diffusion_config, payload["fingerprint"], meta, str(path))

@@ -1,0 +1,162 @@
+"""The `diffcodec` command: argument parsing and printing only; the work lives elsewhere.
+
+Every command is ``main(argv) -> exit status``. A ``DiffcodecError`` (bad input the user
+can fix) is printed as one line, ``diffcodec: error: ...``, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from diffcodec.errors import DiffcodecError
+
+EXIT_USER_ERROR = 2
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", help="checkpoint file (default: the embedded default model)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+
+
+# ---------------------------------------------------------------------------------- nll
+
+
+def add_nll_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "nll",
+        help="bits/dim of images under the model (the variational bound, term by term)",
+        description="Exact variational-bound bits/dim (Ho et al. 2020, Eq. 5): L_T + sum of KL terms + L_0.",
+    )
+    p.add_argument("data", help="an image, a folder of images, a CIFAR-10 .npz shard or folder of shards, "
+                                "or the official CIFAR-10 python files (DIR[:train|:test] or the .tar.gz)")
+    add_model_args(p)
+    p.add_argument("--num-images", "-n", type=positive_int, help="use only the first N images")
+    p.add_argument("--steps", "-k", type=positive_int, help="respace the chain to K steps (default: the model's T)")
+    p.add_argument("--batch-size", "-b", type=positive_int, default=64, help="images (tiles) per batch (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
+    p.add_argument("--convert", action="store_true", help="convert non-RGB / 16-bit images instead of refusing")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--save-terms", metavar="FILE.npz",
+                   help="write per-image, per-term bits (prior_bits, terms_bits, xstart_mse, ...) to FILE.npz")
+    p.add_argument("--force", action="store_true", help="overwrite --save-terms if it exists")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_nll_command)
+
+
+def run_nll_command(args: argparse.Namespace) -> int:
+    from diffcodec.checkpoint import load_checkpoint
+    from diffcodec.data import read_images
+    from diffcodec.evaluate import grouped_terms_bpd, pick_device, run_nll
+    from diffcodec.likelihood import summarize
+
+    if args.save_terms and Path(args.save_terms).exists() and not args.force:
+        raise DiffcodecError(f"{args.save_terms} exists; pass --force to overwrite it")
+    device = pick_device(args.device)
+    loaded = load_checkpoint(args.checkpoint, device=device)
+    images = read_images(args.data, limit=args.num_images, convert=args.convert)
+    for note in getattr(images, "notes", []):
+        print(f"diffcodec: note: {note}", file=sys.stderr)
+    run = run_nll(loaded, images, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                  device=device, progress=not args.quiet)
+    summary = summarize(run.result)
+    groups = grouped_terms_bpd(run.result)
+    if args.save_terms:
+        save_terms(args.save_terms, run, images.names)
+    report = {
+        "bits_per_dim": summary.total_bpd,
+        "bits_per_dim_stderr": summary.total_bpd_stderr,
+        "L_0_bpd": summary.decoder_bpd,
+        "L_T_bpd": summary.prior_bpd,
+        "kl_terms_bpd": summary.kl_bpd,
+        "terms_bpd": groups,
+        "xstart_rmse_255_at_t1": summary.xstart_rmse_255_at_t1,
+        "num_images": summary.num_images,
+        "num_tiles": run.num_tiles,
+        "num_steps": summary.num_steps,
+        "num_timesteps": loaded.diffusion_config.num_timesteps,
+        "var_type": loaded.diffusion_config.var_type,
+        "schedule": loaded.diffusion_config.schedule,
+        "checkpoint": loaded.path,
+        "fingerprint": loaded.fingerprint,
+        "weights": loaded.meta.get("weights", "unknown"),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": run.device,
+        "seconds": run.seconds,
+        "images_per_second": summary.num_images / run.seconds if run.seconds > 0 else math.nan,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_nll(report))
+    return 0
+
+
+def format_nll(r: dict) -> str:
+    se = r["bits_per_dim_stderr"]
+    lines = [
+        f"bits/dim  {r['bits_per_dim']:.4f}" + (f" ± {se:.4f} (s.e.)" if not math.isnan(se) else ""),
+        f"  L_T (prior)           {r['L_T_bpd']:.5f}",
+        f"  L_1..L_{r['num_steps'] - 1:<4} (KL terms) {r['kl_terms_bpd']:.5f}",
+        f"  L_0 (decoder)         {r['L_0_bpd']:.5f}",
+        "  by timestep: " + ", ".join(f"{k} {v:.4f}" for k, v in r["terms_bpd"].items()),
+        f"images {r['num_images']} ({r['num_tiles']} tiles), steps {r['num_steps']} of T={r['num_timesteps']}, "
+        f"{r['var_type']}, seed {r['seed']}",
+        f"model {r['checkpoint']} (fingerprint {r['fingerprint']}, {r['weights']} weights)",
+        f"{r['seconds']:.1f} s on {r['device']} ({r['images_per_second']:.2f} images/s)",
+    ]
+    return "\n".join(lines)
+
+
+def save_terms(path: str, run, names: list[str]) -> None:
+    r = run.result
+    tmp = Path(path).with_name(Path(path).name + ".tmp.npz")
+    np.savez_compressed(tmp, prior_bits=r.prior_bits, terms_bits=r.terms_bits, xstart_mse=r.xstart_mse,
+                        timesteps=r.timesteps, num_dims=r.num_dims, names=np.array(names))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffcodec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_nll_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except DiffcodecError as e:
+        print(f"diffcodec: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("diffcodec: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("diffcodec: error: out of memory; try a smaller --batch-size", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
