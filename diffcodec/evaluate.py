@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from diffcodec.checkpoint import LoadedModel
 from diffcodec.data import ImageSet, to_model_input, to_tiles
+from diffcodec.errors import DiffcodecError
 from diffcodec.likelihood import BoundResult, evaluate_bound, merge_rows
 from diffcodec.schedule import Schedule, make_schedule, respace
 
@@ -25,7 +26,15 @@ def pick_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DiffcodecError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffcodecError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise DiffcodecError(f"device type {device.type!r} is not supported; use cpu or cuda")
+    return device
 
 
 def model_schedule(loaded: LoadedModel, steps: int | None) -> Schedule:
