@@ -160,8 +160,9 @@ def bound_bits(
     so a (seed, batch) pair always gives the same numbers.
     """
     num_images, num_steps = x0.shape[0], s.num_steps
-    terms = torch.zeros(num_images, num_steps, dtype=torch.float64)
-    mse = torch.zeros(num_images, num_steps, dtype=torch.float64)
+    # kept on x0's device until the end: no host sync per step on a GPU
+    terms = torch.zeros(num_images, num_steps, dtype=torch.float64, device=x0.device)
+    mse = torch.zeros(num_images, num_steps, dtype=torch.float64, device=x0.device)
     original_t = torch.from_numpy(s.timesteps).to(x0.device)
     for k in reversed(range(num_steps)):
         t = torch.full((num_images,), k, dtype=torch.long, device=x0.device)
@@ -169,14 +170,14 @@ def bound_bits(
         x_t = q_sample(s, x0, t, noise)
         output = model_fn(x_t, original_t[t]).float()
         term, pred_xstart = vb_term_bits(s, output, x0, x_t, t, var_type=var_type, clip_denoised=clip_denoised)
-        terms[:, k] = term.double().cpu()
-        mse[:, k] = (((pred_xstart - x0) * 127.5) ** 2).reshape(num_images, -1).mean(1).double().cpu()
+        terms[:, k] = term
+        mse[:, k] = (((pred_xstart - x0) * 127.5) ** 2).reshape(num_images, -1).double().mean(1)
         if on_step is not None:
             on_step()
     return BoundResult(
         prior_bits=prior_bits(s, x0).double().cpu().numpy(),
-        terms_bits=terms.numpy(),
-        xstart_mse=mse.numpy(),
+        terms_bits=terms.cpu().numpy(),
+        xstart_mse=mse.cpu().numpy(),
         timesteps=s.timesteps.copy(),
         num_dims=np.full(num_images, int(np.prod(x0.shape[1:])), dtype=np.int64),
     )
