@@ -1,0 +1,349 @@
+"""The ``.dfc`` file format: a versioned header, a mode-specific parameter block, a payload.
+
+All integers little-endian. Strings are ASCII (names: UTF-8) with a length prefix.
+
+    offset  size  field
+    0       4     magic b"DFC\\x1a"
+    4       1     format version (1)
+    5       1     mode: 0 = bits-back lossless (`bitsback`), 1 = progressive (`progressive`)
+    6       2     flags, reserved (0)
+    8       8     model fingerprint: the checkpoint's 16 hex digits as 8 raw bytes
+    16      1+n   device kind of the encoder, u8 length + ASCII (e.g. "cpu", "cuda:NVIDIA H100")
+    ..      1+n   noise schedule name, u8 length + ASCII (e.g. "linear")
+    ..      4     T, the model's number of timesteps (u32)
+    ..      4     K, the number of coded steps (u32; respace(schedule, K) when K < T)
+    ..      1+n   reverse-variance type, u8 length + ASCII ("fixedlarge", ...)
+    ..      2     tile size in pixels (u16; the model's image size, e.g. 32)
+    ..      4     number of images N (u32, >= 1)
+    ..      N x   per image: height u32, width u32, name u16 length + UTF-8 (may be empty)
+    ..      8     pixel checksum: the first 8 bytes of SHA-256 over the images (`pixel_checksum`)
+    ..      4+n   mode parameter block: u32 length + bytes (mode 0: `BitsBackParams`, below)
+    ..      8+n   payload: u64 length + bytes (mode 0: the ANS stack's words, uint32 LE)
+    end-4   4     CRC-32 of every byte before it
+
+Mode 0 parameter block (`BitsBackParams`, 40 + 2 x num_chunks bytes):
+
+    0   1   log2 of the latent grid width delta (i8, e.g. -12: delta = 2^-12 on the [-1,1] scale)
+    1   1   latent range R (u8): latents are clamped to [-R, R], symbols -R/delta .. R/delta
+    2   1   log2 of the parameter snap grid, in bins (i8, e.g. -16)
+    3   1   flags: bit 0 = clip_denoised
+    4   8   seed of the initial words (u64)
+    12  4   number of initial words (u32)
+    16  4   initial words kept out of the payload (u32): the decoder prepends that many
+    20  4   number of tiles in the stream (u32)
+    24  8   total coded symbols (u64): tiles x 3 x tile^2 x (K + 1)
+    32  4   reserved (0)
+    36  4   number of chunks (u32), then one u16 per chunk: tiles coded together
+
+Mode 1 owns its own block (written by the progressive codec) and payload layout.
+
+`unpack` refuses, with a one-line `DiffcodecError`: a short or truncated file, bad magic,
+another format version, an unknown mode, a CRC mismatch (corrupt file), malformed fields.
+`check_model` refuses a file written with other weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffcodec.errors import DiffcodecError
+
+MAGIC = b"DFC\x1a"
+VERSION = 1
+MODE_BITSBACK = 0
+MODE_PROGRESSIVE = 1
+MODE_NAMES = {MODE_BITSBACK: "bits-back lossless", MODE_PROGRESSIVE: "progressive"}
+CHECKSUM_BYTES = 8
+MAX_NAME_BYTES = 255
+MAX_IMAGE_SIDE = 1 << 16
+_FIXED_PREFIX = struct.Struct("<4sBBH8s")  # magic, version, mode, flags, fingerprint
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One coded image: its real size (before tiling/padding) and a display name."""
+
+    height: int
+    width: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Header:
+    mode: int
+    device: str  # device kind of the encoder
+    fingerprint: str  # 16 hex digits
+    schedule: str
+    num_timesteps: int  # T
+    num_steps: int  # K
+    var_type: str
+    tile_size: int
+    images: tuple[ImageEntry, ...]
+    pixel_sha: bytes  # CHECKSUM_BYTES
+    params: bytes  # the mode-specific block
+
+
+@dataclass(frozen=True)
+class Container:
+    header: Header
+    payload: bytes
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def pixel_checksum(images: list[np.ndarray]) -> bytes:
+    """First 8 bytes of SHA-256 over each image's (height u32, width u32, RGB bytes), in order."""
+    h = hashlib.sha256()
+    for img in images:
+        a = np.ascontiguousarray(img, dtype=np.uint8)
+        h.update(struct.pack("<II", a.shape[0], a.shape[1]))
+        h.update(a.tobytes())
+    return h.digest()[:CHECKSUM_BYTES]
+
+
+def check_model(header: Header, fingerprint: str, where: str = "file") -> None:
+    """Refuse a file written with another model."""
+    if header.fingerprint != fingerprint:
+        raise DiffcodecError(
+            f"{where}: encoded with model {header.fingerprint}, this checkpoint is {fingerprint}; "
+            "decode with the same checkpoint (--checkpoint)"
+        )
+
+
+def _short(text: str, what: str) -> bytes:
+    data = text.encode("ascii", errors="replace")
+    if len(data) > 255:
+        raise ValueError(f"container: {what} longer than 255 bytes")
+    return struct.pack("<B", len(data)) + data
+
+
+def _fingerprint_bytes(fp: str) -> bytes:
+    try:
+        raw = bytes.fromhex(fp)
+    except ValueError:
+        raw = b""
+    if len(raw) != 8:
+        raise ValueError(f"container: fingerprint must be 16 hex digits, got {fp!r}")
+    return raw
+
+
+# ------------------------------------------------------------------------------- pack
+
+
+def pack(container: Container) -> bytes:
+    """The file's bytes (see the byte table in the module docstring)."""
+    h = container.header
+    if h.mode not in MODE_NAMES:
+        raise ValueError(f"container: unknown mode {h.mode}")
+    if not h.images:
+        raise ValueError("container: no images")
+    if len(h.pixel_sha) != CHECKSUM_BYTES:
+        raise ValueError("container: pixel checksum must be 8 bytes")
+    out = bytearray(_FIXED_PREFIX.pack(MAGIC, VERSION, h.mode, 0, _fingerprint_bytes(h.fingerprint)))
+    out += _short(h.device, "device")
+    out += _short(h.schedule, "schedule")
+    out += struct.pack("<II", h.num_timesteps, h.num_steps)
+    out += _short(h.var_type, "var_type")
+    out += struct.pack("<HI", h.tile_size, len(h.images))
+    for im in h.images:
+        if not (1 <= im.height <= MAX_IMAGE_SIDE and 1 <= im.width <= MAX_IMAGE_SIDE):
+            raise ValueError(f"container: image size {im.height}x{im.width} out of range")
+        name = im.name.encode("utf-8")[:MAX_NAME_BYTES]
+        name = name.decode("utf-8", errors="ignore").encode("utf-8")  # never cut a character
+        out += struct.pack("<IIH", im.height, im.width, len(name)) + name
+    out += h.pixel_sha
+    out += struct.pack("<I", len(h.params)) + h.params
+    out += struct.pack("<Q", len(container.payload)) + container.payload
+    out += struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
+    return bytes(out)
+
+
+# ----------------------------------------------------------------------------- unpack
+
+
+class _Reader:
+    def __init__(self, data: bytes, where: str) -> None:
+        self.data, self.pos, self.where = data, 0, where
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise DiffcodecError(f"{self.where}: truncated file (ends inside the {what})")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        s = struct.Struct(fmt)
+        return s.unpack(self.take(s.size, what))
+
+    def ascii(self, what: str) -> str:
+        (n,) = self.unpack("<B", what)
+        raw = self.take(n, what)
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise DiffcodecError(f"{self.where}: corrupt header ({what} is not ASCII)") from None
+
+
+def unpack(data: bytes, where: str = "file") -> Container:
+    """Parse a file's bytes defensively; every problem is a one-line DiffcodecError."""
+    if len(data) < 4 or data[:4] != MAGIC:
+        raise DiffcodecError(f"{where}: not a diffcodec file (bad magic)")
+    if len(data) < _FIXED_PREFIX.size:
+        raise DiffcodecError(f"{where}: truncated file ({len(data)} bytes)")
+    _, version, mode, _flags, fp = _FIXED_PREFIX.unpack_from(data)
+    if version != VERSION:
+        raise DiffcodecError(f"{where}: file format version {version}; this diffcodec reads version {VERSION}")
+    if mode not in MODE_NAMES:
+        raise DiffcodecError(f"{where}: unknown coding mode {mode} (known: "
+                             + ", ".join(f"{k} = {v}" for k, v in MODE_NAMES.items()) + ")")
+    r = _Reader(data, where)
+    r.pos = _FIXED_PREFIX.size
+    device = r.ascii("device")
+    schedule = r.ascii("schedule name")
+    num_timesteps, num_steps = r.unpack("<II", "step counts")
+    var_type = r.ascii("variance type")
+    tile_size, num_images = r.unpack("<HI", "image count")
+    # Each image entry takes at least 10 bytes: refuse absurd counts before looping.
+    if num_images < 1 or num_images * 10 > len(data):
+        if num_images >= 1:
+            raise DiffcodecError(f"{where}: truncated file (header announces {num_images} images)")
+        raise DiffcodecError(f"{where}: corrupt header (no images)")
+    images = []
+    for i in range(num_images):
+        height, width, name_len = r.unpack("<IIH", "image table")
+        raw = r.take(name_len, "image table")
+        if not (1 <= height <= MAX_IMAGE_SIDE and 1 <= width <= MAX_IMAGE_SIDE):
+            raise DiffcodecError(f"{where}: corrupt header (image {i} has size {height}x{width})")
+        images.append(ImageEntry(height, width, raw.decode("utf-8", errors="replace")))
+    pixel_sha = r.take(CHECKSUM_BYTES, "pixel checksum")
+    (params_len,) = r.unpack("<I", "parameter block")
+    params = r.take(params_len, "parameter block")
+    (payload_len,) = r.unpack("<Q", "payload length")
+    if payload_len > len(data):
+        raise DiffcodecError(f"{where}: truncated file (payload of {payload_len} bytes announced, "
+                             f"file has {len(data)} bytes)")
+    payload = r.take(payload_len, "payload")
+    (crc,) = r.unpack("<I", "checksum trailer")
+    if r.pos != len(data):
+        raise DiffcodecError(f"{where}: {len(data) - r.pos} unexpected bytes after the end of the file")
+    if zlib.crc32(data[:-4]) & 0xFFFFFFFF != crc:
+        raise DiffcodecError(f"{where}: corrupt file (CRC-32 mismatch)")
+    if tile_size < 1 or num_steps < 1 or num_steps > num_timesteps:
+        raise DiffcodecError(f"{where}: corrupt header (tile {tile_size}, K {num_steps}, T {num_timesteps})")
+    header = Header(mode, device, fp.hex(), schedule, num_timesteps, num_steps, var_type, tile_size,
+                    tuple(images), pixel_sha, params)
+    return Container(header, payload)
+
+
+# ------------------------------------------------------------------------ mode 0 block
+
+
+@dataclass(frozen=True)
+class BitsBackParams:
+    """The bits-back codec's parameters (mode 0 block; see the byte table above)."""
+
+    log2_delta: int = -12
+    latent_range: int = 8
+    snap_log2: int = -16
+    clip_denoised: bool = True
+    init_seed: int = 0
+    init_words: int = 0
+    kept_words: int = 0
+    num_tiles: int = 0
+    num_symbols: int = 0
+    chunks: tuple[int, ...] = field(default_factory=tuple)
+
+    _FIXED = struct.Struct("<bBbBQIIIQII")
+
+    def pack(self) -> bytes:
+        if any(not 1 <= c <= 0xFFFF for c in self.chunks):
+            raise ValueError("BitsBackParams: chunk sizes must be 1..65535")
+        return self._FIXED.pack(
+            self.log2_delta, self.latent_range, self.snap_log2, int(self.clip_denoised), self.init_seed,
+            self.init_words, self.kept_words, self.num_tiles, self.num_symbols, 0, len(self.chunks),
+        ) + struct.pack(f"<{len(self.chunks)}H", *self.chunks)
+
+    @classmethod
+    def unpack(cls, block: bytes, where: str = "file") -> BitsBackParams:
+        if len(block) < cls._FIXED.size:
+            raise DiffcodecError(f"{where}: corrupt bits-back parameter block ({len(block)} bytes)")
+        (log2_delta, latent_range, snap_log2, flags, seed, init_words, kept, num_tiles, num_symbols, _reserved,
+         num_chunks) = cls._FIXED.unpack_from(block)
+        if len(block) != cls._FIXED.size + 2 * num_chunks:
+            raise DiffcodecError(f"{where}: corrupt bits-back parameter block (chunk table)")
+        chunks = struct.unpack_from(f"<{num_chunks}H", block, cls._FIXED.size)
+        params = cls(log2_delta, latent_range, snap_log2, bool(flags & 1), seed, init_words, kept, num_tiles,
+                     num_symbols, tuple(chunks))
+        if not (-20 <= log2_delta <= -2 and 1 <= latent_range and -30 <= snap_log2 <= 0):
+            raise DiffcodecError(f"{where}: corrupt bits-back parameters (delta 2^{log2_delta}, R {latent_range})")
+        if kept > init_words or sum(chunks) != num_tiles or 0 in chunks:
+            raise DiffcodecError(f"{where}: corrupt bits-back parameters (chunk table or word counts)")
+        return params
+
+
+# --------------------------------------------------------------------------- file I/O
+
+
+def read_container(path: str | os.PathLike) -> Container:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DiffcodecError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DiffcodecError(f"{path}: is a directory") from None
+    except OSError as e:
+        raise DiffcodecError(f"{path}: cannot read ({e.strerror})") from None
+    return unpack(data, str(path))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = False) -> None:
+    """Write a file through a temporary in the same directory; refuse to overwrite unless force."""
+    target = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    if os.path.isdir(target):
+        raise DiffcodecError(f"{target}: is a directory")
+    if not force and os.path.lexists(target):
+        raise DiffcodecError(f"{target}: already exists; pass --force to overwrite it")
+    if not os.path.isdir(directory):
+        raise DiffcodecError(f"{target}: directory {directory} does not exist")
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise DiffcodecError(f"{target}: already exists; pass --force to overwrite it") from None
+            except OSError:
+                os.replace(tmp, target)
+    except OSError as e:
+        raise DiffcodecError(f"{target}: cannot write ({e.strerror})") from None
+    finally:
+        if os.path.lexists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def write_container(path: str | os.PathLike, container: Container, *, force: bool = False) -> int:
+    """Pack and write atomically; returns the file size in bytes."""
+    data = pack(container)
+    write_bytes_atomic(path, data, force=force)
+    return len(data)
