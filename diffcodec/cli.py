@@ -132,6 +132,65 @@ def save_terms(path: str, run, names: list[str]) -> None:
     tmp.replace(path)
 
 
+# -------------------------------------------------------------------------------- train
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on CIFAR-10 train images (time-boxed, resumable)",
+        description="eps-prediction training (L_simple, Improved DDPM's hybrid loss, or L_vlb with "
+                    "importance-sampled t). Saves state.pt, ema.pt and loss_history.json in --out.",
+    )
+    p.add_argument("data", help="TRAINING images: a folder of .npz shards, CIFAR-10 python batches (train split), ...")
+    p.add_argument("--preset", "-p", help="model preset (see diffcodec.config.PRESETS)")
+    p.add_argument("--loss", choices=("simple", "hybrid", "vlb"), help="default: the preset's recipe")
+    p.add_argument("--minutes", "-m", type=float, help="time box for this call in minutes; saves when it ends")
+    p.add_argument("--steps", type=positive_int, help="stop at this total step count")
+    p.add_argument("--out", "-o", required=True, metavar="RUN_DIR", help="run directory (state.pt, ema.pt, ...)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (default: --out) from its state.pt")
+    p.add_argument("--init", metavar="CKPT", help="start from a checkpoint's weights (model = EMA = them)")
+    p.add_argument("--export", metavar="PATH", help="write the fp16 EMA weights as a checkpoint at the end")
+    p.add_argument("--force", action="store_true", help="overwrite --export if it exists")
+    p.add_argument("--batch-size", "-b", type=positive_int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warmup steps")
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (CUDA)")
+    p.add_argument("--num-train-images", type=positive_int, help="use only the first N training images")
+    p.add_argument("--allow-test-data", action="store_true", help="train on data named like a test set")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.set_defaults(run=run_train_command)
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from diffcodec.evaluate import pick_device
+    from diffcodec.train import train
+
+    if args.export and Path(args.export).exists() and not args.force:
+        raise DiffcodecError(f"{args.export} exists; pass --force to overwrite it")
+    resume = (args.out if args.resume is True else args.resume) if args.resume else None
+    overrides = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup_steps", "ema_decay", "seed", "compile")}
+    result = train(args.data, run_dir=args.out, preset_name=args.preset, loss=args.loss, minutes=args.minutes,
+                   max_steps=args.steps, resume=resume, init=args.init, export=args.export, overrides=overrides,
+                   device=pick_device(args.device), allow_test_data=args.allow_test_data,
+                   data_limit=args.num_train_images)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+        print(f"step {result.steps} ({result.steps_this_piece} this call, {result.images_per_second:.1f} img/s), "
+              f"loss {loss}, stopped: {result.stopped}; run in {result.run_dir}"
+              + (f"; exported {result.export_path} (fingerprint {result.export_fingerprint})"
+                 if result.export_path else ""))
+    return 0
+
+
 # --------------------------------------------------------------------------------- main
 
 
@@ -139,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffcodec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_nll_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

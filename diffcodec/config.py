@@ -67,6 +67,12 @@ PRESETS: dict[str, tuple[ModelConfig, DiffusionConfig]] = {
         ModelConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, num_heads=1),
         DiffusionConfig(),
     ),
+    # For tests of learned variances (hybrid / vlb losses): "tiny" with learned-range variances.
+    "tiny-learned": (
+        ModelConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, num_heads=1,
+                    learn_sigma=True),
+        DiffusionConfig(var_type="learned_range"),
+    ),
 }
 
 
