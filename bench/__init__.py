@@ -1,0 +1,4 @@
+"""Benchmark scripts: each writes a JSON result (with provenance) under reports/; plot.py draws them.
+
+Run them from the repository root as modules, e.g. ``python -m bench.nll``.
+"""

@@ -1,0 +1,329 @@
+"""Every figure under reports/ and reports/README.md, drawn from the JSON the bench scripts wrote.
+
+    python -m bench.plot [--reports reports]
+
+This is the only writer of figures. Inputs (each optional; a missing one is skipped with a
+printed note saying which command makes it):
+
+    nll.json              bench/nll.py        Figure 5, RMSE of x^_0 and bound terms against t,
+                                              bits/dim by chain length
+    speed.json            bench/speed.py      (a table in README.md)
+    train_default.json    diffcodec/train.py  the training loss curve
+    lossless.json         bench/lossless.py   lossless sizes vs PNG / WebP / JPEG-XL
+    progressive.json      bench/progressive.py real-bitstream rate vs the analytic rate, and
+                                              rate–distortion vs JPEG / WebP / JPEG-XL
+
+Every figure's title names the model fingerprint and the device of the run that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.common import REPORTS_DIR, read_json, run_main, write_text  # noqa: E402
+from bench.nll import PAPER_TABLE4, figure5_run, markdown_tables  # noqa: E402
+
+COMMANDS = {
+    "nll.json": "python -m bench.nll --steps 1000,100 --num-images 256",
+    "speed.json": "python -m bench.speed",
+    "train_default.json": "diffcodec train (see reports/training.md)",
+    "lossless.json": "python -m bench.lossless",
+    "progressive.json": "python -m bench.progressive",
+}
+
+
+def short_device(device: str | None) -> str:
+    """'cpu: AMD EPYC (2 cores, 2 torch threads)' -> 'cpu: AMD EPYC (2 cores, ...)' shortened for a title."""
+    if not device:
+        return "unknown device"
+    return device if len(device) <= 60 else device[:57] + "..."
+
+
+def origin(payload: dict[str, Any]) -> str:
+    """'model <fingerprint> · <device>' from a payload's provenance (or its top-level fields)."""
+    prov = payload.get("provenance") or {}
+    model = prov.get("model") or {}
+    fp = model.get("fingerprint") or payload.get("fingerprint") or (payload.get("meta") or {}).get("fingerprint")
+    device = prov.get("device") or payload.get("device")
+    return f"model {fp or 'unrecorded'} · {short_device(device)}"
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------ nll.json
+
+
+def plot_figure5(nll: dict[str, Any], out: Path) -> Path:
+    """The paper's Figure 5: distortion and rate against reverse time, distortion against rate."""
+    run = figure5_run(nll)
+    f5 = run["figure5"]
+    r, rate, rmse = np.array(f5["reverse_time"]), np.array(f5["rate_bpd"]), np.array(f5["rmse_255"])
+    T = nll["num_timesteps"]
+    paper_r = np.array(sorted(PAPER_TABLE4)) * T / 1000
+    paper_rate = np.array([PAPER_TABLE4[k][0] for k in sorted(PAPER_TABLE4)])
+    paper_rmse = np.array([PAPER_TABLE4[k][1] for k in sorted(PAPER_TABLE4)])
+    ours = f"ours (K={run['steps']}, {run['num_images']} images)"
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.4))
+    ax[0].plot(r, rmse, label=ours)
+    ax[0].plot(paper_r, paper_rmse, "o--", label="paper, Table 4")
+    ax[0].set(xlabel="reverse process steps (T - t + 1)", ylabel="distortion: RMSE of x̂_0 on [0, 255]",
+              title="distortion vs reverse time")
+    ax[1].plot(r, rate, label=ours)
+    ax[1].plot(paper_r, paper_rate, "o--", label="paper, Table 4")
+    ax[1].set(xlabel="reverse process steps (T - t + 1)", ylabel="rate: cumulative bits/dim received",
+              title="rate vs reverse time")
+    ax[2].plot(rate, rmse, label=ours)
+    ax[2].plot(paper_rate, paper_rmse, "o--", label="paper, Table 4")
+    ax[2].set(xlabel="rate (bits/dim)", ylabel="distortion: RMSE on [0, 255]", title="distortion vs rate")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(f"Figure 5 (CIFAR-10 test) — {origin(nll)}; lossless end point {f5['lossless_bpd']:.3f} bits/dim",
+                 fontsize=10)
+    return save(fig, out)
+
+
+def plot_rmse_vs_t(nll: dict[str, Any], out: Path) -> Path:
+    """RMSE of x^_0 predicted from x_t, against the paper's t, for each chain."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in sorted(nll["runs"], key=lambda r: -r["steps"]):
+        ps = run["per_step"]
+        ax.plot(np.array(ps["timesteps"]) + 1, ps["xstart_rmse_255"], label=f"K={run['steps']}")
+    ax.set(xscale="log", xlabel="t (paper, 1..T; x̂_0 predicted from x_t)", ylabel="RMSE of x̂_0 on [0, 255]")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title(f"RMSE of x̂_0 against t — {origin(nll)}", fontsize=9)
+    return save(fig, out)
+
+
+def plot_terms_vs_t(nll: dict[str, Any], out: Path) -> Path:
+    """Mean bound term of each step, in bits/dim, against the paper's t (log-log)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in sorted(nll["runs"], key=lambda r: -r["steps"]):
+        ps = run["per_step"]
+        t = np.array(ps["timesteps"])
+        m = np.array(ps["terms_bpd_mean"])
+        ax.plot(t[1:], np.maximum(m[1:], 1e-12), label=f"K={run['steps']}: L_t (KL), one per chain step")
+        ax.plot([max(t[0], 0.6)], [m[0]], "o", color=ax.lines[-1].get_color(), label=f"K={run['steps']}: L_0 (decoder)")
+    ax.set(xscale="log", yscale="log", xlabel="original timestep of the term (paper L_t; L_0 drawn at t = 0.6)",
+           ylabel="term, bits/dim (mean over images)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Bound terms against t — {origin(nll)}", fontsize=9)
+    return save(fig, out)
+
+
+def plot_bpd_by_steps(nll: dict[str, Any], out: Path) -> Path:
+    """Bits/dim of each chain length as stacked term ranges, with the total's s.e."""
+    runs = sorted(nll["runs"], key=lambda r: -r["steps"])
+    names = []
+    for run in runs:
+        names += [k for k in run["terms"] if k not in names]
+    fig, ax = plt.subplots(figsize=(1.8 * len(runs) + 3, 4.5))
+    x = np.arange(len(runs))
+    bottom = np.zeros(len(runs))
+    for name in names:
+        h = np.array([run["terms"].get(name, {"mean": 0.0})["mean"] for run in runs])
+        ax.bar(x, h, bottom=bottom, label=name, width=0.6)
+        bottom += h
+    se = [run["bits_per_dim_stderr"] or 0.0 for run in runs]
+    ax.errorbar(x, [run["bits_per_dim"] for run in runs], yerr=se, fmt="none", color="k", capsize=4)
+    for xi, run in zip(x, runs):
+        ax.text(xi, run["bits_per_dim"], f" {run['bits_per_dim']:.3f}", ha="center", va="bottom")
+    ax.set_xticks(x, [f"K={run['steps']}" for run in runs])
+    ax.set(ylabel="bits/dim (stacked terms; bar: ±1 s.e. of the total)", xlabel="chain length")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"Bits/dim by chain length ({runs[0]['num_images']} images) — {origin(nll)}", fontsize=9)
+    return save(fig, out)
+
+
+# ------------------------------------------------------------------------------ other engineers' JSON
+
+
+def loss_rows(train: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(step, loss, images_seen or None) from {'columns': [...], 'rows': [[...]]} or {'history': [{...}]}."""
+    if "columns" in train and "rows" in train:
+        cols = list(train["columns"])
+        rows = np.array(train["rows"], dtype=np.float64).reshape(-1, len(cols))
+        seen = rows[:, cols.index("images_seen")] if "images_seen" in cols else None
+        return rows[:, cols.index("step")], rows[:, cols.index("loss")], seen
+    hist = train.get("history") or train.get("rows") or []
+    step = np.array([h["step"] for h in hist], dtype=np.float64)
+    loss = np.array([h["loss"] for h in hist], dtype=np.float64)
+    seen = np.array([h["images_seen"] for h in hist], dtype=np.float64) if hist and "images_seen" in hist[0] else None
+    return step, loss, seen
+
+
+def plot_loss_curve(train: dict[str, Any], out: Path) -> Path:
+    step, loss, seen = loss_rows(train)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(step, loss)
+    ax.set(xlabel="training step", ylabel="training loss (running mean)", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    if seen is not None and len(seen) and step[-1] > 0:
+        per_step = seen[-1] / step[-1]
+        sec = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda n: n / per_step))
+        sec.set_xlabel("training images seen")
+    meta = train.get("meta") or {}
+    ax.set_title(f"Training loss ({meta.get('preset', '')} {meta.get('loss', '')}) — {origin(train)}", fontsize=9)
+    return save(fig, out)
+
+
+# ------------------------------------------------------------------------------ README
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) and x is not None and math.isfinite(x) else "–"
+
+
+def readme_nll(nll: dict[str, Any]) -> list[str]:
+    prov = nll["provenance"]
+    model = prov.get("model") or {}
+    lines = [
+        "## Bits/dim on the CIFAR-10 test set, Figure 5 and Table 4",
+        "",
+        f"Produced by `{prov['command']}` on {prov['device']} "
+        f"(git {(prov['git'].get('commit') or '?')[:10]}{' + local changes' if prov['git'].get('dirty') else ''}), "
+        f"model `{model.get('path')}` fingerprint `{model.get('fingerprint')}` "
+        f"({model.get('parameters', '?')} parameters, {(model.get('meta') or {}).get('weights', '?')} weights).",
+        "",
+    ]
+    lines += [ln for ln in markdown_tables(nll).splitlines() if not ln.startswith("<!--")]
+    lines += [
+        "",
+        "![Figure 5](figure5.png)",
+        "",
+        "`figure5.png`: distortion (RMSE of x̂_0 on [0, 255]) and rate (cumulative bits/dim received, "
+        "L_T + the KL terms of the steps already sent) against reverse time, and distortion against rate, "
+        "ours beside the paper's Table 4.",
+        "",
+        "![RMSE against t](rmse_vs_t.png) ![terms against t](terms_vs_t.png)",
+        "",
+        "`rmse_vs_t.png`: RMSE of x̂_0 predicted from x_t against t. `terms_vs_t.png`: mean bound term per "
+        "step (bits/dim, log scale); a respaced chain's steps each cover several original steps, so its terms "
+        "are larger per step.",
+    ]
+    if len(nll["runs"]) > 1:
+        lines += ["", "![bits/dim by chain length](bpd_by_steps.png)", "",
+                  "`bpd_by_steps.png`: the bound on each chain length as stacked term ranges."]
+    return lines
+
+
+def readme_speed(speed: dict[str, Any]) -> list[str]:
+    prov = speed["provenance"]
+    T = speed["num_timesteps"]
+    lines = [
+        "## Speed",
+        "",
+        f"Produced by `{prov['command']}` on {prov['device']}, model `{(prov.get('model') or {}).get('fingerprint')}`; "
+        f"images: {speed['images']}.",
+        "",
+        f"| batch | network: image-forwards/s | network limit at T={T}: images/s | bound at K steps: images/s | "
+        f"bound, scaled to T={T}: images/s | bound / limit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in speed["rows"]:
+        f, b = row["forward"], row["bound"]
+        lines.append(
+            f"| {row['batch_size']} | {f['image_forwards_per_second']:.1f} | {f['full_T_images_per_second_limit']:.4f} | "
+            f"{b['images_per_second_at_steps']:.3f} (K={b['steps']}, {b['num_images']} images) | "
+            f"{b['full_T_images_per_second']:.4f} | {row['bound_fraction_of_network_limit']:.2f} |"
+        )
+    return lines
+
+
+def build_readme(reports: Path, made: dict[str, list[str]], notes: list[str]) -> str:
+    lines = [
+        "# Reports",
+        "",
+        "<!-- generated by `python -m bench.plot`; edit bench/plot.py, not this file -->",
+        "Every figure and table here is regenerated from the JSON files beside it by the commands below, "
+        "run from the repository root with the project's environment (`.venv/bin/python`). Each JSON "
+        "records its own provenance: command line, git revision, package versions, device, seed, and the "
+        "model fingerprint.",
+        "",
+        "```",
+        *[f"{cmd}    # -> reports/{name}" for name, cmd in COMMANDS.items() if "diffcodec train" not in cmd],
+        "python -m bench.nll --ci-reference    # -> reports/nll_ci_reference.json (the CI benchmark's reference)",
+        "python -m bench.plot                  # -> reports/*.png and this README",
+        "```",
+        "",
+    ]
+    for section in made.values():
+        lines += section + [""]
+    if notes:
+        lines += ["## Not drawn", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def readme_simple(title: str, payload: dict[str, Any], images: list[str], caption: str) -> list[str]:
+    prov = payload.get("provenance") or {}
+    lines = [f"## {title}", ""]
+    if prov.get("command"):
+        lines += [f"Produced by `{prov['command']}` on {prov.get('device', '?')}; {origin(payload)}.", ""]
+    lines += [f"![{title}]({name})" for name in images] + ["", caption]
+    return lines
+
+
+Drawer = Callable[[dict[str, Any], Path], Path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.splitlines()[0])
+    p.add_argument("--reports", default=str(REPORTS_DIR), help="folder of the JSON inputs and figure outputs")
+    args = p.parse_args(argv)
+    reports = Path(args.reports)
+    notes: list[str] = []
+    made: dict[str, list[str]] = {}
+
+    def need(name: str) -> dict[str, Any] | None:
+        payload = read_json(reports / name)
+        if payload is None:
+            notes.append(f"{name} absent: run `{COMMANDS[name]}` to make it")
+            print(f"plot: note: skipped the figures from {name} (absent)", file=sys.stderr)
+        return payload
+
+    def draw(drawer: Drawer, payload: dict[str, Any], name: str) -> None:
+        path = drawer(payload, reports / name)
+        print(f"plot: wrote {path}", file=sys.stderr)
+
+    nll = need("nll.json")
+    if nll is not None:
+        draw(plot_figure5, nll, "figure5.png")
+        draw(plot_rmse_vs_t, nll, "rmse_vs_t.png")
+        draw(plot_terms_vs_t, nll, "terms_vs_t.png")
+        if len(nll["runs"]) > 1:
+            draw(plot_bpd_by_steps, nll, "bpd_by_steps.png")
+        made["nll"] = readme_nll(nll)
+    speed = need("speed.json")
+    if speed is not None:
+        made["speed"] = readme_speed(speed)
+    train = need("train_default.json")
+    if train is not None:
+        draw(plot_loss_curve, train, "loss_curve.png")
+        made["train"] = readme_simple("Training the default model", train, ["loss_curve.png"],
+                                      "`loss_curve.png`: training loss against step (see training.md for the run).")
+    write_text(reports / "README.md", build_readme(reports, made, notes))
+    print(f"plot: wrote {reports / 'README.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
