@@ -195,7 +195,8 @@ def resolve_data(path: str | os.PathLike | None, default: Path = CIFAR10_TEST) -
     DiffcodecError naming the path when it is absent."""
     chosen = Path(path) if path is not None else default
     if not chosen.exists():
-        hint = "" if path is not None else " (the CIFAR-10 test shards live in ../shared/data beside the repo; pass a path)"
+        hint = "" if path is not None else \
+            " (the CIFAR-10 test shards live in ../shared/data beside the repo; pass a path)"
         raise DiffcodecError(f"{chosen}: no such data{hint}")
     return chosen
 

@@ -32,7 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import REPORTS_DIR, module_command, provenance, read_json, resolve_data, run_main, write_json, write_text
+from bench.common import (
+    REPORTS_DIR,
+    module_command,
+    provenance,
+    read_json,
+    resolve_data,
+    run_main,
+    write_json,
+    write_text,
+)
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
 from diffcodec.errors import DiffcodecError
 from diffcodec.evaluate import NllRun, pick_device, run_nll
@@ -212,7 +221,8 @@ def markdown_tables(payload: dict[str, Any]) -> str:
         f"{payload['num_images']} CIFAR-10 test images, seed {prov.get('seed')}, device {prov.get('device')}.",
         f"Command: `{prov.get('command')}`",
         "",
-        "Bits/dim (mean ± s.e. over images) and its terms; each range sums the chain's steps at those original timesteps:",
+        "Bits/dim (mean ± s.e. over images) and its terms; each range sums the chain's steps at those "
+        "original timesteps:",
         "",
         "| steps K | bits/dim | " + " | ".join(names) + " | RMSE x^_0 at t=1 | seconds |",
         "|---|---|" + "---|" * len(names) + "---|---|",
@@ -240,7 +250,8 @@ def markdown_tables(payload: dict[str, Any]) -> str:
                 f"| {shown} | {row['rate_bpd']:.5f} | {row['paper_rate_bpd']:.5f} | {row['rmse_255']:.3f} | "
                 f"{row['paper_rmse_255']:.3f} |"
             )
-        lines.append(f"| lossless (x_0 sent) | {fig_run['figure5']['lossless_bpd']:.5f} | 3.75 (L_simple, Table 1) | 0 | 0 |")
+        lossless = fig_run["figure5"]["lossless_bpd"]
+        lines.append(f"| lossless (x_0 sent) | {lossless:.5f} | 3.75 (L_simple, Table 1) | 0 | 0 |")
     return "\n".join(lines) + "\n"
 
 
@@ -364,12 +375,15 @@ def parse_steps(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.nll", description=__doc__.splitlines()[0])
-    p.add_argument("data", nargs="?", help="CIFAR-10 test shards (default: ../shared/data/cifar10/test beside the repo)")
+    p.add_argument("data", nargs="?",
+                   help="CIFAR-10 test shards (default: ../shared/data/cifar10/test beside the repo)")
     p.add_argument("--checkpoint", "-c", help="checkpoint (default: the embedded default model)")
-    p.add_argument("--num-images", "-n", type=int, help=f"first N images (default 256; {CI_NUM_IMAGES} with --ci-reference)")
+    p.add_argument("--num-images", "-n", type=int,
+                   help=f"first N images (default 256; {CI_NUM_IMAGES} with --ci-reference)")
     p.add_argument("--steps", "-k", type=parse_steps,
                    help=f"chain lengths, e.g. 1000,100 (default: the model's T; {CI_STEPS} with --ci-reference)")
-    p.add_argument("--batch-size", "-b", type=int, help=f"images per batch (default 32; {CI_BATCH_SIZE} with --ci-reference)")
+    p.add_argument("--batch-size", "-b", type=int,
+                   help=f"images per batch (default 32; {CI_BATCH_SIZE} with --ci-reference)")
     p.add_argument("--seed", type=int, default=CI_SEED, help="seed of the noise draws (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--out", help="output JSON (default reports/nll.json, or reports/nll_ci_reference.json)")

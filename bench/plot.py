@@ -242,7 +242,8 @@ def readme_speed(speed: dict[str, Any]) -> list[str]:
     for row in speed["rows"]:
         f, b = row["forward"], row["bound"]
         lines.append(
-            f"| {row['batch_size']} | {f['image_forwards_per_second']:.1f} | {f['full_T_images_per_second_limit']:.4f} | "
+            f"| {row['batch_size']} | {f['image_forwards_per_second']:.1f} | "
+            f"{f['full_T_images_per_second_limit']:.4f} | "
             f"{b['images_per_second_at_steps']:.3f} (K={b['steps']}, {b['num_images']} images) | "
             f"{b['full_T_images_per_second']:.4f} | {row['bound_fraction_of_network_limit']:.2f} |"
         )

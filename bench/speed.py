@@ -1,6 +1,7 @@
 """Throughput of the bound evaluation and of the bare network, on the device used.
 
-    python -m bench.speed [DATA] [--checkpoint F] [--device cpu|cuda] [--batch-size 32] [--steps 20] [--out reports/speed.json]
+    python -m bench.speed [DATA] [--checkpoint F] [--device cpu|cuda] [--batch-sizes 32] [--steps 20]
+                          [--out reports/speed.json]
 
 Two numbers per batch size B:
 
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for b in batch_sizes:
         fwd = time_forward(loaded, b, repeats=args.repeats, device=device, seed=args.seed)
         bound = time_bound(loaded, images, steps=args.steps, batch_size=b, seed=args.seed, device=device)
-        row = {"batch_size": b, "forward": fwd, "bound": bound,
-               "bound_fraction_of_network_limit": bound["full_T_images_per_second"] / fwd["full_T_images_per_second_limit"]}
+        fraction = bound["full_T_images_per_second"] / fwd["full_T_images_per_second_limit"]
+        row = {"batch_size": b, "forward": fwd, "bound": bound, "bound_fraction_of_network_limit": fraction}
         rows.append(row)
         print(f"B={b}: forward {fwd['image_forwards_per_second']:.1f} image-forwards/s "
               f"(full-T limit {fwd['full_T_images_per_second_limit']:.4f} images/s); bound "
