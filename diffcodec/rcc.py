@@ -1,0 +1,247 @@
+"""Reverse channel coding: send a sample of q using p and randomness both sides share.
+
+The paper's Algorithm 3 sends x_t ~ q(x_t | x_{t+1}, x_0) "using p_theta(x_t | x_{t+1})".
+Here that is done with the Poisson functional representation (PFR; Li & El Gamal 2018),
+truncated to N candidates as in ordered random coding (Theis & Yosri 2022):
+
+1. Encoder and decoder draw the same candidates u_0, u_1, ... ~ N(0, I) (standardised
+   draws from p: z_n = mean_p + std_p * u_n) from a generator keyed by integers they both
+   know (`candidate_normals`: random access, so the decoder makes only the one it needs).
+2. The encoder draws arrival times T_0 < T_1 < ... (cumulative sums of Exp(1)) and picks
+   n* = argmin_n log T_n - log w(u_n), w = q(z)/p(z) (`pfr_select`). Without truncation z_n*
+   is an exact sample of q; the index costs about KL(q||p) + log2(KL + 1) + O(1) bits.
+3. Only n* is entropy-coded: as its exponent m = bit_length(n*) under an adaptive law that
+   depends on the chunk's nominal KL (`ExponentModel`), then the m - 1 bits below the
+   leading one, uniformly (`split_index`).
+
+For diagonal Gaussians the log weight is a quadratic in u, per dimension
+    log w = a u^2 + b u + c,   a = (1 - var_p/var_q) / 2,   b = -(mean_p - mean_q) std_p / var_q,
+    c = -(mean_p - mean_q)^2 / (2 var_q) + log(var_p / var_q) / 2,
+linear when the variances are equal. The cost of the search is exponential in the KL, so
+callers split a step's dimensions into chunks of a few bits each (see ``progressive``).
+
+Everything here is numpy; nothing touches global random state. Candidates come from numpy's
+PCG64 raw stream (whose bits numpy guarantees across versions) keyed by a SeedSequence,
+through a float32 Box-Muller transform (`candidate_normals`). A platform whose float32
+log/cos/sin differ in the last bit decodes a slightly different, still valid, sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import ndtr
+
+LN2 = math.log(2.0)
+MAX_LOG2_CANDIDATES = 24
+_BLOCK_ELEMENTS = 1 << 20  # candidate x dimension elements per block in the encoder's search
+_ARRIVAL_STREAM = 0xA771  # extra key word of the encoder-only arrival-time stream
+
+
+# ----------------------------------------------------------------------- shared randomness
+
+
+def _bitgen(key: tuple[int, ...]) -> np.random.PCG64:
+    if not key or any(int(k) < 0 for k in key):
+        raise ValueError(f"rcc: key must be non-negative integers, got {key!r}")
+    return np.random.PCG64(np.random.SeedSequence([int(k) for k in key]))
+
+
+def _raw_to_normals(raw: np.ndarray, dims: int) -> np.ndarray:
+    """uint64 [count, ceil(dims/2)] draws -> float32 [count, dims] standard normals.
+
+    Box-Muller on two 24-bit uniforms per draw: u1 = (bits 40..63 + 1) / 2^24 in (0, 1],
+    u2 = bits 0..23 / 2^24; the pair is r cos(2 pi u2), r sin(2 pi u2), r = sqrt(-2 ln u1).
+    Every step is exact in float32 except the transcendental functions.
+    """
+    u1 = ((raw >> np.uint64(40)).astype(np.float32) + np.float32(1.0)) * np.float32(2.0**-24)
+    theta = (raw & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0 * math.pi * 2.0**-24)
+    r = np.sqrt(np.float32(-2.0) * np.log(u1))
+    out = np.empty((raw.shape[0], 2 * raw.shape[1]), dtype=np.float32)
+    out[:, 0::2] = r * np.cos(theta)
+    out[:, 1::2] = r * np.sin(theta)
+    return out[:, :dims]
+
+
+def _draws_per_candidate(dims: int) -> int:
+    return (dims + 1) // 2
+
+
+def candidate_normals(key: tuple[int, ...], start: int, count: int, dims: int) -> np.ndarray:
+    """Candidates start .. start+count-1 of the stream ``key``: float32 [count, dims] ~ N(0, I).
+
+    Candidate n uses raw draws n*h .. (n+1)*h - 1 (h = ceil(dims/2)) of the keyed PCG64
+    stream, so any candidate can be made without the ones before it (the decoder makes one).
+    """
+    if start < 0 or count < 0 or dims < 1:
+        raise ValueError(f"rcc: bad candidate range start={start} count={count} dims={dims}")
+    h = _draws_per_candidate(dims)
+    bitgen = _bitgen(key)
+    if start:
+        bitgen.advance(start * h)
+    return _raw_to_normals(bitgen.random_raw(count * h).reshape(count, h), dims)
+
+
+def arrival_log_times(key: tuple[int, ...], count: int) -> np.ndarray:
+    """log T_n of a rate-1 Poisson process (cumulative sums of Exp(1)), float64 [count].
+
+    Only the encoder needs these; they are keyed too so that encoding is reproducible.
+    """
+    gen = np.random.Generator(_bitgen((*key, _ARRIVAL_STREAM)))
+    return np.log(np.cumsum(gen.standard_exponential(count)))
+
+
+# ------------------------------------------------------------------------ importance weights
+
+
+@dataclass(frozen=True)
+class LogWeight:
+    """log q(z)/p(z) at z = mean_p + std_p * u as sum_i a_i u_i^2 + b_i u_i + c_i (nats)."""
+
+    a: np.ndarray  # float64 [d]
+    b: np.ndarray  # float64 [d]
+    c: float
+
+    @staticmethod
+    def of_gaussians(
+        q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: np.ndarray, p_log_var: np.ndarray
+    ) -> LogWeight:
+        """Diagonal Gaussians q = N(q_mean, e^q_log_var), p = N(p_mean, e^p_log_var), all [d]."""
+        q_mean, q_log_var, p_mean, p_log_var = (np.asarray(v, dtype=np.float64).ravel()
+                                                for v in (q_mean, q_log_var, p_mean, p_log_var))
+        ratio = np.exp(p_log_var - q_log_var)  # var_p / var_q
+        delta = p_mean - q_mean
+        a = 0.5 * (1.0 - ratio)
+        b = -delta * np.exp(0.5 * p_log_var - q_log_var)
+        c = float(np.sum(-0.5 * delta**2 * np.exp(-q_log_var) + 0.5 * (p_log_var - q_log_var)))
+        return LogWeight(a, b, c)
+
+    def __call__(self, u: np.ndarray) -> np.ndarray:
+        """u [n, d] -> log weights [n] (nats, float64)."""
+        u = np.asarray(u, dtype=np.float64)
+        return (u * u) @ self.a + u @ self.b + self.c
+
+
+def gaussian_kl_bits(
+    q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: np.ndarray, p_log_var: np.ndarray
+) -> np.ndarray:
+    """Elementwise KL(q || p) of diagonal Gaussians, in bits (float64, same shape)."""
+    q_mean, q_log_var, p_mean, p_log_var = (np.asarray(v, dtype=np.float64)
+                                            for v in (q_mean, q_log_var, p_mean, p_log_var))
+    return 0.5 * (p_log_var - q_log_var + np.exp(q_log_var - p_log_var) - 1.0
+                  + (q_mean - p_mean) ** 2 * np.exp(-p_log_var)) / LN2
+
+
+# ---------------------------------------------------------------------------- PFR selection
+
+
+def pfr_select(log_weight: LogWeight, key: tuple[int, ...], num_candidates: int) -> int:
+    """The encoder's choice n* = argmin_n log T_n - log w(u_n) over n < num_candidates.
+
+    Searches in blocks of about 2^20 candidate-dimension elements (bounded memory).
+    """
+    if not 1 <= num_candidates <= 1 << MAX_LOG2_CANDIDATES:
+        raise ValueError(f"rcc: num_candidates must be 1..2^{MAX_LOG2_CANDIDATES}, got {num_candidates}")
+    dims = len(log_weight.a)
+    h = _draws_per_candidate(dims)
+    a, b = log_weight.a.astype(np.float32), log_weight.b.astype(np.float32)
+    log_t = arrival_log_times(key, num_candidates)
+    bitgen = _bitgen(key)
+    block = max(1, _BLOCK_ELEMENTS // dims)
+    best_score, best = math.inf, 0
+    for start in range(0, num_candidates, block):
+        count = min(block, num_candidates - start)
+        u = _raw_to_normals(bitgen.random_raw(count * h).reshape(count, h), dims)
+        score = log_t[start : start + count] - ((a * u + b) * u).sum(axis=1)  # c is a constant
+        i = int(np.argmin(score))
+        if score[i] < best_score:
+            best_score, best = float(score[i]), start + i
+    return best
+
+
+def pfr_decode(key: tuple[int, ...], index: int, dims: int) -> np.ndarray:
+    """The decoder's sample: candidate ``index`` of the stream ``key``, float32 [dims]."""
+    return candidate_normals(key, index, 1, dims)[0]
+
+
+# ----------------------------------------------------------------------------- index coding
+
+
+def split_index(index: int) -> tuple[int, int]:
+    """index >= 0 -> (exponent m = bit_length(index), the m - 1 bits below the leading one)."""
+    m = int(index).bit_length()
+    return m, (int(index) - (1 << (m - 1)) if m >= 2 else 0)
+
+
+def join_index(exponent: int, mantissa: int) -> int:
+    """The inverse of `split_index`."""
+    if exponent == 0:
+        return 0
+    return (1 << (exponent - 1)) + int(mantissa)
+
+
+def mantissa_size(exponent: int) -> int:
+    """How many values the mantissa of an exponent takes (1: nothing to code)."""
+    return 1 << (exponent - 1) if exponent >= 2 else 1
+
+
+def exponent_prior(kl_bits: float, max_exponent: int) -> np.ndarray:
+    """A prior law of the PFR index's exponent for a chunk of KL ``kl_bits``: float64 [M+1].
+
+    Models log2(n* + 1) as Gaussian with mean KL - 1/2 and variance 1 + 2 KL (the spread of
+    the log importance weight under q is about 2 KL nats), binned at m - 1/2, with 10% of
+    uniform mass so that no exponent is ever nearly impossible. `ExponentModel` adapts it.
+    """
+    kl = max(float(kl_bits), 0.0)
+    mean, std = kl - 0.5, math.sqrt(1.0 + 2.0 * kl)
+    edges = (np.arange(max_exponent, dtype=np.float64) + 0.5 - mean) / std
+    cdf = np.concatenate([[0.0], ndtr(edges), [1.0]])
+    probs = np.diff(cdf)
+    return 0.9 * probs / probs.sum() + 0.1 / (max_exponent + 1)
+
+
+def kl_bucket(kl_bits: float) -> int:
+    """The context of a chunk's exponent law: round(4 log2(1 + KL)), 0 .. 20 (KL up to ~30 bits)."""
+    return min(int(round(4.0 * math.log2(1.0 + max(float(kl_bits), 0.0)))), 20)
+
+
+class ExponentModel:
+    """Adaptive integer counts of the index exponent, one table per `kl_bucket`.
+
+    Both sides start from `exponent_prior` (scaled to ``prior_weight`` pseudo-counts) and add
+    ``increment`` to the count of every exponent they code, so they always hold the same
+    integer table. ``probs`` returns it as float64 (exact integers) for the entropy coder.
+    """
+
+    def __init__(self, max_exponent: int, *, prior_weight: int = 64, increment: int = 16) -> None:
+        if not 1 <= max_exponent <= MAX_LOG2_CANDIDATES:
+            raise ValueError(f"rcc: max_exponent must be 1..{MAX_LOG2_CANDIDATES}, got {max_exponent}")
+        self.max_exponent = max_exponent
+        self.prior_weight = prior_weight
+        self.increment = increment
+        self._tables: dict[int, np.ndarray] = {}
+
+    def _table(self, kl_bits: float) -> np.ndarray:
+        bucket = kl_bucket(kl_bits)
+        if bucket not in self._tables:
+            # the bucket's representative KL, so that the table depends on the bucket only
+            kl = 2.0 ** (bucket / 4.0) - 1.0
+            prior = exponent_prior(kl, self.max_exponent) * self.prior_weight
+            self._tables[bucket] = np.maximum(np.rint(prior), 1.0).astype(np.int64)
+        return self._tables[bucket]
+
+    def probs(self, kl_bits: float) -> np.ndarray:
+        """Unnormalised float64 [max_exponent + 1] counts (integers) for a chunk of this KL."""
+        return self._table(kl_bits).astype(np.float64)
+
+    def update(self, kl_bits: float, exponent: int) -> None:
+        self._table(kl_bits)[exponent] += self.increment
+
+
+def ideal_index_bits(index: int, kl_bits: float, max_exponent: int) -> float:
+    """Ideal code length (bits) of an index under the (non-adapted) prior law."""
+    m, _ = split_index(index)
+    p = exponent_prior(kl_bits, max_exponent)
+    return -math.log2(p[m] / p.sum()) + math.log2(mantissa_size(m))

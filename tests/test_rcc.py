@@ -1,0 +1,135 @@
+"""Reverse channel coding: shared candidates, the PFR choice is a sample of q, index costs."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from diffcodec import rcc
+from diffcodec.entropy import RangeDecoder, RangeEncoder
+
+
+def test_candidates_are_random_access_standard_normals():
+    key = (3, 1, 4)
+    block = rcc.candidate_normals(key, 0, 4000, 5)
+    assert block.dtype == np.float32 and block.shape == (4000, 5)
+    # any candidate can be made alone, bit for bit (the decoder makes exactly one)
+    for n in (0, 1, 17, 3999):
+        np.testing.assert_array_equal(rcc.candidate_normals(key, n, 1, 5)[0], block[n])
+        np.testing.assert_array_equal(rcc.pfr_decode(key, n, 5), block[n])
+    np.testing.assert_array_equal(rcc.candidate_normals(key, 10, 3, 5), block[10:13])
+    # another key gives other candidates; the values are N(0, 1)
+    assert not np.array_equal(rcc.candidate_normals((3, 1, 5), 0, 4000, 5), block)
+    flat = block.ravel().astype(np.float64)
+    assert stats.kstest(flat, "norm").pvalue > 1e-3
+    assert abs(flat.mean()) < 4 / math.sqrt(flat.size)
+    assert abs(flat.var() - 1) < 4 * math.sqrt(2 / flat.size)
+    with pytest.raises(ValueError):
+        rcc.candidate_normals((-1,), 0, 1, 1)
+
+
+def test_log_weight_is_log_density_ratio():
+    rng = np.random.default_rng(0)
+    d = 6
+    qm, pm = rng.normal(size=d), rng.normal(size=d)
+    qv, pv = rng.normal(size=d) * 0.5, rng.normal(size=d) * 0.5
+    lw = rcc.LogWeight.of_gaussians(qm, qv, pm, pv)
+    u = rng.normal(size=(10, d))
+    z = pm + np.exp(0.5 * pv) * u
+    expected = (stats.norm.logpdf(z, qm, np.exp(0.5 * qv)) - stats.norm.logpdf(z, pm, np.exp(0.5 * pv))).sum(1)
+    np.testing.assert_allclose(lw(u), expected, rtol=1e-10, atol=1e-10)
+    # equal variances: no quadratic term
+    assert np.all(rcc.LogWeight.of_gaussians(qm, pv, pm, pv).a == 0)
+    # the KL is the mean log weight under q
+    kl_nats = rcc.gaussian_kl_bits(qm, qv, pm, pv).sum() * math.log(2)
+    zq = qm + np.exp(0.5 * qv) * rng.normal(size=(200_000, d))
+    assert lw((zq - pm) / np.exp(0.5 * pv)).mean() == pytest.approx(kl_nats, abs=0.02)
+
+
+@pytest.mark.parametrize("q_mean,q_std", [(0.9, 1.0), (0.5, 0.6)])
+def test_selected_sample_is_distributed_as_q(q_mean, q_std):
+    """p = N(0, 1); q = N(q_mean, q_std^2) (equal variances: linear weights; smaller: quadratic)."""
+    lw = rcc.LogWeight.of_gaussians([q_mean], [2 * math.log(q_std)], [0.0], [0.0])
+    kl_bits = float(rcc.gaussian_kl_bits(q_mean, 2 * math.log(q_std), 0.0, 0.0))
+    assert 0.3 < kl_bits < 1.5
+    num = 2**10  # about 2^(KL + 9): truncation is negligible
+    z = np.array([rcc.pfr_decode((s, 0), rcc.pfr_select(lw, (s, 0), num), 1)[0] for s in range(1500)],
+                 dtype=np.float64)
+    n = len(z)
+    assert abs(z.mean() - q_mean) < 4 * q_std / math.sqrt(n)
+    assert abs(z.var() / q_std**2 - 1) < 4 * math.sqrt(2 / n)
+    assert stats.kstest(z, "norm", args=(q_mean, q_std)).pvalue > 1e-3
+    # and it is not a sample of p
+    assert stats.kstest(z, "norm").pvalue < 1e-6
+
+
+def test_selection_is_deterministic_and_argmin():
+    rng = np.random.default_rng(1)
+    d, num, key = 4, 300, (9, 2, 6)
+    lw = rcc.LogWeight.of_gaussians(rng.normal(size=d), np.zeros(d), np.zeros(d), np.zeros(d))
+    n = rcc.pfr_select(lw, key, num)
+    assert n == rcc.pfr_select(lw, key, num)
+    scores = rcc.arrival_log_times(key, num) - lw(rcc.candidate_normals(key, 0, num, d))
+    assert n == int(np.argmin(scores))
+    # a larger search can only find an equal or better (lower) score
+    m = rcc.pfr_select(lw, key, 4 * num)
+    scores4 = rcc.arrival_log_times(key, 4 * num) - lw(rcc.candidate_normals(key, 0, 4 * num, d))
+    assert scores4[m] <= scores4[n] + 1e-9
+
+
+def test_index_split_and_law():
+    for index in [0, 1, 2, 3, 4, 7, 8, 1000, 2**16 - 1]:
+        m, r = rcc.split_index(index)
+        assert rcc.join_index(m, r) == index
+        assert 0 <= r < rcc.mantissa_size(m)
+    assert rcc.split_index(0) == (0, 0) and rcc.split_index(1) == (1, 0) and rcc.split_index(5) == (3, 1)
+    for kl in [0.0, 0.3, 2.0, 9.0, 30.0]:
+        p = rcc.exponent_prior(kl, 16)
+        assert p.shape == (17,) and p.sum() == pytest.approx(1) and p.min() >= 0.1 / 17 - 1e-12
+    # mass moves to larger exponents as the KL grows
+    means = [(rcc.exponent_prior(kl, 16) * np.arange(17)).sum() for kl in (0.1, 2, 8)]
+    assert means[0] < means[1] < means[2]
+
+
+@pytest.mark.parametrize("kl_bits", [1.0, 4.0])
+def test_index_cost_is_about_kl_plus_log_kl(kl_bits):
+    """The mean code length of the index: KL + log2(KL + 1) + O(1) (Li & El Gamal)."""
+    d = 8
+    shift = math.sqrt(2 * kl_bits * math.log(2) / d)
+    lw = rcc.LogWeight.of_gaussians(np.full(d, shift), np.zeros(d), np.zeros(d), np.zeros(d))
+    num = 2 ** math.ceil(kl_bits + 6)
+    costs = [rcc.ideal_index_bits(rcc.pfr_select(lw, (s, 3), num), kl_bits, 16) for s in range(400)]
+    mean_cost = float(np.mean(costs))
+    assert kl_bits - 0.5 < mean_cost < kl_bits + math.log2(kl_bits + 1) + 3.0
+
+
+def test_exponent_model_codes_indices_with_a_range_coder():
+    """Both sides keep the same adaptive integer tables; indices round-trip through constriction."""
+    rng = np.random.default_rng(2)
+    kls = rng.uniform(0, 10, size=60)
+    indices = [int(rng.integers(0, 2 ** min(16, int(k) + 3))) for k in kls]
+    enc, model = RangeEncoder(), rcc.ExponentModel(16)
+    for kl, index in zip(kls, indices):
+        m, r = rcc.split_index(index)
+        enc.encode_categorical(np.array([m]), model.probs(kl)[None])
+        if rcc.mantissa_size(m) > 1:
+            enc.encode_uniform(np.array([r]), rcc.mantissa_size(m))
+        model.update(kl, m)
+    dec, model2 = RangeDecoder(enc.words()), rcc.ExponentModel(16)
+    out = []
+    for kl in kls:
+        probs = model2.probs(kl)
+        assert np.all(probs == np.rint(probs)) and probs.min() >= 1
+        m = int(dec.decode_categorical(probs[None])[0])
+        r = int(dec.decode_uniform(rcc.mantissa_size(m), 1)[0]) if rcc.mantissa_size(m) > 1 else 0
+        out.append(rcc.join_index(m, r))
+        model2.update(kl, m)
+    assert out == indices
+    # adaptation: a table sharpens on what it sees
+    model3 = rcc.ExponentModel(16)
+    before = model3.probs(5.0)
+    for _ in range(50):
+        model3.update(5.0, 3)
+    after = model3.probs(5.0)
+    assert after[3] / after.sum() > before[3] / before.sum() + 0.5
