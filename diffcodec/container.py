@@ -21,6 +21,11 @@ All integers little-endian. Strings are ASCII (names: UTF-8) with a length prefi
     ..      8+n   payload: u64 length + bytes (mode 0: the ANS stack's words, uint32 LE)
     end-4   4     CRC-32 of every byte before it
 
+Mode 1 (progressive) is a prefix code, so its tail differs: after the parameter block come
+a CRC-32 of the header (every byte before it) and then the payload up to the end of the
+file, with no length and no trailer, so that a file cut short still parses and the decoder
+uses what is there (`progressive` documents its block and payload).
+
 Mode 0 parameter block (`BitsBackParams`, 40 + 2 x num_chunks bytes):
 
     0   1   log2 of the latent grid width delta (i8, e.g. -12: delta = 2^-12 on the [-1,1] scale)
@@ -162,6 +167,9 @@ def pack(container: Container) -> bytes:
         out += struct.pack("<IIH", im.height, im.width, len(name)) + name
     out += h.pixel_sha
     out += struct.pack("<I", len(h.params)) + h.params
+    if h.mode == MODE_PROGRESSIVE:  # header CRC, then the payload to the end of the file
+        out += struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
+        return bytes(out) + container.payload
     out += struct.pack("<Q", len(container.payload)) + container.payload
     out += struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
     return bytes(out)
@@ -228,6 +236,15 @@ def unpack(data: bytes, where: str = "file") -> Container:
     pixel_sha = r.take(CHECKSUM_BYTES, "pixel checksum")
     (params_len,) = r.unpack("<I", "parameter block")
     params = r.take(params_len, "parameter block")
+    if mode == MODE_PROGRESSIVE:
+        (crc,) = r.unpack("<I", "header checksum")
+        if zlib.crc32(data[: r.pos - 4]) & 0xFFFFFFFF != crc:
+            raise DiffcodecError(f"{where}: corrupt header (CRC-32 mismatch)")
+        if tile_size < 1 or num_steps < 1 or num_steps > num_timesteps:
+            raise DiffcodecError(f"{where}: corrupt header (tile {tile_size}, K {num_steps}, T {num_timesteps})")
+        header = Header(mode, device, fp.hex(), schedule, num_timesteps, num_steps, var_type, tile_size,
+                        tuple(images), pixel_sha, params)
+        return Container(header, data[r.pos :])  # the payload, possibly cut short
     (payload_len,) = r.unpack("<Q", "payload length")
     if payload_len > len(data):
         raise DiffcodecError(f"{where}: truncated file (payload of {payload_len} bytes announced, "
