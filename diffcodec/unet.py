@@ -134,7 +134,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
             raise ValueError(f"image sides must be multiples of {self.divisor}, got {tuple(x.shape[-2:])}")
-        temb = self.temb(timestep_embedding(t, self.config.ch))
+        temb = self.temb(timestep_embedding(t, self.config.ch).to(x.dtype))  # float64 networks too
         h = self.conv_in(x)
         skips = [h]
         for layers in self.down:
