@@ -192,3 +192,33 @@ def test_nll_refuses_missing_data_with_a_clear_error(tmp_path, tiny_checkpoint):
 
     with pytest.raises(DiffcodecError, match="no such data"):
         nll.main([str(tmp_path / "absent"), "-c", str(tiny_checkpoint), "--out", str(tmp_path / "n.json")])
+
+
+def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(tmp_path):
+    from bench import plot
+
+    stages = [{"stage": k, "timestep": t, "real_bpd": r, "real_with_header_bpd": r + 0.3, "analytic_bpd": a,
+               "psnr_xstart": p, "psnr_ddim": None, "chunks": 1.0}
+              for k, (t, r, a, p) in enumerate([(999, 0.01, 0.0, 5.0), (500, 0.2, 0.15, 12.0), (0, 2.0, 1.8, 40.0),
+                                                (-1, 5.0, 4.5, None)])]
+    prog = {"kind": "progressive", "params": {"num_steps": 3, "spacing": "quadratic"},
+            "provenance": {"command": "python -m bench.progressive", "device": "cpu: test",
+                           "model": {"fingerprint": "feedfacefeedface"}},
+            "summary": {"num_images": 2, "stages": stages,
+                        "full_rate": {"real_bpd": 5.0, "real_with_header_bpd": 5.3, "analytic_bpd": 4.5,
+                                      "overhead_vs_analytic": 0.11}}}
+    write_json(tmp_path / "progressive.json", prog)
+    write_json(tmp_path / "train_default.json",
+               {"meta": {"preset": "tiny"}, "columns": ["step", "loss", "images_seen", "seconds"],
+                "rows": [[1, 1.0, 64, 1.0], [2, 0.5, 128, 2.0], [3, 0.25, 192, 3.0]]})
+    assert plot.main(["--reports", str(tmp_path)]) == 0
+    made = {p.name for p in tmp_path.iterdir()}
+    assert {"progressive_rate.png", "rate_distortion.png", "loss_curve.png", "README.md"} <= made
+    assert "figure5.png" not in made  # no nll.json: skipped, with a note
+    readme = (tmp_path / "README.md").read_text()
+    assert "nll.json absent" in readme and "feedfacefeedface" in readme and "DESIGN.md" in readme
+    base, where = plot.lossy_baselines({"kind": "lossless", "lossy_baselines": {"JPEG": [[1.0, 20.0]]}})
+    assert base == {"JPEG": [(1.0, 20.0)]} and "lossless.json" in where
+    assert plot.psnr_of_rmse(np.array([255.0, 25.5])).tolist() == pytest.approx([0.0, 20.0])
+    step, loss, seen = plot.loss_rows(json.loads((tmp_path / "train_default.json").read_text()))
+    assert step.tolist() == [1, 2, 3] and loss.tolist() == [1.0, 0.5, 0.25] and seen.tolist() == [64, 128, 192]
