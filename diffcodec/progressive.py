@@ -27,7 +27,9 @@ Stage syntax (one range-coder stream, FIFO, stage k strictly before stage k + 1)
 The symbols of stages 0..K-1 depend on the stream alone, never on the network, so a
 decoder whose arithmetic differs slightly still parses every stage and gets a slightly
 different but valid image; only stage K needs bit-identical network outputs, and the
-caller's pixel checksum catches a mismatch there.
+caller's pixel checksum catches a mismatch there. On a CPU, float32 outputs change with the
+thread count and the batch (measured: ~5e-7), so a float32 stream decodes losslessly only
+with the encoder's settings; ``network_float64`` lifts that (a slower network).
 
 Prefix property. The payload is the coder's 32-bit words as BIG-endian bytes, so that the
 first bits of the file are the most significant bits of the code value. Given any bit
@@ -41,6 +43,7 @@ prefix for each stage (the real cumulative rate).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import struct
@@ -128,6 +131,7 @@ class ProgressiveParams:
     seed: int = 0  # the shared randomness
     snap_log2: int = -16  # pixel-stage parameters on a 2^snap_log2 grid (pixel-level units)
     clip_denoised: bool = True
+    network_float64: bool = False  # run the network and the latents in float64 (see `encode`)
     num_tiles: int = 1
     tile_size: int = 32
     payload_bits: int = 0  # the complete stream's length in bits (set by the encoder)
@@ -158,7 +162,8 @@ class ProgressiveParams:
     def pack(self) -> bytes:
         return self._FIXED.pack(
             self.BLOCK_VERSION, SPACINGS.index(self.spacing), self.num_steps, self.log2_candidates,
-            int(self.chunk_bits * 4), int(self.pad_bits * 4), self.snap_log2, int(self.clip_denoised),
+            int(self.chunk_bits * 4), int(self.pad_bits * 4), self.snap_log2,
+            int(self.clip_denoised) | (int(self.network_float64) << 1),
             self.num_tiles, self.tile_size, self.seed, self.payload_bits,
         )
 
@@ -175,7 +180,7 @@ class ProgressiveParams:
             raise DiffcodecError(f"{where}: corrupt progressive parameters (spacing {spacing})")
         try:
             return cls(num_steps, SPACINGS[spacing], log2_n, chunk_q / 4, pad_q / 4, seed, snap_log2,
-                       bool(flags & 1), num_tiles, tile_size, payload_bits)
+                       bool(flags & 1), bool(flags & 2), num_tiles, tile_size, payload_bits)
         except ValueError as e:
             raise DiffcodecError(f"{where}: corrupt progressive parameters ({e})") from None
 
@@ -421,10 +426,10 @@ class Encoded:
 
 
 def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray) -> torch.Tensor:
-    """y = mean_p + std_p * u, computed in float64 and returned float32 [like p_mean]."""
+    """y = mean_p + std_p * u, computed in float64, returned in p_mean's dtype [like p_mean]."""
     mean = p_mean.double().cpu().numpy().ravel()
     std = np.exp(0.5 * p_log_var.double().cpu().numpy().ravel())
-    y = (mean + std * u.astype(np.float64)).astype(np.float32)
+    y = (mean + std * u.astype(np.float64)).astype(np.float64 if p_mean.dtype == torch.float64 else np.float32)
     return torch.from_numpy(y.reshape(p_mean.shape)).to(p_mean.device)
 
 
@@ -452,12 +457,17 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
            *, progress: Callable[[int], None] | None = None) -> Encoded:
     """Algorithm 3 for a batch of tiles x0 [B, C, s, s] (exact pixel values in [-1, 1]).
 
-    Returns the payload (complete stream) and per-stage measurements.
+    Returns the payload (complete stream) and per-stage measurements. With
+    ``params.network_float64`` the latents are float64 and ``model_fn`` must take and return
+    float64 (a ``.double()`` network): outputs then agree across thread counts, batchings and
+    devices far below the pixel stage's snap grid, so the lossless stage survives them.
     """
     if x0.ndim != 4 or x0.shape[0] != params.num_tiles or x0.shape[2] != params.tile_size:
         raise ValueError(f"progressive: x0 {list(x0.shape)} does not match {params.num_tiles} tiles of "
                          f"{params.tile_size}")
     clock = StageClock()
+    dtype = torch.float64 if params.network_float64 else torch.float32
+    x0 = x0.to(dtype)
     s = coded_schedule(diffusion, params.num_steps, params.spacing)
     K, D, var_type = s.num_steps, x0.numel(), diffusion.var_type
     ts = torch.from_numpy(s.timesteps).to(x0.device)
@@ -475,7 +485,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         else:
             t_prev = t + 1
             with clock("network"):
-                out = model_fn(y, ts[t_prev]).float()
+                out = model_fn(y, ts[t_prev]).to(dtype)
             p = p_mean_variance(s, out, y, t_prev, var_type=var_type, clip_denoised=params.clip_denoised)
             p_mean, p_log_var = p.mean, p.log_variance
             mse[stage - 1] = float((((p.pred_xstart - x0) * 127.5) ** 2).mean())
@@ -505,7 +515,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5)
     t0 = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
     with clock("network"):
-        out = model_fn(y, ts[t0]).float()
+        out = model_fn(y, ts[t0]).to(dtype)
     p = p_mean_variance(s, out, y, t0, var_type=var_type, clip_denoised=params.clip_denoised)
     mse[K - 1] = float((((p.pred_xstart - x0) * 127.5) ** 2).mean())
     log_p = discretized_gaussian_log_likelihood_nats(x0, mean=p.mean, log_scale=0.5 * p.log_variance)
@@ -563,7 +573,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     syntax = Syntax(params, D)
     ts = torch.from_numpy(s.timesteps).to(device)
     y, p, xstarts, latents, stages = None, None, [], [], 0
-    proto = torch.zeros(shape, device=device)
+    dtype = torch.float64 if params.network_float64 else torch.float32
+    proto = torch.zeros(shape, device=device, dtype=dtype)
     for stage in range(min(limit, K)):
         k = K - 1 - stage
         with clock("entropy"):
@@ -581,7 +592,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         stages = stage + 1
         t = torch.full((shape[0],), k, dtype=torch.long, device=device)
         with clock("network"):
-            out = model_fn(y, ts[t]).float()
+            out = model_fn(y, ts[t]).to(dtype)
         p = p_mean_variance(s, out, y, t, var_type=diffusion.var_type, clip_denoised=params.clip_denoised)
         if keep_all:
             xstarts.append(p.pred_xstart)
@@ -596,7 +607,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         if pixels is not None:
             with clock("entropy"):
                 used = _shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
-            x0 = torch.from_numpy((pixels.astype(np.float32) / 127.5 - 1.0).reshape(shape)).to(device)
+            x0 = torch.from_numpy((pixels.astype(np.float32) / 127.5 - 1.0).reshape(shape)).to(device, dtype)
             return Decoded(x0, K + 1, True, -1, bits, used, False, p.pred_xstart, xstarts, latents,
                            dict(clock.seconds))
     # A complete stream whose last stage does not decode: the network's arithmetic differs
@@ -641,7 +652,7 @@ def ddim_reconstruct(model_fn: ModelFn, s: Schedule, y: torch.Tensor, k: int, *,
     for j in range(k, -1, -1):
         t = torch.full((y.shape[0],), j, dtype=torch.long, device=y.device)
         if xstart is None:
-            out = model_fn(y, ts[t]).float()
+            out = model_fn(y, ts[t]).to(y.dtype)
             xstart = p_mean_variance(s, out, y, t, var_type=var_type, clip_denoised=clip_denoised).pred_xstart
         if j == 0:
             break
@@ -671,6 +682,15 @@ def device_kind(device: torch.device | str) -> str:
     return device.type
 
 
+def _network(loaded, params: ProgressiveParams) -> ModelFn:
+    """The loaded model as a model_fn, in float64 when the stream asks for it (a copy)."""
+    from diffcodec.evaluate import model_fn_of
+
+    if params.network_float64:
+        return model_fn_of(copy.deepcopy(loaded.model).double())
+    return model_fn_of(loaded.model)
+
+
 def encode_images(loaded, images: list[np.ndarray], names: list[str] | None = None, *,
                   params: ProgressiveParams | None = None, device: torch.device | str = "cpu",
                   progress: Callable[[int], None] | None = None) -> tuple[bytes, Encoded]:
@@ -681,7 +701,6 @@ def encode_images(loaded, images: list[np.ndarray], names: list[str] | None = No
     """
     from diffcodec.container import MODE_PROGRESSIVE, Container, Header, ImageEntry, pack, pixel_checksum
     from diffcodec.data import to_model_input, to_tiles
-    from diffcodec.evaluate import model_fn_of
 
     if not images:
         raise DiffcodecError("no images to encode")
@@ -689,7 +708,7 @@ def encode_images(loaded, images: list[np.ndarray], names: list[str] | None = No
     tiles = np.concatenate([img[None] if img.shape[:2] == (tile, tile) else to_tiles(img, tile) for img in images])
     params = replace(params or ProgressiveParams(), num_tiles=len(tiles), tile_size=tile, payload_bits=0)
     x0 = to_model_input(tiles).to(device)
-    encoded = encode(model_fn_of(loaded.model), loaded.diffusion_config, x0, params, progress=progress)
+    encoded = encode(_network(loaded, params), loaded.diffusion_config, x0, params, progress=progress)
     dc = loaded.diffusion_config
     names = list(names) if names is not None else [""] * len(images)
     header = Header(
@@ -732,7 +751,6 @@ def decode_bytes(loaded, data: bytes, *, num_bits: int | None = None, upto: int 
     """
     from diffcodec.container import MODE_PROGRESSIVE, check_model, pixel_checksum, unpack
     from diffcodec.data import from_model_output, from_tiles
-    from diffcodec.evaluate import model_fn_of
 
     container = unpack(data, where)
     h = container.header
@@ -754,7 +772,7 @@ def decode_bytes(loaded, data: bytes, *, num_bits: int | None = None, upto: int 
     if file_bits < header_bits:
         raise DiffcodecError(f"{where}: {file_bits} bits do not cover the {header_bits}-bit header")
     payload_bits = file_bits - header_bits
-    dec = decode(model_fn_of(loaded.model), dc, container.payload, params, num_bits=payload_bits, upto=upto,
+    dec = decode(_network(loaded, params), dc, container.payload, params, num_bits=payload_bits, upto=upto,
                  reconstruction=reconstruction, device=device)
     tiles = from_model_output(dec.x0)
     images, start = [], 0

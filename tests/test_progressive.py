@@ -222,3 +222,18 @@ def test_learned_variance_model_round_trips():
     assert dec.complete and torch.equal(dec.x0, x0)
     with pytest.raises(ValueError):
         pg.encode(fn, dc, x0, PARAMS)  # 2 tiles announced, 1 given
+
+
+def test_float64_stream_survives_another_thread_count():
+    """float32 network outputs change with the thread count; a float64 stream still decodes exactly."""
+    model, dc = seeded_tiny(2)
+    fn64 = denoiser(model.double())
+    tiles = test_image(2, seed=4)
+    x0 = to_model_input(tiles)
+    params = dataclasses.replace(PARAMS, num_steps=4, network_float64=True)
+    enc = pg.encode(fn64, dc, x0, params)
+    assert pg.ProgressiveParams.unpack(enc.params.pack()).network_float64
+    torch.set_num_threads(2)
+    dec = pg.decode(fn64, dc, enc.payload, enc.params)
+    assert dec.complete and dec.x0.dtype == torch.float64
+    np.testing.assert_array_equal(from_model_output(dec.x0), tiles)
