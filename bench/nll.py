@@ -209,8 +209,9 @@ def _pm(entry: dict[str, float], digits: int = 4) -> str:
     return f"{entry['mean']:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None and math.isfinite(se) else "")
 
 
-def markdown_tables(payload: dict[str, Any]) -> str:
-    """The bits/dim table (one row per chain) and the Table 4 comparison, from nll.json."""
+def markdown_tables(payload: dict[str, Any], *, header: bool = True) -> str:
+    """The bits/dim table (one row per chain) and the Table 4 comparison, from nll.json; with
+    ``header`` a first paragraph naming the model, images, seed, device and command."""
     prov = payload["provenance"]
     model = prov.get("model") or {}
     runs = payload["runs"]
@@ -221,6 +222,8 @@ def markdown_tables(payload: dict[str, Any]) -> str:
         f"{payload['num_images']} CIFAR-10 test images, seed {prov.get('seed')}, device {prov.get('device')}.",
         f"Command: `{prov.get('command')}`",
         "",
+    ] if header else []
+    lines += [
         "Bits/dim (mean ± s.e. over images) and its terms; each range sums the chain's steps at those "
         "original timesteps:",
         "",

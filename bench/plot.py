@@ -36,6 +36,7 @@ from bench.nll import PAPER_TABLE4, figure5_run, markdown_tables  # noqa: E402
 COMMANDS = {
     "nll.json": "python -m bench.nll --steps 1000,100 --num-images 256",
     "speed.json": "python -m bench.speed",
+    "nll_ci_reference.json": "python -m bench.nll --ci-reference",
     "train_default.json": "diffcodec train (see reports/training.md)",
     "lossless.json": "python -m bench.lossless",
     "progressive.json": "python -m bench.progressive",
@@ -237,7 +238,8 @@ def plot_progressive_rate(prog: dict[str, Any], out: Path) -> Path:
     f = prog["summary"]["full_rate"]
     p = prog["params"]
     fig.suptitle(f"Progressive codec, {prog['summary']['num_images']} images, K={p['num_steps']} {p['spacing']}: "
-                 f"real {f['real_bpd']:.3f} vs analytic {f['analytic_bpd']:.3f} bits/dim — {origin(prog)}", fontsize=9)
+                 f"real {f['real_bpd']:.3f} vs analytic {f['analytic_bpd']:.3f} bits/dim — {origin(prog)}",
+                 fontsize=9)
     return save(fig, out)
 
 
@@ -294,7 +296,7 @@ def readme_nll(nll: dict[str, Any]) -> list[str]:
         f"({model.get('parameters', '?')} parameters, {(model.get('meta') or {}).get('weights', '?')} weights).",
         "",
     ]
-    lines += [ln for ln in markdown_tables(nll).splitlines() if not ln.startswith("<!--")]
+    lines += markdown_tables(nll, header=False).splitlines()
     lines += [
         "",
         "![Figure 5](figure5.png)",
@@ -313,6 +315,19 @@ def readme_nll(nll: dict[str, Any]) -> list[str]:
         lines += ["", "![bits/dim by chain length](bpd_by_steps.png)", "",
                   "`bpd_by_steps.png`: the bound on each chain length as stacked term ranges."]
     return lines
+
+
+def readme_ci(ref: dict[str, Any]) -> list[str]:
+    prov = ref.get("provenance") or {}
+    return [
+        "## The CI NLL benchmark's reference",
+        "",
+        f"`nll_ci_reference.json`: {ref['bits_per_dim']:.5f} ± {ref['bits_per_dim_stderr']:.5f} bits/dim (s.e. over "
+        f"images) on the first {ref['num_images']} CIFAR-10 test images, {ref['steps']} of T={ref['num_timesteps']} "
+        f"steps, seed {ref['seed']}, batch {ref['batch_size']}, model `{ref['fingerprint']}`; "
+        f"{ref['seconds']:.0f} s on {prov.get('device', '?')} by `{prov.get('command', '?')}`. "
+        f"`tests/test_bench_nll.py` re-evaluates exactly this setting and accepts {ref.get('tolerance_rule', '?')}.",
+    ]
 
 
 def readme_speed(speed: dict[str, Any]) -> list[str]:
@@ -373,7 +388,19 @@ def readme_rd(prog: dict[str, Any] | None, nll: dict[str, Any] | None) -> list[s
     ]
 
 
+def recorded_command(reports: Path, name: str) -> str:
+    """The command recorded in reports/NAME's provenance, else the documented default."""
+    payload = read_json(reports / name)
+    prov = (payload or {}).get("provenance") or {}
+    return prov.get("command") or COMMANDS.get(name, f"(no command recorded for {name})")
+
+
 def build_readme(reports: Path, made: dict[str, list[str]], notes: list[str]) -> str:
+    """The README: how to regenerate everything (the commands recorded in the JSON files, in
+    order), then one section per input that exists, then what was not drawn and why."""
+    names = ["nll.json", "nll_ci_reference.json", "speed.json", "lossless.json", "progressive.json"]
+    commands = [f"{recorded_command(reports, n)}  # -> reports/{n}" for n in names
+                if (reports / n).is_file() or n in ("nll.json", "speed.json", "nll_ci_reference.json")]
     lines = [
         "# Reports",
         "",
@@ -381,12 +408,12 @@ def build_readme(reports: Path, made: dict[str, list[str]], notes: list[str]) ->
         "Every figure and table here is regenerated from the JSON files beside it by the commands below, "
         "run from the repository root with the project's environment (`.venv/bin/python`). Each JSON "
         "records its own provenance: command line, git revision, package versions, device, seed, and the "
-        "model fingerprint.",
+        "model fingerprint. `train_default.json` and `training.md` come from training the default model "
+        "(see `training.md`).",
         "",
         "```",
-        *[f"{cmd}    # -> reports/{name}" for name, cmd in COMMANDS.items() if "diffcodec train" not in cmd],
-        "python -m bench.nll --ci-reference    # -> reports/nll_ci_reference.json (the CI benchmark's reference)",
-        "python -m bench.plot                  # -> reports/*.png and this README",
+        *commands,
+        "python -m bench.plot  # -> reports/*.png and this README",
         "```",
         "",
     ]
@@ -436,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(nll["runs"]) > 1:
             draw(plot_bpd_by_steps, nll, "bpd_by_steps.png")
         made["nll"] = readme_nll(nll)
+    ref = read_json(reports / "nll_ci_reference.json")
+    if ref is not None:
+        made["ci"] = readme_ci(ref)
     speed = need("speed.json")
     if speed is not None:
         made["speed"] = readme_speed(speed)
