@@ -136,7 +136,7 @@ class ProgressiveParams:
     tile_size: int = 32
     payload_bits: int = 0  # the complete stream's length in bits (set by the encoder)
 
-    _FIXED = struct.Struct("<BBHBBBbBIHQQ")
+    _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
     BLOCK_VERSION = 1
 
     def __post_init__(self) -> None:
@@ -152,14 +152,26 @@ class ProgressiveParams:
                 raise ValueError(f"progressive: {name} must be a multiple of 1/4 in 0..63.75, got {v}")
         if self.chunk_bits < 0.25:
             raise ValueError("progressive: chunk_bits must be >= 0.25")
-        if not 0 <= self.seed < 1 << 64:
-            raise ValueError("progressive: seed must be in 0..2^64-1")
+        if not 0 <= self.seed < 1 << 32:
+            raise ValueError("progressive: seed must be in 0..2^32-1")
+        if not 0 <= self.payload_bits < 1 << 32:
+            raise ValueError("progressive: payload_bits must be below 2^32")
         if not -30 <= self.snap_log2 <= 0:
             raise ValueError("progressive: snap_log2 must be in -30..0")
         if self.num_tiles < 1 or not 1 <= self.tile_size <= 0xFFFF:
             raise ValueError("progressive: need at least one tile of a valid size")
 
     def pack(self) -> bytes:
+        """The mode-1 parameter block (little-endian):
+
+            0  u8  block version (1)          8   u8  flags: bit 0 clip_denoised, bit 1 network_float64
+            1  u8  spacing (index in SPACINGS) 9  u32 number of tiles
+            2  u16 K coded steps              13  u16 tile size
+            4  u8  log2 candidates            15  u32 shared seed
+            5  u8  chunk bits x 4             19  u32 payload bits of the complete stream
+            6  u8  pad bits x 4 (encoder's choice, recorded)
+            7  i8  log2 of the pixel-parameter snap grid (pixel-level units)
+        """
         return self._FIXED.pack(
             self.BLOCK_VERSION, SPACINGS.index(self.spacing), self.num_steps, self.log2_candidates,
             int(self.chunk_bits * 4), int(self.pad_bits * 4), self.snap_log2,
