@@ -126,8 +126,8 @@ class ProgressiveParams:
     num_steps: int = 30  # K coded latents
     spacing: str = "quadratic"
     log2_candidates: int = 16  # at most 2^this candidates per chunk; the index law's range
-    chunk_bits: float = 8.0  # nominal KL per chunk (quarter-bit resolution)
-    pad_bits: float = 4.0  # encoder: 2^ceil(KL_chunk + pad) candidates (recorded, not needed to decode)
+    chunk_bits: float = 14.0  # nominal KL per chunk (quarter-bit resolution)
+    pad_bits: float = 2.0  # encoder: 2^ceil(KL_chunk + pad) candidates (recorded, not needed to decode)
     seed: int = 0  # the shared randomness
     snap_log2: int = -16  # pixel-stage parameters on a 2^snap_log2 grid (pixel-level units)
     clip_denoised: bool = True
@@ -803,5 +803,5 @@ def decode_bytes(loaded, data: bytes, *, num_bits: int | None = None, upto: int 
         images, [im.name for im in h.images], dec.stages if verified or not dec.complete else dec.stages - 1,
         params.num_stages, dec.timestep if verified or not dec.complete else 0, verified, diverged,
         8 * len(container.payload) < params.payload_bits, file_bits, header_bits, header_bits + dec.bits_used,
-        params.payload_bits, "exact" if verified else reconstruction, dec.seconds,
+        params.payload_bits, "exact" if verified else ("xstart" if dec.complete else reconstruction), dec.seconds,
     )
