@@ -38,7 +38,14 @@ with ones (the smallest and largest code values the rest could hold); a stage co
 received only if both decode it to the same symbols, which then are the encoder's (the
 code values that decode to a given symbol sequence form an interval). The encoder cuts
 the payload to the shortest prefix that decodes every stage, and records the shortest
-prefix for each stage (the real cumulative rate).
+prefix for each stage (the real cumulative rate). (A padded decoder that meets data no
+encoder could write counts as a mismatch: conservative, never wrong.)
+
+Cost. Each chunk pays about log2(kappa + 1) + O(1) bits over its KL (the PFR index's
+spread); each stage a level symbol (a few bits). Candidates per chunk are capped at
+2^log2_candidates, so a chunk whose KL exceeds that sends a sample between p and q: fewer
+bits now, more in later stages. Payload bytes carry no redundancy: a corrupted payload
+still decodes to some image, and only the checksum at full length notices.
 """
 
 from __future__ import annotations
@@ -123,7 +130,7 @@ def coded_schedule(diffusion: DiffusionConfig, num_steps: int, spacing: str = "q
 class ProgressiveParams:
     """Everything the decoder needs besides the model (the mode-1 parameter block)."""
 
-    num_steps: int = 30  # K coded latents
+    num_steps: int = 50  # K coded latents
     spacing: str = "quadratic"
     log2_candidates: int = 16  # at most 2^this candidates per chunk; the index law's range
     chunk_bits: float = 14.0  # nominal KL per chunk (quarter-bit resolution)
