@@ -28,17 +28,20 @@ uses what is there (`progressive` documents its block and payload).
 
 Mode 0 parameter block (`BitsBackParams`, 40 + 2 x num_chunks bytes):
 
-    0   1   log2 of the latent grid width delta (i8, e.g. -12: delta = 2^-12 on the [-1,1] scale)
-    1   1   latent range R (u8): latents are clamped to [-R, R], symbols -R/delta .. R/delta
-    2   1   log2 of the parameter snap grid, in bins (i8, e.g. -16)
-    3   1   flags: bit 0 = clip_denoised
-    4   8   seed of the initial words (u64)
-    12  4   number of initial words (u32)
-    16  4   initial words kept out of the payload (u32): the decoder prepends that many
-    20  4   number of tiles in the stream (u32)
-    24  8   total coded symbols (u64): tiles x 3 x tile^2 x (K + 1)
-    32  4   reserved (0)
-    36  4   number of chunks (u32), then one u16 per chunk: tiles coded together
+    0   1   resolution bits b (u8): latent x_j lives on a grid of width delta_j = 2^l_j with
+            l_j = floor(log2 sigma_min,j) - b (sigma_min,j: the smallest std x_j is coded with)
+    1   1   window in sigmas c (u8): x_j is coded as an offset in [-W_j, W_j] from the rounded
+            mean, W_j = ceil(c sigma_max,j / delta_j), plus an excess beyond the window's edges
+    2   1   window of the prior N(0, I) of x_K, in sigmas (u8)
+    3   1   log2 of the parameter snap grid, in bins (i8, e.g. -16)
+    4   1   flags: bit 0 = clip_denoised, bit 1 = network run in float64
+    5   3   reserved (0)
+    8   8   seed of the initial words (u64)
+    16  4   number of initial words (u32)
+    20  4   initial words kept out of the payload (u32): the decoder prepends that many
+    24  4   number of tiles in the stream (u32)
+    28  8   total coded symbols (u64): tiles x 3 x tile^2 x (K + 1)
+    36  4   number of chunks (u32), then one u16 per chunk: tiles coded together, in order
 
 Mode 1 owns its own block (written by the progressive codec) and payload layout.
 
@@ -269,10 +272,12 @@ def unpack(data: bytes, where: str = "file") -> Container:
 class BitsBackParams:
     """The bits-back codec's parameters (mode 0 block; see the byte table above)."""
 
-    log2_delta: int = -12
-    latent_range: int = 8
+    resolution_bits: int = 6
+    window_sigmas: int = 8
+    prior_sigmas: int = 8
     snap_log2: int = -16
     clip_denoised: bool = True
+    network_float64: bool = False
     init_seed: int = 0
     init_words: int = 0
     kept_words: int = 0
@@ -280,32 +285,33 @@ class BitsBackParams:
     num_symbols: int = 0
     chunks: tuple[int, ...] = field(default_factory=tuple)
 
-    _FIXED = struct.Struct("<bBbBQIIIQII")
+    _FIXED = struct.Struct("<BBBbB3xQIIIQI")
 
     def pack(self) -> bytes:
         if any(not 1 <= c <= 0xFFFF for c in self.chunks):
             raise ValueError("BitsBackParams: chunk sizes must be 1..65535")
+        flags = int(self.clip_denoised) | (int(self.network_float64) << 1)
         return self._FIXED.pack(
-            self.log2_delta, self.latent_range, self.snap_log2, int(self.clip_denoised), self.init_seed,
-            self.init_words, self.kept_words, self.num_tiles, self.num_symbols, 0, len(self.chunks),
+            self.resolution_bits, self.window_sigmas, self.prior_sigmas, self.snap_log2, flags, self.init_seed,
+            self.init_words, self.kept_words, self.num_tiles, self.num_symbols, len(self.chunks),
         ) + struct.pack(f"<{len(self.chunks)}H", *self.chunks)
 
     @classmethod
     def unpack(cls, block: bytes, where: str = "file") -> BitsBackParams:
         if len(block) < cls._FIXED.size:
             raise DiffcodecError(f"{where}: corrupt bits-back parameter block ({len(block)} bytes)")
-        (log2_delta, latent_range, snap_log2, flags, seed, init_words, kept, num_tiles, num_symbols, _reserved,
+        (bits, window, prior, snap_log2, flags, seed, init_words, kept, num_tiles, num_symbols,
          num_chunks) = cls._FIXED.unpack_from(block)
         if len(block) != cls._FIXED.size + 2 * num_chunks:
             raise DiffcodecError(f"{where}: corrupt bits-back parameter block (chunk table)")
         chunks = struct.unpack_from(f"<{num_chunks}H", block, cls._FIXED.size)
-        params = cls(log2_delta, latent_range, snap_log2, bool(flags & 1), seed, init_words, kept, num_tiles,
-                     num_symbols, tuple(chunks))
-        if not (-20 <= log2_delta <= -2 and 1 <= latent_range and -30 <= snap_log2 <= 0):
-            raise DiffcodecError(f"{where}: corrupt bits-back parameters (delta 2^{log2_delta}, R {latent_range})")
+        if not (1 <= bits <= 10 and 1 <= window and 1 <= prior and -30 <= snap_log2 <= 0) or flags > 3:
+            raise DiffcodecError(f"{where}: corrupt bits-back parameters (resolution {bits}, window {window}, "
+                                 f"prior {prior}, snap {snap_log2}, flags {flags})")
         if kept > init_words or sum(chunks) != num_tiles or 0 in chunks:
             raise DiffcodecError(f"{where}: corrupt bits-back parameters (chunk table or word counts)")
-        return params
+        return cls(bits, window, prior, snap_log2, bool(flags & 1), bool(flags & 2), seed, init_words, kept,
+                   num_tiles, num_symbols, tuple(chunks))
 
 
 # --------------------------------------------------------------------------- file I/O

@@ -16,7 +16,15 @@ Model families (one vectorised call per array of symbols, never a Python loop pe
   Every symbol in the domain gets at least 2^-24, so hi - lo + 1 must stay below 2^24.
 - ``categorical``: per-symbol probability tables [n, k] (rows need not sum to one;
   constriction renormalises) — always ``perfect=False``.
-- ``uniform``: symbols in 0..size-1, one size per symbol or one for all.
+- ``uniform``: symbols in 0..size-1, one size per symbol or one for all (size 1 codes nothing).
+- ``gaussian_windowed``: a Gaussian over ALL integers, coded as the offset from the
+  rounded mean in a window [-W, W] (QuantizedGaussian, edge bins take the tails) plus, for
+  the two edge symbols only, an "excess" beyond the window (QuantizedGaussian on
+  0..MAX_EXCESS). Use it for latents: constriction gives every symbol of a domain at least
+  2^-24, so DECODING (sampling, bits-back) from a domain of N symbols returns a uniformly
+  random symbol with probability about N x 2^-24. A window a few sigmas wide keeps N small
+  and such strays within a few sigmas of the mean; pushing and popping a variable with the
+  same W makes that floor cancel between the two.
 
 Validation happens HERE, before constriction sees anything, because constriction accepts
 NaN means and infinite stds silently and a std <= 0 (or NaN) raises a pyo3 PanicException,
@@ -36,6 +44,8 @@ import numpy as np
 PRECISION_BITS = 24  # constriction's default model precision for these coders
 MAX_DOMAIN_SIZE = (1 << PRECISION_BITS) - 1
 MAX_INT32 = (1 << 31) - 1
+MAX_EXCESS = (1 << 22) - 1  # largest distance beyond a window's edge (gaussian_windowed)
+MAX_HALF_WIDTH = (1 << 22) - 1
 
 _QG = constriction.stream.model.QuantizedGaussian
 _Categorical = constriction.stream.model.Categorical
@@ -53,6 +63,7 @@ __all__ = [
     "words_to_bytes",
     "bytes_to_words",
     "PRECISION_BITS",
+    "MAX_EXCESS",
     "MAX_DOMAIN_SIZE",
 ]
 
@@ -141,6 +152,50 @@ def check_uniform(size: int | np.ndarray, n: int) -> np.ndarray:
     if n and (s.min() < 1 or s.max() > MAX_DOMAIN_SIZE):
         raise ValueError(f"uniform: sizes must be in 1..{MAX_DOMAIN_SIZE}")
     return np.ascontiguousarray(s, dtype=np.int32)
+
+
+def _window_params(
+    mean: np.ndarray, std: np.ndarray, half_width: int, excess_std: np.ndarray | float, max_excess: int, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validated (center int64, mean - center, std, excess std) for the windowed Gaussian."""
+    for value, name, top in ((half_width, "half_width", MAX_HALF_WIDTH), (max_excess, "max_excess", MAX_EXCESS)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= top:
+            raise ValueError(f"gaussian_windowed: {name} must be an integer in 1..{top}, got {value!r}")
+    half_width, max_excess = int(half_width), int(max_excess)
+    m, s = check_gaussian(mean, std, -half_width, half_width, n)
+    if n and float(np.abs(m).max()) >= 2.0**52:
+        raise ValueError("gaussian_windowed: |mean| must be below 2^52")
+    _, xs = check_gaussian(np.zeros(n), excess_std, 0, max_excess, n)
+    center = np.rint(m)
+    return center.astype(np.int64), m - center, s, xs
+
+
+_HALF_SIZE = 1 << 12  # scrambling moves 24-bit values as two exact 12-bit uniform symbols
+_MASK24 = np.uint64((1 << 24) - 1)
+_MIX_A = (0x9E3779, 0x85EBCB)  # odd multipliers mod 2^24
+_MIX_A_INV = tuple(pow(a, -1, 1 << 24) for a in _MIX_A)
+
+
+def _mix_keys(count: int, key: int) -> np.ndarray:
+    if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= key < 1 << 64:
+        raise ValueError(f"scramble: key must be an integer in 0..2^64-1, got {key!r}")
+    return seeded_words(count, int(key)).astype(np.uint64) & _MASK24
+
+
+def _mix(z: np.ndarray, count: int, key: int) -> np.ndarray:
+    """A keyed bijection of 24-bit values (per position): affine, xorshift, multiply, xorshift."""
+    z = (z * np.uint64(_MIX_A[0]) + _mix_keys(count, key)) & _MASK24
+    z ^= z >> np.uint64(12)  # a shift >= 12 on 24 bits is its own inverse
+    z = (z * np.uint64(_MIX_A[1])) & _MASK24
+    z ^= z >> np.uint64(13)
+    return z
+
+
+def _unmix(z: np.ndarray, count: int, key: int) -> np.ndarray:
+    z = z ^ (z >> np.uint64(13))
+    z = (z * np.uint64(_MIX_A_INV[1])) & _MASK24
+    z ^= z >> np.uint64(12)
+    return ((z + (np.uint64(1 << 24) - _mix_keys(count, key))) * np.uint64(_MIX_A_INV[0])) & _MASK24
 
 
 def _check_count(count: int, what: str) -> int:
@@ -268,6 +323,84 @@ class AnsStack:
             return np.zeros(0, dtype=np.int32)
         return np.asarray(self._coder.decode(_QG(int(lo), int(hi)), m, s), dtype=np.int32)
 
+    # windowed gaussian -----------------------------------------------------------------
+    def push_gaussian_windowed(
+        self, symbols: np.ndarray, mean: np.ndarray, std: np.ndarray, half_width: int,
+        excess_std: np.ndarray | float, max_excess: int = MAX_EXCESS,
+    ) -> None:
+        """Push int symbols [n] under N(mean, std) (bin units), windowed.
+
+        The offset d = symbol - round(mean) is pushed as clip(d, -W, W) under a
+        QuantizedGaussian on -W..W; where |d| >= W the excess |d| - W is pushed first under a
+        QuantizedGaussian on 0..max_excess with mean 0 and ``excess_std``. Where symbols are
+        POPPED without having been pushed (sampling, bits-back), keep ``max_excess`` small
+        (e.g. W): a pop from 0..max_excess strays uniformly with probability
+        ~max_excess x 2^-24.
+        """
+        sym = np.asarray(symbols)
+        n = sym.size
+        center, rel, s, xs = _window_params(mean, std, half_width, excess_std, max_excess, n)
+        if sym.ndim != 1 or (n and not np.issubdtype(sym.dtype, np.integer)):
+            raise ValueError(f"push_gaussian_windowed: symbols must be a 1-D integer array, got {sym.dtype} {list(sym.shape)}")
+        d = sym.astype(np.int64) - center
+        edge = np.abs(d) >= half_width
+        excess = np.abs(d[edge]) - half_width
+        if excess.size and int(excess.max()) > max_excess:
+            raise ValueError(f"push_gaussian_windowed: a symbol lies {int(excess.max())} bins beyond its window "
+                             f"(at most {max_excess})")
+        if excess.size:
+            self._coder.encode_reverse(excess.astype(np.int32), _QG(0, max_excess), np.zeros(excess.size), xs[edge])
+        if n:
+            r = np.clip(d, -half_width, half_width).astype(np.int32)
+            self._coder.encode_reverse(r, _QG(-half_width, half_width), rel, s)
+
+    def pop_gaussian_windowed(
+        self, mean: np.ndarray, std: np.ndarray, half_width: int, excess_std: np.ndarray | float,
+        max_excess: int = MAX_EXCESS,
+    ) -> np.ndarray:
+        """Pop int64 symbols [n] pushed with `push_gaussian_windowed` (same parameters)."""
+        n = np.asarray(mean).size
+        center, rel, s, xs = _window_params(mean, std, half_width, excess_std, max_excess, n)
+        if not n:
+            return np.zeros(0, dtype=np.int64)
+        d = np.asarray(self._coder.decode(_QG(-half_width, half_width), rel, s), dtype=np.int64)
+        edge = np.abs(d) == half_width
+        if edge.any():
+            excess = np.asarray(self._coder.decode(_QG(0, max_excess), np.zeros(int(edge.sum())), xs[edge]),
+                                dtype=np.int64)
+            d[edge] += np.sign(d[edge]) * excess
+        return center + d
+
+    # scrambling --------------------------------------------------------------------------
+    def scramble(self, count: int, key: int) -> None:
+        """Re-randomise the top of the stack: pop ``count`` 24-bit values, map each through a
+        keyed bijection, push them back (net size unchanged; `unscramble` undoes it).
+
+        Why: right after pushing a symbol x under P, the ANS state's low bits are x's position
+        in P's CDF, so an immediate pop under Q returns the Q-quantile of x's P-quantile. When
+        P is miscalibrated those quantiles are far from uniform and bits-back "samples" are
+        biased. Scrambling the bits between the push and the pop removes that coupling.
+        """
+        count = _check_count(count, "scramble")
+        if not count:
+            return
+        hi = np.asarray(self._coder.decode(_Uniform(_HALF_SIZE), count), dtype=np.uint64)
+        lo = np.asarray(self._coder.decode(_Uniform(_HALF_SIZE), count), dtype=np.uint64)
+        z = _mix((hi << np.uint64(12)) | lo, count, key)
+        self._coder.encode_reverse((z & np.uint64(0xFFF)).astype(np.int32), _Uniform(_HALF_SIZE))
+        self._coder.encode_reverse((z >> np.uint64(12)).astype(np.int32), _Uniform(_HALF_SIZE))
+
+    def unscramble(self, count: int, key: int) -> None:
+        """The inverse of ``scramble(count, key)`` (same count and key)."""
+        count = _check_count(count, "unscramble")
+        if not count:
+            return
+        hi = np.asarray(self._coder.decode(_Uniform(_HALF_SIZE), count), dtype=np.uint64)
+        lo = np.asarray(self._coder.decode(_Uniform(_HALF_SIZE), count), dtype=np.uint64)
+        z = _unmix((hi << np.uint64(12)) | lo, count, key)
+        self._coder.encode_reverse((z & np.uint64(0xFFF)).astype(np.int32), _Uniform(_HALF_SIZE))
+        self._coder.encode_reverse((z >> np.uint64(12)).astype(np.int32), _Uniform(_HALF_SIZE))
+
     # categorical -----------------------------------------------------------------------
     def push_categorical(self, symbols: np.ndarray, probs: np.ndarray) -> None:
         """Push symbols [n] in 0..k-1, symbol i under the table probs[i] ([n, k])."""
@@ -290,15 +423,18 @@ class AnsStack:
         sym = _check_symbols(symbols, 0, MAX_DOMAIN_SIZE, "push_uniform")
         if n and (sym >= sizes).any():
             raise ValueError("push_uniform: a symbol is >= its alphabet size")
-        if n:
-            self._coder.encode_reverse(sym, _Uniform(), sizes)
+        coded = sizes > 1  # a one-symbol alphabet carries no information (and constriction refuses it)
+        if coded.any():
+            self._coder.encode_reverse(sym[coded], _Uniform(), sizes[coded])
 
     def pop_uniform(self, size: int | np.ndarray, count: int) -> np.ndarray:
         count = _check_count(count, "pop_uniform")
         sizes = check_uniform(size, count)
-        if not count:
-            return np.zeros(0, dtype=np.int32)
-        return np.asarray(self._coder.decode(_Uniform(), sizes), dtype=np.int32)
+        out = np.zeros(count, dtype=np.int32)
+        coded = sizes > 1
+        if coded.any():
+            out[coded] = self._coder.decode(_Uniform(), sizes[coded])
+        return out
 
 
 # --------------------------------------------------------------------------- range coder
@@ -340,8 +476,9 @@ class RangeEncoder:
         sym = _check_symbols(symbols, 0, MAX_DOMAIN_SIZE, "encode_uniform")
         if n and (sym >= sizes).any():
             raise ValueError("encode_uniform: a symbol is >= its alphabet size")
-        if n:
-            self._coder.encode(sym, _Uniform(), sizes)
+        coded = sizes > 1
+        if coded.any():
+            self._coder.encode(sym[coded], _Uniform(), sizes[coded])
 
 
 class RangeDecoder:
@@ -375,7 +512,9 @@ class RangeDecoder:
     def decode_uniform(self, size: int | np.ndarray, count: int) -> np.ndarray:
         count = _check_count(count, "decode_uniform")
         sizes = check_uniform(size, count)
-        if not count:
-            return np.zeros(0, dtype=np.int32)
-        return np.asarray(self._coder.decode(_Uniform(), sizes), dtype=np.int32)
+        out = np.zeros(count, dtype=np.int32)
+        coded = sizes > 1
+        if coded.any():
+            out[coded] = self._coder.decode(_Uniform(), sizes[coded])
+        return out
 
