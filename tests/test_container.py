@@ -1,0 +1,154 @@
+"""container.py: the .dfc byte layout (pinned), and defensive parsing of bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from diffcodec.container import (
+    MAGIC,
+    MODE_BITSBACK,
+    MODE_PROGRESSIVE,
+    BitsBackParams,
+    Container,
+    Header,
+    ImageEntry,
+    check_model,
+    pack,
+    pixel_checksum,
+    read_container,
+    unpack,
+    write_container,
+)
+from diffcodec.errors import DiffcodecError
+
+PARAMS = BitsBackParams(
+    resolution_bits=6, window_sigmas=8, prior_sigmas=8, snap_log2=-16, clip_denoised=True, network_float64=False,
+    init_seed=99, init_words=1000, kept_words=700, num_tiles=3, num_symbols=3 * 3072 * 11, chunks=(1, 2),
+)
+
+
+def sample_container(payload: bytes = bytes(range(40))) -> Container:
+    header = Header(
+        mode=MODE_BITSBACK, device="cpu", fingerprint="0123456789abcdef", schedule="linear", num_timesteps=1000,
+        num_steps=10, var_type="fixedlarge", tile_size=32,
+        images=(ImageEntry(37, 45, "a.png"), ImageEntry(32, 32, "cifar[1]")),
+        pixel_sha=bytes.fromhex("a1b2c3d4e5f60718"), params=PARAMS.pack(),
+    )
+    return Container(header, payload)
+
+
+# Pinned: changing the layout must be a conscious format-version decision.
+GOLDEN_SHA256 = "0909e22b814cc68c806b8de0ac7efdaf4898560b111b33cfb72a7ce3d86357c8"
+
+
+def test_layout_matches_the_byte_table():
+    data = pack(sample_container())
+    assert data[:4] == MAGIC and data[4] == 1 and data[5] == MODE_BITSBACK
+    assert data[8:16] == bytes.fromhex("0123456789abcdef")
+    assert data[16] == 3 and data[17:20] == b"cpu"
+    assert data[20] == 6 and data[21:27] == b"linear"
+    assert struct.unpack_from("<II", data, 27) == (1000, 10)
+    block = PARAMS.pack()
+    assert len(block) == 40 + 2 * 2
+    assert data[-4 - 40 - 8 - len(block) - 4 : -4 - 40 - 8 - len(block)] == struct.pack("<I", len(block))
+    assert struct.unpack_from("<Q", data, len(data) - 4 - 40 - 8)[0] == 40
+    assert struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[:-4])
+
+
+def test_golden_bytes():
+    assert hashlib.sha256(pack(sample_container())).hexdigest() == GOLDEN_SHA256
+
+
+def test_round_trip_and_params():
+    c = sample_container()
+    back = unpack(pack(c))
+    assert back == c
+    assert BitsBackParams.unpack(back.header.params) == PARAMS
+
+
+def test_every_truncation_is_a_one_line_error():
+    data = pack(sample_container())
+    for cut in range(len(data)):
+        with pytest.raises(DiffcodecError) as e:
+            unpack(data[:cut], "f.dfc")
+        message = str(e.value)
+        assert "\n" not in message and message.startswith("f.dfc: ")
+        assert ("truncated" in message) or ("bad magic" in message) or cut < 4
+
+
+def test_bad_magic_version_mode_crc_and_trailing_bytes():
+    data = bytearray(pack(sample_container()))
+    with pytest.raises(DiffcodecError, match="bad magic"):
+        unpack(b"PNG!" + bytes(data[4:]))
+    wrong_version = bytes(data[:4]) + bytes([2]) + bytes(data[5:])
+    with pytest.raises(DiffcodecError, match="version 2; this diffcodec reads version 1"):
+        unpack(wrong_version)
+    with pytest.raises(DiffcodecError, match="unknown coding mode 9"):
+        unpack(bytes(data[:5]) + bytes([9]) + bytes(data[6:]))
+    flipped = bytearray(data)
+    flipped[-10] ^= 0x40  # a payload byte
+    with pytest.raises(DiffcodecError, match="CRC-32"):
+        unpack(bytes(flipped))
+    with pytest.raises(DiffcodecError, match="unexpected bytes"):
+        unpack(bytes(data) + b"\x00")
+
+
+def test_random_corruption_never_escapes_as_another_exception():
+    data = pack(sample_container())
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        bad = bytearray(data)
+        for pos in rng.integers(0, len(bad), size=rng.integers(1, 4)):
+            bad[pos] = int(rng.integers(0, 256))
+        if bytes(bad) == data:
+            continue
+        with pytest.raises(DiffcodecError):
+            unpack(bytes(bad))
+
+
+def test_corrupt_params_block():
+    with pytest.raises(DiffcodecError, match="parameter block"):
+        BitsBackParams.unpack(PARAMS.pack()[:-1])
+    bad = BitsBackParams(**{**PARAMS.__dict__, "kept_words": 2000})  # more kept than initial words
+    with pytest.raises(DiffcodecError, match="word counts"):
+        BitsBackParams.unpack(bad.pack())
+
+
+def test_progressive_mode_is_accepted_with_its_own_block():
+    c = sample_container()
+    header = Header(**{**c.header.__dict__, "mode": MODE_PROGRESSIVE, "params": b"anything"})
+    assert unpack(pack(Container(header, b"xyz"))).header.params == b"anything"
+
+
+def test_check_model_names_both_fingerprints():
+    header = sample_container().header
+    check_model(header, "0123456789abcdef")
+    with pytest.raises(DiffcodecError, match="encoded with model 0123456789abcdef, this checkpoint is ffffffffffffffff"):
+        check_model(header, "ffffffffffffffff")
+
+
+def test_pixel_checksum_depends_on_pixels_and_sizes():
+    a = np.zeros((4, 6, 3), np.uint8)
+    b = a.copy()
+    b[1, 2, 0] = 1
+    assert pixel_checksum([a]) != pixel_checksum([b])
+    assert pixel_checksum([a]) != pixel_checksum([a.reshape(6, 4, 3)])
+    assert len(pixel_checksum([a])) == 8
+
+
+def test_write_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "x.dfc"
+    size = write_container(path, sample_container())
+    assert path.stat().st_size == size
+    with pytest.raises(DiffcodecError, match="already exists"):
+        write_container(path, sample_container(b"other"))
+    assert read_container(path) == sample_container()
+    write_container(path, sample_container(b"other!!!"), force=True)
+    assert read_container(path).payload == b"other!!!"
+    with pytest.raises(DiffcodecError, match="no such file"):
+        read_container(tmp_path / "missing.dfc")
