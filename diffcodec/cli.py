@@ -213,6 +213,14 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--float64", action="store_true",
                    help="run the network in float64: slower, but decodable on other machines of the same kind")
     p.add_argument("--no-bound", action="store_true", help="skip computing the bound (saves one network pass)")
+    # progressive mode (diffcodec.progressive); defaults as ProgressiveParams
+    p.add_argument("--progressive", action="store_true",
+                   help="a progressive lossy-to-lossless file (Algorithms 3/4 with reverse channel coding): any "
+                        "prefix decodes to a coarser image; --steps is then the number of coded steps (default 50)")
+    p.add_argument("--spacing", choices=("quadratic", "uniform"), default="quadratic",
+                   help="--progressive: spacing of the coded steps (default quadratic: dense near t = 0)")
+    p.add_argument("--chunk-bits", type=float, default=14.0,
+                   help="--progressive: nominal KL in bits of one reverse-channel-coded chunk (default 14)")
     p.add_argument("--convert", action="store_true", help="convert non-RGB / 16-bit images instead of refusing")
     p.add_argument("--force", action="store_true", help="overwrite OUT.dfc if it exists")
     p.add_argument("--json", action="store_true", help="print sizes and timings as JSON on stdout")
@@ -245,6 +253,8 @@ def run_encode_command(args: argparse.Namespace) -> int:
     from diffcodec.container import write_bytes_atomic
     from diffcodec.evaluate import model_schedule, pick_device
 
+    if args.progressive:
+        return run_encode_progressive(args)
     if Path(args.output).exists() and not args.force:
         raise DiffcodecError(f"{args.output}: already exists; pass --force to overwrite it")
     device = pick_device(args.device)
@@ -336,6 +346,14 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    # progressive files only (diffcodec.progressive)
+    p.add_argument("--bits", type=positive_int, metavar="N",
+                   help="progressive files: use only the first N bits of the file (header included)")
+    p.add_argument("--upto", type=positive_int, metavar="STAGES",
+                   help="progressive files: decode at most this many stages (1 = x_T only; K + 1 = lossless)")
+    p.add_argument("--reconstruction", choices=("xstart", "ddim"), default="xstart",
+                   help="progressive files, partial decode: x^_0 predicted from the last latent (xstart, as the "
+                        "paper's Figure 5) or deterministic DDIM down the remaining steps (ddim)")
     p.set_defaults(run=run_decode_command)
 
 
@@ -344,11 +362,15 @@ def run_decode_command(args: argparse.Namespace) -> int:
 
     from diffcodec.bitsback import check_header, decode_container, decode_device, output_paths
     from diffcodec.checkpoint import load_checkpoint
-    from diffcodec.container import MODE_BITSBACK, MODE_NAMES, read_container
+    from diffcodec.container import MODE_BITSBACK, MODE_NAMES, MODE_PROGRESSIVE, read_container
     from diffcodec.data import write_png
 
     container = read_container(args.file)
     h = container.header
+    if h.mode == MODE_PROGRESSIVE:
+        return run_decode_progressive(args)
+    if args.bits is not None or args.upto is not None:
+        raise DiffcodecError(f"{args.file}: --bits and --upto apply to progressive files; this one is bits-back")
     if h.mode != MODE_BITSBACK:
         raise DiffcodecError(f"{args.file}: a {MODE_NAMES[h.mode]} file; this decode handles bits-back files")
     targets = output_paths(args.output, [im.name for im in h.images], force=args.force)
@@ -372,6 +394,119 @@ def run_decode_command(args: argparse.Namespace) -> int:
         where = targets[0] if len(targets) == 1 else f"{args.output}/ ({len(targets)} PNGs)"
         print(f"{args.file}: {len(targets)} image(s) decoded and verified -> {where}; "
               f"{h.num_steps} steps, {result.seconds:.1f} s on {result.device}")
+    return 0
+
+
+# --------------------------------------------------------------- progressive encode / decode
+
+
+def run_encode_progressive(args: argparse.Namespace) -> int:
+    """`encode --progressive`: Algorithm 3 as a prefix bitstream (diffcodec.progressive)."""
+    from tqdm import tqdm
+
+    from diffcodec import progressive as pg
+    from diffcodec.checkpoint import load_checkpoint
+    from diffcodec.container import write_bytes_atomic
+    from diffcodec.evaluate import pick_device
+
+    if Path(args.output).exists() and not args.force:
+        raise DiffcodecError(f"{args.output}: already exists; pass --force to overwrite it")
+    device = pick_device(args.device)
+    loaded = load_checkpoint(args.checkpoint, device=device)
+    T = loaded.diffusion_config.num_timesteps
+    try:
+        params = pg.ProgressiveParams(num_steps=min(args.steps or pg.ProgressiveParams().num_steps, T),
+                                      spacing=args.spacing, chunk_bits=args.chunk_bits,
+                                      network_float64=args.float64)
+    except ValueError as e:
+        raise DiffcodecError(str(e)) from None
+    images, names = read_inputs(args.inputs, args.num_images, args.convert)
+    with tqdm(total=params.num_stages, unit="stage", desc="encode", disable=args.quiet, dynamic_ncols=True,
+              leave=False, file=sys.stderr) as bar:
+        data, enc = pg.encode_images(loaded, images, names, params=params, device=device,
+                                     progress=lambda _: bar.update(1))
+    write_bytes_atomic(args.output, data, force=args.force)
+    dims = sum(int(im.size) for im in images)
+    header_bits = 8 * len(data) - enc.params.payload_bits
+    report = {
+        "output": args.output, "mode": "progressive", "num_images": len(images), "num_tiles": enc.params.num_tiles,
+        "num_dims": dims, "file_bytes": len(data), "header_bytes": header_bits // 8,
+        "bits_per_dim": 8 * len(data) / dims, "payload_bpd": enc.params.payload_bits / dims,
+        "analytic_bpd": float(enc.kl_bits.sum()) / dims,
+        "num_steps": params.num_steps, "spacing": params.spacing, "chunk_bits": params.chunk_bits,
+        "network_float64": params.network_float64, "device": pg.device_kind(device),
+        "fingerprint": loaded.fingerprint, "checkpoint": loaded.path,
+        "stages": [{"stage": k, "timestep": int(t), "file_bits": header_bits + int(b),
+                    "bits_per_dim": (header_bits + int(b)) / dims, "analytic_bpd": float(a) / dims}
+                   for k, (t, b, a) in enumerate(zip(enc.timesteps, enc.prefix_bits, np.cumsum(enc.kl_bits)))],
+        "seconds": enc.seconds,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        lines = [
+            f"{args.output}: {len(images)} image(s), {enc.params.num_tiles} tile(s), {len(data):,} bytes "
+            f"(progressive, {params.num_steps} coded steps, {params.spacing})",
+            f"  actual    {report['bits_per_dim']:.4f} bits/dim (whole file: {report['header_bytes']:,}-byte header "
+            f"+ payload); analytic {report['analytic_bpd']:.4f} on the same stages",
+            "  prefixes  stage (t received): bits/dim of the file cut there",
+        ]
+        for st in report["stages"]:
+            t = "x_0" if st["timestep"] < 0 else f"t={st['timestep']}"
+            lines.append(f"    {st['stage']:3d} ({t:>6}): {st['bits_per_dim']:.4f}")
+        lines.append(f"{enc.seconds.get('total', 0.0):.1f} s on {report['device']}")
+        print("\n".join(lines))
+    return 0
+
+
+def run_decode_progressive(args: argparse.Namespace) -> int:
+    """`decode` of a progressive file: its longest complete prefix (or --bits / --upto)."""
+    from diffcodec import progressive as pg
+    from diffcodec.bitsback import decode_device, output_paths
+    from diffcodec.checkpoint import load_checkpoint
+    from diffcodec.container import unpack
+    from diffcodec.data import write_png
+
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as e:
+        raise DiffcodecError(f"{args.file}: cannot read ({e.strerror})") from None
+    h = unpack(data, args.file).header
+    targets = output_paths(args.output, [im.name for im in h.images], force=args.force)
+    device = decode_device(args.device, h.device)
+    loaded = load_checkpoint(args.checkpoint, device=device)
+    r = pg.decode_bytes(loaded, data, num_bits=args.bits, upto=args.upto, reconstruction=args.reconstruction,
+                        device=device, where=args.file)
+    if r.diverged and args.upto is None:
+        raise DiffcodecError(
+            f"{args.file}: the lossless stage did not reproduce the encoded pixels (checksum mismatch: this "
+            f"decoder's arithmetic differs from the encoder's, e.g. another device, thread count or library "
+            f"version; encode with --float64 to avoid it); nothing written. --upto {r.num_stages - 1} writes "
+            f"the lossy reconstruction from t = 0")
+    if len(targets) > 1 or not args.output.lower().endswith(".png"):
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    for target, image in zip(targets, r.images):
+        write_png(target, image, force=args.force)
+    dims = sum(int(im.size) for im in r.images)
+    report = {"file": args.file, "mode": "progressive", "num_images": len(r.images), "outputs": targets,
+              "verified": r.verified, "lossless": r.verified, "reconstruction": r.reconstruction,
+              "stages": r.stages, "num_stages": r.num_stages, "timestep": r.timestep, "truncated": r.truncated,
+              "bits_available": r.file_bits, "bits_used": r.bits_used, "header_bits": r.header_bits,
+              "bits_per_dim_used": r.bits_used / dims, "complete_file_bits": r.header_bits + r.payload_bits_total,
+              "device": str(device), "encoded_on": h.device, "seconds": r.seconds}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        where = targets[0] if len(targets) == 1 else f"{args.output}/ ({len(targets)} PNGs)"
+        if r.verified:
+            what = "lossless, checksum verified"
+        else:
+            t = "t=0" if r.timestep == 0 else f"t={r.timestep}"
+            what = (f"lossy: stage {r.stages} of {r.num_stages} ({t}), {r.reconstruction} reconstruction"
+                    + ("; the file is cut short" if r.truncated else ""))
+        print(f"{args.file}: {len(targets)} image(s) -> {where}; {what}; used {r.bits_used:,} of "
+              f"{r.file_bits:,} bits ({report['bits_per_dim_used']:.4f} bits/dim; complete file "
+              f"{report['complete_file_bits']:,})")
     return 0
 
 

@@ -237,3 +237,67 @@ def test_float64_stream_survives_another_thread_count():
     dec = pg.decode(fn64, dc, enc.payload, enc.params)
     assert dec.complete and dec.x0.dtype == torch.float64
     np.testing.assert_array_equal(from_model_output(dec.x0), tiles)
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def cli_setup(tmp_path):
+    from PIL import Image
+
+    from diffcodec.checkpoint import save_checkpoint
+
+    model, dc = seeded_tiny(3)
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, model, preset("tiny")[0], dc, meta={"weights": "random"}, dtype=torch.float32)
+    img = np.repeat(np.repeat(test_image(1, seed=5)[0], 2, axis=0), 2, axis=1)[:30, :27]  # 30x27: one padded tile
+    Image.fromarray(img).save(tmp_path / "img.png")
+    return tmp_path, ckpt, img
+
+
+def run_cli(argv, capsys):
+    from diffcodec.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_progressive_round_trip_and_prefixes(cli_setup, capsys):
+    import json
+
+    from PIL import Image
+
+    tmp, ckpt, img = cli_setup
+    dfc = tmp / "img.dfc"
+    code, out, err = run_cli(["encode", tmp / "img.png", "-o", dfc, "-c", ckpt, "--progressive", "--steps", 3,
+                              "--chunk-bits", 6, "--json", "-q", "--device", "cpu"], capsys)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["mode"] == "progressive" and rep["file_bytes"] == dfc.stat().st_size and len(rep["stages"]) == 4
+    # the whole file: lossless, verified
+    code, out, err = run_cli(["decode", dfc, "-o", tmp / "full.png", "-c", ckpt, "--json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["verified"] and r["stages"] == 4
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp / "full.png")), img)
+    # --bits at a stage boundary, --upto, and a file cut short on disk: lossy, stage reported
+    bits = rep["stages"][1]["file_bits"]
+    code, out, err = run_cli(["decode", dfc, "-o", tmp / "b.png", "-c", ckpt, "--bits", bits, "--json",
+                              "--device", "cpu", "--reconstruction", "ddim"], capsys)
+    r = json.loads(out)
+    assert code == 0 and not r["verified"] and r["stages"] == 2 and r["bits_used"] == bits
+    assert np.asarray(Image.open(tmp / "b.png")).shape == img.shape
+    code, out, err = run_cli(["decode", dfc, "-o", tmp / "u.png", "-c", ckpt, "--upto", 1, "--json",
+                              "--device", "cpu"], capsys)
+    assert code == 0 and json.loads(out)["stages"] == 1
+    cut = tmp / "cut.dfc"
+    cut.write_bytes(dfc.read_bytes()[: (rep["stages"][2]["file_bits"] + 7) // 8])
+    code, out, err = run_cli(["decode", cut, "-o", tmp / "c.png", "-c", ckpt, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "stage 3 of 4" in out and "cut short" in out
+    # too few bits for the header: one line, nothing written
+    code, out, err = run_cli(["decode", dfc, "-o", tmp / "h.png", "-c", ckpt, "--bits", 16, "--device", "cpu"],
+                             capsys)
+    assert code == 2 and err.startswith("diffcodec: error:") and not (tmp / "h.png").exists()
