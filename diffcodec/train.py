@@ -614,6 +614,10 @@ def train(
         config = make_train_config(preset_name, loss=loss, **overrides)
         model_config, diffusion_config = preset(preset_name)
 
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiffcodecError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
     images_np = load_training_images(data, image_size=model_config.image_size, allow_test_data=allow_test_data,
                                      limit=data_limit)
     images = torch.from_numpy(images_np).to(device)
@@ -671,9 +675,12 @@ def train(
         stopped = "interrupted"
         log("train: interrupted; saving")
     trainer.record(trainer.train_seconds)
-    trainer.save(run_dir)
-    piece = time.monotonic() - start
-    fp = trainer.export(export) if export is not None else None
+    try:
+        trainer.save(run_dir)
+        piece = time.monotonic() - start
+        fp = trainer.export(export) if export is not None else None
+    except OSError as e:
+        raise DiffcodecError(f"cannot write the run's files ({e.strerror or e}: {e.filename or run_dir})") from None
     steps_piece = trainer.step_count - start_step
     final = trainer.history[-1][1] if trainer.history else None
     log(f"train: stopped ({stopped}) at step {trainer.step_count} after {_fmt_minutes(piece)}; "
