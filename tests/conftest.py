@@ -24,7 +24,9 @@ def tiny_model(seed: int = 0, *, learn_sigma: bool = False, scale: float = 0.02)
         mc = dataclasses.replace(mc, learn_sigma=True)
         dc = dataclasses.replace(dc, var_type="learned_range")
     g = torch.Generator().manual_seed(seed)
-    model = UNet(mc)
+    with torch.random.fork_rng():  # the default init draws from the global generator
+        torch.manual_seed(seed)
+        model = UNet(mc)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
