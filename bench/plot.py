@@ -59,6 +59,11 @@ def origin(payload: dict[str, Any]) -> str:
     return f"model {fp or 'unrecorded'} · {short_device(device)}"
 
 
+def fingerprint_of(payload: dict[str, Any]) -> str:
+    """'model <fingerprint>' from a payload's provenance."""
+    return origin(payload).split(" · ")[0]
+
+
 def save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
@@ -212,6 +217,66 @@ def lossy_baselines(*payloads: dict[str, Any] | None) -> tuple[dict[str, list[tu
     return DESIGN_LOSSY_BASELINES, "DESIGN.md (500 CIFAR-10 test images)"
 
 
+BASELINE_NAMES = {"png": "PNG (Pillow, optimize)", "webp_lossless": "WebP lossless (method 6)",
+                  "jpegxl_lossless": "JPEG-XL lossless (effort 9)", "jpeg2000_lossless": "JPEG-2000 lossless"}
+
+
+def lossless_bars(ll: dict[str, Any]) -> tuple[list[tuple[str, float, str]], list[tuple[str, float, str]]]:
+    """(CIFAR-10 bars, Kodak bars): (label, bits/dim, kind) with kind 'ours', 'bound' or 'baseline'."""
+    cifar: list[tuple[str, float, str]] = []
+    st = ll.get("stream") or {}
+    if st:
+        k, n = st.get("num_steps"), st.get("num_images")
+        cifar += [(f"bits-back stream, whole file (K={k}, {n} images, one file)", st["file_bpd"], "ours"),
+                  (f"bits-back stream, net of initial bits (K={k})", st["net_bpd"], "ours")]
+        if st.get("bound_bpd") is not None:
+            cifar.append((f"bound on the same images (K={k})", st["bound_bpd"], "bound"))
+    pi = ll.get("per_image") or {}
+    if pi:
+        cifar.append((f"bits-back, one file per image (K={pi.get('num_steps')}, {pi.get('num_images')} images)",
+                      pi["file_bpd_mean"], "ours"))
+    tm = ll.get("timing_32x32") or {}
+    if tm:
+        cifar.append((f"bits-back stream, whole file (K={tm.get('num_steps')}, {tm.get('num_images')} images)",
+                      tm["file_bpd"], "ours"))
+        if tm.get("bound_bpd") is not None:
+            cifar.append((f"bound on the same images (K={tm.get('num_steps')})", tm["bound_bpd"], "bound"))
+    for key, rec in (ll.get("baselines_cifar") or {}).items():
+        if isinstance(rec, dict) and "bits_per_dim" in rec:
+            cifar.append((BASELINE_NAMES.get(key, key), rec["bits_per_dim"], "baseline"))
+    kodak: list[tuple[str, float, str]] = []
+    kd = ll.get("kodak") or {}
+    if "file_bpd" in kd:
+        kodak.append((f"bits-back, {kd.get('image')} (K={kd.get('num_steps')}, one file)", kd["file_bpd"], "ours"))
+    for key, rec in (ll.get("baselines_kodak") or {}).items():
+        if isinstance(rec, dict) and "bits_per_dim" in rec:
+            kodak.append((BASELINE_NAMES.get(key, key) + f" ({ll['baselines_kodak'].get('num_images', '?')} images)",
+                          rec["bits_per_dim"], "baseline"))
+    return cifar, kodak
+
+
+def plot_lossless(ll: dict[str, Any], out: Path) -> Path:
+    """Lossless bits/dim (whole files) of the bits-back codec, the bound, and PNG/WebP/JPEG-XL."""
+    cifar, kodak = lossless_bars(ll)
+    panels = [(f"CIFAR-10 test ({(ll.get('stream') or {}).get('num_images', '?')} images)", cifar)]
+    if kodak:
+        panels.append(("Kodak", kodak))
+    colors = {"ours": "tab:blue", "bound": "tab:green", "baseline": "tab:gray"}
+    height = max(len(bars) for _, bars in panels) * 0.45 + 1.6
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), height), squeeze=False)
+    for ax, (title, bars) in zip(axes[0], panels):
+        y = np.arange(len(bars))[::-1]
+        ax.barh(y, [b[1] for b in bars], color=[colors[b[2]] for b in bars])
+        for yi, b in zip(y, bars):
+            ax.text(b[1], yi, f" {b[1]:.3f}", va="center", fontsize=8)
+        ax.set_yticks(y, [b[0] for b in bars], fontsize=8)
+        ax.set(xlabel="bits/dim (8 x whole-file bytes / (3 x H x W))", title=title)
+        ax.set_xlim(0, max(b[1] for b in bars) * 1.18)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"Lossless sizes — {origin(ll)}", fontsize=9)
+    return save(fig, out)
+
+
 def plot_progressive_rate(prog: dict[str, Any], out: Path) -> Path:
     """Real cumulative bits of each coded stage against the analytic rate on the same schedule."""
     stages = prog["summary"]["stages"]
@@ -360,7 +425,7 @@ def readme_progressive(prog: dict[str, Any]) -> list[str]:
     lines = [
         "## Progressive codec: real bitstream against the analytic rate",
         "",
-        f"Produced by `{prov['command']}` on {prov['device']}, {origin(prog)}.",
+        f"Produced by `{prov['command']}` on {prov['device']}, {fingerprint_of(prog)}.",
         "",
         f"Full stream: real {f['real_bpd']:.4f} bits/dim ({f['real_with_header_bpd']:.4f} with the header) against "
         f"the analytic {f['analytic_bpd']:.4f} ({100 * f['overhead_vs_analytic']:+.1f}%).",
@@ -371,6 +436,27 @@ def readme_progressive(prog: dict[str, Any]) -> list[str]:
         "against the sum of the bound's terms on the same coded schedule; right: their ratio. "
         "The per-stage table is in `progressive.md`.",
     ]
+    return lines
+
+
+def readme_lossless(ll: dict[str, Any]) -> list[str]:
+    prov = ll.get("provenance") or {}
+    cifar, kodak = lossless_bars(ll)
+    lines = [
+        "## Lossless: the bits-back codec against PNG / WebP / JPEG-XL",
+        "",
+        f"Produced by `{prov.get('command', '?')}` on {prov.get('device', '?')}, {fingerprint_of(ll)}. "
+        f"Counting rule: {ll.get('counting_rule', '?')}.",
+        "",
+        "| CIFAR-10 test | bits/dim |",
+        "|---|---|",
+        *[f"| {label} | {bpd:.3f} |" for label, bpd, _ in cifar],
+    ]
+    if kodak:
+        lines += ["", "| Kodak | bits/dim |", "|---|---|", *[f"| {label} | {bpd:.3f} |" for label, bpd, _ in kodak]]
+    lines += ["", "![lossless](lossless.png)", "",
+              "`lossless.png`: the same numbers as bars (blue: diffcodec files, green: the bound, grey: classical "
+              "codecs)."]
     return lines
 
 
@@ -428,7 +514,7 @@ def readme_simple(title: str, payload: dict[str, Any], images: list[str], captio
     prov = payload.get("provenance") or {}
     lines = [f"## {title}", ""]
     if prov.get("command"):
-        lines += [f"Produced by `{prov['command']}` on {prov.get('device', '?')}; {origin(payload)}.", ""]
+        lines += [f"Produced by `{prov['command']}` on {prov.get('device', '?')}, {fingerprint_of(payload)}.", ""]
     lines += [f"![{title}]({name})" for name in images] + ["", caption]
     return lines
 
@@ -469,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     speed = need("speed.json")
     if speed is not None:
         made["speed"] = readme_speed(speed)
+    ll = need("lossless.json")
+    if ll is not None:
+        draw(plot_lossless, ll, "lossless.png")
+        made["lossless"] = readme_lossless(ll)
     prog = need("progressive.json")
     if prog is not None:
         draw(plot_progressive_rate, prog, "progressive_rate.png")

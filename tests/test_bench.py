@@ -211,12 +211,17 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     write_json(tmp_path / "train_default.json",
                {"meta": {"preset": "tiny"}, "columns": ["step", "loss", "images_seen", "seconds"],
                 "rows": [[1, 1.0, 64, 1.0], [2, 0.5, 128, 2.0], [3, 0.25, 192, 3.0]]})
+    write_json(tmp_path / "lossless.json",
+               {"provenance": {"command": "python -m bench.lossless", "device": "cpu: test"},
+                "stream": {"num_images": 2, "num_steps": 10, "file_bpd": 4.5, "net_bpd": 4.3, "bound_bpd": 4.25},
+                "baselines_cifar": {"png": {"bits_per_dim": 5.87}, "webp_lossless": {"bits_per_dim": 4.7}}})
     assert plot.main(["--reports", str(tmp_path)]) == 0
     made = {p.name for p in tmp_path.iterdir()}
-    assert {"progressive_rate.png", "rate_distortion.png", "loss_curve.png", "README.md"} <= made
+    assert {"progressive_rate.png", "rate_distortion.png", "loss_curve.png", "lossless.png", "README.md"} <= made
     assert "figure5.png" not in made  # no nll.json: skipped, with a note
     readme = (tmp_path / "README.md").read_text()
     assert "nll.json absent" in readme and "feedfacefeedface" in readme and "DESIGN.md" in readme
+    assert "| PNG (Pillow, optimize) | 5.870 |" in readme and "| bound on the same images (K=10) | 4.250 |" in readme
     base, where = plot.lossy_baselines({"kind": "lossless", "lossy_baselines": {"JPEG": [[1.0, 20.0]]}})
     assert base == {"JPEG": [(1.0, 20.0)]} and "lossless.json" in where
     assert plot.psnr_of_rmse(np.array([255.0, 25.5])).tolist() == pytest.approx([0.0, 20.0])
