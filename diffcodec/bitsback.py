@@ -483,9 +483,11 @@ class EncodeResult:
     payload_bytes: int
     initial_bits: int  # initial bits the stream consumed (included in the payload)
     bound: BoundResult | None  # per image, the same K-step chain (likelihood.evaluate_bound)
-    seconds: float  # coding only
+    seconds: float  # coding only (wall)
     bound_seconds: float
     device: str
+    cpu_seconds: float = math.nan  # coding only, CPU time of this process (all threads)
+    bound_cpu_seconds: float = math.nan
 
     @property
     def file_bpd(self) -> float:
@@ -506,6 +508,14 @@ class EncodeResult:
         if self.bound is None:
             return math.nan
         return float(self.bound.total_bits.sum() / self.num_dims)
+
+
+def _recorded_threads(device: torch.device | str, float64: bool) -> int:
+    """The torch thread count a decoder must match: float32 CPU kernels split their sums by
+    thread (measured: a file encoded with 2 threads does not decode with 1). 0 = not needed."""
+    if float64 or torch.device(device).type != "cpu":
+        return 0
+    return min(torch.get_num_threads(), 0xFFFF)
 
 
 def _model_fn(model: torch.nn.Module) -> ModelFn:
@@ -538,6 +548,7 @@ def encode_images(
     compute_bound: bool = True,
     bound_seed: int = 0,
     on_step: Callable[[int], None] | None = None,
+    on_bound_step: Callable[[], None] | None = None,
 ) -> EncodeResult:
     """Encode RGB uint8 images [H, W, 3] (any sizes) into one `.dfc` file's bytes.
 
@@ -554,23 +565,23 @@ def encode_images(
     tiles, groups, dims = image_tiles(images, tile)
     spec = _spec(loaded, schedule, config, dc.var_type, True, device, float64)
     with deterministic_kernels():
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         code = encode_tiles(spec, tiles, max_batch=max_batch, on_step=on_step)
-        seconds = time.perf_counter() - start
-        bound, bound_seconds = None, 0.0
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        bound, bound_seconds, bound_cpu = None, 0.0, 0.0
         if compute_bound:
             from diffcodec.data import to_model_input
 
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             batches = [to_model_input(tiles[i : i + max_batch]) for i in range(0, len(tiles), max_batch)]
             per_tile = evaluate_bound(_model_fn(loaded.model), schedule, batches, var_type=dc.var_type,
-                                      seed=bound_seed, device=device)
+                                      seed=bound_seed, device=device, on_step=on_bound_step)
             bound = merge_rows(per_tile, groups, dims)
-            bound_seconds = time.perf_counter() - start
+            bound_seconds, bound_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     params = BitsBackParams(
         resolution_bits=config.resolution_bits, window_sigmas=config.window_sigmas,
         prior_sigmas=config.prior_sigmas, snap_log2=config.snap_log2, clip_denoised=True,
-        network_float64=float64, init_seed=INIT_SEED, init_words=code.init_words, kept_words=code.kept_words,
+        network_float64=float64, threads=_recorded_threads(device, float64), init_seed=INIT_SEED, init_words=code.init_words, kept_words=code.kept_words,
         num_tiles=len(tiles), num_symbols=len(tiles) * 3 * tile * tile * (schedule.num_steps + 1),
         chunks=code.chunks,
     )
@@ -583,15 +594,16 @@ def encode_images(
     payload = code.payload.astype("<u4").tobytes()
     data = pack(Container(header, payload))
     return EncodeResult(data, header, params, len(images), len(tiles), int(dims.sum()), len(payload),
-                        code.initial_bits, bound, seconds, bound_seconds, str(device))
+                        code.initial_bits, bound, seconds, bound_seconds, str(device), cpu_seconds, bound_cpu)
 
 
 @dataclass(frozen=True)
 class DecodeResult:
     images: list[np.ndarray]  # uint8 [H, W, 3]
     names: list[str]
-    seconds: float
+    seconds: float  # wall
     device: str
+    cpu_seconds: float = math.nan
 
 
 def check_header(loaded, container: Container, where: str = "file") -> BitsBackParams:
@@ -634,11 +646,11 @@ def decode_container(
     spec = _spec(loaded, schedule, config, h.var_type, params.clip_denoised, device, params.network_float64)
     payload = np.frombuffer(container.payload, dtype="<u4").astype(np.uint32)
     with deterministic_kernels():
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         tiles, stack_ok = decode_tiles(spec, payload, chunks=params.chunks, tile_size=h.tile_size,
                                        init_words=params.init_words, kept_words=params.kept_words,
                                        init_seed=params.init_seed, on_step=on_step)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     images, start_tile = [], 0
     for im in h.images:
         n = -(-im.height // h.tile_size) * -(-im.width // h.tile_size)
@@ -646,13 +658,19 @@ def decode_container(
         start_tile += n
     if not stack_ok or pixel_checksum(images) != h.pixel_sha:
         here = device_kind(device)
+        threads_here = _recorded_threads(device, params.network_float64)
+        if here == h.device and params.threads and threads_here != params.threads:
+            raise DiffcodecError(
+                f"{where}: decoding diverged: the file was encoded with {params.threads} torch CPU thread(s) in "
+                f"float32 and this decoder ran {threads_here}; decode with {params.threads} "
+                "(files encoded with --float64 decode with any thread count)")
         if here != h.device:
             raise DiffcodecError(
                 f"{where}: decoding diverged: the file was encoded on {h.device} and decoding on {here} computed "
                 f"different coding parameters (pixel checksum mismatch); decode on {h.device.split(':')[0]}")
         raise DiffcodecError(f"{where}: pixel checksum mismatch after decoding (corrupt payload, or "
                              "non-deterministic kernels on this machine); nothing written")
-    return DecodeResult(images, [im.name for im in h.images], seconds, str(device))
+    return DecodeResult(images, [im.name for im in h.images], seconds, str(device), cpu_seconds)
 
 
 # --------------------------------------------------------------------------- CLI helpers

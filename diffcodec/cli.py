@@ -263,10 +263,14 @@ def run_encode_command(args: argparse.Namespace) -> int:
     tile = loaded.model_config.image_size
     num_tiles = sum(-(-im.shape[0] // tile) * -(-im.shape[1] // tile) for im in images)
     steps = model_schedule(loaded, args.steps).num_steps
+    batches = 0 if args.no_bound else -(-num_tiles // args.batch_size)
     with tqdm(total=num_tiles * steps, unit="tile-step", desc="encode", disable=args.quiet, dynamic_ncols=True,
-              leave=False, file=sys.stderr) as bar:
+              leave=False, file=sys.stderr) as bar, \
+            tqdm(total=batches * steps, unit="step", desc="bound", disable=args.quiet or not batches,
+                 dynamic_ncols=True, leave=False, file=sys.stderr) as bound_bar:
         result = encode_images(loaded, images, names, steps=args.steps, max_batch=args.batch_size, device=device,
-                               float64=args.float64, compute_bound=not args.no_bound, on_step=bar.update)
+                               float64=args.float64, compute_bound=not args.no_bound, on_step=bar.update,
+                               on_bound_step=lambda: bound_bar.update(1))
     write_bytes_atomic(args.output, result.data, force=args.force)
     report = encode_report(result, args.output, loaded)
     print(json.dumps(report, indent=2) if args.json else format_encode(report))
@@ -303,6 +307,7 @@ def encode_report(result, path: str, loaded) -> dict:
         "fingerprint": loaded.fingerprint,
         "checkpoint": loaded.path,
         "seconds": result.seconds,
+        "cpu_seconds": result.cpu_seconds,
         "bound_seconds": result.bound_seconds,
     }
 
@@ -358,6 +363,7 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_decode_command(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from diffcodec.bitsback import check_header, decode_container, decode_device, output_paths
@@ -377,6 +383,8 @@ def run_decode_command(args: argparse.Namespace) -> int:
     device = decode_device(args.device, h.device)
     loaded = load_checkpoint(args.checkpoint, device=device)
     params = check_header(loaded, container, args.file)
+    if params.threads and device.type == "cpu" and torch.get_num_threads() != params.threads:
+        torch.set_num_threads(params.threads)  # float32 CPU results depend on the thread count
     with tqdm(total=params.num_tiles * h.num_steps, unit="tile-step", desc="decode", disable=args.quiet,
               dynamic_ncols=True, leave=False, file=sys.stderr) as bar:
         result = decode_container(loaded, container, device=device, where=args.file, on_step=bar.update)
@@ -387,7 +395,8 @@ def run_decode_command(args: argparse.Namespace) -> int:
         write_png(target, image, force=args.force)
     report = {"file": args.file, "num_images": len(result.images), "outputs": targets,
               "sizes": [[int(im.shape[0]), int(im.shape[1])] for im in result.images], "verified": True,
-              "num_steps": h.num_steps, "device": result.device, "encoded_on": h.device, "seconds": result.seconds}
+              "num_steps": h.num_steps, "device": result.device, "encoded_on": h.device, "seconds": result.seconds,
+              "cpu_seconds": result.cpu_seconds}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -35,7 +35,9 @@ Mode 0 parameter block (`BitsBackParams`, 40 + 2 x num_chunks bytes):
     2   1   window of the prior N(0, I) of x_K, in sigmas (u8)
     3   1   log2 of the parameter snap grid, in bins (i8, e.g. -16)
     4   1   flags: bit 0 = clip_denoised, bit 1 = network run in float64
-    5   3   reserved (0)
+    5   2   torch CPU threads of a float32 CPU encoder (u16; 0 = not recorded / not needed):
+            float32 CPU kernels give thread-count-dependent results, so the decoder uses it
+    7   1   reserved (0)
     8   8   seed of the initial words (u64)
     16  4   number of initial words (u32)
     20  4   initial words kept out of the payload (u32): the decoder prepends that many
@@ -278,6 +280,7 @@ class BitsBackParams:
     snap_log2: int = -16
     clip_denoised: bool = True
     network_float64: bool = False
+    threads: int = 0
     init_seed: int = 0
     init_words: int = 0
     kept_words: int = 0
@@ -285,14 +288,15 @@ class BitsBackParams:
     num_symbols: int = 0
     chunks: tuple[int, ...] = field(default_factory=tuple)
 
-    _FIXED = struct.Struct("<BBBbB3xQIIIQI")
+    _FIXED = struct.Struct("<BBBbBHxQIIIQI")
 
     def pack(self) -> bytes:
         if any(not 1 <= c <= 0xFFFF for c in self.chunks):
             raise ValueError("BitsBackParams: chunk sizes must be 1..65535")
         flags = int(self.clip_denoised) | (int(self.network_float64) << 1)
         return self._FIXED.pack(
-            self.resolution_bits, self.window_sigmas, self.prior_sigmas, self.snap_log2, flags, self.init_seed,
+            self.resolution_bits, self.window_sigmas, self.prior_sigmas, self.snap_log2, flags, self.threads,
+            self.init_seed,
             self.init_words, self.kept_words, self.num_tiles, self.num_symbols, len(self.chunks),
         ) + struct.pack(f"<{len(self.chunks)}H", *self.chunks)
 
@@ -300,7 +304,7 @@ class BitsBackParams:
     def unpack(cls, block: bytes, where: str = "file") -> BitsBackParams:
         if len(block) < cls._FIXED.size:
             raise DiffcodecError(f"{where}: corrupt bits-back parameter block ({len(block)} bytes)")
-        (bits, window, prior, snap_log2, flags, seed, init_words, kept, num_tiles, num_symbols,
+        (bits, window, prior, snap_log2, flags, threads, seed, init_words, kept, num_tiles, num_symbols,
          num_chunks) = cls._FIXED.unpack_from(block)
         if len(block) != cls._FIXED.size + 2 * num_chunks:
             raise DiffcodecError(f"{where}: corrupt bits-back parameter block (chunk table)")
@@ -310,8 +314,8 @@ class BitsBackParams:
                                  f"prior {prior}, snap {snap_log2}, flags {flags})")
         if kept > init_words or sum(chunks) != num_tiles or 0 in chunks:
             raise DiffcodecError(f"{where}: corrupt bits-back parameters (chunk table or word counts)")
-        return cls(bits, window, prior, snap_log2, bool(flags & 1), bool(flags & 2), seed, init_words, kept,
-                   num_tiles, num_symbols, tuple(chunks))
+        return cls(bits, window, prior, snap_log2, bool(flags & 1), bool(flags & 2), threads, seed, init_words,
+                   kept, num_tiles, num_symbols, tuple(chunks))
 
 
 # --------------------------------------------------------------------------- file I/O

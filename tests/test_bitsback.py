@@ -26,7 +26,7 @@ from diffcodec.bitsback import (
 from diffcodec.checkpoint import LoadedModel, fingerprint, save_checkpoint
 from diffcodec.cli import main
 from diffcodec.config import preset
-from diffcodec.container import pack, unpack
+from diffcodec.container import BitsBackParams, pack, unpack
 from diffcodec.entropy import seeded_words
 from diffcodec.errors import DiffcodecError
 from diffcodec.evaluate import model_fn_of
@@ -333,6 +333,23 @@ def test_cli_refuses_another_model(encoded, tmp_path, capsys):
     save_checkpoint(other, model, mc, dc)
     assert main(["decode", str(dfc), "-o", str(tmp_path / "out"), "-c", str(other), "-q"]) == 2
     assert "encoded with model" in _one_line_error(capsys)
+
+
+def test_float32_cpu_files_record_the_thread_count(encoded, tmp_path, capsys):
+    """float32 CPU kernels give thread-count-dependent outputs: the header records the
+    encoder's torch threads (0 for float64 files) and the CLI decoder uses that count."""
+    dfc, images, ckpt = encoded
+    params = BitsBackParams.unpack(unpack(dfc.read_bytes()).header.params)
+    assert params.threads == 1 and not params.network_float64
+    torch.set_num_threads(2)
+    try:
+        assert main(["decode", str(dfc), "-o", str(tmp_path / "out"), "-c", str(ckpt), "-q"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+    loaded = as_loaded(*seeded_model(0))
+    f64 = encode_images(loaded, images[:1], steps=2, float64=True, compute_bound=False)
+    assert f64.params.threads == 0
 
 
 # ------------------------------------------------------------------------------ golden
