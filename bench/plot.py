@@ -115,7 +115,7 @@ def plot_rmse_vs_t(nll: dict[str, Any], out: Path) -> Path:
     ax.set(xscale="log", xlabel="t (paper, 1..T; x̂_0 predicted from x_t)", ylabel="RMSE of x̂_0 on [0, 255]")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    ax.set_title(f"RMSE of x̂_0 against t — {origin(nll)}", fontsize=9)
+    ax.set_title(f"RMSE of x̂_0 against t\n{origin(nll)}", fontsize=9)
     return save(fig, out)
 
 
@@ -132,7 +132,7 @@ def plot_terms_vs_t(nll: dict[str, Any], out: Path) -> Path:
            ylabel="term, bits/dim (mean over images)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    ax.set_title(f"Bound terms against t — {origin(nll)}", fontsize=9)
+    ax.set_title(f"Bound terms against t\n{origin(nll)}", fontsize=9)
     return save(fig, out)
 
 
@@ -156,7 +156,7 @@ def plot_bpd_by_steps(nll: dict[str, Any], out: Path) -> Path:
     ax.set_xticks(x, [f"K={run['steps']}" for run in runs])
     ax.set(ylabel="bits/dim (stacked terms; bar: ±1 s.e. of the total)", xlabel="chain length")
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"Bits/dim by chain length ({runs[0]['num_images']} images) — {origin(nll)}", fontsize=9)
+    ax.set_title(f"Bits/dim by chain length ({runs[0]['num_images']} images)\n{origin(nll)}", fontsize=9)
     return save(fig, out)
 
 
@@ -188,7 +188,7 @@ def plot_loss_curve(train: dict[str, Any], out: Path) -> Path:
         sec = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda n: n / per_step))
         sec.set_xlabel("training images seen")
     meta = train.get("meta") or {}
-    ax.set_title(f"Training loss ({meta.get('preset', '')} {meta.get('loss', '')}) — {origin(train)}", fontsize=9)
+    ax.set_title(f"Training loss ({meta.get('preset', '')} {meta.get('loss', '')})\n{origin(train)}", fontsize=9)
     return save(fig, out)
 
 
@@ -570,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     if train is not None:
         draw(plot_loss_curve, train, "loss_curve.png")
         made["train"] = readme_simple("Training the default model", train, ["loss_curve.png"],
-                                      "`loss_curve.png`: training loss against step (see training.md for the run).")
+                                      "`loss_curve.png`: training loss against step (see training.md for the run)."
+                                      + (f" Note from the run: {train['note']}" if train.get("note") else ""))
     write_text(reports / "README.md", build_readme(reports, made, notes))
     print(f"plot: wrote {reports / 'README.md'}", file=sys.stderr)
     return 0
