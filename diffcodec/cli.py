@@ -246,6 +246,8 @@ def read_inputs(paths: list[str], limit: int | None, convert: bool):
 
 
 def run_encode_command(args: argparse.Namespace) -> int:
+    import os
+
     from tqdm import tqdm
 
     from diffcodec.bitsback import encode_images
@@ -257,6 +259,7 @@ def run_encode_command(args: argparse.Namespace) -> int:
         return run_encode_progressive(args)
     if Path(args.output).exists() and not args.force:
         raise DiffcodecError(f"{args.output}: already exists; pass --force to overwrite it")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS: before CUDA starts
     device = pick_device(args.device)
     loaded = load_checkpoint(args.checkpoint, device=device)
     images, names = read_inputs(args.inputs, args.num_images, args.convert)
@@ -363,6 +366,8 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_decode_command(args: argparse.Namespace) -> int:
+    import os
+
     import torch
     from tqdm import tqdm
 
@@ -380,6 +385,7 @@ def run_decode_command(args: argparse.Namespace) -> int:
     if h.mode != MODE_BITSBACK:
         raise DiffcodecError(f"{args.file}: a {MODE_NAMES[h.mode]} file; this decode handles bits-back files")
     targets = output_paths(args.output, [im.name for im in h.images], force=args.force)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS: before CUDA starts
     device = decode_device(args.device, h.device)
     loaded = load_checkpoint(args.checkpoint, device=device)
     params = check_header(loaded, container, args.file)
@@ -482,6 +488,7 @@ def run_decode_progressive(args: argparse.Namespace) -> int:
         raise DiffcodecError(f"{args.file}: cannot read ({e.strerror})") from None
     h = unpack(data, args.file).header
     targets = output_paths(args.output, [im.name for im in h.images], force=args.force)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS: before CUDA starts
     device = decode_device(args.device, h.device)
     loaded = load_checkpoint(args.checkpoint, device=device)
     r = pg.decode_bytes(loaded, data, num_bits=args.bits, upto=args.upto, reconstruction=args.reconstruction,
