@@ -8,6 +8,7 @@ what a codec that sends the tiles pays.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ def run_nll(
     batches = [to_model_input(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
     start = time.perf_counter()
     with tqdm(total=len(batches) * schedule.num_steps, unit="step", desc="nll", disable=not progress,
-              dynamic_ncols=True, leave=False) as bar:
+              dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
         result = evaluate_bound(
             model_fn_of(loaded.model), schedule, batches, var_type=loaded.diffusion_config.var_type,
             seed=seed, device=device, on_step=lambda: bar.update(1),
