@@ -252,7 +252,7 @@ def run_encode_command(args: argparse.Namespace) -> int:
 
     from diffcodec.bitsback import encode_images
     from diffcodec.checkpoint import load_checkpoint
-    from diffcodec.container import write_bytes_atomic
+    from diffcodec.data import write_bytes_atomic
     from diffcodec.evaluate import model_schedule, pick_device
 
     if args.progressive:
@@ -421,7 +421,7 @@ def run_encode_progressive(args: argparse.Namespace) -> int:
 
     from diffcodec import progressive as pg
     from diffcodec.checkpoint import load_checkpoint
-    from diffcodec.container import write_bytes_atomic
+    from diffcodec.data import write_bytes_atomic
     from diffcodec.evaluate import pick_device
 
     if Path(args.output).exists() and not args.force:

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffcodec.data import write_bytes_atomic
 from diffcodec.errors import DiffcodecError
 
 MAGIC = b"DFC\x1a"
@@ -332,41 +332,6 @@ def read_container(path: str | os.PathLike) -> Container:
     except OSError as e:
         raise DiffcodecError(f"{path}: cannot read ({e.strerror})") from None
     return unpack(data, str(path))
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = False) -> None:
-    """Write a file through a temporary in the same directory; refuse to overwrite unless force."""
-    target = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(target))
-    if os.path.isdir(target):
-        raise DiffcodecError(f"{target}: is a directory")
-    if not force and os.path.lexists(target):
-        raise DiffcodecError(f"{target}: already exists; pass --force to overwrite it")
-    if not os.path.isdir(directory):
-        raise DiffcodecError(f"{target}: directory {directory} does not exist")
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise DiffcodecError(f"{target}: already exists; pass --force to overwrite it") from None
-            except OSError:
-                os.replace(tmp, target)
-    except OSError as e:
-        raise DiffcodecError(f"{target}: cannot write ({e.strerror})") from None
-    finally:
-        if os.path.lexists(tmp):
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def write_container(path: str | os.PathLike, container: Container, *, force: bool = False) -> int:

@@ -544,10 +544,9 @@ def from_model_output(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(y.permute(0, 2, 3, 1).cpu().numpy())
 
 
-def write_png(path: str | os.PathLike, img: np.ndarray, *, force: bool = False) -> None:
-    """Write uint8 [H, W, 3] as PNG. Refuses to overwrite unless `force`; writes a temp file in
-    the same directory and renames it, so a failure never leaves a partial file at `path`."""
-    _check_hwc(img, "write_png")
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, so a failure
+    never leaves a partial file. Refuses (DiffcodecError) to overwrite unless ``force``."""
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
     if os.path.isdir(target):
@@ -558,9 +557,8 @@ def write_png(path: str | os.PathLike, img: np.ndarray, *, force: bool = False) 
         raise DiffcodecError(f"{target}: directory {directory} does not exist")
     tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(img)).save(f, format="PNG")
+        with open(tmp, "xb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         if force:
@@ -580,3 +578,14 @@ def write_png(path: str | os.PathLike, img: np.ndarray, *, force: bool = False) 
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def write_png(path: str | os.PathLike, img: np.ndarray, *, force: bool = False) -> None:
+    """Write uint8 [H, W, 3] as PNG with ``write_bytes_atomic`` (no overwrite unless ``force``)."""
+    _check_hwc(img, "write_png")
+    buffer = io.BytesIO()
+    try:
+        Image.fromarray(np.ascontiguousarray(img)).save(buffer, format="PNG")
+    except OSError as e:
+        raise DiffcodecError(f"{os.fspath(path)}: cannot write ({e.strerror or _why(e)})") from None
+    write_bytes_atomic(path, buffer.getvalue(), force=force)
