@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -246,7 +247,6 @@ def read_inputs(paths: list[str], limit: int | None, convert: bool):
 
 
 def run_encode_command(args: argparse.Namespace) -> int:
-    import os
 
     from tqdm import tqdm
 
@@ -366,7 +366,6 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_decode_command(args: argparse.Namespace) -> int:
-    import os
 
     import torch
     from tqdm import tqdm
