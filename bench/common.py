@@ -83,7 +83,8 @@ def device_string(device: torch.device | str = "cpu") -> str:
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index}: {torch.cuda.get_device_name(index)}"
-    return f"cpu: {cpu_name()} ({usable_cores()} cores, {torch.get_num_threads()} torch threads)"
+    threads = torch.get_num_threads()
+    return f"cpu: {cpu_name()} ({usable_cores()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -168,6 +169,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; reports are meant to be read by everyone
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -62,8 +62,12 @@ def time_forward(loaded: LoadedModel, batch_size: int, *, repeats: int, device: 
         _sync(device)
         calls.append(time.perf_counter() - start)
     per_call = float(np.median(calls))
+    fastest = float(np.min(calls))
     return {
         "seconds_per_call": per_call,
+        "seconds_per_call_min": fastest,
+        "repeats": repeats,
+        "image_forwards_per_second_best": batch_size / fastest,
         "image_forwards_per_second": batch_size / per_call,
         "full_T_images_per_second_limit": batch_size / per_call / T,
     }
@@ -104,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="images (default: ../shared/data/cifar10/test beside the repo)")
     p.add_argument("--checkpoint", "-c", help="checkpoint (default: the embedded default model)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--batch-sizes", default="32", help="comma-separated batch sizes (default 32)")
-    p.add_argument("--num-images", "-n", type=int, default=32, help="images for the bound timing (default 32)")
+    p.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated batch sizes (default 1,8,32,64)")
+    p.add_argument("--num-images", "-n", type=int, default=64,
+                   help="images for the bound timing, at least the largest batch (default 64)")
     p.add_argument("--steps", "-k", type=int, default=20, help="chain length for the bound timing (default 20)")
-    p.add_argument("--repeats", type=int, default=5, help="timed forward calls per batch size (default 5)")
+    p.add_argument("--repeats", type=int, default=10, help="timed forward calls per batch size (default 10)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster on a CPU "
                                                "another job keeps busy)")
     p.add_argument("--seed", type=int, default=0)
@@ -124,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         raise DiffcodecError(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from None
     if min(batch_sizes) < 1 or args.num_images < 1 or args.steps < 1 or args.repeats < 1:
         raise DiffcodecError("batch sizes, --num-images, --steps and --repeats must be positive")
+    if args.num_images < max(batch_sizes):
+        raise DiffcodecError(f"--num-images ({args.num_images}) must be at least the largest batch size "
+                             f"({max(batch_sizes)}), or that batch is never full")
     if args.threads is not None:
         if args.threads < 1:
             raise DiffcodecError("--threads must be positive")
