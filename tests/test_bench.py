@@ -227,3 +227,13 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     assert plot.psnr_of_rmse(np.array([255.0, 25.5])).tolist() == pytest.approx([0.0, 20.0])
     step, loss, seen = plot.loss_rows(json.loads((tmp_path / "train_default.json").read_text()))
     assert step.tolist() == [1, 2, 3] and loss.tolist() == [1.0, 0.5, 0.25] and seen.tolist() == [64, 128, 192]
+
+
+def test_a_reference_for_other_weights_asks_to_be_regenerated(tiny_checkpoint):
+    from bench.nll import reference_mismatch
+    from diffcodec.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    assert reference_mismatch({"fingerprint": loaded.fingerprint}, loaded) is None
+    why = reference_mismatch({"fingerprint": "0123456789abcdef"}, loaded)
+    assert why is not None and "regenerate" in why and "--ci-reference" in why and loaded.fingerprint in why
