@@ -46,12 +46,16 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 awk -v m="$minutes" 'BEGIN { exit !(m > 0 && m <= 9) }' || { echo "MINUTES must be in (0, 9]" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 
+# TRAIN_DIR / TEST_DATA override where the shards are (default: what device-stage staged); a
+# folder outside the checkout (e.g. /root/train) can gather shards carried by several calls.
+train_dir=${TRAIN_DIR:-.device/data/train}
+test_data=${TEST_DATA:-.device/data/test}
 if ls .device/whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
+  python3 -c "import constriction" 2>/dev/null || [ -d /tmp/site/constriction ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-[ -d .device/data/train ] || { echo "no .device/data/train: run ../shared/tools/device-stage here first" >&2; exit 2; }
+[ -d "$train_dir" ] || { echo "no $train_dir: run ../shared/tools/device-stage here first" >&2; exit 2; }
 
 run=runs/$name
 export_path=$run/export-fp16.pt
@@ -68,7 +72,7 @@ else
 fi
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -m diffcodec.cli train .device/data/train "${start[@]}" --minutes "$minutes" --out "$run" \
+python3 -m diffcodec.cli train "$train_dir" "${start[@]}" --minutes "$minutes" --out "$run" \
   --export "$export_path" --force --device "${DEVICE:-cuda}" --compile --json 2>&1 > "$out/train-$name.json" \
   | tee "$out/train-$name.log"
 cat "$out/train-$name.json"
@@ -83,7 +87,7 @@ else
 fi
 
 if [ "$nll_images" -gt 0 ]; then
-  python3 -m diffcodec.cli nll .device/data/test --checkpoint "$export_path" --num-images "$nll_images" \
-    --batch-size 256 --device "${DEVICE:-cuda}" --json --quiet > "$out/nll-$name.json"
+  python3 -m diffcodec.cli nll "$test_data" --checkpoint "$export_path" --num-images "$nll_images" \
+    --batch-size "${NLL_BATCH:-500}" --device "${DEVICE:-cuda}" --json --quiet > "$out/nll-$name.json"
   cat "$out/nll-$name.json"
 fi

@@ -51,6 +51,9 @@ def add_nll_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", "-k", type=positive_int, help="respace the chain to K steps (default: the model's T)")
     p.add_argument("--batch-size", "-b", type=positive_int, default=64, help="images (tiles) per batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the network in bfloat16 autocast (CUDA only; faster, the bound's arithmetic stays "
+                        "float32/64; the JSON records it)")
     p.add_argument("--convert", action="store_true", help="convert non-RGB / 16-bit images instead of refusing")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--save-terms", metavar="FILE.npz",
@@ -69,12 +72,14 @@ def run_nll_command(args: argparse.Namespace) -> int:
     if args.save_terms and Path(args.save_terms).exists() and not args.force:
         raise DiffcodecError(f"{args.save_terms} exists; pass --force to overwrite it")
     device = pick_device(args.device)
+    if args.bf16 and device.type != "cuda":
+        raise DiffcodecError("--bf16 needs a CUDA device (the CPU path runs float32)")
     images = read_images(args.data, limit=args.num_images, convert=args.convert)
     loaded = load_checkpoint(args.checkpoint, device=device)
     for note in getattr(images, "notes", []):
         print(f"diffcodec: note: {note}", file=sys.stderr)
     run = run_nll(loaded, images, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                  device=device, progress=not args.quiet)
+                  device=device, progress=not args.quiet, bf16=args.bf16)
     summary = summarize(run.result)
     groups = grouped_terms_bpd(run.result)
     if args.save_terms:
@@ -98,6 +103,7 @@ def run_nll_command(args: argparse.Namespace) -> int:
         "weights": loaded.meta.get("weights", "unknown"),
         "seed": args.seed,
         "batch_size": args.batch_size,
+        "network_precision": "bf16 autocast" if args.bf16 else "float32",
         "device": run.device,
         "seconds": run.seconds,
         "images_per_second": summary.num_images / run.seconds if run.seconds > 0 else math.nan,

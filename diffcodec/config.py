@@ -62,6 +62,16 @@ PRESETS: dict[str, tuple[ModelConfig, DiffusionConfig]] = {
         ModelConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, learn_sigma=True),
         DiffusionConfig(schedule="linear", var_type="learned_range"),
     ),
+    # "small-learned" without dropout (short GPU runs see each image ~100 times, too few to overfit).
+    "small-learned-nodrop": (
+        ModelConfig(ch=64, dropout=0.0, learn_sigma=True),
+        DiffusionConfig(schedule="linear", var_type="learned_range"),
+    ),
+    # The same network on Improved DDPM's cosine schedule (more steps at low noise, where the bits are).
+    "small-cosine": (
+        ModelConfig(ch=64, dropout=0.0, learn_sigma=True),
+        DiffusionConfig(schedule="cosine", var_type="learned_range"),
+    ),
     # For tests: a network small enough that T = 1000 calls take seconds.
     "tiny": (
         ModelConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, num_heads=1),

@@ -14,6 +14,7 @@ Reverse-variance types (``VAR_TYPES``, names written into checkpoints):
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +25,28 @@ from diffcodec.schedule import Schedule
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned_range")
 
 
+_DEVICE_COPIES: dict[tuple[bytes, str], torch.Tensor] = {}
+
+
+def _on_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A float64 [K] array as a tensor on ``device``; GPU copies are cached by content, since a
+    copy from host memory makes the host wait for the GPU (one wait per call would serialise
+    every training and evaluation step)."""
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    if device.type == "cpu":
+        return torch.from_numpy(arr)
+    key = (hashlib.blake2b(arr.tobytes(), digest_size=16).digest(), str(device))
+    cached = _DEVICE_COPIES.get(key)
+    if cached is None:
+        if len(_DEVICE_COPIES) > 512:
+            _DEVICE_COPIES.clear()
+        cached = _DEVICE_COPIES[key] = torch.from_numpy(arr).to(device)
+    return cached
+
+
 def extract(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """arr[t] gathered from a float64 [K] array, cast to like's dtype/device, shape [B,1,1,1]."""
-    values = torch.from_numpy(np.ascontiguousarray(arr)).to(device=t.device)[t]
+    values = _on_device(arr, t.device)[t]
     return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 

@@ -45,12 +45,16 @@ def model_schedule(loaded: LoadedModel, steps: int | None) -> Schedule:
     return respace(schedule, steps) if steps is not None else schedule
 
 
-def model_fn_of(model: torch.nn.Module):
-    """Wrap a network as the ``ModelFn`` the likelihood code calls, without autograd."""
+def model_fn_of(model: torch.nn.Module, *, bf16: bool = False):
+    """Wrap a network as the ``ModelFn`` the likelihood code calls, without autograd;
+    ``bf16``: under bfloat16 autocast on CUDA, output cast back to float32."""
 
     @torch.inference_mode()
     def call(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(x_t, t)
+        if not bf16:
+            return model(x_t, t)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x_t, t).float()
 
     return call
 
@@ -85,6 +89,7 @@ def run_nll(
     seed: int = 0,
     device: torch.device,
     progress: bool = True,
+    bf16: bool = False,
 ) -> NllRun:
     """The bound of every image in ``images`` (see the module docstring)."""
     schedule = model_schedule(loaded, steps)
@@ -94,7 +99,7 @@ def run_nll(
     with tqdm(total=len(batches) * schedule.num_steps, unit="step", desc="nll", disable=not progress,
               dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
         result = evaluate_bound(
-            model_fn_of(loaded.model), schedule, batches, var_type=loaded.diffusion_config.var_type,
+            model_fn_of(loaded.model, bf16=bf16), schedule, batches, var_type=loaded.diffusion_config.var_type,
             seed=seed, device=device, on_step=lambda: bar.update(1),
         )
     if device.type == "cuda":
