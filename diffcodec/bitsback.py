@@ -541,6 +541,7 @@ def encode_images(
     names: Sequence[str] | None = None,
     *,
     steps: int | None = None,
+    spacing: str = "quadratic",
     max_batch: int = 64,
     device: torch.device | str = "cpu",
     config: GridConfig = GridConfig(),
@@ -561,7 +562,7 @@ def encode_images(
         raise DiffcodecError("no images to encode")
     names = list(names) if names is not None else [""] * len(images)
     dc, tile = loaded.diffusion_config, loaded.model_config.image_size
-    schedule = model_schedule(loaded, steps)
+    schedule = model_schedule(loaded, steps, spacing)
     tiles, groups, dims = image_tiles(images, tile)
     spec = _spec(loaded, schedule, config, dc.var_type, True, device, float64)
     with deterministic_kernels():
@@ -581,7 +582,8 @@ def encode_images(
     params = BitsBackParams(
         resolution_bits=config.resolution_bits, window_sigmas=config.window_sigmas,
         prior_sigmas=config.prior_sigmas, snap_log2=config.snap_log2, clip_denoised=True,
-        network_float64=float64, threads=_recorded_threads(device, float64), init_seed=INIT_SEED, init_words=code.init_words, kept_words=code.kept_words,
+        network_float64=float64, threads=_recorded_threads(device, float64), spacing=spacing, init_seed=INIT_SEED,
+        init_words=code.init_words, kept_words=code.kept_words,
         num_tiles=len(tiles), num_symbols=len(tiles) * 3 * tile * tile * (schedule.num_steps + 1),
         chunks=code.chunks,
     )
@@ -641,7 +643,7 @@ def decode_container(
     h = container.header
     params = check_header(loaded, container, where)
     schedule = make_schedule(h.schedule, h.num_timesteps)
-    schedule = respace(schedule, h.num_steps) if h.num_steps != h.num_timesteps else schedule
+    schedule = respace(schedule, h.num_steps, params.spacing) if h.num_steps != h.num_timesteps else schedule
     config = GridConfig(params.resolution_bits, params.window_sigmas, params.prior_sigmas, params.snap_log2)
     spec = _spec(loaded, schedule, config, h.var_type, params.clip_denoised, device, params.network_float64)
     payload = np.frombuffer(container.payload, dtype="<u4").astype(np.uint32)

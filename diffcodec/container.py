@@ -37,7 +37,7 @@ Mode 0 parameter block (`BitsBackParams`, 40 + 2 x num_chunks bytes):
     4   1   flags: bit 0 = clip_denoised, bit 1 = network run in float64
     5   2   torch CPU threads of a float32 CPU encoder (u16; 0 = not recorded / not needed):
             float32 CPU kernels give thread-count-dependent results, so the decoder uses it
-    7   1   reserved (0)
+    7   1   spacing of a respaced chain (u8): 0 = uniform, 1 = quadratic (`schedule.SPACINGS`)
     8   8   seed of the initial words (u64)
     16  4   number of initial words (u32)
     20  4   initial words kept out of the payload (u32): the decoder prepends that many
@@ -65,6 +65,7 @@ import numpy as np
 
 from diffcodec.data import write_bytes_atomic
 from diffcodec.errors import DiffcodecError
+from diffcodec.schedule import SPACINGS
 
 MAGIC = b"DFC\x1a"
 VERSION = 1
@@ -281,6 +282,7 @@ class BitsBackParams:
     clip_denoised: bool = True
     network_float64: bool = False
     threads: int = 0
+    spacing: str = "uniform"  # of the respaced chain (schedule.respace); irrelevant at K = T
     init_seed: int = 0
     init_words: int = 0
     kept_words: int = 0
@@ -288,7 +290,7 @@ class BitsBackParams:
     num_symbols: int = 0
     chunks: tuple[int, ...] = field(default_factory=tuple)
 
-    _FIXED = struct.Struct("<BBBbBHxQIIIQI")
+    _FIXED = struct.Struct("<BBBbBHBQIIIQI")
 
     def pack(self) -> bytes:
         if any(not 1 <= c <= 0xFFFF for c in self.chunks):
@@ -296,7 +298,7 @@ class BitsBackParams:
         flags = int(self.clip_denoised) | (int(self.network_float64) << 1)
         return self._FIXED.pack(
             self.resolution_bits, self.window_sigmas, self.prior_sigmas, self.snap_log2, flags, self.threads,
-            self.init_seed,
+            SPACINGS.index(self.spacing), self.init_seed,
             self.init_words, self.kept_words, self.num_tiles, self.num_symbols, len(self.chunks),
         ) + struct.pack(f"<{len(self.chunks)}H", *self.chunks)
 
@@ -304,18 +306,19 @@ class BitsBackParams:
     def unpack(cls, block: bytes, where: str = "file") -> BitsBackParams:
         if len(block) < cls._FIXED.size:
             raise DiffcodecError(f"{where}: corrupt bits-back parameter block ({len(block)} bytes)")
-        (bits, window, prior, snap_log2, flags, threads, seed, init_words, kept, num_tiles, num_symbols,
+        (bits, window, prior, snap_log2, flags, threads, spacing, seed, init_words, kept, num_tiles, num_symbols,
          num_chunks) = cls._FIXED.unpack_from(block)
         if len(block) != cls._FIXED.size + 2 * num_chunks:
             raise DiffcodecError(f"{where}: corrupt bits-back parameter block (chunk table)")
         chunks = struct.unpack_from(f"<{num_chunks}H", block, cls._FIXED.size)
-        if not (1 <= bits <= 10 and 1 <= window and 1 <= prior and -30 <= snap_log2 <= 0) or flags > 3:
+        if (not (1 <= bits <= 10 and 1 <= window and 1 <= prior and -30 <= snap_log2 <= 0) or flags > 3
+                or spacing >= len(SPACINGS)):
             raise DiffcodecError(f"{where}: corrupt bits-back parameters (resolution {bits}, window {window}, "
-                                 f"prior {prior}, snap {snap_log2}, flags {flags})")
+                                 f"prior {prior}, snap {snap_log2}, flags {flags}, spacing {spacing})")
         if kept > init_words or sum(chunks) != num_tiles or 0 in chunks:
             raise DiffcodecError(f"{where}: corrupt bits-back parameters (chunk table or word counts)")
-        return cls(bits, window, prior, snap_log2, bool(flags & 1), bool(flags & 2), threads, seed, init_words,
-                   kept, num_tiles, num_symbols, tuple(chunks))
+        return cls(bits, window, prior, snap_log2, bool(flags & 1), bool(flags & 2), threads, SPACINGS[spacing], seed,
+                   init_words, kept, num_tiles, num_symbols, tuple(chunks))
 
 
 # --------------------------------------------------------------------------- file I/O

@@ -38,11 +38,11 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def model_schedule(loaded: LoadedModel, steps: int | None) -> Schedule:
-    """The model's schedule, respaced to ``steps`` when given."""
+def model_schedule(loaded: LoadedModel, steps: int | None, spacing: str = "uniform") -> Schedule:
+    """The model's schedule, respaced to ``steps`` when given (``schedule.respace``)."""
     dc = loaded.diffusion_config
     schedule = make_schedule(dc.schedule, dc.num_timesteps)
-    return respace(schedule, steps) if steps is not None else schedule
+    return respace(schedule, steps, spacing) if steps is not None else schedule
 
 
 def model_fn_of(model: torch.nn.Module, *, bf16: bool = False):
@@ -85,6 +85,7 @@ def run_nll(
     images: ImageSet,
     *,
     steps: int | None = None,
+    spacing: str = "uniform",
     batch_size: int = 64,
     seed: int = 0,
     device: torch.device,
@@ -92,7 +93,7 @@ def run_nll(
     bf16: bool = False,
 ) -> NllRun:
     """The bound of every image in ``images`` (see the module docstring)."""
-    schedule = model_schedule(loaded, steps)
+    schedule = model_schedule(loaded, steps, spacing)
     tiles, groups, dims = image_tiles(images, loaded.model_config.image_size)
     batches = [to_model_input(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
     start = time.perf_counter()

@@ -69,7 +69,7 @@ from diffcodec.diffusion import p_mean_variance, predict_eps_from_xstart, q_mean
 from diffcodec.entropy import RangeDecoder, RangeEncoder, snap
 from diffcodec.errors import DiffcodecError
 from diffcodec.likelihood import LN2, discretized_gaussian_log_likelihood_nats
-from diffcodec.schedule import Schedule, make_schedule
+from diffcodec.schedule import Schedule, make_schedule, quadratic_timesteps
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -98,18 +98,13 @@ def coded_timesteps(num_timesteps: int, num_steps: int, spacing: str = "quadrati
         raise DiffcodecError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}")
     if not 1 <= num_steps <= num_timesteps:
         raise DiffcodecError(f"number of coded steps must be 1..T = {num_timesteps}, got {num_steps}")
+    if spacing == "quadratic":
+        return quadratic_timesteps(num_timesteps, num_steps)
     if num_steps == 1:
         return np.array([num_timesteps - 1], dtype=np.int64)
     k = np.arange(num_steps, dtype=np.int64)
     last, span = num_steps - 1, num_timesteps - 1
-    power = 2 if spacing == "quadratic" else 1
-    den = last**power
-    ts = (k**power * span + den // 2) // den
-    for i in range(1, num_steps):  # distinct, increasing
-        ts[i] = max(ts[i], ts[i - 1] + 1)
-    for i in range(num_steps - 1, -1, -1):  # ... and at most T-1, with room for the steps above
-        ts[i] = min(ts[i], span - (last - i))
-    return ts
+    return (k * span + last // 2) // last  # distinct: consecutive values differ by >= 1 as span >= last
 
 
 def coded_schedule(diffusion: DiffusionConfig, num_steps: int, spacing: str = "quadratic") -> Schedule:

@@ -115,13 +115,40 @@ def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return ts
 
 
-def respace(schedule: Schedule, num_steps: int) -> Schedule:
-    """Keep ``num_steps`` of the schedule's original steps (see the module docstring)."""
+SPACINGS = ("uniform", "quadratic")
+
+
+def quadratic_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """K increasing original timesteps dense near t = 0, always 0 and T-1 (int64 [K]):
+    t_k = round(k^2 (T-1) / (K-1)^2), then pushed apart to be distinct. Integer arithmetic
+    only, so an encoder and a decoder agree exactly."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise DiffcodecError(f"--steps must be between 1 and T = {num_timesteps}, got {num_steps}")
+    if num_steps == 1:
+        return np.array([num_timesteps - 1], dtype=np.int64)
+    k = np.arange(num_steps, dtype=np.int64)
+    last, span = num_steps - 1, num_timesteps - 1
+    ts = (k**2 * span + last**2 // 2) // last**2
+    for i in range(1, num_steps):  # distinct, increasing
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    for i in range(num_steps - 1, -1, -1):  # ... and at most T-1, with room for the steps above
+        ts[i] = min(ts[i], span - (last - i))
+    return ts
+
+
+def respace(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> Schedule:
+    """Keep ``num_steps`` of the schedule's original steps (see the module docstring):
+    evenly spread (``uniform``) or dense near t = 0 (``quadratic``, where the bits are)."""
     if schedule.is_respaced:
         raise ValueError("respace an original schedule, not a respaced one")
+    if spacing not in SPACINGS:
+        raise DiffcodecError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}")
     if num_steps == schedule.num_steps:
         return schedule
-    kept = respaced_timesteps(schedule.num_steps, num_steps)
+    if spacing == "quadratic":
+        kept = quadratic_timesteps(schedule.num_steps, num_steps)
+    else:
+        kept = respaced_timesteps(schedule.num_steps, num_steps)
     abar = schedule.alphas_cumprod[kept]
     abar_prev = np.append(1.0, abar[:-1])
     betas = 1.0 - abar / abar_prev

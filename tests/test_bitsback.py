@@ -356,10 +356,12 @@ def test_float32_cpu_files_record_the_thread_count(encoded, tmp_path, capsys):
 
 
 def golden_bytes() -> bytes:
-    """The golden file's recipe: model seed 0, two images, K = 4, float64 network."""
+    """The golden file's recipe: model seed 0, two images, K = 4 uniformly spaced, float64 network.
+    (Written before the spacing byte existed, when it was reserved and 0: it still decodes.)"""
     loaded = as_loaded(*seeded_model(0))
     images = synthetic_images([(32, 32), (13, 20)], seed=11)
-    return encode_images(loaded, images, ["g0.png", "g1.png"], steps=4, float64=True, compute_bound=False).data
+    return encode_images(loaded, images, ["g0.png", "g1.png"], steps=4, spacing="uniform", float64=True,
+                         compute_bound=False).data
 
 
 def test_golden_file_is_reproduced_and_decodes():
@@ -370,3 +372,19 @@ def test_golden_file_is_reproduced_and_decodes():
     decoded = decode_container(loaded, unpack(data))
     for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
         assert np.array_equal(a, b)
+
+
+def test_quadratic_spacing_is_recorded_and_decoded():
+    """The default spacing of a respaced chain is quadratic; the file says so and the decoder
+    rebuilds the same chain (a uniform decoder would not reproduce the pixels)."""
+    loaded = as_loaded(*seeded_model(0))
+    images = synthetic_images([(32, 32)], seed=5)
+    result = encode_images(loaded, images, steps=6, float64=True, compute_bound=False)
+    container = unpack(result.data)
+    params = BitsBackParams.unpack(container.header.params)
+    assert params.spacing == "quadratic"
+    decoded = decode_container(loaded, container)
+    assert np.array_equal(decoded.images[0], images[0])
+    uniform = encode_images(loaded, images, steps=6, spacing="uniform", float64=True, compute_bound=False)
+    assert BitsBackParams.unpack(unpack(uniform.data).header.params).spacing == "uniform"
+    assert uniform.data != result.data

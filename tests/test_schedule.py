@@ -49,3 +49,19 @@ def test_bad_schedule_arguments_are_user_errors():
         make_schedule("quadratic", 10)
     with pytest.raises(DiffcodecError, match="between 1 and T"):
         respaced_timesteps(10, 11)
+
+
+def test_quadratic_respacing_is_dense_near_zero_and_keeps_the_ends():
+    from diffcodec.schedule import quadratic_timesteps, respace
+
+    base = make_schedule("cosine", 1000)
+    for k in (2, 10, 50, 100, 999, 1000):
+        ts = quadratic_timesteps(1000, k)
+        assert len(ts) == k and ts[0] == 0 and ts[-1] == 999 and np.all(np.diff(ts) >= 1)
+    q = respace(base, 100, "quadratic")
+    u = respace(base, 100, "uniform")
+    assert np.sum(q.timesteps < 100) > 3 * np.sum(u.timesteps < 100)
+    # kept alpha-bars are the original ones, so the chain ends where the original does
+    assert np.allclose(q.alphas_cumprod, base.alphas_cumprod[q.timesteps])
+    with pytest.raises(DiffcodecError):
+        respace(base, 10, "cubic")
