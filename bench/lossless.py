@@ -120,6 +120,7 @@ def code_stream(loaded: LoadedModel, images: list[np.ndarray], steps: int | None
         "num_images": n,
         "num_tiles": result.num_tiles,
         "num_steps": result.header.num_steps,
+        "spacing": result.params.spacing if result.header.num_steps != result.header.num_timesteps else None,
         "file_bytes": len(result.data),
         "header_bytes": len(result.data) - result.payload_bytes,
         "file_bpd": result.file_bpd,

@@ -233,7 +233,8 @@ def markdown_tables(payload: dict[str, Any], *, header: bool = True) -> str:
     for run in runs:
         cells = [_pm(run["terms"][k], 5) if k in run["terms"] else "–" for k in names]
         lines.append(
-            f"| {run['steps']} | {_pm({'mean': run['bits_per_dim'], 'stderr': run['bits_per_dim_stderr']})} | "
+            f"| {run['steps']}{' (' + run['spacing'] + ')' if run.get('spacing') else ''} | "
+            f"{_pm({'mean': run['bits_per_dim'], 'stderr': run['bits_per_dim_stderr']})} | "
             + " | ".join(cells) + f" | {run['xstart_rmse_255_at_t1']:.3f} | {run['seconds']:.0f} |"
         )
     fig_run = figure5_run(payload)
@@ -332,6 +333,7 @@ def evaluate_subset(
     batch_size: int,
     device: torch.device,
     progress: bool = False,
+    spacing: str = "uniform",
 ) -> NllRun:
     """The bound of the first ``num_images`` images of ``data`` (read with diffcodec.data)."""
     from diffcodec.data import read_images
@@ -339,7 +341,8 @@ def evaluate_subset(
     images = read_images(data, limit=num_images)
     if len(images) < num_images:
         raise DiffcodecError(f"{data}: holds {len(images)} images, fewer than the {num_images} asked for")
-    return run_nll(loaded, images, steps=steps, batch_size=batch_size, seed=seed, device=device, progress=progress)
+    return run_nll(loaded, images, steps=steps, spacing=spacing, batch_size=batch_size, seed=seed, device=device,
+                   progress=progress)
 
 
 def ci_reference_payload(run: NllRun, loaded: LoadedModel, *, data: str, seed: int, batch_size: int,
@@ -387,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chain lengths, e.g. 1000,100 (default: the model's T)")
     p.add_argument("--batch-size", "-b", type=int,
                    help=f"images per batch (default 32; {CI_BATCH_SIZE} with --ci-reference)")
+    p.add_argument("--spacing", choices=("uniform", "quadratic"), default="uniform",
+                   help="steps kept by the respaced chains (K < T): uniform (default) or dense near t = 0")
     p.add_argument("--seed", type=int, default=CI_SEED, help="seed of the noise draws (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--out", help="output JSON (default reports/nll.json, or reports/nll_ci_reference.json)")
@@ -433,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for k in steps_list:
         run = evaluate_subset(loaded, data, num_images=num_images, steps=k, seed=args.seed, batch_size=batch_size,
-                              device=device, progress=not args.quiet)
+                              device=device, progress=not args.quiet, spacing=args.spacing)
         runs.append(summarize_run(run, T))
+        runs[-1]["spacing"] = args.spacing if k < T else None
         print(f"K={k}: {runs[-1]['bits_per_dim']:.4f} ± {runs[-1]['bits_per_dim_stderr']:.4f} bits/dim "
               f"({run.seconds:.0f} s)", file=sys.stderr)
     out = Path(args.out or REPORTS_DIR / "nll.json")
