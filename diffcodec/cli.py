@@ -18,6 +18,9 @@ import numpy as np
 from diffcodec.errors import DiffcodecError
 
 EXIT_USER_ERROR = 2
+# lossless encode: the chain's default length (reports/nll.md: 3.721 vs 3.696 bits/dim at T = 1000 on
+# the default model, 64 CIFAR-10 test images, quadratic spacing)
+DEFAULT_LOSSLESS_STEPS = 100
 
 
 def positive_int(text: str) -> int:
@@ -217,7 +220,10 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
                    help="image files, folders of images, CIFAR-10 .npz shards or python batches")
     p.add_argument("--output", "-o", required=True, metavar="OUT.dfc", help="the file to write")
     add_model_args(p)
-    p.add_argument("--steps", "-k", type=positive_int, help="code on the chain respaced to K steps (default: T)")
+    p.add_argument("--steps", "-k", type=positive_int,
+                   help=f"code on the chain respaced to K steps (default {DEFAULT_LOSSLESS_STEPS}, quadratic spacing: "
+                        "on the default model its bound is within 1%% of the full T = 1000 chain's at a tenth of "
+                        "the network calls; -k 1000 for the full chain)")
     p.add_argument("--num-images", "-n", type=positive_int, help="encode only the first N images")
     p.add_argument("--batch-size", "-b", type=positive_int, default=64,
                    help="most tiles coded together in one chunk (default 64)")
@@ -276,6 +282,8 @@ def run_encode_command(args: argparse.Namespace) -> int:
     images, names = read_inputs(args.inputs, args.num_images, args.convert)
     tile = loaded.model_config.image_size
     num_tiles = sum(-(-im.shape[0] // tile) * -(-im.shape[1] // tile) for im in images)
+    if args.steps is None:
+        args.steps = min(DEFAULT_LOSSLESS_STEPS, loaded.diffusion_config.num_timesteps)
     steps = model_schedule(loaded, args.steps, args.spacing).num_steps
     batches = 0 if args.no_bound else -(-num_tiles // args.batch_size)
     with tqdm(total=num_tiles * steps, unit="tile-step", desc="encode", disable=args.quiet, dynamic_ncols=True,
