@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -388,3 +389,17 @@ def test_quadratic_spacing_is_recorded_and_decoded():
     uniform = encode_images(loaded, images, steps=6, spacing="uniform", float64=True, compute_bound=False)
     assert BitsBackParams.unpack(unpack(uniform.data).header.params).spacing == "uniform"
     assert uniform.data != result.data
+
+
+def test_cli_default_chain_is_100_quadratic_steps(checkpoint, tmp_path, capsys):
+    """Without --steps, lossless encode codes min(100, T) steps, quadratically spaced, and says so."""
+    img = synthetic_images([(32, 32)], seed=4)[0]
+    Image.fromarray(img).save(tmp_path / "d.png")
+    dfc = tmp_path / "d.dfc"
+    assert main(["encode", str(tmp_path / "d.png"), "-o", str(dfc), "-c", str(checkpoint), "-q", "--json",
+                 "--no-bound"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_steps"] == 100 and report["spacing"] == "quadratic"
+    assert BitsBackParams.unpack(unpack(dfc.read_bytes()).header.params).spacing == "quadratic"
+    assert main(["decode", str(dfc), "-o", str(tmp_path / "d-out.png"), "-c", str(checkpoint), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d-out.png")), img)

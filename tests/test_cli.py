@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -71,6 +72,8 @@ def test_nll_bad_inputs_give_one_line_errors(tiny_checkpoint, images_npz, tmp_pa
     one_line_error(*run(["nll", images_npz, "-c", tmp_path / "bad.pt"], capsys)[::2], "bad.pt")
     one_line_error(*run(["nll", images_npz, *c, "--steps", 5000], capsys)[::2], "--steps")
     one_line_error(*run(["nll", images_npz, *c, "--device", "tpu9"], capsys)[::2], "device")
+    if not torch.cuda.is_available():
+        one_line_error(*run(["nll", images_npz, *c, "--device", "cpu", "--bf16"], capsys)[::2], "--bf16")
     (tmp_path / "exists.npz").write_bytes(b"keep me")
     one_line_error(*run(["nll", images_npz, *c, "--save-terms", tmp_path / "exists.npz"], capsys)[::2], "--force")
     assert (tmp_path / "exists.npz").read_bytes() == b"keep me"
