@@ -69,7 +69,7 @@ from diffcodec.diffusion import p_mean_variance, predict_eps_from_xstart, q_mean
 from diffcodec.entropy import RangeDecoder, RangeEncoder, snap
 from diffcodec.errors import DiffcodecError
 from diffcodec.likelihood import LN2, discretized_gaussian_log_likelihood_nats
-from diffcodec.schedule import Schedule, make_schedule, quadratic_timesteps
+from diffcodec.schedule import Schedule, keep_timesteps, make_schedule, quadratic_timesteps
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -110,12 +110,7 @@ def coded_timesteps(num_timesteps: int, num_steps: int, spacing: str = "quadrati
 def coded_schedule(diffusion: DiffusionConfig, num_steps: int, spacing: str = "quadratic") -> Schedule:
     """The model's schedule kept at ``coded_timesteps`` (alpha-bars equal to the original's)."""
     base = make_schedule(diffusion.schedule, diffusion.num_timesteps)
-    kept = coded_timesteps(diffusion.num_timesteps, num_steps, spacing)
-    if len(kept) == base.num_steps:
-        return base
-    abar = base.alphas_cumprod[kept]
-    betas = 1.0 - abar / np.append(1.0, abar[:-1])
-    return Schedule(base.name, betas, kept, base.num_original_timesteps)
+    return keep_timesteps(base, coded_timesteps(diffusion.num_timesteps, num_steps, spacing))
 
 
 # -------------------------------------------------------------------------------- params

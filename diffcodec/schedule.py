@@ -149,7 +149,16 @@ def respace(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> Sch
         kept = quadratic_timesteps(schedule.num_steps, num_steps)
     else:
         kept = respaced_timesteps(schedule.num_steps, num_steps)
+    return keep_timesteps(schedule, kept)
+
+
+def keep_timesteps(schedule: Schedule, kept: np.ndarray) -> Schedule:
+    """The chain through the original steps ``kept`` (increasing): its alpha-bars are the
+    original's there, its betas 1 - abar_k / abar_{k-1}."""
+    if schedule.is_respaced:
+        raise ValueError("respace an original schedule, not a respaced one")
+    if len(kept) == schedule.num_steps:
+        return schedule
     abar = schedule.alphas_cumprod[kept]
-    abar_prev = np.append(1.0, abar[:-1])
-    betas = 1.0 - abar / abar_prev
-    return Schedule(schedule.name, betas, kept, schedule.num_original_timesteps)
+    betas = 1.0 - abar / np.append(1.0, abar[:-1])
+    return Schedule(schedule.name, betas, np.asarray(kept, dtype=np.int64), schedule.num_original_timesteps)
