@@ -40,6 +40,7 @@ COMMANDS = {
     "train_default.json": "diffcodec train (see reports/training.md)",
     "lossless.json": "python -m bench.lossless",
     "progressive.json": "python -m bench.progressive",
+    "rcc_redundancy.json": "python -m bench.rcc_redundancy",
 }
 
 
@@ -308,6 +309,29 @@ def plot_progressive_rate(prog: dict[str, Any], out: Path) -> Path:
     return save(fig, out)
 
 
+def plot_rcc_redundancy(rcc: dict[str, Any], out: Path) -> Path:
+    rows = rcc["rows"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for b in sorted({r["log2_candidates"] for r in rows}):
+        rs = sorted((r for r in rows if r["log2_candidates"] == b), key=lambda r: r["kl_bits"])
+        kl = [r["kl_bits"] for r in rs]
+        ax1.plot(kl, [r["redundancy_bits"] for r in rs], marker="o", label=f"2^{b} candidates")
+        ax2.plot(kl, [r["index_bits"] / r["delivered_bits"] for r in rs], marker="o", label=f"2^{b} candidates")
+    kl_all = np.array(sorted({r["kl_bits"] for r in rows}))
+    ax1.plot(kl_all, 0.1 * kl_all, "k--", lw=1, label="10% of the chunk's KL")
+    ax1.set(xlabel="chunk KL (bits)", ylabel="index bits - KL (bits per chunk)",
+            title="Cost of the index over the chunk's KL")
+    ax2.axhline(1.0, color="k", lw=1, ls="--", label="exact, no redundancy")
+    ax2.axhline(1.1, color="k", lw=1, ls=":", label="+10%")
+    ax2.set(xlabel="chunk KL (bits)", ylabel="index bits / delivered bits",
+            title="Index bits per bit the sample delivers")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"PFR chunks, 1-D equivalent ({rows[0]['trials']} selections per point; {short_device((rcc.get('provenance') or {}).get('device'))})", fontsize=9)
+    return save(fig, out)
+
+
 def plot_rate_distortion(prog: dict[str, Any] | None, nll: dict[str, Any] | None, out: Path) -> Path:
     """PSNR against bits per pixel: the real progressive stream, the analytic curve, baselines."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -447,6 +471,31 @@ def readme_progressive(prog: dict[str, Any]) -> list[str]:
     return lines
 
 
+def readme_rcc(rcc: dict[str, Any]) -> list[str]:
+    prov = rcc.get("provenance") or {}
+    rows = rcc["rows"]
+    cell = {(r["kl_bits"], r["log2_candidates"]): r for r in rows}
+    ours = cell.get((14.0, 16))
+    lines = [
+        "## Reverse channel coding: what one chunk costs and how exact its sample is",
+        "",
+        f"Produced by `{prov.get('command', '?')}` on {prov.get('device', '?')} (a simulation; no model).",
+        "",
+        "![rcc redundancy](rcc_redundancy.png)",
+        "",
+        "`rcc_redundancy.png`: left, the PFR index's bits over the chunk's KL; right, index bits per bit of "
+        "information the selected sample delivers (the rest is paid again by later stages). Exact chunks "
+        "(large budgets, small KL) pay 2-3.5 bits each over their KL; with a fixed budget, larger chunks pay "
+        "fewer index bits but deliver a sample between p and q. Table: `rcc_redundancy.md`.",
+    ]
+    if ours is not None:
+        lines += ["", f"The codec's default (14-bit chunks, 2^16 candidates): the index costs "
+                  f"{ours['redundancy_bits']:+.2f} bits over the KL but the sample delivers "
+                  f"{ours['delivered_bits']:.1f} of 14 bits ({ours['index_bits'] / ours['delivered_bits']:.2f} index bits "
+                  "per delivered bit)."]
+    return lines
+
+
 def readme_lossless(ll: dict[str, Any]) -> list[str]:
     prov = ll.get("provenance") or {}
     cifar, kodak = lossless_bars(ll)
@@ -492,7 +541,8 @@ def recorded_command(reports: Path, name: str) -> str:
 def build_readme(reports: Path, made: dict[str, list[str]], notes: list[str]) -> str:
     """The README: how to regenerate everything (the commands recorded in the JSON files, in
     order), then one section per input that exists, then what was not drawn and why."""
-    names = ["nll.json", "nll_ci_reference.json", "speed.json", "lossless.json", "progressive.json"]
+    names = ["nll.json", "nll_ci_reference.json", "speed.json", "lossless.json", "progressive.json",
+             "rcc_redundancy.json"]
     commands = [f"{recorded_command(reports, n)}  # -> reports/{n}" for n in names
                 if (reports / n).is_file() or n in ("nll.json", "speed.json", "nll_ci_reference.json")]
     lines = [
@@ -571,6 +621,10 @@ def main(argv: list[str] | None = None) -> int:
     if prog is not None:
         draw(plot_progressive_rate, prog, "progressive_rate.png")
         made["progressive"] = readme_progressive(prog)
+    rcc = need("rcc_redundancy.json")
+    if rcc is not None:
+        draw(plot_rcc_redundancy, rcc, "rcc_redundancy.png")
+        made["rcc"] = readme_rcc(rcc)
     if prog is not None or nll is not None:
         draw(lambda _, path: plot_rate_distortion(prog, nll, path), {}, "rate_distortion.png")
         made["rd"] = readme_rd(prog, nll)
