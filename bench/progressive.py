@@ -1,8 +1,12 @@
 """The progressive codec on real images: real bits per stage against the analytic rate, and
 the distortion of every prefix.
 
-    python -m bench.progressive [DATA] [--checkpoint F] [--num-images 8] [--steps 30]
-        [--chunk-bits 8] [--pad-bits 4] [--log2-candidates 16] [--threads 1] [--out reports/progressive.json]
+    python -m bench.progressive [DATA] [--checkpoint F] [--num-images 8] [--steps 50]
+        [--chunk-bits 14] [--pad-bits 2] [--log2-candidates 16] [--crop N] [--no-baselines]
+        [--threads 1] [--out reports/progressive.json]
+
+    python -m bench.progressive ../shared/data/kodak -n 24 --crop 64 --steps 25 \
+        --out reports/progressive_kodak.json          # Kodak, central 64x64 crops
 
 Each image is coded alone (one .dfc file per image, as a user would) with
 `diffcodec.progressive.encode_images` and decoded back with `decode_bytes` (the full file
@@ -20,7 +24,11 @@ lossless pixel stage) it records
     psnr_ddim      PSNR of deterministic DDIM (eta = 0) from that latent down the coded chain
 
 and the seconds of encoder and decoder with the share spent drawing/searching candidates,
-in the network, and entropy coding (constriction plus the prefix checks). With
+in the network, and entropy coding (constriction plus the prefix checks). Beside them, the
+same images through JPEG, WebP and JPEG-XL at a sweep of qualities (``lossy_baselines``:
+mean bits per pixel of the whole files against mean PSNR; ``--no-baselines`` skips).
+Larger images are tiled by the codec; ``--crop N`` codes their central N x N pixels
+(e.g. Kodak, whose full 768x512 frames take hours per image on a CPU). With
 ``--perturb SIGMA`` (default 1e-6) one image is also decoded by a model whose weights carry
 N(0, SIGMA^2) noise: the PSNR of its lossy prefix and whether the lossless stage is caught.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import math
 import sys
 import time
@@ -42,10 +51,76 @@ from bench.common import REPORTS_DIR, module_command, provenance, resolve_data, 
 from diffcodec import progressive as pg
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
 from diffcodec.container import unpack
-from diffcodec.data import from_model_output, read_images, to_model_input
+from diffcodec.data import from_model_output, from_tiles, read_images, to_model_input, to_tiles
 from diffcodec.errors import DiffcodecError
 from diffcodec.evaluate import model_fn_of, pick_device
 from diffcodec.likelihood import bound_bits
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The central size x size pixels of an [H, W, C] image (DiffcodecError if it is smaller)."""
+    h, w = image.shape[:2]
+    if size > min(h, w):
+        raise DiffcodecError(f"--crop {size} is larger than a {w}x{h} image")
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(image[top : top + size, left : left + size])
+
+
+QUALITIES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+JPEGXL_DISTANCES = (12.0, 8.0, 6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.4, 0.2)
+
+
+def lossy_codecs() -> dict[str, list[tuple[str, Any]]]:
+    """name -> [(setting, encode uint8 [H,W,3] -> bytes)]; decoding is Pillow / imagecodecs."""
+    from PIL import Image
+
+    def pillow(fmt: str, **kw: Any):
+        def enc(img: np.ndarray) -> bytes:
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format=fmt, **kw)
+            return buf.getvalue()
+        return enc
+
+    codecs = {
+        "JPEG (Pillow, 4:2:0)": [(f"q{q}", pillow("JPEG", quality=q)) for q in QUALITIES],
+        "WebP (method 6)": [(f"q{q}", pillow("WEBP", quality=q, method=6)) for q in QUALITIES],
+    }
+    try:
+        import imagecodecs
+    except ImportError:
+        return codecs
+    if imagecodecs.JPEGXL.available:
+        codecs["JPEG-XL (effort 7)"] = [
+            (f"d{d:g}", lambda im, d=d: imagecodecs.jpegxl_encode(im, distance=d, effort=7)) for d in JPEGXL_DISTANCES]
+    return codecs
+
+
+def decode_any(data: bytes) -> np.ndarray:
+    """uint8 [H,W,3] of a JPEG / WebP (Pillow) or JPEG-XL (imagecodecs) file."""
+    if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        import imagecodecs
+
+        return np.asarray(imagecodecs.jpegxl_decode(data))[..., :3]
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def lossy_baselines(images: list[np.ndarray]) -> dict[str, list[list[float]]]:
+    """{codec: [[mean bpp, mean PSNR dB, setting], ...]} over ``images`` (whole files,
+    headers included; PSNR on uint8 RGB, averaged per image as the codec's stage PSNRs)."""
+    out: dict[str, list[list[Any]]] = {}
+    for name, settings in lossy_codecs().items():
+        points = []
+        for setting, enc in settings:
+            bpp, psnr = [], []
+            for im in images:
+                data = enc(im)
+                bpp.append(8.0 * len(data) / (im.shape[0] * im.shape[1]))
+                psnr.append(psnr_uint8(decode_any(data), im))
+            points.append([float(np.mean(bpp)), float(np.mean(psnr)), setting])
+        out[name] = sorted(points)
+    return out
 
 
 def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,13 +138,18 @@ def stage_psnrs(loaded: LoadedModel, data: bytes, image: np.ndarray, *, ddim: bo
     dec = pg.decode(fn, dc, container.payload, params, upto=params.num_steps, keep_all=True)
     s = pg.coded_schedule(dc, params.num_steps, params.spacing)
     x_psnr, d_psnr = [], []
+    h, w = image.shape[:2]
+
+    def picture(x: torch.Tensor) -> np.ndarray:  # model-space tiles -> the uint8 image
+        return from_tiles(from_model_output(x), h, w)
+
     for stage, (xstart, y) in enumerate(zip(dec.xstart, dec.latents)):
-        x_psnr.append(psnr_uint8(from_model_output(xstart)[0], image))
+        x_psnr.append(psnr_uint8(picture(xstart), image))
         if ddim:
             k = params.num_steps - 1 - stage
             rec = pg.ddim_reconstruct(fn, s, y, k, var_type=dc.var_type, clip_denoised=params.clip_denoised,
                                       first_xstart=xstart)
-            d_psnr.append(psnr_uint8(from_model_output(rec)[0], image))
+            d_psnr.append(psnr_uint8(picture(rec), image))
     return x_psnr, d_psnr
 
 
@@ -117,9 +197,12 @@ def run_image(loaded: LoadedModel, image: np.ndarray, params: pg.ProgressivePara
         raise DiffcodecError("the full stream did not decode to the image (lossless check failed)")
     x_psnr, d_psnr = stage_psnrs(loaded, data, image, ddim=ddim)
     s = pg.coded_schedule(loaded.diffusion_config, params.num_steps, params.spacing)
-    bound = bound_bits(model_fn_of(loaded.model), s, to_model_input(image[None]),
+    tile = loaded.model_config.image_size
+    tiles = image[None] if image.shape[:2] == (tile, tile) else to_tiles(image, tile)
+    bound = bound_bits(model_fn_of(loaded.model), s, to_model_input(tiles),
                        var_type=loaded.diffusion_config.var_type, generator=torch.Generator().manual_seed(seed))
-    per_stage_bound = [float(bound.prior_bits[0])] + bound.terms_bits[0, ::-1].tolist()  # stage order
+    # stage order, summed over the image's tiles
+    per_stage_bound = [float(bound.prior_bits.sum())] + bound.terms_bits.sum(axis=0)[::-1].tolist()
     return {
         "file_bytes": len(data),
         "header_bits": full.header_bits,
@@ -236,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-bits", type=float, default=d.pad_bits)
     p.add_argument("--log2-candidates", type=int, default=d.log2_candidates)
     p.add_argument("--seed", type=int, default=0, help="the streams' shared seed (default 0)")
+    p.add_argument("--crop", type=int, help="code the central N x N pixels of each image (N: a multiple of 32)")
+    p.add_argument("--no-baselines", action="store_true", help="skip JPEG / WebP / JPEG-XL on the same images")
     p.add_argument("--no-ddim", action="store_true", help="skip the DDIM reconstructions (K^2/2 network calls)")
     p.add_argument("--perturb", type=float, default=1e-6, help="weight noise of the perturbed decoder (0: skip)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy 2-core CPU)")
@@ -252,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_checkpoint(args.checkpoint, device=device)
     data_path = resolve_data(args.data)
     images = read_images(data_path, limit=args.num_images).images
+    if args.crop is not None:
+        if args.crop < 32 or args.crop % 32:
+            raise DiffcodecError(f"--crop must be a positive multiple of 32, got {args.crop}")
+        images = [center_crop(im, args.crop) for im in images]
     try:
         params = pg.ProgressiveParams(num_steps=args.steps, spacing=args.spacing, chunk_bits=args.chunk_bits,
                                       pad_bits=args.pad_bits, log2_candidates=args.log2_candidates, seed=args.seed)
@@ -270,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "kind": "progressive",
         "data": str(args.data or "../shared/data/cifar10/test"),
+        "crop": args.crop,
+        "image_shape": list(images[0].shape),
         "num_dims": num_dims,
         "params": {k: getattr(params, k) for k in ("num_steps", "spacing", "chunk_bits", "pad_bits",
                                                    "log2_candidates", "seed", "snap_log2", "clip_denoised")},
@@ -278,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(rows, num_dims),
         "per_image": rows,
     }
+    if not args.no_baselines:
+        payload["lossy_baselines"] = lossy_baselines(images)
     if args.perturb > 0:
         data, _ = pg.encode_images(loaded, [images[0]], params=params)
         payload["perturbation"] = perturbation_study(loaded, data, images[0], args.perturb, args.seed)
