@@ -25,6 +25,7 @@ import torch
 
 from diffcodec.checkpoint import LoadedModel
 from diffcodec.errors import DiffcodecError
+from diffcodec.evaluate import usable_cores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPORTS_DIR = REPO_ROOT / "reports"
@@ -67,14 +68,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def device_string(device: torch.device | str = "cpu") -> str:

@@ -186,9 +186,9 @@ def perturbation_study(loaded: LoadedModel, data: bytes, image: np.ndarray, sigm
 
 
 def run_image(loaded: LoadedModel, image: np.ndarray, params: pg.ProgressiveParams, *, ddim: bool,
-              seed: int) -> dict:
+              seed: int, workers: int | None = None) -> dict:
     start = time.perf_counter()
-    data, enc = pg.encode_images(loaded, [image], params=params)
+    data, enc = pg.encode_images(loaded, [image], params=params, workers=workers)
     enc_seconds = time.perf_counter() - start
     start = time.perf_counter()
     full = pg.decode_bytes(loaded, data)
@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip JPEG / WebP / JPEG-XL on the same images")
     p.add_argument("--no-ddim", action="store_true", help="skip the DDIM reconstructions (K^2/2 network calls)")
     p.add_argument("--perturb", type=float, default=1e-6, help="weight noise of the perturbed decoder (0: skip)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy 2-core CPU)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads and candidate-search threads (default: torch's and all cores)")
     p.add_argument("--out", help="output JSON (default reports/progressive.json; markdown beside it)")
     return p
 
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance(args, loaded, args.seed, device=device, command=command)
     rows = []
     for i, image in enumerate(images):
-        rows.append(run_image(loaded, image, params, ddim=not args.no_ddim, seed=args.seed + i))
+        rows.append(run_image(loaded, image, params, ddim=not args.no_ddim, seed=args.seed + i, workers=args.threads))
         r = rows[-1]
         print(f"image {i}: {r['real_bits'][-1] / image.size:.3f} bpd real vs {sum(r['analytic_bits']) / image.size:.3f} "
               f"analytic; encode {r['encode_seconds']:.1f} s, decode {r['decode_seconds']:.1f} s", file=sys.stderr)

@@ -8,6 +8,7 @@ what a codec that sends the tiles pays.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +22,14 @@ from diffcodec.data import ImageSet, to_model_input, to_tiles
 from diffcodec.errors import DiffcodecError
 from diffcodec.likelihood import BoundResult, evaluate_bound, merge_rows
 from diffcodec.schedule import Schedule, make_schedule, respace
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def pick_device(name: str) -> torch.device:

@@ -68,6 +68,7 @@ from diffcodec.config import DiffusionConfig
 from diffcodec.diffusion import p_mean_variance, predict_eps_from_xstart, q_mean_variance, q_posterior_mean_variance
 from diffcodec.entropy import RangeDecoder, RangeEncoder, snap
 from diffcodec.errors import DiffcodecError
+from diffcodec.evaluate import usable_cores
 from diffcodec.likelihood import LN2, discretized_gaussian_log_likelihood_nats
 from diffcodec.schedule import Schedule, keep_timesteps, make_schedule, quadratic_timesteps
 
@@ -463,8 +464,11 @@ def _prior(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, params: ProgressiveParams,
-           *, progress: Callable[[int], None] | None = None) -> Encoded:
+           *, progress: Callable[[int], None] | None = None, workers: int | None = None) -> Encoded:
     """Algorithm 3 for a batch of tiles x0 [B, C, s, s] (exact pixel values in [-1, 1]).
+
+    The candidate search runs on ``workers`` threads (default: the usable CPU cores); the
+    stream does not depend on it.
 
     Returns the payload (complete stream) and per-stage measurements. With
     ``params.network_float64`` the latents are float64 and ``model_fn`` must take and return
@@ -475,6 +479,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         raise ValueError(f"progressive: x0 {list(x0.shape)} does not match {params.num_tiles} tiles of "
                          f"{params.tile_size}")
     clock = StageClock()
+    workers = usable_cores() if workers is None else max(1, int(workers))
     dtype = torch.float64 if params.network_float64 else torch.float32
     x0 = x0.to(dtype)
     s = coded_schedule(diffusion, params.num_steps, params.spacing)
@@ -507,11 +512,13 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         indices = np.zeros(n, dtype=np.int64)
         if level:
             with clock("candidates"):
+                tasks = []
                 for c, idx in enumerate(_chunks(params, stage, D, n)):
                     lw = rcc.LogWeight.of_gaussians(qm[idx], qv[idx], pm[idx], pv[idx])
                     kl_c = float(kl_dims[idx].sum())
                     log2_n = min(max(math.ceil(kl_c + params.pad_bits), 1), params.log2_candidates)
-                    indices[c] = rcc.pfr_select(lw, (params.seed, stage, 1 + c), 1 << log2_n)
+                    tasks.append((lw, (params.seed, stage, 1 + c), 1 << log2_n))
+                indices[:] = rcc.pfr_select_many(tasks, workers=workers)
         symbols = StageSymbols(level, indices)
         with clock("entropy"):
             write_stage(enc, syntax, symbols)
@@ -702,7 +709,8 @@ def _network(loaded, params: ProgressiveParams) -> ModelFn:
 
 def encode_images(loaded, images: list[np.ndarray], names: list[str] | None = None, *,
                   params: ProgressiveParams | None = None, device: torch.device | str = "cpu",
-                  progress: Callable[[int], None] | None = None) -> tuple[bytes, Encoded]:
+                  progress: Callable[[int], None] | None = None, workers: int | None = None,
+                  ) -> tuple[bytes, Encoded]:
     """A progressive .dfc file (bytes) for uint8 [H, W, 3] images coded together.
 
     Each image is cut into model-size tiles (edge padding); all tiles form one stream, so a
@@ -717,7 +725,8 @@ def encode_images(loaded, images: list[np.ndarray], names: list[str] | None = No
     tiles = np.concatenate([img[None] if img.shape[:2] == (tile, tile) else to_tiles(img, tile) for img in images])
     params = replace(params or ProgressiveParams(), num_tiles=len(tiles), tile_size=tile, payload_bits=0)
     x0 = to_model_input(tiles).to(device)
-    encoded = encode(_network(loaded, params), loaded.diffusion_config, x0, params, progress=progress)
+    encoded = encode(_network(loaded, params), loaded.diffusion_config, x0, params, progress=progress,
+                     workers=workers)
     dc = loaded.diffusion_config
     names = list(names) if names is not None else [""] * len(images)
     header = Header(

@@ -29,7 +29,9 @@ log/cos/sin differ in the last bit decodes a slightly different, still valid, sa
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from scipy.special import ndtr
@@ -137,28 +139,53 @@ def gaussian_kl_bits(
 # ---------------------------------------------------------------------------- PFR selection
 
 
+PfrTask = tuple[LogWeight, tuple[int, ...], int]  # (log weight, key, number of candidates)
+
+
 def pfr_select(log_weight: LogWeight, key: tuple[int, ...], num_candidates: int) -> int:
     """The encoder's choice n* = argmin_n log T_n - log w(u_n) over n < num_candidates.
 
     Searches in blocks of about 2^20 candidate-dimension elements (bounded memory).
     """
-    if not 1 <= num_candidates <= 1 << MAX_LOG2_CANDIDATES:
-        raise ValueError(f"rcc: num_candidates must be 1..2^{MAX_LOG2_CANDIDATES}, got {num_candidates}")
-    dims = len(log_weight.a)
-    h = _draws_per_candidate(dims)
-    a, b = log_weight.a.astype(np.float32), log_weight.b.astype(np.float32)
-    log_t = arrival_log_times(key, num_candidates)
-    bitgen = _bitgen(key)
-    block = max(1, _BLOCK_ELEMENTS // dims)
-    best_score, best = math.inf, 0
-    for start in range(0, num_candidates, block):
-        count = min(block, num_candidates - start)
-        u = _raw_to_normals(bitgen.random_raw(count * h).reshape(count, h), dims)
-        score = log_t[start : start + count] - ((a * u + b) * u).sum(axis=1)  # c is a constant
-        i = int(np.argmin(score))
-        if score[i] < best_score:
-            best_score, best = float(score[i]), start + i
-    return best
+    return pfr_select_many([(log_weight, key, num_candidates)])[0]
+
+
+def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
+    """`pfr_select` for several chunks; their candidate blocks run on ``workers`` threads.
+
+    Each block makes its own candidates (the keyed stream advanced to the block's start) and
+    the blocks' minima are merged in candidate order, so the result is the same for any
+    number of workers. numpy releases the GIL in the generator and the array arithmetic.
+    """
+    jobs: list[tuple[int, int, int]] = []  # (task, first candidate, count)
+    log_times, params = [], []
+    for i, (log_weight, key, num_candidates) in enumerate(tasks):
+        if not 1 <= num_candidates <= 1 << MAX_LOG2_CANDIDATES:
+            raise ValueError(f"rcc: num_candidates must be 1..2^{MAX_LOG2_CANDIDATES}, got {num_candidates}")
+        dims = len(log_weight.a)
+        block = max(1, _BLOCK_ELEMENTS // dims)
+        jobs += [(i, start, min(block, num_candidates - start)) for start in range(0, num_candidates, block)]
+        log_times.append(arrival_log_times(key, num_candidates))
+        params.append((log_weight.a.astype(np.float32), log_weight.b.astype(np.float32), dims))
+
+    def run(job: tuple[int, int, int]) -> tuple[float, int]:
+        i, start, count = job
+        a, b, dims = params[i]
+        u = candidate_normals(tasks[i][1], start, count, dims)
+        score = log_times[i][start : start + count] - ((a * u + b) * u).sum(axis=1)  # c is a constant
+        j = int(np.argmin(score))
+        return float(score[j]), start + j
+
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            results = list(pool.map(run, jobs))
+    else:
+        results = [run(job) for job in jobs]
+    best = [(math.inf, 0)] * len(tasks)
+    for (i, _, _), (score, index) in zip(jobs, results):  # candidate order: ties keep the first
+        if score < best[i][0]:
+            best[i] = (score, index)
+    return [index for _, index in best]
 
 
 def pfr_decode(key: tuple[int, ...], index: int, dims: int) -> np.ndarray:

@@ -78,6 +78,25 @@ def test_selection_is_deterministic_and_argmin():
     assert scores4[m] <= scores4[n] + 1e-9
 
 
+
+def test_many_chunks_on_threads_choose_as_one_by_one():
+    # wide chunks span many candidate blocks (2^20 elements each), narrow ones a single block
+    rng = np.random.default_rng(2)
+    tasks = []
+    for c, d in enumerate((3072, 700, 5, 1)):
+        lw = rcc.LogWeight.of_gaussians(0.2 * rng.normal(size=d), np.zeros(d), np.zeros(d),
+                                        np.log(rng.uniform(1.0, 1.3, size=d)))
+        tasks.append((lw, (4, 7, 1 + c), 3000))
+    one_by_one = [rcc.pfr_select(*t) for t in tasks]
+    assert rcc.pfr_select_many(tasks, workers=1) == one_by_one
+    assert rcc.pfr_select_many(tasks, workers=3) == one_by_one
+    d = 3072  # the argmin over all 3000 candidates of the widest chunk, computed directly
+    scores = rcc.arrival_log_times((4, 7, 1), 3000) - tasks[0][0](rcc.candidate_normals((4, 7, 1), 0, 3000, d))
+    assert one_by_one[0] == int(np.argmin(scores))
+    assert rcc.pfr_select_many([], workers=2) == []
+    with pytest.raises(ValueError, match="num_candidates"):
+        rcc.pfr_select_many([(tasks[3][0], (1,), 0)])
+
 def test_index_split_and_law():
     for index in [0, 1, 2, 3, 4, 7, 8, 1000, 2**16 - 1]:
         m, r = rcc.split_index(index)
