@@ -214,7 +214,8 @@ def lossy_baselines(*payloads: dict[str, Any] | None) -> tuple[dict[str, list[tu
     for payload in payloads:
         if payload and payload.get("lossy_baselines"):
             base = payload["lossy_baselines"]
-            return {k: [tuple(p) for p in v] for k, v in base.items()}, "measured on the same images"
+            return ({k: [tuple(p) for p in v] for k, v in base.items()},
+                    f"measured on the same images ({payload.get('kind', '?')} run)")
     return DESIGN_LOSSY_BASELINES, "DESIGN.md (500 CIFAR-10 test images)"
 
 

@@ -223,7 +223,7 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     assert "nll.json absent" in readme and "feedfacefeedface" in readme and "DESIGN.md" in readme
     assert "| PNG (Pillow, optimize) | 5.870 |" in readme and "| bound on the same images (K=10) | 4.250 |" in readme
     base, where = plot.lossy_baselines({"kind": "lossless", "lossy_baselines": {"JPEG": [[1.0, 20.0]]}})
-    assert base == {"JPEG": [(1.0, 20.0)]} and "lossless.json" in where
+    assert base == {"JPEG": [(1.0, 20.0)]} and "measured" in where and "lossless" in where
     assert plot.psnr_of_rmse(np.array([255.0, 25.5])).tolist() == pytest.approx([0.0, 20.0])
     step, loss, seen = plot.loss_rows(json.loads((tmp_path / "train_default.json").read_text()))
     assert step.tolist() == [1, 2, 3] and loss.tolist() == [1.0, 0.5, 0.25] and seen.tolist() == [64, 128, 192]
