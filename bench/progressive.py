@@ -72,14 +72,10 @@ JPEGXL_DISTANCES = (12.0, 8.0, 6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.7, 0.4, 0.2)
 
 def lossy_codecs() -> dict[str, list[tuple[str, Any]]]:
     """name -> [(setting, encode uint8 [H,W,3] -> bytes)]; decoding is Pillow / imagecodecs."""
-    from PIL import Image
+    from bench.lossless import _pillow
 
     def pillow(fmt: str, **kw: Any):
-        def enc(img: np.ndarray) -> bytes:
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format=fmt, **kw)
-            return buf.getvalue()
-        return enc
+        return _pillow(fmt, **kw)[0]  # the lossless bench's Pillow encoder
 
     codecs = {
         "JPEG (Pillow, 4:2:0)": [(f"q{q}", pillow("JPEG", quality=q)) for q in QUALITIES],
