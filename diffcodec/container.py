@@ -26,7 +26,8 @@ a CRC-32 of the header (every byte before it) and then the payload up to the end
 file, with no length and no trailer, so that a file cut short still parses and the decoder
 uses what is there (`progressive` documents its block and payload).
 
-Mode 0 parameter block (`BitsBackParams`, 40 + 2 x num_chunks bytes):
+Mode 0 parameter block (`BitsBackParams`, 40 + 2 x num_chunks bytes, then an optional
+bootstrap section of 5 + n bytes):
 
     0   1   resolution bits b (u8): latent x_j lives on a grid of width delta_j = 2^l_j with
             l_j = floor(log2 sigma_min,j) - b (sigma_min,j: the smallest std x_j is coded with)
@@ -44,6 +45,11 @@ Mode 0 parameter block (`BitsBackParams`, 40 + 2 x num_chunks bytes):
     24  4   number of tiles in the stream (u32)
     28  8   total coded symbols (u64): tiles x 3 x tile^2 x (K + 1)
     36  4   number of chunks (u32), then one u16 per chunk: tiles coded together, in order
+    ..  4   bootstrap tiles m (u32): the stream's first m tiles were sent with the progressive
+            codec and that stream sits on top of the initial words (`bitsback` explains why);
+            the chunk table covers the other num_tiles - m tiles. Absent (files of diffcodec
+            0.1) = 0
+    ..  1+n the bootstrap stream's progressive parameter block: u8 length + bytes (when m > 0)
 
 Mode 1 owns its own block (written by the progressive codec) and payload layout.
 
@@ -289,18 +295,25 @@ class BitsBackParams:
     num_tiles: int = 0
     num_symbols: int = 0
     chunks: tuple[int, ...] = field(default_factory=tuple)
+    bootstrap_tiles: int = 0  # the first tiles, sent with the progressive codec
+    bootstrap_block: bytes = b""  # their stream's progressive parameter block (when bootstrap_tiles > 0)
 
     _FIXED = struct.Struct("<BBBbBHBQIIIQI")
 
     def pack(self) -> bytes:
         if any(not 1 <= c <= 0xFFFF for c in self.chunks):
             raise ValueError("BitsBackParams: chunk sizes must be 1..65535")
+        if bool(self.bootstrap_tiles) != bool(self.bootstrap_block) or len(self.bootstrap_block) > 255:
+            raise ValueError("BitsBackParams: bootstrap tiles need their parameter block (at most 255 bytes)")
         flags = int(self.clip_denoised) | (int(self.network_float64) << 1)
-        return self._FIXED.pack(
+        block = self._FIXED.pack(
             self.resolution_bits, self.window_sigmas, self.prior_sigmas, self.snap_log2, flags, self.threads,
             SPACINGS.index(self.spacing), self.init_seed,
             self.init_words, self.kept_words, self.num_tiles, self.num_symbols, len(self.chunks),
         ) + struct.pack(f"<{len(self.chunks)}H", *self.chunks)
+        if self.bootstrap_tiles:  # files without bootstrap keep the 0.1 layout byte for byte
+            block += struct.pack("<IB", self.bootstrap_tiles, len(self.bootstrap_block)) + self.bootstrap_block
+        return block
 
     @classmethod
     def unpack(cls, block: bytes, where: str = "file") -> BitsBackParams:
@@ -308,17 +321,26 @@ class BitsBackParams:
             raise DiffcodecError(f"{where}: corrupt bits-back parameter block ({len(block)} bytes)")
         (bits, window, prior, snap_log2, flags, threads, spacing, seed, init_words, kept, num_tiles, num_symbols,
          num_chunks) = cls._FIXED.unpack_from(block)
-        if len(block) != cls._FIXED.size + 2 * num_chunks:
+        end = cls._FIXED.size + 2 * num_chunks
+        if len(block) < end:
             raise DiffcodecError(f"{where}: corrupt bits-back parameter block (chunk table)")
         chunks = struct.unpack_from(f"<{num_chunks}H", block, cls._FIXED.size)
+        bootstrap_tiles, bootstrap_block = 0, b""
+        if len(block) > end:
+            if len(block) < end + 5:
+                raise DiffcodecError(f"{where}: corrupt bits-back parameter block (bootstrap section)")
+            bootstrap_tiles, n = struct.unpack_from("<IB", block, end)
+            bootstrap_block = block[end + 5 :]
+            if len(bootstrap_block) != n or not bootstrap_tiles or not n:
+                raise DiffcodecError(f"{where}: corrupt bits-back parameter block (bootstrap section)")
         if (not (1 <= bits <= 10 and 1 <= window and 1 <= prior and -30 <= snap_log2 <= 0) or flags > 3
                 or spacing >= len(SPACINGS)):
             raise DiffcodecError(f"{where}: corrupt bits-back parameters (resolution {bits}, window {window}, "
                                  f"prior {prior}, snap {snap_log2}, flags {flags}, spacing {spacing})")
-        if kept > init_words or sum(chunks) != num_tiles or 0 in chunks:
+        if kept > init_words or sum(chunks) + bootstrap_tiles != num_tiles or 0 in chunks:
             raise DiffcodecError(f"{where}: corrupt bits-back parameters (chunk table or word counts)")
         return cls(bits, window, prior, snap_log2, bool(flags & 1), bool(flags & 2), threads, SPACINGS[spacing], seed,
-                   init_words, kept, num_tiles, num_symbols, tuple(chunks))
+                   init_words, kept, num_tiles, num_symbols, tuple(chunks), bootstrap_tiles, bytes(bootstrap_block))
 
 
 # --------------------------------------------------------------------------- file I/O

@@ -17,11 +17,13 @@ from PIL import Image
 from diffcodec.bitsback import (
     ChainSpec,
     GridConfig,
+    bootstrap_count,
     chain_grid,
     decode_container,
     decode_tiles,
     encode_images,
     encode_tiles,
+    first_dip_bits,
     output_paths,
 )
 from diffcodec.checkpoint import LoadedModel, fingerprint, save_checkpoint
@@ -30,7 +32,7 @@ from diffcodec.config import preset
 from diffcodec.container import BitsBackParams, pack, unpack
 from diffcodec.entropy import seeded_words
 from diffcodec.errors import DiffcodecError
-from diffcodec.evaluate import model_fn_of
+from diffcodec.evaluate import model_fn_of, model_schedule
 from diffcodec.schedule import make_schedule, respace
 from diffcodec.unet import UNet
 
@@ -130,9 +132,9 @@ def test_tiles_round_trip_bit_exact_with_a_wild_model(wild):
     tiles = np.stack(synthetic_images([(32, 32)] * 3, seed=4))
     code = encode_tiles(spec, tiles, max_batch=2)
     assert sum(code.chunks) == 3 and code.chunks[0] == 1
-    back, stack_ok = decode_tiles(spec, code.payload, chunks=code.chunks, tile_size=32,
-                                  init_words=code.init_words, kept_words=code.kept_words)
-    assert stack_ok
+    back, stack_ok, boot = decode_tiles(spec, code.payload, chunks=code.chunks, tile_size=32,
+                                        init_words=code.init_words, kept_words=code.kept_words)
+    assert stack_ok and boot == b""
     assert np.array_equal(back, tiles)
 
 
@@ -169,7 +171,7 @@ def test_file_size_is_the_bound_plus_a_small_overhead(sane):
     with ~0.15 % standard error here, and the coded chain is one sample too). The whole file
     adds the initial bits (one tile's dip, amortised over 32 tiles) and the header."""
     images = synthetic_images([(32, 32)] * 32, seed=3)
-    r = encode_images(sane, images, steps=10, max_batch=16)
+    r = encode_images(sane, images, steps=10, max_batch=16, bootstrap=False)
     assert r.bound is not None and r.bound.total_bits.shape == (32,)
     assert abs(r.net_bpd / r.bound_bpd - 1.0) < 0.02
     one_tile_dip_bpd = r.initial_bits / 3072
@@ -177,6 +179,51 @@ def test_file_size_is_the_bound_plus_a_small_overhead(sane):
     assert r.file_bpd == pytest.approx(r.net_bpd + r.initial_bits / r.num_dims + 8 * (len(r.data) - r.payload_bytes)
                                        / r.num_dims)
     assert r.file_bpd < r.bound_bpd * 1.02 + one_tile_dip_bpd / 32 + 0.05
+
+
+# ------------------------------------------------------------------------- bootstrap
+
+
+def test_first_dip_estimate_bounds_the_measured_dip(sane):
+    """Without bootstrap a one-tile stream consumes about one chunk's dip of seeded words;
+    `first_dip_bits` is an upper estimate of it (shipped model, K = 100: 62,372 vs 55,296)."""
+    for k in (4, 10):
+        r = encode_images(sane, synthetic_images([(32, 32)], seed=14), steps=k, compute_bound=False,
+                          bootstrap=False)
+        s = model_schedule(sane, k, "quadratic")
+        estimate = first_dip_bits(s, chain_grid(s, GridConfig()), 3072)
+        assert 0.7 * estimate <= r.initial_bits <= estimate + 64
+
+
+def test_bootstrap_tiles_seed_the_stack(sane):
+    """The first m tiles go through the progressive codec and their stream sits on top of the
+    seeded words: the bits-back tiles' dip consumes fewer seeded words, the file is smaller
+    than one started on seeded words, and it decodes exactly."""
+    images = synthetic_images([(32, 32)] * 8, seed=12)
+    s = model_schedule(sane, 10, "quadratic")
+    m = bootstrap_count(s, chain_grid(s, GridConfig()), 8, 3072)
+    assert 1 <= m < 8
+    r = encode_images(sane, images, steps=10, compute_bound=False)
+    plain = encode_images(sane, images, steps=10, compute_bound=False, bootstrap=False)
+    params = BitsBackParams.unpack(unpack(r.data).header.params)
+    assert r.bootstrap_tiles == params.bootstrap_tiles == m and sum(params.chunks) == 8 - m
+    assert r.bootstrap_bits > 0 and r.initial_bits < plain.initial_bits / 4
+    assert len(r.data) < len(plain.data)
+    decoded = decode_container(sane, unpack(r.data))
+    assert all(np.array_equal(a, b) for a, b in zip(decoded.images, images))
+
+
+def test_a_short_stream_is_its_bootstrap_alone(sane):
+    """A stream of at most m tiles is the progressive payload (and the top word): no chunks,
+    no initial bits, a fraction of the seeded-start file's size."""
+    images = synthetic_images([(20, 13)], seed=13)
+    r = encode_images(sane, images, steps=4, compute_bound=False)
+    plain = encode_images(sane, images, steps=4, compute_bound=False, bootstrap=False)
+    assert r.bootstrap_tiles == 1 and r.params.chunks == () and r.initial_bits == 0
+    assert r.payload_bytes == 4 * (-(-r.bootstrap_bits // 32) + 1)
+    assert len(r.data) < 0.6 * len(plain.data)
+    decoded = decode_container(sane, unpack(r.data))
+    assert np.array_equal(decoded.images[0], images[0])
 
 
 # ------------------------------------------------------------------------ bad files
@@ -190,9 +237,10 @@ def _repack_payload(data: bytes, change) -> bytes:
     return pack(type(c)(c.header, bytes(payload)))
 
 
-def test_corrupt_payload_fails_the_checksum(sane):
+@pytest.mark.parametrize("bootstrap", [True, False])
+def test_corrupt_payload_fails_the_checksum(sane, bootstrap):
     images = synthetic_images([(32, 32), (32, 32)], seed=5)
-    data = encode_images(sane, images, steps=3, compute_bound=False).data
+    data = encode_images(sane, images, steps=3, compute_bound=False, bootstrap=bootstrap).data
 
     def flip(p):
         p[len(p) // 2] ^= 0x10
@@ -362,7 +410,7 @@ def golden_bytes() -> bytes:
     loaded = as_loaded(*seeded_model(0))
     images = synthetic_images([(32, 32), (13, 20)], seed=11)
     return encode_images(loaded, images, ["g0.png", "g1.png"], steps=4, spacing="uniform", float64=True,
-                         compute_bound=False).data
+                         compute_bound=False, bootstrap=False).data
 
 
 def test_golden_file_is_reproduced_and_decodes():
@@ -380,13 +428,14 @@ def test_quadratic_spacing_is_recorded_and_decoded():
     rebuilds the same chain (a uniform decoder would not reproduce the pixels)."""
     loaded = as_loaded(*seeded_model(0))
     images = synthetic_images([(32, 32)], seed=5)
-    result = encode_images(loaded, images, steps=6, float64=True, compute_bound=False)
+    result = encode_images(loaded, images, steps=6, float64=True, compute_bound=False, bootstrap=False)
     container = unpack(result.data)
     params = BitsBackParams.unpack(container.header.params)
     assert params.spacing == "quadratic"
     decoded = decode_container(loaded, container)
     assert np.array_equal(decoded.images[0], images[0])
-    uniform = encode_images(loaded, images, steps=6, spacing="uniform", float64=True, compute_bound=False)
+    uniform = encode_images(loaded, images, steps=6, spacing="uniform", float64=True, compute_bound=False,
+                            bootstrap=False)
     assert BitsBackParams.unpack(unpack(uniform.data).header.params).spacing == "uniform"
     assert uniform.data != result.data
 

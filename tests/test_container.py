@@ -119,6 +119,26 @@ def test_corrupt_params_block():
         BitsBackParams.unpack(bad.pack())
 
 
+def test_bootstrap_section_round_trips_and_is_optional():
+    """Files without bootstrap keep the 0.1 block byte for byte; with it, a u32 tile count and
+    the progressive block follow the chunk table, and the chunks cover the other tiles."""
+    assert len(PARAMS.pack()) == 40 + 2 * 2 and BitsBackParams.unpack(PARAMS.pack()).bootstrap_tiles == 0
+    boot = BitsBackParams(**{**PARAMS.__dict__, "num_tiles": 5, "bootstrap_tiles": 2, "bootstrap_block": b"p" * 23})
+    block = boot.pack()
+    assert len(block) == 40 + 2 * 2 + 4 + 1 + 23
+    assert struct.unpack_from("<IB", block, 44) == (2, 23)
+    assert BitsBackParams.unpack(block) == boot
+    with pytest.raises(DiffcodecError, match="word counts"):  # chunks (1, 2) + 2 bootstrap tiles != 3 tiles
+        BitsBackParams.unpack(BitsBackParams(**{**boot.__dict__, "num_tiles": 3}).pack())
+    for cut in (1, 5, 24):
+        with pytest.raises(DiffcodecError, match="bootstrap section"):
+            BitsBackParams.unpack(block[:-cut])
+    with pytest.raises(DiffcodecError, match="bootstrap section"):
+        BitsBackParams.unpack(block[:44] + struct.pack("<IB", 0, 23) + block[49:])  # zero tiles announced
+    with pytest.raises(ValueError, match="parameter block"):
+        BitsBackParams(**{**PARAMS.__dict__, "bootstrap_tiles": 1}).pack()  # tiles without their block
+
+
 def test_progressive_mode_is_accepted_with_its_own_block():
     c = sample_container()
     header = Header(**{**c.header.__dict__, "mode": MODE_PROGRESSIVE, "params": b"anything"})
