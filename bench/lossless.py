@@ -6,8 +6,8 @@ classical lossless codecs, CPU seconds, and the peak memory of decoding a Kodak 
         [--kodak-steps 10] [--threads 1] [--out reports/lossless.json]
 
 Counting rule: bits/dim = 8 x (bytes of the WHOLE file, header included) / (3 x H x W of the
-real image). For the bits-back stream all images share one file (one header, one set of
-initial bits); "per-image" files code each image alone and pay both every time. Baselines
+real image). For the bits-back stream all images share one file (one header, one bootstrap);
+"per-image" files code each image alone and pay both every time. Baselines
 are one file per image: PNG (Pillow, optimize), WebP lossless (Pillow, method 6, quality
 100), JPEG-XL lossless (imagecodecs, effort 9, bare codestream), JPEG-2000 lossless
 (imagecodecs, reversible 5/3, bare J2K codestream). Every decode is checked exact.
@@ -18,11 +18,14 @@ machine is shared, so wall seconds are recorded too but depend on the load).
 Measured parts:
 
 * stream: ``--num-images`` CIFAR-10 test images as one stream at ``--steps`` K: file,
-  payload, net (payload minus initial bits) and the bound (`likelihood.evaluate_bound` on the
+  payload, net (payload minus initial bits), the bootstrap tiles and their bits, and the bound (`likelihood.evaluate_bound` on the
   same images and K-step chain), encode/decode CPU seconds, exact decode.
 * timing: ``--timing-images`` images as one stream at ``--timing-steps`` (default: the
   model's T): seconds per 32x32 image to encode and decode, file size and bound at that K.
-* per-image: the first ``--per-image`` images, each alone in its own file.
+  Without the bootstrap, so that every image goes down the K-step chain (a short stream is
+  otherwise all bootstrap, i.e. the progressive codec's 50-step chain).
+* per-image: the first ``--per-image`` images, each alone in its own file, with the default
+  progressive bootstrap and with ``--no-bootstrap`` (seeded initial words), against the bound.
 * kodak: one Kodak image (768x512 = 384 tiles) encoded and decoded in subprocesses through
   the CLI at ``--kodak-steps`` (a small K: at K = T one image takes over an hour on this CPU;
   seconds scale linearly with K, and the extrapolation to T is reported as such), with the
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     timing_steps = args.timing_steps or T
     print(f"timing: {args.timing_images} images at K={timing_steps}", file=sys.stderr)
     report["timing_32x32"] = code_stream(loaded, images[: args.timing_images], timing_steps, bound=True,
+                                         bootstrap=False,
                                          batch=args.batch_size)
     if args.kodak != "none":
         kodak = Path(args.kodak) if args.kodak else KODAK

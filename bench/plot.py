@@ -241,7 +241,8 @@ def lossless_bars(ll: dict[str, Any]) -> tuple[list[tuple[str, float, str]], lis
                           f"{rec.get('num_images')} images)", rec["file_bpd_mean"], "ours"))
     tm = ll.get("timing_32x32") or {}
     if tm:
-        cifar.append((f"bits-back stream, whole file (K={tm.get('num_steps')}, {tm.get('num_images')} images)",
+        seeded = ", --no-bootstrap" if tm.get("bootstrap_tiles") == 0 else ""
+        cifar.append((f"bits-back stream, whole file (K={tm.get('num_steps')}, {tm.get('num_images')} images{seeded})",
                       tm["file_bpd"], "ours"))
         if tm.get("bound_bpd") is not None:
             cifar.append((f"bound on the same images (K={tm.get('num_steps')})", tm["bound_bpd"], "bound"))
