@@ -217,6 +217,11 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
                 "per_image": {"default": {"num_steps": 10, "num_images": 2, "file_bpd_mean": 5.6},
                               "no_bootstrap": {"num_steps": 10, "num_images": 2, "file_bpd_mean": 22.1}},
                 "baselines_cifar": {"png": {"bits_per_dim": 5.87}, "webp_lossless": {"bits_per_dim": 4.7}}})
+    write_json(tmp_path / "lossless_1000.json",
+               {"provenance": {"command": "python -m bench.lossless -n 1000", "device": "cpu: test"},
+                "stream": {"num_images": 1000, "num_steps": 100, "file_bpd": 3.64, "net_bpd": 3.595,
+                           "bound_bpd": 3.578, "overhead_file_pct": 1.73, "overhead_net_pct": 0.48,
+                           "header_bytes": 10191, "initial_bits": 55360, "exact": True}})
     assert plot.main(["--reports", str(tmp_path)]) == 0
     made = {p.name for p in tmp_path.iterdir()}
     assert {"progressive_rate.png", "rate_distortion.png", "loss_curve.png", "lossless.png", "README.md"} <= made
@@ -224,6 +229,8 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     readme = (tmp_path / "README.md").read_text()
     assert "one file per image, progressive bootstrap (K=10, 2 images) | 5.600" in readme
     assert "one file per image, --no-bootstrap: seeded start (K=10, 2 images) | 22.100" in readme
+    assert "## Lossless: 1000 CIFAR-10 test images in one stream (lossless_1000.json)" in readme
+    assert "| whole file (header included) | 3.6400 | +1.73% |" in readme and "started on seeded words" in readme
     assert "nll.json absent" in readme and "feedfacefeedface" in readme and "DESIGN.md" in readme
     assert "| PNG (Pillow, optimize) | 5.870 |" in readme and "| bound on the same images (K=10) | 4.250 |" in readme
     base, where = plot.lossy_baselines({"kind": "lossless", "lossy_baselines": {"JPEG": [[1.0, 20.0]]}})
