@@ -29,7 +29,7 @@ Measured parts:
 * kodak: one Kodak image (768x512 = 384 tiles) encoded and decoded in subprocesses through
   the CLI at ``--kodak-steps`` (a small K: at K = T one image takes over an hour on this CPU;
   seconds scale linearly with K, and the extrapolation to T is reported as such), with the
-  subprocess's peak resident memory (getrusage ru_maxrss).
+  subprocess's peak resident memory (getrusage ru_maxrss), and the baselines on that image alone.
 """
 
 from __future__ import annotations
@@ -213,6 +213,7 @@ def kodak_timing(kodak_dir: Path, checkpoint: str | None, steps: int, threads: i
     e, d = enc["report"], dec["report"]
     return {
         "image": names[0],
+        "baselines_same_image": run_baselines([np.asarray(Image.open(src).convert("RGB"))]),
         "num_tiles": e["num_tiles"],
         "num_steps": steps,
         "file_bpd": e["bits_per_dim"],
@@ -247,28 +248,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timing-images", type=int, default=4, help="images in the timing run (default 4)")
     p.add_argument("--per-image", type=int, default=4, help="images coded as separate files (default 4)")
     p.add_argument("--kodak-steps", type=int, default=10, help="K of the Kodak timing (default 10)")
+    p.add_argument("--kodak-only", action="store_true",
+                   help="only the Kodak part (e.g. at the CLI's default K: --kodak-only --kodak-steps 100 "
+                        "--out reports/lossless_kodak.json)")
     p.add_argument("--batch-size", type=int, default=64, help="most tiles per chunk (default 64)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--out", default=str(REPORTS_DIR / "lossless.json"))
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    loaded = load_checkpoint(args.checkpoint, device="cpu")
-    data = resolve_data(args.data)
-    need = max(args.num_images, args.timing_images, args.per_image)
-    images = read_images(data, limit=need).images
-    T = loaded.diffusion_config.num_timesteps
-    report: dict[str, Any] = {
-        "provenance": provenance(args, loaded, seed=0, device="cpu", command=module_command("bench.lossless", argv)),
-        "counting_rule": "bits/dim = 8 x whole-file bytes (header included) / (3 x H x W real pixels); "
-                         "bits-back stream: all images in one file; baselines and per-image files: one file per image",
-        "weights_note": f"{loaded.meta.get('preset', '?')} preset, {loaded.meta.get('steps', '?')} training steps, "
-                        f"{loaded.meta.get('weights', '?')} weights",
-        "threads": args.threads,
-    }
+def cifar_parts(args: argparse.Namespace, loaded: LoadedModel, images: list[np.ndarray], T: int,
+                report: dict[str, Any]) -> None:
     print(f"stream: {args.num_images} images at K={args.steps}", file=sys.stderr)
     report["stream"] = code_stream(loaded, images[: args.num_images], args.steps, bound=True, batch=args.batch_size)
     print(f"  {json.dumps({k: report['stream'][k] for k in ('file_bpd', 'net_bpd', 'bound_bpd')})}", file=sys.stderr)
@@ -278,8 +268,27 @@ def main(argv: list[str] | None = None) -> int:
     timing_steps = args.timing_steps or T
     print(f"timing: {args.timing_images} images at K={timing_steps}", file=sys.stderr)
     report["timing_32x32"] = code_stream(loaded, images[: args.timing_images], timing_steps, bound=True,
-                                         bootstrap=False,
-                                         batch=args.batch_size)
+                                         bootstrap=False, batch=args.batch_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    loaded = load_checkpoint(args.checkpoint, device="cpu")
+    data = resolve_data(args.data)
+    need = max(args.num_images, args.timing_images, args.per_image)
+    images = [] if args.kodak_only else read_images(data, limit=need).images
+    T = loaded.diffusion_config.num_timesteps
+    report: dict[str, Any] = {
+        "provenance": provenance(args, loaded, seed=0, device="cpu", command=module_command("bench.lossless", argv)),
+        "counting_rule": "bits/dim = 8 x whole-file bytes (header included) / (3 x H x W real pixels); "
+                         "bits-back stream: all images in one file; baselines and per-image files: one file per image",
+        "weights_note": f"{loaded.meta.get('preset', '?')} preset, {loaded.meta.get('steps', '?')} training steps, "
+                        f"{loaded.meta.get('weights', '?')} weights",
+        "threads": args.threads,
+    }
+    if not args.kodak_only:
+        cifar_parts(args, loaded, images, T, report)
     if args.kodak != "none":
         kodak = Path(args.kodak) if args.kodak else KODAK
         if kodak.is_dir():

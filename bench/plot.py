@@ -253,6 +253,8 @@ def lossless_bars(ll: dict[str, Any]) -> tuple[list[tuple[str, float, str]], lis
     kd = ll.get("kodak") or {}
     if "file_bpd" in kd:
         kodak.append((f"bits-back, {kd.get('image')} (K={kd.get('num_steps')}, one file)", kd["file_bpd"], "ours"))
+        for key, rec in (kd.get("baselines_same_image") or {}).items():
+            kodak.append((BASELINE_NAMES.get(key, key) + f", {kd.get('image')}", rec["bits_per_dim"], "baseline"))
     for key, rec in (ll.get("baselines_kodak") or {}).items():
         if isinstance(rec, dict) and "bits_per_dim" in rec:
             kodak.append((BASELINE_NAMES.get(key, key) + f" ({ll['baselines_kodak'].get('num_images', '?')} images)",

@@ -214,6 +214,8 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     write_json(tmp_path / "lossless.json",
                {"provenance": {"command": "python -m bench.lossless", "device": "cpu: test"},
                 "stream": {"num_images": 2, "num_steps": 10, "file_bpd": 4.5, "net_bpd": 4.3, "bound_bpd": 4.25},
+                "kodak": {"image": "k1.png", "num_steps": 100, "file_bpd": 3.41,
+                          "baselines_same_image": {"jpegxl_lossless": {"bits_per_dim": 3.13}}},
                 "per_image": {"default": {"num_steps": 10, "num_images": 2, "file_bpd_mean": 5.6},
                               "no_bootstrap": {"num_steps": 10, "num_images": 2, "file_bpd_mean": 22.1}},
                 "baselines_cifar": {"png": {"bits_per_dim": 5.87}, "webp_lossless": {"bits_per_dim": 4.7}}})
@@ -229,6 +231,8 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     readme = (tmp_path / "README.md").read_text()
     assert "one file per image, progressive bootstrap (K=10, 2 images) | 5.600" in readme
     assert "one file per image, --no-bootstrap: seeded start (K=10, 2 images) | 22.100" in readme
+    assert "| bits-back, k1.png (K=100, one file) | 3.410 |" in readme
+    assert "| JPEG-XL lossless (effort 9), k1.png | 3.130 |" in readme
     assert "## Lossless: 1000 CIFAR-10 test images in one stream (lossless_1000.json)" in readme
     assert "| whole file (header included) | 3.6400 | +1.73% |" in readme and "started on seeded words" in readme
     assert "nll.json absent" in readme and "feedfacefeedface" in readme and "DESIGN.md" in readme
