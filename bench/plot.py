@@ -554,6 +554,28 @@ def readme_lossless_stream(ll: dict[str, Any], name: str) -> list[str]:
     ]
 
 
+def readme_lossless_kodak(ll: dict[str, Any], name: str) -> list[str]:
+    """A Kodak-only lossless run (`bench.lossless --kodak-only`): size, seconds, memory, baselines."""
+    prov, kd = ll.get("provenance") or {}, ll.get("kodak") or {}
+    if "file_bpd" not in kd:
+        return []
+    base = kd.get("baselines_same_image") or {}
+    return [
+        f"## Lossless: one Kodak image at K = {kd.get('num_steps')} ({name})",
+        "",
+        f"Produced by `{prov.get('command', '?')}` on {prov.get('device', '?')}, {fingerprint_of(ll)}.",
+        "",
+        "| | bits/dim | encode | decode |",
+        "|---|---|---|---|",
+        f"| bits-back, {kd.get('image')} ({kd.get('num_tiles')} tiles, exact: {kd.get('exact')}) | "
+        f"{kd['file_bpd']:.3f} | {kd.get('encode_cpu_seconds', math.nan):.0f} CPU-s, peak "
+        f"{kd.get('encode_peak_rss_mib', math.nan):.0f} MiB | {kd.get('decode_cpu_seconds', math.nan):.0f} CPU-s, "
+        f"peak {kd.get('decode_peak_rss_mib', math.nan):.0f} MiB |",
+        *[f"| {BASELINE_NAMES.get(k, k)}, same image | {r['bits_per_dim']:.3f} | {r.get('cpu_seconds', math.nan):.2f} "
+          "CPU-s (both ways) | |" for k, r in base.items()],
+    ]
+
+
 def readme_rd(prog: dict[str, Any] | None, nll: dict[str, Any] | None) -> list[str]:
     _, where = lossy_baselines(prog)
     return [
@@ -605,6 +627,7 @@ def build_readme(reports: Path, made: dict[str, list[str]], notes: list[str]) ->
     """The README: how to regenerate everything (the commands recorded in the JSON files, in
     order), then one section per input that exists, then what was not drawn and why."""
     names = ["nll.json", "nll_ci_reference.json", "speed.json", "lossless.json", "lossless_1000.json",
+             "lossless_kodak.json",
              "progressive.json",
              "progressive_kodak.json", "rcc_redundancy.json"]
     commands = [f"{recorded_command(reports, n)}  # -> reports/{n}" for n in names
@@ -684,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
     ll_long = read_json(reports / "lossless_1000.json")
     if ll_long is not None:
         made["lossless_1000"] = readme_lossless_stream(ll_long, "lossless_1000.json")
+    ll_kodak = read_json(reports / "lossless_kodak.json")
+    if ll_kodak is not None:
+        made["lossless_kodak"] = readme_lossless_kodak(ll_kodak, "lossless_kodak.json")
     prog = need("progressive.json")
     if prog is not None:
         draw(plot_progressive_rate, prog, "progressive_rate.png")

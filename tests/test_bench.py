@@ -224,6 +224,12 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
                 "stream": {"num_images": 1000, "num_steps": 100, "file_bpd": 3.64, "net_bpd": 3.595,
                            "bound_bpd": 3.578, "overhead_file_pct": 1.73, "overhead_net_pct": 0.48,
                            "header_bytes": 10191, "initial_bits": 55360, "exact": True}})
+    write_json(tmp_path / "lossless_kodak.json",
+               {"provenance": {"command": "python -m bench.lossless --kodak-only", "device": "cpu: test"},
+                "kodak": {"image": "k1.png", "num_tiles": 384, "num_steps": 100, "file_bpd": 3.408, "exact": True,
+                          "encode_cpu_seconds": 1000.0, "decode_cpu_seconds": 900.0, "encode_peak_rss_mib": 1400.0,
+                          "decode_peak_rss_mib": 1100.0,
+                          "baselines_same_image": {"png": {"bits_per_dim": 5.28, "cpu_seconds": 0.5}}}})
     assert plot.main(["--reports", str(tmp_path)]) == 0
     made = {p.name for p in tmp_path.iterdir()}
     assert {"progressive_rate.png", "rate_distortion.png", "loss_curve.png", "lossless.png", "README.md"} <= made
@@ -233,6 +239,9 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     assert "one file per image, --no-bootstrap: seeded start (K=10, 2 images) | 22.100" in readme
     assert "| bits-back, k1.png (K=100, one file) | 3.410 |" in readme
     assert "| JPEG-XL lossless (effort 9), k1.png | 3.130 |" in readme
+    assert "## Lossless: one Kodak image at K = 100 (lossless_kodak.json)" in readme
+    assert "| bits-back, k1.png (384 tiles, exact: True) | 3.408 | 1000 CPU-s, peak 1400 MiB | 900 CPU-s" in readme
+    assert "| PNG (Pillow, optimize), same image | 5.280 |" in readme
     assert "## Lossless: 1000 CIFAR-10 test images in one stream (lossless_1000.json)" in readme
     assert "| whole file (header included) | 3.6400 | +1.73% |" in readme and "started on seeded words" in readme
     assert "nll.json absent" in readme and "feedfacefeedface" in readme and "DESIGN.md" in readme
