@@ -560,7 +560,8 @@ class EncodeResult:
 
     @property
     def net_bpd(self) -> float:
-        """Payload minus the initial bits: what the chain itself costs."""
+        """Payload minus the initial bits: what the tiles cost (the chain's, and the bootstrap
+        tiles' progressive payload)."""
         return (8.0 * self.payload_bytes - self.initial_bits) / self.num_dims
 
     @property
