@@ -94,9 +94,10 @@ from diffcodec.schedule import Schedule, make_schedule, respace
 INIT_SEED = 0x6466_6362_6974_7331  # "dfcbits1": seed of the initial words (stored in the file)
 BOOTSTRAP_TOP_WORD = 0xB007_5EED  # the non-zero word on top of a bootstrap payload
 BOOTSTRAP_BPD_GUESS = 4.5  # bits/dim a bootstrap tile is assumed to cost (sizes the bootstrap)
-# The bootstrap's progressive settings: 10-bit chunks and 2^12 candidates search 4x faster than
-# the progressive mode's defaults for 5% more bits (measured on 4 CIFAR-10 test images, shipped
-# model: 4.64 bits/dim at 4.0 s per tile against 4.43 at 17 s, 2-core CPU).
+# The bootstrap's progressive settings: 10-bit chunks and 2^12 candidates search about 5x faster
+# than the progressive mode's 14-bit / 2^16 defaults for 5% more bits (shipped model, first 4
+# CIFAR-10 test images, one per file, 1 thread: 4.64 bits/dim and 4.7 CPU-s per image in
+# reports/lossless.json against 4.43 bits/dim and 20-33 s in reports/progressive.json).
 BOOTSTRAP_PARAMS = progressive.ProgressiveParams(num_steps=50, chunk_bits=10.0, log2_candidates=12)
 NUM_LEVELS = 256
 HALF_LEVELS = (NUM_LEVELS - 1) / 2.0  # 127.5: [-1, 1] <-> 0..255
@@ -384,7 +385,8 @@ def first_dip_bits(schedule: Schedule, grid: ChainGrid, tile_dims: int) -> float
     been pushed yet: at the pop of x_{k+1}, x_k is off the stack too, so the deepest point is
     the largest H_k + H_{k+1} (H_j: entropy of q(x_j | x_{j-1}) on x_j's grid, per tile) plus
     one scramble group. An upper estimate (the bits pushed before, about the nELBO, are not
-    subtracted); the shipped model at b = 6, K = 100: 62,372 bits, measured dip 55,296."""
+    subtracted). Shipped model, b = 6, K = 100: 62,372 bits; a one-image file without
+    bootstrap consumed 55,360 (reports/lossless.json)."""
     K = schedule.num_steps
     gauss = 0.5 * math.log2(2.0 * math.pi * math.e)
     h = [0.0] + [tile_dims * (math.log2(math.sqrt(schedule.betas[j - 1])) - grid.log2_delta[j] + gauss)

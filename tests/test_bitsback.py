@@ -186,7 +186,7 @@ def test_file_size_is_the_bound_plus_a_small_overhead(sane):
 
 def test_first_dip_estimate_bounds_the_measured_dip(sane):
     """Without bootstrap a one-tile stream consumes about one chunk's dip of seeded words;
-    `first_dip_bits` is an upper estimate of it (shipped model, K = 100: 62,372 vs 55,296)."""
+    `first_dip_bits` is an upper estimate of it (shipped model, K = 100: 62,372 vs 55,360 consumed)."""
     for k in (4, 10):
         r = encode_images(sane, synthetic_images([(32, 32)], seed=14), steps=k, compute_bound=False,
                           bootstrap=False)
