@@ -20,8 +20,20 @@ from tqdm import tqdm
 from diffcodec.checkpoint import LoadedModel
 from diffcodec.data import ImageSet, to_model_input, to_tiles
 from diffcodec.errors import DiffcodecError
-from diffcodec.likelihood import BoundResult, evaluate_bound, merge_rows
+from diffcodec.likelihood import (
+    BoundResult,
+    evaluate_bound,
+    importance_proposal,
+    merge_rows,
+    pilot_steps,
+    pilot_terms_bits,
+)
 from diffcodec.schedule import Schedule, make_schedule, respace
+
+
+PILOT_IMAGES = 16  # tiles whose mean L_t shapes the proposal of --t-samples
+PILOT_STEPS = 48  # code steps the pilot measures (dense near t = 0)
+PILOT_SEED_OFFSET = 1_000_003  # the pilot's noise is not any batch's (batch i uses seed + i)
 
 
 def usable_cores() -> int:
@@ -75,6 +87,7 @@ class NllRun:
     num_tiles: int
     seconds: float
     device: str
+    t_samples: int | None = None  # KL terms drawn per image (None: the whole chain summed)
 
 
 def image_tiles(images: ImageSet, tile: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
@@ -100,23 +113,41 @@ def run_nll(
     device: torch.device,
     progress: bool = True,
     bf16: bool = False,
+    t_samples: int | None = None,
 ) -> NllRun:
-    """The bound of every image in ``images`` (see the module docstring)."""
+    """The bound of every image in ``images`` (see the module docstring).
+
+    With ``t_samples`` = n, each image's KL terms are estimated without bias from n drawn
+    steps (``likelihood``, Monte Carlo over timesteps) after a pilot on the first
+    ``PILOT_IMAGES`` tiles at ``PILOT_STEPS`` steps: 1 + n network calls per image, not K.
+    """
     schedule = model_schedule(loaded, steps, spacing)
     tiles, groups, dims = image_tiles(images, loaded.model_config.image_size)
     batches = [to_model_input(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
+    model_fn = model_fn_of(loaded.model, bf16=bf16)
+    var_type = loaded.diffusion_config.var_type
+    sampled = t_samples is not None and schedule.num_steps > 1
+    grid = pilot_steps(schedule.num_steps, PILOT_STEPS) if sampled else np.zeros(0, dtype=np.int64)
+    calls_per_batch = 1 + t_samples if sampled else schedule.num_steps
     start = time.perf_counter()
-    with tqdm(total=len(batches) * schedule.num_steps, unit="step", desc="nll", disable=not progress,
+    with tqdm(total=len(batches) * calls_per_batch + len(grid), unit="call", desc="nll", disable=not progress,
               dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 10.0) as bar:
+        proposal = None
+        if sampled:
+            pilot = to_model_input(tiles[:PILOT_IMAGES]).to(device)
+            generator = torch.Generator(device=device).manual_seed(seed + PILOT_SEED_OFFSET)
+            grid_bits = pilot_terms_bits(model_fn, schedule, pilot, grid, var_type=var_type, generator=generator,
+                                         on_step=lambda: bar.update(1))
+            proposal = importance_proposal(grid, grid_bits, schedule.num_steps)
         result = evaluate_bound(
-            model_fn_of(loaded.model, bf16=bf16), schedule, batches, var_type=loaded.diffusion_config.var_type,
-            seed=seed, device=device, on_step=lambda: bar.update(1),
+            model_fn, schedule, batches, var_type=var_type, seed=seed, device=device,
+            on_step=lambda: bar.update(1), proposal=proposal, num_samples=t_samples or 0,
         )
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     per_image = merge_rows(result, groups, dims)
-    return NllRun(per_image, schedule, len(tiles), seconds, str(device))
+    return NllRun(per_image, schedule, len(tiles), seconds, str(device), t_samples if sampled else None)
 
 
 TERM_GROUPS = ((0, 1), (1, 10), (10, 100), (100, None))
