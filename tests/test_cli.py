@@ -44,6 +44,24 @@ def test_nll_json_terms_add_up(tiny_checkpoint, images_npz, tmp_path, capsys):
     assert json.loads(out2)["bits_per_dim"] == r["bits_per_dim"]
 
 
+def test_nll_t_samples_estimates_the_same_bound(tiny_checkpoint, images_npz, capsys):
+    args = ["nll", images_npz, "-c", tiny_checkpoint, "-n", 4, "--steps", 20, "--json", "-q"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    whole = json.loads(out)
+    code, out, err = run([*args, "--t-samples", 19], capsys)
+    assert code == 0, err
+    drawn = json.loads(out)
+    assert whole["estimator"] == "whole chain" and whole["t_samples"] is None
+    assert drawn["estimator"] == "monte-carlo over timesteps" and drawn["t_samples"] == 19
+    assert drawn["L_T_bpd"] == whole["L_T_bpd"]
+    assert drawn["bits_per_dim"] == pytest.approx(drawn["L_T_bpd"] + drawn["kl_terms_bpd"] + drawn["L_0_bpd"])
+    # an untrained tiny model's terms are nearly flat in t: 19 draws of 19 steps land near the sum
+    assert drawn["kl_terms_bpd"] == pytest.approx(whole["kl_terms_bpd"], rel=0.2)
+    code, out, err = run([*args[:-2], "-q", "--t-samples", 8], capsys)
+    assert code == 0 and "KL terms estimated from 8 drawn timesteps" in out
+
+
 def test_nll_text_summary_and_tiled_image(tiny_checkpoint, tmp_path, capsys):
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "odd.png")

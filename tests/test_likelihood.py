@@ -13,9 +13,14 @@ from diffcodec.likelihood import (
     discretized_gaussian_log_likelihood_nats,
     discretized_gaussian_probs,
     evaluate_bound,
+    importance_proposal,
     merge_rows,
     normal_kl_nats,
+    pilot_steps,
+    pilot_terms_bits,
     prior_bits,
+    sampled_bound_bits,
+    stratified_steps,
     summarize,
 )
 from diffcodec.schedule import make_schedule, respace
@@ -134,3 +139,77 @@ def test_merge_rows_sums_tiles_and_divides_by_real_dims():
     assert np.allclose(m.total_bits, [7.0, 5.0])
     assert np.allclose(m.total_bpd, [7.0 / 80, 5.0 / 48])
     assert np.allclose(m.xstart_mse[0], [2.0, 3.0])
+
+
+# ------------------------------------------------------------ Monte Carlo over timesteps
+
+
+def test_pilot_steps_are_distinct_dense_near_one_and_keep_both_ends():
+    steps = pilot_steps(1000, 48)
+    assert steps[0] == 1 and steps[-1] == 999 and np.all(np.diff(steps) > 0)
+    assert np.sum(steps < 100) > np.sum(steps >= 900)  # denser near t = 0
+    assert list(pilot_steps(4, 48)) == [1, 2, 3] and len(pilot_steps(1, 8)) == 0
+
+
+def test_importance_proposal_follows_the_pilot_and_keeps_a_uniform_floor():
+    grid = np.array([1, 10, 99])
+    r = importance_proposal(grid, np.array([100.0, 10.0, 0.0]), 100, uniform_share=0.2)
+    assert r[0] == 0.0 and r.sum() == pytest.approx(1.0)
+    assert np.all(r[1:] >= 0.2 / 99 - 1e-15)  # no weight 1 / (n r) above 99 n / 0.2
+    assert r[1] > r[10] > r[50] > 0 and np.all(np.diff(r[1:]) <= 1e-15)  # decreasing like the pilot
+    flat = importance_proposal(grid, np.array([np.nan, 1.0, 1.0]), 100)  # a bad pilot: uniform
+    assert np.allclose(flat[1:], 1 / 99)
+
+
+def test_stratified_draws_cover_each_step_once_under_a_uniform_proposal():
+    r = np.r_[0.0, np.full(9, 1 / 9)]
+    steps = stratified_steps(r, 50, 9, torch.Generator().manual_seed(0))
+    assert steps.shape == (50, 9)
+    assert all(sorted(row) == list(range(1, 10)) for row in steps.tolist())
+
+
+def test_stratified_draws_land_n_r_times_per_step_on_average():
+    r = importance_proposal(np.array([1, 5, 19]), np.array([50.0, 5.0, 1.0]), 20)
+    steps = stratified_steps(r, 40_000, 3, torch.Generator().manual_seed(1))
+    counts = np.bincount(steps.ravel(), minlength=20) / 40_000
+    assert counts[0] == 0
+    assert np.allclose(counts, 3 * r, atol=0.01)
+
+
+def test_sampled_bound_is_an_unbiased_estimate_of_the_full_chain():
+    """Mean over many images of the drawn estimate == the summed chain, per term group, within s.e."""
+    full = make_schedule("linear", 1000)
+    s = respace(full, 30)
+    m, v = 0.1, 0.09
+    g = torch.Generator().manual_seed(5)
+    x0 = m + math.sqrt(v) * torch.randn(2000, 3, 4, 4, generator=g, dtype=torch.float64)
+    model = GaussianDenoiser(full, m, v)
+    exact = bound_bits(model, s, x0, var_type="fixedlarge", generator=g, clip_denoised=False)
+    grid = pilot_steps(s.num_steps, 8)
+    pilot = pilot_terms_bits(model, s, x0[:16], grid, var_type="fixedlarge", generator=g, clip_denoised=False)
+    r = importance_proposal(grid, pilot, s.num_steps)
+    est = sampled_bound_bits(model, s, x0, proposal=r, num_samples=3, var_type="fixedlarge", generator=g,
+                             clip_denoised=False)
+    assert np.array_equal(est.prior_bits, exact.prior_bits)  # L_T is exact
+    assert np.all(np.isnan(est.xstart_mse[:, 1:])) and np.all(np.isfinite(est.xstart_mse[:, 0]))
+    for cols in (slice(1, None), slice(1, 5), slice(5, None)):
+        a, b = est.terms_bits[:, cols].sum(1), exact.terms_bits[:, cols].sum(1)
+        se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+        assert a.mean() == pytest.approx(b.mean(), abs=4 * se)
+    # the pilot-shaped proposal is what keeps the draws' variance down: uniform draws are noisier
+    uniform = np.r_[0.0, np.full(s.num_steps - 1, 1 / (s.num_steps - 1))]
+    flat = sampled_bound_bits(model, s, x0, proposal=uniform, num_samples=3, var_type="fixedlarge", generator=g,
+                              clip_denoised=False)
+    assert est.terms_bits[:, 1:].sum(1).std() < 0.5 * flat.terms_bits[:, 1:].sum(1).std()
+
+
+def test_sampled_bound_refuses_a_proposal_that_does_not_fit_the_chain():
+    s = respace(make_schedule("linear", 1000), 10)
+    x0 = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError):
+        sampled_bound_bits(lambda x, t: torch.zeros_like(x), s, x0, proposal=np.full(10, 0.1), num_samples=2,
+                           var_type="fixedlarge", generator=g)
+    with pytest.raises(ValueError):
+        sampled_bound_bits(lambda x, t: torch.zeros_like(x), s, x0, proposal=np.r_[0.0, np.full(8, 1 / 8)],
+                           num_samples=2, var_type="fixedlarge", generator=g)
