@@ -36,8 +36,10 @@ from diffcodec.evaluate import model_fn_of, model_schedule
 from diffcodec.schedule import make_schedule, respace
 from diffcodec.unet import UNet
 
-GOLDEN = Path(__file__).parent / "golden" / "tiny_bitsback_k4.dfc"
-GOLDEN_SHA256 = "0ecb369ad1e62764dbaad45602f2afcb878eb9df3e221ce0339203252f15e1aa"
+GOLDEN = Path(__file__).parent / "golden" / "tiny_bitsback_k4_v2.dfc"  # format version 2
+GOLDEN_SHA256 = "72a2918b41d63e13e4c1d15b739f6181f027da4530c14be3765ed718c171a770"
+GOLDEN_V1 = Path(__file__).parent / "golden" / "tiny_bitsback_k4.dfc"  # written by diffcodec 0.1
+GOLDEN_V1_SHA256 = "0ecb369ad1e62764dbaad45602f2afcb878eb9df3e221ce0339203252f15e1aa"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -421,6 +423,19 @@ def test_golden_file_is_reproduced_and_decodes():
     decoded = decode_container(loaded, unpack(data))
     for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
         assert np.array_equal(a, b)
+    assert decoded.names == ["g0.png", "g1.png"]
+
+
+def test_version_1_golden_file_still_decodes():
+    """Same recipe, written by diffcodec 0.1 (format version 1): same payload, older image table."""
+    old = GOLDEN_V1.read_bytes()
+    assert hashlib.sha256(old).hexdigest() == GOLDEN_V1_SHA256 and old[4] == 1
+    container = unpack(old)
+    assert container.payload == unpack(GOLDEN.read_bytes()).payload
+    decoded = decode_container(as_loaded(*seeded_model(0)), container)
+    for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
+        assert np.array_equal(a, b)
+    assert decoded.names == ["g0.png", "g1.png"]
 
 
 def test_quadratic_spacing_is_recorded_and_decoded():

@@ -13,6 +13,7 @@ from diffcodec.container import (
     MAGIC,
     MODE_BITSBACK,
     MODE_PROGRESSIVE,
+    VERSION,
     BitsBackParams,
     Container,
     Header,
@@ -42,17 +43,25 @@ def sample_container(payload: bytes = bytes(range(40))) -> Container:
     return Container(header, payload)
 
 
-# Pinned: changing the layout must be a conscious format-version decision.
-GOLDEN_SHA256 = "0909e22b814cc68c806b8de0ac7efdaf4898560b111b33cfb72a7ce3d86357c8"
+# Pinned (format version 2): changing the layout must be a conscious format-version decision.
+GOLDEN_SHA256 = "d41dd9656aac240c6c83bc429f83d344fe9d197af34865de290f2b5e41dbea3e"
+
+
+TABLE_AT = 48  # the image table's offset in sample_container's file (after the tile size)
 
 
 def test_layout_matches_the_byte_table():
     data = pack(sample_container())
-    assert data[:4] == MAGIC and data[4] == 1 and data[5] == MODE_BITSBACK
+    assert data[:4] == MAGIC and data[4] == VERSION == 2 and data[5] == MODE_BITSBACK
     assert data[8:16] == bytes.fromhex("0123456789abcdef")
     assert data[16] == 3 and data[17:20] == b"cpu"
     assert data[20] == 6 and data[21:27] == b"linear"
     assert struct.unpack_from("<II", data, 27) == (1000, 10)
+    assert data[35] == 10 and data[36:46] == b"fixedlarge" and struct.unpack_from("<H", data, 46) == (32,)
+    # image table (varints): 2 images in 2 size runs, then 2 name runs: one name, one series "cifar[1]"
+    table = bytes([2, 2, 1, 37, 45, 1, 32, 32, 2, 0, 5]) + b"a.png" + bytes([1, 1, 1, 5]) + b"cifar"
+    assert data[TABLE_AT : TABLE_AT + len(table)] == table
+    assert data[TABLE_AT + len(table) : TABLE_AT + len(table) + 8] == bytes.fromhex("a1b2c3d4e5f60718")
     block = PARAMS.pack()
     assert len(block) == 40 + 2 * 2
     assert data[-4 - 40 - 8 - len(block) - 4 : -4 - 40 - 8 - len(block)] == struct.pack("<I", len(block))
@@ -85,8 +94,8 @@ def test_bad_magic_version_mode_crc_and_trailing_bytes():
     data = bytearray(pack(sample_container()))
     with pytest.raises(DiffcodecError, match="bad magic"):
         unpack(b"PNG!" + bytes(data[4:]))
-    wrong_version = bytes(data[:4]) + bytes([2]) + bytes(data[5:])
-    with pytest.raises(DiffcodecError, match="version 2; this diffcodec reads version 1"):
+    wrong_version = bytes(data[:4]) + bytes([3]) + bytes(data[5:])
+    with pytest.raises(DiffcodecError, match="version 3; this diffcodec reads versions 1 and 2"):
         unpack(wrong_version)
     with pytest.raises(DiffcodecError, match="unknown coding mode 9"):
         unpack(bytes(data[:5]) + bytes([9]) + bytes(data[6:]))
@@ -172,3 +181,75 @@ def test_write_refuses_to_overwrite(tmp_path):
     assert read_container(path).payload == b"other!!!"
     with pytest.raises(DiffcodecError, match="no such file"):
         read_container(tmp_path / "missing.dfc")
+
+
+def as_version_1(data: bytes, images: tuple[ImageEntry, ...]) -> bytes:
+    """The same file in the 0.1 layout: version byte 1 and a per-image table, CRC redone."""
+    table_v2_len = len(pack_table(images))
+    v1 = struct.pack("<I", len(images)) + b"".join(
+        struct.pack("<IIH", im.height, im.width, len(im.name.encode())) + im.name.encode() for im in images)
+    body = data[:4] + b"\x01" + data[5:TABLE_AT] + v1 + data[TABLE_AT + table_v2_len : -4]
+    return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+
+def pack_table(images):
+    from diffcodec.container import _pack_image_table
+
+    return _pack_image_table(images)
+
+
+def test_version_1_files_are_still_read():
+    c = sample_container()
+    old = as_version_1(pack(c), c.header.images)
+    assert old[4] == 1 and len(old) == len(pack(c)) - len(pack_table(c.header.images)) + 4 + 10 * 2 + 5 + 8
+    assert unpack(old) == c
+
+
+def with_images(images: tuple[ImageEntry, ...]) -> Container:
+    c = sample_container()
+    return Container(Header(**{**c.header.__dict__, "images": images}), c.payload)
+
+
+def test_image_table_is_run_length_coded_and_round_trips():
+    shard = "cifar10_test_00000-04999.npz"
+    names = [f"{shard}[{i}]" for i in range(5000)] + [f"next.npz[{i}]" for i in range(5000)]
+    many = tuple(ImageEntry(32, 32, n) for n in names)
+    # N, R, (count, h, w), runs, 2 x (kind, count, first, length, stem): nothing per image
+    assert len(pack_table(many)) == 2 + 1 + 4 + 1 + (1 + 2 + 1 + 1 + len(shard)) + (1 + 2 + 1 + 1 + len("next.npz"))
+    assert unpack(pack(with_images(many))).header.images == many
+    assert len(pack_table(tuple(ImageEntry(32, 32) for _ in range(10_000)))) == 2 + 1 + 4 + 1 + 3
+    assert len(pack_table((ImageEntry(32, 32, "x.png"),))) == 13  # v1: 4 + 10 + 5
+    mixed = (ImageEntry(32, 32, "a[0]"), ImageEntry(32, 32, "a[1]"), ImageEntry(32, 32, "a[3]"),
+             ImageEntry(9, 9, ""), ImageEntry(9, 9, ""), ImageEntry(32, 32, "a[01]"), ImageEntry(32, 32, "b[2]x"),
+             ImageEntry(32, 32, "ü[7]"), ImageEntry(32, 32, "[0]"), ImageEntry(32, 32, "a[4294967296]"),
+             ImageEntry(65536, 1, "é" * 127))
+    assert unpack(pack(with_images(mixed))).header.images == mixed  # exact names, whatever they look like
+    long = (ImageEntry(32, 32, "é" * 200),)  # names keep at most 255 bytes, whole characters
+    assert unpack(pack(with_images(long))).header.images[0].name == "é" * 127
+
+
+def test_corrupt_image_tables_are_one_line_errors():
+    c = with_images(tuple(ImageEntry(32, 32, f"s[{i}]") for i in range(3)))
+    data = pack(c)
+    table = bytes([3, 1, 3, 32, 32, 1, 1, 3, 0, 1]) + b"s"
+    assert data[TABLE_AT : TABLE_AT + len(table)] == table
+
+    def patched(at: int, values: bytes) -> bytes:
+        body = bytearray(data[:-4])
+        body[TABLE_AT + at : TABLE_AT + at + len(values)] = values
+        return bytes(body) + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+    cases = {
+        "no images": patched(0, b"\x00"),
+        "at most 16777216": patched(0, b"\xff\xff\xff\xff\x0f"),
+        "field too long": patched(0, b"\xff\xff\xff\xff\xff\x01"),
+        "size runs for 3": patched(1, b"\x00"),
+        "size runs cover 2 of 3": patched(2, b"\x02"),
+        "size 0x32": patched(3, b"\x00"),
+        "name run of kind 7": patched(6, b"\x07"),
+        "name runs": patched(7, b"\x04"),  # a series of 4 names for 3 images
+    }
+    for expected, bad in cases.items():
+        with pytest.raises(DiffcodecError, match=expected) as e:
+            unpack(bad, "f.dfc")
+        assert "\n" not in str(e.value)
