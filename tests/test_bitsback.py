@@ -37,7 +37,7 @@ from diffcodec.schedule import make_schedule, respace
 from diffcodec.unet import UNet
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_bitsback_k4_v2.dfc"  # format version 2
-GOLDEN_SHA256 = "72a2918b41d63e13e4c1d15b739f6181f027da4530c14be3765ed718c171a770"
+GOLDEN_SHA256 = "2c567515b8049b9f7312f728a5f808c168d326c1265572b5c664f23c6ad3b522"
 GOLDEN_V1 = Path(__file__).parent / "golden" / "tiny_bitsback_k4.dfc"  # written by diffcodec 0.1
 GOLDEN_V1_SHA256 = "0ecb369ad1e62764dbaad45602f2afcb878eb9df3e221ce0339203252f15e1aa"
 
@@ -406,13 +406,12 @@ def test_float32_cpu_files_record_the_thread_count(encoded, tmp_path, capsys):
 # ------------------------------------------------------------------------------ golden
 
 
-def golden_bytes() -> bytes:
-    """The golden file's recipe: model seed 0, two images, K = 4 uniformly spaced, float64 network.
-    (Written before the spacing byte existed, when it was reserved and 0: it still decodes.)"""
+def golden_bytes(config: GridConfig = GridConfig()) -> bytes:
+    """The golden file's recipe: model seed 0, two images, K = 4 uniformly spaced, float64 network."""
     loaded = as_loaded(*seeded_model(0))
     images = synthetic_images([(32, 32), (13, 20)], seed=11)
     return encode_images(loaded, images, ["g0.png", "g1.png"], steps=4, spacing="uniform", float64=True,
-                         compute_bound=False, bootstrap=False).data
+                         compute_bound=False, bootstrap=False, config=config).data
 
 
 def test_golden_file_is_reproduced_and_decodes():
@@ -427,11 +426,13 @@ def test_golden_file_is_reproduced_and_decodes():
 
 
 def test_version_1_golden_file_still_decodes():
-    """Same recipe, written by diffcodec 0.1 (format version 1): same payload, older image table."""
+    """Same recipe, written by diffcodec 0.1 (format version 1, 8-sigma windows, the spacing byte
+    still reserved and 0): today's encoder with those windows writes the same payload."""
     old = GOLDEN_V1.read_bytes()
     assert hashlib.sha256(old).hexdigest() == GOLDEN_V1_SHA256 and old[4] == 1
     container = unpack(old)
-    assert container.payload == unpack(GOLDEN.read_bytes()).payload
+    assert BitsBackParams.unpack(container.header.params).window_sigmas == 8
+    assert container.payload == unpack(golden_bytes(GridConfig(window_sigmas=8))).payload
     decoded = decode_container(as_loaded(*seeded_model(0)), container)
     for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
         assert np.array_equal(a, b)
