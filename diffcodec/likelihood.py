@@ -161,6 +161,17 @@ def _sampled_term(
     return vb_term_bits(s, output, x0, x_t, t, var_type=var_type, clip_denoised=clip_denoised)
 
 
+def _batch_result(s: Schedule, x0: torch.Tensor, terms: torch.Tensor, mse: torch.Tensor) -> BoundResult:
+    """A batch's BoundResult: its terms and x^_0 errors [B, K], with the exact prior term."""
+    return BoundResult(
+        prior_bits=prior_bits(s, x0).double().cpu().numpy(),
+        terms_bits=terms.cpu().numpy(),
+        xstart_mse=mse.cpu().numpy(),
+        timesteps=s.timesteps.copy(),
+        num_dims=np.full(x0.shape[0], int(np.prod(x0.shape[1:])), dtype=np.int64),
+    )
+
+
 def _mse_255(pred_xstart: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return (((pred_xstart - x0) * 127.5) ** 2).reshape(x0.shape[0], -1).double().mean(1)
 
@@ -192,13 +203,7 @@ def bound_bits(
         mse[:, k] = _mse_255(pred_xstart, x0)
         if on_step is not None:
             on_step()
-    return BoundResult(
-        prior_bits=prior_bits(s, x0).double().cpu().numpy(),
-        terms_bits=terms.cpu().numpy(),
-        xstart_mse=mse.cpu().numpy(),
-        timesteps=s.timesteps.copy(),
-        num_dims=np.full(num_images, int(np.prod(x0.shape[1:])), dtype=np.int64),
-    )
+    return _batch_result(s, x0, terms, mse)
 
 
 @dataclass(frozen=True)
@@ -401,10 +406,4 @@ def sampled_bound_bits(
         terms.scatter_add_(1, t[:, None], (term * w)[:, None])
         if on_step is not None:
             on_step()
-    return BoundResult(
-        prior_bits=prior_bits(s, x0).double().cpu().numpy(),
-        terms_bits=terms.cpu().numpy(),
-        xstart_mse=mse.cpu().numpy(),
-        timesteps=s.timesteps.copy(),
-        num_dims=np.full(num_images, int(np.prod(x0.shape[1:])), dtype=np.int64),
-    )
+    return _batch_result(s, x0, terms, mse)

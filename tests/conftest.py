@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,4 +50,13 @@ def cifar_test_dir() -> Path:
     path = SHARED_DATA / "cifar10" / "test"
     if not path.is_dir():
         pytest.skip(f"{path} not present: the CIFAR-10 test shards live in ../shared/data beside the repo")
+    return path
+
+
+@pytest.fixture
+def images_npz(tmp_path):
+    """Five random 32x32 RGB images in a CIFAR-10-style .npz shard."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "imgs.npz"
+    np.savez_compressed(path, x=rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), y=np.arange(5, dtype=np.uint8))
     return path

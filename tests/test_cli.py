@@ -10,14 +10,6 @@ from PIL import Image
 from diffcodec.cli import main
 
 
-@pytest.fixture
-def images_npz(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "imgs.npz"
-    np.savez_compressed(path, x=rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), y=np.arange(5, dtype=np.uint8))
-    return path
-
-
 def run(argv, capsys):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
