@@ -251,10 +251,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kodak-only", action="store_true",
                    help="only the Kodak part (e.g. at the CLI's default K: --kodak-only --kodak-steps 100 "
                         "--out reports/lossless_kodak.json)")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="only the classical codecs on the first -n test images (cheap: e.g. -n 10000 for the "
+                        "whole test set); writes --out (default reports/lossless_baselines.json)")
     p.add_argument("--batch-size", type=int, default=64, help="most tiles per chunk (default 64)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    p.add_argument("--out", default=str(REPORTS_DIR / "lossless.json"))
-    return p.parse_args(argv)
+    p.add_argument("--out", help="output JSON (default reports/lossless.json)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(REPORTS_DIR / ("lossless_baselines.json" if args.baselines_only else "lossless.json"))
+    return args
 
 
 def cifar_parts(args: argparse.Namespace, loaded: LoadedModel, images: list[np.ndarray], T: int,
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint, device="cpu")
     data = resolve_data(args.data)
-    need = max(args.num_images, args.timing_images, args.per_image)
+    need = args.num_images if args.baselines_only else max(args.num_images, args.timing_images, args.per_image)
     images = [] if args.kodak_only else read_images(data, limit=need).images
     T = loaded.diffusion_config.num_timesteps
     report: dict[str, Any] = {
@@ -287,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"{loaded.meta.get('weights', '?')} weights",
         "threads": args.threads,
     }
+    if args.baselines_only:
+        report["baselines_cifar"] = {**run_baselines(images), "num_images": len(images)}
+        path = write_json(args.out, report)
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
     if not args.kodak_only:
         cifar_parts(args, loaded, images, T, report)
     if args.kodak != "none":

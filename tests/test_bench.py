@@ -271,3 +271,15 @@ def test_a_reference_for_other_weights_asks_to_be_regenerated(tiny_checkpoint):
     assert reference_mismatch({"fingerprint": loaded.fingerprint}, loaded) is None
     why = reference_mismatch({"fingerprint": "0123456789abcdef"}, loaded)
     assert why is not None and "regenerate" in why and "--ci-reference" in why and loaded.fingerprint in why
+
+
+def test_lossless_baselines_only_codes_every_image_exactly(tiny_checkpoint, images_npz, tmp_path):
+    from bench import lossless
+
+    out = tmp_path / "baselines.json"
+    assert lossless.main([str(images_npz), "-c", str(tiny_checkpoint), "-n", "3", "--baselines-only",
+                          "--kodak", "none", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    base = r["baselines_cifar"]
+    assert base["num_images"] == 3 and "stream" not in r
+    assert base["png"]["exact"] and 0 < base["png"]["bits_per_dim"] and base["png"]["bytes"] > 3 * 3072 / 2
