@@ -554,6 +554,26 @@ def readme_lossless(ll: dict[str, Any]) -> list[str]:
     return lines
 
 
+def readme_lossless_baselines(ll: dict[str, Any], name: str) -> list[str]:
+    """Classical lossless codecs on many test images (`bench.lossless --baselines-only`)."""
+    prov, base = ll.get("provenance") or {}, ll.get("baselines_cifar") or {}
+    rows = [(BASELINE_NAMES.get(k, k), v) for k, v in base.items() if isinstance(v, dict) and "bits_per_dim" in v]
+    if not rows:
+        return []
+    return [
+        f"## Lossless: classical codecs on {base.get('num_images', '?'):,} CIFAR-10 test images ({name})",
+        "",
+        f"Produced by `{prov.get('command', '?')}` on {prov.get('device', '?')}. Counting rule: "
+        f"{ll.get('counting_rule', '?')}. Compare with the shipped model's bound on all 10,000 test images "
+        "(`nll_test_all.json`) and the bits-back files' overhead over it (the stream sections).",
+        "",
+        "| codec (one file per image) | bits/dim | exact | CPU-s |",
+        "|---|---|---|---|",
+        *[f"| {label} | {v['bits_per_dim']:.3f} | {v.get('exact')} | {v.get('cpu_seconds', math.nan):.0f} |"
+          for label, v in rows],
+    ]
+
+
 def readme_lossless_stream(ll: dict[str, Any], name: str) -> list[str]:
     """A long single-stream run (e.g. `lossless_1000.json`): the stream's sizes against the bound."""
     prov, st = ll.get("provenance") or {}, ll.get("stream") or {}
@@ -653,7 +673,7 @@ def build_readme(reports: Path, made: dict[str, list[str]], notes: list[str]) ->
     """The README: how to regenerate everything (the commands recorded in the JSON files, in
     order), then one section per input that exists, then what was not drawn and why."""
     names = ["nll.json", "nll_test_all.json", "nll_ci_reference.json", "speed.json", "lossless.json",
-             "lossless_stream.json", "lossless_1000.json", "lossless_kodak.json",
+             "lossless_stream.json", "lossless_1000.json", "lossless_baselines.json", "lossless_kodak.json",
              "progressive.json",
              "progressive_kodak.json", "rcc_redundancy.json"]
     commands = [f"{recorded_command(reports, n)}  # -> reports/{n}" for n in names
@@ -737,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
         ll_long = read_json(reports / name)
         if ll_long is not None:
             made[name] = readme_lossless_stream(ll_long, name)
+    ll_base = read_json(reports / "lossless_baselines.json")
+    if ll_base is not None:
+        made["lossless_baselines"] = readme_lossless_baselines(ll_base, "lossless_baselines.json")
     ll_kodak = read_json(reports / "lossless_kodak.json")
     if ll_kodak is not None:
         made["lossless_kodak"] = readme_lossless_kodak(ll_kodak, "lossless_kodak.json")

@@ -231,6 +231,11 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
                 "t_samples": 8, "seconds": 3600.0,
                 "terms_bpd": {"L_T": {"mean": 0.0, "stderr": 0.0}, "L_0": {"mean": 1.45, "stderr": 0.003}},
                 "per_image_bpd_percentiles": {"1": 2.1, "10": 2.8, "50": 3.6, "90": 4.4, "99": 5.0}})
+    write_json(tmp_path / "lossless_baselines.json",
+               {"provenance": {"command": "python -m bench.lossless -n 10000 --baselines-only", "device": "cpu: test"},
+                "counting_rule": "whole files",
+                "baselines_cifar": {"num_images": 10000, "png": {"bits_per_dim": 5.9, "exact": True,
+                                                                   "cpu_seconds": 12.0}}})
     write_json(tmp_path / "lossless_kodak.json",
                {"provenance": {"command": "python -m bench.lossless --kodak-only", "device": "cpu: test"},
                 "kodak": {"image": "k1.png", "num_tiles": 384, "num_steps": 100, "file_bpd": 3.408, "exact": True,
@@ -249,6 +254,8 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     assert "## Lossless: one Kodak image at K = 100 (lossless_kodak.json)" in readme
     assert "| bits-back, k1.png (384 tiles, exact: True) | 3.408 | 1000 CPU-s, peak 1400 MiB | 900 CPU-s" in readme
     assert "| PNG (Pillow, optimize), same image | 5.280 |" in readme
+    assert "## Lossless: classical codecs on 10,000 CIFAR-10 test images (lossless_baselines.json)" in readme
+    assert "| PNG (Pillow, optimize) | 5.900 | True | 12 |" in readme
     assert "## Bits/dim on all 10,000 CIFAR-10 test images (Monte Carlo over timesteps)" in readme
     assert "| **3.6100 ± 0.0060** | 0.00000 ± 0.00000 | 1.45000 ± 0.00300 |" in readme
     assert "`diffcodec nll x`, reported by `python -m bench.nll_all --terms t.npz`" in readme and "60 minutes" in readme
