@@ -290,3 +290,23 @@ def test_lossless_baselines_only_codes_every_image_exactly(tiny_checkpoint, imag
     base = r["baselines_cifar"]
     assert base["num_images"] == 3 and "stream" not in r
     assert base["png"]["exact"] and 0 < base["png"]["bits_per_dim"] and base["png"]["bytes"] > 3 * 3072 / 2
+
+
+def test_coder_overhead_books_every_operation(tiny_checkpoint, images_npz, tmp_path):
+    from scipy.stats import norm
+
+    from bench import coder_overhead
+
+    x, m, s = np.array([0.0, 3.0, -7.0]), np.array([0.2, 0.0, 1.0]), np.array([1.0, 2.0, 0.5])
+    expected = -np.log2(norm.cdf((x - m + 0.5) / s) - norm.cdf((x - m - 0.5) / s)).sum()
+    assert coder_overhead.bin_bits(x, m, s) == pytest.approx(expected, rel=1e-9)
+    out = tmp_path / "overhead.json"
+    assert coder_overhead.main([str(images_npz), "-c", str(tiny_checkpoint), "-n", "2", "--steps", "3",
+                                "--windows", "5,8", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["window_sigmas"] for row in r["rows"]] == [5, 8]
+    for row in r["rows"]:
+        kinds = row["by_kind_bpd"]
+        assert sum(v["actual"] for v in kinds.values()) == pytest.approx(row["net_bpd"], rel=1e-9)
+        assert row["coder_overhead_bpd"] == pytest.approx(row["net_bpd"] - row["ideal_bpd"])
+        assert row["net_bpd"] > 0 and math.isfinite(row["coder_overhead_pct"])  # a random model: any size
