@@ -28,10 +28,11 @@ uniformly random symbol with probability ~N x 2^-24. On one fixed grid over [-R,
 at K = 100 (measured, tiny model); with windows N is a few thousand and strays stay within
 c sigmas. The window's width matters the same way: on bins of 2^-b sigmas, those beyond about
 4.7 sigmas hold less than 2^-24 each and are lifted to it, so a wider window strays more often.
-Code lengths against the ideal -log2 of each symbol's Gaussian bin mass (shipped model, K = 100,
-16 test images, `python -m bench.coder_overhead`): c = 8 costs 0.017 bits/dim over them, c = 5 0.0013; narrower windows cut
-into q itself (8 images: c = 4 0.023, c = 3 1.15). Pixels are pushed under the discretized
-Gaussian decoder over the 256 levels (edge bins take the tails, as L_0 in `likelihood`).
+Code lengths against the ideal -log2 of each symbol's Gaussian bin mass (shipped model,
+K = 100, 16 test images, `python -m bench.coder_overhead`): c = 8 costs 0.017 bits/dim over
+them, c = 5 0.0013; narrower windows cut into q itself (8 images: c = 4 0.023, c = 3 1.15).
+Pixels are pushed under the discretized Gaussian decoder over the 256 levels (edge bins take
+the tails, as L_0 in `likelihood`).
 
 Scrambling: right after x_k is pushed under p, the ANS state's low bits are x_k's position
 in p's CDF, so an immediate pop under q would return a quantile transform of x_k instead of
