@@ -29,8 +29,9 @@ at K = 100 (measured, tiny model); with windows N is a few thousand and strays s
 c sigmas. The window's width matters the same way: on bins of 2^-b sigmas, those beyond about
 4.7 sigmas hold less than 2^-24 each and are lifted to it, so a wider window strays more often.
 Code lengths against the ideal -log2 of each symbol's Gaussian bin mass (shipped model,
-K = 100, 16 test images, `python -m bench.coder_overhead`): c = 8 costs 0.017 bits/dim over
-them, c = 5 0.0013; narrower windows cut into q itself (8 images: c = 4 0.023, c = 3 1.15).
+K = 100, first 16 test images, `python -m bench.coder_overhead`, reports/coder_overhead.json):
+c = 8 costs 0.0154 bits/dim over them, c = 5 0.0021; narrower windows cut into q itself
+(a scratch run on 8 images: c = 4 0.023, c = 3 1.15).
 Pixels are pushed under the discretized Gaussian decoder over the 256 levels (edge bins take
 the tails, as L_0 in `likelihood`).
 
