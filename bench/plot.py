@@ -574,6 +574,23 @@ def readme_lossless_baselines(ll: dict[str, Any], name: str) -> list[str]:
     ]
 
 
+def readme_coder_overhead(r: dict[str, Any]) -> list[str]:
+    """The bits-back coder against ideal code lengths, by window width (`bench.coder_overhead`)."""
+    prov = r.get("provenance") or {}
+    return [
+        "## Lossless: what the bits-back coder pays over ideal code lengths (coder_overhead.json)",
+        "",
+        f"Produced by `{prov.get('command', '?')}` on {prov.get('device', '?')}, {fingerprint_of(r)}: "
+        f"{r.get('num_images')} test images in one chunk, K = {r.get('num_steps')}; every push and pop in stack "
+        "bits against -log2 of the symbol's Gaussian bin mass.",
+        "",
+        "| latent window | net bits/dim | ideal | coder overhead |",
+        "|---|---|---|---|",
+        *[f"| {row['window_sigmas']} sigmas | {row['net_bpd']:.4f} | {row['ideal_bpd']:.4f} | "
+          f"{row['coder_overhead_bpd']:+.4f} ({row['coder_overhead_pct']:+.2f}%) |" for row in r.get("rows", [])],
+    ]
+
+
 def readme_lossless_stream(ll: dict[str, Any], name: str) -> list[str]:
     """A long single-stream run (e.g. `lossless_1000.json`): the stream's sizes against the bound."""
     prov, st = ll.get("provenance") or {}, ll.get("stream") or {}
@@ -673,7 +690,8 @@ def build_readme(reports: Path, made: dict[str, list[str]], notes: list[str]) ->
     """The README: how to regenerate everything (the commands recorded in the JSON files, in
     order), then one section per input that exists, then what was not drawn and why."""
     names = ["nll.json", "nll_test_all.json", "nll_ci_reference.json", "speed.json", "lossless.json",
-             "lossless_stream.json", "lossless_1000.json", "lossless_baselines.json", "lossless_kodak.json",
+             "lossless_stream.json", "lossless_1000.json", "lossless_baselines.json", "coder_overhead.json",
+             "lossless_kodak.json",
              "progressive.json",
              "progressive_kodak.json", "rcc_redundancy.json"]
     commands = [f"{recorded_command(reports, n)}  # -> reports/{n}" for n in names
@@ -757,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
         ll_long = read_json(reports / name)
         if ll_long is not None:
             made[name] = readme_lossless_stream(ll_long, name)
+    overhead = read_json(reports / "coder_overhead.json")
+    if overhead is not None:
+        made["coder_overhead"] = readme_coder_overhead(overhead)
     ll_base = read_json(reports / "lossless_baselines.json")
     if ll_base is not None:
         made["lossless_baselines"] = readme_lossless_baselines(ll_base, "lossless_baselines.json")

@@ -236,6 +236,11 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
                 "counting_rule": "whole files",
                 "baselines_cifar": {"num_images": 10000, "png": {"bits_per_dim": 5.9, "exact": True,
                                                                    "cpu_seconds": 12.0}}})
+    write_json(tmp_path / "coder_overhead.json",
+               {"provenance": {"command": "python -m bench.coder_overhead", "device": "cpu: test"},
+                "num_images": 16, "num_steps": 100,
+                "rows": [{"window_sigmas": 5, "net_bpd": 3.7, "ideal_bpd": 3.698, "coder_overhead_bpd": 0.002,
+                          "coder_overhead_pct": 0.054}]})
     write_json(tmp_path / "lossless_kodak.json",
                {"provenance": {"command": "python -m bench.lossless --kodak-only", "device": "cpu: test"},
                 "kodak": {"image": "k1.png", "num_tiles": 384, "num_steps": 100, "file_bpd": 3.408, "exact": True,
@@ -256,6 +261,7 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     assert "| PNG (Pillow, optimize), same image | 5.280 |" in readme
     assert "## Lossless: classical codecs on 10,000 CIFAR-10 test images (lossless_baselines.json)" in readme
     assert "| PNG (Pillow, optimize) | 5.900 | True | 12 |" in readme
+    assert "| 5 sigmas | 3.7000 | 3.6980 | +0.0020 (+0.05%) |" in readme
     assert "## Bits/dim on all 10,000 CIFAR-10 test images (Monte Carlo over timesteps)" in readme
     assert "| **3.6100 ± 0.0060** | 0.00000 ± 0.00000 | 1.45000 ± 0.00300 |" in readme
     assert "`diffcodec nll x`, reported by `python -m bench.nll_all --terms t.npz`" in readme and "60 minutes" in readme
