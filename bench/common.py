@@ -25,7 +25,7 @@ import torch
 
 from diffcodec.checkpoint import LoadedModel
 from diffcodec.errors import DiffcodecError
-from diffcodec.evaluate import usable_cores
+from diffcodec.evaluate import device_string
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPORTS_DIR = REPO_ROOT / "reports"
@@ -57,27 +57,6 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def cpu_name() -> str:
-    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def device_string(device: torch.device | str = "cpu") -> str:
-    """'cpu: AMD EPYC (2 cores, 2 torch threads)' or 'cuda:0: NVIDIA H100 80GB HBM3'."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index}: {torch.cuda.get_device_name(index)}"
-    threads = torch.get_num_threads()
-    return f"cpu: {cpu_name()} ({usable_cores()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
 
 
 def command_line(argv: list[str] | None = None) -> str:

@@ -46,14 +46,37 @@ def report_of(result: BoundResult, run: dict[str, Any]) -> dict[str, Any]:
 
 
 def result_of_terms(path: str | Path) -> BoundResult:
-    """A BoundResult from a `diffcodec nll --save-terms` file."""
-    with np.load(path) as z:
-        return BoundResult(prior_bits=z["prior_bits"], terms_bits=z["terms_bits"], xstart_mse=z["xstart_mse"],
-                           timesteps=z["timesteps"], num_dims=z["num_dims"])
+    """A BoundResult from a `diffcodec nll --save-terms` file (one-line errors for a missing or
+    wrong file)."""
+    from diffcodec.errors import DiffcodecError
+
+    try:
+        with np.load(path) as z:
+            return BoundResult(prior_bits=z["prior_bits"], terms_bits=z["terms_bits"], xstart_mse=z["xstart_mse"],
+                               timesteps=z["timesteps"], num_dims=z["num_dims"])
+    except FileNotFoundError:
+        raise DiffcodecError(f"{path}: no such file") from None
+    except (OSError, ValueError, KeyError) as e:  # not an npz, or one without the terms
+        raise DiffcodecError(f"{path}: not a `diffcodec nll --save-terms` file ({e})") from None
+
+
+def read_cli_json(path: str | Path) -> dict[str, Any]:
+    """The `diffcodec nll --json` output of the run that saved the terms."""
+    from diffcodec.errors import DiffcodecError
+
+    try:
+        run = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DiffcodecError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffcodecError(f"{path}: not the JSON output of `diffcodec nll --json` ({e})") from None
+    if not isinstance(run, dict) or "fingerprint" not in run:
+        raise DiffcodecError(f"{path}: not the JSON output of `diffcodec nll --json` (no model fingerprint)")
+    return run
 
 
 RUN_KEYS = ("estimator", "t_samples", "num_timesteps", "var_type", "schedule", "fingerprint", "weights", "seed",
-            "batch_size", "network_precision", "device", "seconds", "checkpoint")
+            "batch_size", "network_precision", "device", "device_name", "seconds", "checkpoint")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,12 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.terms:
         if not args.cli_json:
             raise DiffcodecError("--terms needs --cli-json (the run's settings and timing)")
-        run = json.loads(Path(args.cli_json).read_text())
+        run = read_cli_json(args.cli_json)
         if run.get("fingerprint") != loaded.fingerprint:
             raise DiffcodecError(f"{args.cli_json}: model {run.get('fingerprint')}, checkpoint {loaded.fingerprint}")
         result = result_of_terms(args.terms)
+        if len(result.total_bpd) != run.get("num_images", len(result.total_bpd)):
+            raise DiffcodecError(f"{args.terms}: {len(result.total_bpd)} images, {args.cli_json}: {run['num_images']}")
         prov["nll_command"] = args.cli_command
-        prov["device"] = run.get("device", prov["device"])
+        # the machine that ran the nll command, not this one (older --json output: its device kind only)
+        prov["device"] = run.get("device_name") or f"{run.get('device', 'unknown')} (kind only: not recorded by the run)"
     else:
         images = read_images(resolve_data(args.data), limit=args.num_images)
         nll = run_nll(loaded, images, batch_size=args.batch_size, seed=args.seed, device=torch.device("cpu"),
@@ -101,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                "num_timesteps": loaded.diffusion_config.num_timesteps, "var_type": loaded.diffusion_config.var_type,
                "schedule": loaded.diffusion_config.schedule, "fingerprint": loaded.fingerprint,
                "weights": loaded.meta.get("weights", "unknown"), "seed": args.seed, "batch_size": args.batch_size,
-               "network_precision": "float32", "device": nll.device, "seconds": nll.seconds}
+               "network_precision": "float32", "device": nll.device, "device_name": nll.device_name,
+               "seconds": nll.seconds}
     report = {"provenance": prov, **report_of(result, {k: run.get(k) for k in RUN_KEYS if k in run})}
     path = write_json(args.out, report)
     print(f"{report['bits_per_dim']:.4f} ± {report['bits_per_dim_stderr']:.4f} bits/dim over "

@@ -118,6 +118,7 @@ def run_nll_command(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "network_precision": "bf16 autocast" if args.bf16 else "float32",
         "device": run.device,
+        "device_name": run.device_name,
         "seconds": run.seconds,
         "images_per_second": summary.num_images / run.seconds if run.seconds > 0 else math.nan,
     }

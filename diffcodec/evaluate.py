@@ -9,7 +9,9 @@ what a codec that sends the tiles pays.
 from __future__ import annotations
 
 import os
+import platform
 import sys
+from pathlib import Path
 import time
 from dataclasses import dataclass
 
@@ -42,6 +44,27 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_name() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_string(device: torch.device | str = "cpu") -> str:
+    """'cpu: AMD EPYC (2 cores, 2 torch threads)' or 'cuda:0: NVIDIA H100 80GB HBM3'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}: {torch.cuda.get_device_name(index)}"
+    threads = torch.get_num_threads()
+    return f"cpu: {cpu_name()} ({usable_cores()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
 
 
 def pick_device(name: str) -> torch.device:
@@ -86,7 +109,8 @@ class NllRun:
     schedule: Schedule
     num_tiles: int
     seconds: float
-    device: str
+    device: str  # 'cpu', 'cuda:0'
+    device_name: str  # `device_string`: 'cpu: <model> (2 cores, 1 torch thread)', 'cuda:0: <GPU name>'
     t_samples: int | None = None  # KL terms drawn per image (None: the whole chain summed)
 
 
@@ -147,7 +171,8 @@ def run_nll(
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     per_image = merge_rows(result, groups, dims)
-    return NllRun(per_image, schedule, len(tiles), seconds, str(device), t_samples if sampled else None)
+    return NllRun(per_image, schedule, len(tiles), seconds, str(device), device_string(device),
+                  t_samples if sampled else None)
 
 
 TERM_GROUPS = ((0, 1), (1, 10), (10, 100), (100, None))

@@ -50,3 +50,41 @@ def test_report_of_a_saved_cli_run_matches_the_cli(tiny_checkpoint, images_npz, 
                       "--out", str(out)])
     with pytest.raises(DiffcodecError, match="--cli-json"):
         nll_all.main(["-c", str(tiny_checkpoint), "--terms", str(terms), "--out", str(out)])
+    # the report names the machine that ran the nll command
+    assert r["provenance"]["device"] == cli["device_name"] and cli["device_name"].startswith("cpu: ")
+
+
+def test_bad_saved_runs_are_one_line_errors(tiny_checkpoint, images_npz, tmp_path, capsys):
+    terms, cli_json = tmp_path / "t.npz", tmp_path / "r.json"
+    assert cli_main(["nll", str(images_npz), "-c", str(tiny_checkpoint), "--t-samples", "2", "--json", "-q",
+                     "-n", "3", "--save-terms", str(terms)]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    cli_json.write_text(json.dumps(cli))
+    base = ["-c", str(tiny_checkpoint), "--out", str(tmp_path / "all.json")]
+    with pytest.raises(DiffcodecError, match="no such file"):
+        nll_all.main([*base, "--terms", str(tmp_path / "missing.npz"), "--cli-json", str(cli_json)])
+    with pytest.raises(DiffcodecError, match="no such file"):
+        nll_all.main([*base, "--terms", str(terms), "--cli-json", str(tmp_path / "missing.json")])
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    with pytest.raises(DiffcodecError, match="not a `diffcodec nll --save-terms` file"):
+        nll_all.main([*base, "--terms", str(tmp_path / "junk.npz"), "--cli-json", str(cli_json)])
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(DiffcodecError, match="not a `diffcodec nll --save-terms` file"):
+        nll_all.main([*base, "--terms", str(tmp_path / "other.npz"), "--cli-json", str(cli_json)])
+    (tmp_path / "junk.json").write_text("{")
+    with pytest.raises(DiffcodecError, match="not the JSON output"):
+        nll_all.main([*base, "--terms", str(terms), "--cli-json", str(tmp_path / "junk.json")])
+    cli_json.write_text(json.dumps({**cli, "num_images": 4}))
+    with pytest.raises(DiffcodecError, match="3 images"):
+        nll_all.main([*base, "--terms", str(terms), "--cli-json", str(cli_json)])
+    # an older run's JSON without device_name: the report says what it does not know
+    cli_json.write_text(json.dumps({k: v for k, v in cli.items() if k != "device_name"}))
+    assert nll_all.main([*base, "--terms", str(terms), "--cli-json", str(cli_json)]) == 0
+    r = json.loads((tmp_path / "all.json").read_text())
+    assert r["provenance"]["device"] == "cpu (kind only: not recorded by the run)"
+    # from the shell: one line on stderr, exit status 2
+    capsys.readouterr()
+    assert nll_all.run_main(nll_all.main, [*base, "--terms", str(tmp_path / "missing.npz"),
+                                           "--cli-json", str(cli_json)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.npz: no such file" in err and "\n" not in err
