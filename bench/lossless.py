@@ -24,6 +24,11 @@ Measured parts:
   model's T): seconds per 32x32 image to encode and decode, file size and bound at that K.
   Without the bootstrap, so that every image goes down the K-step chain (a short stream is
   otherwise all bootstrap, i.e. the progressive codec's 50-step chain).
+* network limit (stream and timing runs): the codec cannot beat its network calls — K per
+  chunk at that chunk's size, each way, plus the bootstrap's 50 calls on its tiles — timed
+  here right after the run (`bench.speed.time_forward`, median of 5 calls per size); the
+  record gives those seconds and the codec's share of them (limit / wall seconds; 1.0 = all
+  time in the network). ``--add-network-limit REPORT`` adds them to an earlier report.
 * per-image: the first ``--per-image`` images, each alone in its own file, with the default
   progressive bootstrap and with ``--no-bootstrap`` (seeded initial words), against the bound.
 * kodak: one Kodak image (768x512 = 384 tiles) encoded and decoded in subprocesses through
@@ -50,7 +55,7 @@ import torch
 from PIL import Image
 
 from bench.common import REPORTS_DIR, SHARED_DATA, module_command, provenance, resolve_data, run_main, write_json
-from diffcodec.bitsback import decode_container, encode_images
+from diffcodec.bitsback import BOOTSTRAP_PARAMS, decode_container, encode_images
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
 from diffcodec.container import unpack
 from diffcodec.data import read_images
@@ -142,6 +147,7 @@ def code_stream(loaded: LoadedModel, images: list[np.ndarray], steps: int | None
         "encode_cpu_seconds_per_image": result.cpu_seconds / n,
         "decode_cpu_seconds_per_image": decoded.cpu_seconds / n,
     }
+    record.update(network_limit(loaded, record))
     if result.bound is not None:
         per_image = result.bound.total_bpd
         record.update({
@@ -152,6 +158,52 @@ def code_stream(loaded: LoadedModel, images: list[np.ndarray], steps: int | None
             "overhead_net_pct": 100.0 * (result.net_bpd / result.bound_bpd - 1.0),
         })
     return record
+
+
+def network_limit(loaded: LoadedModel, record: dict[str, Any], repeats: int = 5) -> dict[str, Any]:
+    """The network-bound limit of a coded stream (``code_stream``'s record): K calls per
+    bits-back chunk at its size and the bootstrap's calls on its tiles, each way, at the median
+    call time of this machine; and the codec's wall seconds as a share of it."""
+    from bench.speed import time_forward
+
+    sizes = list(record["chunks"])
+    if record.get("bootstrap_tiles"):
+        sizes_calls = [(b, record["num_steps"]) for b in sizes] + [(record["bootstrap_tiles"],
+                                                                     BOOTSTRAP_PARAMS.num_steps)]
+    else:
+        sizes_calls = [(b, record["num_steps"]) for b in sizes]
+    per_call = {b: time_forward(loaded, b, repeats=repeats, device=torch.device("cpu"))["seconds_per_call"]
+                for b in sorted({b for b, _ in sizes_calls})}
+    limit = float(sum(calls * per_call[b] for b, calls in sizes_calls))
+    return {
+        "network_limit_seconds": limit,  # one way (encode or decode: the same calls)
+        "network_seconds_per_call": {str(b): t for b, t in per_call.items()},
+        "encode_fraction_of_network_limit": limit / record["encode_wall_seconds"],
+        "decode_fraction_of_network_limit": limit / record["decode_wall_seconds"],
+    }
+
+
+def add_network_limit(path: str, loaded: LoadedModel, command: str) -> dict[str, Any]:
+    """Time the network limit of an earlier report's stream and timing runs (``--add-network-limit``)."""
+    from bench.common import device_string
+
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DiffcodecError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffcodecError(f"{path}: not a bench.lossless report ({e})") from None
+    fingerprint = report.get("provenance", {}).get("model", {}).get("fingerprint")
+    if fingerprint != loaded.fingerprint:
+        raise DiffcodecError(f"{path}: model {fingerprint}, checkpoint {loaded.fingerprint}")
+    parts = [k for k in ("stream", "timing_32x32") if isinstance(report.get(k), dict) and "chunks" in report[k]]
+    if not parts:
+        raise DiffcodecError(f"{path}: no stream with its chunk sizes to time")
+    for k in parts:
+        report[k].update(network_limit(loaded, report[k]))
+    report["provenance"]["network_limit"] = {"command": command, "device": device_string("cpu"),
+                                             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return report
 
 
 def per_image_files(loaded: LoadedModel, images: list[np.ndarray], steps: int | None, batch: int) -> dict[str, Any]:
@@ -256,8 +308,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "whole test set); writes --out (default reports/lossless_baselines.json)")
     p.add_argument("--batch-size", type=int, default=64, help="most tiles per chunk (default 64)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    p.add_argument("--add-network-limit", metavar="REPORT",
+                   help="only time the network limit of an earlier report's streams and add it (to --out, "
+                        "default: REPORT itself)")
     p.add_argument("--out", help="output JSON (default reports/lossless.json)")
     args = p.parse_args(argv)
+    if args.out is None and args.add_network_limit:
+        args.out = args.add_network_limit
     if args.out is None:
         args.out = str(REPORTS_DIR / ("lossless_baselines.json" if args.baselines_only else "lossless.json"))
     return args
@@ -281,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = load_checkpoint(args.checkpoint, device="cpu")
+    if args.add_network_limit:
+        report = add_network_limit(args.add_network_limit, loaded, module_command("bench.lossless", argv))
+        print(f"wrote {write_json(args.out, report)}", file=sys.stderr)
+        return 0
     data = resolve_data(args.data)
     need = args.num_images if args.baselines_only else max(args.num_images, args.timing_images, args.per_image)
     images = [] if args.kodak_only else read_images(data, limit=need).images

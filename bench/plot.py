@@ -533,6 +533,17 @@ def readme_rcc(rcc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def network_limit_sentence(st: dict[str, Any], what: str) -> list[str]:
+    """How close a coded stream came to its network-bound limit (`bench.lossless.network_limit`)."""
+    if "network_limit_seconds" not in st:
+        return []
+    return [f"Network-bound limit of the {what} (K = {st.get('num_steps')}: K network calls per chunk at its size, "
+            f"plus the bootstrap's, at this machine's median call time): {st['network_limit_seconds']:.0f} s each "
+            f"way; the codec took {st['encode_wall_seconds']:.0f} s to encode "
+            f"({st['encode_fraction_of_network_limit']:.0%} of the limit's speed) and {st['decode_wall_seconds']:.0f} s "
+            f"to decode ({st['decode_fraction_of_network_limit']:.0%}).", ""]
+
+
 def readme_lossless(ll: dict[str, Any]) -> list[str]:
     prov = ll.get("provenance") or {}
     cifar, kodak = lossless_bars(ll)
@@ -548,6 +559,10 @@ def readme_lossless(ll: dict[str, Any]) -> list[str]:
     ]
     if kodak:
         lines += ["", "| Kodak | bits/dim |", "|---|---|", *[f"| {label} | {bpd:.3f} |" for label, bpd, _ in kodak]]
+    limits = [*network_limit_sentence(ll.get("stream") or {}, "stream"),
+              *network_limit_sentence(ll.get("timing_32x32") or {}, "timing run")]
+    if limits:
+        lines += ["", *limits[:-1]]
     lines += ["", "![lossless](lossless.png)", "",
               "`lossless.png`: the same numbers as bars (blue: diffcodec files, green: the bound, grey: classical "
               "codecs)."]
@@ -614,6 +629,7 @@ def readme_lossless_stream(ll: dict[str, Any], name: str) -> list[str]:
         "| | bits/dim | over the bound |",
         "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        *(["", *network_limit_sentence(st, "stream")[:-1]] if "network_limit_seconds" in st else []),
     ]
 
 

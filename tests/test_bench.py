@@ -100,7 +100,7 @@ def test_markdown_tables_hold_both_sides_of_table4():
     from diffcodec.evaluate import NllRun
     from diffcodec.schedule import make_schedule
 
-    run = NllRun(synthetic_result(), make_schedule("linear", 1000), 3, 10.0, "cpu")
+    run = NllRun(synthetic_result(), make_schedule("linear", 1000), 3, 10.0, "cpu", "cpu: test")
     payload = {"provenance": {"model": {"path": "x.pt", "fingerprint": "abc"}, "seed": 0, "device": "cpu",
                               "command": "python -m bench.nll"},
                "num_images": 3, "num_timesteps": 1000, "runs": [summarize_run(run, 1000)]}
@@ -223,7 +223,10 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
                {"provenance": {"command": "python -m bench.lossless -n 1000", "device": "cpu: test"},
                 "stream": {"num_images": 1000, "num_steps": 100, "file_bpd": 3.64, "net_bpd": 3.595,
                            "bound_bpd": 3.578, "overhead_file_pct": 1.73, "overhead_net_pct": 0.48,
-                           "header_bytes": 10191, "initial_bits": 55360, "exact": True}})
+                           "header_bytes": 10191, "initial_bits": 55360, "exact": True,
+                           "network_limit_seconds": 2400.0, "encode_wall_seconds": 3200.0,
+                           "decode_wall_seconds": 3000.0, "encode_fraction_of_network_limit": 0.75,
+                           "decode_fraction_of_network_limit": 0.8}})
     write_json(tmp_path / "nll_test_all.json",
                {"provenance": {"command": "python -m bench.nll_all --terms t.npz", "nll_command": "diffcodec nll x",
                                "device": "cpu: test", "model": {"fingerprint": "feedfacefeedface"}},
@@ -267,6 +270,9 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     assert "`diffcodec nll x`, reported by `python -m bench.nll_all --terms t.npz`" in readme and "60 minutes" in readme
     assert "## Lossless: 1000 CIFAR-10 test images in one stream (lossless_1000.json)" in readme
     assert "| whole file (header included) | 3.6400 | +1.73% |" in readme and "started on seeded words" in readme
+    assert (readme.count("of the limit's speed") == 1  # only lossless_1000.json's stream was timed
+            and "2400 s each way; the codec took 3200 s to encode (75% of the limit's speed) and 3000 s to decode "
+                "(80%)." in readme)
     assert "nll.json absent" in readme and "feedfacefeedface" in readme and "DESIGN.md" in readme
     assert "| PNG (Pillow, optimize) | 5.870 |" in readme and "| bound on the same images (K=10) | 4.250 |" in readme
     base, where = plot.lossy_baselines({"kind": "lossless", "lossy_baselines": {"JPEG": [[1.0, 20.0]]}})
@@ -296,6 +302,44 @@ def test_lossless_baselines_only_codes_every_image_exactly(tiny_checkpoint, imag
     base = r["baselines_cifar"]
     assert base["num_images"] == 3 and "stream" not in r
     assert base["png"]["exact"] and 0 < base["png"]["bits_per_dim"] and base["png"]["bytes"] > 3 * 3072 / 2
+
+
+def test_lossless_stream_records_its_network_limit(tiny_checkpoint, images_npz, tmp_path):
+    from bench import lossless
+    from diffcodec.bitsback import BOOTSTRAP_PARAMS
+    from diffcodec.checkpoint import load_checkpoint
+    from diffcodec.data import read_images
+    from diffcodec.errors import DiffcodecError
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    images = read_images(images_npz, limit=4).images
+    rec = lossless.code_stream(loaded, images, 3, bound=False, batch=2, bootstrap=False)
+    assert rec["exact"] and sum(rec["chunks"]) == 4
+    per_call = rec["network_seconds_per_call"]
+    assert set(per_call) == {str(b) for b in rec["chunks"]} and all(t > 0 for t in per_call.values())
+    limit = sum(3 * per_call[str(b)] for b in rec["chunks"])
+    assert rec["network_limit_seconds"] == pytest.approx(limit)
+    assert rec["encode_fraction_of_network_limit"] == pytest.approx(limit / rec["encode_wall_seconds"])
+    assert rec["decode_fraction_of_network_limit"] == pytest.approx(limit / rec["decode_wall_seconds"])
+    # an earlier report: its streams are timed (the bootstrap's calls counted), the command recorded
+    old = {"provenance": {"model": {"fingerprint": loaded.fingerprint}},
+           "stream": {"chunks": [1, 2], "num_steps": 4, "bootstrap_tiles": 1, "encode_wall_seconds": 10.0,
+                      "decode_wall_seconds": 8.0}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert lossless.main(["-c", str(tiny_checkpoint), "--add-network-limit", str(path)]) == 0
+    r = json.loads(path.read_text())
+    t = r["stream"]["network_seconds_per_call"]
+    assert set(t) == {"1", "2"}
+    assert r["stream"]["network_limit_seconds"] == pytest.approx(
+        4 * (t["1"] + t["2"]) + BOOTSTRAP_PARAMS.num_steps * t["1"])
+    assert r["stream"]["decode_fraction_of_network_limit"] == pytest.approx(r["stream"]["network_limit_seconds"] / 8)
+    assert "--add-network-limit" in r["provenance"]["network_limit"]["command"]
+    path.write_text(json.dumps({**old, "provenance": {"model": {"fingerprint": "0" * 16}}}))
+    with pytest.raises(DiffcodecError, match="model 0000000000000000"):
+        lossless.main(["-c", str(tiny_checkpoint), "--add-network-limit", str(path)])
+    with pytest.raises(DiffcodecError, match="no such file"):
+        lossless.main(["-c", str(tiny_checkpoint), "--add-network-limit", str(tmp_path / "missing.json")])
 
 
 def test_coder_overhead_books_every_operation(tiny_checkpoint, images_npz, tmp_path):
