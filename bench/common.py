@@ -164,6 +164,20 @@ def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def load_json_input(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A JSON object a bench script was given (``what`` names it in errors): one-line errors
+    for a missing file, a file that is not JSON, or JSON that is not an object."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DiffcodecError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffcodecError(f"{path}: not {what} ({e})") from None
+    if not isinstance(payload, dict):
+        raise DiffcodecError(f"{path}: not {what} (not a JSON object)")
+    return payload
+
+
 def resolve_data(path: str | os.PathLike | None, default: Path = CIFAR10_TEST) -> Path:
     """A data path (relative paths against the current directory), or the shared default;
     DiffcodecError naming the path when it is absent."""

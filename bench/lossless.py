@@ -185,15 +185,10 @@ def network_limit(loaded: LoadedModel, record: dict[str, Any], repeats: int = 5)
 
 def add_network_limit(path: str, loaded: LoadedModel, command: str) -> dict[str, Any]:
     """Time the network limit of an earlier report's stream and timing runs (``--add-network-limit``)."""
-    from bench.common import device_string
+    from bench.common import device_string, load_json_input
 
-    try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DiffcodecError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DiffcodecError(f"{path}: not a bench.lossless report ({e})") from None
-    fingerprint = report.get("provenance", {}).get("model", {}).get("fingerprint")
+    report = load_json_input(path, "a bench.lossless report")
+    fingerprint = (report.get("provenance") or {}).get("model", {}).get("fingerprint")
     if fingerprint != loaded.fingerprint:
         raise DiffcodecError(f"{path}: model {fingerprint}, checkpoint {loaded.fingerprint}")
     parts = [k for k in ("stream", "timing_32x32") if isinstance(report.get(k), dict) and "chunks" in report[k]]

@@ -15,7 +15,6 @@ range's mean ± s.e., the spread over images, the estimator's settings.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import REPORTS_DIR, module_command, provenance, resolve_data, run_main, write_json
+from bench.common import REPORTS_DIR, load_json_input, module_command, provenance, resolve_data, run_main, write_json
 from bench.nll import grouped_terms, mean_se
 from diffcodec.likelihood import BoundResult
 
@@ -64,13 +63,8 @@ def read_cli_json(path: str | Path) -> dict[str, Any]:
     """The `diffcodec nll --json` output of the run that saved the terms."""
     from diffcodec.errors import DiffcodecError
 
-    try:
-        run = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DiffcodecError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DiffcodecError(f"{path}: not the JSON output of `diffcodec nll --json` ({e})") from None
-    if not isinstance(run, dict) or "fingerprint" not in run:
+    run = load_json_input(path, "the JSON output of `diffcodec nll --json`")
+    if "fingerprint" not in run:
         raise DiffcodecError(f"{path}: not the JSON output of `diffcodec nll --json` (no model fingerprint)")
     return run
 
