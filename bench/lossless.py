@@ -54,7 +54,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import REPORTS_DIR, SHARED_DATA, module_command, provenance, resolve_data, run_main, write_json
+from bench.common import (
+    REPORTS_DIR,
+    SHARED_DATA,
+    device_string,
+    load_json_input,
+    module_command,
+    provenance,
+    resolve_data,
+    run_main,
+    write_json,
+)
 from diffcodec.bitsback import BOOTSTRAP_PARAMS, decode_container, encode_images
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
 from diffcodec.container import unpack
@@ -166,12 +176,9 @@ def network_limit(loaded: LoadedModel, record: dict[str, Any], repeats: int = 5)
     call time of this machine; and the codec's wall seconds as a share of it."""
     from bench.speed import time_forward
 
-    sizes = list(record["chunks"])
+    sizes_calls = [(b, record["num_steps"]) for b in record["chunks"]]
     if record.get("bootstrap_tiles"):
-        sizes_calls = [(b, record["num_steps"]) for b in sizes] + [(record["bootstrap_tiles"],
-                                                                     BOOTSTRAP_PARAMS.num_steps)]
-    else:
-        sizes_calls = [(b, record["num_steps"]) for b in sizes]
+        sizes_calls.append((record["bootstrap_tiles"], BOOTSTRAP_PARAMS.num_steps))
     per_call = {b: time_forward(loaded, b, repeats=repeats, device=torch.device("cpu"))["seconds_per_call"]
                 for b in sorted({b for b, _ in sizes_calls})}
     limit = float(sum(calls * per_call[b] for b, calls in sizes_calls))
@@ -185,8 +192,6 @@ def network_limit(loaded: LoadedModel, record: dict[str, Any], repeats: int = 5)
 
 def add_network_limit(path: str, loaded: LoadedModel, command: str) -> dict[str, Any]:
     """Time the network limit of an earlier report's stream and timing runs (``--add-network-limit``)."""
-    from bench.common import device_string, load_json_input
-
     report = load_json_input(path, "a bench.lossless report")
     fingerprint = (report.get("provenance") or {}).get("model", {}).get("fingerprint")
     if fingerprint != loaded.fingerprint:
