@@ -314,6 +314,7 @@ def test_lossless_stream_records_its_network_limit(tiny_checkpoint, images_npz, 
     loaded = load_checkpoint(tiny_checkpoint)
     images = read_images(images_npz, limit=4).images
     rec = lossless.code_stream(loaded, images, 3, bound=False, batch=2, bootstrap=False)
+    rec.update(lossless.network_limit(loaded, rec))
     assert rec["exact"] and sum(rec["chunks"]) == 4
     per_call = rec["network_seconds_per_call"]
     assert set(per_call) == {str(b) for b in rec["chunks"]} and all(t > 0 for t in per_call.values())
