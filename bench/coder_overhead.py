@@ -22,8 +22,9 @@ import torch
 from scipy.special import log_ndtr
 
 from bench.common import REPORTS_DIR, module_command, provenance, resolve_data, run_main, write_json
-from diffcodec import bitsback as bb
-from diffcodec.entropy import AnsStack, seeded_words
+from diffcodec.codec.bitsback.chain import GridConfig
+from diffcodec.codec.bitsback.file import chain_coder
+from diffcodec.codec.entropy import MAX_EXCESS, AnsStack, seeded_words
 
 
 def bin_bits(x: np.ndarray, mean: np.ndarray, std: np.ndarray, lo: float = -np.inf, hi: float = np.inf) -> float:
@@ -49,13 +50,13 @@ class MeasuredStack(AnsStack):
         row[0] += actual
         row[1] += ideal
 
-    def push_gaussian_windowed(self, symbols, mean, std, half_width, excess_std, max_excess=bb.MAX_EXCESS):
+    def push_gaussian_windowed(self, symbols, mean, std, half_width, excess_std, max_excess=MAX_EXCESS):
         before = self.num_valid_bits
         super().push_gaussian_windowed(symbols, mean, std, half_width, excess_std, max_excess)
         kind = "push x_K under the prior" if not np.any(mean) else "push x_k under p"
         self._add(kind, self.num_valid_bits - before, bin_bits(symbols, mean, std))
 
-    def pop_gaussian_windowed(self, mean, std, half_width, excess_std, max_excess=bb.MAX_EXCESS):
+    def pop_gaussian_windowed(self, mean, std, half_width, excess_std, max_excess=MAX_EXCESS):
         before = self.num_valid_bits
         out = super().pop_gaussian_windowed(mean, std, half_width, excess_std, max_excess)
         self._add("pop x_k+1 under q (bits back)", -(before - self.num_valid_bits), -bin_bits(out, mean, std))
@@ -72,16 +73,16 @@ class MeasuredStack(AnsStack):
         self._add("scramble", self.num_valid_bits - before, 0.0)
 
 
-def measure(loaded, tiles: np.ndarray, steps: int, config: bb.GridConfig) -> dict[str, Any]:
+def measure(loaded, tiles: np.ndarray, steps: int, config: GridConfig) -> dict[str, Any]:
     """Encode ``tiles`` uint8 [B, H, W, 3] as one chunk; bits/dim actual vs ideal, by kind."""
     from diffcodec.evaluate import model_schedule
 
     schedule = model_schedule(loaded, steps, "quadratic")
-    spec = bb._spec(loaded, schedule, config, loaded.diffusion_config.var_type, True, "cpu", False)
+    coder = chain_coder(loaded.model, schedule, loaded.diffusion_config.var_type, config=config)
     dims = tiles.size
     stack = MeasuredStack(seeded_words(dims * 40 // 32 + 1024, 1))
     start, clock = stack.num_valid_bits, time.process_time()
-    bb._encode_chunk(spec, spec.grid, stack, np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)), None)
+    coder.encode_chunk(coder.grid, stack, np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)))
     actual = (stack.num_valid_bits - start) / dims
     ideal = sum(v[1] for v in stack.book.values()) / dims
     return {
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", "-n", type=int, default=16, help="tiles in the chunk (default 16)")
     p.add_argument("--steps", "-k", type=int, default=100, help="K, quadratic spacing (default 100)")
     p.add_argument("--windows", default="5,8", help="window widths in sigmas, comma-separated (default 5,8)")
-    p.add_argument("--resolution-bits", type=int, default=bb.GridConfig().resolution_bits)
+    p.add_argument("--resolution-bits", type=int, default=GridConfig().resolution_bits)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPORTS_DIR / "coder_overhead.json"))
     args = p.parse_args(argv)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     tiles = np.stack(read_images(resolve_data(args.data), limit=args.num_images).images)
     rows = []
     for c in (int(w) for w in args.windows.split(",")):
-        rows.append(measure(loaded, tiles, args.steps, bb.GridConfig(resolution_bits=args.resolution_bits,
+        rows.append(measure(loaded, tiles, args.steps, GridConfig(resolution_bits=args.resolution_bits,
                                                                       window_sigmas=c)))
         print(f"window {c} sigmas: coder overhead {rows[-1]['coder_overhead_bpd']:+.5f} bits/dim", file=sys.stderr)
     report = {"provenance": provenance(args, loaded, device="cpu", command=module_command("bench.coder_overhead", argv)),

@@ -25,7 +25,7 @@ import torch
 
 from diffcodec.checkpoint import LoadedModel
 from diffcodec.errors import DiffcodecError
-from diffcodec.evaluate import device_string
+from diffcodec.runtime import device_string
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPORTS_DIR = REPO_ROOT / "reports"

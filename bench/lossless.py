@@ -65,9 +65,9 @@ from bench.common import (
     run_main,
     write_json,
 )
-from diffcodec.bitsback import BOOTSTRAP_PARAMS, decode_container, encode_images
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
-from diffcodec.container import unpack
+from diffcodec.codec import api
+from diffcodec.codec.bitsback.file import BOOTSTRAP_PARAMS
 from diffcodec.data import read_images
 from diffcodec.errors import DiffcodecError
 
@@ -130,8 +130,8 @@ def run_baselines(images: list[np.ndarray]) -> dict[str, Any]:
 def code_stream(loaded: LoadedModel, images: list[np.ndarray], steps: int | None, *, bound: bool,
                 batch: int, bootstrap: bool = True) -> dict[str, Any]:
     """Encode as one stream, decode, check; sizes in bits/dim of the real pixels."""
-    result = encode_images(loaded, images, steps=steps, max_batch=batch, compute_bound=bound, bootstrap=bootstrap)
-    decoded = decode_container(loaded, unpack(result.data))
+    result = api.encode(images, model=loaded, steps=steps, batch_size=batch, compute_bound=bound, bootstrap=bootstrap)
+    decoded = api.decode(result.data, model=loaded, device="cpu")
     exact = all(np.array_equal(a, b) for a, b in zip(decoded.images, images))
     n = len(images)
     record = {

@@ -44,7 +44,8 @@ from bench.common import (
 )
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
 from diffcodec.errors import DiffcodecError
-from diffcodec.evaluate import NllRun, pick_device, run_nll
+from diffcodec.evaluate import NllRun, run_nll
+from diffcodec.runtime import pick_device
 from diffcodec.likelihood import BoundResult
 
 # The paper's Table 4 (CIFAR-10 test set): reverse time -> (rate bits/dim, RMSE on [0, 255]).

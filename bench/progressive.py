@@ -9,7 +9,7 @@ the distortion of every prefix.
         --out reports/progressive_kodak.json          # Kodak, central 64x64 crops
 
 Each image is coded alone (one .dfc file per image, as a user would) with
-`diffcodec.progressive.encode_images` and decoded back with `decode_bytes` (the full file
+`diffcodec.codec.api.encode` and decoded back with `api.decode` (the full file
 must verify). Per coded stage k (k = 0: x_T from the prior ... K-1: y_0 at t = 0; K: the
 lossless pixel stage) it records
 
@@ -48,12 +48,16 @@ import numpy as np
 import torch
 
 from bench.common import REPORTS_DIR, module_command, provenance, resolve_data, run_main, write_json, write_text
-from diffcodec import progressive as pg
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
-from diffcodec.container import unpack
-from diffcodec.data import from_model_output, from_tiles, read_images, to_model_input, to_tiles
+from diffcodec.codec import api
+from diffcodec.codec.container import unpack
+from diffcodec.codec.progressive import codec as pg
+from diffcodec.codec.progressive.params import ProgressiveParams
+from diffcodec.data import read_images
+from diffcodec.images import from_model_output, from_tiles, image_tiles, to_model_input
 from diffcodec.errors import DiffcodecError
-from diffcodec.evaluate import model_fn_of, pick_device
+from diffcodec.runtime import network, pick_device
+from diffcodec.timesteps import SPACINGS
 from diffcodec.likelihood import bound_bits
 
 
@@ -128,8 +132,8 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
 def stage_psnrs(loaded: LoadedModel, data: bytes, image: np.ndarray, *, ddim: bool) -> tuple[list[float], list[float]]:
     """PSNR of the xstart and DDIM reconstructions from every received latent (K each)."""
     container = unpack(data)
-    params = pg.ProgressiveParams.unpack(container.header.params)
-    fn = model_fn_of(loaded.model)
+    params = ProgressiveParams.unpack(container.header.params)
+    fn = network(loaded.model)
     dc = loaded.diffusion_config
     dec = pg.decode(fn, dc, container.payload, params, upto=params.num_steps, keep_all=True)
     s = pg.coded_schedule(dc, params.num_steps, params.spacing)
@@ -163,15 +167,15 @@ def perturbed(loaded: LoadedModel, sigma: float, seed: int) -> LoadedModel:
 
 def perturbation_study(loaded: LoadedModel, data: bytes, image: np.ndarray, sigma: float, seed: int) -> dict:
     bad = perturbed(loaded, sigma, seed)
-    params = pg.ProgressiveParams.unpack(unpack(data).header.params)
+    params = ProgressiveParams.unpack(unpack(data).header.params)
     rows = []
     for upto in sorted({1, params.num_steps // 2, params.num_steps - 2, params.num_steps}):
         upto = max(1, upto)
-        a = pg.decode_bytes(loaded, data, upto=upto).images[0]
-        b = pg.decode_bytes(bad, data, upto=upto).images[0]
+        a = api.decode(data, model=loaded, device="cpu", upto=upto).images[0]
+        b = api.decode(data, model=bad, device="cpu", upto=upto).images[0]
         rows.append({"stages": upto, "psnr_exact_decoder": psnr_uint8(a, image),
                      "psnr_perturbed_decoder": psnr_uint8(b, image), "psnr_perturbed_vs_exact": psnr_uint8(a, b)})
-    full = pg.decode_bytes(bad, data)
+    full = api.decode(data, model=bad, device="cpu")
     return {
         "sigma": sigma,
         "prefix": rows,
@@ -181,21 +185,22 @@ def perturbation_study(loaded: LoadedModel, data: bytes, image: np.ndarray, sigm
     }
 
 
-def run_image(loaded: LoadedModel, image: np.ndarray, params: pg.ProgressiveParams, *, ddim: bool,
+def run_image(loaded: LoadedModel, image: np.ndarray, params: ProgressiveParams, *, ddim: bool,
               seed: int, workers: int | None = None) -> dict:
     start = time.perf_counter()
-    data, enc = pg.encode_images(loaded, [image], params=params, workers=workers)
+    encoding = api.encode([image], model=loaded, mode="progressive", progressive_params=params, workers=workers)
+    data, enc = encoding.data, encoding.encoded
     enc_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    full = pg.decode_bytes(loaded, data)
+    full = api.decode(data, model=loaded, device="cpu")
     dec_seconds = time.perf_counter() - start
     if not full.verified or not np.array_equal(full.images[0], image):
         raise DiffcodecError("the full stream did not decode to the image (lossless check failed)")
     x_psnr, d_psnr = stage_psnrs(loaded, data, image, ddim=ddim)
     s = pg.coded_schedule(loaded.diffusion_config, params.num_steps, params.spacing)
     tile = loaded.model_config.image_size
-    tiles = image[None] if image.shape[:2] == (tile, tile) else to_tiles(image, tile)
-    bound = bound_bits(model_fn_of(loaded.model), s, to_model_input(tiles),
+    tiles = image_tiles([image], tile)[0]
+    bound = bound_bits(network(loaded.model), s, to_model_input(tiles),
                        var_type=loaded.diffusion_config.var_type, generator=torch.Generator().manual_seed(seed))
     # stage order, summed over the image's tiles
     per_stage_bound = [float(bound.prior_bits.sum())] + bound.terms_bits.sum(axis=0)[::-1].tolist()
@@ -304,13 +309,13 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = pg.ProgressiveParams()
+    d = ProgressiveParams()
     p = argparse.ArgumentParser(prog="python -m bench.progressive", description=__doc__.splitlines()[0])
     p.add_argument("data", nargs="?", help="CIFAR-10 test shards (default: ../shared/data/cifar10/test)")
     p.add_argument("--checkpoint", "-c", help="checkpoint (default: the embedded default model)")
     p.add_argument("--num-images", "-n", type=int, default=8, help="first N images (default 8)")
     p.add_argument("--steps", "-k", type=int, default=d.num_steps, help=f"coded steps K (default {d.num_steps})")
-    p.add_argument("--spacing", choices=pg.SPACINGS, default=d.spacing)
+    p.add_argument("--spacing", choices=SPACINGS, default=d.spacing)
     p.add_argument("--chunk-bits", type=float, default=d.chunk_bits)
     p.add_argument("--pad-bits", type=float, default=d.pad_bits)
     p.add_argument("--log2-candidates", type=int, default=d.log2_candidates)
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DiffcodecError(f"--crop must be a positive multiple of 32, got {args.crop}")
         images = [center_crop(im, args.crop) for im in images]
     try:
-        params = pg.ProgressiveParams(num_steps=args.steps, spacing=args.spacing, chunk_bits=args.chunk_bits,
+        params = ProgressiveParams(num_steps=args.steps, spacing=args.spacing, chunk_bits=args.chunk_bits,
                                       pad_bits=args.pad_bits, log2_candidates=args.log2_candidates, seed=args.seed)
     except ValueError as e:
         raise DiffcodecError(str(e)) from None
@@ -369,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_baselines:
         payload["lossy_baselines"] = lossy_baselines(images)
     if args.perturb > 0:
-        data, _ = pg.encode_images(loaded, [images[0]], params=params)
+        data = api.encode([images[0]], model=loaded, mode="progressive", progressive_params=params).data
         payload["perturbation"] = perturbation_study(loaded, data, images[0], args.perturb, args.seed)
     out = Path(args.out or REPORTS_DIR / "progressive.json")
     write_json(out, payload)

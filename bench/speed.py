@@ -34,7 +34,8 @@ from bench.common import REPORTS_DIR, module_command, provenance, resolve_data, 
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
 from diffcodec.data import ImageSet, read_images
 from diffcodec.errors import DiffcodecError
-from diffcodec.evaluate import model_fn_of, pick_device, run_nll
+from diffcodec.evaluate import run_nll
+from diffcodec.runtime import network, pick_device
 
 
 def _sync(device: torch.device) -> None:
@@ -51,7 +52,7 @@ def time_forward(loaded: LoadedModel, batch_size: int, *, repeats: int, device: 
     x = torch.randn(batch_size, mc.in_channels, mc.image_size, mc.image_size, generator=g).to(device)
     T = loaded.diffusion_config.num_timesteps
     t = torch.randint(0, T, (batch_size,), generator=g).to(device)
-    fn = model_fn_of(loaded.model)
+    fn = network(loaded.model)
     for _ in range(2):  # warm-up: allocations, kernel selection for this shape
         fn(x, t)
     _sync(device)

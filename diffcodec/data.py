@@ -1,4 +1,4 @@
-"""Reading images for the evaluator/codec, and tiling them for a fixed-size model.
+"""Reading images for the evaluator and the codecs (tiling: `images`; writing: `outputs`).
 
 Every image comes out as a numpy ``uint8`` array ``[H, W, 3]`` in RGB order. Anything
 wrong with the user's input raises `DiffcodecError` with a one-line message naming the
@@ -24,13 +24,13 @@ import sys
 import tarfile
 import warnings
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from diffcodec.errors import DiffcodecError
+from diffcodec.errors import DiffcodecError, one_line
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
 CIFAR_TEST = "test_batch"
@@ -143,12 +143,6 @@ class _Collector:
         return ImageSet(self.images, self.names, labels, notes)
 
 
-def _why(e: BaseException) -> str:
-    """One line describing a library exception."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
 def _open(path: str) -> IO[bytes]:
     try:
         return open(path, "rb")
@@ -157,7 +151,7 @@ def _open(path: str) -> IO[bytes]:
     except PermissionError:
         raise DiffcodecError(f"{path}: permission denied") from None
     except OSError as e:
-        raise DiffcodecError(f"{path}: cannot open ({e.strerror or _why(e)})") from None
+        raise DiffcodecError(f"{path}: cannot open ({e.strerror or one_line(e)})") from None
 
 
 def _read_bytes(path: str, n: int = -1) -> bytes:
@@ -165,7 +159,7 @@ def _read_bytes(path: str, n: int = -1) -> bytes:
         try:
             return f.read(n)
         except OSError as e:
-            raise DiffcodecError(f"{path}: cannot read ({e.strerror or _why(e)})") from None
+            raise DiffcodecError(f"{path}: cannot read ({e.strerror or one_line(e)})") from None
 
 
 def _no_split(path: str, split: str | None) -> None:
@@ -177,7 +171,7 @@ def _read_dir(path: str, split: str | None, convert: bool, out: _Collector) -> N
     try:
         entries = sorted(os.listdir(path))
     except OSError as e:
-        raise DiffcodecError(f"{path}: cannot list directory ({e.strerror or _why(e)})") from None
+        raise DiffcodecError(f"{path}: cannot list directory ({e.strerror or one_line(e)})") from None
     files = [n for n in entries if os.path.isfile(os.path.join(path, n))]
     cifar = {n: os.path.join(path, n) for n in files if n in _CIFAR_NAMES}
     if not cifar and os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
@@ -238,7 +232,7 @@ def _read_npz(path: str, out: _Collector) -> None:
         except DiffcodecError:
             raise
         except Exception as e:
-            raise DiffcodecError(f"{path}: not a readable .npz file ({_why(e)})") from None
+            raise DiffcodecError(f"{path}: not a readable .npz file ({one_line(e)})") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or 0 in x.shape:
         raise DiffcodecError(f"{path}: 'x' is {x.dtype} {list(x.shape)}, expected uint8 [N, H, W, 3]")
     if y is not None and (y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer)):
@@ -300,7 +294,7 @@ def _load_cifar_batch(blob: bytes, display: str) -> tuple[np.ndarray, np.ndarray
     except DiffcodecError:
         raise
     except Exception as e:
-        raise DiffcodecError(f"{display}: corrupt or unreadable pickle ({_why(e)})") from None
+        raise DiffcodecError(f"{display}: corrupt or unreadable pickle ({one_line(e)})") from None
     bad = f"{display}: not a CIFAR-10 batch"
     if not isinstance(obj, dict):
         raise DiffcodecError(f"{bad} (pickle holds {type(obj).__name__}, expected a dict)")
@@ -365,7 +359,7 @@ def _read_cifar_archive(path: str, split: str | None, out: _Collector) -> None:
         except DiffcodecError:
             raise
         except Exception as e:
-            raise DiffcodecError(f"{path}: not a readable tar archive ({_why(e)})") from None
+            raise DiffcodecError(f"{path}: not a readable tar archive ({one_line(e)})") from None
     if not blobs:
         hint = "" if split else " (append ':train' for data_batch_1..5)"
         raise DiffcodecError(f"{path}: archive holds no CIFAR-10 python batches for the {split or 'test'} split{hint}")
@@ -410,9 +404,9 @@ def _decode(data: bytes, display: str, rawmode: str | None = None) -> tuple[Imag
     except UnidentifiedImageError:
         raise DiffcodecError(f"{display}: not an image file (Pillow cannot identify it)") from None
     except Image.DecompressionBombError as e:
-        raise DiffcodecError(f"{display}: {_why(e)}") from None
+        raise DiffcodecError(f"{display}: {one_line(e)}") from None
     except Exception as e:
-        raise DiffcodecError(f"{display}: truncated or corrupt image ({_why(e)})") from None
+        raise DiffcodecError(f"{display}: truncated or corrupt image ({one_line(e)})") from None
     return img, original
 
 
@@ -479,113 +473,4 @@ def _read_image(path: str, name: str, convert: bool, out: _Collector) -> np.ndar
             warnings.simplefilter("ignore")
             return np.asarray(img.convert("RGB"))
     except Exception as e:
-        raise DiffcodecError(f"{path}: cannot convert mode {mode!r} to RGB ({_why(e)})") from None
-
-
-# ------------------------------------------------------------------------- tiling / model
-
-
-def _check_hwc(img: np.ndarray, what: str) -> np.ndarray:
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        desc = f"{img.dtype} {list(img.shape)}" if isinstance(img, np.ndarray) else type(img).__name__
-        raise ValueError(f"{what}: expected uint8 [H, W, 3], got {desc}")
-    return img
-
-
-def pad_to_multiple(img: np.ndarray, tile: int = 32) -> np.ndarray:
-    """uint8 [H, W, 3] -> [H', W', 3] with H', W' the next multiples of `tile`, replicating
-    the last row/column (bottom/right only). Returned unchanged if no padding is needed."""
-    _check_hwc(img, "pad_to_multiple")
-    if tile < 1:
-        raise ValueError(f"pad_to_multiple: tile must be >= 1, got {tile}")
-    pad_h, pad_w = -img.shape[0] % tile, -img.shape[1] % tile
-    if pad_h == 0 and pad_w == 0:
-        return img
-    return np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-
-
-def to_tiles(img: np.ndarray, tile: int = 32) -> np.ndarray:
-    """uint8 [H, W, 3] -> padded tiles uint8 [ceil(H/tile) * ceil(W/tile), tile, tile, 3], row-major."""
-    padded = pad_to_multiple(img, tile)
-    rows, cols = padded.shape[0] // tile, padded.shape[1] // tile
-    tiles = padded.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
-    return np.ascontiguousarray(tiles.reshape(rows * cols, tile, tile, 3))
-
-
-def from_tiles(tiles: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Inverse of `to_tiles`: uint8 [n_tiles, t, t, 3] (row-major) -> uint8 [height, width, 3]."""
-    if tiles.ndim != 4 or tiles.shape[1] != tiles.shape[2] or tiles.shape[3] != 3 or height < 1 or width < 1:
-        raise ValueError(f"from_tiles: expected [n, t, t, 3] tiles and a positive size, got {list(tiles.shape)}")
-    tile = tiles.shape[1]
-    rows, cols = -(-height // tile), -(-width // tile)
-    if tiles.shape[0] != rows * cols:
-        raise ValueError(f"from_tiles: {height}x{width} needs {rows * cols} tiles of {tile}, got {tiles.shape[0]}")
-    full = tiles.reshape(rows, cols, tile, tile, 3).transpose(0, 2, 1, 3, 4).reshape(rows * tile, cols * tile, 3)
-    return np.ascontiguousarray(full[:height, :width])
-
-
-def to_model_input(images_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1] (x / 127.5 - 1)."""
-    x = images_uint8
-    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
-        desc = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise ValueError(f"to_model_input: expected uint8 [N, H, W, 3], got {desc}")
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(torch.float32)
-    return (t / 127.5 - 1.0).contiguous()
-
-
-def from_model_output(x: torch.Tensor) -> np.ndarray:
-    """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]: round((x + 1) * 127.5) clipped to 0..255."""
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"from_model_output: expected [N, 3, H, W], got {list(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("from_model_output: tensor holds NaN or infinity")
-    y = ((x.detach().to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(y.permute(0, 2, 3, 1).cpu().numpy())
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, so a failure
-    never leaves a partial file. Refuses (DiffcodecError) to overwrite unless ``force``."""
-    target = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(target))
-    if os.path.isdir(target):
-        raise DiffcodecError(f"{target}: is a directory")
-    if not force and os.path.lexists(target):
-        raise DiffcodecError(f"{target}: already exists; pass --force to overwrite it")
-    if not os.path.isdir(directory):
-        raise DiffcodecError(f"{target}: directory {directory} does not exist")
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target)  # atomic "create if absent"
-            except FileExistsError:
-                raise DiffcodecError(f"{target}: already exists; pass --force to overwrite it") from None
-            except OSError:  # no hard links on this file system
-                os.replace(tmp, target)
-    except OSError as e:
-        raise DiffcodecError(f"{target}: cannot write ({e.strerror or _why(e)})") from None
-    finally:
-        if os.path.lexists(tmp):
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def write_png(path: str | os.PathLike, img: np.ndarray, *, force: bool = False) -> None:
-    """Write uint8 [H, W, 3] as PNG with ``write_bytes_atomic`` (no overwrite unless ``force``)."""
-    _check_hwc(img, "write_png")
-    buffer = io.BytesIO()
-    try:
-        Image.fromarray(np.ascontiguousarray(img)).save(buffer, format="PNG")
-    except OSError as e:
-        raise DiffcodecError(f"{os.fspath(path)}: cannot write ({e.strerror or _why(e)})") from None
-    write_bytes_atomic(path, buffer.getvalue(), force=force)
+        raise DiffcodecError(f"{path}: cannot convert mode {mode!r} to RGB ({one_line(e)})") from None

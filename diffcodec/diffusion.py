@@ -15,6 +15,7 @@ Reverse-variance types (``VAR_TYPES``, names written into checkpoints):
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,13 @@ def extract(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     """arr[t] gathered from a float64 [K] array, cast to like's dtype/device, shape [B,1,1,1]."""
     values = _on_device(arr, t.device)[t]
     return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def q_step_coefficients(s: Schedule, k: int) -> tuple[float, float]:
+    """q(x_{k+1} | x_k) = N(sqrt(1 - beta_{k+1}) x_k, beta_{k+1} I) at code step k (paper
+    indices): (sqrt(1 - beta), sqrt(beta)) as Python floats (correctly rounded float64)."""
+    beta = float(s.betas[k])
+    return math.sqrt(1.0 - beta), math.sqrt(beta)
 
 
 def q_mean_variance(

@@ -8,3 +8,9 @@ non-image, a checkpoint that does not match). The CLI catches it, prints
 
 class DiffcodecError(Exception):
     """A problem with the user's input, stated in one line."""
+
+
+def one_line(e: BaseException) -> str:
+    """One line describing a library exception: its type and the first line of its text."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

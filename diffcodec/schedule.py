@@ -1,13 +1,11 @@
-"""Noise schedules: beta_t in float64, the quantities derived from it, and respacing.
+"""Noise schedules: beta_t in float64 and the quantities derived from it.
 
 Indexing: code step ``t`` is 0-based and paper step ``t`` is code ``t + 1``. So code
 ``betas[0]`` is the paper's beta_1, the decoder term L_0 = -log p(x_0 | x_1) is evaluated at
 code t = 0, and the prior term L_T sits after the last code step T - 1.
 
-A respaced schedule keeps K of the original T steps (``timesteps``, increasing, always
-including 0) and recomputes betas so that its alpha-bars equal the original's at those
-steps: 1 - beta'_k = abar[timesteps[k]] / abar[timesteps[k-1]]. The network is always called
-with the ORIGINAL timestep ``timesteps[k]``.
+A respaced schedule (``timesteps.respace``) keeps K of the original T steps: ``timesteps``
+holds the ORIGINAL timestep of each code step, the one the network is called with.
 
 Arrays are computed once in float64 numpy; they are cast to the tensor's dtype only when a
 value is gathered (see ``diffusion.extract``).
@@ -102,63 +100,3 @@ def make_schedule(name: str, num_timesteps: int) -> Schedule:
         raise DiffcodecError(f"number of timesteps must be >= 1, got {num_timesteps}")
     betas = SCHEDULES[name](num_timesteps)
     return Schedule(name, betas, np.arange(num_timesteps), num_timesteps)
-
-
-def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """K evenly spread original timesteps in [0, T-1], including both ends (int64 [K])."""
-    if not 1 <= num_steps <= num_timesteps:
-        raise DiffcodecError(f"--steps must be between 1 and T = {num_timesteps}, got {num_steps}")
-    if num_steps == 1:
-        return np.array([num_timesteps - 1], dtype=np.int64)
-    ts = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
-    assert len(np.unique(ts)) == num_steps
-    return ts
-
-
-SPACINGS = ("uniform", "quadratic")
-
-
-def quadratic_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """K increasing original timesteps dense near t = 0, always 0 and T-1 (int64 [K]):
-    t_k = round(k^2 (T-1) / (K-1)^2), then pushed apart to be distinct. Integer arithmetic
-    only, so an encoder and a decoder agree exactly."""
-    if not 1 <= num_steps <= num_timesteps:
-        raise DiffcodecError(f"--steps must be between 1 and T = {num_timesteps}, got {num_steps}")
-    if num_steps == 1:
-        return np.array([num_timesteps - 1], dtype=np.int64)
-    k = np.arange(num_steps, dtype=np.int64)
-    last, span = num_steps - 1, num_timesteps - 1
-    ts = (k**2 * span + last**2 // 2) // last**2
-    for i in range(1, num_steps):  # distinct, increasing
-        ts[i] = max(ts[i], ts[i - 1] + 1)
-    for i in range(num_steps - 1, -1, -1):  # ... and at most T-1, with room for the steps above
-        ts[i] = min(ts[i], span - (last - i))
-    return ts
-
-
-def respace(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> Schedule:
-    """Keep ``num_steps`` of the schedule's original steps (see the module docstring):
-    evenly spread (``uniform``) or dense near t = 0 (``quadratic``, where the bits are)."""
-    if schedule.is_respaced:
-        raise ValueError("respace an original schedule, not a respaced one")
-    if spacing not in SPACINGS:
-        raise DiffcodecError(f"unknown spacing {spacing!r}; known: {', '.join(SPACINGS)}")
-    if num_steps == schedule.num_steps:
-        return schedule
-    if spacing == "quadratic":
-        kept = quadratic_timesteps(schedule.num_steps, num_steps)
-    else:
-        kept = respaced_timesteps(schedule.num_steps, num_steps)
-    return keep_timesteps(schedule, kept)
-
-
-def keep_timesteps(schedule: Schedule, kept: np.ndarray) -> Schedule:
-    """The chain through the original steps ``kept`` (increasing): its alpha-bars are the
-    original's there, its betas 1 - abar_k / abar_{k-1}."""
-    if schedule.is_respaced:
-        raise ValueError("respace an original schedule, not a respaced one")
-    if len(kept) == schedule.num_steps:
-        return schedule
-    abar = schedule.alphas_cumprod[kept]
-    betas = 1.0 - abar / np.append(1.0, abar[:-1])
-    return Schedule(schedule.name, betas, np.asarray(kept, dtype=np.int64), schedule.num_original_timesteps)

@@ -306,7 +306,7 @@ def test_lossless_baselines_only_codes_every_image_exactly(tiny_checkpoint, imag
 
 def test_lossless_stream_records_its_network_limit(tiny_checkpoint, images_npz, tmp_path):
     from bench import lossless
-    from diffcodec.bitsback import BOOTSTRAP_PARAMS
+    from diffcodec.codec.bitsback.file import BOOTSTRAP_PARAMS
     from diffcodec.checkpoint import load_checkpoint
     from diffcodec.data import read_images
     from diffcodec.errors import DiffcodecError

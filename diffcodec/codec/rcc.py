@@ -8,7 +8,7 @@ truncated to N candidates as in ordered random coding (Theis & Yosri 2022):
    draws from p: z_n = mean_p + std_p * u_n) from a generator keyed by integers they both
    know (`candidate_normals`: random access, so the decoder makes only the one it needs).
 2. The encoder draws arrival times T_0 < T_1 < ... (cumulative sums of Exp(1)) and picks
-   n* = argmin_n log T_n - log w(u_n), w = q(z)/p(z) (`pfr_select`). Without truncation z_n*
+   n* = argmin_n log T_n - log w(u_n), w = q(z)/p(z) (`pfr_select_many`). Without truncation z_n*
    is an exact sample of q; the index costs about KL(q||p) + log2(KL + 1) + O(1) bits.
 3. Only n* is entropy-coded: as its exponent m = bit_length(n*) under an adaptive law that
    depends on the chunk's nominal KL (`ExponentModel`), then the m - 1 bits below the
@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 from scipy.special import ndtr
 
-LN2 = math.log(2.0)
+from diffcodec.losses import LN2, normal_kl_nats
+
 MAX_LOG2_CANDIDATES = 24
 _BLOCK_ELEMENTS = 1 << 20  # candidate x dimension elements per block in the encoder's search
 _ARRIVAL_STREAM = 0xA771  # extra key word of the encoder-only arrival-time stream
@@ -129,11 +131,11 @@ class LogWeight:
 def gaussian_kl_bits(
     q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: np.ndarray, p_log_var: np.ndarray
 ) -> np.ndarray:
-    """Elementwise KL(q || p) of diagonal Gaussians, in bits (float64, same shape)."""
-    q_mean, q_log_var, p_mean, p_log_var = (np.asarray(v, dtype=np.float64)
+    """Elementwise KL(q || p) of diagonal Gaussians in bits (float64, same shape): the
+    bound's `losses.normal_kl_nats` on numpy arrays."""
+    q_mean, q_log_var, p_mean, p_log_var = (torch.from_numpy(np.asarray(v, dtype=np.float64))
                                             for v in (q_mean, q_log_var, p_mean, p_log_var))
-    return 0.5 * (p_log_var - q_log_var + np.exp(q_log_var - p_log_var) - 1.0
-                  + (q_mean - p_mean) ** 2 * np.exp(-p_log_var)) / LN2
+    return (normal_kl_nats(q_mean, q_log_var, p_mean, p_log_var) / LN2).numpy()
 
 
 # ---------------------------------------------------------------------------- PFR selection
@@ -142,16 +144,10 @@ def gaussian_kl_bits(
 PfrTask = tuple[LogWeight, tuple[int, ...], int]  # (log weight, key, number of candidates)
 
 
-def pfr_select(log_weight: LogWeight, key: tuple[int, ...], num_candidates: int) -> int:
-    """The encoder's choice n* = argmin_n log T_n - log w(u_n) over n < num_candidates.
-
-    Searches in blocks of about 2^20 candidate-dimension elements (bounded memory).
-    """
-    return pfr_select_many([(log_weight, key, num_candidates)])[0]
-
-
 def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
-    """`pfr_select` for several chunks; their candidate blocks run on ``workers`` threads.
+    """The encoder's choice n* = argmin_n log T_n - log w(u_n) over n < num_candidates, for
+    several chunks; their candidate blocks (about 2^20 candidate-dimension elements each,
+    bounded memory) run on ``workers`` threads.
 
     Each block makes its own candidates (the keyed stream advanced to the block's start) and
     the blocks' minima are merged in candidate order, so the result is the same for any
@@ -265,10 +261,3 @@ class ExponentModel:
 
     def update(self, kl_bits: float, exponent: int) -> None:
         self._table(kl_bits)[exponent] += self.increment
-
-
-def ideal_index_bits(index: int, kl_bits: float, max_exponent: int) -> float:
-    """Ideal code length (bits) of an index under the (non-adapted) prior law."""
-    m, _ = split_index(index)
-    p = exponent_prior(kl_bits, max_exponent)
-    return -math.log2(p[m] / p.sum()) + math.log2(mantissa_size(m))

@@ -6,8 +6,20 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffcodec import rcc
-from diffcodec.entropy import RangeDecoder, RangeEncoder
+from diffcodec.codec import rcc
+from diffcodec.codec.entropy import RangeDecoder, RangeEncoder
+
+
+def pfr_select(log_weight, key, num_candidates):
+    """One chunk's PFR choice (`rcc.pfr_select_many` of one task)."""
+    return rcc.pfr_select_many([(log_weight, key, num_candidates)])[0]
+
+
+def ideal_index_bits(index: int, kl_bits: float, max_exponent: int) -> float:
+    """Ideal code length (bits) of an index under the (non-adapted) prior law."""
+    m, _ = rcc.split_index(index)
+    p = rcc.exponent_prior(kl_bits, max_exponent)
+    return -math.log2(p[m] / p.sum()) + math.log2(rcc.mantissa_size(m))
 
 
 def test_candidates_are_random_access_standard_normals():
@@ -54,7 +66,7 @@ def test_selected_sample_is_distributed_as_q(q_mean, q_std):
     kl_bits = float(rcc.gaussian_kl_bits(q_mean, 2 * math.log(q_std), 0.0, 0.0))
     assert 0.3 < kl_bits < 1.5
     num = 2**10  # about 2^(KL + 9): truncation is negligible
-    z = np.array([rcc.pfr_decode((s, 0), rcc.pfr_select(lw, (s, 0), num), 1)[0] for s in range(1500)],
+    z = np.array([rcc.pfr_decode((s, 0), pfr_select(lw, (s, 0), num), 1)[0] for s in range(1500)],
                  dtype=np.float64)
     n = len(z)
     assert abs(z.mean() - q_mean) < 4 * q_std / math.sqrt(n)
@@ -68,12 +80,12 @@ def test_selection_is_deterministic_and_argmin():
     rng = np.random.default_rng(1)
     d, num, key = 4, 300, (9, 2, 6)
     lw = rcc.LogWeight.of_gaussians(rng.normal(size=d), np.zeros(d), np.zeros(d), np.zeros(d))
-    n = rcc.pfr_select(lw, key, num)
-    assert n == rcc.pfr_select(lw, key, num)
+    n = pfr_select(lw, key, num)
+    assert n == pfr_select(lw, key, num)
     scores = rcc.arrival_log_times(key, num) - lw(rcc.candidate_normals(key, 0, num, d))
     assert n == int(np.argmin(scores))
     # a larger search can only find an equal or better (lower) score
-    m = rcc.pfr_select(lw, key, 4 * num)
+    m = pfr_select(lw, key, 4 * num)
     scores4 = rcc.arrival_log_times(key, 4 * num) - lw(rcc.candidate_normals(key, 0, 4 * num, d))
     assert scores4[m] <= scores4[n] + 1e-9
 
@@ -87,7 +99,7 @@ def test_many_chunks_on_threads_choose_as_one_by_one():
         lw = rcc.LogWeight.of_gaussians(0.2 * rng.normal(size=d), np.zeros(d), np.zeros(d),
                                         np.log(rng.uniform(1.0, 1.3, size=d)))
         tasks.append((lw, (4, 7, 1 + c), 3000))
-    one_by_one = [rcc.pfr_select(*t) for t in tasks]
+    one_by_one = [pfr_select(*t) for t in tasks]
     assert rcc.pfr_select_many(tasks, workers=1) == one_by_one
     assert rcc.pfr_select_many(tasks, workers=3) == one_by_one
     d = 3072  # the argmin over all 3000 candidates of the widest chunk, computed directly
@@ -118,7 +130,7 @@ def test_index_cost_is_about_kl_plus_log_kl(kl_bits):
     shift = math.sqrt(2 * kl_bits * math.log(2) / d)
     lw = rcc.LogWeight.of_gaussians(np.full(d, shift), np.zeros(d), np.zeros(d), np.zeros(d))
     num = 2 ** math.ceil(kl_bits + 6)
-    costs = [rcc.ideal_index_bits(rcc.pfr_select(lw, (s, 3), num), kl_bits, 16) for s in range(400)]
+    costs = [ideal_index_bits(pfr_select(lw, (s, 3), num), kl_bits, 16) for s in range(400)]
     mean_cost = float(np.mean(costs))
     assert kl_bits - 0.5 < mean_cost < kl_bits + math.log2(kl_bits + 1) + 3.0
 

@@ -1,4 +1,4 @@
-"""bitsback.py and the encode/decode commands: bit-exact round trips with tiny seeded models,
+"""codec/bitsback (chain, stream, params, file) through `codec.api` and the encode/decode commands: bit-exact round trips with tiny seeded models,
 file size against the bound, refusal of bad files, and a pinned golden file."""
 
 from __future__ import annotations
@@ -14,26 +14,21 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcodec.bitsback import (
-    ChainSpec,
-    GridConfig,
-    bootstrap_count,
-    chain_grid,
-    decode_container,
-    decode_tiles,
-    encode_images,
-    encode_tiles,
-    first_dip_bits,
-    output_paths,
-)
 from diffcodec.checkpoint import LoadedModel, fingerprint, save_checkpoint
 from diffcodec.cli import main
+from diffcodec.codec import api
+from diffcodec.codec.bitsback.chain import ChainCoder, GridConfig, chain_grid
+from diffcodec.codec.bitsback.params import BitsBackParams
+from diffcodec.codec.bitsback.stream import bootstrap_count, decode_tiles, encode_tiles, first_dip_bits
+from diffcodec.codec.container import pack, unpack
+from diffcodec.codec.entropy import seeded_words
 from diffcodec.config import preset
-from diffcodec.container import BitsBackParams, pack, unpack
-from diffcodec.entropy import seeded_words
 from diffcodec.errors import DiffcodecError
-from diffcodec.evaluate import model_fn_of, model_schedule
-from diffcodec.schedule import make_schedule, respace
+from diffcodec.evaluate import model_schedule
+from diffcodec.outputs import output_paths
+from diffcodec.runtime import network
+from diffcodec.schedule import make_schedule
+from diffcodec.timesteps import respace
 from diffcodec.unet import UNet
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_bitsback_k4_v2.dfc"  # format version 2
@@ -50,6 +45,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def encode_images(loaded, images, names=None, *, steps=None, max_batch=64, config=GridConfig(), **kw):
+    """`api.encode` of a lossless file on the CPU (the tests' shorthand)."""
+    return api.encode(images, names, model=loaded, steps=steps, batch_size=max_batch, grid=config, device="cpu", **kw)
+
+
+def decode_container(loaded, container):
+    """`api.decode` of a lossless file's container on the CPU."""
+    return api.decode(pack(container), model=loaded, device="cpu")
 
 
 # ------------------------------------------------------------------------------ models
@@ -130,7 +135,7 @@ def test_grid_resolution_and_windows(name, T, K):
 
 def test_tiles_round_trip_bit_exact_with_a_wild_model(wild):
     s = respace(make_schedule("linear", 1000), 5)
-    spec = ChainSpec(model_fn_of(wild.model), s, "fixedlarge")
+    spec = ChainCoder(network(wild.model), s, "fixedlarge")
     tiles = np.stack(synthetic_images([(32, 32)] * 3, seed=4))
     code = encode_tiles(spec, tiles, max_batch=2)
     assert sum(code.chunks) == 3 and code.chunks[0] == 1

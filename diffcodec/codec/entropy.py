@@ -32,8 +32,8 @@ a ``BaseException`` that ``except Exception`` does not catch. Every bad paramete
 ``ValueError``. Constriction does not detect reading past the end of a stream: callers
 store symbol counts themselves.
 
-Compressed data is an array of uint32 words; `words_to_bytes` / `bytes_to_words` fix the
-byte order to little-endian.
+Compressed data is an array of uint32 words; callers fix its byte order when they store it
+(bits-back: little-endian, progressive: big-endian).
 """
 
 from __future__ import annotations
@@ -59,9 +59,6 @@ __all__ = [
     "check_categorical",
     "check_uniform",
     "seeded_words",
-    "snap",
-    "words_to_bytes",
-    "bytes_to_words",
     "PRECISION_BITS",
     "MAX_EXCESS",
     "MAX_DOMAIN_SIZE",
@@ -207,16 +204,6 @@ def _check_count(count: int, what: str) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def snap(values: np.ndarray, log2_step: int) -> np.ndarray:
-    """float64 values rounded (half to even) to the nearest multiple of 2^log2_step.
-
-    Exact in float64 while |values| * 2^-log2_step < 2^52; used so that encoder and decoder
-    pass identical parameters to the coder even if the values came from float32 arithmetic.
-    """
-    scale = float(2.0 ** (-log2_step))
-    return np.rint(np.asarray(values, dtype=np.float64) * scale) / scale
-
-
 def seeded_words(num_words: int, seed: int) -> np.ndarray:
     """uint32 [num_words] pseudo-random words: SplitMix64 of seed, in uint64 numpy arithmetic.
 
@@ -243,18 +230,6 @@ def seeded_words(num_words: int, seed: int) -> np.ndarray:
     return words
 
 
-def words_to_bytes(words: np.ndarray) -> bytes:
-    """uint32 words -> little-endian bytes."""
-    return np.ascontiguousarray(words, dtype="<u4").tobytes()
-
-
-def bytes_to_words(data: bytes) -> np.ndarray:
-    """Little-endian bytes (length a multiple of 4) -> native uint32 words."""
-    if len(data) % 4:
-        raise ValueError(f"compressed data must be a whole number of 32-bit words, got {len(data)} bytes")
-    return np.frombuffer(data, dtype="<u4").astype(np.uint32)
-
-
 # --------------------------------------------------------------------------- ANS stack
 
 
@@ -278,11 +253,6 @@ class AnsStack:
 
     # sizes -----------------------------------------------------------------------------
     @property
-    def num_bits(self) -> int:
-        """Size of the compressed data in bits, rounded up to whole words."""
-        return int(self._coder.num_bits())
-
-    @property
     def num_valid_bits(self) -> int:
         return int(self._coder.num_valid_bits())
 
@@ -296,17 +266,9 @@ class AnsStack:
         ``words()`` are untouched by every later pop that does not go deeper."""
         return int(self._coder.pos()[0])
 
-    def is_empty(self) -> bool:
-        return bool(self._coder.is_empty())
-
     def words(self) -> np.ndarray:
         """A copy of the compressed data, uint32 [num_words] (bottom of the stack first)."""
         return np.asarray(self._coder.get_compressed(), dtype=np.uint32).copy()
-
-    def clone(self) -> AnsStack:
-        other = AnsStack.__new__(AnsStack)
-        other._coder = self._coder.clone()
-        return other
 
     # gaussian --------------------------------------------------------------------------
     def push_gaussian(self, symbols: np.ndarray, mean: np.ndarray, std: np.ndarray, lo: int, hi: int) -> None:
@@ -401,42 +363,6 @@ class AnsStack:
         self._coder.encode_reverse((z & np.uint64(0xFFF)).astype(np.int32), _Uniform(_HALF_SIZE))
         self._coder.encode_reverse((z >> np.uint64(12)).astype(np.int32), _Uniform(_HALF_SIZE))
 
-    # categorical -----------------------------------------------------------------------
-    def push_categorical(self, symbols: np.ndarray, probs: np.ndarray) -> None:
-        """Push symbols [n] in 0..k-1, symbol i under the table probs[i] ([n, k])."""
-        p = check_categorical(probs, np.asarray(symbols).size)
-        sym = _check_symbols(symbols, 0, p.shape[1] - 1, "push_categorical")
-        if sym.size:
-            self._coder.encode_reverse(sym, _Categorical(perfect=False), p)
-
-    def pop_categorical(self, probs: np.ndarray) -> np.ndarray:
-        p = check_categorical(probs)
-        if not p.shape[0]:
-            return np.zeros(0, dtype=np.int32)
-        return np.asarray(self._coder.decode(_Categorical(perfect=False), p), dtype=np.int32)
-
-    # uniform ---------------------------------------------------------------------------
-    def push_uniform(self, symbols: np.ndarray, size: int | np.ndarray) -> None:
-        """Push symbols [n], symbol i uniform on 0..size_i - 1."""
-        n = np.asarray(symbols).size
-        sizes = check_uniform(size, n)
-        sym = _check_symbols(symbols, 0, MAX_DOMAIN_SIZE, "push_uniform")
-        if n and (sym >= sizes).any():
-            raise ValueError("push_uniform: a symbol is >= its alphabet size")
-        coded = sizes > 1  # a one-symbol alphabet carries no information (and constriction refuses it)
-        if coded.any():
-            self._coder.encode_reverse(sym[coded], _Uniform(), sizes[coded])
-
-    def pop_uniform(self, size: int | np.ndarray, count: int) -> np.ndarray:
-        count = _check_count(count, "pop_uniform")
-        sizes = check_uniform(size, count)
-        out = np.zeros(count, dtype=np.int32)
-        coded = sizes > 1
-        if coded.any():
-            out[coded] = self._coder.decode(_Uniform(), sizes[coded])
-        return out
-
-
 # --------------------------------------------------------------------------- range coder
 
 
@@ -445,10 +371,6 @@ class RangeEncoder:
 
     def __init__(self) -> None:
         self._coder = constriction.stream.queue.RangeEncoder()
-
-    @property
-    def num_bits(self) -> int:
-        return int(self._coder.num_bits())
 
     @property
     def num_words(self) -> int:
@@ -493,9 +415,6 @@ class RangeDecoder:
         if arr.ndim != 1 or (arr.size and arr.dtype != np.uint32):
             raise ValueError(f"RangeDecoder: words must be a 1-D uint32 array, got {arr.dtype} {list(arr.shape)}")
         self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(arr, dtype=np.uint32))
-
-    def maybe_exhausted(self) -> bool:
-        return bool(self._coder.maybe_exhausted())
 
     def decode_gaussian(self, mean: np.ndarray, std: np.ndarray, lo: int, hi: int) -> np.ndarray:
         m, s = check_gaussian(mean, std, lo, hi)

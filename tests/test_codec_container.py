@@ -9,12 +9,12 @@ import zlib
 import numpy as np
 import pytest
 
-from diffcodec.container import (
+from diffcodec.codec.bitsback.params import BitsBackParams
+from diffcodec.codec.container import (
     MAGIC,
     MODE_BITSBACK,
     MODE_PROGRESSIVE,
     VERSION,
-    BitsBackParams,
     Container,
     Header,
     ImageEntry,
@@ -23,9 +23,9 @@ from diffcodec.container import (
     pixel_checksum,
     read_container,
     unpack,
-    write_container,
 )
 from diffcodec.errors import DiffcodecError
+from diffcodec.outputs import write_bytes_atomic
 
 PARAMS = BitsBackParams(
     resolution_bits=6, window_sigmas=8, prior_sigmas=8, snap_log2=-16, clip_denoised=True, network_float64=False,
@@ -170,14 +170,15 @@ def test_pixel_checksum_depends_on_pixels_and_sizes():
     assert len(pixel_checksum([a])) == 8
 
 
-def test_write_refuses_to_overwrite(tmp_path):
+def test_written_file_reads_back_and_is_never_overwritten_silently(tmp_path):
     path = tmp_path / "x.dfc"
-    size = write_container(path, sample_container())
-    assert path.stat().st_size == size
+    data = pack(sample_container())
+    write_bytes_atomic(path, data)
+    assert path.stat().st_size == len(data)
     with pytest.raises(DiffcodecError, match="already exists"):
-        write_container(path, sample_container(b"other"))
+        write_bytes_atomic(path, pack(sample_container(b"other")))
     assert read_container(path) == sample_container()
-    write_container(path, sample_container(b"other!!!"), force=True)
+    write_bytes_atomic(path, pack(sample_container(b"other!!!")), force=True)
     assert read_container(path).payload == b"other!!!"
     with pytest.raises(DiffcodecError, match="no such file"):
         read_container(tmp_path / "missing.dfc")
@@ -193,7 +194,7 @@ def as_version_1(data: bytes, images: tuple[ImageEntry, ...]) -> bytes:
 
 
 def pack_table(images):
-    from diffcodec.container import _pack_image_table
+    from diffcodec.codec.container import _pack_image_table
 
     return _pack_image_table(images)
 

@@ -7,15 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from diffcodec import progressive as pg
+from diffcodec.codec.progressive import codec as pg
+from diffcodec.codec.progressive import syntax
+from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.config import DiffusionConfig, preset
-from diffcodec.data import from_model_output, to_model_input
 from diffcodec.errors import DiffcodecError
-from diffcodec.evaluate import model_fn_of
+from diffcodec.images import from_model_output, to_model_input
+from diffcodec.runtime import network
+from diffcodec.timesteps import SPACINGS, kept_timesteps
 from diffcodec.unet import UNet
 
 TILE = 16
-PARAMS = pg.ProgressiveParams(num_steps=6, log2_candidates=12, chunk_bits=6.0, pad_bits=5.0, seed=11,
+PARAMS = ProgressiveParams(num_steps=6, log2_candidates=12, chunk_bits=6.0, pad_bits=5.0, seed=11,
                               num_tiles=2, tile_size=TILE)
 
 
@@ -65,7 +68,7 @@ test_image.__test__ = False  # a helper, not a test
 def denoiser(model: UNet):
     """The network as a model_fn, its eps scaled by 0.1: a random net that predicts x_0 about
     as well as a poor trained one (x^_0 near x_t / sqrt(abar_t)), so the bits stay moderate."""
-    fn = model_fn_of(model)
+    fn = network(model)
     return lambda x, t: 0.1 * fn(x, t)
 
 
@@ -80,40 +83,40 @@ def coded():
     return fn, dc, tiles, x0, enc
 
 
-def test_coded_timesteps():
-    for spacing in pg.SPACINGS:
+def test_coded_chain_keeps_the_spaced_timesteps():
+    for spacing in SPACINGS:
         for T, K in [(1000, 30), (1000, 2), (50, 50), (10, 7)]:
-            ts = pg.coded_timesteps(T, K, spacing)
+            ts = kept_timesteps(T, K, spacing)
             assert len(ts) == K and ts[0] == 0 and ts[-1] == T - 1 and np.all(np.diff(ts) > 0)
-    quad, uni = pg.coded_timesteps(1000, 30, "quadratic"), pg.coded_timesteps(1000, 30, "uniform")
+    quad, uni = kept_timesteps(1000, 30, "quadratic"), kept_timesteps(1000, 30, "uniform")
     assert (quad < 100).sum() >= 9 > (uni < 100).sum()
-    assert np.array_equal(pg.coded_timesteps(1000, 1000, "quadratic"), np.arange(1000))
+    assert np.array_equal(kept_timesteps(1000, 1000, "quadratic"), np.arange(1000))
     s = pg.coded_schedule(DiffusionConfig(), 30)
     base = pg.coded_schedule(DiffusionConfig(), 1000)
     np.testing.assert_allclose(s.alphas_cumprod, base.alphas_cumprod[quad], rtol=1e-12)
     with pytest.raises(DiffcodecError):
-        pg.coded_timesteps(1000, 0)
+        kept_timesteps(1000, 0)
 
 
 def test_params_block_round_trip():
     p = dataclasses.replace(PARAMS, payload_bits=12345, spacing="uniform", clip_denoised=False)
-    assert pg.ProgressiveParams.unpack(p.pack()) == p
+    assert ProgressiveParams.unpack(p.pack()) == p
     with pytest.raises(DiffcodecError):
-        pg.ProgressiveParams.unpack(p.pack()[:-1])
+        ProgressiveParams.unpack(p.pack()[:-1])
     bad = bytearray(p.pack())
     bad[1] = 9  # unknown spacing
     with pytest.raises(DiffcodecError):
-        pg.ProgressiveParams.unpack(bytes(bad))
+        ProgressiveParams.unpack(bytes(bad))
     with pytest.raises(ValueError):
-        pg.ProgressiveParams(chunk_bits=0.3)
+        ProgressiveParams(chunk_bits=0.3)
 
 
 def test_levels():
     for kl in [2.0**-10, 0.01, 1.0, 13.7, 5000.0]:
-        level = pg.level_of_kl(kl)
-        assert level >= 1 and abs(np.log2(pg.kl_of_level(level) / kl)) <= 0.25 + 1e-9
-    assert pg.level_of_kl(0.0) == 0 and pg.level_of_kl(1e-6) == 0 and pg.kl_of_level(0) == 0
-    probs = pg.level_probs([30, 33])
+        level = syntax.level_of_kl(kl)
+        assert level >= 1 and abs(np.log2(syntax.kl_of_level(level) / kl)) <= 0.25 + 1e-9
+    assert syntax.level_of_kl(0.0) == 0 and syntax.level_of_kl(1e-6) == 0 and syntax.kl_of_level(0) == 0
+    probs = syntax.level_probs([30, 33])
     assert probs.argmax() == 36 and probs.min() >= 1 and np.all(probs == np.rint(probs))
 
 
@@ -128,7 +131,7 @@ def test_full_stream_is_lossless(coded):
     assert torch.equal(dec.x0, x0)  # bit-exact pixels
     np.testing.assert_array_equal(from_model_output(dec.x0), tiles)
     assert dec.bits_used == enc.prefix_bits[-1]
-    assert pg.tiles_checksum(from_model_output(dec.x0)) == pg.tiles_checksum(tiles)
+    assert np.array_equal(from_model_output(dec.x0), tiles)
 
 
 def test_every_prefix_decodes_and_distortion_falls(coded):
@@ -203,7 +206,7 @@ def test_perturbed_decoder_degrades_gracefully(coded):
     # the lossless stage cannot survive different arithmetic: the decoder says so (pixel stage
     # not decodable), or the pixels decode wrong and the checksum says so
     if full.complete:
-        assert pg.tiles_checksum(from_model_output(full.x0)) != pg.tiles_checksum(tiles)
+        assert not np.array_equal(from_model_output(full.x0), tiles)
         assert full.fallback is not None and full.fallback.shape == x0.shape
     else:
         assert full.diverged and full.stages == K
@@ -232,7 +235,7 @@ def test_float64_stream_survives_another_thread_count():
     x0 = to_model_input(tiles)
     params = dataclasses.replace(PARAMS, num_steps=4, network_float64=True)
     enc = pg.encode(fn64, dc, x0, params)
-    assert pg.ProgressiveParams.unpack(enc.params.pack()).network_float64
+    assert ProgressiveParams.unpack(enc.params.pack()).network_float64
     torch.set_num_threads(2)
     dec = pg.decode(fn64, dc, enc.payload, enc.params)
     assert dec.complete and dec.x0.dtype == torch.float64

@@ -25,7 +25,7 @@ All integers little-endian. Strings are ASCII (names: UTF-8) with a length prefi
                           first + 1, ...: count v, first v, length v + UTF-8 stem;
                           2 = count v empty names  (the runs' names sum to N)
     ..      8     pixel checksum: the first 8 bytes of SHA-256 over the images (`pixel_checksum`)
-    ..      4+n   mode parameter block: u32 length + bytes (mode 0: `BitsBackParams`, below)
+    ..      4+n   mode parameter block: u32 length + bytes (mode 0: `bitsback.params`)
     ..      8+n   payload: u64 length + bytes (mode 0: the ANS stack's words, uint32 LE)
     end-4   4     CRC-32 of every byte before it
 
@@ -37,32 +37,8 @@ a CRC-32 of the header (every byte before it) and then the payload up to the end
 file, with no length and no trailer, so that a file cut short still parses and the decoder
 uses what is there (`progressive` documents its block and payload).
 
-Mode 0 parameter block (`BitsBackParams`, 40 + 2 x num_chunks bytes, then an optional
-bootstrap section of 5 + n bytes):
-
-    0   1   resolution bits b (u8): latent x_j lives on a grid of width delta_j = 2^l_j with
-            l_j = floor(log2 sigma_min,j) - b (sigma_min,j: the smallest std x_j is coded with)
-    1   1   window in sigmas c (u8): x_j is coded as an offset in [-W_j, W_j] from the rounded
-            mean, W_j = ceil(c sigma_max,j / delta_j), plus an excess beyond the window's edges
-    2   1   window of the prior N(0, I) of x_K, in sigmas (u8)
-    3   1   log2 of the parameter snap grid, in bins (i8, e.g. -16)
-    4   1   flags: bit 0 = clip_denoised, bit 1 = network run in float64
-    5   2   torch CPU threads of a float32 CPU encoder (u16; 0 = not recorded / not needed):
-            float32 CPU kernels give thread-count-dependent results, so the decoder uses it
-    7   1   spacing of a respaced chain (u8): 0 = uniform, 1 = quadratic (`schedule.SPACINGS`)
-    8   8   seed of the initial words (u64)
-    16  4   number of initial words (u32)
-    20  4   initial words kept out of the payload (u32): the decoder prepends that many
-    24  4   number of tiles in the stream (u32)
-    28  8   total coded symbols (u64): tiles x 3 x tile^2 x (K + 1)
-    36  4   number of chunks (u32), then one u16 per chunk: tiles coded together, in order
-    ..  4   bootstrap tiles m (u32): the stream's first m tiles were sent with the progressive
-            codec and that stream sits on top of the initial words (`bitsback` explains why);
-            the chunk table covers the other num_tiles - m tiles. Absent (files of diffcodec
-            0.1) = 0
-    ..  1+n the bootstrap stream's progressive parameter block: u8 length + bytes (when m > 0)
-
-Mode 1 owns its own block (written by the progressive codec) and payload layout.
+Each mode owns its parameter block and payload layout: mode 0 `bitsback.params`, mode 1
+`progressive.params`.
 
 `unpack` refuses, with a one-line `DiffcodecError`: a short or truncated file, bad magic,
 another format version, an unknown mode, a CRC mismatch (corrupt file), malformed fields.
@@ -76,14 +52,12 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from diffcodec.data import write_bytes_atomic
 from diffcodec.errors import DiffcodecError
-from diffcodec.schedule import SPACINGS
 
 MAGIC = b"DFC\x1a"
 VERSION = 2  # what this diffcodec writes
@@ -413,75 +387,6 @@ def unpack(data: bytes, where: str = "file") -> Container:
     return Container(header, payload)
 
 
-# ------------------------------------------------------------------------ mode 0 block
-
-
-@dataclass(frozen=True)
-class BitsBackParams:
-    """The bits-back codec's parameters (mode 0 block; see the byte table above)."""
-
-    resolution_bits: int = 6
-    window_sigmas: int = 8
-    prior_sigmas: int = 8
-    snap_log2: int = -16
-    clip_denoised: bool = True
-    network_float64: bool = False
-    threads: int = 0
-    spacing: str = "uniform"  # of the respaced chain (schedule.respace); irrelevant at K = T
-    init_seed: int = 0
-    init_words: int = 0
-    kept_words: int = 0
-    num_tiles: int = 0
-    num_symbols: int = 0
-    chunks: tuple[int, ...] = field(default_factory=tuple)
-    bootstrap_tiles: int = 0  # the first tiles, sent with the progressive codec
-    bootstrap_block: bytes = b""  # their stream's progressive parameter block (when bootstrap_tiles > 0)
-
-    _FIXED = struct.Struct("<BBBbBHBQIIIQI")
-
-    def pack(self) -> bytes:
-        if any(not 1 <= c <= 0xFFFF for c in self.chunks):
-            raise ValueError("BitsBackParams: chunk sizes must be 1..65535")
-        if bool(self.bootstrap_tiles) != bool(self.bootstrap_block) or len(self.bootstrap_block) > 255:
-            raise ValueError("BitsBackParams: bootstrap tiles need their parameter block (at most 255 bytes)")
-        flags = int(self.clip_denoised) | (int(self.network_float64) << 1)
-        block = self._FIXED.pack(
-            self.resolution_bits, self.window_sigmas, self.prior_sigmas, self.snap_log2, flags, self.threads,
-            SPACINGS.index(self.spacing), self.init_seed,
-            self.init_words, self.kept_words, self.num_tiles, self.num_symbols, len(self.chunks),
-        ) + struct.pack(f"<{len(self.chunks)}H", *self.chunks)
-        if self.bootstrap_tiles:  # files without bootstrap keep the 0.1 layout byte for byte
-            block += struct.pack("<IB", self.bootstrap_tiles, len(self.bootstrap_block)) + self.bootstrap_block
-        return block
-
-    @classmethod
-    def unpack(cls, block: bytes, where: str = "file") -> BitsBackParams:
-        if len(block) < cls._FIXED.size:
-            raise DiffcodecError(f"{where}: corrupt bits-back parameter block ({len(block)} bytes)")
-        (bits, window, prior, snap_log2, flags, threads, spacing, seed, init_words, kept, num_tiles, num_symbols,
-         num_chunks) = cls._FIXED.unpack_from(block)
-        end = cls._FIXED.size + 2 * num_chunks
-        if len(block) < end:
-            raise DiffcodecError(f"{where}: corrupt bits-back parameter block (chunk table)")
-        chunks = struct.unpack_from(f"<{num_chunks}H", block, cls._FIXED.size)
-        bootstrap_tiles, bootstrap_block = 0, b""
-        if len(block) > end:
-            if len(block) < end + 5:
-                raise DiffcodecError(f"{where}: corrupt bits-back parameter block (bootstrap section)")
-            bootstrap_tiles, n = struct.unpack_from("<IB", block, end)
-            bootstrap_block = block[end + 5 :]
-            if len(bootstrap_block) != n or not bootstrap_tiles or not n:
-                raise DiffcodecError(f"{where}: corrupt bits-back parameter block (bootstrap section)")
-        if (not (1 <= bits <= 10 and 1 <= window and 1 <= prior and -30 <= snap_log2 <= 0) or flags > 3
-                or spacing >= len(SPACINGS)):
-            raise DiffcodecError(f"{where}: corrupt bits-back parameters (resolution {bits}, window {window}, "
-                                 f"prior {prior}, snap {snap_log2}, flags {flags}, spacing {spacing})")
-        if kept > init_words or sum(chunks) + bootstrap_tiles != num_tiles or 0 in chunks:
-            raise DiffcodecError(f"{where}: corrupt bits-back parameters (chunk table or word counts)")
-        return cls(bits, window, prior, snap_log2, bool(flags & 1), bool(flags & 2), threads, SPACINGS[spacing], seed,
-                   init_words, kept, num_tiles, num_symbols, tuple(chunks), bootstrap_tiles, bytes(bootstrap_block))
-
-
 # --------------------------------------------------------------------------- file I/O
 
 
@@ -496,10 +401,3 @@ def read_container(path: str | os.PathLike) -> Container:
     except OSError as e:
         raise DiffcodecError(f"{path}: cannot read ({e.strerror})") from None
     return unpack(data, str(path))
-
-
-def write_container(path: str | os.PathLike, container: Container, *, force: bool = False) -> int:
-    """Pack and write atomically; returns the file size in bytes."""
-    data = pack(container)
-    write_bytes_atomic(path, data, force=force)
-    return len(data)

@@ -1,0 +1,358 @@
+"""The `diffcodec encode` and `decode` commands: arguments in, `codec.api` calls, reports out.
+
+Parsing and printing only: which tiles, steps, bootstrap sizes and checks a file needs is
+`codec.api`'s business; progress bars follow its ``progress(phase, done, total)`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from diffcodec.codec import LOSSLESS_STEPS
+from diffcodec.codec.progressive.params import ProgressiveParams
+from diffcodec.errors import DiffcodecError
+from diffcodec.timesteps import SPACINGS
+
+
+class ProgressBars:
+    """One tqdm bar per phase of `codec.api`'s progress calls, made when a phase starts."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bars: dict = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="step", dynamic_ncols=True, leave=False,
+                                          file=sys.stderr)
+        bar.update(done - bar.n)
+
+    def __enter__(self) -> ProgressBars:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", help="checkpoint file (default: the embedded default model)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+
+
+# ------------------------------------------------------------------------------ encode
+
+
+def add_encode_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "encode",
+        help="compress images losslessly into a .dfc file (bits-back coding over the diffusion chain)",
+        description="Lossless bits-back ANS coding over the model's diffusion chain: the file size is the "
+                    "variational bound (Eq. 5) plus a small overhead. Images of any size are cut into "
+                    "model-size tiles; all images share one stream. The stream's first few tiles are sent "
+                    "with the progressive codec to seed the bits-back stack (--no-bootstrap: with seeded "
+                    "random bits instead, which costs about 18 bits/dim of one tile).",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMG_OR_DIR_OR_NPZ",
+                   help="image files, folders of images, CIFAR-10 .npz shards or python batches")
+    p.add_argument("--output", "-o", required=True, metavar="OUT.dfc", help="the file to write")
+    add_model_args(p)
+    p.add_argument("--steps", "-k", type=positive_int,
+                   help=f"code on the chain respaced to K steps (default {LOSSLESS_STEPS}, quadratic spacing: "
+                        "on the default model its bound is within 1%% of the full T = 1000 chain's at a tenth of "
+                        "the network calls; -k 1000 for the full chain)")
+    p.add_argument("--num-images", "-n", type=positive_int, help="encode only the first N images")
+    p.add_argument("--batch-size", "-b", type=positive_int, default=64,
+                   help="most tiles coded together in one chunk (default 64)")
+    p.add_argument("--float64", action="store_true",
+                   help="run the network in float64: slower, but decodable on other machines of the same kind")
+    p.add_argument("--no-bound", action="store_true", help="skip computing the bound (saves one network pass)")
+    p.add_argument("--no-bootstrap", action="store_true",
+                   help="start the bits-back stack on seeded random bits instead of the progressive codec's "
+                        "stream of the first tiles: a few seconds faster, about 55,000 bits larger")
+    progressive = ProgressiveParams()  # its defaults
+    p.add_argument("--progressive", action="store_true",
+                   help="a progressive lossy-to-lossless file (Algorithms 3/4 with reverse channel coding): any "
+                        "prefix decodes to a coarser image; --steps is then the number of coded steps "
+                        f"(default {progressive.num_steps})")
+    p.add_argument("--spacing", choices=SPACINGS, default="quadratic",
+                   help="spacing of the steps kept when --steps K < T (default quadratic: dense near t = 0, "
+                        "where the bits are; the file records it)")
+    p.add_argument("--chunk-bits", type=float, default=progressive.chunk_bits,
+                   help="--progressive: nominal KL in bits of one reverse-channel-coded chunk "
+                        f"(default {progressive.chunk_bits:g})")
+    p.add_argument("--convert", action="store_true", help="convert non-RGB / 16-bit images instead of refusing")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.dfc if it exists")
+    p.add_argument("--json", action="store_true", help="print sizes and timings as JSON on stdout")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_encode_command)
+
+
+def read_inputs(paths: list[str], limit: int | None, convert: bool):
+    """Images and names from several inputs, stopping after ``limit`` images; notes to stderr."""
+    from diffcodec.data import read_images
+
+    images, names = [], []
+    for path in paths:
+        left = None if limit is None else limit - len(images)
+        if left is not None and left < 1:
+            break
+        got = read_images(path, limit=left, convert=convert)
+        for note in got.notes:
+            print(f"diffcodec: note: {note}", file=sys.stderr)
+        images.extend(got.images)
+        names.extend(got.names)
+    return images, names
+
+def run_encode_command(args: argparse.Namespace) -> int:
+    from diffcodec.checkpoint import load_checkpoint
+    from diffcodec.codec import api
+    from diffcodec.outputs import check_output_file, write_bytes_atomic
+    from diffcodec.runtime import pick_device, prepare_cuda_determinism
+
+    check_output_file(args.output, force=args.force)
+    prepare_cuda_determinism()
+    device = pick_device(args.device)
+    loaded = load_checkpoint(args.checkpoint, device=device)
+    mode = "progressive" if args.progressive else "lossless"
+    if args.steps is not None:
+        api.check_steps(args.steps, loaded.diffusion_config.num_timesteps)
+    images, names = read_inputs(args.inputs, args.num_images, args.convert)
+    with ProgressBars(args.quiet) as bars:
+        result = api.encode(images, names, model=loaded, mode=mode, steps=args.steps, spacing=args.spacing,
+                            device=device, float64=args.float64, batch_size=args.batch_size,
+                            bootstrap=not args.no_bootstrap, compute_bound=not args.no_bound,
+                            chunk_bits=args.chunk_bits, progress=bars)
+    write_bytes_atomic(args.output, result.data, force=args.force)
+    if mode == "progressive":
+        report = progressive_report(result, args.output, loaded)
+        print(json.dumps(report, indent=2) if args.json else format_progressive(report))
+    else:
+        report = encode_report(result, args.output, loaded)
+        print(json.dumps(report, indent=2) if args.json else format_encode(report))
+    return 0
+
+
+def encode_report(result, path: str, loaded) -> dict:
+    h, d = result.header, result.num_dims
+    tile_dims = 3 * h.tile_size**2
+    bound = result.bound_bpd
+    return {
+        "output": path,
+        "num_images": result.num_images,
+        "num_tiles": result.num_tiles,
+        "num_dims": d,
+        "file_bytes": len(result.data),
+        "payload_bytes": result.payload_bytes,
+        "header_bytes": len(result.data) - result.payload_bytes,
+        "bits_per_dim": result.file_bpd,
+        "payload_bpd": result.payload_bpd,
+        "net_bpd": result.net_bpd,
+        "bound_bpd": bound,
+        "overhead_pct": 100.0 * (result.file_bpd / bound - 1.0) if bound == bound else None,
+        "net_overhead_pct": 100.0 * (result.net_bpd / bound - 1.0) if bound == bound else None,
+        "initial_bits": result.initial_bits,
+        "initial_bpd": result.initial_bits / d,
+        "initial_bpd_one_tile": result.initial_bits / tile_dims,
+        "bootstrap_tiles": result.bootstrap_tiles,
+        "bootstrap_bits": result.bootstrap_bits,
+        "bootstrap_steps": BOOTSTRAP_PARAMS.num_steps if result.bootstrap_tiles else None,
+        "bootstrap_bpd": result.bootstrap_bits / (result.bootstrap_tiles * tile_dims) if result.bootstrap_tiles else None,
+        "num_chunks": len(result.params.chunks),
+        "num_steps": h.num_steps,
+        "spacing": result.params.spacing if h.num_steps != h.num_timesteps else None,
+        "num_timesteps": h.num_timesteps,
+        "var_type": h.var_type,
+        "network_float64": result.params.network_float64,
+        "device": h.device,
+        "fingerprint": loaded.fingerprint,
+        "checkpoint": loaded.path,
+        "seconds": result.seconds,
+        "cpu_seconds": result.cpu_seconds,
+        "bound_seconds": result.bound_seconds,
+    }
+
+
+def format_encode(r: dict) -> str:
+    bound = r["bound_bpd"]
+    lines = [
+        f"{r['output']}: {r['num_images']} image(s), {r['num_tiles']} tile(s), {r['file_bytes']:,} bytes",
+        f"  actual    {r['bits_per_dim']:.4f} bits/dim (whole file: {r['header_bytes']:,}-byte header + payload)",
+    ]
+    if bound == bound and bound is not None:
+        lines += [
+            f"  bound     {bound:.4f} bits/dim (Eq. 5 on the same {r['num_steps']}-step chain"
+            + (f", {r['spacing']} spacing" if r["spacing"] else "") + ", likelihood.py)",
+            f"  overhead  {r['overhead_pct']:+.2f}% over the bound"
+            + (f"; without the initial bits {r['net_bpd']:.4f} bits/dim ({r['net_overhead_pct']:+.2f}%)"
+               if r["initial_bits"] else ""),
+        ]
+    else:
+        lines.append(f"  net       {r['net_bpd']:.4f} bits/dim without the initial bits (bound not computed)")
+    if r["bootstrap_tiles"]:
+        lines.append(
+            f"  bootstrap {r['bootstrap_tiles']} tile(s) sent with the progressive codec ({r['bootstrap_steps']}-step "
+            f"chain) to seed the stack: {r['bootstrap_bits']:,} bits, {r['bootstrap_bpd']:.3f} bits/dim of those tiles")
+    if r["bootstrap_tiles"] and not r["initial_bits"]:
+        lines.append("  initial bits 0: the bootstrap covered the stack's deepest dip")
+    else:
+        lines.append(
+            f"  initial bits {r['initial_bits']:,}: {r['initial_bpd']:.4f} bits/dim of this file, paid once per "
+            f"stream (= {r['initial_bpd_one_tile']:.1f} bits/dim of one tile)"
+            + ("" if r["bootstrap_tiles"] else "; the default bootstrap avoids most of them"))
+    lines += [
+        f"steps {r['num_steps']} of T={r['num_timesteps']}, {r['var_type']}, {r['num_chunks']} chunk(s), "
+        f"{r['device']}{', float64 network' if r['network_float64'] else ''}, "
+        f"{r['seconds']:.1f} s coding + {r['bound_seconds']:.1f} s bound",
+    ]
+    return "\n".join(lines)
+
+def progressive_report(result, path: str, loaded) -> dict:
+    enc, h, dims = result.encoded, result.header, result.num_dims
+    header_bits = result.header_bits
+    return {
+        "output": path, "mode": "progressive", "num_images": len(h.images), "num_tiles": enc.params.num_tiles,
+        "num_dims": dims, "file_bytes": len(result.data), "header_bytes": header_bits // 8,
+        "bits_per_dim": 8 * len(result.data) / dims, "payload_bpd": enc.params.payload_bits / dims,
+        "analytic_bpd": float(enc.kl_bits.sum()) / dims,
+        "num_steps": enc.params.num_steps, "spacing": enc.params.spacing, "chunk_bits": enc.params.chunk_bits,
+        "network_float64": enc.params.network_float64, "device": h.device,
+        "fingerprint": loaded.fingerprint, "checkpoint": loaded.path,
+        "stages": [{"stage": k, "timestep": int(t), "file_bits": header_bits + int(b),
+                    "bits_per_dim": (header_bits + int(b)) / dims, "analytic_bpd": float(a) / dims}
+                   for k, (t, b, a) in enumerate(zip(enc.timesteps, enc.prefix_bits, np.cumsum(enc.kl_bits)))],
+        "seconds": enc.seconds,
+    }
+
+
+def format_progressive(r: dict) -> str:
+    lines = [
+        f"{r['output']}: {r['num_images']} image(s), {r['num_tiles']} tile(s), {r['file_bytes']:,} bytes "
+        f"(progressive, {r['num_steps']} coded steps, {r['spacing']})",
+        f"  actual    {r['bits_per_dim']:.4f} bits/dim (whole file: {r['header_bytes']:,}-byte header "
+        f"+ payload); analytic {r['analytic_bpd']:.4f} on the same stages",
+        "  prefixes  stage (t received): bits/dim of the file cut there",
+    ]
+    for st in r["stages"]:
+        t = "x_0" if st["timestep"] < 0 else f"t={st['timestep']}"
+        lines.append(f"    {st['stage']:3d} ({t:>6}): {st['bits_per_dim']:.4f}")
+    lines.append(f"{r['seconds'].get('total', 0.0):.1f} s on {r['device']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ decode
+
+
+def add_decode_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "decode",
+        help="decode a .dfc file back to PNG images (verifies the pixel checksum first)",
+        description="Decode a .dfc file. OUT is a PNG path for a single image, else a directory that gets "
+                    "one PNG per image. Nothing is written unless the decoded pixels match the checksum.",
+    )
+    p.add_argument("file", metavar="FILE.dfc")
+    p.add_argument("--output", "-o", required=True, metavar="OUT", help="OUT.png (one image) or a directory")
+    p.add_argument("--checkpoint", "-c", help="checkpoint file (default: the embedded default model)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: the encoder's device kind when available)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    # progressive files only (diffcodec.progressive)
+    p.add_argument("--bits", type=positive_int, metavar="N",
+                   help="progressive files: use only the first N bits of the file (header included)")
+    p.add_argument("--upto", type=positive_int, metavar="STAGES",
+                   help="progressive files: decode at most this many stages (1 = x_T only; K + 1 = lossless)")
+    p.add_argument("--reconstruction", choices=("xstart", "ddim"), default="xstart",
+                   help="progressive files, partial decode: x^_0 predicted from the last latent (xstart, as the "
+                        "paper's Figure 5) or deterministic DDIM down the remaining steps (ddim)")
+    p.set_defaults(run=run_decode_command)
+
+def run_decode_command(args: argparse.Namespace) -> int:
+    from diffcodec.codec import api
+    from diffcodec.outputs import output_paths, write_png
+    from diffcodec.runtime import prepare_cuda_determinism
+
+    try:
+        data = Path(args.file).read_bytes()
+    except FileNotFoundError:
+        raise DiffcodecError(f"{args.file}: no such file") from None
+    except IsADirectoryError:
+        raise DiffcodecError(f"{args.file}: is a directory") from None
+    except OSError as e:
+        raise DiffcodecError(f"{args.file}: cannot read ({e.strerror})") from None
+    h = api.read_header(data, args.file)
+    targets = output_paths(args.output, [im.name for im in h.images], force=args.force)  # before any work
+    prepare_cuda_determinism()
+    with ProgressBars(args.quiet) as bars:
+        r = api.decode(data, checkpoint=args.checkpoint, device=args.device, where=args.file, num_bits=args.bits,
+                       upto=args.upto, reconstruction=args.reconstruction, progress=bars)
+    progressive = isinstance(r, api.ProgressiveDecoding)
+    if progressive and r.diverged and args.upto is None:
+        raise DiffcodecError(
+            f"{args.file}: the lossless stage did not reproduce the encoded pixels (checksum mismatch: this "
+            f"decoder's arithmetic differs from the encoder's, e.g. another device, thread count or library "
+            f"version; encode with --float64 to avoid it); nothing written. --upto {r.num_stages - 1} writes "
+            f"the lossy reconstruction from t = 0")
+    # the checksum has been verified (or the images are a labelled reconstruction): only now write
+    if len(targets) > 1 or not args.output.lower().endswith(".png"):
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    for target, image in zip(targets, r.images):
+        write_png(target, image, force=args.force)
+    report = progressive_decode_report(r, args, h, targets) if progressive else {
+        "file": args.file, "num_images": len(r.images), "outputs": targets,
+        "sizes": [[int(im.shape[0]), int(im.shape[1])] for im in r.images], "verified": True,
+        "num_steps": h.num_steps, "device": r.device, "encoded_on": h.device, "seconds": r.seconds,
+        "cpu_seconds": r.cpu_seconds}
+    where = targets[0] if len(targets) == 1 else f"{args.output}/ ({len(targets)} PNGs)"
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif progressive:
+        print(format_progressive_decode(report, r, where))
+    else:
+        print(f"{args.file}: {len(targets)} image(s) decoded and verified -> {where}; "
+              f"{h.num_steps} steps, {r.seconds:.1f} s on {r.device}")
+    return 0
+
+
+def progressive_decode_report(r, args: argparse.Namespace, h, targets: list[str]) -> dict:
+    dims = sum(int(im.size) for im in r.images)
+    return {"file": args.file, "mode": "progressive", "num_images": len(r.images), "outputs": targets,
+            "verified": r.verified, "lossless": r.verified, "reconstruction": r.reconstruction,
+            "stages": r.stages, "num_stages": r.num_stages, "timestep": r.timestep, "truncated": r.truncated,
+            "bits_available": r.file_bits, "bits_used": r.bits_used, "header_bits": r.header_bits,
+            "bits_per_dim_used": r.bits_used / dims, "complete_file_bits": r.header_bits + r.payload_bits_total,
+            "device": r.device, "encoded_on": h.device, "seconds": r.seconds}
+
+
+def format_progressive_decode(report: dict, r, where: str) -> str:
+    if r.verified:
+        what = "lossless, checksum verified"
+    else:
+        t = "t=0" if r.timestep == 0 else f"t={r.timestep}"
+        what = (f"lossy: stage {r.stages} of {r.num_stages} ({t}), {r.reconstruction} reconstruction"
+                + ("; the file is cut short" if r.truncated else ""))
+    return (f"{report['file']}: {report['num_images']} image(s) -> {where}; {what}; used {r.bits_used:,} of "
+            f"{r.file_bits:,} bits ({report['bits_per_dim_used']:.4f} bits/dim; complete file "
+            f"{report['complete_file_bits']:,})")

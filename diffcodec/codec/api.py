@@ -1,0 +1,368 @@
+"""The codec's public API: RGB images in, `.dfc` bytes out, and back.
+
+    encode(images, names, model=..., mode="lossless" | "progressive", ...) -> LosslessEncoding | ProgressiveEncoding
+    decode(data, model=..., ...)                                        -> LosslessDecoding | ProgressiveDecoding
+    read_header(data)                                                   -> container.Header
+
+This module owns what both modes share: the checks made before any network call (mode,
+steps in 1..T, image sizes within the format's limits), cutting images into model-size
+tiles and putting them back (`data.image_tiles`), the container (`container`), the checks
+of a file against the model (fingerprint, chain, tile size, tile count), the pixel
+checksum (a decoded image is handed out only when it matches), the choice of device, the
+deterministic-kernel settings and the decoder's thread count (`runtime`). Each mode's
+stream is its own package: `bitsback.file`, `progressive.codec`.
+
+Progress: ``progress(phase, done, total)`` is called as work advances, with phases
+"bootstrap" and "encode"/"decode" (tile-steps, or stages in progressive mode) and "bound".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from diffcodec.checkpoint import LoadedModel, load_checkpoint
+from diffcodec.codec import LOSSLESS_STEPS
+from diffcodec.codec.bitsback import file as bitsback
+from diffcodec.codec.bitsback.chain import GridConfig
+from diffcodec.codec.bitsback.params import BitsBackParams
+from diffcodec.codec.container import (
+    MAX_IMAGE_SIDE,
+    MAX_IMAGES,
+    MODE_BITSBACK,
+    MODE_NAMES,
+    MODE_PROGRESSIVE,
+    Container,
+    Header,
+    ImageEntry,
+    check_model,
+    pack,
+    pixel_checksum,
+    unpack,
+)
+from diffcodec.codec.progressive import codec as progressive
+from diffcodec.codec.progressive.params import ProgressiveParams
+from diffcodec.data import from_model_output, image_tiles, images_from_tiles, tile_count, to_model_input
+from diffcodec.errors import DiffcodecError
+from diffcodec.likelihood import BoundResult, merge_rows
+from diffcodec.runtime import decode_device, deterministic_kernels, device_kind, network, pick_device, use_threads
+from diffcodec.timesteps import chain_schedule
+
+MODES = ("lossless", "progressive")
+DEFAULT_STEPS = {"lossless": LOSSLESS_STEPS, "progressive": ProgressiveParams().num_steps}
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+# ------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class LosslessEncoding:
+    """A bits-back file and what its encoder measured."""
+
+    data: bytes  # the whole file
+    header: Header
+    params: BitsBackParams
+    num_images: int
+    num_tiles: int
+    num_dims: int  # real dimensions (sum of H x W x 3; padding excluded)
+    payload_bytes: int
+    initial_bits: int  # initial bits the stream consumed (included in the payload)
+    bound: BoundResult | None  # per image, the same K-step chain (likelihood.evaluate_bound)
+    seconds: float  # coding only (wall)
+    bound_seconds: float
+    device: str
+    cpu_seconds: float = math.nan  # coding only, CPU time of this process (all threads)
+    bound_cpu_seconds: float = math.nan
+    bootstrap_tiles: int = 0  # the first tiles, sent with the progressive codec
+    bootstrap_bits: int = 0  # their payload (part of the payload)
+
+    @property
+    def file_bpd(self) -> float:
+        return 8.0 * len(self.data) / self.num_dims
+
+    @property
+    def payload_bpd(self) -> float:
+        return 8.0 * self.payload_bytes / self.num_dims
+
+    @property
+    def net_bpd(self) -> float:
+        """Payload minus the initial bits: what the tiles cost (the chain's, and the bootstrap
+        tiles' progressive payload)."""
+        return (8.0 * self.payload_bytes - self.initial_bits) / self.num_dims
+
+    @property
+    def bound_bpd(self) -> float:
+        """Total bound bits over total real dimensions (comparable with file_bpd)."""
+        if self.bound is None:
+            return math.nan
+        return float(self.bound.total_bits.sum() / self.num_dims)
+
+
+@dataclass(frozen=True)
+class ProgressiveEncoding:
+    """A progressive file and its encoder's measurements (`progressive.Encoded`)."""
+
+    data: bytes
+    header: Header
+    encoded: progressive.Encoded
+    num_dims: int
+
+    @property
+    def header_bits(self) -> int:
+        return 8 * len(self.data) - self.encoded.params.payload_bits
+
+
+@dataclass(frozen=True)
+class LosslessDecoding:
+    images: list[np.ndarray]  # uint8 [H, W, 3], checksum verified
+    names: list[str]
+    seconds: float  # wall
+    device: str
+    cpu_seconds: float = math.nan
+
+
+@dataclass(frozen=True)
+class ProgressiveDecoding:
+    """A progressive file decoded from (a prefix of) its bytes. Bits count the whole file."""
+
+    images: list[np.ndarray]  # uint8 [H, W, 3]: the coded images when verified, else reconstructions
+    names: list[str]
+    stages: int  # received, of num_stages
+    num_stages: int
+    timestep: int  # original timestep of the last latent received (-1: x_0)
+    verified: bool  # complete and the pixel checksum matches: these are the coded images
+    diverged: bool  # complete file, but the lossless stage failed (other arithmetic than the encoder's)
+    truncated: bool  # the file holds less than the complete stream
+    file_bits: int  # bits the decoder was given (after num_bits)
+    header_bits: int
+    bits_used: int  # header + the fewest payload bits that deliver the same stages
+    payload_bits_total: int  # the complete stream's payload
+    reconstruction: str
+    device: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def check_images(images: Sequence[np.ndarray]) -> None:
+    """Refuse, before any work, what no file can hold (one-line DiffcodecError)."""
+    if not images:
+        raise DiffcodecError("no images to encode")
+    if len(images) > MAX_IMAGES:
+        raise DiffcodecError(f"{len(images)} images; a file holds at most {MAX_IMAGES}")
+    for i, img in enumerate(images):
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise DiffcodecError(f"image {i}: expected uint8 [H, W, 3], got {img.dtype} {list(img.shape)}")
+        if not (1 <= img.shape[0] <= MAX_IMAGE_SIDE and 1 <= img.shape[1] <= MAX_IMAGE_SIDE):
+            raise DiffcodecError(f"image {i}: size {img.shape[0]}x{img.shape[1]} out of range "
+                                 f"(1..{MAX_IMAGE_SIDE} pixels a side)")
+
+
+def check_steps(steps: int, num_timesteps: int) -> int:
+    if not 1 <= steps <= num_timesteps:
+        raise DiffcodecError(f"--steps must be between 1 and T = {num_timesteps}, got {steps}")
+    return steps
+
+
+def check_header(model: LoadedModel, header: Header, where: str) -> list[int]:
+    """Refuse a file this model cannot decode; each image's tile count."""
+    check_model(header, model.fingerprint, where)
+    dc, mc = model.diffusion_config, model.model_config
+    if (header.schedule, header.num_timesteps, header.var_type) != (dc.schedule, dc.num_timesteps, dc.var_type):
+        raise DiffcodecError(
+            f"{where}: encoded for a {header.schedule} T={header.num_timesteps} {header.var_type} chain; this "
+            f"checkpoint is {dc.schedule} T={dc.num_timesteps} {dc.var_type}")
+    if header.tile_size != mc.image_size:
+        raise DiffcodecError(f"{where}: encoded with {header.tile_size}-pixel tiles; this model takes {mc.image_size}")
+    return [tile_count(im.height, im.width, header.tile_size) for im in header.images]
+
+
+def read_header(data: bytes, where: str = "file") -> Header:
+    """The header of a `.dfc` file (its CRC checked; the payload is not decoded)."""
+    return unpack(data, where).header
+
+
+def _model(model: LoadedModel | None, checkpoint: str | None, device: torch.device) -> LoadedModel:
+    return model if model is not None else load_checkpoint(checkpoint, device=device)
+
+
+def _bar(progress: Progress | None, phase: str, total: int) -> Callable[..., None] | None:
+    """A step counter for one phase: each call advances it by its argument (default 1)."""
+    if progress is None:
+        return None
+    done = [0]
+
+    def step(n: int = 1) -> None:
+        done[0] += n
+        progress(phase, done[0], total)
+
+    return step
+
+
+# ------------------------------------------------------------------------------ encode
+
+
+def encode(
+    images: Sequence[np.ndarray], names: Sequence[str] | None = None, *, model: LoadedModel | None = None,
+    checkpoint: str | None = None, mode: str = "lossless", steps: int | None = None, spacing: str = "quadratic",
+    device: torch.device | str = "cpu", float64: bool = False, batch_size: int = 64, bootstrap: bool = True,
+    compute_bound: bool = True, chunk_bits: float = ProgressiveParams().chunk_bits, workers: int | None = None,
+    progressive_params: ProgressiveParams | None = None, grid: GridConfig = GridConfig(),
+    progress: Progress | None = None,
+) -> LosslessEncoding | ProgressiveEncoding:
+    """RGB uint8 images [H, W, 3] (any sizes, cut into model-size tiles, all in one stream)
+    as one `.dfc` file. ``steps``: K coded steps (default 100 lossless, 50 progressive).
+    ``progressive_params`` sets every progressive setting at once (its steps, spacing,
+    candidates, seed, ...; the benchmarks' knobs), instead of steps / spacing / chunk_bits /
+    float64; ``workers``: threads of the progressive candidate search (default: all cores);
+    ``grid``: how bits-back discretises its latents (stored in the file)."""
+    if mode not in MODES:
+        raise DiffcodecError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    check_images(images)
+    device = pick_device(str(device)) if not isinstance(device, torch.device) else device
+    model = _model(model, checkpoint, device)
+    T = model.diffusion_config.num_timesteps
+    if progressive_params is not None:
+        steps, float64 = progressive_params.num_steps, progressive_params.network_float64
+    steps = check_steps(min(DEFAULT_STEPS[mode], T) if steps is None else steps, T)
+    names = list(names) if names is not None else [""] * len(images)
+    tile = model.model_config.image_size
+    tiles, groups, dims = image_tiles(images, tile)
+    entries = tuple(ImageEntry(int(im.shape[0]), int(im.shape[1]), n) for im, n in zip(images, names))
+    dc = model.diffusion_config
+    with deterministic_kernels():
+        if mode == "progressive":
+            params = _progressive_params(progressive_params, steps, spacing, chunk_bits, float64, len(tiles), tile)
+            enc = progressive.encode(network(model.model, float64=float64), dc, to_model_input(tiles).to(device),
+                                     params, progress=_bar(progress, "encode", params.num_stages), workers=workers)
+            header = Header(MODE_PROGRESSIVE, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps,
+                            steps, dc.var_type, tile, entries, pixel_checksum(list(images)), enc.params.pack())
+            return ProgressiveEncoding(pack(Container(header, enc.payload)), header, enc, int(dims.sum()))
+        schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, spacing)
+        m = bitsback.bootstrap_size(schedule, len(tiles), tile, grid) if bootstrap else 0
+        batches = -(-len(tiles) // batch_size) if compute_bound else 0
+        code = bitsback.encode_stream(
+            model.model, dc, schedule, tiles, spacing=spacing, config=grid, max_batch=batch_size, device=device, float64=float64,
+            bootstrap=bootstrap, compute_bound=compute_bound,
+            on_step=_bar(progress, "encode", (len(tiles) - m) * steps) if len(tiles) > m else None,
+            on_bound_step=_bar(progress, "bound", batches * steps),
+            on_bootstrap_stage=_stage_bar(progress, "bootstrap", bitsback.BOOTSTRAP_PARAMS.num_stages) if m else None)
+    header = Header(MODE_BITSBACK, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps, steps,
+                    dc.var_type, tile, entries, pixel_checksum(list(images)), code.params.pack())
+    data = pack(Container(header, code.payload))
+    bound = merge_rows(code.bound, groups, dims) if code.bound is not None else None
+    return LosslessEncoding(data, header, code.params, len(images), len(tiles), int(dims.sum()), len(code.payload),
+                            code.initial_bits, bound, code.seconds, code.bound_seconds, str(device), code.cpu_seconds,
+                            code.bound_cpu_seconds, code.params.bootstrap_tiles, code.bootstrap_bits)
+
+
+def _stage_bar(progress: Progress | None, phase: str, total: int) -> Callable[[int], None] | None:
+    step = _bar(progress, phase, total)
+    return None if step is None else (lambda _stage: step())
+
+
+def _progressive_params(given: ProgressiveParams | None, steps: int, spacing: str, chunk_bits: float,
+                        float64: bool, num_tiles: int, tile: int) -> ProgressiveParams:
+    try:
+        if given is not None:
+            return replace(given, num_tiles=num_tiles, tile_size=tile, payload_bits=0)
+        return ProgressiveParams(num_steps=steps, spacing=spacing, chunk_bits=chunk_bits, network_float64=float64,
+                                 num_tiles=num_tiles, tile_size=tile)
+    except ValueError as e:
+        raise DiffcodecError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------ decode
+
+
+def decode(
+    data: bytes, *, model: LoadedModel | None = None, checkpoint: str | None = None, device: str = "auto",
+    where: str = "file", num_bits: int | None = None, upto: int | None = None, reconstruction: str = "xstart",
+    progress: Progress | None = None,
+) -> LosslessDecoding | ProgressiveDecoding:
+    """Decode a `.dfc` file's bytes (``num_bits`` / ``upto``: a prefix, progressive files only).
+
+    A lossless file's images come back only when their checksum matches (else
+    DiffcodecError, saying why as far as this side can tell); a progressive file's images
+    are the coded pixels when verified, else the reconstruction from the last latent
+    received, never wrong pixels labelled as the coded ones.
+    """
+    container = unpack(data, where)
+    h = container.header
+    if h.mode == MODE_BITSBACK and (num_bits is not None or upto is not None):
+        raise DiffcodecError(f"{where}: --bits and --upto apply to progressive files; this one is bits-back")
+    if h.mode not in (MODE_BITSBACK, MODE_PROGRESSIVE):
+        raise DiffcodecError(f"{where}: a {MODE_NAMES.get(h.mode, h.mode)} file; this decoder handles "
+                             f"{' and '.join(MODE_NAMES.values())} files")
+    target = decode_device(device, h.device) if isinstance(device, str) else device
+    model = _model(model, checkpoint, target)
+    counts = check_header(model, h, where)
+    if h.mode == MODE_PROGRESSIVE:
+        return _decode_progressive(model, container, len(data), counts, target, where, num_bits, upto,
+                                   reconstruction, progress)
+    return _decode_lossless(model, container, counts, target, where, progress)
+
+
+def _decode_lossless(model: LoadedModel, container: Container, counts: list[int], device: torch.device, where: str,
+                     progress: Progress | None) -> LosslessDecoding:
+    h = container.header
+    params = BitsBackParams.unpack(h.params, where)
+    bitsback.check_params(params, sum(counts), h.tile_size, h.num_steps, len(container.payload), where)
+    if device.type == "cpu":
+        use_threads(params.threads)  # float32 CPU results depend on the thread count
+    dc = model.diffusion_config
+    schedule = chain_schedule(dc.schedule, dc.num_timesteps, h.num_steps, params.spacing)
+    with deterministic_kernels():
+        start, cpu_start = time.perf_counter(), time.process_time()
+        chain_tiles = params.num_tiles - params.bootstrap_tiles
+        tiles, ok = bitsback.decode_stream(
+            model.model, dc, schedule, params, container.payload, tile_size=h.tile_size, device=device,
+            on_step=_bar(progress, "decode", chain_tiles * h.num_steps) if chain_tiles else None)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    images = images_from_tiles(tiles, [(im.height, im.width) for im in h.images]) if ok else []
+    if not ok or pixel_checksum(images) != h.pixel_sha:
+        raise DiffcodecError(bitsback.divergence(params, h.device, device, where))
+    return LosslessDecoding(images, [im.name for im in h.images], seconds, str(device), cpu_seconds)
+
+
+def _decode_progressive(model: LoadedModel, container: Container, data_bytes: int, counts: list[int], device: torch.device,
+                        where: str, num_bits: int | None, upto: int | None, reconstruction: str,
+                        progress: Progress | None) -> ProgressiveDecoding:
+    h = container.header
+    params = ProgressiveParams.unpack(h.params, where)
+    if h.num_steps != params.num_steps or h.tile_size != params.tile_size:
+        raise DiffcodecError(f"{where}: corrupt header (steps or tile size disagree with the stream's block)")
+    if sum(counts) != params.num_tiles:
+        raise DiffcodecError(f"{where}: corrupt header ({params.num_tiles} tiles for images needing {sum(counts)})")
+    header_bits = 8 * (data_bytes - len(container.payload))
+    file_bits = 8 * data_bytes if num_bits is None else min(int(num_bits), 8 * data_bytes)
+    if file_bits < header_bits:
+        raise DiffcodecError(f"{where}: {file_bits} bits do not cover the {header_bits}-bit header")
+    sizes = [(im.height, im.width) for im in h.images]
+    with deterministic_kernels():
+        dec = progressive.decode(network(model.model, float64=params.network_float64), model.diffusion_config,
+                                 container.payload, params, num_bits=file_bits - header_bits, upto=upto,
+                                 reconstruction=reconstruction, device=device)
+    images = images_from_tiles(from_model_output(dec.x0), sizes)
+    verified, diverged = False, dec.diverged
+    if dec.complete:
+        verified = pixel_checksum(images) == h.pixel_sha
+        if not verified:  # never hand out wrong pixels: fall back to x^_0 from y_0
+            diverged, images = True, images_from_tiles(from_model_output(dec.fallback), sizes)
+    if progress is not None:
+        progress("decode", dec.stages, params.num_stages)
+    stages = dec.stages if verified or not dec.complete else dec.stages - 1
+    return ProgressiveDecoding(
+        images, [im.name for im in h.images], stages, params.num_stages,
+        dec.timestep if verified or not dec.complete else 0, verified, diverged,
+        8 * len(container.payload) < params.payload_bits, file_bits, header_bits, header_bits + dec.bits_used,
+        params.payload_bits, "exact" if verified else ("xstart" if dec.complete else reconstruction), str(device),
+        dec.seconds)
+

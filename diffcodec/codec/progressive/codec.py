@@ -1,0 +1,351 @@
+"""The paper's Algorithms 3 ("Sending x_0") and 4 ("Receiving") on a batch of tiles, with
+reverse channel coding (`rcc`) for every latent.
+
+Chain. A coded schedule keeps K of the model's T steps (`timesteps.respace`; the default
+``quadratic`` spacing puts more of them near t = 0, where the bits are); the network is
+always called with the original timestep. Latents y_k = x at code step k of that chain
+(abar_k = abar[timesteps[k]]), k = K-1 .. 0. The stream holds K + 1 stages, in order:
+
+    stage 0          y_{K-1} ~ q(y_{K-1} | x_0) sent using p(y_{K-1}) = N(0, I)       Alg. 3 line 1
+    stage j (1..K-1) y_{K-1-j} ~ q(. | y_{K-j}, x_0) sent using p_theta(. | y_{K-j})   Alg. 3 lines 2-4
+    stage K          x_0 under the discretized Gaussian p_theta(x_0 | y_0)             Alg. 3 line 5
+
+Each stage's symbols are written by `syntax`. Only stage K needs bit-identical network
+outputs (its coding parameters come from the network); on a CPU float32 outputs change
+with the thread count and the batch, so a float32 stream decodes losslessly only with the
+encoder's settings, and ``network_float64`` lifts that (a slower network); the caller's
+pixel checksum catches a mismatch.
+
+Cost. Each chunk pays about log2(kappa + 1) + O(1) bits over its KL (the PFR index's
+spread); each stage a level symbol (a few bits). Candidates per chunk are capped at
+2^log2_candidates, so a chunk whose KL exceeds that sends a sample between p and q: fewer
+bits now, more in later stages. Payload bytes carry no redundancy: a corrupted payload
+still decodes to some image, and only the checksum at full length notices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from diffcodec.codec import rcc
+from diffcodec.codec.coding_params import PixelRule, pixel_params
+from diffcodec.codec.entropy import RangeEncoder
+from diffcodec.codec.progressive.params import ProgressiveParams
+from diffcodec.codec.progressive.syntax import (
+    PIXEL_HI,
+    PIXEL_LO,
+    StageSymbols,
+    Syntax,
+    TwinReader,
+    count_stages,
+    level_of_kl,
+    pad_words,
+    shortest_prefixes,
+    write_stage,
+)
+from diffcodec.config import DiffusionConfig
+from diffcodec.diffusion import p_mean_variance, predict_eps_from_xstart, q_mean_variance, q_posterior_mean_variance
+from diffcodec.errors import DiffcodecError
+from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats
+from diffcodec.runtime import ModelFn, usable_cores
+from diffcodec.schedule import Schedule
+from diffcodec.timesteps import chain_schedule
+
+RECONSTRUCTIONS = ("xstart", "ddim")
+PIXEL_RULE = PixelRule(mean_lo=-1e4, mean_hi=1e4, std_floor=None)  # the format's (`coding_params`)
+_PERMUTATION_STREAM = 0  # chunk c of a stage uses key word 1 + c
+
+
+def coded_schedule(diffusion: DiffusionConfig, num_steps: int, spacing: str = "quadratic") -> Schedule:
+    """The model's schedule kept at K steps with ``spacing`` (alpha-bars equal to the original's)."""
+    return chain_schedule(diffusion.schedule, diffusion.num_timesteps, num_steps, spacing)
+
+
+def _pixel_params(p_mean: torch.Tensor, p_log_var: torch.Tensor, snap_log2: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [D] mean and std of the pixel stage in level units (0..255), snapped."""
+    return pixel_params(p_mean, p_log_var, snap_log2, PIXEL_RULE)
+
+
+
+class StageClock:
+    """Seconds spent per activity ('network', 'candidates', 'entropy', ...)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The encoder's output and what it measured. Bits count the payload only."""
+
+    params: ProgressiveParams  # with payload_bits set
+    payload: bytes
+    prefix_bits: np.ndarray  # int64 [K+1]: shortest payload prefix that delivers stages 0..k
+    kl_bits: np.ndarray  # float64 [K+1]: the analytic cost of each stage on this trajectory
+    #   (prior KL, the KL terms L_{t}, and -log2 p(x_0 | y_0) with the exact normal CDF)
+    timesteps: np.ndarray  # int64 [K+1]: original timestep of each stage's latent (-1: x_0)
+    levels: np.ndarray  # int64 [K]
+    num_chunks: np.ndarray  # int64 [K]
+    xstart_mse: np.ndarray  # float64 [K]: MSE on [0,255] of x^_0 predicted from each stage's latent
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray) -> torch.Tensor:
+    """y = mean_p + std_p * u, computed in float64, returned in p_mean's dtype [like p_mean]."""
+    mean = p_mean.double().cpu().numpy().ravel()
+    std = np.exp(0.5 * p_log_var.double().cpu().numpy().ravel())
+    y = (mean + std * u.astype(np.float64)).astype(np.float64 if p_mean.dtype == torch.float64 else np.float32)
+    return torch.from_numpy(y.reshape(p_mean.shape)).to(p_mean.device)
+
+
+def _chunks(params: ProgressiveParams, stage: int, num_dims: int, num_chunks: int) -> list[np.ndarray]:
+    """The stage's keyed permutation of the dimensions, split into near-equal chunks."""
+    raw = np.random.PCG64(np.random.SeedSequence([params.seed, stage, _PERMUTATION_STREAM])).random_raw(num_dims)
+    perm = np.argsort(raw, kind="stable")
+    return np.array_split(perm, num_chunks)
+
+
+def _sample_stage(params: ProgressiveParams, stage: int, symbols: StageSymbols, syntax_chunks: int,
+                  num_dims: int) -> np.ndarray:
+    """The standardised sample u (float32 [D]) that a stage's symbols select."""
+    u = np.empty(num_dims, dtype=np.float32)
+    for c, idx in enumerate(_chunks(params, stage, num_dims, syntax_chunks)):
+        u[idx] = rcc.pfr_decode((params.seed, stage, 1 + c), int(symbols.indices[c]), len(idx))
+    return u
+
+
+def _prior(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros_like(like), torch.zeros_like(like)
+
+
+def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, params: ProgressiveParams,
+           *, progress: Callable[[int], None] | None = None, workers: int | None = None) -> Encoded:
+    """Algorithm 3 for a batch of tiles x0 [B, C, s, s] (exact pixel values in [-1, 1]).
+
+    The candidate search runs on ``workers`` threads (default: the usable CPU cores); the
+    stream does not depend on it.
+
+    Returns the payload (complete stream) and per-stage measurements. With
+    ``params.network_float64`` the latents are float64 and ``model_fn`` must take and return
+    float64 (a ``.double()`` network): outputs then agree across thread counts, batchings and
+    devices far below the pixel stage's snap grid, so the lossless stage survives them.
+    """
+    if x0.ndim != 4 or x0.shape[0] != params.num_tiles or x0.shape[2] != params.tile_size:
+        raise ValueError(f"progressive: x0 {list(x0.shape)} does not match {params.num_tiles} tiles of "
+                         f"{params.tile_size}")
+    clock = StageClock()
+    workers = usable_cores() if workers is None else max(1, int(workers))
+    dtype = torch.float64 if params.network_float64 else torch.float32
+    x0 = x0.to(dtype)
+    s = coded_schedule(diffusion, params.num_steps, params.spacing)
+    K, D, var_type = s.num_steps, x0.numel(), diffusion.var_type
+    ts = torch.from_numpy(s.timesteps).to(x0.device)
+    enc, syntax = RangeEncoder(), Syntax(params, D)
+    kl_bits = np.zeros(K + 1)
+    levels, chunks_per_stage, mse = np.zeros(K, dtype=np.int64), np.zeros(K, dtype=np.int64), np.zeros(K)
+    y = None
+    start = time.perf_counter()
+    for stage in range(K):
+        k = K - 1 - stage  # the code step of the latent this stage sends
+        t = torch.full((x0.shape[0],), k, dtype=torch.long, device=x0.device)
+        if stage == 0:
+            q_mean, _, q_log_var = q_mean_variance(s, x0, t)
+            p_mean, p_log_var = _prior(x0)
+        else:
+            t_prev = t + 1
+            with clock("network"):
+                out = model_fn(y, ts[t_prev]).to(dtype)
+            p = p_mean_variance(s, out, y, t_prev, var_type=var_type, clip_denoised=params.clip_denoised)
+            p_mean, p_log_var = p.mean, p.log_variance
+            mse[stage - 1] = float((((p.pred_xstart - x0) * 127.5) ** 2).mean())
+            q_mean, _, q_log_var = q_posterior_mean_variance(s, x0, y, t_prev)
+        qm, qv, pm, pv = (v.double().cpu().numpy().ravel() for v in (q_mean, q_log_var, p_mean, p_log_var))
+        kl_dims = rcc.gaussian_kl_bits(qm, qv, pm, pv)
+        kl_bits[stage] = kl_dims.sum()
+        level = level_of_kl(float(kl_bits[stage]))
+        n, _ = syntax.chunking(level)
+        indices = np.zeros(n, dtype=np.int64)
+        if level:
+            with clock("candidates"):
+                tasks = []
+                for c, idx in enumerate(_chunks(params, stage, D, n)):
+                    lw = rcc.LogWeight.of_gaussians(qm[idx], qv[idx], pm[idx], pv[idx])
+                    kl_c = float(kl_dims[idx].sum())
+                    log2_n = min(max(math.ceil(kl_c + params.pad_bits), 1), params.log2_candidates)
+                    tasks.append((lw, (params.seed, stage, 1 + c), 1 << log2_n))
+                indices[:] = rcc.pfr_select_many(tasks, workers=workers)
+        symbols = StageSymbols(level, indices)
+        with clock("entropy"):
+            write_stage(enc, syntax, symbols)
+        with clock("candidates"):
+            u = _sample_stage(params, stage, symbols, n, D)
+        y = _latent(p_mean, p_log_var, u)
+        levels[stage], chunks_per_stage[stage] = level, (n if level else 0)
+        if progress is not None:
+            progress(stage)
+    # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5)
+    t0 = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+    with clock("network"):
+        out = model_fn(y, ts[t0]).to(dtype)
+    p = p_mean_variance(s, out, y, t0, var_type=var_type, clip_denoised=params.clip_denoised)
+    mse[K - 1] = float((((p.pred_xstart - x0) * 127.5) ** 2).mean())
+    log_p = discretized_gaussian_log_likelihood_nats(x0, mean=p.mean, log_scale=0.5 * p.log_variance)
+    kl_bits[K] = -float(log_p.sum()) / LN2
+    pixel_models = _pixel_params(p.mean, p.log_variance, params.snap_log2)
+    symbols = np.rint((x0.double().cpu().numpy().ravel() + 1.0) * 127.5).astype(np.int64)
+    with clock("entropy"):
+        enc.encode_gaussian(symbols, *pixel_models, PIXEL_LO, PIXEL_HI)
+        full = enc.words().astype(">u4").tobytes()
+        prefix = shortest_prefixes(full, params, D, pixel_models)
+    if progress is not None:
+        progress(K)
+    payload = full[: -(-int(prefix[-1]) // 8)]
+    clock.seconds["total"] = time.perf_counter() - start
+    timesteps = np.append(s.timesteps[::-1], -1)
+    return Encoded(replace(params, payload_bits=8 * len(payload)), payload, prefix, kl_bits, timesteps,
+                   levels, chunks_per_stage, mse, dict(clock.seconds))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What a (possibly partial) stream gave. Bits count the payload only."""
+
+    x0: torch.Tensor  # [B, C, s, s] in [-1, 1]: the decoded pixels when complete, else the reconstruction
+    stages: int  # stages received, 0 .. K+1
+    complete: bool  # all K+1 stages: x0 holds the coded pixels (the caller checks their checksum)
+    timestep: int  # original timestep of the last latent received (-1: x_0 itself)
+    bits_available: int  # payload bits the decoder was given
+    bits_used: int  # the fewest of them that deliver the same stages
+    diverged: bool = False  # the whole stream was there but its pixel stage did not decode
+    fallback: torch.Tensor | None = None  # when complete: x^_0 predicted from y_0 (if the checksum fails)
+    xstart: list[torch.Tensor] = field(default_factory=list)  # per received latent: x^_0 (keep_all)
+    latents: list[torch.Tensor] = field(default_factory=list)  # per received latent (keep_all)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params: ProgressiveParams, *,
+           num_bits: int | None = None, upto: int | None = None, reconstruction: str = "xstart",
+           device: torch.device | str = "cpu", keep_all: bool = False) -> Decoded:
+    """Algorithm 4 on the first ``num_bits`` bits of the payload (all when None), at most
+    ``upto`` stages. Stops at the first stage the prefix does not deliver; the image is then
+    reconstructed from the last latent (``xstart``: x^_0 predicted from it, clipped;
+    ``ddim``: deterministic DDIM, eta = 0, down the rest of the coded chain).
+    """
+    if reconstruction not in RECONSTRUCTIONS:
+        raise DiffcodecError(f"unknown reconstruction {reconstruction!r}; known: {', '.join(RECONSTRUCTIONS)}")
+    clock = StageClock()
+    s = coded_schedule(diffusion, params.num_steps, params.spacing)
+    K = s.num_steps
+    shape = (params.num_tiles, 3, params.tile_size, params.tile_size)
+    D = int(np.prod(shape))
+    bits = 8 * len(payload) if num_bits is None else max(0, min(int(num_bits), 8 * len(payload)))
+    limit = params.num_stages if upto is None else max(0, min(int(upto), params.num_stages))
+    reader = TwinReader(payload, bits, pad_words(params, D))
+    syntax = Syntax(params, D)
+    ts = torch.from_numpy(s.timesteps).to(device)
+    y, p, xstarts, latents, stages = None, None, [], [], 0
+    dtype = torch.float64 if params.network_float64 else torch.float32
+    proto = torch.zeros(shape, device=device, dtype=dtype)
+    for stage in range(min(limit, K)):
+        k = K - 1 - stage
+        with clock("entropy"):
+            symbols = reader.stage(syntax)
+        if symbols is None:
+            break
+        if stage == 0:
+            p_mean, p_log_var = _prior(proto)
+        else:
+            p_mean, p_log_var = p.mean, p.log_variance
+        n, _ = syntax.chunking(symbols.level)
+        with clock("candidates"):
+            u = _sample_stage(params, stage, symbols, n, D)
+        y = _latent(p_mean, p_log_var, u)
+        stages = stage + 1
+        t = torch.full((shape[0],), k, dtype=torch.long, device=device)
+        with clock("network"):
+            out = model_fn(y, ts[t]).to(dtype)
+        p = p_mean_variance(s, out, y, t, var_type=diffusion.var_type, clip_denoised=params.clip_denoised)
+        if keep_all:
+            xstarts.append(p.pred_xstart)
+            latents.append(y)
+    if stages == 0:
+        raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
+                             f"a longer prefix is needed")
+    if stages == K and limit > K:
+        pixel_models = _pixel_params(p.mean, p.log_variance, params.snap_log2)
+        with clock("entropy"):
+            pixels = reader.pixels(*pixel_models)
+        if pixels is not None:
+            with clock("entropy"):
+                used = _shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
+            x0 = torch.from_numpy((pixels.astype(np.float32) / 127.5 - 1.0).reshape(shape)).to(device, dtype)
+            return Decoded(x0, K + 1, True, -1, bits, used, False, p.pred_xstart, xstarts, latents,
+                           dict(clock.seconds))
+    # A complete stream whose last stage does not decode: the network's arithmetic differs
+    # from the encoder's (another device, thread count or library version).
+    diverged = stages == K and limit > K and bits >= params.payload_bits
+    k = K - stages
+    with clock("reconstruction"):
+        if reconstruction == "xstart":
+            x0 = p.pred_xstart
+        else:
+            x0 = ddim_reconstruct(model_fn, s, y, k, var_type=diffusion.var_type,
+                                  clip_denoised=params.clip_denoised, first_xstart=p.pred_xstart)
+    with clock("entropy"):
+        used = _shortest_prefix(payload, bits, params, D, stages, None)
+    return Decoded(x0, stages, False, int(s.timesteps[k]), bits, used, diverged, None, xstarts, latents,
+                   dict(clock.seconds))
+
+
+def _shortest_prefix(payload: bytes, bits: int, params: ProgressiveParams, num_dims: int, stages: int,
+                     pixel_models: tuple[np.ndarray, np.ndarray] | None) -> int:
+    """The fewest payload bits (<= bits) that deliver ``stages`` stages (symbols only)."""
+    lo, hi = 0, bits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_stages(payload, mid, params, num_dims, pixel_models, limit=stages) >= stages:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def ddim_reconstruct(model_fn: ModelFn, s: Schedule, y: torch.Tensor, k: int, *, var_type: str,
+                     clip_denoised: bool = True, first_xstart: torch.Tensor | None = None) -> torch.Tensor:
+    """Probability-flow DDIM (eta = 0) from the latent y at code step k down to x^_0 [B,C,H,W].
+
+    Each step: x^_0 from the network (clipped), eps recomputed from it, then
+    y_{k-1} = sqrt(abar_{k-1}) x^_0 + sqrt(1 - abar_{k-1}) eps. ``first_xstart`` saves the
+    network call at step k when the caller already has it.
+    """
+    ts = torch.from_numpy(s.timesteps).to(y.device)
+    xstart = first_xstart
+    for j in range(k, -1, -1):
+        t = torch.full((y.shape[0],), j, dtype=torch.long, device=y.device)
+        if xstart is None:
+            out = model_fn(y, ts[t]).to(y.dtype)
+            xstart = p_mean_variance(s, out, y, t, var_type=var_type, clip_denoised=clip_denoised).pred_xstart
+        if j == 0:
+            break
+        eps = predict_eps_from_xstart(s, y, t, xstart)
+        abar_prev = float(s.alphas_cumprod[j - 1])
+        y = math.sqrt(abar_prev) * xstart + math.sqrt(1.0 - abar_prev) * eps
+        xstart = None
+    return xstart
+

@@ -1,0 +1,98 @@
+"""The progressive stream's parameter block: everything its decoder needs besides the model.
+
+The block sits in the container's mode-1 parameter field (`container`); the progressive
+encoder fills ``payload_bits``. Its byte layout is in `ProgressiveParams.pack`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from diffcodec.codec import rcc
+from diffcodec.errors import DiffcodecError
+
+# Append-only: the index is written into files; the names are `timesteps.SPACINGS`.
+SPACING_CODES = ("quadratic", "uniform")
+
+@dataclass(frozen=True)
+class ProgressiveParams:
+    """Everything the decoder needs besides the model (the mode-1 parameter block)."""
+
+    num_steps: int = 50  # K coded latents
+    spacing: str = "quadratic"
+    log2_candidates: int = 16  # at most 2^this candidates per chunk; the index law's range
+    chunk_bits: float = 14.0  # nominal KL per chunk (quarter-bit resolution)
+    pad_bits: float = 2.0  # encoder: 2^ceil(KL_chunk + pad) candidates (recorded, not needed to decode)
+    seed: int = 0  # the shared randomness
+    snap_log2: int = -16  # pixel-stage parameters on a 2^snap_log2 grid (pixel-level units)
+    clip_denoised: bool = True
+    network_float64: bool = False  # run the network and the latents in float64 (see `encode`)
+    num_tiles: int = 1
+    tile_size: int = 32
+    payload_bits: int = 0  # the complete stream's length in bits (set by the encoder)
+
+    _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
+    BLOCK_VERSION = 1
+
+    def __post_init__(self) -> None:
+        if self.spacing not in SPACING_CODES:
+            raise ValueError(f"progressive: unknown spacing {self.spacing!r}")
+        if not 1 <= self.num_steps <= 0xFFFF:
+            raise ValueError(f"progressive: num_steps must be 1..65535, got {self.num_steps}")
+        if not 1 <= self.log2_candidates <= rcc.MAX_LOG2_CANDIDATES:
+            raise ValueError(f"progressive: log2_candidates must be 1..{rcc.MAX_LOG2_CANDIDATES}")
+        for name in ("chunk_bits", "pad_bits"):
+            v = getattr(self, name)
+            if not (0 <= v <= 63.75 and float(v * 4).is_integer()):
+                raise ValueError(f"progressive: {name} must be a multiple of 1/4 in 0..63.75, got {v}")
+        if self.chunk_bits < 0.25:
+            raise ValueError("progressive: chunk_bits must be >= 0.25")
+        if not 0 <= self.seed < 1 << 32:
+            raise ValueError("progressive: seed must be in 0..2^32-1")
+        if not 0 <= self.payload_bits < 1 << 32:
+            raise ValueError("progressive: payload_bits must be below 2^32")
+        if not -30 <= self.snap_log2 <= 0:
+            raise ValueError("progressive: snap_log2 must be in -30..0")
+        if self.num_tiles < 1 or not 1 <= self.tile_size <= 0xFFFF:
+            raise ValueError("progressive: need at least one tile of a valid size")
+
+    def pack(self) -> bytes:
+        """The mode-1 parameter block (little-endian):
+
+            0  u8  block version (1)          8   u8  flags: bit 0 clip_denoised, bit 1 network_float64
+            1  u8  spacing (SPACING_CODES)  9  u32 number of tiles
+            2  u16 K coded steps              13  u16 tile size
+            4  u8  log2 candidates            15  u32 shared seed
+            5  u8  chunk bits x 4             19  u32 payload bits of the complete stream
+            6  u8  pad bits x 4 (encoder's choice, recorded)
+            7  i8  log2 of the pixel-parameter snap grid (pixel-level units)
+        """
+        return self._FIXED.pack(
+            self.BLOCK_VERSION, SPACING_CODES.index(self.spacing), self.num_steps, self.log2_candidates,
+            int(self.chunk_bits * 4), int(self.pad_bits * 4), self.snap_log2,
+            int(self.clip_denoised) | (int(self.network_float64) << 1),
+            self.num_tiles, self.tile_size, self.seed, self.payload_bits,
+        )
+
+    @classmethod
+    def unpack(cls, block: bytes, where: str = "file") -> ProgressiveParams:
+        if len(block) != cls._FIXED.size:
+            raise DiffcodecError(f"{where}: corrupt progressive parameter block ({len(block)} bytes)")
+        (version, spacing, num_steps, log2_n, chunk_q, pad_q, snap_log2, flags, num_tiles, tile_size, seed,
+         payload_bits) = cls._FIXED.unpack(block)
+        if version != cls.BLOCK_VERSION:
+            raise DiffcodecError(f"{where}: progressive block version {version}; this diffcodec reads "
+                                 f"{cls.BLOCK_VERSION}")
+        if spacing >= len(SPACING_CODES):
+            raise DiffcodecError(f"{where}: corrupt progressive parameters (spacing {spacing})")
+        try:
+            return cls(num_steps, SPACING_CODES[spacing], log2_n, chunk_q / 4, pad_q / 4, seed, snap_log2,
+                       bool(flags & 1), bool(flags & 2), num_tiles, tile_size, payload_bits)
+        except ValueError as e:
+            raise DiffcodecError(f"{where}: corrupt progressive parameters ({e})") from None
+
+    @property
+    def num_stages(self) -> int:
+        return self.num_steps + 1
+

@@ -1,0 +1,235 @@
+"""The progressive stream's syntax: what each stage sends and how a bit prefix is read.
+
+Stage syntax (one range-coder stream, FIFO, stage k strictly before stage k + 1):
+
+    level L       the stage's KL(q || p) in bits on a half-bit log grid, L = round(2 log2 KL) + 21
+                  (0 = below 2^-10.25 bits: nothing else is sent, the decoder takes candidate 0);
+                  a categorical law peaked at the previous levels' trend (`level_probs`)
+    exponents     the dimensions are shuffled by a keyed permutation and split into
+                  n = ceil(KL(L) / chunk_bits) near-equal chunks of nominal KL kappa = KL(L) / n;
+                  each chunk's PFR index (`rcc`) is sent as its exponent under an adaptive law
+                  with context kappa (`rcc.ExponentModel`, updated after each stage) ...
+    mantissas     ... then the bits below the leading one, uniformly
+    pixels        (stage K) one symbol per dimension, QuantizedGaussian on 0..255 in pixel
+                  units, mean and std snapped to a 2^snap_log2 grid (`coding_params`)
+
+The symbols of stages 0..K-1 depend on the stream alone, never on the network, so a
+decoder parses every stage even where its arithmetic differs slightly from the encoder's.
+
+Prefix property. The payload is the coder's 32-bit words as BIG-endian bytes, so that the
+first bits of the file are the most significant bits of the code value. Given any bit
+prefix, `TwinReader` runs two decoders, one on the prefix padded with zeros and one padded
+with ones (the smallest and largest code values the rest could hold); a stage counts as
+received only if both decode it to the same symbols, which then are the encoder's (the
+code values that decode to a given symbol sequence form an interval). A padded decoder
+that meets data no encoder could write counts as a mismatch: conservative, never wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffcodec.codec import rcc
+from diffcodec.codec.entropy import RangeDecoder, RangeEncoder
+from diffcodec.codec.progressive.params import ProgressiveParams
+
+NUM_LEVELS = 96
+LEVEL_OFFSET = 21  # level 1 <-> 2^-10 bits, level 95 <-> 2^37 bits
+PIXEL_LO, PIXEL_HI = 0, 255
+DECODE_ERRORS = (AssertionError, ValueError, OverflowError)  # constriction on invalid data
+
+
+def level_of_kl(kl_bits: float) -> int:
+    """The level sent for a stage's KL: 0 below 2^-10.25 bits, else round(2 log2 KL) + 21."""
+    if not math.isfinite(kl_bits):
+        raise ValueError(f"progressive: the KL of a stage is {kl_bits}")
+    if kl_bits < 2.0 ** ((0.5 - LEVEL_OFFSET) / 2):
+        return 0
+    return int(min(max(round(2.0 * math.log2(kl_bits)) + LEVEL_OFFSET, 1), NUM_LEVELS - 1))
+
+
+def kl_of_level(level: int) -> float:
+    """The nominal KL (bits) of a level: 0 for level 0, else 2^((L - 21) / 2)."""
+    return 0.0 if level == 0 else 2.0 ** ((level - LEVEL_OFFSET) / 2.0)
+
+
+def level_probs(history: list[int]) -> np.ndarray:
+    """Integer counts [NUM_LEVELS] of the next level, given the levels so far.
+
+    Two-sided geometric (halving every 1.5 levels) around the last level plus its last
+    increase (the KL grows as t falls); broad around 2 bits for the first stage.
+    """
+    levels = np.arange(NUM_LEVELS, dtype=np.float64)
+    if not history:
+        center, scale = float(LEVEL_OFFSET + 2), 8.0
+    else:
+        trend = history[-1] - history[-2] if len(history) >= 2 else 0
+        center, scale = float(history[-1] + min(max(trend, 0), 8)), 1.5
+    p = np.exp2(-np.abs(levels - center) / scale)
+    return np.maximum(np.rint(p * 2.0**16), 1.0)
+
+
+@dataclass(frozen=True)
+class StageSymbols:
+    """What one RCC stage sends: its level and one PFR index per chunk."""
+
+    level: int
+    indices: np.ndarray  # int64 [num_chunks]; [0] for level 0
+
+
+class Syntax:
+    """The symbol-level state both sides keep in step: level history, exponent counts."""
+
+    def __init__(self, params: ProgressiveParams, num_dims: int) -> None:
+        self.params = params
+        self.num_dims = num_dims
+        self.levels: list[int] = []
+        self.exponents = rcc.ExponentModel(params.log2_candidates)
+
+    def chunking(self, level: int) -> tuple[int, float]:
+        """(number of chunks, nominal KL per chunk in bits) of a level."""
+        if level == 0:
+            return 1, 0.0
+        kl = kl_of_level(level)
+        n = int(min(max(math.ceil(kl / self.params.chunk_bits), 1), self.num_dims))
+        return n, kl / n
+
+    def commit(self, symbols: StageSymbols) -> None:
+        self.levels.append(symbols.level)
+        if symbols.level:
+            _, kappa = self.chunking(symbols.level)
+            for i in symbols.indices:
+                self.exponents.update(kappa, rcc.split_index(int(i))[0])
+
+
+def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> None:
+    """Encode one RCC stage's symbols and advance ``syntax``."""
+    enc.encode_categorical(np.array([symbols.level]), level_probs(syntax.levels)[None])
+    if symbols.level:
+        n, kappa = syntax.chunking(symbols.level)
+        if len(symbols.indices) != n:
+            raise ValueError(f"progressive: level {symbols.level} needs {n} indices, got {len(symbols.indices)}")
+        parts = [rcc.split_index(int(i)) for i in symbols.indices]
+        exps = np.array([m for m, _ in parts], dtype=np.int64)
+        if exps.max() > syntax.params.log2_candidates:
+            raise ValueError("progressive: an index exceeds the candidate range")
+        probs = syntax.exponents.probs(kappa)
+        enc.encode_categorical(exps, np.broadcast_to(probs, (n, len(probs))))
+        sizes = np.array([rcc.mantissa_size(m) for m in exps], dtype=np.int64)
+        coded = sizes > 1
+        if coded.any():
+            enc.encode_uniform(np.array([r for (_, r) in parts], dtype=np.int64)[coded], sizes[coded])
+    syntax.commit(symbols)
+
+
+def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
+    """Decode one RCC stage's symbols (does NOT advance ``syntax``; see `TwinReader`).
+
+    Raises one of ``_DECODE_ERRORS`` on data that no encoder could have written.
+    """
+    level = int(dec.decode_categorical(level_probs(syntax.levels)[None])[0])
+    if level == 0:
+        return StageSymbols(0, np.zeros(1, dtype=np.int64))
+    n, kappa = syntax.chunking(level)
+    probs = syntax.exponents.probs(kappa)
+    exps = dec.decode_categorical(np.broadcast_to(probs, (n, len(probs)))).astype(np.int64)
+    sizes = np.array([rcc.mantissa_size(int(m)) for m in exps], dtype=np.int64)
+    mant = np.zeros(n, dtype=np.int64)
+    coded = sizes > 1
+    if coded.any():
+        mant[coded] = dec.decode_uniform(sizes[coded], int(coded.sum()))
+    return StageSymbols(level, np.array([rcc.join_index(int(m), int(r)) for m, r in zip(exps, mant)], dtype=np.int64))
+
+
+
+class TwinReader:
+    """Reads a bit prefix of the payload twice: padded with zeros and padded with ones.
+
+    A stage counts as received only when both decoders return the same symbols (and neither
+    meets invalid data); those are then the encoder's symbols whatever the missing bits are.
+    """
+
+    def __init__(self, payload: bytes, num_bits: int, pad_words: int) -> None:
+        num_bits = max(0, min(int(num_bits), 8 * len(payload)))
+        bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))[:num_bits]
+        total_words = -(-num_bits // 32) + pad_words + 2
+        self.num_bits = num_bits
+        self._decoders = []
+        for fill in (0, 1):
+            padded = np.full(32 * total_words, fill, dtype=np.uint8)
+            padded[:num_bits] = bits
+            words = np.packbits(padded).view(">u4").astype(np.uint32)
+            self._decoders.append(RangeDecoder(words))
+        self.failed = False
+
+    def stage(self, syntax: Syntax) -> StageSymbols | None:
+        """The next RCC stage's symbols (and advance ``syntax``), or None once the prefix ends."""
+        if self.failed:
+            return None
+        try:
+            a, b = (read_stage(d, syntax) for d in self._decoders)
+        except DECODE_ERRORS:
+            a = b = None
+        if a is None or a.level != b.level or not np.array_equal(a.indices, b.indices):
+            self.failed = True
+            return None
+        syntax.commit(a)
+        return a
+
+    def pixels(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray | None:
+        """The pixel stage's symbols (int32 [D]) or None."""
+        if self.failed:
+            return None
+        try:
+            a, b = (d.decode_gaussian(mean, std, PIXEL_LO, PIXEL_HI) for d in self._decoders)
+        except DECODE_ERRORS:
+            a = b = None
+        if a is None or not np.array_equal(a, b):
+            self.failed = True
+            return None
+        return a
+
+
+def pad_words(params: ProgressiveParams, num_dims: int) -> int:
+    """Padding that one stage can never read past: 24 bits per symbol, 2 symbols per chunk."""
+    return (24 * (2 * num_dims + 1) + 31) // 32 + 4
+
+
+def count_stages(payload: bytes, num_bits: int, params: ProgressiveParams, num_dims: int,
+                 pixel_models: tuple[np.ndarray, np.ndarray] | None = None, *, limit: int | None = None) -> int:
+    """How many stages a bit prefix delivers, parsing symbols only (no network).
+
+    The pixel stage is checked only when its models (mean, std) are given.
+    """
+    reader = TwinReader(payload, num_bits, pad_words(params, num_dims))
+    syntax = Syntax(params, num_dims)
+    limit = params.num_stages if limit is None else limit
+    for stage in range(min(limit, params.num_steps)):
+        if reader.stage(syntax) is None:
+            return stage
+    if limit > params.num_steps and pixel_models is not None:
+        if reader.pixels(*pixel_models) is not None:
+            return params.num_stages
+    return min(limit, params.num_steps)
+
+
+def shortest_prefixes(payload: bytes, params: ProgressiveParams, num_dims: int,
+                      pixel_models: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """int64 [K+1]: the fewest payload bits that deliver stages 0..k, for each k (binary search)."""
+    total = 8 * len(payload)
+    num = params.num_stages if pixel_models is not None else params.num_steps
+    out = np.zeros(params.num_stages, dtype=np.int64)
+    lo = 0
+    for k in range(num):
+        hi = total
+        while lo < hi:  # smallest P in [lo, hi] with count >= k + 1 (monotone in P)
+            mid = (lo + hi) // 2
+            if count_stages(payload, mid, params, num_dims, pixel_models, limit=k + 1) >= k + 1:
+                hi = mid
+            else:
+                lo = mid + 1
+        out[k] = lo
+    return out

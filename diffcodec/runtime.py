@@ -1,0 +1,173 @@
+"""Where and how the network runs: devices, threads, the one model wrapper, deterministic kernels.
+
+Every job (the bound, training, both codecs, the benchmarks) calls the network through
+`network`, which returns a ``ModelFn``: ``fn(x_t [B,C,H,W], original timesteps int64 [B])
+-> output [B, C or 2C, H, W]``, without autograd. Devices are named as torch names them
+(``cpu``, ``cuda``, ``cuda:N``) or ``auto``; a name this machine cannot use is a one-line
+`DiffcodecError`, never a torch traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import platform
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from diffcodec.errors import DiffcodecError
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""network(x_t [B,C,H,W], original timesteps int64 [B]) -> output [B, C or 2C, H, W]"""
+
+MAX_THREADS = 1024  # the most torch CPU threads a coded file may ask a decoder to use
+
+
+# ------------------------------------------------------------------------------ machine
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_name() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_string(device: torch.device | str = "cpu") -> str:
+    """'cpu: AMD EPYC (2 cores, 2 torch threads)' or 'cuda:0: NVIDIA H100 80GB HBM3'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}: {torch.cuda.get_device_name(index)}"
+    threads = torch.get_num_threads()
+    return f"cpu: {cpu_name()} ({usable_cores()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
+
+
+def device_kind(device: torch.device | str) -> str:
+    """What a coded file records about its encoder's device: 'cpu' or 'cuda:<GPU name>'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else validated (one-line errors)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DiffcodecError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DiffcodecError(f"device type {device.type!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffcodecError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DiffcodecError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def decode_device(requested: str, encoded_on: str) -> torch.device:
+    """A decoder's device: 'auto' -> the encoder's device kind when this machine has it
+    (cuda for 'cuda:...' files, cpu for 'cpu' files), else what is available."""
+    if requested != "auto":
+        return pick_device(requested)
+    if encoded_on.startswith("cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if encoded_on == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def recorded_threads(device: torch.device | str, float64: bool) -> int:
+    """The torch thread count a bits-back decoder must match (0 = not needed): float32 CPU
+    kernels split their sums by thread, so a float32 CPU file decodes only with the
+    encoder's count (float64 and GPU files do not record one)."""
+    if float64 or torch.device(device).type != "cpu":
+        return 0
+    return min(torch.get_num_threads(), MAX_THREADS)
+
+
+def use_threads(count: int) -> None:
+    """Run torch's CPU kernels on ``count`` threads (0: leave as is). A count above
+    MAX_THREADS is refused: no encoder records one, and thread creation would fail."""
+    if count > MAX_THREADS:
+        raise DiffcodecError(f"the file asks for {count} torch CPU threads (at most {MAX_THREADS}); corrupt header")
+    if count and count != torch.get_num_threads():
+        torch.set_num_threads(count)
+
+
+# ------------------------------------------------------------------------------ network
+
+
+def network(model: torch.nn.Module, *, float64: bool = False, bf16: bool = False,
+            device: torch.device | str | None = None) -> ModelFn:
+    """The model as a ``ModelFn`` in inference mode: on ``device`` when given; ``float64``
+    runs a float64 copy (the original is untouched); ``bf16`` runs under bfloat16 autocast
+    on CUDA, the output cast back to float32."""
+    if float64 and bf16:
+        raise ValueError("network: float64 and bf16 exclude each other")
+    if float64:
+        model = copy.deepcopy(model).double()
+    if device is not None:
+        model = model.to(device)
+    model = model.eval()
+
+    @torch.inference_mode()
+    def call(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not bf16:
+            return model(x_t, t)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x_t, t).float()
+
+    return call
+
+
+@contextlib.contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """Deterministic torch kernels, no TF32, no cuDNN autotuning; restores the settings after."""
+    saved = (
+        torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+    )
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # effective before CUDA starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[4], saved[5]
+
+
+def prepare_cuda_determinism() -> None:
+    """Deterministic cuBLAS needs its workspace setting before CUDA starts: call early."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
