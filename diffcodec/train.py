@@ -45,7 +45,7 @@ from diffcodec.checkpoint import load_checkpoint, save_checkpoint
 from diffcodec.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict, preset
 from diffcodec.diffusion import p_mean_variance, q_posterior_mean_variance, q_sample, split_model_output
 from diffcodec.errors import DiffcodecError
-from diffcodec.likelihood import LN2, discretized_gaussian_log_likelihood_nats, flat_sum, normal_kl_nats
+from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats, flat_sum, normal_kl_nats
 from diffcodec.schedule import Schedule, make_schedule
 from diffcodec.unet import UNet
 
