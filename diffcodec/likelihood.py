@@ -9,6 +9,9 @@ Code step t (0-based) evaluates paper L_t: column 0 of ``terms_bits`` is the dec
 L_0, column k the KL term L_k. Each term is a single-sample estimate with fresh noise per
 step, as in the reference code. Units are in the names: ``_nats``, ``_bits`` (per image,
 summed over its dimensions) and ``_bpd`` (bits per dimension).
+
+The equations themselves (Gaussian KL, discretized decoder) live once, in ``losses``; the
+term L_t of a batch is one function, ``vb_term_bits``, which training shares (unclipped).
 """
 
 from __future__ import annotations
@@ -21,63 +24,11 @@ import numpy as np
 import torch
 
 from diffcodec.diffusion import p_mean_variance, q_mean_variance, q_posterior_mean_variance, q_sample
+from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats, flat_sum, normal_kl_nats
 from diffcodec.schedule import Schedule
-
-LN2 = math.log(2.0)
-NUM_LEVELS = 256
-BIN_HALF_WIDTH = 1.0 / (NUM_LEVELS - 1)  # half of a pixel bin on the [-1, 1] scale
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """network(x_t [B,C,H,W], original timesteps int64 [B]) -> output [B, C or 2C, H, W]"""
-
-
-def normal_kl_nats(
-    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
-) -> torch.Tensor:
-    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
-
-
-def discretized_gaussian_log_likelihood_nats(
-    x: torch.Tensor, *, mean: torch.Tensor, log_scale: torch.Tensor
-) -> torch.Tensor:
-    """Elementwise log P(x) in nats (float64) for x on the 256-level grid of [-1, 1].
-
-    Bins have width 2/255 around each level; the two edge bins take the whole tails, so the
-    256 probabilities sum to one. Uses the exact normal CDF, in float64, in log space.
-    """
-    x64, mean64 = x.double(), mean.double()
-    inv_std = torch.exp(-log_scale.double())
-    upper = (x64 - mean64 + BIN_HALF_WIDTH) * inv_std
-    lower = (x64 - mean64 - BIN_HALF_WIDTH) * inv_std
-    log_cdf_upper = torch.special.log_ndtr(upper)
-    log_sf_lower = torch.special.log_ndtr(-lower)
-    # Middle bins: log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - e^(log Phi(a) - log Phi(b))), on
-    # the side of the mean where the CDF is small, so that far tails keep their precision.
-    right = lower > 0
-    log_hi = torch.where(right, log_sf_lower, log_cdf_upper)
-    log_lo = torch.where(right, torch.special.log_ndtr(-upper), torch.special.log_ndtr(lower))
-    log_mid = log_hi + torch.log(-torch.expm1(log_lo - log_hi))
-    log_p = torch.where(x64 < -0.999, log_cdf_upper, torch.where(x64 > 0.999, log_sf_lower, log_mid))
-    return log_p
-
-
-def discretized_gaussian_probs(mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """The 256 bin probabilities for each element: [...] -> [..., 256] (float64)."""
-    levels = torch.linspace(-1.0, 1.0, NUM_LEVELS, dtype=torch.float64)
-    x = levels.expand(*mean.shape, NUM_LEVELS)
-    return torch.exp(
-        discretized_gaussian_log_likelihood_nats(
-            x, mean=mean.double().unsqueeze(-1), log_scale=log_scale.double().unsqueeze(-1)
-        )
-    )
-
-
-def flat_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over all but the batch dimension: [B, ...] -> [B]."""
-    return x.reshape(x.shape[0], -1).sum(dim=1)
 
 
 def prior_bits(s: Schedule, x0: torch.Tensor) -> torch.Tensor:
@@ -98,21 +49,22 @@ def vb_term_bits(
     var_type: str,
     clip_denoised: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paper L_t at code step t, per image in bits [B], and the x^_0 used [B,C,H,W].
+    """Paper L_t at code step t, per image in bits [B] (float64), and the x^_0 used [B,C,H,W].
 
-    Rows with t == 0 get the decoder term -log p(x_0 | x_1); others the Gaussian KL.
+    Rows with t == 0 get the decoder term -log p(x_0 | x_1); others the Gaussian KL. The one
+    L_t of the bound (x^_0 clipped) and of training (unclipped, backpropagated through).
+    Both branches are computed for every row, so there is no host sync (no data-dependent
+    branching): the decoder term of a KL row sees harmless inputs (mean x_0, log scale 0),
+    so that the branch a row does not use stays finite and passes back exactly zero gradient.
     """
     p = p_mean_variance(s, output, x_t, t, var_type=var_type, clip_denoised=clip_denoised)
-    is_decoder = t == 0
-    bits = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
-    if not bool(is_decoder.all()):
-        q_mean, _, q_log_var = q_posterior_mean_variance(s, x0, x_t, t)
-        kl_nats = normal_kl_nats(q_mean, q_log_var, p.mean, p.log_variance)
-        bits = torch.where(is_decoder, bits, flat_sum(kl_nats.double()) / LN2)
-    if bool(is_decoder.any()):
-        log_p = discretized_gaussian_log_likelihood_nats(x0, mean=p.mean, log_scale=0.5 * p.log_variance)
-        bits = torch.where(is_decoder, -flat_sum(log_p.double()) / LN2, bits)
-    return bits, p.pred_xstart
+    q_mean, _, q_log_var = q_posterior_mean_variance(s, x0, x_t, t)
+    kl_bits = flat_sum(normal_kl_nats(q_mean, q_log_var, p.mean, p.log_variance).double()) / LN2
+    is_decoder = (t == 0).reshape(-1, *([1] * (x0.ndim - 1)))
+    mean = torch.where(is_decoder, p.mean, x0)
+    log_scale = torch.where(is_decoder, 0.5 * p.log_variance, torch.zeros_like(p.log_variance))
+    decoder_bits = -flat_sum(discretized_gaussian_log_likelihood_nats(x0, mean=mean, log_scale=log_scale)) / LN2
+    return torch.where(t == 0, decoder_bits, kl_bits), p.pred_xstart
 
 
 @dataclass(frozen=True)

@@ -1,63 +1,27 @@
-"""Bound terms against closed forms: KL, the discretized decoder, an analytic denoiser."""
+"""Bound terms against closed forms and earlier numbers: the prior, L_t, an analytic denoiser."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
 
+from diffcodec.diffusion import q_sample
 from diffcodec.likelihood import (
     BoundResult,
     bound_bits,
-    discretized_gaussian_log_likelihood_nats,
-    discretized_gaussian_probs,
     evaluate_bound,
     importance_proposal,
     merge_rows,
-    normal_kl_nats,
     pilot_steps,
     pilot_terms_bits,
     prior_bits,
     sampled_bound_bits,
     stratified_steps,
     summarize,
+    vb_term_bits,
 )
 from diffcodec.schedule import make_schedule, respace
-
-
-def test_normal_kl_matches_a_sampled_estimate():
-    g = torch.Generator().manual_seed(0)
-    m1, lv1, m2, lv2 = 0.3, math.log(0.5), -0.2, math.log(1.7)
-    z = m1 + math.exp(lv1 / 2) * torch.randn(1_000_000, generator=g, dtype=torch.float64)
-    log_q = -0.5 * (lv1 + (z - m1) ** 2 / math.exp(lv1))
-    log_p = -0.5 * (lv2 + (z - m2) ** 2 / math.exp(lv2))
-    sampled = float((log_q - log_p).mean())
-    se = float((log_q - log_p).std()) / 1000
-    closed = float(normal_kl_nats(*(torch.tensor(v, dtype=torch.float64) for v in (m1, lv1, m2, lv2))))
-    assert closed == pytest.approx(sampled, abs=4 * se)
-    assert float(normal_kl_nats(torch.tensor(0.1), torch.tensor(0.2), torch.tensor(0.1), torch.tensor(0.2))) == 0.0
-
-
-@pytest.mark.parametrize("mean,std_levels", [(0.0, 0.94), (0.99, 0.5), (-1.3, 3.0), (0.2, 1e-3), (0.5, 400.0)])
-def test_decoder_probabilities_sum_to_one_and_match_scipy(mean, std_levels):
-    log_scale = torch.tensor(math.log(std_levels / 127.5), dtype=torch.float64)
-    probs = discretized_gaussian_probs(torch.tensor(mean, dtype=torch.float64), log_scale)
-    assert probs.shape == (256,)
-    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-9)
-    edges = (np.arange(1, 256) - 128) / 127.5  # level i sits at (i - 127.5) / 127.5; boundaries halfway
-    cdf = norm.cdf(edges, loc=mean, scale=std_levels / 127.5)
-    expected = np.diff(np.r_[0.0, cdf, 1.0])
-    assert np.allclose(probs.numpy(), expected, atol=1e-12)
-
-
-def test_decoder_log_likelihood_is_accurate_far_in_the_tails():
-    # a bin 40 standard deviations from the mean: the naive cdf difference underflows to 0
-    x = torch.tensor([0.5], dtype=torch.float64)
-    mean = torch.tensor([0.5 - 40 * 0.01], dtype=torch.float64)
-    log_p = discretized_gaussian_log_likelihood_nats(x, mean=mean, log_scale=torch.log(torch.tensor([0.01], dtype=torch.float64)))
-    expected = norm.logsf((x - 1 / 255 - mean).item() / 0.01) + np.log1p(-np.exp(norm.logsf((x + 1 / 255 - mean).item() / 0.01) - norm.logsf((x - 1 / 255 - mean).item() / 0.01)))
-    assert float(log_p) == pytest.approx(expected, rel=1e-6)
 
 
 def test_prior_term_closed_form():
@@ -66,6 +30,63 @@ def test_prior_term_closed_form():
     abar = s.alphas_cumprod[-1]
     expected = [0.5 * (abar * v**2 + (1 - abar) - 1 - math.log(1 - abar)) / math.log(2) for v in (0.5, -1.0)]
     assert np.allclose(prior_bits(s, x0).numpy(), expected, rtol=1e-9)
+
+
+T_ROWS = [0, 3, 0, 999, 1, 500]  # decoder rows (t == 0) mixed with KL rows in one batch
+
+
+def pseudo_random(shape: tuple[int, ...], phase: int, dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic values in [-1, 1) without a generator: fract(sin(i a + phase b) c), rescaled."""
+    i = torch.arange(math.prod(shape), dtype=torch.float64)
+    return torch.sin(i * 12.9898 + phase * 78.233).mul(43758.5453).remainder(2.0).sub(1.0).reshape(shape).to(dtype)
+
+
+def vb_inputs(var_type: str, dtype: torch.dtype) -> tuple:
+    s = make_schedule("cosine" if var_type == "learned_range" else "linear", 1000)
+    shape = (len(T_ROWS), 3, 4, 4)
+    x0 = (torch.round((pseudo_random(shape, 1, torch.float64) + 1) * 127.5) / 127.5 - 1).to(dtype)
+    t = torch.tensor(T_ROWS)
+    noise = 1.7 * pseudo_random(shape, 2, dtype)
+    output = noise + 0.5 * pseudo_random(shape, 3, dtype)
+    if var_type == "learned_range":
+        output = torch.cat([output, pseudo_random(shape, 4, dtype)], dim=1)
+    return s, output, x0, q_sample(s, x0, t, noise), t
+
+
+# Paper L_t in bits of the rows T_ROWS, from likelihood.vb_term_bits as it was at commit 37e07f0
+# (data-dependent branches: the KL only for t > 0 rows, the decoder term only for t == 0 rows).
+PREVIOUS_VB_TERM_BITS = [
+    ("fixedlarge", True, torch.float32, [67.04808987644743, 2.766554904356553, 66.90423154378198,
+                                         3.971406768601242e-05, 10.30112294602585, 0.01560592090433641]),
+    ("fixedsmall", False, torch.float32, [67.04808987644743, 0.9984711315150756, 66.77095566157412,
+                                          0.052274152498810546, 4.16756565389337, 0.031222911875034426]),
+    ("learned_range", False, torch.float32, [47.23248287741689, 1.3711125663014239, 47.01092547386946,
+                                             2558.372508108976, 5.21814185076826, 0.01773416498596431]),
+    ("learned_range", True, torch.float64, [47.23247446340647, 1.3711104343795613, 47.10623549564393,
+                                            0.00012240541764959323, 5.218129220079223, 0.015761521079267888]),
+]
+
+
+@pytest.mark.parametrize("var_type,clip_denoised,dtype,previous", PREVIOUS_VB_TERM_BITS)
+def test_vb_term_bits_agrees_with_the_previous_branching_version(var_type, clip_denoised, dtype, previous):
+    """Both branches for every row (no host sync) give the numbers of the branching version."""
+    s, output, x0, x_t, t = vb_inputs(var_type, dtype)
+    bits, pred_xstart = vb_term_bits(s, output, x0, x_t, t, var_type=var_type, clip_denoised=clip_denoised)
+    assert bits.dtype == torch.float64 and bits.shape == (len(T_ROWS),) and pred_xstart.shape == x0.shape
+    assert np.allclose(bits.numpy(), previous, rtol=1e-12, atol=0)
+    if clip_denoised:
+        assert pred_xstart.abs().max() <= 1.0
+
+
+def test_vb_term_bits_backpropagates_finite_gradients_through_both_branches():
+    s, output, x0, x_t, t = vb_inputs("learned_range", torch.float32)
+    output = output.clone()
+    output[1, :3] = 1e4  # a wild eps on a KL row: its unused decoder branch must not poison the gradient
+    output.requires_grad_(True)
+    bits, _ = vb_term_bits(s, output, x0, x_t, t, var_type="learned_range", clip_denoised=False)
+    bits.sum().backward()
+    assert torch.isfinite(bits).all() and torch.isfinite(output.grad).all()
+    assert output.grad[0].abs().max() > 0 and output.grad[3].abs().max() > 0  # a decoder row and a KL row
 
 
 class GaussianDenoiser:

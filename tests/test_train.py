@@ -17,16 +17,10 @@ from diffcodec.config import DiffusionConfig, ModelConfig, preset
 from diffcodec.diffusion import q_sample
 from diffcodec.errors import DiffcodecError
 from diffcodec.schedule import make_schedule
-from diffcodec.train import (
-    ImportanceSampler,
-    Trainer,
-    lr_at,
-    make_train_config,
-    read_state,
-    train,
-    training_losses,
-    training_source,
-)
+from diffcodec.train import train, training_source
+from diffcodec.train_config import lr_at, make_train_config
+from diffcodec.train_losses import ImportanceSampler, training_losses
+from diffcodec.trainer import Trainer, read_state
 
 
 def write_shards(folder: Path, n: int = 32, name: str = "train_00000.npz", seed: int = 0) -> Path:
@@ -84,11 +78,11 @@ def test_hybrid_vlb_term_reaches_only_the_variance_channels():
 
 
 def test_training_lt_equals_the_bound_term_row_by_row():
-    """train.vb_terms_bpd (both branches for every row, masked) is likelihood.vb_term_bits
+    """train_losses.vb_terms_bpd (both branches for every row, masked) is likelihood.vb_term_bits
     (x^_0 unclipped) per dimension, for decoder rows (t = 0) and KL rows in one batch, and
     its gradient stays finite when one row is pushed to an extreme."""
     from diffcodec.likelihood import vb_term_bits
-    from diffcodec.train import vb_terms_bpd
+    from diffcodec.train_losses import vb_terms_bpd
 
     s, x0, x_t, t, noise, output = learned_output(8)
     got = vb_terms_bpd(s, output, x0, x_t, t, var_type="learned_range")
