@@ -10,7 +10,7 @@ command makes it):
     nll.json              bench/nll.py        Figure 5, RMSE of x^_0 and bound terms against t,
                                               bits/dim by chain length
     speed.json            bench/speed.py      (a table in README.md)
-    train_default.json    diffcodec/train.py  the training loss curve
+    train_default.json    diffcodec/trainer.py the training loss curve
     lossless.json         bench/lossless.py   lossless sizes vs PNG / WebP / JPEG-XL
     progressive.json      bench/progressive.py real-bitstream rate vs the analytic rate, and
                                               rate–distortion vs JPEG / WebP / JPEG-XL

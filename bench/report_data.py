@@ -26,7 +26,7 @@ def fingerprint_of(payload: dict[str, Any]) -> str:
     return origin(payload).split(" · ")[0]
 
 
-# Lossy baselines on CIFAR-10 as DESIGN.md records them (500 test images, whole files; bpp / PSNR dB).
+# Lossy baselines on CIFAR-10 as ../shared/docs/DESIGN.md records them (500 test images, whole files; bpp / PSNR dB).
 # Drawn only when no JSON in reports/ brings its own measured baselines ("lossy_baselines").
 DESIGN_LOSSY_BASELINES: dict[str, list[tuple[float, float]]] = {
     "JPEG (Pillow)": [(2.83, 23.0), (3.51, 26.4), (3.95, 27.8), (4.71, 29.9), (6.11, 33.0), (7.44, 35.0)],
@@ -37,7 +37,7 @@ DESIGN_LOSSY_BASELINES: dict[str, list[tuple[float, float]]] = {
 
 
 def lossy_baselines(*payloads: dict[str, Any] | None) -> tuple[dict[str, list[tuple[float, float]]], str]:
-    """{codec: [(bpp, PSNR dB), ...]} from the first payload holding 'lossy_baselines', else DESIGN.md's."""
+    """{codec: [(bpp, PSNR dB), ...]} from the first payload holding 'lossy_baselines', else those of ../shared/docs/DESIGN.md."""
     for payload in payloads:
         if payload and payload.get("lossy_baselines"):
             base = payload["lossy_baselines"]

@@ -7,7 +7,7 @@
 #   bash bench/train_gpu.sh PRESET MINUTES [NAME] [NLL_IMAGES]
 #
 #   PRESET      ddpm-cifar10 (the paper: L_simple, fixedlarge) or small-learned / ddpm-cifar10-learned
-#               (hybrid loss, learned-range variances); the loss is the preset's recipe (diffcodec.train.RECIPES)
+#               (hybrid loss, learned-range variances); the loss is the preset's recipe (diffcodec.train_config.RECIPES)
 #   MINUTES     time box of the training itself, at most 9 (a command may run 10 minutes)
 #   NAME        run name (default: PRESET); the run directory is runs/NAME
 #   NLL_IMAGES  if > 0, afterwards evaluate the exported EMA weights on that many test images

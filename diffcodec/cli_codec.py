@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -177,7 +176,7 @@ def encode_report(result, path: str, loaded) -> dict:
         "initial_bpd_one_tile": result.initial_bits / tile_dims,
         "bootstrap_tiles": result.bootstrap_tiles,
         "bootstrap_bits": result.bootstrap_bits,
-        "bootstrap_steps": BOOTSTRAP_PARAMS.num_steps if result.bootstrap_tiles else None,
+        "bootstrap_steps": ProgressiveParams.unpack(result.params.bootstrap_block).num_steps if result.bootstrap_tiles else None,
         "bootstrap_bpd": result.bootstrap_bits / (result.bootstrap_tiles * tile_dims) if result.bootstrap_tiles else None,
         "num_chunks": len(result.params.chunks),
         "num_steps": h.num_steps,
@@ -291,17 +290,11 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_decode_command(args: argparse.Namespace) -> int:
     from diffcodec.codec import api
+    from diffcodec.data import read_file_bytes
     from diffcodec.outputs import output_paths, write_png
     from diffcodec.runtime import prepare_cuda_determinism
 
-    try:
-        data = Path(args.file).read_bytes()
-    except FileNotFoundError:
-        raise DiffcodecError(f"{args.file}: no such file") from None
-    except IsADirectoryError:
-        raise DiffcodecError(f"{args.file}: is a directory") from None
-    except OSError as e:
-        raise DiffcodecError(f"{args.file}: cannot read ({e.strerror})") from None
+    data = read_file_bytes(args.file)
     h = api.read_header(data, args.file)
     targets = output_paths(args.output, [im.name for im in h.images], force=args.force)  # before any work
     prepare_cuda_determinism()

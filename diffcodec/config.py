@@ -52,7 +52,7 @@ PRESETS: dict[str, tuple[ModelConfig, DiffusionConfig]] = {
         ModelConfig(learn_sigma=True),
         DiffusionConfig(schedule="cosine", var_type="learned_range"),
     ),
-    # 9.0M parameters: ch 64 (DESIGN.md's "what a GPU minute buys" probes).
+    # 9.0M parameters: ch 64 (the "what a GPU minute buys" probes of ../shared/docs/DESIGN.md).
     "small-learned": (
         ModelConfig(ch=64, dropout=0.1, learn_sigma=True),
         DiffusionConfig(schedule="linear", var_type="learned_range"),

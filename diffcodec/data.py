@@ -19,15 +19,13 @@ import io
 import os
 import pickle
 import re
-import secrets
 import sys
 import tarfile
 import warnings
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, Callable
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffcodec.errors import DiffcodecError, one_line
@@ -148,13 +146,17 @@ def _open(path: str) -> IO[bytes]:
         return open(path, "rb")
     except FileNotFoundError:
         raise DiffcodecError(f"{path}: no such file or directory") from None
+    except IsADirectoryError:
+        raise DiffcodecError(f"{path}: is a directory") from None
     except PermissionError:
         raise DiffcodecError(f"{path}: permission denied") from None
     except OSError as e:
         raise DiffcodecError(f"{path}: cannot open ({e.strerror or one_line(e)})") from None
 
 
-def _read_bytes(path: str, n: int = -1) -> bytes:
+def read_file_bytes(path: str | os.PathLike, n: int = -1) -> bytes:
+    """The first ``n`` bytes of a file (all when -1); one-line DiffcodecError when it cannot be read."""
+    path = os.fspath(path)
     with _open(path) as f:
         try:
             return f.read(n)
@@ -177,7 +179,7 @@ def _read_dir(path: str, split: str | None, convert: bool, out: _Collector) -> N
     if not cifar and os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
         return _read_dir(os.path.join(path, "cifar-10-batches-py"), split, convert, out)
     if cifar:
-        openers = {n: (lambda p=p: _read_bytes(p)) for n, p in cifar.items()}
+        openers = {n: (lambda p=p: read_file_bytes(p)) for n, p in cifar.items()}
         return _read_cifar(path, openers, split, out, default_train=CIFAR_TEST not in cifar)
     _no_split(path, split)
     shards = [n for n in files if n.lower().endswith(".npz")]
@@ -199,7 +201,7 @@ def _read_dir(path: str, split: str | None, convert: bool, out: _Collector) -> N
 
 def _read_file(path: str, split: str | None, convert: bool, out: _Collector) -> None:
     name = os.path.basename(path)
-    head = _read_bytes(path, 8)
+    head = read_file_bytes(path, 8)
     if not head:
         raise DiffcodecError(f"{path}: empty file")
     if name.lower().endswith(_ARCHIVE_SUFFIXES) or head[:2] == b"\x1f\x8b":
@@ -208,7 +210,7 @@ def _read_file(path: str, split: str | None, convert: bool, out: _Collector) -> 
     if name.lower().endswith(".npz") or head[:4] == b"PK\x03\x04":
         return _read_npz(path, out)
     if name in _CIFAR_NAMES or head[:1] == b"\x80":  # \x80 = pickle protocol >= 2
-        images, labels = _load_cifar_batch(_read_bytes(path), path)
+        images, labels = _load_cifar_batch(read_file_bytes(path), path)
         return out.add(images, [f"{name}[{i}]" for i in range(len(images))], labels)
     out.add([_read_image(path, name, convert, out)], [name], None)
 
@@ -428,7 +430,7 @@ def _low_bytes(data: bytes, display: str, rawmode: str, shape: tuple[int, ...]) 
 
 def _read_image(path: str, name: str, convert: bool, out: _Collector) -> np.ndarray:
     """One image file -> uint8 [H, W, 3] RGB, converting (with a note) or refusing other modes."""
-    data = _read_bytes(path)
+    data = read_file_bytes(path)
     img, rawmode = _decode(data, path)
     mode = img.mode
     wide = mode in ("RGB", "RGBA", "LA") and _RAW16.search(rawmode) is not None

@@ -19,7 +19,6 @@ from tqdm import tqdm
 from diffcodec.checkpoint import LoadedModel
 from diffcodec.data import ImageSet
 from diffcodec.images import image_tiles, to_model_input
-from diffcodec.errors import DiffcodecError
 from diffcodec.likelihood import (
     BoundResult,
     evaluate_bound,

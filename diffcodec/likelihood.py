@@ -25,10 +25,9 @@ import torch
 
 from diffcodec.diffusion import p_mean_variance, q_mean_variance, q_posterior_mean_variance, q_sample
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats, flat_sum, normal_kl_nats
+from diffcodec.runtime import ModelFn
 from diffcodec.schedule import Schedule
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""network(x_t [B,C,H,W], original timesteps int64 [B]) -> output [B, C or 2C, H, W]"""
 
 
 def prior_bits(s: Schedule, x0: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ddpm-cifar10": {},
     # Improved DDPM (Nichol & Dhariwal 2021) CIFAR-10: hybrid loss, Adam 1e-4, no warmup.
     "ddpm-cifar10-learned": {"loss": "hybrid", "lr": 1e-4, "warmup_steps": 0},
-    # DESIGN.md's GPU probes: batch 256, Adam 4e-4, EMA 0.999.
+    # The GPU probes of ../shared/docs/DESIGN.md: batch 256, Adam 4e-4, EMA 0.999.
     "small-learned": {"loss": "hybrid", "lr": 4e-4, "warmup_steps": 500, "batch_size": 256, "ema_decay": 0.999},
     "small-learned-nodrop": {"loss": "hybrid", "lr": 4e-4, "warmup_steps": 500, "batch_size": 256, "ema_decay": 0.999},
     "small-cosine": {"loss": "hybrid", "lr": 4e-4, "warmup_steps": 500, "batch_size": 256, "ema_decay": 0.999},

@@ -1,25 +1,33 @@
-"""Shared fixtures: tiny seeded models saved as checkpoints, and the shared data folder."""
+"""Shared fixtures: tiny seeded models saved as checkpoints, and the shared data folder; the
+bits-back tests' machine-independent seeded models and synthetic images (test_codec_bitsback.py,
+test_golden.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from diffcodec.checkpoint import save_checkpoint
+from diffcodec.checkpoint import LoadedModel, fingerprint, save_checkpoint
 from diffcodec.config import preset
+from diffcodec.codec.entropy import seeded_words
 from diffcodec.unet import UNet
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one torch thread each, or OpenMP threads spin
+    torch.set_num_threads(1)
 
 
 def tiny_model(seed: int = 0, *, learn_sigma: bool = False, scale: float = 0.02) -> tuple[UNet, object, object]:
     """The `tiny` preset with seeded weights; zero-initialised layers get small seeded noise
     so the network's output depends on its input."""
-    import dataclasses
-
     mc, dc = preset("tiny")
     if learn_sigma:
         mc = dataclasses.replace(mc, learn_sigma=True)
@@ -35,6 +43,46 @@ def tiny_model(seed: int = 0, *, learn_sigma: bool = False, scale: float = 0.02)
             else:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
     return model.eval(), mc, dc
+
+
+def seeded_model(seed: int = 0, *, learn_sigma: bool = False, out_scale: float = 0.05):
+    """The `tiny` preset with every parameter set from SplitMix64 words (no torch RNG, so the
+    same on every machine and torch version). ``out_scale`` shrinks the output layer: 0.05
+    gives a sane model (small eps), 1.0 a wild one."""
+    mc, dc = preset("tiny")
+    if learn_sigma:
+        mc = dataclasses.replace(mc, learn_sigma=True)
+        dc = dataclasses.replace(dc, var_type="learned_range")
+    model = UNet(mc)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+            u = seeded_words(p.numel(), seed * 1000 + i).astype(np.float64) / 2.0**31 - 1.0
+            if p.dim() > 1:
+                scale = math.sqrt(3.0 / p[0].numel())
+            else:
+                scale = 0.1
+            if name.startswith("conv_out"):
+                scale *= out_scale
+            value = torch.from_numpy(u * scale).float().reshape(p.shape)
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                value += 1.0
+            p.copy_(value)
+    return model.eval(), mc, dc
+
+
+def as_loaded(model, mc, dc) -> LoadedModel:
+    return LoadedModel(model, mc, dc, fingerprint(model.state_dict()), {"weights": "test"}, "<test>")
+
+
+def synthetic_images(sizes, seed: int = 0) -> list[np.ndarray]:
+    """Smooth gradients plus noise (deterministic, no numpy Generator)."""
+    out = []
+    for n, (h, w) in enumerate(sizes):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
+        noise = (seeded_words(h * w * 3, seed * 100 + n) % 41).reshape(h, w, 3).astype(np.int64) - 20
+        out.append(np.clip(base + noise, 0, 255).astype(np.uint8))
+    return out
 
 
 @pytest.fixture

@@ -94,3 +94,33 @@ def test_argument_errors_exit_nonzero(capsys):
         main(["nll", "x.png", "--num-images", "0"])
     assert e.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_codec_bad_inputs_are_refused_before_any_work(tiny_checkpoint, images_npz, tmp_path, capsys):
+    """Devices this machine cannot use, a step count outside 1..T, an image larger than the
+    format holds and outputs that cannot be written: one line, exit 2, nothing written."""
+    c = ["-c", tiny_checkpoint, "-q", "-n", 1]
+    out = tmp_path / "x.dfc"
+    one_line_error(*run(["encode", images_npz, "-o", out, *c, "--device", "bogus"], capsys)[::2], "unknown device")
+    if not torch.cuda.is_available():
+        one_line_error(*run(["encode", images_npz, "-o", out, *c, "--device", "cuda"], capsys)[::2], "no CUDA")
+    one_line_error(*run(["encode", images_npz, "-o", out, *c, "--progressive", "--steps", 100000], capsys)[::2],
+                   "between 1 and T = 1000")
+    one_line_error(*run(["encode", images_npz, "-o", out, *c, "--steps", 1001], capsys)[::2], "between 1 and T")
+    one_line_error(*run(["encode", images_npz, "-o", tmp_path / "missing" / "x.dfc", *c], capsys)[::2],
+                   "does not exist")
+    one_line_error(*run(["encode", images_npz, "-o", tmp_path, "--force", *c], capsys)[::2], "is a directory")
+    Image.fromarray(np.zeros((1, 65537, 3), np.uint8)).save(tmp_path / "wide.png")
+    one_line_error(*run(["encode", tmp_path / "wide.png", "-o", out, "-c", tiny_checkpoint, "-q"], capsys)[::2],
+                   "out of range")
+    assert not out.exists()
+    assert run(["encode", images_npz, "-o", out, *c, "--steps", 2, "--no-bound", "--no-bootstrap"], capsys)[0] == 0
+    for device, phrase in (("bogus", "unknown device"), ("cuda:7", "CUDA")):
+        if device.startswith("cuda") and torch.cuda.device_count() > 7:
+            continue
+        one_line_error(*run(["decode", out, "-o", tmp_path / "y.png", "-c", tiny_checkpoint, "--device", device],
+                            capsys)[::2], phrase)
+    one_line_error(*run(["decode", tmp_path, "-o", tmp_path / "y.png"], capsys)[::2], "is a directory")
+    one_line_error(*run(["decode", out, "-o", tmp_path / "missing" / "y.png", "-c", tiny_checkpoint], capsys)[::2],
+                   "does not exist")
+    assert not (tmp_path / "y.png").exists()

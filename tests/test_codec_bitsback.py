@@ -4,7 +4,6 @@ file size against the bound, refusal of bad files, and a pinned golden file."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -14,27 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcodec.checkpoint import LoadedModel, fingerprint, save_checkpoint
+from diffcodec.checkpoint import save_checkpoint
 from diffcodec.cli import main
 from diffcodec.codec import api
 from diffcodec.codec.bitsback.chain import ChainCoder, GridConfig, chain_grid
 from diffcodec.codec.bitsback.params import BitsBackParams
 from diffcodec.codec.bitsback.stream import bootstrap_count, decode_tiles, encode_tiles, first_dip_bits
 from diffcodec.codec.container import pack, unpack
-from diffcodec.codec.entropy import seeded_words
-from diffcodec.config import preset
 from diffcodec.errors import DiffcodecError
 from diffcodec.evaluate import model_schedule
-from diffcodec.outputs import output_paths
 from diffcodec.runtime import network
 from diffcodec.schedule import make_schedule
 from diffcodec.timesteps import respace
-from diffcodec.unet import UNet
 
-GOLDEN = Path(__file__).parent / "golden" / "tiny_bitsback_k4_v2.dfc"  # format version 2
-GOLDEN_SHA256 = "2c567515b8049b9f7312f728a5f808c168d326c1265572b5c664f23c6ad3b522"
-GOLDEN_V1 = Path(__file__).parent / "golden" / "tiny_bitsback_k4.dfc"  # written by diffcodec 0.1
-GOLDEN_V1_SHA256 = "0ecb369ad1e62764dbaad45602f2afcb878eb9df3e221ce0339203252f15e1aa"
+from conftest import as_loaded, seeded_model, synthetic_images  # shared with test_golden.py
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,46 +50,6 @@ def decode_container(loaded, container):
 
 
 # ------------------------------------------------------------------------------ models
-
-
-def seeded_model(seed: int = 0, *, learn_sigma: bool = False, out_scale: float = 0.05):
-    """The `tiny` preset with every parameter set from SplitMix64 words (no torch RNG, so the
-    same on every machine and torch version). ``out_scale`` shrinks the output layer: 0.05
-    gives a sane model (small eps), 1.0 a wild one."""
-    mc, dc = preset("tiny")
-    if learn_sigma:
-        mc = dataclasses.replace(mc, learn_sigma=True)
-        dc = dataclasses.replace(dc, var_type="learned_range")
-    model = UNet(mc)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(sorted(model.named_parameters())):
-            u = seeded_words(p.numel(), seed * 1000 + i).astype(np.float64) / 2.0**31 - 1.0
-            if p.dim() > 1:
-                scale = math.sqrt(3.0 / p[0].numel())
-            else:
-                scale = 0.1
-            if name.startswith("conv_out"):
-                scale *= out_scale
-            value = torch.from_numpy(u * scale).float().reshape(p.shape)
-            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
-                value += 1.0
-            p.copy_(value)
-    return model.eval(), mc, dc
-
-
-def as_loaded(model, mc, dc) -> LoadedModel:
-    return LoadedModel(model, mc, dc, fingerprint(model.state_dict()), {"weights": "test"}, "<test>")
-
-
-def synthetic_images(sizes, seed: int = 0) -> list[np.ndarray]:
-    """Smooth gradients plus noise (deterministic, no numpy Generator)."""
-    out = []
-    for n, (h, w) in enumerate(sizes):
-        yy, xx = np.mgrid[0:h, 0:w]
-        base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) * 7) % 256], -1)
-        noise = (seeded_words(h * w * 3, seed * 100 + n) % 41).reshape(h, w, 3).astype(np.int64) - 20
-        out.append(np.clip(base + noise, 0, 255).astype(np.uint8))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -277,15 +229,6 @@ def test_other_model_and_other_chain_refused(sane):
         decode_container(learned, unpack(data))
 
 
-def test_output_paths():
-    assert output_paths("x.png", ["a"]) == ["x.png"]
-    assert output_paths("d", ["a.png", "b.jpg"]) == ["d/a.png", "d/b.png"]
-    assert output_paths("d", ["s.npz[0]", "s.npz[1]"]) == ["d/s.npz_0.png", "d/s.npz_1.png"]
-    assert output_paths("d", ["", "x", "x"]) == ["d/00000.png", "d/00001_x.png", "d/00002_x.png"]
-    with pytest.raises(DiffcodecError, match="holds 2 images"):
-        output_paths("x.png", ["a", "b"])
-
-
 # --------------------------------------------------------------------------------- CLI
 
 
@@ -408,42 +351,6 @@ def test_float32_cpu_files_record_the_thread_count(encoded, tmp_path, capsys):
     assert f64.params.threads == 0
 
 
-# ------------------------------------------------------------------------------ golden
-
-
-def golden_bytes(config: GridConfig = GridConfig()) -> bytes:
-    """The golden file's recipe: model seed 0, two images, K = 4 uniformly spaced, float64 network."""
-    loaded = as_loaded(*seeded_model(0))
-    images = synthetic_images([(32, 32), (13, 20)], seed=11)
-    return encode_images(loaded, images, ["g0.png", "g1.png"], steps=4, spacing="uniform", float64=True,
-                         compute_bound=False, bootstrap=False, config=config).data
-
-
-def test_golden_file_is_reproduced_and_decodes():
-    data = GOLDEN.read_bytes()
-    assert hashlib.sha256(data).hexdigest() == GOLDEN_SHA256
-    assert golden_bytes() == data, "the encoder's output changed: a format or codec change needs a new golden file"
-    loaded = as_loaded(*seeded_model(0))
-    decoded = decode_container(loaded, unpack(data))
-    for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
-        assert np.array_equal(a, b)
-    assert decoded.names == ["g0.png", "g1.png"]
-
-
-def test_version_1_golden_file_still_decodes():
-    """Same recipe, written by diffcodec 0.1 (format version 1, 8-sigma windows, the spacing byte
-    still reserved and 0): today's encoder with those windows writes the same payload."""
-    old = GOLDEN_V1.read_bytes()
-    assert hashlib.sha256(old).hexdigest() == GOLDEN_V1_SHA256 and old[4] == 1
-    container = unpack(old)
-    assert BitsBackParams.unpack(container.header.params).window_sigmas == 8
-    assert container.payload == unpack(golden_bytes(GridConfig(window_sigmas=8))).payload
-    decoded = decode_container(as_loaded(*seeded_model(0)), container)
-    for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
-        assert np.array_equal(a, b)
-    assert decoded.names == ["g0.png", "g1.png"]
-
-
 def test_quadratic_spacing_is_recorded_and_decoded():
     """The default spacing of a respaced chain is quadratic; the file says so and the decoder
     rebuilds the same chain (a uniform decoder would not reproduce the pixels)."""
@@ -457,8 +364,14 @@ def test_quadratic_spacing_is_recorded_and_decoded():
     assert np.array_equal(decoded.images[0], images[0])
     uniform = encode_images(loaded, images, steps=6, spacing="uniform", float64=True, compute_bound=False,
                             bootstrap=False)
-    assert BitsBackParams.unpack(unpack(uniform.data).header.params).spacing == "uniform"
+    # where the integer rule and diffcodec 0.1's linspace agree (K = 6), the file keeps 0.1's code 0
+    assert BitsBackParams.unpack(unpack(uniform.data).header.params).spacing == "uniform-linspace"
     assert uniform.data != result.data
+    # where they differ (K = 7: t = 166.5 rounds up, linspace rounds to even), the new code 2
+    tie = encode_images(loaded, images, steps=7, spacing="uniform", float64=True, compute_bound=False,
+                        bootstrap=False)
+    assert BitsBackParams.unpack(unpack(tie.data).header.params).spacing == "uniform"
+    assert np.array_equal(decode_container(loaded, unpack(tie.data)).images[0], images[0])
 
 
 def test_cli_default_chain_is_100_quadratic_steps(checkpoint, tmp_path, capsys):

@@ -17,7 +17,6 @@ from diffcodec.codec.entropy import (
     check_gaussian,
     seeded_words,
 )
-from diffcodec.codec.coding_params import snap
 
 RNG_SEED = 1234
 
@@ -218,10 +217,3 @@ def test_seeded_words_are_splitmix64_and_end_odd():
     assert words[-1] % 2 == 1
     assert np.array_equal(seeded_words(5, 0), words)
     assert not np.array_equal(seeded_words(5, 1), words)
-
-
-def test_snap():
-    values = np.array([0.1, -3.3, 2.0**-17, 1e6 + 0.49])
-    snapped = snap(values, -16)
-    assert np.all(np.abs(snapped - values) <= 2.0**-17)
-    assert np.array_equal(snapped * 2.0**16, np.rint(snapped * 2.0**16))

@@ -1,4 +1,4 @@
-"""Tests for diffcodec.data: every source kind, every refusal, mode conversion, tiling, PNG writing."""
+"""Tests for diffcodec.data: every source kind, every refusal, mode conversion."""
 
 from __future__ import annotations
 
@@ -11,20 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from diffcodec import data
-from diffcodec.data import (
-    ImageSet,
-    from_model_output,
-    from_tiles,
-    pad_to_multiple,
-    read_images,
-    to_model_input,
-    to_tiles,
-    write_png,
-)
+from diffcodec.data import ImageSet, read_images
 from diffcodec.errors import DiffcodecError
 
 SHARED_TEST = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/test"
@@ -424,86 +414,6 @@ def test_16bit_greyscale_and_float(tmp_path: Path) -> None:
     np.testing.assert_array_equal(s.images[0], np.repeat(np.round(g / 257).astype(np.uint8)[..., None], 3, axis=2))
     Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tif")
     refused("mode 'F'", tmp_path / "f.tif", convert=True)
-
-
-# ---------------------------------------------------------------------------- tiling
-
-
-def test_tiling_round_trip_odd_size() -> None:
-    img = rand_images(1, 37, 50)[0]
-    padded = pad_to_multiple(img)
-    assert padded.shape == (64, 64, 3)
-    np.testing.assert_array_equal(padded[:37, :50], img)
-    np.testing.assert_array_equal(padded[37:, :50], np.broadcast_to(img[36], (27, 50, 3)))  # last row repeated
-    np.testing.assert_array_equal(padded[:, 50:], np.broadcast_to(padded[:, 49:50], (64, 14, 3)))  # last column
-    tiles = to_tiles(img)
-    assert tiles.shape == (4, 32, 32, 3) and tiles.dtype == np.uint8
-    np.testing.assert_array_equal(tiles[1, :, :18], img[:32, 32:50])  # row-major: tile 1 is top-right
-    np.testing.assert_array_equal(tiles[2, :5], img[32:37, :32])
-    np.testing.assert_array_equal(from_tiles(tiles, 37, 50), img)
-
-
-def test_tiling_exact_and_small() -> None:
-    img = rand_images(1, 64, 96)[0]
-    assert pad_to_multiple(img) is img
-    tiles = to_tiles(img)
-    assert tiles.shape == (6, 32, 32, 3)
-    np.testing.assert_array_equal(from_tiles(tiles, 64, 96), img)
-    tiny = rand_images(1, 3, 5)[0]
-    np.testing.assert_array_equal(from_tiles(to_tiles(tiny, 4), 3, 5), tiny)
-    with pytest.raises(ValueError):
-        from_tiles(tiles, 100, 96)
-
-
-def test_model_input_output_inverse() -> None:
-    values = np.arange(256, dtype=np.uint8)
-    imgs = np.stack([np.broadcast_to(values.reshape(16, 16, 1), (16, 16, 3))] * 2).copy()
-    imgs[1] = imgs[1, ::-1]
-    x = to_model_input(imgs)
-    assert x.dtype == torch.float32 and x.shape == (2, 3, 16, 16) and x.is_contiguous()
-    assert x.min().item() == -1.0 and x.max().item() == 1.0
-    assert torch.allclose(x[0, 1, 0, 3], torch.tensor(3 / 127.5 - 1))
-    np.testing.assert_array_equal(from_model_output(x), imgs)
-    out = from_model_output(torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.2]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5))
-    assert out.shape == (1, 1, 5, 3) and out[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
-    with pytest.raises(ValueError):
-        to_model_input(imgs.astype(np.float32))
-
-
-# --------------------------------------------------------------------------- write_png
-
-
-def test_write_png_round_trip_and_no_overwrite(tmp_path: Path) -> None:
-    img = rand_images(1, 37, 50)[0]
-    out = tmp_path / "out.png"
-    write_png(out, img)
-    np.testing.assert_array_equal(np.asarray(Image.open(out)), img)
-    before = out.read_bytes()
-    with pytest.raises(DiffcodecError, match="out.png: already exists; pass --force"):
-        write_png(out, rand_images(1, 4, 4)[0])
-    assert out.read_bytes() == before
-    other = rand_images(1, 4, 4, seed=5)[0]
-    write_png(out, other, force=True)
-    np.testing.assert_array_equal(np.asarray(Image.open(out)), other)
-    with pytest.raises(DiffcodecError, match="does not exist"):
-        write_png(tmp_path / "nodir" / "x.png", img)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
-
-
-def test_write_png_failure_leaves_nothing_half_written(tmp_path: Path, monkeypatch) -> None:
-    def failing_save(self, fp, *args, **kwargs):
-        fp.write(b"\x89PNG partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Image.Image, "save", failing_save)
-    with pytest.raises(DiffcodecError, match="new.png: cannot write \\(No space left on device\\)"):
-        write_png(tmp_path / "new.png", rand_images(1)[0])
-    assert list(tmp_path.iterdir()) == []
-    (tmp_path / "old.png").write_bytes(b"original")
-    with pytest.raises(DiffcodecError, match="cannot write"):
-        write_png(tmp_path / "old.png", rand_images(1)[0], force=True)
-    assert (tmp_path / "old.png").read_bytes() == b"original"
-    assert [p.name for p in tmp_path.iterdir()] == ["old.png"]
 
 
 # ------------------------------------------------------------------------- ImageSet

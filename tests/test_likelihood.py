@@ -21,7 +21,8 @@ from diffcodec.likelihood import (
     summarize,
     vb_term_bits,
 )
-from diffcodec.schedule import make_schedule, respace
+from diffcodec.schedule import make_schedule
+from diffcodec.timesteps import respace
 
 
 def test_prior_term_closed_form():

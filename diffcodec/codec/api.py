@@ -47,7 +47,7 @@ from diffcodec.codec.container import (
 )
 from diffcodec.codec.progressive import codec as progressive
 from diffcodec.codec.progressive.params import ProgressiveParams
-from diffcodec.data import from_model_output, image_tiles, images_from_tiles, tile_count, to_model_input
+from diffcodec.images import from_model_output, image_tiles, images_from_tiles, tile_count, to_model_input
 from diffcodec.errors import DiffcodecError
 from diffcodec.likelihood import BoundResult, merge_rows
 from diffcodec.runtime import decode_device, deterministic_kernels, device_kind, network, pick_device, use_threads

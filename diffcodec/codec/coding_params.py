@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-NUM_LEVELS = 256  # pixel levels 0..255
-HALF_LEVELS = (NUM_LEVELS - 1) / 2.0  # 127.5: [-1, 1] <-> 0..255
+from diffcodec.losses import NUM_LEVELS
+
+HALF_LEVELS = (NUM_LEVELS - 1) / 2.0  # 127.5: [-1, 1] <-> 0..255, a bin of width 2/255 <-> one level
 
 
 def snap(values: np.ndarray, log2_step: int) -> np.ndarray:

@@ -48,12 +48,10 @@ another format version, an unknown mode, a CRC mismatch (corrupt file), malforme
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -385,19 +383,3 @@ def unpack(data: bytes, where: str = "file") -> Container:
     header = Header(mode, device, fp.hex(), schedule, num_timesteps, num_steps, var_type, tile_size,
                     tuple(images), pixel_sha, params)
     return Container(header, payload)
-
-
-# --------------------------------------------------------------------------- file I/O
-
-
-def read_container(path: str | os.PathLike) -> Container:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DiffcodecError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DiffcodecError(f"{path}: is a directory") from None
-    except OSError as e:
-        raise DiffcodecError(f"{path}: cannot read ({e.strerror})") from None
-    return unpack(data, str(path))

@@ -11,7 +11,6 @@ container, the pixel checksum and the model checks are `codec.api`'s.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -24,9 +23,9 @@ from diffcodec.codec.bitsback.params import BitsBackParams
 from diffcodec.codec.bitsback.stream import bootstrap_count, decode_tiles, encode_tiles
 from diffcodec.codec.progressive import codec as progressive
 from diffcodec.codec.progressive.params import ProgressiveParams
-from diffcodec.data import from_model_output, to_model_input
+from diffcodec.images import from_model_output, to_model_input
 from diffcodec.likelihood import BoundResult, evaluate_bound
-from diffcodec.runtime import ModelFn, network, recorded_threads
+from diffcodec.runtime import network, recorded_threads
 from diffcodec.schedule import Schedule
 from diffcodec.timesteps import kept_timesteps
 

@@ -1,0 +1,197 @@
+"""Golden files (tests/golden/): `.dfc` files written by earlier versions that today's decoder
+must still decode to the same pixels. Each file's SHA-256 is pinned too, so a replaced golden
+file is noticed.
+
+tiny_bitsback_k4_v2.dfc / tiny_bitsback_k4.dfc: the tiny seeded model (conftest.seeded_model:
+weights from SplitMix64 words, the same on every machine), two synthetic images, K = 4 uniformly
+spaced steps, float64 network, no bootstrap; format version 2 and diffcodec 0.1's version 1
+(8-sigma windows). Both are also re-encoded from that recipe (a few seconds).
+
+default_k100_boot_f64.dfc: the default lossless path with the embedded default model
+(diffcodec/weights/default.pt, fingerprint ce449cd7be9f1a14): format version 2, K = 100
+quadratically spaced steps of its cosine T = 1000 learned-range chain, 5-sigma latent windows,
+a stream of 6 tiles of which the first 5 go through the bootstrap (the progressive codec: 50
+steps, 10-bit chunks, 2^12 candidates) and the 6th through bits-back; the network run in
+float64 (a float32 file may not decode on another CPU). Made with every other default:
+
+    diffcodec encode kodim23_crop.png -o tests/golden/default_k100_boot_f64.dfc --float64
+
+where kodim23_crop.png is the 64x96 crop kodim23.png[224:288, 336:432] (rows, columns) of
+../shared/data/kodak (2 x 3 tiles of 32x32). The source is not committed: the decoded pixels'
+SHA-256 is pinned here, and the checks against the source skip when ../shared is absent.
+
+Cost, one thread on this project's shared 2-core CPU (measured): decoding the default golden
+file takes 90-140 s (100 float64 network calls on one tile at 0.26 s, and the bootstrap's 50 on
+five tiles at 1.3 s; the range is other jobs on the cores), done once for the module;
+re-encoding it 130-170 s (marked slow: `pytest -m "not slow"` leaves it out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffcodec.checkpoint import load_checkpoint
+from diffcodec.cli import main
+from diffcodec.codec import api
+from diffcodec.codec.bitsback.chain import GridConfig
+from diffcodec.codec.bitsback.params import BitsBackParams
+from diffcodec.codec.container import MODE_BITSBACK, unpack
+from diffcodec.codec.progressive.params import ProgressiveParams
+
+from conftest import SHARED_DATA, as_loaded, seeded_model, synthetic_images
+
+HERE = Path(__file__).parent / "golden"
+
+TINY_V2 = HERE / "tiny_bitsback_k4_v2.dfc"  # format version 2
+TINY_V2_SHA256 = "2c567515b8049b9f7312f728a5f808c168d326c1265572b5c664f23c6ad3b522"
+TINY_V1 = HERE / "tiny_bitsback_k4.dfc"  # written by diffcodec 0.1
+TINY_V1_SHA256 = "0ecb369ad1e62764dbaad45602f2afcb878eb9df3e221ce0339203252f15e1aa"
+
+DEFAULT = HERE / "default_k100_boot_f64.dfc"
+DEFAULT_SHA256 = "fc1f92113d03c9bb89d598b102f7dcdfc90bfa9144801dd0659b0e32fa7a9ba6"
+DEFAULT_FINGERPRINT = "ce449cd7be9f1a14"  # the embedded default model
+# each decoded image: name -> (shape, SHA-256 of the uint8 HWC array's bytes)
+DEFAULT_PIXELS = {
+    "kodim23_crop.png": ((64, 96, 3), "c5a0a53e0b246148ab2bd659185c55fe68ee189db66a25840732fb36e806df63"),
+}
+KODAK_SOURCE = SHARED_DATA / "kodak" / "kodim23.png"
+KODAK_SOURCE_SHA256 = "2ed596d7de74cc43d23add4c116763f49d7b5a78b21444fe84caece531ee933b"  # ../shared/data/SHA256SUMS
+KODAK_CROP = (slice(224, 288), slice(336, 432))  # rows, columns
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine oversubscribed OpenMP threads spin (10x
+    slower). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pixel_sha256(img: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(img, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def kodak_crop() -> np.ndarray:
+    """The default golden file's source, or a skip when ../shared/data is absent."""
+    if not KODAK_SOURCE.is_file():
+        pytest.skip(f"{KODAK_SOURCE} not present: the Kodak images live in ../shared/data beside the repo "
+                    "(the decoded pixels are still checked against their pinned SHA-256)")
+    assert hashlib.sha256(KODAK_SOURCE.read_bytes()).hexdigest() == KODAK_SOURCE_SHA256, \
+        f"{KODAK_SOURCE} is not the staged Kodak file the golden file was made from"
+    return np.ascontiguousarray(np.asarray(Image.open(KODAK_SOURCE).convert("RGB"))[KODAK_CROP])
+
+
+# ------------------------------------------------------- tiny model, K = 4 (v1 and v2)
+
+
+def tiny_golden_bytes(config: GridConfig = GridConfig()) -> bytes:
+    """The tiny golden files' recipe: model seed 0, two images, K = 4 uniformly spaced, float64 network."""
+    loaded = as_loaded(*seeded_model(0))
+    images = synthetic_images([(32, 32), (13, 20)], seed=11)
+    return api.encode(images, ["g0.png", "g1.png"], model=loaded, steps=4, spacing="uniform", float64=True,
+                      compute_bound=False, bootstrap=False, grid=config, device="cpu").data
+
+
+def test_tiny_k4_format_2_golden_file_is_reproduced_and_decodes():
+    data = TINY_V2.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == TINY_V2_SHA256
+    assert tiny_golden_bytes() == data, "the encoder's output changed: a format or codec change needs a new golden file"
+    loaded = as_loaded(*seeded_model(0))
+    decoded = api.decode(data, model=loaded, device="cpu")
+    for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
+        assert np.array_equal(a, b)
+    assert decoded.names == ["g0.png", "g1.png"]
+
+
+def test_tiny_k4_format_1_golden_file_still_decodes():
+    """Same recipe, written by diffcodec 0.1 (format version 1, 8-sigma windows, the spacing byte
+    still reserved and 0): today's encoder with those windows writes the same payload."""
+    old = TINY_V1.read_bytes()
+    assert hashlib.sha256(old).hexdigest() == TINY_V1_SHA256 and old[4] == 1
+    container = unpack(old)
+    assert BitsBackParams.unpack(container.header.params).window_sigmas == 8
+    assert container.payload == unpack(tiny_golden_bytes(GridConfig(window_sigmas=8))).payload
+    decoded = api.decode(old, model=as_loaded(*seeded_model(0)), device="cpu")
+    for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
+        assert np.array_equal(a, b)
+    assert decoded.names == ["g0.png", "g1.png"]
+
+
+# ------------------------------------- default model, K = 100, bootstrap, float64 network
+
+
+def test_default_golden_header_pins_format_2_k100_quadratic_5_sigma_bootstrap_float64_default_model():
+    """The file is the one committed (SHA-256), and its header says what it pins: format version 2,
+    bits-back mode, the embedded default model's fingerprint, K = 100 quadratic steps of the cosine
+    T = 1000 learned-range chain, 5-sigma windows (b = 6, prior 8, snap 2^-16), float64 network,
+    6 tiles: 5 bootstrap tiles (progressive codec, 50 steps, 10-bit chunks, 2^12 candidates) and
+    one bits-back chunk of 1 tile. No network runs here."""
+    data = DEFAULT.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == DEFAULT_SHA256, "the default golden file changed"
+    assert data[4] == 2, "format version"
+    h = unpack(data, str(DEFAULT)).header
+    assert h.mode == MODE_BITSBACK and h.device == "cpu"
+    assert h.fingerprint == DEFAULT_FINGERPRINT == load_checkpoint(None).fingerprint
+    assert (h.schedule, h.num_timesteps, h.num_steps, h.var_type, h.tile_size) == ("cosine", 1000, 100,
+                                                                                   "learned_range", 32)
+    assert [(im.name, (im.height, im.width, 3)) for im in h.images] == [
+        (name, shape) for name, (shape, _) in DEFAULT_PIXELS.items()]
+    p = BitsBackParams.unpack(h.params)
+    assert (p.resolution_bits, p.window_sigmas, p.prior_sigmas, p.snap_log2) == (6, 5, 8, -16)
+    assert p.spacing == "quadratic" and p.network_float64 and p.clip_denoised and p.threads == 0
+    assert p.num_tiles == 6 and p.bootstrap_tiles == 5 and p.chunks == (1,)
+    boot = ProgressiveParams.unpack(p.bootstrap_block)
+    assert (boot.num_steps, boot.spacing, boot.chunk_bits, boot.log2_candidates) == (50, "quadratic", 10.0, 12)
+    assert boot.num_tiles == 5 and boot.network_float64
+
+
+@pytest.fixture(scope="module")
+def default_decoded(tmp_path_factory) -> dict[str, np.ndarray]:
+    """`diffcodec decode` of the default golden file on the CPU (once for the module: 90-140 s):
+    the PNGs it wrote, read back."""
+    out = tmp_path_factory.mktemp("default_golden") / "out"
+    assert main(["decode", str(DEFAULT), "-o", str(out), "--device", "cpu", "-q"]) == 0
+    return {path.name: np.asarray(Image.open(path)) for path in sorted(out.iterdir())}
+
+
+def test_default_golden_decodes_through_the_cli_to_the_pinned_pixels(default_decoded):
+    """A file of the default path (default model, K = 100 quadratic, 5-sigma windows, 5 bootstrap
+    tiles + 1 bits-back tile, float64 network, format version 2) written by an earlier version
+    decodes with today's `diffcodec decode` to the pixels it held (pinned by SHA-256)."""
+    assert list(default_decoded) == list(DEFAULT_PIXELS)
+    for name, (shape, sha) in DEFAULT_PIXELS.items():
+        img = default_decoded[name]
+        assert img.dtype == np.uint8 and img.shape == shape
+        assert pixel_sha256(img) == sha, f"{name}: decoded pixels changed"
+
+
+def test_default_golden_decodes_to_its_kodak_source_crop(default_decoded):
+    """The pinned pixels are the source's: kodim23.png[224:288, 336:432] (skips without ../shared)."""
+    crop = kodak_crop()
+    assert pixel_sha256(crop) == DEFAULT_PIXELS["kodim23_crop.png"][1]
+    assert np.array_equal(default_decoded["kodim23_crop.png"], crop)
+
+
+@pytest.mark.slow
+def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
+    """Today's `diffcodec encode --float64` of the same crop, every other setting default (the
+    default model, K = 100 quadratic, 5-sigma windows, bootstrap, format version 2), writes the
+    golden file byte for byte: a change to the encoder or the format shows here first (then make
+    a new golden file and keep this one as an old version that must still decode). 130-170 s on
+    one thread; skips without ../shared."""
+    crop = kodak_crop()
+    src = tmp_path / "kodim23_crop.png"  # the name is stored in the file
+    Image.fromarray(crop).save(src)
+    out = tmp_path / "again.dfc"
+    # --no-bound: the bound is only reported, never written; --device cpu: what the golden file says
+    assert main(["encode", str(src), "-o", str(out), "--float64", "--no-bound", "--device", "cpu", "-q"]) == 0
+    assert out.read_bytes() == DEFAULT.read_bytes(), \
+        "the encoder's output changed: a format or codec change needs a new golden file"

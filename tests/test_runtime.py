@@ -1,0 +1,70 @@
+"""diffcodec.runtime: device names refused in one line, the decoder's device, thread bounds,
+the one network wrapper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffcodec.errors import DiffcodecError
+from diffcodec.runtime import (
+    MAX_THREADS,
+    decode_device,
+    device_kind,
+    network,
+    pick_device,
+    recorded_threads,
+    use_threads,
+)
+
+
+def test_device_names_are_checked():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad, phrase in (("bogus", "unknown device"), ("mps", "not supported"), ("", "unknown device")):
+        with pytest.raises(DiffcodecError, match=phrase):
+            pick_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(DiffcodecError, match="no CUDA"):
+            pick_device("cuda:0")
+        assert decode_device("auto", "cuda:NVIDIA H100") == torch.device("cpu")
+    assert decode_device("auto", "cpu") == torch.device("cpu")
+    with pytest.raises(DiffcodecError, match="unknown device"):
+        decode_device("bogus", "cpu")
+    assert device_kind("cpu") == "cpu"
+
+
+def test_thread_counts_from_files_are_bounded():
+    before = torch.get_num_threads()
+    try:
+        use_threads(0)
+        assert torch.get_num_threads() == before
+        with pytest.raises(DiffcodecError, match="corrupt header"):
+            use_threads(17666)
+        use_threads(1)
+        assert torch.get_num_threads() == 1
+        assert recorded_threads("cpu", float64=False) == 1 and recorded_threads("cpu", float64=True) == 0
+        assert recorded_threads("cpu", False) <= MAX_THREADS
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_network_runs_without_autograd_and_float64_is_a_copy():
+    model = torch.nn.Conv2d(3, 3, 1)
+    x, t = torch.randn(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = model
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    m = Wrapped()
+    out = network(m)(x, t)
+    assert not out.requires_grad and torch.allclose(out, m(x, t))
+    out64 = network(m, float64=True)(x.double(), t)
+    assert out64.dtype == torch.float64 and m.conv.weight.dtype == torch.float32
+    with pytest.raises(ValueError):
+        network(m, float64=True, bf16=True)
