@@ -1,5 +1,8 @@
 """Reading images for the evaluator and the codecs (tiling: `images`; writing: `outputs`).
 
+One concept, every input layout, hence its length (about 480 lines): each source below has
+its own reader and its own one-line refusals.
+
 Every image comes out as a numpy ``uint8`` array ``[H, W, 3]`` in RGB order. Anything
 wrong with the user's input raises `DiffcodecError` with a one-line message naming the
 file; parser exceptions from Pillow, pickle, numpy, zipfile or tarfile never escape.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,6 @@ from diffcodec.codec.entropy import seeded_words
 from diffcodec.unet import UNet
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # pytest-xdist runs one worker per core: one torch thread each, or OpenMP threads spin
-    torch.set_num_threads(1)
 
 
 def tiny_model(seed: int = 0, *, learn_sigma: bool = False, scale: float = 0.02) -> tuple[UNet, object, object]:

@@ -26,7 +26,9 @@ Model families (one vectorised call per array of symbols, never a Python loop pe
   and such strays within a few sigmas of the mean; pushing and popping a variable with the
   same W makes that floor cancel between the two.
 
-Validation happens HERE, before constriction sees anything, because constriction accepts
+This module is longer than most (about 440 lines) because it is one concept: every call into
+constriction and the validation that must precede it. Validation happens HERE, before
+constriction sees anything, because constriction accepts
 NaN means and infinite stds silently and a std <= 0 (or NaN) raises a pyo3 PanicException,
 a ``BaseException`` that ``except Exception`` does not catch. Every bad parameter raises
 ``ValueError``. Constriction does not detect reading past the end of a stream: callers
