@@ -103,3 +103,13 @@ def images_npz(tmp_path):
     path = tmp_path / "imgs.npz"
     np.savez_compressed(path, x=rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), y=np.arange(5, dtype=np.uint8))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on a shared 2-core machine oversubscribed OpenMP threads spin (10x slower). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,14 +29,7 @@ from diffcodec.timesteps import respace
 from conftest import as_loaded, seeded_model, synthetic_images  # shared with test_golden.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine oversubscribed OpenMP threads spin (10x
-    slower). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def encode_images(loaded, images, names=None, *, steps=None, max_batch=64, config=GridConfig(), **kw):

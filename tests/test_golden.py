@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from diffcodec.checkpoint import load_checkpoint
@@ -65,14 +64,7 @@ KODAK_SOURCE_SHA256 = "2ed596d7de74cc43d23add4c116763f49d7b5a78b21444fe84caece53
 KODAK_CROP = (slice(224, 288), slice(336, 432))  # rows, columns
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine oversubscribed OpenMP threads spin (10x
-    slower). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pixel_sha256(img: np.ndarray) -> str:
