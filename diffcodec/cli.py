@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcodec.cli_codec import add_decode_parser, add_encode_parser, add_model_args, positive_int
+from diffcodec.cli_codec import add_decode_parser, add_encode_parser, add_model_args, positive_int, seed_int
+from diffcodec.config import PRESETS
 from diffcodec.errors import DiffcodecError
 
 EXIT_USER_ERROR = 2
@@ -46,7 +47,7 @@ def add_nll_parser(sub: argparse._SubParsersAction) -> None:
                         "stratified; unbiased, the ± covers the extra variance): 1 + N network calls per image "
                         "instead of K. For large sets on a CPU; default: sum the whole chain")
     p.add_argument("--batch-size", "-b", type=positive_int, default=64, help="images (tiles) per batch (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the noise draws (default 0)")
     p.add_argument("--bf16", action="store_true",
                    help="run the network in bfloat16 autocast (CUDA only; faster, the bound's arithmetic stays "
                         "float32/64; the JSON records it)")
@@ -153,7 +154,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                     "importance-sampled t). Saves state.pt, ema.pt and loss_history.json in --out.",
     )
     p.add_argument("data", help="TRAINING images: a folder of .npz shards, CIFAR-10 python batches (train split), ...")
-    p.add_argument("--preset", "-p", help="model preset (see diffcodec.config.PRESETS)")
+    p.add_argument("--preset", "-p", choices=PRESETS, help="model preset (needed unless --resume or --init names one)")
     p.add_argument("--loss", choices=("simple", "hybrid", "vlb"), help="default: the preset's recipe")
     p.add_argument("--minutes", "-m", type=float, help="time box for this call in minutes; saves when it ends")
     p.add_argument("--steps", type=positive_int, help="stop at this total step count")
@@ -163,11 +164,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", metavar="CKPT", help="start from a checkpoint's weights (model = EMA = them)")
     p.add_argument("--export", metavar="PATH", help="write the fp16 EMA weights as a checkpoint at the end")
     p.add_argument("--force", action="store_true", help="overwrite --export if it exists")
-    p.add_argument("--batch-size", "-b", type=positive_int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", "-b", type=positive_int, help="images per step (default: the preset's recipe)")
+    p.add_argument("--lr", type=float, help="peak learning rate of Adam (default: the preset's recipe)")
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="learning-rate warmup steps")
-    p.add_argument("--ema-decay", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--ema-decay", type=float, help="decay of the exported EMA weights (default: the preset's recipe)")
+    p.add_argument("--seed", type=seed_int, help="seed of the initial weights and the data order (default 0)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (CUDA)")
     p.add_argument("--num-train-images", type=positive_int, help="use only the first N training images")
     p.add_argument("--allow-test-data", action="store_true", help="train on data named like a test set")
@@ -204,8 +205,15 @@ def run_train_command(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- main
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line (the option and what is wrong), not the whole usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffcodec", description=DESCRIPTION)
+    parser = OneLineErrors(prog="diffcodec", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_nll_parser(sub)
     add_train_parser(sub)

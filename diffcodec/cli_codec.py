@@ -55,6 +55,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A seed: an integer in 0..2^63-1 (torch's generators take no more)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"a seed must be in 0..2^63-1, got {text}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", "-c", help="checkpoint file (default: the embedded default model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
@@ -123,6 +134,7 @@ def read_inputs(paths: list[str], limit: int | None, convert: bool):
         images.extend(got.images)
         names.extend(got.names)
     return images, names
+
 
 def run_encode_command(args: argparse.Namespace) -> int:
     from diffcodec.checkpoint import load_checkpoint
@@ -270,7 +282,7 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
         description="Decode a .dfc file. OUT is a PNG path for a single image, else a directory that gets "
                     "one PNG per image. Nothing is written unless the decoded pixels match the checksum.",
     )
-    p.add_argument("file", metavar="FILE.dfc")
+    p.add_argument("file", metavar="FILE.dfc", help="the .dfc file to decode (bits-back or progressive)")
     p.add_argument("--output", "-o", required=True, metavar="OUT", help="OUT.png (one image) or a directory")
     p.add_argument("--checkpoint", "-c", help="checkpoint file (default: the embedded default model)")
     p.add_argument("--device", default="auto",

@@ -124,3 +124,18 @@ def test_codec_bad_inputs_are_refused_before_any_work(tiny_checkpoint, images_np
     one_line_error(*run(["decode", out, "-o", tmp_path / "missing" / "y.png", "-c", tiny_checkpoint], capsys)[::2],
                    "does not exist")
     assert not (tmp_path / "y.png").exists()
+
+
+def test_seeds_out_of_range_and_unknown_presets_are_usage_errors(capsys):
+    for argv in (["nll", "x.png", "--seed", "99999999999999999999999"], ["nll", "x.png", "--seed", "-1"],
+                 ["train", "d", "-o", "r", "--seed", "99999999999999999999999"],
+                 ["train", "d", "-o", "r", "--preset", "huge"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and ("seed must be in" in err or "invalid choice" in err), err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("diffcodec "), err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "cpu-small" in capsys.readouterr().out
