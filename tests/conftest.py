@@ -113,3 +113,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Scripts under test set torch's thread count for the whole process (``--threads``): put
+    it back after every test, so that one test's choice does not slow every later one."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
