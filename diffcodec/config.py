@@ -1,7 +1,10 @@
 """Configuration records for the network and the diffusion, and named presets.
 
 Both records are frozen dataclasses saved inside every checkpoint (as plain dicts), so a
-checkpoint alone says how to rebuild and evaluate its model.
+checkpoint alone says how to rebuild and evaluate its model. ``config_from_dict`` checks
+every field of a saved record (type and range: ``model_config_problem``,
+``diffusion_config_problem``) before anything is built from it, so a malformed checkpoint
+is a one-line ``DiffcodecError`` naming the field, never a traceback from a layer.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from diffcodec.diffusion import VAR_TYPES
 from diffcodec.errors import DiffcodecError
@@ -96,37 +101,123 @@ def config_to_dict(config: ModelConfig | DiffusionConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
+SECTIONS = {ModelConfig: "model", DiffusionConfig: "diffusion"}  # field names in messages: model.ch, ...
+IMAGE_CHANNELS = 3  # every image is uint8 RGB (``data``), so the network sees 3 channels
+MAX_IMAGE_SIZE = 4096  # pixels per side of a training image / evaluation tile
+MAX_TIMESTEPS = 100_000  # T; the paper uses 1000, Improved DDPM up to 4000
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def model_config_problem(c: ModelConfig) -> str | None:
+    """The first field of ``c`` that no working UNet has, as 'model.<field> must ..., got ...'.
+
+    Requirements: image_size in [1, MAX_IMAGE_SIZE] and a multiple of 2^(len(ch_mult) - 1)
+    (the UNet halves it len(ch_mult) - 1 times); in_channels = 3; ch >= 1; ch_mult a non-empty
+    list of integers >= 1; num_res_blocks >= 0; attention resolutions >= 1; dropout in [0, 1);
+    num_heads >= 1 and dividing the width of every attention block (the middle one, ch x
+    ch_mult[-1], and those of the levels named in attn_resolutions).
+    """
+    if not 1 <= c.image_size <= MAX_IMAGE_SIZE:
+        return f"model.image_size must be in [1, {MAX_IMAGE_SIZE}], got {c.image_size}"
+    if c.in_channels != IMAGE_CHANNELS:
+        return f"model.in_channels must be {IMAGE_CHANNELS} (RGB), got {c.in_channels}"
+    if c.ch < 1:
+        return f"model.ch must be >= 1, got {c.ch}"
+    if not c.ch_mult or min(c.ch_mult) < 1:
+        return f"model.ch_mult must be a non-empty list of integers >= 1, got {_show(list(c.ch_mult))}"
+    if c.num_res_blocks < 0:
+        return f"model.num_res_blocks must be >= 0, got {c.num_res_blocks}"
+    if c.attn_resolutions and min(c.attn_resolutions) < 1:
+        return f"model.attn_resolutions must be integers >= 1, got {_show(list(c.attn_resolutions))}"
+    if not 0.0 <= c.dropout < 1.0:  # NaN fails too
+        return f"model.dropout must be in [0, 1), got {c.dropout}"
+    if c.num_heads < 1:
+        return f"model.num_heads must be >= 1, got {c.num_heads}"
+    divisor = 2 ** (len(c.ch_mult) - 1)
+    if c.image_size % divisor:
+        return f"model.image_size must be a multiple of {divisor} (len(ch_mult) = {len(c.ch_mult)}), got {c.image_size}"
+    widths = {c.ch * c.ch_mult[-1]} | {c.ch * m for i, m in enumerate(c.ch_mult)
+                                      if c.image_size // 2**i in c.attn_resolutions}
+    if any(w % c.num_heads for w in widths):
+        return f"model.num_heads must divide the attention widths {sorted(widths)}, got {c.num_heads}"
+    return None
+
+
+def diffusion_config_problem(c: DiffusionConfig) -> str | None:
+    """The first field of ``c`` that no diffusion has, as 'diffusion.<field> must ..., got ...'.
+
+    Requirements: a known schedule and variance type; num_timesteps in [1, MAX_TIMESTEPS]
+    with every beta_t of the schedule in (0, 1), so that every abar_t > 0 and
+    x^_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) is finite (the linear schedule scales
+    its betas by 1000 / T, so it needs T = 1 or T > 20).
+    """
+    if c.schedule not in SCHEDULES:
+        return f"diffusion.schedule must be one of {', '.join(SCHEDULES)}, got {_show(c.schedule)}"
+    if c.var_type not in VAR_TYPES:
+        return f"diffusion.var_type must be one of {', '.join(VAR_TYPES)}, got {_show(c.var_type)}"
+    if not 1 <= c.num_timesteps <= MAX_TIMESTEPS:
+        return f"diffusion.num_timesteps must be in [1, {MAX_TIMESTEPS}], got {c.num_timesteps}"
+    betas = SCHEDULES[c.schedule](c.num_timesteps)
+    if not bool(np.all((betas > 0) & (betas < 1))):
+        return (f"diffusion.num_timesteps must give {c.schedule} betas in (0, 1), got {c.num_timesteps} "
+                f"(max beta {betas.max():.3g})")
+    return None
+
+
+def _field_value(section: str, name: str, default: Any, value: Any) -> tuple[Any, str | None]:
+    """``value`` as the type of the field's ``default``, or the problem with it."""
+    where = f"{section}.{name}"
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+            return None, f"{where} must be a list of integers, got {_show(value)}"
+        return tuple(value), None
+    if isinstance(default, bool):
+        return value, None if isinstance(value, bool) else f"{where} must be true or false, got {_show(value)}"
+    if isinstance(default, int):
+        return value, None if _is_int(value) else f"{where} must be an integer, got {_show(value)}"
+    if isinstance(default, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None, f"{where} must be a number, got {_show(value)}"
+        return float(value), None
+    return value, None if isinstance(value, str) else f"{where} must be a string, got {_show(value)}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def config_from_dict(cls: type, data: Any, *, where: str) -> Any:
-    """Rebuild a config record, refusing unknown or ill-typed fields with a DiffcodecError."""
+    """Rebuild a config record saved as a dict, validating every field.
+
+    Fields missing from ``data`` take the record's defaults. Anything else wrong (not a
+    mapping, an unknown field, a value of the wrong type, one outside its range: see
+    ``model_config_problem`` / ``diffusion_config_problem``) is a one-line DiffcodecError
+    ``<where>: corrupt checkpoint config: <section>.<field> must ..., got ...``.
+    """
+    section = SECTIONS[cls]
+
+    def corrupt(problem: str) -> DiffcodecError:
+        return DiffcodecError(f"{where}: corrupt checkpoint config: {problem}")
+
     if not isinstance(data, dict):
-        raise DiffcodecError(f"{where}: {cls.__name__} is not a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
+        raise corrupt(f"{section} is not a mapping, got {type(data).__name__}")
+    defaults = cls()
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in names)
     if unknown:
-        raise DiffcodecError(f"{where}: unknown {cls.__name__} fields {sorted(unknown)}")
+        raise corrupt(f"unknown {section} fields {_show(unknown)}")
     kwargs = {}
     for name, value in data.items():
-        default = getattr(cls(), name)
-        if isinstance(default, tuple):
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
-                raise DiffcodecError(f"{where}: {cls.__name__}.{name} must be a list of integers")
-            value = tuple(value)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise DiffcodecError(f"{where}: {cls.__name__}.{name} must be true or false")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise DiffcodecError(f"{where}: {cls.__name__}.{name} must be a number")
-            value = type(default)(value)
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise DiffcodecError(f"{where}: {cls.__name__}.{name} must be a string")
-        kwargs[name] = value
+        kwargs[name], problem = _field_value(section, name, getattr(defaults, name), value)
+        if problem is not None:
+            raise corrupt(problem)
     config = cls(**kwargs)
-    if isinstance(config, DiffusionConfig):
-        if config.schedule not in SCHEDULES:
-            raise DiffcodecError(f"{where}: unknown noise schedule {config.schedule!r}")
-        if config.var_type not in VAR_TYPES:
-            raise DiffcodecError(f"{where}: unknown variance type {config.var_type!r}")
-        if config.num_timesteps < 1:
-            raise DiffcodecError(f"{where}: num_timesteps must be positive")
+    problem = model_config_problem(config) if cls is ModelConfig else diffusion_config_problem(config)
+    if problem is not None:
+        raise corrupt(problem)
     return config

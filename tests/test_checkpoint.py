@@ -1,7 +1,12 @@
+"""Checkpoints: round trip, fingerprint, safe loading, and one-line errors for bad files and configs."""
+
+import math
+
 import pytest
 import torch
 
 from diffcodec.checkpoint import fingerprint, load_checkpoint, read_checkpoint, save_checkpoint
+from diffcodec.cli import main
 from diffcodec.errors import DiffcodecError
 
 from conftest import tiny_model
@@ -68,10 +73,91 @@ def test_bad_checkpoints_are_one_line_user_errors(tmp_path):
     payload = read_checkpoint(good)
     payload["diffusion_config"]["var_type"] = "huge"
     torch.save(payload, tmp_path / "vartype.pt")
-    with pytest.raises(DiffcodecError, match="unknown variance type"):
+    with pytest.raises(DiffcodecError, match="diffusion.var_type must be one of"):
         load_checkpoint(tmp_path / "vartype.pt")
     payload = read_checkpoint(good)
     payload["version"] = 99
     torch.save(payload, tmp_path / "v99.pt")
     with pytest.raises(DiffcodecError, match="version 99"):
         load_checkpoint(tmp_path / "v99.pt")
+
+
+# ------------------------------------------------------------------ the stored config records
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    model, mc, dc = tiny_model()
+    path = tmp_path_factory.mktemp("ckpt") / "good.pt"
+    save_checkpoint(path, model, mc, dc, dtype=torch.float16)
+    return path
+
+
+def tampered(good, path, section, field, value):
+    """A copy of ``good`` whose stored ``section`` config has ``field`` = ``value`` (the weights,
+    and so the fingerprint, untouched)."""
+    payload = read_checkpoint(good)
+    payload[f"{section}_config"][field] = value
+    torch.save(payload, path)
+    return path
+
+
+BAD_FIELDS = [
+    ("model", "ch", -8, "model.ch must be >= 1, got -8"),
+    ("model", "ch", 3.5, "model.ch must be an integer, got 3.5"),
+    ("model", "in_channels", -3, "model.in_channels must be 3 (RGB), got -3"),
+    ("model", "dropout", 5.0, "model.dropout must be in [0, 1), got 5.0"),
+    ("model", "dropout", math.nan, "model.dropout must be in [0, 1), got nan"),
+    ("model", "dropout", "high", "model.dropout must be a number, got 'high'"),
+    ("model", "image_size", 0, "model.image_size must be in [1, 4096], got 0"),
+    ("model", "image_size", -32, "model.image_size must be in [1, 4096], got -32"),
+    ("model", "image_size", 31, "model.image_size must be a multiple of 2 (len(ch_mult) = 2), got 31"),
+    ("model", "ch_mult", [1, 0], "model.ch_mult must be a non-empty list of integers >= 1, got [1, 0]"),
+    ("model", "ch_mult", [], "model.ch_mult must be a non-empty list of integers >= 1, got []"),
+    ("model", "ch_mult", [1, 2.5], "model.ch_mult must be a list of integers, got [1, 2.5]"),
+    ("model", "attn_resolutions", [16, -8], "model.attn_resolutions must be integers >= 1, got [16, -8]"),
+    ("model", "num_res_blocks", -1, "model.num_res_blocks must be >= 0, got -1"),
+    ("model", "num_heads", 0, "model.num_heads must be >= 1, got 0"),
+    ("model", "num_heads", 3, "model.num_heads must divide the attention widths [16], got 3"),
+    ("model", "learn_sigma", 1, "model.learn_sigma must be true or false, got 1"),
+    ("model", "depth", 4, "unknown model fields ['depth']"),
+    ("diffusion", "var_type", "huge", "diffusion.var_type must be one of fixedlarge, fixedsmall, learned_range, "
+                                      "got 'huge'"),
+    ("diffusion", "schedule", "sigmoid", "diffusion.schedule must be one of linear, cosine, got 'sigmoid'"),
+    ("diffusion", "num_timesteps", 0, "diffusion.num_timesteps must be in [1, 100000], got 0"),
+    ("diffusion", "num_timesteps", -5, "diffusion.num_timesteps must be in [1, 100000], got -5"),
+    ("diffusion", "num_timesteps", 10**9, "diffusion.num_timesteps must be in [1, 100000], got 1000000000"),
+    ("diffusion", "num_timesteps", 10, "diffusion.num_timesteps must give linear betas in (0, 1), got 10"),
+]
+
+
+@pytest.mark.parametrize("section,field,value,message", BAD_FIELDS, ids=[f"{s}.{f}={v!r}" for s, f, v, _ in BAD_FIELDS])
+def test_a_malformed_config_field_is_a_one_line_error_naming_it(tmp_path, good_checkpoint, section, field, value,
+                                                                message):
+    bad = tampered(good_checkpoint, tmp_path / "bad.pt", section, field, value)
+    with pytest.raises(DiffcodecError) as info:
+        load_checkpoint(bad)
+    text = str(info.value)
+    assert text.startswith(f"{bad}: corrupt checkpoint config: {message}")
+    assert "\n" not in text
+
+
+def test_a_config_record_that_is_not_a_mapping_is_refused(tmp_path, good_checkpoint):
+    payload = read_checkpoint(good_checkpoint)
+    payload["model_config"] = [8, 16]
+    torch.save(payload, tmp_path / "list.pt")
+    with pytest.raises(DiffcodecError, match="corrupt checkpoint config: model is not a mapping, got list"):
+        load_checkpoint(tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize("section,field,value,named", [("model", "dropout", 5.0, "model.dropout"),
+                                                       ("model", "ch_mult", [1, -2], "model.ch_mult"),
+                                                       ("diffusion", "num_timesteps", 0, "diffusion.num_timesteps")])
+def test_cli_reports_a_malformed_config_in_one_line(tmp_path, good_checkpoint, images_npz, capsys, section, field,
+                                                    value, named):
+    bad = tampered(good_checkpoint, tmp_path / "model.pt", section, field, value)
+    assert main(["nll", str(images_npz), "--checkpoint", str(bad), "-n", "1", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err
+    assert lines[0].startswith(f"diffcodec: error: {bad}: corrupt checkpoint config: {named} must ")
