@@ -122,18 +122,38 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+def weights_misfit(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> str | None:
+    """How ``state`` differs from the tensors of ``UNet(model_config)`` (names and shapes), or None.
+
+    The network is built on the meta device (shapes only, no memory), so a config that asks
+    for an enormous network is refused before anything is allocated.
+    """
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(model_config).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        return f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        return f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+    for name in sorted(expected):
+        if tuple(state[name].shape) != expected[name]:
+            return f"{name} is {list(state[name].shape)}, the config needs {list(expected[name])}"
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike | None = None, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a checkpoint (the embedded default when path is None) as a float32 eval-mode UNet."""
     path = resolve_checkpoint(path)
     payload = read_checkpoint(path)
     model_config = config_from_dict(ModelConfig, payload["model_config"], where=str(path))
     diffusion_config = config_from_dict(DiffusionConfig, payload["diffusion_config"], where=str(path))
-    model = UNet(model_config)
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise DiffcodecError(f"{path}: weights do not fit the model config ({str(e).splitlines()[0][:120]})") from None
+    misfit = weights_misfit(model_config, state)
+    if misfit is not None:
+        raise DiffcodecError(f"{path}: weights do not fit the model config ({misfit})")
+    model = UNet(model_config)
+    model.load_state_dict(state, strict=True)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise DiffcodecError(f"{path}: checkpoint holds non-finite weights")
     model.to(device).eval()

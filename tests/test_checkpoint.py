@@ -150,6 +150,14 @@ def test_a_config_record_that_is_not_a_mapping_is_refused(tmp_path, good_checkpo
         load_checkpoint(tmp_path / "list.pt")
 
 
+def test_a_huge_config_is_refused_before_anything_is_allocated(tmp_path, good_checkpoint):
+    """ch = 10^6 would ask for terabytes of weights: the shapes are compared on the meta device."""
+    bad = tampered(good_checkpoint, tmp_path / "huge.pt", "model", "ch", 10**6)
+    with pytest.raises(DiffcodecError, match=r"weights do not fit the model config \(conv_in.bias is \[8\], "
+                                             r"the config needs \[1000000\]\)"):
+        load_checkpoint(bad)
+
+
 @pytest.mark.parametrize("section,field,value,named", [("model", "dropout", 5.0, "model.dropout"),
                                                        ("model", "ch_mult", [1, -2], "model.ch_mult"),
                                                        ("diffusion", "num_timesteps", 0, "diffusion.num_timesteps")])
