@@ -18,14 +18,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from diffcodec.codec.bitsback.chain import ChainCoder, GridConfig
+from diffcodec.codec.bitsback.chain import ChainCoder, GridConfig, chain_grid
 from diffcodec.codec.bitsback.params import BitsBackParams
 from diffcodec.codec.bitsback.stream import bootstrap_count, decode_tiles, encode_tiles
 from diffcodec.codec.progressive import codec as progressive
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.images import from_model_output, to_model_input
+from diffcodec.errors import DiffcodecError
 from diffcodec.likelihood import BoundResult, evaluate_bound
-from diffcodec.runtime import network, recorded_threads
+from diffcodec.runtime import device_kind, network, recorded_threads
 from diffcodec.schedule import Schedule
 from diffcodec.timesteps import kept_timesteps
 
@@ -61,11 +62,7 @@ def chain_coder(model: torch.nn.Module, schedule: Schedule, var_type: str, *, co
 
 def bootstrap_size(schedule: Schedule, num_tiles: int, tile: int, config: GridConfig = GridConfig()) -> int:
     """How many of the stream's first tiles the bootstrap takes (`stream.bootstrap_count`)."""
-    return bootstrap_count(schedule, ChainCoder(_no_network, schedule, "", config).grid, num_tiles, 3 * tile * tile)
-
-
-def _no_network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    raise AssertionError("the grid needs no network")
+    return bootstrap_count(schedule, chain_grid(schedule, config), num_tiles, 3 * tile * tile)
 
 
 def encode_stream(
@@ -151,8 +148,6 @@ def coded_dims(num_tiles: int, tile: int, num_steps: int) -> int:
 def check_params(params: BitsBackParams, num_tiles: int, tile: int, num_steps: int, payload_bytes: int,
                  where: str) -> None:
     """Refuse a block that disagrees with the header (DiffcodecError, one line)."""
-    from diffcodec.errors import DiffcodecError
-
     if params.num_tiles != num_tiles or params.num_symbols != coded_dims(num_tiles, tile, num_steps):
         raise DiffcodecError(f"{where}: corrupt header (tile or symbol counts do not match the image sizes)")
     if payload_bytes % 4 or payload_bytes < 8:
@@ -166,8 +161,6 @@ def check_params(params: BitsBackParams, num_tiles: int, tile: int, num_steps: i
 
 def divergence(params: BitsBackParams, encoded_on: str, device: torch.device | str, where: str) -> str:
     """Why a whole file failed its checksum, as far as this side can tell (one line)."""
-    from diffcodec.runtime import device_kind
-
     here = device_kind(device)
     threads_here = recorded_threads(device, params.network_float64)
     if here == encoded_on and params.threads and threads_here != params.threads:
