@@ -28,6 +28,24 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+class TimestepEmbedding(nn.Module):
+    """`timestep_embedding` as a module (no parameters), so the exact network can swap it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(t, self.dim)
+
+
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v over [B, heads, tokens, d] (no parameters; swappable)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     groups = max(g for g in range(1, 33) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
@@ -49,11 +67,12 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(self.act(self.norm1(x)))
+        h = h + self.temb_proj(self.act(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(self.act(self.norm2(h))))
         return self.skip(x) + h
 
 
@@ -64,11 +83,12 @@ class AttnBlock(nn.Module):
         self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+        self.attention = Attention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = self.attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -99,6 +119,7 @@ class UNet(nn.Module):
         ch, temb_ch = config.ch, 4 * config.ch
         levels = len(config.ch_mult)
         attn_levels = {i for i in range(levels) if config.image_size // 2**i in config.attn_resolutions}
+        self.embed = TimestepEmbedding(ch)
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
 
@@ -128,13 +149,14 @@ class UNet(nn.Module):
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur)]))
         self.norm_out = group_norm(cur)
+        self.act_out = nn.SiLU()
         self.conv_out = zero_init(nn.Conv2d(cur, config.out_channels, 3, padding=1))
         self.divisor = 2 ** (levels - 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.divisor or x.shape[-2] % self.divisor:
             raise ValueError(f"image sides must be multiples of {self.divisor}, got {tuple(x.shape[-2:])}")
-        temb = self.temb(timestep_embedding(t, self.config.ch).to(x.dtype))  # float64 networks too
+        temb = self.temb(self.embed(t).to(x.dtype))  # float64 networks too
         h = self.conv_in(x)
         skips = [h]
         for layers in self.down:
@@ -147,7 +169,7 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             for layer in layers:
                 h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.act_out(self.norm_out(h)))
 
 
 def num_parameters(model: nn.Module) -> int:

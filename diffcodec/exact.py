@@ -1,0 +1,163 @@
+"""The exact arithmetic contract: what every value that decides a coded symbol is made of.
+
+Contract version 1 (``CONTRACT_VERSION``, written into every exact-path file header):
+
+1. Values are integers, or IEEE-754 binary64 results of + - x / and sqrt, each correctly
+   rounded (round to nearest, ties to even) on every conforming CPU and GPU, applied one
+   operation at a time in the order written in this package, to inputs that are themselves
+   exact (integers, float32 weights widened to float64, literal constants in the source).
+2. No libm transcendental (exp, log, sin, cos, tanh, erf, pow) is ever called: the ones the
+   network and the coders need are written below from the basic operations only (`exp`,
+   `log`, `sin_cos`, `silu`), so their results are the same bits everywhere, accurate to a
+   few ulps.
+3. No result depends on summation order: every sum or dot product is taken over
+   integer-valued binary64 operands whose every partial sum stays below 2^53 in magnitude
+   (exact in any order, on any BLAS, any SIMD width, any thread count, any device); the bit
+   widths that guarantee it are chosen from the layer's fan-in (`operand_bits`).
+4. Each value depends only on its own image: scales are per sample (`quantize`), never per
+   batch.
+5. No fused multiply-add is asked for, no TF32, no torch.compile, no reciprocal-square-root
+   or approximate division; a division is always tensor by tensor (`divide`): on CUDA, torch
+   divides by a Python scalar as a multiplication by its reciprocal, which is not the
+   correctly rounded quotient.
+
+What the contract covers in this package: the exact network (`exact_net`), the noise
+schedule (`schedule`), the reverse-process parameters and their snapping to the coder's grid
+(`diffusion`, `codec.coding_params`, `codec.bitsback.chain`), the progressive codec's latents
+and its reverse-channel-coding candidates (`codec.rcc`). What it does not cover: the entropy
+coder turns the snapped (exact) mean and std of a Gaussian into integer frequencies inside
+constriction's compiled code (version pinned in pyproject.toml); that step is outside this
+package's arithmetic and is the one remaining dependency of a file on its software.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CONTRACT_VERSION = 1
+
+F64 = torch.float64
+MANTISSA_LIMIT_BITS = 53  # integers of magnitude <= 2^53 are exact in binary64
+
+# Literal constants (not computed with libm at import: a literal is the same bits everywhere).
+LN2_HI = 6.93147180369123816490e-01  # ln 2, high part with 32 trailing zero bits (k * LN2_HI exact)
+LN2_LO = 1.90821492927058770002e-10  # ln 2 - LN2_HI
+INV_LN2 = 1.44269504088896338700e00
+PIO2_HI = 1.57079632673412561417e00  # pi/2, high part with trailing zeros (k * PIO2_HI exact for |k| < 2^20)
+PIO2_LO = 6.07710050650619224932e-11  # pi/2 - PIO2_HI
+TWO_OVER_PI = 6.36619772367581382433e-01
+SQRT_HALF = 7.07106781186547524401e-01
+
+_EXP_TERMS = 13  # Taylor terms of exp(r) for |r| <= ln(2)/2: truncation error below 2e-16
+_INV_FACTORIAL = [1.0 / math.factorial(n) for n in range(_EXP_TERMS + 1)]  # int/int: correctly rounded
+_SIN_TERMS = 11  # sin/cos Taylor terms for |r| <= pi/4
+_LOG_TERMS = 13  # atanh series terms of log(m) for m in [sqrt(1/2), sqrt(2))
+EXP_ARG_LIMIT = 700.0  # |x| clamped here, so 2^k stays a normal number
+
+
+def as_f64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == F64 else x.to(F64)
+
+
+def divide(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """a / b, correctly rounded on every device: the divisor is always a tensor on a's device."""
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, float(b))
+    return a / b
+
+
+def pow2(k: torch.Tensor) -> torch.Tensor:
+    """2^k as binary64 for integer-valued k in [-1022, 1023], built from its bits (exact)."""
+    return ((k.to(torch.int64) + 1023) << 52).view(F64)
+
+
+def exp(x: torch.Tensor) -> torch.Tensor:
+    """e^x from the basic operations (relative error a few 1e-16); |x| clamped to 700.
+
+    x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite: k LN2_HI is exact), e^r by its Taylor
+    series in Horner form, times 2^k built from bits."""
+    x = as_f64(x).clamp(-EXP_ARG_LIMIT, EXP_ARG_LIMIT)
+    k = torch.round(x * INV_LN2)
+    r = (x - k * LN2_HI) - k * LN2_LO
+    p = torch.full_like(r, _INV_FACTORIAL[_EXP_TERMS])
+    for n in range(_EXP_TERMS - 1, -1, -1):
+        p.mul_(r).add_(_INV_FACTORIAL[n])  # two roundings per term, never fused
+    return p.mul_(pow2(k))
+
+
+def log(x: torch.Tensor) -> torch.Tensor:
+    """Natural log of x > 0 from the basic operations (relative error a few 1e-16).
+
+    x = m 2^e with m in [sqrt(1/2), sqrt(2)) (frexp is exact); log m = 2 atanh(f) with
+    f = (m - 1) / (m + 1), |f| < 0.172, summed as an odd series in Horner form."""
+    x = as_f64(x)
+    m, e = torch.frexp(x)  # x = m 2^e, m in [0.5, 1)
+    small = m < SQRT_HALF
+    m = torch.where(small, m * 2.0, m)
+    e = torch.where(small, e - 1, e).to(F64)
+    f = divide(m - 1.0, m + 1.0)
+    s = f * f
+    p = torch.full_like(s, 1.0 / (2 * _LOG_TERMS + 1))
+    for n in range(_LOG_TERMS - 1, -1, -1):
+        p = p * s + 1.0 / (2 * n + 1)
+    log_m = 2.0 * f * p
+    return e * LN2_HI + (e * LN2_LO + log_m)
+
+
+def sin_cos(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sin x, cos x) from the basic operations for |x| < 2^20 (absolute error ~1e-15 at |x| ~ 1e3).
+
+    x = k pi/2 + r with |r| <= pi/4 (Cody-Waite), the Taylor series of sin r and cos r, and
+    the quadrant k mod 4 choosing signs and swapping."""
+    x = as_f64(x)
+    k = torch.round(x * TWO_OVER_PI)
+    r = (x - k * PIO2_HI) - k * PIO2_LO
+    r2 = r * r
+    s = torch.full_like(r, (-1.0) ** _SIN_TERMS / math.factorial(2 * _SIN_TERMS + 1))
+    c = torch.full_like(r, (-1.0) ** _SIN_TERMS / math.factorial(2 * _SIN_TERMS))
+    for n in range(_SIN_TERMS - 1, -1, -1):
+        s = s * r2 + (-1.0) ** n / math.factorial(2 * n + 1)
+        c = c * r2 + (-1.0) ** n / math.factorial(2 * n)
+    s = s * r
+    quadrant = torch.remainder(k.to(torch.int64), 4)
+    sin = torch.where(quadrant == 0, s, torch.where(quadrant == 1, c, torch.where(quadrant == 2, -s, -c)))
+    cos = torch.where(quadrant == 0, c, torch.where(quadrant == 1, -s, torch.where(quadrant == 2, -c, s)))
+    return sin, cos
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """x sigmoid(x) = x / (1 + e^-x)."""
+    x = as_f64(x)
+    return divide(x, 1.0 + exp(-x))
+
+
+# ----------------------------------------------------------------------- fixed point
+
+
+def operand_bits(fan_in: int, other_bits: int | None = None) -> int:
+    """Bits b (sign included) of integer operands |a| <= 2^(b-1), |w| <= 2^(b'-1) whose
+    dot products over ``fan_in`` terms stay below 2^53: b + b' <= 55 - ceil(log2 fan_in).
+    With ``other_bits`` = b' given, the largest b; otherwise the largest equal split."""
+    budget = MANTISSA_LIMIT_BITS + 2 - max(1, math.ceil(math.log2(max(fan_in, 1))))
+    if other_bits is not None:
+        return budget - other_bits
+    return budget // 2
+
+
+def frexp_exponent(m: torch.Tensor) -> torch.Tensor:
+    """e with m < 2^e <= 2m for m > 0 (0 for m == 0): the exact binary exponent."""
+    return torch.frexp(as_f64(m))[1].to(torch.int64)
+
+
+def quantize(x: torch.Tensor, bits: int, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slice fixed point: (q, shift) with q = round(x 2^shift) integer-valued binary64,
+    |q| <= 2^(bits-1), and one power-of-two scale per slice (the max over ``dims``).
+
+    Exact: the max is order-independent, frexp exact, multiplication by 2^shift exact, and
+    round is half to even. ``shift`` is int64 shaped like x with ``dims`` kept as size 1."""
+    x = as_f64(x)
+    m = x.abs().amax(dim=dims, keepdim=True)
+    shift = (bits - 1 - frexp_exponent(m)).clamp(-1000, 1000)
+    return torch.round(x * pow2(shift)), shift
