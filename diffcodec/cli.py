@@ -64,8 +64,8 @@ def run_nll_command(args: argparse.Namespace) -> int:
     from diffcodec.checkpoint import load_checkpoint
     from diffcodec.data import read_images
     from diffcodec.evaluate import grouped_terms_bpd, run_nll
-    from diffcodec.runtime import pick_device
     from diffcodec.likelihood import summarize
+    from diffcodec.runtime import pick_device
 
     if args.save_terms and Path(args.save_terms).exists() and not args.force:
         raise DiffcodecError(f"{args.save_terms} exists; pass --force to overwrite it")

@@ -95,8 +95,14 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", "-n", type=positive_int, help="encode only the first N images")
     p.add_argument("--batch-size", "-b", type=positive_int, default=64,
                    help="most tiles coded together in one chunk (default 64)")
-    p.add_argument("--float64", action="store_true",
-                   help="run the network in float64: slower, but decodable on other machines of the same kind")
+    arith = p.add_mutually_exclusive_group()
+    arith.add_argument("--float32", dest="arithmetic", action="store_const", const="float32",
+                       help="SAME-MACHINE file: the float32 network instead of the exact one (faster on a CPU), "
+                            "but the file decodes only where the encoder's floating point is reproduced (same "
+                            "CPU kind, thread count and library versions)")
+    arith.add_argument("--float64", dest="arithmetic", action="store_const", const="float64",
+                       help="SAME-MACHINE file: the float64 network; decodes only on machines of the same kind")
+    p.set_defaults(arithmetic="exact")
     p.add_argument("--no-bound", action="store_true", help="skip computing the bound (saves one network pass)")
     p.add_argument("--no-bootstrap", action="store_true",
                    help="start the bits-back stack on seeded random bits instead of the progressive codec's "
@@ -152,7 +158,7 @@ def run_encode_command(args: argparse.Namespace) -> int:
     images, names = read_inputs(args.inputs, args.num_images, args.convert)
     with ProgressBars(args.quiet) as bars:
         result = api.encode(images, names, model=loaded, mode=mode, steps=args.steps, spacing=args.spacing,
-                            device=device, float64=args.float64, batch_size=args.batch_size,
+                            device=device, arithmetic=args.arithmetic, batch_size=args.batch_size,
                             bootstrap=not args.no_bootstrap, compute_bound=not args.no_bound,
                             chunk_bits=args.chunk_bits, progress=bars)
     write_bytes_atomic(args.output, result.data, force=args.force)
@@ -196,6 +202,7 @@ def encode_report(result, path: str, loaded) -> dict:
         "num_timesteps": h.num_timesteps,
         "var_type": h.var_type,
         "network_float64": result.params.network_float64,
+        "arithmetic": arithmetic_name(h.contract, result.params.network_float64),
         "device": h.device,
         "fingerprint": loaded.fingerprint,
         "checkpoint": loaded.path,
@@ -203,6 +210,13 @@ def encode_report(result, path: str, loaded) -> dict:
         "cpu_seconds": result.cpu_seconds,
         "bound_seconds": result.bound_seconds,
     }
+
+
+def arithmetic_name(contract: int, float64: bool) -> str:
+    """How a file's coding parameters were computed, as the reports say it."""
+    if contract:
+        return f"exact arithmetic (contract v{contract}: decodes on any machine)"
+    return f"{'float64' if float64 else 'float32'} network (same-machine file)"
 
 
 def format_encode(r: dict) -> str:
@@ -234,7 +248,7 @@ def format_encode(r: dict) -> str:
             + ("" if r["bootstrap_tiles"] else "; the default bootstrap avoids most of them"))
     lines += [
         f"steps {r['num_steps']} of T={r['num_timesteps']}, {r['var_type']}, {r['num_chunks']} chunk(s), "
-        f"{r['device']}{', float64 network' if r['network_float64'] else ''}, "
+        f"{r['device']}, {r['arithmetic']}, "
         f"{r['seconds']:.1f} s coding + {r['bound_seconds']:.1f} s bound",
     ]
     return "\n".join(lines)
@@ -249,6 +263,7 @@ def progressive_report(result, path: str, loaded) -> dict:
         "analytic_bpd": float(enc.kl_bits.sum()) / dims,
         "num_steps": enc.params.num_steps, "spacing": enc.params.spacing, "chunk_bits": enc.params.chunk_bits,
         "network_float64": enc.params.network_float64, "device": h.device,
+        "arithmetic": arithmetic_name(h.contract, enc.params.network_float64),
         "fingerprint": loaded.fingerprint, "checkpoint": loaded.path,
         "stages": [{"stage": k, "timestep": int(t), "file_bits": header_bits + int(b),
                     "bits_per_dim": (header_bits + int(b)) / dims, "analytic_bpd": float(a) / dims}
@@ -268,7 +283,7 @@ def format_progressive(r: dict) -> str:
     for st in r["stages"]:
         t = "x_0" if st["timestep"] < 0 else f"t={st['timestep']}"
         lines.append(f"    {st['stage']:3d} ({t:>6}): {st['bits_per_dim']:.4f}")
-    lines.append(f"{r['seconds'].get('total', 0.0):.1f} s on {r['device']}")
+    lines.append(f"{r['seconds'].get('total', 0.0):.1f} s on {r['device']}, {r['arithmetic']}")
     return "\n".join(lines)
 
 
@@ -318,7 +333,7 @@ def run_decode_command(args: argparse.Namespace) -> int:
         raise DiffcodecError(
             f"{args.file}: the lossless stage did not reproduce the encoded pixels (checksum mismatch: this "
             f"decoder's arithmetic differs from the encoder's, e.g. another device, thread count or library "
-            f"version; encode with --float64 to avoid it); nothing written. --upto {r.num_stages - 1} writes "
+            f"version: a same-machine float file); nothing written. --upto {r.num_stages - 1} writes "
             f"the lossy reconstruction from t = 0")
     # the checksum has been verified (or the images are a labelled reconstruction): only now write
     if len(targets) > 1 or not args.output.lower().endswith(".png"):

@@ -25,8 +25,9 @@ import re
 import sys
 import tarfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

@@ -64,7 +64,7 @@ def q_mean_variance(
     """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): mean, variance, log variance."""
     mean = extract(np.sqrt(s.alphas_cumprod), t, x0) * x0
     var = extract(1.0 - s.alphas_cumprod, t, x0).expand_as(x0)
-    log_var = extract(np.log(1.0 - s.alphas_cumprod), t, x0).expand_as(x0)
+    log_var = extract(s.log_one_minus_alphas_cumprod, t, x0).expand_as(x0)
     return mean, var, log_var
 
 
@@ -109,8 +109,8 @@ def fixed_log_variance(s: Schedule, var_type: str) -> np.ndarray:
     """float64 [K] log sigma_t^2 for the fixed variance types."""
     if var_type == "fixedlarge":
         if s.num_steps == 1:
-            return np.log(s.betas)
-        return np.log(np.append(s.posterior_variance[1], s.betas[1:]))
+            return s.log_betas
+        return np.append(s.posterior_log_variance_clipped[0], s.log_betas[1:])
     if var_type == "fixedsmall":
         return s.posterior_log_variance_clipped
     raise ValueError(f"{var_type!r} is not a fixed variance type")
@@ -150,7 +150,7 @@ def p_mean_variance(
     eps, v = split_model_output(output, var_type, x_t.shape[1])
     if var_type == "learned_range":
         min_log = extract(s.posterior_log_variance_clipped, t, x_t)
-        max_log = extract(np.log(s.betas), t, x_t)
+        max_log = extract(s.log_betas, t, x_t)
         frac = (v + 1.0) / 2.0
         log_variance = frac * max_log + (1.0 - frac) * min_log
     else:

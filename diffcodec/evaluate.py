@@ -31,7 +31,6 @@ from diffcodec.runtime import device_string, network
 from diffcodec.schedule import Schedule
 from diffcodec.timesteps import chain_schedule
 
-
 PILOT_IMAGES = 16  # tiles whose mean L_t shapes the proposal of --t-samples
 PILOT_STEPS = 48  # code steps the pilot measures (dense near t = 0)
 PILOT_SEED_OFFSET = 1_000_003  # the pilot's noise is not any batch's (batch i uses seed + i)

@@ -2,8 +2,9 @@
 
 Contract version 1 (``CONTRACT_VERSION``, written into every exact-path file header):
 
-1. Values are integers, or IEEE-754 binary64 results of + - x / and sqrt, each correctly
-   rounded (round to nearest, ties to even) on every conforming CPU and GPU, applied one
+1. Values are integers, or IEEE-754 binary64 results of + - x / and sqrt (`sqrt`: torch's
+   CPU sqrt is not correctly rounded), each correctly rounded (round to nearest, ties to
+   even) on every conforming CPU and GPU, applied one
    operation at a time in the order written in this package, to inputs that are themselves
    exact (integers, float32 weights widened to float64, literal constants in the source).
 2. No libm transcendental (exp, log, sin, cos, tanh, erf, pow) is ever called: the ones the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 CONTRACT_VERSION = 1
@@ -49,9 +51,13 @@ PIO2_HI = 1.57079632673412561417e00  # pi/2, high part with trailing zeros (k * 
 PIO2_LO = 6.07710050650619224932e-11  # pi/2 - PIO2_HI
 TWO_OVER_PI = 6.36619772367581382433e-01
 SQRT_HALF = 7.07106781186547524401e-01
+SQRT_PI = 1.77245385090551602730e00
+TWO_OVER_SQRT_PI = 1.12837916709551257390e00
+LN2 = 6.93147180559945309417e-01
+SQRT2 = 1.41421356237309504880e00
 
 _EXP_TERMS = 13  # Taylor terms of exp(r) for |r| <= ln(2)/2: truncation error below 2e-16
-_INV_FACTORIAL = [1.0 / math.factorial(n) for n in range(_EXP_TERMS + 1)]  # int/int: correctly rounded
+_INV_FACTORIAL = [1.0 / math.factorial(n) for n in range(_EXP_TERMS + 1)]  # exact int -> float, then one division
 _SIN_TERMS = 11  # sin/cos Taylor terms for |r| <= pi/4
 _LOG_TERMS = 13  # atanh series terms of log(m) for m in [sqrt(1/2), sqrt(2))
 EXP_ARG_LIMIT = 700.0  # |x| clamped here, so 2^k stays a normal number
@@ -66,6 +72,22 @@ def divide(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
     if not isinstance(b, torch.Tensor):
         b = torch.full_like(a, float(b))
     return a / b
+
+
+def sqrt(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root. torch's CPU float64 sqrt is NOT (through MKL's
+    vector math it is 1 ulp off for about 0.4% of values, and differently per instruction
+    set), so on the CPU this is numpy's, which is the hardware's IEEE square root; CUDA's
+    double-precision sqrt is correctly rounded."""
+    x = as_f64(x)
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
+    return torch.sqrt(x)
+
+
+def ceil_log2(n: int) -> int:
+    """ceil(log2 n) for an integer n >= 1, by integer arithmetic (no libm)."""
+    return (int(n) - 1).bit_length()
 
 
 def pow2(k: torch.Tensor) -> torch.Tensor:
@@ -140,7 +162,7 @@ def operand_bits(fan_in: int, other_bits: int | None = None) -> int:
     """Bits b (sign included) of integer operands |a| <= 2^(b-1), |w| <= 2^(b'-1) whose
     dot products over ``fan_in`` terms stay below 2^53: b + b' <= 55 - ceil(log2 fan_in).
     With ``other_bits`` = b' given, the largest b; otherwise the largest equal split."""
-    budget = MANTISSA_LIMIT_BITS + 2 - max(1, math.ceil(math.log2(max(fan_in, 1))))
+    budget = MANTISSA_LIMIT_BITS + 2 - max(1, ceil_log2(max(fan_in, 1)))
     if other_bits is not None:
         return budget - other_bits
     return budget // 2
@@ -161,3 +183,27 @@ def quantize(x: torch.Tensor, bits: int, dims: tuple[int, ...]) -> tuple[torch.T
     m = x.abs().amax(dim=dims, keepdim=True)
     shift = (bits - 1 - frexp_exponent(m)).clamp(-1000, 1000)
     return torch.round(x * pow2(shift)), shift
+
+
+def normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Phi(z), the standard normal CDF, from the basic operations (absolute error below 1e-8,
+    enough for the index priors that use it: what matters is that it is the same everywhere).
+
+    erf by its Taylor series for |x| <= 3 (x = z / sqrt 2; 60 terms), erfc by its asymptotic
+    series beyond, where Phi's tail is below 1.2e-5."""
+    x = as_f64(z) * SQRT_HALF
+    ax = x.abs()
+    small = ax.clamp(max=3.0)
+    x2 = small * small
+    term, total = small.clone(), small.clone()
+    for n in range(1, 60):  # term_n = (-1)^n x^(2n+1) / n!; summed as term_n / (2n + 1)
+        term = divide(term * -x2, float(n))
+        total = total + divide(term, float(2 * n + 1))
+    erf_small = total * TWO_OVER_SQRT_PI
+    big = ax.clamp(min=3.0)
+    inv2 = divide(torch.ones_like(big), 2.0 * big * big)
+    series = 1.0 - inv2 * (1.0 - 3.0 * inv2 * (1.0 - 5.0 * inv2 * (1.0 - 7.0 * inv2)))
+    erfc_big = divide(exp(-big * big) * series, big * SQRT_PI)
+    erf_abs = torch.where(ax <= 3.0, erf_small.abs(), 1.0 - erfc_big)
+    erf = torch.where(x < 0, -erf_abs, erf_abs)
+    return 0.5 * (1.0 + erf)

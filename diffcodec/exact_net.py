@@ -105,14 +105,14 @@ class ExactGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         n = (c // self.num_groups) * h * w
-        bits = (exact.MANTISSA_LIMIT_BITS + 2 - math.ceil(math.log2(n))) // 2  # n 2^(2 bits - 2) <= 2^53
+        bits = (exact.MANTISSA_LIMIT_BITS + 2 - exact.ceil_log2(n)) // 2  # n 2^(2 bits - 2) <= 2^53
         q, shift = exact.quantize(x, bits, dims=(1, 2, 3))
         qg = q.reshape(b, self.num_groups, n)
         mean_q = exact.divide(qg.sum(-1, keepdim=True), float(n))
         var_q = (exact.divide((qg * qg).sum(-1, keepdim=True), float(n)) - mean_q * mean_q).clamp(min=0.0)
         inv = exact.pow2(-shift).reshape(b, 1, 1)
         var = var_q * inv * inv
-        rstd = exact.divide(torch.ones_like(var), torch.sqrt(var + self.eps))
+        rstd = exact.divide(torch.ones_like(var), exact.sqrt(var + self.eps))
         y = ((qg * inv - mean_q * inv) * rstd).reshape(b, c, h, w)
         return y * self.weight.reshape(1, c, 1, 1) + self.bias.reshape(1, c, 1, 1)
 
@@ -133,7 +133,7 @@ class ExactAttention(nn.Module):
         scores = torch.matmul(q_int, k_int.transpose(-1, -2))  # exact integers
         logits = scores * exact.pow2(-(q_shift + k_shift)) * (1.0 / math.sqrt(d))
         z = logits - logits.amax(dim=-1, keepdim=True)
-        budget = exact.MANTISSA_LIMIT_BITS + 1 - math.ceil(math.log2(tokens))  # 2^P tokens 2^(b_v - 1) <= 2^53
+        budget = exact.MANTISSA_LIMIT_BITS + 1 - exact.ceil_log2(tokens)  # 2^P tokens 2^(b_v - 1) <= 2^53
         weight_bits = budget // 2
         weights = torch.round(exact.exp(z) * float(2**weight_bits))  # integers in [0, 2^P]
         v_int, v_shift = exact.quantize(v, budget - weight_bits, dims=(1, 2, 3))
@@ -162,6 +162,13 @@ _SWAPS = {
 }
 
 
+def _float64_input(module: nn.Module, args: tuple) -> tuple:
+    """The exact network takes x_t as float64 whatever its dtype (exact for float32 and
+    float64 inputs), so the timestep embedding is never rounded to a narrower type."""
+    x, *rest = args
+    return (x.to(exact.F64), *rest)
+
+
 def exact_network(model: UNet) -> UNet:
     """A copy of ``model`` (left untouched) computing under the exact contract, on the CPU,
     in eval mode; move it with ``.to(device)``. Inputs may be any float dtype; outputs float64."""
@@ -173,6 +180,7 @@ def exact_network(model: UNet) -> UNet:
             swap = _SWAPS.get(type(child))
             if swap is not None:
                 setattr(parent, name, swap(child))
+    net.register_forward_pre_hook(_float64_input)
     leftover = [type(m).__name__ for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm))]
     if leftover or any(p.numel() for p in net.parameters()):
         raise ValueError(f"exact network: layers left in float: {sorted(set(leftover))}")

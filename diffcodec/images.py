@@ -9,7 +9,7 @@ padding costs bits and adds no dimensions, as it does for a codec that sends the
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -17,8 +17,8 @@ term L_t of a batch is one function, ``vb_term_bits``, which training shares (un
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ from diffcodec.diffusion import p_mean_variance, q_mean_variance, q_posterior_me
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats, flat_sum, normal_kl_nats
 from diffcodec.runtime import ModelFn
 from diffcodec.schedule import Schedule
-
 
 
 def prior_bits(s: Schedule, x0: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -18,6 +18,7 @@ from PIL import Image
 from diffcodec.data import IMAGE_SUFFIXES
 from diffcodec.errors import DiffcodecError, one_line
 from diffcodec.images import check_hwc
+
 
 def check_output_file(path: str | os.PathLike, *, force: bool = False) -> None:
     """Refuse, before any work, an output file that cannot or must not be written."""

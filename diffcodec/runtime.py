@@ -13,8 +13,8 @@ import contextlib
 import copy
 import os
 import platform
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -102,11 +102,11 @@ def decode_device(requested: str, encoded_on: str) -> torch.device:
 # ----------------------------------------------------------------------------- threads
 
 
-def recorded_threads(device: torch.device | str, float64: bool) -> int:
+def recorded_threads(device: torch.device | str, float64: bool, exact: bool = False) -> int:
     """The torch thread count a bits-back decoder must match (0 = not needed): float32 CPU
     kernels split their sums by thread, so a float32 CPU file decodes only with the
-    encoder's count (float64 and GPU files do not record one)."""
-    if float64 or torch.device(device).type != "cpu":
+    encoder's count (exact-contract, float64 and GPU files do not record one)."""
+    if exact or float64 or torch.device(device).type != "cpu":
         return 0
     return min(torch.get_num_threads(), MAX_THREADS)
 
@@ -123,13 +123,25 @@ def use_threads(count: int) -> None:
 # ------------------------------------------------------------------------------ network
 
 
-def network(model: torch.nn.Module, *, float64: bool = False, bf16: bool = False,
+def network(model: torch.nn.Module, *, float64: bool = False, bf16: bool = False, exact: bool = False,
             device: torch.device | str | None = None) -> ModelFn:
     """The model as a ``ModelFn`` in inference mode: on ``device`` when given; ``float64``
     runs a float64 copy (the original is untouched); ``bf16`` runs under bfloat16 autocast
-    on CUDA, the output cast back to float32."""
-    if float64 and bf16:
-        raise ValueError("network: float64 and bf16 exclude each other")
+    on CUDA, the output cast back to float32; ``exact`` runs `exact_net.exact_network`, the
+    copy under the exact arithmetic contract (inputs taken as float64, outputs float64)."""
+    if sum((float64, bf16, exact)) > 1:
+        raise ValueError("network: float64, bf16 and exact exclude each other")
+    if exact:
+        from diffcodec.exact_net import exact_network
+
+        net = exact_network(model)
+        net = net.to(device) if device is not None else net
+
+        @torch.inference_mode()
+        def call_exact(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return net(x_t.to(torch.float64), t)
+
+        return call_exact
     if float64:
         model = copy.deepcopy(model).double()
     if device is not None:

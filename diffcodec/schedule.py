@@ -8,37 +8,48 @@ A respaced schedule (``timesteps.respace``) keeps K of the original T steps: ``t
 holds the ORIGINAL timestep of each code step, the one the network is called with.
 
 Arrays are computed once in float64 numpy; they are cast to the tensor's dtype only when a
-value is gathered (see ``diffusion.extract``).
+value is gathered (see ``diffusion.extract``). They are under the exact arithmetic contract
+(`diffcodec.exact`): the cosine and the logs come from the basic operations, never from
+libm, so a coder's decoder on any machine derives the same bits from the schedule's name.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
+import torch
 
+from diffcodec import exact
 from diffcodec.errors import DiffcodecError
+
+PI = 3.141592653589793  # a literal: the same bits everywhere
+
+
+def exact_log(values: np.ndarray) -> np.ndarray:
+    """float64 natural log by `exact.log` (basic operations only)."""
+    return exact.log(torch.from_numpy(np.asarray(values, dtype=np.float64))).numpy()
 
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
     """The paper's linear schedule, 1e-4 .. 0.02 at T = 1000, scaled as 1000/T for other T."""
     scale = 1000.0 / num_timesteps
-    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    start, stop = scale * 1e-4, scale * 0.02
+    if num_timesteps == 1:
+        return np.array([start])
+    betas = start + np.arange(num_timesteps, dtype=np.float64) * ((stop - start) / (num_timesteps - 1))
+    betas[-1] = stop
+    return betas
 
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
     """Improved DDPM's cosine schedule: abar(t) = cos^2(((t/T + s)/(1 + s)) pi/2)."""
 
-    def abar(u: float) -> float:
-        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
-
-    steps = np.arange(num_timesteps, dtype=np.float64)
-    betas = [
-        min(1 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), max_beta) for i in steps
-    ]
-    return np.asarray(betas, dtype=np.float64)
+    u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    _, cos = exact.sin_cos(torch.from_numpy((u + s) / (1 + s) * PI / 2))
+    abar = (cos * cos).numpy()
+    return np.minimum(1 - abar[1:] / abar[:-1], max_beta)
 
 
 # Append-only: these names are written into checkpoints and coded files.
@@ -60,6 +71,8 @@ class Schedule:
     alphas_cumprod_prev: np.ndarray = field(init=False)
     posterior_variance: np.ndarray = field(init=False)
     posterior_log_variance_clipped: np.ndarray = field(init=False)
+    log_betas: np.ndarray = field(init=False)
+    log_one_minus_alphas_cumprod: np.ndarray = field(init=False)
     posterior_mean_coef1: np.ndarray = field(init=False)  # multiplies x_0
     posterior_mean_coef2: np.ndarray = field(init=False)  # multiplies x_t
 
@@ -72,7 +85,7 @@ class Schedule:
         abar_prev = np.append(1.0, abar[:-1])
         post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
         # post_var[0] is 0; the clipped log uses post_var[1] there (as the reference code).
-        log_clipped = np.log(np.append(post_var[1], post_var[1:]) if len(betas) > 1 else betas)
+        log_clipped = exact_log(np.append(post_var[1], post_var[1:]) if len(betas) > 1 else betas)
         set_ = object.__setattr__
         set_(self, "betas", betas)
         set_(self, "timesteps", np.asarray(self.timesteps, dtype=np.int64))
@@ -80,6 +93,8 @@ class Schedule:
         set_(self, "alphas_cumprod_prev", abar_prev)
         set_(self, "posterior_variance", post_var)
         set_(self, "posterior_log_variance_clipped", log_clipped)
+        set_(self, "log_betas", exact_log(betas))
+        set_(self, "log_one_minus_alphas_cumprod", exact_log(1.0 - abar))
         set_(self, "posterior_mean_coef1", betas * np.sqrt(abar_prev) / (1.0 - abar))
         set_(self, "posterior_mean_coef2", (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar))
 

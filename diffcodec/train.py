@@ -15,9 +15,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,6 @@ from diffcodec.config import DiffusionConfig, ModelConfig, config_from_dict, pre
 from diffcodec.errors import DiffcodecError
 from diffcodec.train_config import make_train_config, train_config_from_dict, validate_train_config
 from diffcodec.trainer import STATE_FILE, Trainer, read_state
-
 
 # -------------------------------------------------------------------------------- data
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,15 +45,26 @@ from diffcodec.codec.container import (
     pixel_checksum,
     unpack,
 )
+from diffcodec.codec.probe import check_probe, probe_digest
 from diffcodec.codec.progressive import codec as progressive
 from diffcodec.codec.progressive.params import ProgressiveParams
-from diffcodec.images import from_model_output, image_tiles, images_from_tiles, tile_count, to_model_input
 from diffcodec.errors import DiffcodecError
+from diffcodec.exact import CONTRACT_VERSION
+from diffcodec.images import from_model_output, image_tiles, images_from_tiles, tile_count, to_model_input
 from diffcodec.likelihood import BoundResult, merge_rows
-from diffcodec.runtime import decode_device, deterministic_kernels, device_kind, network, pick_device, use_threads
+from diffcodec.runtime import (
+    ModelFn,
+    decode_device,
+    deterministic_kernels,
+    device_kind,
+    network,
+    pick_device,
+    use_threads,
+)
 from diffcodec.timesteps import chain_schedule
 
 MODES = ("lossless", "progressive")
+ARITHMETICS = ("exact", "float32", "float64")  # exact: decodes anywhere; float: on the encoder's machine only
 DEFAULT_STEPS = {"lossless": LOSSLESS_STEPS, "progressive": ProgressiveParams().num_steps}
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -212,25 +223,34 @@ def _bar(progress: Progress | None, phase: str, total: int) -> Callable[..., Non
 def encode(
     images: Sequence[np.ndarray], names: Sequence[str] | None = None, *, model: LoadedModel | None = None,
     checkpoint: str | None = None, mode: str = "lossless", steps: int | None = None, spacing: str = "quadratic",
-    device: torch.device | str = "cpu", float64: bool = False, batch_size: int = 64, bootstrap: bool = True,
+    device: torch.device | str = "cpu", arithmetic: str = "exact", float64: bool = False, batch_size: int = 64,
+    bootstrap: bool = True,
     compute_bound: bool = True, chunk_bits: float = ProgressiveParams().chunk_bits, workers: int | None = None,
     progressive_params: ProgressiveParams | None = None, grid: GridConfig = GridConfig(),
     progress: Progress | None = None,
 ) -> LosslessEncoding | ProgressiveEncoding:
     """RGB uint8 images [H, W, 3] (any sizes, cut into model-size tiles, all in one stream)
     as one `.dfc` file. ``steps``: K coded steps (default 100 lossless, 50 progressive).
-    ``progressive_params`` sets every progressive setting at once (its steps, spacing,
-    candidates, seed, ...; the benchmarks' knobs), instead of steps / spacing / chunk_bits /
-    float64; ``workers``: threads of the progressive candidate search (default: all cores);
+    ``arithmetic``: "exact" (the default: the exact contract, `diffcodec.exact`; the file
+    decodes bit-exactly on any machine) or "float32" / "float64" (the float network: the
+    file decodes only where the encoder's floating point is reproduced); ``float64=True``
+    is "float64". ``progressive_params`` sets every progressive setting at once (its steps,
+    spacing, candidates, seed, ...; the benchmarks' knobs; its arithmetic flags are set from
+    ``arithmetic``), instead of steps / spacing / chunk_bits;
+    ``workers``: threads of the progressive candidate search (default: all cores);
     ``grid``: how bits-back discretises its latents (stored in the file)."""
     if mode not in MODES:
         raise DiffcodecError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if arithmetic not in ARITHMETICS:
+        raise DiffcodecError(f"unknown arithmetic {arithmetic!r}; known: {', '.join(ARITHMETICS)}")
+    arithmetic = "float64" if float64 else arithmetic
+    exact, float64 = arithmetic == "exact", arithmetic == "float64"
     check_images(images)
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
     model = _model(model, checkpoint, device)
     T = model.diffusion_config.num_timesteps
     if progressive_params is not None:
-        steps, float64 = progressive_params.num_steps, progressive_params.network_float64
+        steps = progressive_params.num_steps
     steps = check_steps(min(DEFAULT_STEPS[mode], T) if steps is None else steps, T)
     names = list(names) if names is not None else [""] * len(images)
     tile = model.model_config.image_size
@@ -238,24 +258,28 @@ def encode(
     entries = tuple(ImageEntry(int(im.shape[0]), int(im.shape[1]), n) for im, n in zip(images, names))
     dc = model.diffusion_config
     with deterministic_kernels():
+        model_fn = network(model.model, float64=float64, exact=exact, device=device)
+        contract = (CONTRACT_VERSION, probe_digest(model_fn, dc, tile, device)) if exact else (0, b"")
         if mode == "progressive":
-            params = _progressive_params(progressive_params, steps, spacing, chunk_bits, float64, len(tiles), tile)
-            enc = progressive.encode(network(model.model, float64=float64), dc, to_model_input(tiles).to(device),
+            params = _progressive_params(progressive_params, steps, spacing, chunk_bits, float64, exact, len(tiles),
+                                         tile)
+            enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
                                      params, progress=_bar(progress, "encode", params.num_stages), workers=workers)
             header = Header(MODE_PROGRESSIVE, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps,
-                            steps, dc.var_type, tile, entries, pixel_checksum(list(images)), enc.params.pack())
+                            steps, dc.var_type, tile, entries, pixel_checksum(list(images)), enc.params.pack(),
+                            *contract)
             return ProgressiveEncoding(pack(Container(header, enc.payload)), header, enc, int(dims.sum()))
         schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, spacing)
         m = bitsback.bootstrap_size(schedule, len(tiles), tile, grid) if bootstrap else 0
         batches = -(-len(tiles) // batch_size) if compute_bound else 0
         code = bitsback.encode_stream(
-            model.model, dc, schedule, tiles, spacing=spacing, config=grid, max_batch=batch_size, device=device, float64=float64,
-            bootstrap=bootstrap, compute_bound=compute_bound,
+            model.model, dc, schedule, tiles, spacing=spacing, config=grid, max_batch=batch_size, device=device,
+            float64=float64, exact=exact, bootstrap=bootstrap, compute_bound=compute_bound,
             on_step=_bar(progress, "encode", (len(tiles) - m) * steps) if len(tiles) > m else None,
             on_bound_step=_bar(progress, "bound", batches * steps),
             on_bootstrap_stage=_stage_bar(progress, "bootstrap", bitsback.BOOTSTRAP_PARAMS.num_stages) if m else None)
     header = Header(MODE_BITSBACK, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps, steps,
-                    dc.var_type, tile, entries, pixel_checksum(list(images)), code.params.pack())
+                    dc.var_type, tile, entries, pixel_checksum(list(images)), code.params.pack(), *contract)
     data = pack(Container(header, code.payload))
     bound = merge_rows(code.bound, groups, dims) if code.bound is not None else None
     return LosslessEncoding(data, header, code.params, len(images), len(tiles), int(dims.sum()), len(code.payload),
@@ -269,12 +293,13 @@ def _stage_bar(progress: Progress | None, phase: str, total: int) -> Callable[[i
 
 
 def _progressive_params(given: ProgressiveParams | None, steps: int, spacing: str, chunk_bits: float,
-                        float64: bool, num_tiles: int, tile: int) -> ProgressiveParams:
+                        float64: bool, exact: bool, num_tiles: int, tile: int) -> ProgressiveParams:
     try:
         if given is not None:
-            return replace(given, num_tiles=num_tiles, tile_size=tile, payload_bits=0)
+            return replace(given, num_tiles=num_tiles, tile_size=tile, payload_bits=0, network_float64=float64,
+                           exact=exact)
         return ProgressiveParams(num_steps=steps, spacing=spacing, chunk_bits=chunk_bits, network_float64=float64,
-                                 num_tiles=num_tiles, tile_size=tile)
+                                 exact=exact, num_tiles=num_tiles, tile_size=tile)
     except ValueError as e:
         raise DiffcodecError(str(e)) from None
 
@@ -301,6 +326,9 @@ def decode(
     if h.mode not in (MODE_BITSBACK, MODE_PROGRESSIVE):
         raise DiffcodecError(f"{where}: a {MODE_NAMES.get(h.mode, h.mode)} file; this decoder handles "
                              f"{' and '.join(MODE_NAMES.values())} files")
+    if h.contract > CONTRACT_VERSION:
+        raise DiffcodecError(f"{where}: written under exact arithmetic contract version {h.contract} by a newer "
+                             f"diffcodec; this one implements version {CONTRACT_VERSION}")
     target = decode_device(device, h.device) if isinstance(device, str) else device
     model = _model(model, checkpoint, target)
     counts = check_header(model, h, where)
@@ -310,11 +338,24 @@ def decode(
     return _decode_lossless(model, container, counts, target, where, progress)
 
 
+def _check_contract(model: LoadedModel, h: Header, exact: bool, device: torch.device, where: str) -> ModelFn | None:
+    """For an exact-contract file: its exact network, once the probe matched (else refused)."""
+    if bool(h.contract) != exact:
+        raise DiffcodecError(f"{where}: corrupt header (the contract byte and the stream's block disagree)")
+    if not exact:
+        return None
+    with deterministic_kernels():
+        model_fn = network(model.model, exact=True, device=device)
+        check_probe(h.probe, model_fn, model.diffusion_config, h.tile_size, device, where)
+    return model_fn
+
+
 def _decode_lossless(model: LoadedModel, container: Container, counts: list[int], device: torch.device, where: str,
                      progress: Progress | None) -> LosslessDecoding:
     h = container.header
     params = BitsBackParams.unpack(h.params, where)
     bitsback.check_params(params, sum(counts), h.tile_size, h.num_steps, len(container.payload), where)
+    _check_contract(model, h, params.exact, device, where)
     if device.type == "cpu":
         use_threads(params.threads)  # float32 CPU results depend on the thread count
     dc = model.diffusion_config
@@ -339,6 +380,7 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
     params = ProgressiveParams.unpack(h.params, where)
     if h.num_steps != params.num_steps or h.tile_size != params.tile_size:
         raise DiffcodecError(f"{where}: corrupt header (steps or tile size disagree with the stream's block)")
+    model_fn = _check_contract(model, h, params.exact, device, where)
     if sum(counts) != params.num_tiles:
         raise DiffcodecError(f"{where}: corrupt header ({params.num_tiles} tiles for images needing {sum(counts)})")
     header_bits = 8 * (data_bytes - len(container.payload))
@@ -347,7 +389,7 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
         raise DiffcodecError(f"{where}: {file_bits} bits do not cover the {header_bits}-bit header")
     sizes = [(im.height, im.width) for im in h.images]
     with deterministic_kernels():
-        dec = progressive.decode(network(model.model, float64=params.network_float64), model.diffusion_config,
+        dec = progressive.decode(model_fn or network(model.model, float64=params.network_float64), model.diffusion_config,
                                  container.payload, params, num_bits=file_bits - header_bits, upto=upto,
                                  reconstruction=reconstruction, device=device)
     images = images_from_tiles(from_model_output(dec.x0), sizes)

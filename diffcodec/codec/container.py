@@ -4,7 +4,7 @@ All integers little-endian. Strings are ASCII (names: UTF-8) with a length prefi
 
     offset  size  field
     0       4     magic b"DFC\\x1a"
-    4       1     format version (2; version 1 files are still read, see below)
+    4       1     format version (3; versions 1 and 2 are still read, see below)
     5       1     mode: 0 = bits-back lossless (`bitsback`), 1 = progressive (`progressive`)
     6       2     flags, reserved (0)
     8       8     model fingerprint: the checkpoint's 16 hex digits as 8 raw bytes
@@ -14,6 +14,12 @@ All integers little-endian. Strings are ASCII (names: UTF-8) with a length prefi
     ..      4     K, the number of coded steps (u32; respace(schedule, K) when K < T)
     ..      1+n   reverse-variance type, u8 length + ASCII ("fixedlarge", ...)
     ..      2     tile size in pixels (u16; the model's image size, e.g. 32)
+    ..      1     arithmetic contract (version 3): 0 = none, the file decodes only where the
+                  encoder's floating point is reproduced (--float32 / --float64); n >= 1 = the
+                  exact contract version n (`diffcodec.exact`): decodes on any machine
+    ..      4     (contract >= 1 only) probe digest: a hash of the exact network's output and
+                  coding parameters on a fixed input (`codec.probe`), so that a decoder that
+                  would diverge refuses before decoding anything
     ..      n     image table (version 2; every integer in it a LEB128 varint, "v"): run-length,
                   so that 10,000 32x32 images named "shard.npz[0]".."shard.npz[9999]" take 22
                   bytes and one named "x.png" 13 (version 1: 10 bytes and the name per image)
@@ -29,8 +35,9 @@ All integers little-endian. Strings are ASCII (names: UTF-8) with a length prefi
     ..      8+n   payload: u64 length + bytes (mode 0: the ANS stack's words, uint32 LE)
     end-4   4     CRC-32 of every byte before it
 
-Version 1 (diffcodec 0.1) differs only in its image table: N (u32), then per image height
-u32, width u32, name u16 length + UTF-8 (10 bytes and the name, per image).
+Version 1 (diffcodec 0.1) differs in its image table: N (u32), then per image height u32,
+width u32, name u16 length + UTF-8 (10 bytes and the name, per image). Versions 1 and 2
+(diffcodec before the exact contract) have no contract byte: they are float files.
 
 Mode 1 (progressive) is a prefix code, so its tail differs: after the parameter block come
 a CRC-32 of the header (every byte before it) and then the payload up to the end of the
@@ -58,8 +65,10 @@ import numpy as np
 from diffcodec.errors import DiffcodecError
 
 MAGIC = b"DFC\x1a"
-VERSION = 2  # what this diffcodec writes
-READ_VERSIONS = (1, 2)  # what it reads
+VERSION = 3  # what this diffcodec writes
+READ_VERSIONS = (1, 2, 3)  # what it reads
+WRITTEN_BY = {1: "diffcodec 0.1", 2: "diffcodec 0.2", 3: "diffcodec 0.3"}
+PROBE_BYTES = 4
 MODE_BITSBACK = 0
 MODE_PROGRESSIVE = 1
 MODE_NAMES = {MODE_BITSBACK: "bits-back lossless", MODE_PROGRESSIVE: "progressive"}
@@ -94,6 +103,9 @@ class Header:
     images: tuple[ImageEntry, ...]
     pixel_sha: bytes  # CHECKSUM_BYTES
     params: bytes  # the mode-specific block
+    contract: int = 0  # the exact arithmetic contract's version (0: none, same-machine float file)
+    probe: bytes = b""  # PROBE_BYTES when contract >= 1
+    version: int = VERSION  # the format version it was read from (pack always writes VERSION)
 
 
 @dataclass(frozen=True)
@@ -184,9 +196,7 @@ def _pack_image_table(images: tuple[ImageEntry, ...]) -> bytes:
         else:
             run = [NAME_ONE, 1, 0, name]
         last = name_runs[-1] if name_runs else None
-        if last and run[0] == last[0] == NAME_EMPTY:
-            last[1] += 1
-        elif last and run[0] == last[0] == NAME_SERIES and run[3] == last[3] and run[2] == last[2] + last[1]:
+        if last and run[0] == last[0] == NAME_EMPTY or last and run[0] == last[0] == NAME_SERIES and run[3] == last[3] and run[2] == last[2] + last[1]:
             last[1] += 1
         else:
             name_runs.append(run)
@@ -219,7 +229,9 @@ def pack(container: Container) -> bytes:
     out += _short(h.schedule, "schedule")
     out += struct.pack("<II", h.num_timesteps, h.num_steps)
     out += _short(h.var_type, "var_type")
-    out += struct.pack("<H", h.tile_size) + _pack_image_table(h.images)
+    if not 0 <= h.contract <= 255 or len(h.probe) != (PROBE_BYTES if h.contract else 0):
+        raise ValueError("container: a contract version needs its probe digest (and none without one)")
+    out += struct.pack("<HB", h.tile_size, h.contract) + h.probe + _pack_image_table(h.images)
     out += h.pixel_sha
     out += struct.pack("<I", len(h.params)) + h.params
     if h.mode == MODE_PROGRESSIVE:  # header CRC, then the payload to the end of the file
@@ -343,8 +355,8 @@ def unpack(data: bytes, where: str = "file") -> Container:
         raise DiffcodecError(f"{where}: truncated file ({len(data)} bytes)")
     _, version, mode, _flags, fp = _FIXED_PREFIX.unpack_from(data)
     if version not in READ_VERSIONS:
-        raise DiffcodecError(f"{where}: file format version {version}; this diffcodec reads versions "
-                             + " and ".join(map(str, READ_VERSIONS)))
+        raise DiffcodecError(f"{where}: file format version {version} (written by a newer diffcodec); this "
+                             f"diffcodec reads versions {READ_VERSIONS[0]} to {READ_VERSIONS[-1]}")
     if mode not in MODE_NAMES:
         raise DiffcodecError(f"{where}: unknown coding mode {mode} (known: "
                              + ", ".join(f"{k} = {v}" for k, v in MODE_NAMES.items()) + ")")
@@ -355,6 +367,10 @@ def unpack(data: bytes, where: str = "file") -> Container:
     num_timesteps, num_steps = r.unpack("<II", "step counts")
     var_type = r.ascii("variance type")
     (tile_size,) = r.unpack("<H", "tile size")
+    contract, probe = 0, b""
+    if version >= 3:
+        (contract,) = r.unpack("<B", "arithmetic contract")
+        probe = r.take(PROBE_BYTES, "probe digest") if contract else b""
     images = _read_image_table_v1(r) if version == 1 else _read_image_table(r)
     pixel_sha = r.take(CHECKSUM_BYTES, "pixel checksum")
     (params_len,) = r.unpack("<I", "parameter block")
@@ -366,7 +382,7 @@ def unpack(data: bytes, where: str = "file") -> Container:
         if tile_size < 1 or num_steps < 1 or num_steps > num_timesteps:
             raise DiffcodecError(f"{where}: corrupt header (tile {tile_size}, K {num_steps}, T {num_timesteps})")
         header = Header(mode, device, fp.hex(), schedule, num_timesteps, num_steps, var_type, tile_size,
-                        tuple(images), pixel_sha, params)
+                        tuple(images), pixel_sha, params, contract, probe, version)
         return Container(header, data[r.pos :])  # the payload, possibly cut short
     (payload_len,) = r.unpack("<Q", "payload length")
     if payload_len > len(data):
@@ -381,5 +397,5 @@ def unpack(data: bytes, where: str = "file") -> Container:
     if tile_size < 1 or num_steps < 1 or num_steps > num_timesteps:
         raise DiffcodecError(f"{where}: corrupt header (tile {tile_size}, K {num_steps}, T {num_timesteps})")
     header = Header(mode, device, fp.hex(), schedule, num_timesteps, num_steps, var_type, tile_size,
-                    tuple(images), pixel_sha, params)
+                    tuple(images), pixel_sha, params, contract, probe, version)
     return Container(header, payload)

@@ -54,16 +54,16 @@ _Categorical = constriction.stream.model.Categorical
 _Uniform = constriction.stream.model.Uniform
 
 __all__ = [
+    "MAX_DOMAIN_SIZE",
+    "MAX_EXCESS",
+    "PRECISION_BITS",
     "AnsStack",
-    "RangeEncoder",
     "RangeDecoder",
-    "check_gaussian",
+    "RangeEncoder",
     "check_categorical",
+    "check_gaussian",
     "check_uniform",
     "seeded_words",
-    "PRECISION_BITS",
-    "MAX_EXCESS",
-    "MAX_DOMAIN_SIZE",
 ]
 
 

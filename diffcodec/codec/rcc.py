@@ -22,26 +22,32 @@ callers split a step's dimensions into chunks of a few bits each (see ``progress
 
 Everything here is numpy; nothing touches global random state. Candidates come from numpy's
 PCG64 raw stream (whose bits numpy guarantees across versions) keyed by a SeedSequence,
-through a float32 Box-Muller transform (`candidate_normals`). A platform whose float32
-log/cos/sin differ in the last bit decodes a slightly different, still valid, sample.
+through a Box-Muller transform (`candidate_normals`). Two transforms share the raw bits:
+the fast one in float32 numpy (libm's log/cos/sin: what the encoder's search scores, and what
+files without the exact contract decode with), and the exact one (`exact` basic operations
+in float64, rounded once to float32: the same bits on every machine), which an exact-contract
+file's decoder, and its encoder after the search, use for the chosen candidate. The search
+needs only to rank candidates; both sides then use the exact sample of the sent index.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 from scipy.special import ndtr
 
+from diffcodec import exact
 from diffcodec.losses import LN2, normal_kl_nats
 
 MAX_LOG2_CANDIDATES = 24
 _BLOCK_ELEMENTS = 1 << 20  # candidate x dimension elements per block in the encoder's search
 _ARRIVAL_STREAM = 0xA771  # extra key word of the encoder-only arrival-time stream
+TWO_PI = 6.283185307179586  # a literal
 
 
 # ----------------------------------------------------------------------- shared randomness
@@ -69,12 +75,27 @@ def _raw_to_normals(raw: np.ndarray, dims: int) -> np.ndarray:
     return out[:, :dims]
 
 
+def _raw_to_normals_exact(raw: np.ndarray, dims: int) -> np.ndarray:
+    """`_raw_to_normals` under the exact contract: the same uniforms, the transcendental
+    functions from `exact` in float64, each normal rounded once to float32."""
+    u1 = ((raw >> np.uint64(40)).astype(np.float64) + 1.0) * 2.0**-24
+    u2 = (raw & np.uint64(0xFFFFFF)).astype(np.float64) * 2.0**-24
+    r = exact.sqrt(-2.0 * exact.log(torch.from_numpy(u1)))
+    sin, cos = exact.sin_cos(torch.from_numpy(u2) * TWO_PI)
+    out = np.empty((raw.shape[0], 2 * raw.shape[1]), dtype=np.float32)
+    out[:, 0::2] = (r * cos).numpy()
+    out[:, 1::2] = (r * sin).numpy()
+    return out[:, :dims]
+
+
 def _draws_per_candidate(dims: int) -> int:
     return (dims + 1) // 2
 
 
-def candidate_normals(key: tuple[int, ...], start: int, count: int, dims: int) -> np.ndarray:
-    """Candidates start .. start+count-1 of the stream ``key``: float32 [count, dims] ~ N(0, I).
+def candidate_normals(key: tuple[int, ...], start: int, count: int, dims: int, *, exact_contract: bool = False
+                      ) -> np.ndarray:
+    """Candidates start .. start+count-1 of the stream ``key``: float32 [count, dims] ~ N(0, I)
+    (``exact_contract``: by the exact transform, else the fast one).
 
     Candidate n uses raw draws n*h .. (n+1)*h - 1 (h = ceil(dims/2)) of the keyed PCG64
     stream, so any candidate can be made without the ones before it (the decoder makes one).
@@ -85,7 +106,8 @@ def candidate_normals(key: tuple[int, ...], start: int, count: int, dims: int) -
     bitgen = _bitgen(key)
     if start:
         bitgen.advance(start * h)
-    return _raw_to_normals(bitgen.random_raw(count * h).reshape(count, h), dims)
+    raw = bitgen.random_raw(count * h).reshape(count, h)
+    return _raw_to_normals_exact(raw, dims) if exact_contract else _raw_to_normals(raw, dims)
 
 
 def arrival_log_times(key: tuple[int, ...], count: int) -> np.ndarray:
@@ -184,9 +206,9 @@ def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
     return [index for _, index in best]
 
 
-def pfr_decode(key: tuple[int, ...], index: int, dims: int) -> np.ndarray:
+def pfr_decode(key: tuple[int, ...], index: int, dims: int, *, exact_contract: bool = False) -> np.ndarray:
     """The decoder's sample: candidate ``index`` of the stream ``key``, float32 [dims]."""
-    return candidate_normals(key, index, 1, dims)[0]
+    return candidate_normals(key, index, 1, dims, exact_contract=exact_contract)[0]
 
 
 # ----------------------------------------------------------------------------- index coding
@@ -210,7 +232,7 @@ def mantissa_size(exponent: int) -> int:
     return 1 << (exponent - 1) if exponent >= 2 else 1
 
 
-def exponent_prior(kl_bits: float, max_exponent: int) -> np.ndarray:
+def exponent_prior(kl_bits: float, max_exponent: int, *, exact_contract: bool = False) -> np.ndarray:
     """A prior law of the PFR index's exponent for a chunk of KL ``kl_bits``: float64 [M+1].
 
     Models log2(n* + 1) as Gaussian with mean KL - 1/2 and variance 1 + 2 KL (the spread of
@@ -220,14 +242,22 @@ def exponent_prior(kl_bits: float, max_exponent: int) -> np.ndarray:
     kl = max(float(kl_bits), 0.0)
     mean, std = kl - 0.5, math.sqrt(1.0 + 2.0 * kl)
     edges = (np.arange(max_exponent, dtype=np.float64) + 0.5 - mean) / std
-    cdf = np.concatenate([[0.0], ndtr(edges), [1.0]])
+    inner = exact.normal_cdf(torch.from_numpy(edges)).numpy() if exact_contract else ndtr(edges)
+    cdf = np.concatenate([[0.0], inner, [1.0]])
     probs = np.diff(cdf)
     return 0.9 * probs / probs.sum() + 0.1 / (max_exponent + 1)
 
 
-def kl_bucket(kl_bits: float) -> int:
+def kl_bucket(kl_bits: float, *, exact_contract: bool = False) -> int:
     """The context of a chunk's exponent law: round(4 log2(1 + KL)), 0 .. 20 (KL up to ~30 bits)."""
-    return min(int(round(4.0 * math.log2(1.0 + max(float(kl_bits), 0.0)))), 20)
+    x = 1.0 + max(float(kl_bits), 0.0)
+    return min(int(round(4.0 * (_exact_log2(x) if exact_contract else math.log2(x)))), 20)
+
+
+@functools.lru_cache(maxsize=4096)
+def _exact_log2(x: float) -> float:
+    """log2 x by `exact.log` (cached: the chunk KLs of a stream take few distinct values)."""
+    return float(exact.log(torch.tensor([x], dtype=torch.float64))[0]) / exact.LN2
 
 
 class ExponentModel:
@@ -238,20 +268,25 @@ class ExponentModel:
     integer table. ``probs`` returns it as float64 (exact integers) for the entropy coder.
     """
 
-    def __init__(self, max_exponent: int, *, prior_weight: int = 64, increment: int = 16) -> None:
+    def __init__(self, max_exponent: int, *, prior_weight: int = 64, increment: int = 16,
+                 exact_contract: bool = False) -> None:
         if not 1 <= max_exponent <= MAX_LOG2_CANDIDATES:
             raise ValueError(f"rcc: max_exponent must be 1..{MAX_LOG2_CANDIDATES}, got {max_exponent}")
         self.max_exponent = max_exponent
         self.prior_weight = prior_weight
         self.increment = increment
+        self.exact_contract = exact_contract  # the bucket and prior by `exact` (exact-contract files)
         self._tables: dict[int, np.ndarray] = {}
 
     def _table(self, kl_bits: float) -> np.ndarray:
-        bucket = kl_bucket(kl_bits)
+        bucket = kl_bucket(kl_bits, exact_contract=self.exact_contract)
         if bucket not in self._tables:
             # the bucket's representative KL, so that the table depends on the bucket only
-            kl = 2.0 ** (bucket / 4.0) - 1.0
-            prior = exponent_prior(kl, self.max_exponent) * self.prior_weight
+            if self.exact_contract:
+                kl = float(exact.exp(torch.tensor([bucket / 4.0 * exact.LN2], dtype=torch.float64))[0]) - 1.0
+            else:
+                kl = 2.0 ** (bucket / 4.0) - 1.0
+            prior = exponent_prior(kl, self.max_exponent, exact_contract=self.exact_contract) * self.prior_weight
             self._tables[bucket] = np.maximum(np.rint(prior), 1.0).astype(np.int64)
         return self._tables[bucket]
 

@@ -42,13 +42,13 @@ bins, so both sides agree whenever the network gives identical outputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
-from diffcodec.codec.coding_params import NUM_LEVELS, PixelRule, levels_to_unit, pixel_params, snap, snapped_std
+from diffcodec.codec.coding_params import NUM_LEVELS, PixelRule, levels_to_unit, pixel_params, snap, snapped_std, std_of
 from diffcodec.codec.entropy import MAX_EXCESS, AnsStack
 from diffcodec.diffusion import p_mean_variance, q_step_coefficients
 from diffcodec.runtime import ModelFn
@@ -142,16 +142,16 @@ def q_params(
 
 def p_params(
     s: Schedule, grid: ChainGrid, config: GridConfig, j: int, output: torch.Tensor, x_next: torch.Tensor,
-    *, var_type: str, clip_denoised: bool,
+    *, var_type: str, clip_denoised: bool, exact_contract: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """p(x_j | x_{j+1}) from the network output at code step j (float64 CPU tensors), flattened:
     for j = 0 the pixel stage in level units (`coding_params.pixel_params`), else bins of delta_j."""
     t = torch.full((x_next.shape[0],), j, dtype=torch.long)
     p = p_mean_variance(s, output, x_next, t, var_type=var_type, clip_denoised=clip_denoised)
     if j == 0:
-        return pixel_params(p.mean, p.log_variance, config.snap_log2, PIXEL_RULE)
+        return pixel_params(p.mean, p.log_variance, config.snap_log2, PIXEL_RULE, exact_contract=exact_contract)
     mean = p.mean.numpy().ravel()
-    std = torch.exp(0.5 * p.log_variance).numpy().ravel()
+    std = std_of(p.log_variance, exact_contract).numpy().ravel()
     scale = 2.0 ** -grid.log2_delta[j]
     return snap(mean * scale, config.snap_log2), snapped_std(std * scale, config.snap_log2, STD_FLOOR)
 
@@ -177,6 +177,7 @@ class ChainCoder:
     clip_denoised: bool = True
     device: torch.device | str = "cpu"
     network_dtype: torch.dtype = torch.float32
+    exact: bool = False  # the exact contract: model_fn is the exact network, std by `exact.exp`
 
     @property
     def grid(self) -> ChainGrid:
@@ -192,7 +193,7 @@ class ChainCoder:
     def _p(self, grid: ChainGrid, sym: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         output, x_next = self.network(grid, sym, k)
         return p_params(self.schedule, grid, self.config, k, output, x_next, var_type=self.var_type,
-                        clip_denoised=self.clip_denoised)
+                        clip_denoised=self.clip_denoised, exact_contract=self.exact)
 
     def encode_chunk(self, grid: ChainGrid, stack: AnsStack, levels: np.ndarray,
                      on_step: Callable[[int], None] | None = None) -> int:

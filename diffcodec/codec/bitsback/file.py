@@ -12,8 +12,8 @@ container, the pixel checksum and the model checks are `codec.api`'s.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from diffcodec.codec.bitsback.params import BitsBackParams
 from diffcodec.codec.bitsback.stream import bootstrap_count, decode_tiles, encode_tiles
 from diffcodec.codec.progressive import codec as progressive
 from diffcodec.codec.progressive.params import ProgressiveParams
-from diffcodec.images import from_model_output, to_model_input
 from diffcodec.errors import DiffcodecError
+from diffcodec.images import from_model_output, to_model_input
 from diffcodec.likelihood import BoundResult, evaluate_bound
 from diffcodec.runtime import device_kind, network, recorded_threads
 from diffcodec.schedule import Schedule
@@ -54,10 +54,12 @@ class StreamCode:
 
 
 def chain_coder(model: torch.nn.Module, schedule: Schedule, var_type: str, *, config: GridConfig = GridConfig(),
-                clip_denoised: bool = True, device: torch.device | str = "cpu", float64: bool = False) -> ChainCoder:
-    """The bits-back chain coder of a model on a (respaced) schedule."""
-    return ChainCoder(network(model, float64=float64, device=device), schedule, var_type, config, clip_denoised,
-                      device, torch.float64 if float64 else torch.float32)
+                clip_denoised: bool = True, device: torch.device | str = "cpu", float64: bool = False,
+                exact: bool = False) -> ChainCoder:
+    """The bits-back chain coder of a model on a (respaced) schedule (``exact``: under the
+    exact arithmetic contract)."""
+    return ChainCoder(network(model, float64=float64 and not exact, exact=exact, device=device), schedule, var_type,
+                      config, clip_denoised, device, torch.float64 if float64 or exact else torch.float32, exact)
 
 
 def bootstrap_size(schedule: Schedule, num_tiles: int, tile: int, config: GridConfig = GridConfig()) -> int:
@@ -68,7 +70,7 @@ def bootstrap_size(schedule: Schedule, num_tiles: int, tile: int, config: GridCo
 def encode_stream(
     model: torch.nn.Module, diffusion, schedule: Schedule, tiles: np.ndarray, *, spacing: str,
     config: GridConfig = GridConfig(), max_batch: int = 64, device: torch.device | str = "cpu", float64: bool = False,
-    bootstrap: bool = True, compute_bound: bool = True, bound_seed: int = 0,
+    exact: bool = False, bootstrap: bool = True, compute_bound: bool = True, bound_seed: int = 0,
     on_step: OnStep | None = None, on_bound_step: Callable[[], None] | None = None,
     on_bootstrap_stage: OnStep | None = None,
 ) -> StreamCode:
@@ -78,7 +80,8 @@ def encode_stream(
     the bound's batches, ``on_bootstrap_stage(stage)`` the bootstrap's progressive encoder.
     """
     tile = tiles.shape[1]
-    coder = chain_coder(model, schedule, diffusion.var_type, config=config, device=device, float64=float64)
+    coder = chain_coder(model, schedule, diffusion.var_type, config=config, device=device, float64=float64,
+                        exact=exact)
     m = bootstrap_size(schedule, len(tiles), tile, config) if bootstrap else 0
     start, cpu_start = time.perf_counter(), time.process_time()
     boot = _encode_bootstrap(coder, diffusion, tiles[:m], on_bootstrap_stage) if m else None
@@ -93,7 +96,7 @@ def encode_stream(
                                device=device, on_step=on_bound_step)
         bound_seconds, bound_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     params = BitsBackParams.of(
-        config, clip_denoised=True, network_float64=float64, threads=recorded_threads(device, float64),
+        config, clip_denoised=True, network_float64=float64, exact=exact, threads=recorded_threads(device, float64, exact),
         spacing=stored_spacing(spacing, schedule), code=code, num_tiles=len(tiles), num_symbols=len(tiles) * 3 * tile * tile * (schedule.num_steps + 1),
         bootstrap_tiles=m, bootstrap_block=boot.params.pack() if boot else b"")
     return StreamCode(code.payload.astype("<u4").tobytes(), params, code.initial_bits,
@@ -113,7 +116,7 @@ def stored_spacing(spacing: str, schedule: Schedule) -> str:
 def _encode_bootstrap(coder: ChainCoder, diffusion, tiles: np.ndarray, progress: OnStep | None):
     """The progressive stream (`progressive.Encoded`) of the bootstrap tiles uint8 [m, s, s, 3]."""
     params = replace(BOOTSTRAP_PARAMS, num_tiles=len(tiles), tile_size=tiles.shape[1],
-                     network_float64=coder.network_dtype == torch.float64)
+                     network_float64=coder.network_dtype == torch.float64 and not coder.exact, exact=coder.exact)
     x0 = to_model_input(tiles).to(coder.device)
     return progressive.encode(coder.model_fn, diffusion, x0, params, progress=progress)
 
@@ -126,7 +129,8 @@ def decode_stream(
     did not end as the encoder began, or the bootstrap's lossless stage failed; the tiles
     are then incomplete and must not be used)."""
     coder = chain_coder(model, schedule, diffusion.var_type, config=params.grid_config,
-                        clip_denoised=params.clip_denoised, device=device, float64=params.network_float64)
+                        clip_denoised=params.clip_denoised, device=device, float64=params.network_float64,
+                        exact=params.exact)
     words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
     boot_params = ProgressiveParams.unpack(params.bootstrap_block) if params.bootstrap_tiles else None
     tiles, ok, boot = decode_tiles(
@@ -154,15 +158,15 @@ def check_params(params: BitsBackParams, num_tiles: int, tile: int, num_steps: i
         raise DiffcodecError(f"{where}: corrupt payload ({payload_bytes} bytes)")
     if params.bootstrap_tiles:
         boot = ProgressiveParams.unpack(params.bootstrap_block, where)
-        if (boot.num_tiles, boot.tile_size, boot.network_float64) != (
-                params.bootstrap_tiles, tile, params.network_float64) or boot.payload_bits % 8:
+        if (boot.num_tiles, boot.tile_size, boot.network_float64, boot.exact) != (
+                params.bootstrap_tiles, tile, params.network_float64, params.exact) or boot.payload_bits % 8:
             raise DiffcodecError(f"{where}: corrupt header (bootstrap parameters disagree with the stream)")
 
 
 def divergence(params: BitsBackParams, encoded_on: str, device: torch.device | str, where: str) -> str:
     """Why a whole file failed its checksum, as far as this side can tell (one line)."""
     here = device_kind(device)
-    threads_here = recorded_threads(device, params.network_float64)
+    threads_here = recorded_threads(device, params.network_float64, params.exact)
     if here == encoded_on and params.threads and threads_here != params.threads:
         return (f"{where}: decoding diverged: the file was encoded with {params.threads} torch CPU thread(s) in "
                 f"float32 and this decoder ran {threads_here}; decode with {params.threads} "

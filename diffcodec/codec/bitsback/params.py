@@ -9,7 +9,8 @@ bootstrap section of 5 + n bytes):
             mean, W_j = ceil(c sigma_max,j / delta_j), plus an excess beyond the window's edges
     2   1   window of the prior N(0, I) of x_K, in sigmas (u8)
     3   1   log2 of the parameter snap grid, in bins (i8, e.g. -16)
-    4   1   flags: bit 0 = clip_denoised, bit 1 = network run in float64
+    4   1   flags: bit 0 = clip_denoised, bit 1 = network run in float64, bit 2 = the exact
+            arithmetic contract (its version is the container's)
     5   2   torch CPU threads of a float32 CPU encoder (u16; 0 = not recorded / not needed):
             float32 CPU kernels give thread-count-dependent results, so the decoder uses it
     7   1   spacing of a respaced chain (u8, `SPACING_CODES`): 0 = uniform as diffcodec 0.1 wrote it
@@ -51,6 +52,7 @@ class BitsBackParams:
     snap_log2: int
     clip_denoised: bool
     network_float64: bool
+    exact: bool  # the exact contract (`diffcodec.exact`)
     threads: int  # `runtime.recorded_threads`
     spacing: str  # of the respaced chain (`timesteps`); irrelevant at K = T
     init_seed: int
@@ -63,12 +65,13 @@ class BitsBackParams:
     bootstrap_block: bytes = b""  # their stream's progressive parameter block (when bootstrap_tiles > 0)
 
     @classmethod
-    def of(cls, config: GridConfig, *, clip_denoised: bool, network_float64: bool, threads: int, spacing: str,
+    def of(cls, config: GridConfig, *, clip_denoised: bool, network_float64: bool, exact: bool, threads: int,
+           spacing: str,
            code: TileCode, num_tiles: int, num_symbols: int, bootstrap_tiles: int = 0,
            bootstrap_block: bytes = b"") -> BitsBackParams:
         """The block of a coded stream: its grid settings, chain, initial words and chunks."""
         return cls(config.resolution_bits, config.window_sigmas, config.prior_sigmas, config.snap_log2,
-                   clip_denoised, network_float64, threads, spacing, INIT_SEED, code.init_words, code.kept_words,
+                   clip_denoised, network_float64, exact, threads, spacing, INIT_SEED, code.init_words, code.kept_words,
                    num_tiles, num_symbols, code.chunks, bootstrap_tiles, bootstrap_block)
 
     @property
@@ -82,7 +85,7 @@ class BitsBackParams:
             raise ValueError("BitsBackParams: chunk sizes must be 1..65535")
         if bool(self.bootstrap_tiles) != bool(self.bootstrap_block) or len(self.bootstrap_block) > 255:
             raise ValueError("BitsBackParams: bootstrap tiles need their parameter block (at most 255 bytes)")
-        flags = int(self.clip_denoised) | (int(self.network_float64) << 1)
+        flags = int(self.clip_denoised) | (int(self.network_float64) << 1) | (int(self.exact) << 2)
         block = self._FIXED.pack(
             self.resolution_bits, self.window_sigmas, self.prior_sigmas, self.snap_log2, flags, self.threads,
             SPACING_CODES.index(self.spacing), self.init_seed,
@@ -110,11 +113,11 @@ class BitsBackParams:
             bootstrap_block = block[end + 5 :]
             if len(bootstrap_block) != n or not bootstrap_tiles or not n:
                 raise DiffcodecError(f"{where}: corrupt bits-back parameter block (bootstrap section)")
-        if (not (1 <= bits <= 10 and 1 <= window and 1 <= prior and -30 <= snap_log2 <= 0) or flags > 3
+        if (not (1 <= bits <= 10 and 1 <= window and 1 <= prior and -30 <= snap_log2 <= 0) or flags > 7
                 or spacing >= len(SPACING_CODES)):
             raise DiffcodecError(f"{where}: corrupt bits-back parameters (resolution {bits}, window {window}, "
                                  f"prior {prior}, snap {snap_log2}, flags {flags}, spacing {spacing})")
         if kept > init_words or sum(chunks) + bootstrap_tiles != num_tiles or 0 in chunks:
             raise DiffcodecError(f"{where}: corrupt bits-back parameters (chunk table or word counts)")
-        return cls(bits, window, prior, snap_log2, bool(flags & 1), bool(flags & 2), threads, SPACING_CODES[spacing], seed,
+        return cls(bits, window, prior, snap_log2, bool(flags & 1), bool(flags & 2), bool(flags & 4), threads, SPACING_CODES[spacing], seed,
                    init_words, kept, num_tiles, num_symbols, tuple(chunks), bootstrap_tiles, bytes(bootstrap_block))

@@ -21,8 +21,8 @@ on top of the seeded words again (`decode_tiles`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

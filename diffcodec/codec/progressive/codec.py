@@ -28,13 +28,14 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from diffcodec import exact
 from diffcodec.codec import rcc
 from diffcodec.codec.coding_params import PixelRule, pixel_params
 from diffcodec.codec.entropy import RangeEncoder
@@ -69,9 +70,10 @@ def coded_schedule(diffusion: DiffusionConfig, num_steps: int, spacing: str = "q
     return chain_schedule(diffusion.schedule, diffusion.num_timesteps, num_steps, spacing)
 
 
-def _pixel_params(p_mean: torch.Tensor, p_log_var: torch.Tensor, snap_log2: int) -> tuple[np.ndarray, np.ndarray]:
+def _pixel_params(p_mean: torch.Tensor, p_log_var: torch.Tensor, params: ProgressiveParams
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """float64 [D] mean and std of the pixel stage in level units (0..255), snapped."""
-    return pixel_params(p_mean, p_log_var, snap_log2, PIXEL_RULE)
+    return pixel_params(p_mean, p_log_var, params.snap_log2, PIXEL_RULE, exact_contract=params.exact)
 
 
 
@@ -106,10 +108,12 @@ class Encoded:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray) -> torch.Tensor:
-    """y = mean_p + std_p * u, computed in float64, returned in p_mean's dtype [like p_mean]."""
+def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray, exact_contract: bool) -> torch.Tensor:
+    """y = mean_p + std_p * u, computed in float64, returned in p_mean's dtype [like p_mean]
+    (``exact_contract``: std by `exact.exp`, else numpy's exp)."""
     mean = p_mean.double().cpu().numpy().ravel()
-    std = np.exp(0.5 * p_log_var.double().cpu().numpy().ravel())
+    half_log_var = 0.5 * p_log_var.double().cpu().ravel()
+    std = exact.exp(half_log_var).numpy() if exact_contract else np.exp(half_log_var.numpy())
     y = (mean + std * u.astype(np.float64)).astype(np.float64 if p_mean.dtype == torch.float64 else np.float32)
     return torch.from_numpy(y.reshape(p_mean.shape)).to(p_mean.device)
 
@@ -126,7 +130,8 @@ def _sample_stage(params: ProgressiveParams, stage: int, symbols: StageSymbols, 
     """The standardised sample u (float32 [D]) that a stage's symbols select."""
     u = np.empty(num_dims, dtype=np.float32)
     for c, idx in enumerate(_chunks(params, stage, num_dims, syntax_chunks)):
-        u[idx] = rcc.pfr_decode((params.seed, stage, 1 + c), int(symbols.indices[c]), len(idx))
+        u[idx] = rcc.pfr_decode((params.seed, stage, 1 + c), int(symbols.indices[c]), len(idx),
+                                exact_contract=params.exact)
     return u
 
 
@@ -151,7 +156,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
                          f"{params.tile_size}")
     clock = StageClock()
     workers = usable_cores() if workers is None else max(1, int(workers))
-    dtype = torch.float64 if params.network_float64 else torch.float32
+    dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
     x0 = x0.to(dtype)
     s = coded_schedule(diffusion, params.num_steps, params.spacing)
     K, D, var_type = s.num_steps, x0.numel(), diffusion.var_type
@@ -195,7 +200,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             write_stage(enc, syntax, symbols)
         with clock("candidates"):
             u = _sample_stage(params, stage, symbols, n, D)
-        y = _latent(p_mean, p_log_var, u)
+        y = _latent(p_mean, p_log_var, u, params.exact)
         levels[stage], chunks_per_stage[stage] = level, (n if level else 0)
         if progress is not None:
             progress(stage)
@@ -207,7 +212,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     mse[K - 1] = float((((p.pred_xstart - x0) * 127.5) ** 2).mean())
     log_p = discretized_gaussian_log_likelihood_nats(x0, mean=p.mean, log_scale=0.5 * p.log_variance)
     kl_bits[K] = -float(log_p.sum()) / LN2
-    pixel_models = _pixel_params(p.mean, p.log_variance, params.snap_log2)
+    pixel_models = _pixel_params(p.mean, p.log_variance, params)
     symbols = np.rint((x0.double().cpu().numpy().ravel() + 1.0) * 127.5).astype(np.int64)
     with clock("entropy"):
         enc.encode_gaussian(symbols, *pixel_models, PIXEL_LO, PIXEL_HI)
@@ -260,7 +265,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     syntax = Syntax(params, D)
     ts = torch.from_numpy(s.timesteps).to(device)
     y, p, xstarts, latents, stages = None, None, [], [], 0
-    dtype = torch.float64 if params.network_float64 else torch.float32
+    dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
     proto = torch.zeros(shape, device=device, dtype=dtype)
     for stage in range(min(limit, K)):
         k = K - 1 - stage
@@ -275,7 +280,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         n, _ = syntax.chunking(symbols.level)
         with clock("candidates"):
             u = _sample_stage(params, stage, symbols, n, D)
-        y = _latent(p_mean, p_log_var, u)
+        y = _latent(p_mean, p_log_var, u, params.exact)
         stages = stage + 1
         t = torch.full((shape[0],), k, dtype=torch.long, device=device)
         with clock("network"):
@@ -288,7 +293,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
                              f"a longer prefix is needed")
     if stages == K and limit > K:
-        pixel_models = _pixel_params(p.mean, p.log_variance, params.snap_log2)
+        pixel_models = _pixel_params(p.mean, p.log_variance, params)
         with clock("entropy"):
             pixels = reader.pixels(*pixel_models)
         if pixels is not None:

@@ -28,6 +28,7 @@ class ProgressiveParams:
     snap_log2: int = -16  # pixel-stage parameters on a 2^snap_log2 grid (pixel-level units)
     clip_denoised: bool = True
     network_float64: bool = False  # run the network and the latents in float64 (see `encode`)
+    exact: bool = False  # the exact contract (`diffcodec.exact`): exact network, latents, candidates, tables
     num_tiles: int = 1
     tile_size: int = 32
     payload_bits: int = 0  # the complete stream's length in bits (set by the encoder)
@@ -60,7 +61,8 @@ class ProgressiveParams:
     def pack(self) -> bytes:
         """The mode-1 parameter block (little-endian):
 
-            0  u8  block version (1)          8   u8  flags: bit 0 clip_denoised, bit 1 network_float64
+            0  u8  block version (1)          8   u8  flags: bit 0 clip_denoised, bit 1 network_float64,
+                                                  bit 2 exact contract (its version is the container's)
             1  u8  spacing (SPACING_CODES)  9  u32 number of tiles
             2  u16 K coded steps              13  u16 tile size
             4  u8  log2 candidates            15  u32 shared seed
@@ -71,7 +73,7 @@ class ProgressiveParams:
         return self._FIXED.pack(
             self.BLOCK_VERSION, SPACING_CODES.index(self.spacing), self.num_steps, self.log2_candidates,
             int(self.chunk_bits * 4), int(self.pad_bits * 4), self.snap_log2,
-            int(self.clip_denoised) | (int(self.network_float64) << 1),
+            int(self.clip_denoised) | (int(self.network_float64) << 1) | (int(self.exact) << 2),
             self.num_tiles, self.tile_size, self.seed, self.payload_bits,
         )
 
@@ -84,11 +86,11 @@ class ProgressiveParams:
         if version != cls.BLOCK_VERSION:
             raise DiffcodecError(f"{where}: progressive block version {version}; this diffcodec reads "
                                  f"{cls.BLOCK_VERSION}")
-        if spacing >= len(SPACING_CODES):
-            raise DiffcodecError(f"{where}: corrupt progressive parameters (spacing {spacing})")
+        if spacing >= len(SPACING_CODES) or flags > 7:
+            raise DiffcodecError(f"{where}: corrupt progressive parameters (spacing {spacing}, flags {flags})")
         try:
             return cls(num_steps, SPACING_CODES[spacing], log2_n, chunk_q / 4, pad_q / 4, seed, snap_log2,
-                       bool(flags & 1), bool(flags & 2), num_tiles, tile_size, payload_bits)
+                       bool(flags & 1), bool(flags & 2), bool(flags & 4), num_tiles, tile_size, payload_bits)
         except ValueError as e:
             raise DiffcodecError(f"{where}: corrupt progressive parameters ({e})") from None
 

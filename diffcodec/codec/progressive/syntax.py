@@ -31,7 +31,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from diffcodec import exact
 from diffcodec.codec import rcc
 from diffcodec.codec.entropy import RangeDecoder, RangeEncoder
 from diffcodec.codec.progressive.params import ProgressiveParams
@@ -52,11 +54,15 @@ def level_of_kl(kl_bits: float) -> int:
 
 
 def kl_of_level(level: int) -> float:
-    """The nominal KL (bits) of a level: 0 for level 0, else 2^((L - 21) / 2)."""
-    return 0.0 if level == 0 else 2.0 ** ((level - LEVEL_OFFSET) / 2.0)
+    """The nominal KL (bits) of a level: 0 for level 0, else 2^((L - 21) / 2), built exactly
+    (2^k or sqrt(2) 2^k: the correctly rounded value, the same everywhere)."""
+    if level == 0:
+        return 0.0
+    half, odd = divmod(level - LEVEL_OFFSET, 2)
+    return math.ldexp(exact.SQRT2 if odd else 1.0, half)
 
 
-def level_probs(history: list[int]) -> np.ndarray:
+def level_probs(history: list[int], *, exact_contract: bool = False) -> np.ndarray:
     """Integer counts [NUM_LEVELS] of the next level, given the levels so far.
 
     Two-sided geometric (halving every 1.5 levels) around the last level plus its last
@@ -68,7 +74,8 @@ def level_probs(history: list[int]) -> np.ndarray:
     else:
         trend = history[-1] - history[-2] if len(history) >= 2 else 0
         center, scale = float(history[-1] + min(max(trend, 0), 8)), 1.5
-    p = np.exp2(-np.abs(levels - center) / scale)
+    log2_p = -np.abs(levels - center) / scale
+    p = exact.exp(torch.from_numpy(log2_p * exact.LN2)).numpy() if exact_contract else np.exp2(log2_p)
     return np.maximum(np.rint(p * 2.0**16), 1.0)
 
 
@@ -87,7 +94,7 @@ class Syntax:
         self.params = params
         self.num_dims = num_dims
         self.levels: list[int] = []
-        self.exponents = rcc.ExponentModel(params.log2_candidates)
+        self.exponents = rcc.ExponentModel(params.log2_candidates, exact_contract=params.exact)
 
     def chunking(self, level: int) -> tuple[int, float]:
         """(number of chunks, nominal KL per chunk in bits) of a level."""
@@ -107,7 +114,7 @@ class Syntax:
 
 def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> None:
     """Encode one RCC stage's symbols and advance ``syntax``."""
-    enc.encode_categorical(np.array([symbols.level]), level_probs(syntax.levels)[None])
+    enc.encode_categorical(np.array([symbols.level]), level_probs(syntax.levels, exact_contract=syntax.params.exact)[None])
     if symbols.level:
         n, kappa = syntax.chunking(symbols.level)
         if len(symbols.indices) != n:
@@ -130,7 +137,7 @@ def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
 
     Raises one of ``_DECODE_ERRORS`` on data that no encoder could have written.
     """
-    level = int(dec.decode_categorical(level_probs(syntax.levels)[None])[0])
+    level = int(dec.decode_categorical(level_probs(syntax.levels, exact_contract=syntax.params.exact)[None])[0])
     if level == 0:
         return StageSymbols(0, np.zeros(1, dtype=np.int64))
     n, kappa = syntax.chunking(level)
