@@ -339,19 +339,12 @@ def _layer_cases(kinds: tuple[str, ...]):
                 yield name, m(t), ref.embedding(t.numpy())
 
 
-def _correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.sqrt(x.numpy()))  # numpy's sqrt: the IEEE (hardware) square root
-
-
-def test_every_exact_layer_equals_its_reference_layer_bit_for_bit(monkeypatch):
+def test_every_exact_layer_equals_its_reference_layer_bit_for_bit():
     """Layer by layer (every conv, linear, GroupNorm and attention of the wide network, the
     SiLU and the timestep embedding) on random inputs of mixed per-sample scales: identical
     bits. The whole-network test cannot see an ulp change inside a layer whose output the
     next convolution re-quantizes to ~25 bits (a GroupNorm dividing by sqrt(var + eps)
-    instead of multiplying by its reciprocal passes it); this one does. torch.sqrt is
-    replaced by a correctly rounded one here, so that the GroupNorm formula is checked on
-    every build; torch.sqrt itself is the next test's business."""
-    monkeypatch.setattr(torch, "sqrt", _correctly_rounded_sqrt)
+    instead of multiplying by its reciprocal passes it); this one does."""
     kinds = ("ExactConv2d", "ExactLinear", "ExactGroupNorm", "ExactAttention", "ExactSiLU", "ExactTimestepEmbedding")
     seen = set()
     for name, got, expected in _layer_cases(kinds):
@@ -360,15 +353,10 @@ def test_every_exact_layer_equals_its_reference_layer_bit_for_bit(monkeypatch):
     assert len(seen) > 35 and "attention" in seen and "embed" in seen and "norm_out" in seen
 
 
-@pytest.mark.xfail(torch.backends.mkl.is_available(), strict=True,
-                   reason="ExactGroupNorm's torch.sqrt is not correctly rounded on CPU builds with MKL (about 0.4% "
-                          "of float64 values 1 ulp off on AVX-512, 1.6% with MKL_ENABLE_INSTRUCTIONS=AVX2, and the "
-                          "two code paths disagree): see test_exact.py's sqrt test")
 def test_every_exact_group_norm_equals_its_reference_bit_for_bit():
-    """Every GroupNorm of the wide network (2 to 4 channels per group), with torch's own sqrt,
-    equals the reference bit for bit (numpy's sqrt: correctly rounded, as the contract's rule
-    1 requires of every sqrt). Fails on MKL builds: a machine whose MKL takes another code
-    path gets other bits."""
+    """Every GroupNorm of the wide network (2 to 4 channels per group) equals the reference
+    bit for bit (numpy's sqrt: correctly rounded, as the contract's rule 1 requires of every
+    sqrt; torch's CPU sqrt is not on MKL builds, so exact_net uses `exact.sqrt`)."""
     cases = list(_layer_cases(("ExactGroupNorm",)))
     assert len(cases) > 10
     for name, got, expected in cases:
@@ -490,8 +478,6 @@ def test_output_is_the_same_bits_at_one_and_two_threads():
     assert _bits(one) == _bits(two)
 
 
-@pytest.mark.xfail(strict=True, reason="UNet.forward casts the exact timestep embedding to x.dtype: float32 "
-                                       "inputs get a float32-rounded embedding (reported; unet.py)")
 def test_output_does_not_depend_on_the_input_dtype():
     """The same pixel values given as float32 or float64 give the same bits (the docstring:
     inputs may be any float dtype)."""
