@@ -27,7 +27,7 @@ from diffcodec.errors import DiffcodecError
 from diffcodec.outputs import write_bytes_atomic
 
 PARAMS = BitsBackParams(
-    resolution_bits=6, window_sigmas=8, prior_sigmas=8, snap_log2=-16, clip_denoised=True, network_float64=False,
+    resolution_bits=6, window_sigmas=8, prior_sigmas=8, snap_log2=-16, clip_denoised=True, network_float64=False, exact=True,
     threads=0, spacing="uniform-linspace",
     init_seed=99, init_words=1000, kept_words=700, num_tiles=3, num_symbols=3 * 3072 * 11, chunks=(1, 2),
 )
@@ -38,26 +38,27 @@ def sample_container(payload: bytes = bytes(range(40))) -> Container:
         mode=MODE_BITSBACK, device="cpu", fingerprint="0123456789abcdef", schedule="linear", num_timesteps=1000,
         num_steps=10, var_type="fixedlarge", tile_size=32,
         images=(ImageEntry(37, 45, "a.png"), ImageEntry(32, 32, "cifar[1]")),
-        pixel_sha=bytes.fromhex("a1b2c3d4e5f60718"), params=PARAMS.pack(),
+        pixel_sha=bytes.fromhex("a1b2c3d4e5f60718"), params=PARAMS.pack(), contract=1, probe=b"\x01\x02\x03\x04",
     )
     return Container(header, payload)
 
 
 # Pinned (format version 2): changing the layout must be a conscious format-version decision.
-GOLDEN_SHA256 = "d41dd9656aac240c6c83bc429f83d344fe9d197af34865de290f2b5e41dbea3e"
+GOLDEN_SHA256 = "09304d3e0e59102547e1f19988c4d2d81276033981b40f5cbdac1c375b17cfc1"
 
 
-TABLE_AT = 48  # the image table's offset in sample_container's file (after the tile size)
+TABLE_AT = 53  # the image table's offset in sample_container's file (after the tile size, contract and probe)
 
 
 def test_layout_matches_the_byte_table():
     data = pack(sample_container())
-    assert data[:4] == MAGIC and data[4] == VERSION == 2 and data[5] == MODE_BITSBACK
+    assert data[:4] == MAGIC and data[4] == VERSION == 3 and data[5] == MODE_BITSBACK
     assert data[8:16] == bytes.fromhex("0123456789abcdef")
     assert data[16] == 3 and data[17:20] == b"cpu"
     assert data[20] == 6 and data[21:27] == b"linear"
     assert struct.unpack_from("<II", data, 27) == (1000, 10)
     assert data[35] == 10 and data[36:46] == b"fixedlarge" and struct.unpack_from("<H", data, 46) == (32,)
+    assert data[48] == 1 and data[49:53] == b"\x01\x02\x03\x04"  # contract version 1 and its probe digest
     # image table (varints): 2 images in 2 size runs, then 2 name runs: one name, one series "cifar[1]"
     table = bytes([2, 2, 1, 37, 45, 1, 32, 32, 2, 0, 5]) + b"a.png" + bytes([1, 1, 1, 5]) + b"cifar"
     assert data[TABLE_AT : TABLE_AT + len(table)] == table
@@ -94,8 +95,8 @@ def test_bad_magic_version_mode_crc_and_trailing_bytes():
     data = bytearray(pack(sample_container()))
     with pytest.raises(DiffcodecError, match="bad magic"):
         unpack(b"PNG!" + bytes(data[4:]))
-    wrong_version = bytes(data[:4]) + bytes([3]) + bytes(data[5:])
-    with pytest.raises(DiffcodecError, match="version 3; this diffcodec reads versions 1 and 2"):
+    wrong_version = bytes(data[:4]) + bytes([4]) + bytes(data[5:])
+    with pytest.raises(DiffcodecError, match=r"version 4 \(written by a newer diffcodec\); this diffcodec reads versions 1 to 3"):
         unpack(wrong_version)
     with pytest.raises(DiffcodecError, match="unknown coding mode 9"):
         unpack(bytes(data[:5]) + bytes([9]) + bytes(data[6:]))
@@ -183,11 +184,12 @@ def test_written_file_reads_back_and_is_never_overwritten_silently(tmp_path):
 
 
 def as_version_1(data: bytes, images: tuple[ImageEntry, ...]) -> bytes:
-    """The same file in the 0.1 layout: version byte 1 and a per-image table, CRC redone."""
+    """The same file in the 0.1 layout: version byte 1, no contract byte or probe digest, and a
+    per-image table, CRC redone."""
     table_v2_len = len(pack_table(images))
     v1 = struct.pack("<I", len(images)) + b"".join(
         struct.pack("<IIH", im.height, im.width, len(im.name.encode())) + im.name.encode() for im in images)
-    body = data[:4] + b"\x01" + data[5:TABLE_AT] + v1 + data[TABLE_AT + table_v2_len : -4]
+    body = data[:4] + b"\x01" + data[5 : TABLE_AT - 5] + v1 + data[TABLE_AT + table_v2_len : -4]
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
@@ -200,8 +202,8 @@ def pack_table(images):
 def test_version_1_files_are_still_read():
     c = sample_container()
     old = as_version_1(pack(c), c.header.images)
-    assert old[4] == 1 and len(old) == len(pack(c)) - len(pack_table(c.header.images)) + 4 + 10 * 2 + 5 + 8
-    assert unpack(old) == c
+    assert old[4] == 1 and len(old) == len(pack(c)) - 5 - len(pack_table(c.header.images)) + 4 + 10 * 2 + 5 + 8
+    assert unpack(old).header == Header(**{**c.header.__dict__, "contract": 0, "probe": b"", "version": 1})
 
 
 def with_images(images: tuple[ImageEntry, ...]) -> Container:
