@@ -32,6 +32,7 @@ needs only to rank candidates; both sides then use the exact sample of the sent 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor

@@ -27,6 +27,7 @@ that meets data no encoder could write counts as a mismatch: conservative, never
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -68,13 +69,19 @@ def level_probs(history: list[int], *, exact_contract: bool = False) -> np.ndarr
     Two-sided geometric (halving every 1.5 levels) around the last level plus its last
     increase (the KL grows as t falls); broad around 2 bits for the first stage.
     """
-    levels = np.arange(NUM_LEVELS, dtype=np.float64)
     if not history:
         center, scale = float(LEVEL_OFFSET + 2), 8.0
     else:
         trend = history[-1] - history[-2] if len(history) >= 2 else 0
         center, scale = float(history[-1] + min(max(trend, 0), 8)), 1.5
-    log2_p = -np.abs(levels - center) / scale
+    return _level_law(center, scale, exact_contract).copy()
+
+
+@functools.lru_cache(maxsize=1024)
+def _level_law(center: float, scale: float, exact_contract: bool) -> np.ndarray:
+    """`level_probs` for one (center, scale): 2^(-|L - center| / scale) in counts of 2^-16
+    (`exact.exp` under the exact contract; cached: prefix searches read stages many times)."""
+    log2_p = -np.abs(np.arange(NUM_LEVELS, dtype=np.float64) - center) / scale
     p = exact.exp(torch.from_numpy(log2_p * exact.LN2)).numpy() if exact_contract else np.exp2(log2_p)
     return np.maximum(np.rint(p * 2.0**16), 1.0)
 
