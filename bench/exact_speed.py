@@ -51,19 +51,22 @@ def build_networks(model: torch.nn.Module, device: torch.device) -> dict[str, Mo
 
 def time_networks(fns: dict[str, ModelFn], batch_size: int, *, in_channels: int, image_size: int,
                   num_timesteps: int, repeats: int, device: torch.device, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Seconds per call of each network on one seeded batch (interleaved repeats, two warm-ups)."""
+    """Seconds per call of each network on one seeded batch (interleaved repeats, two warm-ups).
+    The float64 network is given the batch in float64 (converted before timing); the others
+    take it in float32 (the exact network quantizes any float input)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, in_channels, image_size, image_size, generator=g).to(device)
+    x32 = torch.randn(batch_size, in_channels, image_size, image_size, generator=g).to(device)
     t = torch.randint(0, num_timesteps, (batch_size,), generator=g).to(device)
-    for fn in fns.values():
+    inputs = {name: x32.double() if name == "float64" else x32 for name in fns}
+    for name, fn in fns.items():
         for _ in range(2):  # warm-up: allocations, kernel selection for this shape
-            fn(x, t)
+            fn(inputs[name], t)
     _sync(device)
     calls: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn(x, t)
+            fn(inputs[name], t)
             _sync(device)
             calls[name].append(time.perf_counter() - start)
     out = {}
