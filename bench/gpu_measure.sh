@@ -10,9 +10,13 @@
 #   lossless-kK.json     bits-back encode of $CODEC_IMAGES test images (default 256) at K = 100 and
 #   gpu-kK.dfc           K = 1000, then decode on the GPU; the .dfc files come back so that a CPU
 #                        can try to decode them here (GPU -> CPU decodability)
-#   progressive.json     progressive encode of 8 images (K = 50), limit 90 s
-# Back here: `diffcodec decode <files_at>/gpu-k100.dfc -o /tmp/x --device cpu` says whether a
-# file encoded on the GPU decodes on this CPU (it refuses clearly when the arithmetic differs).
+#   progressive.json     progressive encode of 8 images (K = 50), limit 90 s; gpu-prog.dfc comes back
+#   exact_speed.json     forward passes/s of the float32, float64 and exact networks (batch 1, 64)
+#   lossless-k100-f32.json, gpu-k100-f32.dfc   the same K = 100 encode with --float32 (same-machine
+#                        file): the exact path's speed against the float path's on the GPU
+# The encodes use the default arithmetic, the exact contract: back here,
+# `diffcodec decode <files_at>/gpu-k100.dfc -o /tmp/x --device cpu` (and gpu-prog.dfc) must give
+# the coded pixels bit for bit; the --float32 file is expected to be refused or to diverge.
 set -uo pipefail
 ckpt=${1:-}
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -42,4 +46,8 @@ for k in 100 1000; do
     $out/gpu-k$k.dfc ${c[*]} --device $device -o /tmp/gpu-decoded-k$k --force --json --quiet >> $out/lossless-k$k.json"
 done
 step progressive 90 bash -c "python3 -m diffcodec.cli encode $test_data -n 8 ${c[*]} --device $device --progressive \
-  -o /tmp/gpu-prog.dfc --force --json --quiet > $out/progressive.json"
+  -o $out/gpu-prog.dfc --force --json --quiet > $out/progressive.json"
+step exact-speed 60 python3 -m bench.exact_speed ${c[*]} --device "$device" --batch-sizes 1,64 --out "$out/exact_speed.json"
+step encode-k100-f32 "${CODEC_LIMIT:-60}" bash -c "python3 -m diffcodec.cli encode $test_data -n $n ${c[*]} \
+  --device $device -k 100 -b $n --no-bound --float32 -o $out/gpu-k100-f32.dfc --force --json --quiet \
+  > $out/lossless-k100-f32.json"

@@ -33,7 +33,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def encode_images(loaded, images, names=None, *, steps=None, max_batch=64, config=GridConfig(), **kw):
-    """`api.encode` of a lossless file on the CPU (the tests' shorthand)."""
+    """`api.encode` of a lossless file on the CPU (the tests' shorthand): the float64 network
+    unless asked otherwise, as these tests are about the stream (the exact contract's own
+    round trips: test_codec_portable.py, test_golden.py)."""
+    if not kw.pop("float64", True):
+        kw.setdefault("arithmetic", "float32")
+    kw.setdefault("arithmetic", "float64")
     return api.encode(images, names, model=loaded, steps=steps, batch_size=max_batch, grid=config, device="cpu", **kw)
 
 
@@ -328,11 +333,20 @@ def test_cli_refuses_another_model(encoded, tmp_path, capsys):
 
 
 def test_float32_cpu_files_record_the_thread_count(encoded, tmp_path, capsys):
-    """float32 CPU kernels give thread-count-dependent outputs: the header records the
-    encoder's torch threads (0 for float64 files) and the CLI decoder uses that count."""
-    dfc, images, ckpt = encoded
+    """float32 CPU kernels give thread-count-dependent outputs: a --float32 file's header
+    records the encoder's torch threads (0 for float64 and exact files) and the CLI decoder
+    uses that count."""
+    exact_file, images, ckpt = encoded
+    exact_params = BitsBackParams.unpack(unpack(exact_file.read_bytes()).header.params)
+    assert exact_params.exact and exact_params.threads == 0  # the default: nothing machine-bound recorded
+    folder = exact_file.parent / "imgs_f32"
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(images[1]).save(folder / "two.png")
+    dfc = tmp_path / "f32.dfc"
+    assert main(["encode", str(folder), "-o", str(dfc), "-c", str(ckpt), "--steps", "3", "-q", "--device", "cpu",
+                 "--float32"]) == 0
     params = BitsBackParams.unpack(unpack(dfc.read_bytes()).header.params)
-    assert params.threads == 1 and not params.network_float64
+    assert params.threads == 1 and not params.network_float64 and not params.exact
     torch.set_num_threads(2)
     try:
         assert main(["decode", str(dfc), "-o", str(tmp_path / "out"), "-c", str(ckpt), "-q"]) == 0

@@ -164,3 +164,16 @@ def test_exponent_model_codes_indices_with_a_range_coder():
         model3.update(5.0, 3)
     after = model3.probs(5.0)
     assert after[3] / after.sum() > before[3] / before.sum() + 0.5
+
+
+def test_decoding_many_samples_at_once_gives_the_one_by_one_samples():
+    """`pfr_decode_many` (a progressive stage's chunks in one call) returns exactly what
+    `pfr_decode` returns chunk by chunk, under both transforms."""
+    items = [((1, 2, c), index, dims) for c, (index, dims) in enumerate([(0, 5), (17, 64), (3, 1), (1000, 33)])]
+    for exact_contract in (False, True):
+        many = rcc.pfr_decode_many(items, exact_contract=exact_contract)
+        one_by_one = [rcc.pfr_decode(key, index, dims, exact_contract=exact_contract) for key, index, dims in items]
+        assert [m.dtype for m in many] == [np.float32] * 4
+        assert all(np.array_equal(m, o) for m, o in zip(many, one_by_one))
+    fast, exact_ = (rcc.pfr_decode(*items[1], exact_contract=flag) for flag in (False, True))
+    assert 0 < np.abs(fast - exact_).max() < 1e-5  # two transforms of the same draws

@@ -111,6 +111,15 @@ def candidate_normals(key: tuple[int, ...], start: int, count: int, dims: int, *
     return _raw_to_normals_exact(raw, dims) if exact_contract else _raw_to_normals(raw, dims)
 
 
+def _candidate_raw(key: tuple[int, ...], index: int, dims: int) -> np.ndarray:
+    """The raw draws of candidate ``index`` of the stream ``key``: uint64 [ceil(dims / 2)]."""
+    h = _draws_per_candidate(dims)
+    bitgen = _bitgen(key)
+    if index:
+        bitgen.advance(index * h)
+    return bitgen.random_raw(h)
+
+
 def arrival_log_times(key: tuple[int, ...], count: int) -> np.ndarray:
     """log T_n of a rate-1 Poisson process (cumulative sums of Exp(1)), float64 [count].
 
@@ -210,6 +219,25 @@ def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
 def pfr_decode(key: tuple[int, ...], index: int, dims: int, *, exact_contract: bool = False) -> np.ndarray:
     """The decoder's sample: candidate ``index`` of the stream ``key``, float32 [dims]."""
     return candidate_normals(key, index, 1, dims, exact_contract=exact_contract)[0]
+
+
+def pfr_decode_many(items: Sequence[tuple[tuple[int, ...], int, int]], *, exact_contract: bool = False
+                    ) -> list[np.ndarray]:
+    """`pfr_decode` of many (key, index, dims): the same samples. Under the exact contract the
+    transform runs once over all their draws (it is elementwise and exact, so batching changes
+    no bit); the fast float32 transform runs per sample as files without the contract were
+    written (numpy's SIMD libm may round an element differently in a vector body and a tail)."""
+    if not exact_contract:
+        return [pfr_decode(key, index, dims) for key, index, dims in items]
+    if not items:
+        return []
+    raws = [_candidate_raw(key, index, dims) for key, index, dims in items]
+    normals = _raw_to_normals_exact(np.concatenate(raws)[None], 2 * sum(len(r) for r in raws))[0]
+    out, start = [], 0
+    for raw, (_, _, dims) in zip(raws, items):
+        out.append(normals[start : start + dims])
+        start += 2 * len(raw)
+    return out
 
 
 # ----------------------------------------------------------------------------- index coding

@@ -165,6 +165,9 @@ def check_params(params: BitsBackParams, num_tiles: int, tile: int, num_steps: i
 
 def divergence(params: BitsBackParams, encoded_on: str, device: torch.device | str, where: str) -> str:
     """Why a whole file failed its checksum, as far as this side can tell (one line)."""
+    if params.exact:  # the probe matched: this decoder computes what the encoder computed
+        return (f"{where}: pixel checksum mismatch after decoding: the payload is corrupt (this decoder's exact "
+                "arithmetic reproduced the encoder's probe); nothing written")
     here = device_kind(device)
     threads_here = recorded_threads(device, params.network_float64, params.exact)
     if here == encoded_on and params.threads and threads_here != params.threads:

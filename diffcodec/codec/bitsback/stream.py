@@ -168,8 +168,11 @@ def decode_tiles(
     init = seeded_words(init_words, init_seed)
     stack = AnsStack(np.concatenate([init[:kept_words], payload]).astype(np.uint32))
     out = []
-    for n in reversed(chunks):
-        out.append(coder.decode_chunk(grid, stack, (n, 3, tile_size, tile_size), on_step))
+    try:
+        for n in reversed(chunks):
+            out.append(coder.decode_chunk(grid, stack, (n, 3, tile_size, tile_size), on_step))
+    except ValueError:  # a symbol no encoder could have pushed back: corrupt payload (or divergence)
+        return np.zeros((0, tile_size, tile_size, 3), dtype=np.uint8), False, b""
     tiles = np.concatenate(out[::-1]) if out else np.zeros((0, 3, tile_size, tile_size), dtype=np.uint8)
     tiles = np.ascontiguousarray(tiles.transpose(0, 2, 3, 1))
     words = stack.words()

@@ -129,9 +129,11 @@ def _sample_stage(params: ProgressiveParams, stage: int, symbols: StageSymbols, 
                   num_dims: int) -> np.ndarray:
     """The standardised sample u (float32 [D]) that a stage's symbols select."""
     u = np.empty(num_dims, dtype=np.float32)
-    for c, idx in enumerate(_chunks(params, stage, num_dims, syntax_chunks)):
-        u[idx] = rcc.pfr_decode((params.seed, stage, 1 + c), int(symbols.indices[c]), len(idx),
-                                exact_contract=params.exact)
+    chunks = _chunks(params, stage, num_dims, syntax_chunks)
+    samples = rcc.pfr_decode_many([((params.seed, stage, 1 + c), int(symbols.indices[c]), len(idx))
+                                   for c, idx in enumerate(chunks)], exact_contract=params.exact)
+    for idx, sample in zip(chunks, samples):
+        u[idx] = sample
     return u
 
 
