@@ -156,6 +156,26 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return write_text(path, json.dumps(_finite(payload), indent=1, allow_nan=False) + "\n")
 
 
+def write_report(path: str | os.PathLike, payload: dict[str, Any], render) -> None:
+    """The JSON at ``path``, its markdown (``render(json)``) beside it as .md, the markdown
+    printed, and where both went on stderr."""
+    out = write_json(path, payload)
+    md = write_text(out.with_suffix(".md"), render(read_json(out)))
+    print(render(payload), end="")
+    print(f"wrote {out} and {md}", file=sys.stderr)
+
+
+def int_list(text: str, option: str) -> list[int]:
+    """A comma-separated list of positive integers (a one-line error otherwise)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise DiffcodecError(f"{option}: expected comma-separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise DiffcodecError(f"{option}: values must be positive, got {text!r}")
+    return values
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
     """The JSON object at ``path``, or None when the file does not exist."""
     path = Path(path)

@@ -48,11 +48,9 @@ from bench.common import (
     REPORTS_DIR,
     module_command,
     provenance,
-    read_json,
     resolve_data,
     run_main,
-    write_json,
-    write_text,
+    write_report,
 )
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
 from diffcodec.data import read_images
@@ -352,10 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                         for a, b in DIFFERENCES if a in results and b in results},
         "provenance": prov,
     }
-    write_json(out, payload)
-    md = write_text(out.with_suffix(".md"), markdown_table(read_json(out)))
-    print(markdown_table(payload), end="")
-    print(f"wrote {out} and {md}", file=sys.stderr)
+    write_report(out, payload, markdown_table)
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import REPORTS_DIR, module_command, provenance, run_main, write_json
+from bench.common import REPORTS_DIR, int_list, module_command, provenance, run_main, write_json
 from diffcodec.checkpoint import load_checkpoint
 from diffcodec.errors import DiffcodecError
 from diffcodec.exact_net import exact_network
@@ -111,10 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = module_command("bench.exact_speed", argv)
-    try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        raise DiffcodecError(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from None
+    batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
     if min(batch_sizes) < 1 or args.repeats < 1:
         raise DiffcodecError("batch sizes and --repeats must be positive")
     if args.threads is not None:

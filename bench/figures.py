@@ -8,11 +8,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from bench.nll import PAPER_TABLE4, figure5_run  # noqa: E402
-from bench.report_data import lossless_bars, lossy_baselines, origin, short_device  # noqa: E402
+from bench.nll import PAPER_TABLE4, figure5_run
+from bench.report_data import lossless_bars, lossy_baselines, origin, short_device
 
 
 def save(fig: plt.Figure, path: Path) -> Path:

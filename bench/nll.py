@@ -36,17 +36,16 @@ from bench.common import (
     REPORTS_DIR,
     module_command,
     provenance,
-    read_json,
     resolve_data,
     run_main,
     write_json,
-    write_text,
+    write_report,
 )
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
 from diffcodec.errors import DiffcodecError
 from diffcodec.evaluate import NllRun, run_nll
-from diffcodec.runtime import pick_device
 from diffcodec.likelihood import BoundResult
+from diffcodec.runtime import pick_device
 
 # The paper's Table 4 (CIFAR-10 test set): reverse time -> (rate bits/dim, RMSE on [0, 255]).
 PAPER_TABLE4: dict[int, tuple[float, float]] = {
@@ -459,10 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "provenance": prov,
         "runs": runs,
     }
-    write_json(out, payload)
-    md = write_text(out.with_suffix(".md"), markdown_tables(read_json(out)))
-    print(markdown_tables(payload), end="")
-    print(f"wrote {out} and {md}", file=sys.stderr)
+    write_report(out, payload, markdown_tables)
     return 0
 
 

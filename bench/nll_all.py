@@ -38,7 +38,7 @@ def report_of(result: BoundResult, run: dict[str, Any]) -> dict[str, Any]:
         "bits_per_dim_stderr": se,
         "terms_bpd": grouped_terms(result),
         "per_image_bpd_percentiles": {str(q): float(np.percentile(total, q)) for q in (1, 10, 50, 90, 99)},
-        "num_images": int(len(total)),
+        "num_images": len(total),
         "num_steps": int(result.terms_bits.shape[1]),
         **run,
     }

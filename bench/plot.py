@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.common import REPORTS_DIR, read_json, run_main, write_text
 from bench.figures import (
     plot_bpd_by_steps,
     plot_figure5,
-    plot_lossless,
     plot_loss_curve,
+    plot_lossless,
     plot_progressive_rate,
     plot_rate_distortion,
     plot_rcc_redundancy,

@@ -54,11 +54,11 @@ from diffcodec.codec.container import unpack
 from diffcodec.codec.progressive import codec as pg
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.data import read_images
-from diffcodec.images import from_model_output, from_tiles, image_tiles, to_model_input
 from diffcodec.errors import DiffcodecError
+from diffcodec.images import from_model_output, from_tiles, image_tiles, to_model_input
+from diffcodec.likelihood import bound_bits
 from diffcodec.runtime import network, pick_device
 from diffcodec.timesteps import SPACINGS
-from diffcodec.likelihood import bound_bits
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import REPORTS_DIR, module_command, provenance, resolve_data, run_main, write_json
+from bench.common import REPORTS_DIR, int_list, module_command, provenance, resolve_data, run_main, write_json
 from diffcodec.checkpoint import LoadedModel, load_checkpoint
 from diffcodec.data import ImageSet, read_images
 from diffcodec.errors import DiffcodecError
@@ -124,10 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = module_command("bench.speed", argv)
-    try:
-        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        raise DiffcodecError(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from None
+    batch_sizes = int_list(args.batch_sizes, "--batch-sizes")
     if min(batch_sizes) < 1 or args.num_images < 1 or args.steps < 1 or args.repeats < 1:
         raise DiffcodecError("batch sizes, --num-images, --steps and --repeats must be positive")
     if args.num_images < max(batch_sizes):
