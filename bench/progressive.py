@@ -30,7 +30,9 @@ mean bits per pixel of the whole files against mean PSNR; ``--no-baselines`` ski
 Larger images are tiled by the codec; ``--crop N`` codes their central N x N pixels
 (e.g. Kodak, whose full 768x512 frames take hours per image on a CPU). With
 ``--perturb SIGMA`` (default 1e-6) one image is also decoded by a model whose weights carry
-N(0, SIGMA^2) noise: the PSNR of its lossy prefix and whether the lossless stage is caught.
+N(0, SIGMA^2) noise: for a same-machine float file (``--arithmetic float32``), the PSNR of
+its lossy prefix and whether the lossless stage is caught; an exact-contract file (the
+default) is refused by its probe, and the study records the message.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def stage_psnrs(loaded: LoadedModel, data: bytes, image: np.ndarray, *, ddim: bo
     """PSNR of the xstart and DDIM reconstructions from every received latent (K each)."""
     container = unpack(data)
     params = ProgressiveParams.unpack(container.header.params)
-    fn = network(loaded.model)
+    fn = network(loaded.model, exact=params.exact, float64=params.network_float64)
     dc = loaded.diffusion_config
     dec = pg.decode(fn, dc, container.payload, params, upto=params.num_steps, keep_all=True)
     s = pg.coded_schedule(dc, params.num_steps, params.spacing)
@@ -168,6 +170,10 @@ def perturbed(loaded: LoadedModel, sigma: float, seed: int) -> LoadedModel:
 def perturbation_study(loaded: LoadedModel, data: bytes, image: np.ndarray, sigma: float, seed: int) -> dict:
     bad = perturbed(loaded, sigma, seed)
     params = ProgressiveParams.unpack(unpack(data).header.params)
+    try:  # an exact-contract file is refused by its probe before any stage is decoded
+        api.decode(data, model=bad, device="cpu", upto=1)
+    except DiffcodecError as e:
+        return {"sigma": sigma, "refused": str(e)}
     rows = []
     for upto in sorted({1, params.num_steps // 2, params.num_steps - 2, params.num_steps}):
         upto = max(1, upto)
@@ -186,9 +192,10 @@ def perturbation_study(loaded: LoadedModel, data: bytes, image: np.ndarray, sigm
 
 
 def run_image(loaded: LoadedModel, image: np.ndarray, params: ProgressiveParams, *, ddim: bool,
-              seed: int, workers: int | None = None) -> dict:
+              seed: int, workers: int | None = None, arithmetic: str = "exact") -> dict:
     start = time.perf_counter()
-    encoding = api.encode([image], model=loaded, mode="progressive", progressive_params=params, workers=workers)
+    encoding = api.encode([image], model=loaded, mode="progressive", progressive_params=params, workers=workers,
+                          arithmetic=arithmetic)
     data, enc = encoding.data, encoding.encoded
     enc_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -324,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip JPEG / WebP / JPEG-XL on the same images")
     p.add_argument("--no-ddim", action="store_true", help="skip the DDIM reconstructions (K^2/2 network calls)")
     p.add_argument("--perturb", type=float, default=1e-6, help="weight noise of the perturbed decoder (0: skip)")
+    p.add_argument("--arithmetic", choices=("exact", "float32", "float64"), default="exact",
+                   help="the codec's arithmetic (default exact: files that decode on any machine)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads and candidate-search threads (default: torch's and all cores)")
     p.add_argument("--out", help="output JSON (default reports/progressive.json; markdown beside it)")
@@ -351,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance(args, loaded, args.seed, device=device, command=command)
     rows = []
     for i, image in enumerate(images):
-        rows.append(run_image(loaded, image, params, ddim=not args.no_ddim, seed=args.seed + i, workers=args.threads))
+        rows.append(run_image(loaded, image, params, ddim=not args.no_ddim, seed=args.seed + i, workers=args.threads,
+                              arithmetic=args.arithmetic))
         r = rows[-1]
         print(f"image {i}: {r['real_bits'][-1] / image.size:.3f} bpd real vs {sum(r['analytic_bits']) / image.size:.3f} "
               f"analytic; encode {r['encode_seconds']:.1f} s, decode {r['decode_seconds']:.1f} s", file=sys.stderr)
