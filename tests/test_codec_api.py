@@ -36,7 +36,8 @@ def test_both_modes_round_trip_through_one_api_with_progress(model):
     assert lossless.bound_bpd > 0 and lossless.file_bpd > 0
 
     params = ProgressiveParams(num_steps=3, chunk_bits=6.0, log2_candidates=10, network_float64=True)
-    progressive = api.encode(images, model=model, mode="progressive", progressive_params=params, workers=1)
+    progressive = api.encode(images, model=model, mode="progressive", progressive_params=params, workers=1,
+                             float64=True)
     assert isinstance(progressive, api.ProgressiveEncoding)
     assert api.read_header(progressive.data).mode == MODE_PROGRESSIVE and progressive.header.num_steps == 3
     full = api.decode(progressive.data, model=model, device="cpu")
