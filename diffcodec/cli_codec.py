@@ -330,10 +330,12 @@ def run_decode_command(args: argparse.Namespace) -> int:
                        upto=args.upto, reconstruction=args.reconstruction, progress=bars)
     progressive = isinstance(r, api.ProgressiveDecoding)
     if progressive and r.diverged and args.upto is None:
+        why = ("the payload is corrupt: this decoder's exact arithmetic reproduced the encoder's probe" if h.contract
+               else "this decoder's arithmetic differs from the encoder's, e.g. another device, thread count or "
+                    "library version: a same-machine float file")
         raise DiffcodecError(
-            f"{args.file}: the lossless stage did not reproduce the encoded pixels (checksum mismatch: this "
-            f"decoder's arithmetic differs from the encoder's, e.g. another device, thread count or library "
-            f"version: a same-machine float file); nothing written. --upto {r.num_stages - 1} writes "
+            f"{args.file}: the lossless stage did not reproduce the encoded pixels (checksum mismatch: {why}); "
+            f"nothing written. --upto {r.num_stages - 1} writes "
             f"the lossy reconstruction from t = 0")
     # the checksum has been verified (or the images are a labelled reconstruction): only now write
     if len(targets) > 1 or not args.output.lower().endswith(".png"):
