@@ -19,6 +19,9 @@ from diffcodec.errors import DiffcodecError
 from diffcodec.timesteps import SPACINGS
 
 
+EXIT_DAMAGED = 3  # decode: a damaged progressive file; the image of its intact stages was written
+
+
 class ProgressBars:
     """One tqdm bar per phase of `codec.api`'s progress calls, made when a phase starts."""
 
@@ -295,7 +298,12 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
         "decode",
         help="decode a .dfc file back to PNG images (verifies the pixel checksum first)",
         description="Decode a .dfc file. OUT is a PNG path for a single image, else a directory that gets "
-                    "one PNG per image. Nothing is written unless the decoded pixels match the checksum.",
+                    "one PNG per image. Lossless pixels are written only when they match the file's checksum; a "
+                    "progressive file cut short decodes to the stages it holds (a lossy reconstruction, said so), "
+                    "and its stages are used only once their integrity check has matched.",
+        epilog="exit status: 0 decoded (lossless and verified, or the reconstruction from a prefix); 2 refused, "
+               "nothing written; 3 a damaged progressive file: the reconstruction from its intact stages was "
+               "written and the message says where the damage starts",
     )
     p.add_argument("file", metavar="FILE.dfc", help="the .dfc file to decode (bits-back or progressive)")
     p.add_argument("--output", "-o", required=True, metavar="OUT", help="OUT.png (one image) or a directory")
@@ -330,13 +338,11 @@ def run_decode_command(args: argparse.Namespace) -> int:
                        upto=args.upto, reconstruction=args.reconstruction, progress=bars)
     progressive = isinstance(r, api.ProgressiveDecoding)
     if progressive and r.diverged and args.upto is None:
-        why = ("the payload is corrupt: this decoder's exact arithmetic reproduced the encoder's probe" if h.contract
-               else "this decoder's arithmetic differs from the encoder's, e.g. another device, thread count or "
-                    "library version: a same-machine float file")
         raise DiffcodecError(
-            f"{args.file}: the lossless stage did not reproduce the encoded pixels (checksum mismatch: {why}); "
-            f"nothing written. --upto {r.num_stages - 1} writes "
-            f"the lossy reconstruction from t = 0")
+            f"{args.file}: the lossless stage did not reproduce the encoded pixels (checksum mismatch: this "
+            "decoder's arithmetic differs from the encoder's, e.g. another device, thread count or library "
+            "version: a same-machine float file; or the file is damaged); nothing written. "
+            f"--upto {r.num_stages - 1} writes the lossy reconstruction from t = 0")
     # the checksum has been verified (or the images are a labelled reconstruction): only now write
     if len(targets) > 1 or not args.output.lower().endswith(".png"):
         Path(args.output).mkdir(parents=True, exist_ok=True)
@@ -348,6 +354,13 @@ def run_decode_command(args: argparse.Namespace) -> int:
         "num_steps": h.num_steps, "device": r.device, "encoded_on": h.device, "seconds": r.seconds,
         "cpu_seconds": r.cpu_seconds}
     where = targets[0] if len(targets) == 1 else f"{args.output}/ ({len(targets)} PNGs)"
+    if progressive and r.damage:
+        if args.json:
+            print(json.dumps(report, indent=2))
+        t = "t=0" if r.timestep == 0 else f"t={r.timestep}"
+        print(f"diffcodec: error: {args.file}: the file is damaged ({r.damage}); wrote the lossy reconstruction "
+              f"from its {r.stages} intact stage(s) of {r.num_stages} ({t}) -> {where}", file=sys.stderr)
+        return EXIT_DAMAGED
     if args.json:
         print(json.dumps(report, indent=2))
     elif progressive:
@@ -362,6 +375,7 @@ def progressive_decode_report(r, args: argparse.Namespace, h, targets: list[str]
     dims = sum(int(im.size) for im in r.images)
     return {"file": args.file, "mode": "progressive", "num_images": len(r.images), "outputs": targets,
             "verified": r.verified, "lossless": r.verified, "reconstruction": r.reconstruction,
+            "damaged": bool(r.damage), "damage": r.damage or None,
             "stages": r.stages, "num_stages": r.num_stages, "timestep": r.timestep, "truncated": r.truncated,
             "bits_available": r.file_bits, "bits_used": r.bits_used, "header_bits": r.header_bits,
             "bits_per_dim_used": r.bits_used / dims, "complete_file_bits": r.header_bits + r.payload_bits_total,

@@ -138,20 +138,28 @@ def test_every_prefix_decodes_and_distortion_falls(coded):
     fn, dc, tiles, x0, enc = coded
     K = PARAMS.num_steps
     mse = []
+    assert enc.num_checks >= 2  # the stages come in several checked groups
     for stage in range(K):
         bits = int(enc.prefix_bits[stage])
+        # a stage arrives with its group (the stages up to the group's check): every stage
+        # of the group has the same shortest prefix
+        group_end = int(np.searchsorted(enc.prefix_bits[:K], bits, side="right"))
         dec = pg.decode(fn, dc, enc.payload, enc.params, num_bits=bits)
-        assert dec.stages == stage + 1 and not dec.complete and dec.bits_used == bits
+        assert dec.stages == group_end >= stage + 1 and not dec.complete and dec.bits_used == bits
         assert dec.x0.shape == x0.shape and float(dec.x0.abs().max()) <= 1.0
-        mse.append(float(((dec.x0 - x0) ** 2).mean()))
-        # the shortest prefix: one bit fewer loses the stage (no stage at all: an error)
-        if stage > 0:
-            assert pg.decode(fn, dc, enc.payload, enc.params, num_bits=bits - 1).stages == stage
+        assert dec.stop == ("limit" if group_end < K else "complete") or dec.stop == "end"
+        # the shortest prefix: one bit fewer loses the group (no stage at all: an error)
+        group_start = int(np.searchsorted(enc.prefix_bits[:K], bits, side="left"))
+        if group_start > 0:
+            assert pg.decode(fn, dc, enc.payload, enc.params, num_bits=bits - 1).stages == group_start
         else:
             with pytest.raises(DiffcodecError, match="no complete stage"):
                 pg.decode(fn, dc, enc.payload, enc.params, num_bits=bits - 1)
+        one = pg.decode(fn, dc, enc.payload, enc.params, num_bits=bits, upto=stage + 1)
+        assert one.stages == stage + 1
+        mse.append(float(((one.x0 - x0) ** 2).mean()))
         ddim = pg.decode(fn, dc, enc.payload, enc.params, num_bits=bits, reconstruction="ddim")
-        assert ddim.stages == stage + 1 and float(ddim.x0.abs().max()) <= 1.0
+        assert ddim.stages == group_end and float(ddim.x0.abs().max()) <= 1.0
     # the decoder's x^_0 at each stage is the encoder's (same latents)
     np.testing.assert_allclose(np.array(mse) * 127.5**2, enc.xstart_mse, rtol=1e-4)
     assert np.mean(mse[K // 2 :]) < np.mean(mse[: K // 2])
@@ -181,11 +189,14 @@ def test_real_bits_track_the_analytic_kl(coded):
     # RCC stages: about KL + a few bits per chunk (log2(KL_chunk + 1) + O(1))
     chunks = np.maximum(enc.num_chunks, 1)
     rcc_real, rcc_kl = real[:-1].sum(), kl[:-1].sum()
+    checks = enc.num_checks * PARAMS.check_bits
     assert rcc_kl > 200  # the test exercises many chunks
-    assert 0.6 * rcc_kl < rcc_real < rcc_kl + chunks.sum() * (np.log2(PARAMS.chunk_bits + 1) + 4)
-    big = kl[:-1] > 50
-    ratio = real[:-1][big] / kl[:-1][big]
-    assert np.all((ratio > 0.5) & (ratio < 2.0))
+    assert 0.6 * rcc_kl < rcc_real < rcc_kl + chunks.sum() * (np.log2(PARAMS.chunk_bits + 1) + 4) + checks
+    # stages arrive in checked groups: compare the cumulative bits at each group's end
+    ends = np.flatnonzero(np.diff(np.append(enc.prefix_bits[:-1], np.inf)) > 0)
+    big = np.cumsum(kl[:-1])[ends] > 50
+    ratio = enc.prefix_bits[:-1][ends][big] / np.cumsum(kl[:-1])[ends][big]
+    assert big.any() and np.all((ratio > 0.5) & (ratio < 2.0))
 
 
 def test_perturbed_decoder_degrades_gracefully(coded):
@@ -259,6 +270,13 @@ def cli_setup(tmp_path):
     return tmp_path, ckpt, img
 
 
+def r_cut_stages(rep: dict, stage: int) -> int:
+    """Stages a file cut at the byte after stage ``stage``'s shortest prefix delivers (its whole group)."""
+    header_bits = rep["header_bytes"] * 8
+    bits = 8 * ((rep["stages"][stage]["file_bits"] + 7) // 8)
+    return sum(1 for st in rep["stages"][:-1] if st["file_bits"] <= bits) if bits >= header_bits else 0
+
+
 def run_cli(argv, capsys):
     from diffcodec.cli import main
 
@@ -299,8 +317,55 @@ def test_cli_progressive_round_trip_and_prefixes(cli_setup, capsys):
     cut.write_bytes(dfc.read_bytes()[: (rep["stages"][2]["file_bits"] + 7) // 8])
     code, out, err = run_cli(["decode", cut, "-o", tmp / "c.png", "-c", ckpt, "--device", "cpu"], capsys)
     assert code == 0, err
-    assert "stage 3 of 4" in out and "cut short" in out
+    assert f"stage {r_cut_stages(rep, 2)} of 4" in out and "cut short" in out
     # too few bits for the header: one line, nothing written
     code, out, err = run_cli(["decode", dfc, "-o", tmp / "h.png", "-c", ckpt, "--bits", 16, "--device", "cpu"],
                              capsys)
     assert code == 2 and err.startswith("diffcodec: error:") and not (tmp / "h.png").exists()
+
+
+def test_damaged_payload_decodes_only_its_intact_stages(coded):
+    """A flipped bit anywhere in the payload: the decoder uses only the stages before the
+    first failed check (their image is the clean prefix's, bit for bit) and says why it
+    stopped; it never returns a wrong latent or wrong pixels as the coded ones."""
+    fn, dc, tiles, x0, enc = coded
+    K = PARAMS.num_steps
+    clean = {s: pg.decode(fn, dc, enc.payload, enc.params, upto=s).x0 for s in range(1, K + 1)}
+    stops = set()
+    for pos in range(0, len(enc.payload), max(1, len(enc.payload) // 19)):
+        bad = bytearray(enc.payload)
+        bad[pos] ^= 1 << (pos % 8)
+        try:
+            dec = pg.decode(fn, dc, bytes(bad), enc.params)
+        except DiffcodecError as e:  # damage before the first check
+            assert "damaged" in str(e) or "no complete stage" in str(e)
+            stops.add("none")
+            continue
+        stops.add(dec.stop)
+        if dec.stop == "complete":  # every check passed: the flip hit the pixel stage
+            if dec.complete:
+                assert dec.stages == K + 1 and not torch.equal(dec.x0, x0)  # the caller's checksum refuses it
+            else:
+                assert dec.diverged and dec.stages == K and torch.equal(dec.x0, clean[K])
+            continue
+        assert dec.stop in ("check", "end") and 1 <= dec.stages <= K
+        assert torch.equal(dec.x0, clean[dec.stages]), f"byte {pos}: a damaged stage was used"
+    assert "check" in stops  # the checks, not only the coder's own invalid-data errors, catch damage
+
+
+def test_stream_without_checks_still_decodes_stage_by_stage():
+    """Block version 1 (no integrity checks, as diffcodec 0.3 wrote and bits-back's bootstrap
+    still writes): every stage is its own prefix."""
+    model, dc = seeded_tiny(0)
+    fn = denoiser(model)
+    x0 = to_model_input(test_image(1, seed=7))
+    params = dataclasses.replace(PARAMS, num_tiles=1, num_steps=4, check_bits=0)
+    assert params.pack()[0] == 1 and len(params.pack()) == 23
+    enc = pg.encode(fn, dc, x0, params)
+    assert enc.num_checks == 0 and np.all(np.diff(enc.prefix_bits) > 0)
+    for stage in range(4):
+        assert pg.decode(fn, dc, enc.payload, enc.params, num_bits=int(enc.prefix_bits[stage])).stages == stage + 1
+    assert torch.equal(pg.decode(fn, dc, enc.payload, enc.params).x0, x0)
+    with_checks = pg.encode(fn, dc, x0, dataclasses.replace(params, check_bits=16))
+    assert with_checks.num_checks >= 1 and with_checks.params.pack()[0] == 2
+    assert len(with_checks.payload) >= len(enc.payload)

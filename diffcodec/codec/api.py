@@ -157,6 +157,8 @@ class ProgressiveDecoding:
     reconstruction: str
     device: str
     seconds: dict[str, float] = field(default_factory=dict)
+    damage: str = ""  # why the file is damaged (a failed integrity check, ...), "" when it is not;
+    #   the images are then the reconstruction from the intact stages before the damage
 
 
 # ------------------------------------------------------------------------------ checks
@@ -387,24 +389,40 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
     file_bits = 8 * data_bytes if num_bits is None else min(int(num_bits), 8 * data_bytes)
     if file_bits < header_bits:
         raise DiffcodecError(f"{where}: {file_bits} bits do not cover the {header_bits}-bit header")
+    stream_bytes = params.payload_bits // 8
+    if len(container.payload) > stream_bytes:
+        raise DiffcodecError(f"{where}: corrupt file ({len(container.payload) - stream_bytes} bytes after the end of "
+                             f"its {stream_bytes}-byte stream)")
     sizes = [(im.height, im.width) for im in h.images]
-    with deterministic_kernels():
-        dec = progressive.decode(model_fn or network(model.model, float64=params.network_float64), model.diffusion_config,
-                                 container.payload, params, num_bits=file_bits - header_bits, upto=upto,
-                                 reconstruction=reconstruction, device=device)
+    try:
+        with deterministic_kernels():
+            dec = progressive.decode(model_fn or network(model.model, float64=params.network_float64),
+                                     model.diffusion_config, container.payload, params,
+                                     num_bits=file_bits - header_bits, upto=upto, reconstruction=reconstruction,
+                                     device=device)
+    except DiffcodecError as e:
+        raise DiffcodecError(f"{where}: {e}") from None
     images = images_from_tiles(from_model_output(dec.x0), sizes)
-    verified, diverged = False, dec.diverged
+    truncated = len(container.payload) < stream_bytes
+    whole = not truncated and file_bits == 8 * data_bytes  # the decoder was given the complete stream
+    verified, diverged, damage = False, dec.diverged, ""
     if dec.complete:
         verified = pixel_checksum(images) == h.pixel_sha
         if not verified:  # never hand out wrong pixels: fall back to x^_0 from y_0
             diverged, images = True, images_from_tiles(from_model_output(dec.fallback), sizes)
+    if dec.stop == "check":
+        damage = f"the integrity check after stage {dec.stop_stage} failed"
+    elif dec.stop == "end" and whole:
+        damage = f"stage {dec.stop_stage} does not decode although the file holds the whole stream"
+    elif diverged and params.exact:  # the probe matched: this decoder computes what the encoder computed
+        diverged, damage = False, "the lossless stage does not reproduce the pixel checksum"
     if progress is not None:
         progress("decode", dec.stages, params.num_stages)
     stages = dec.stages if verified or not dec.complete else dec.stages - 1
     return ProgressiveDecoding(
         images, [im.name for im in h.images], stages, params.num_stages,
         dec.timestep if verified or not dec.complete else 0, verified, diverged,
-        8 * len(container.payload) < params.payload_bits, file_bits, header_bits, header_bits + dec.bits_used,
+        truncated, file_bits, header_bits, header_bits + dec.bits_used,
         params.payload_bits, "exact" if verified else ("xstart" if dec.complete else reconstruction), str(device),
-        dec.seconds)
+        dec.seconds, damage)
 

@@ -17,10 +17,14 @@ encoder's settings, and ``network_float64`` lifts that (a slower network); the c
 pixel checksum catches a mismatch.
 
 Cost. Each chunk pays about log2(kappa + 1) + O(1) bits over its KL (the PFR index's
-spread); each stage a level symbol (a few bits). Candidates per chunk are capped at
-2^log2_candidates, so a chunk whose KL exceeds that sends a sample between p and q: fewer
-bits now, more in later stages. Payload bytes carry no redundancy: a corrupted payload
-still decodes to some image, and only the checksum at full length notices.
+spread); each stage a level symbol (a few bits); each group of stages a check of
+check_bits bits (`syntax`: about a dozen 16-bit checks on a 32x32 image). Candidates per
+chunk are capped at 2^log2_candidates, so a chunk whose KL exceeds that sends a sample
+between p and q: fewer bits now, more in later stages.
+
+Integrity. The checks let any prefix verify its stages: the decoder uses only stages whose
+group check it has read and matched, and reports a failed check as damage; the pixel stage
+is verified by the container's pixel checksum.
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ from diffcodec.codec.progressive.syntax import (
     PIXEL_LO,
     StageSymbols,
     Syntax,
+    StageRun,
     TwinReader,
     count_stages,
     level_of_kl,
     pad_words,
+    read_stages,
     shortest_prefixes,
     write_stage,
 )
@@ -106,6 +112,7 @@ class Encoded:
     num_chunks: np.ndarray  # int64 [K]
     xstart_mse: np.ndarray  # float64 [K]: MSE on [0,255] of x^_0 predicted from each stage's latent
     seconds: dict[str, float] = field(default_factory=dict)
+    num_checks: int = 0  # integrity checks written (check_bits each)
 
 
 def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray, exact_contract: bool) -> torch.Tensor:
@@ -166,7 +173,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     enc, syntax = RangeEncoder(), Syntax(params, D)
     kl_bits = np.zeros(K + 1)
     levels, chunks_per_stage, mse = np.zeros(K, dtype=np.int64), np.zeros(K, dtype=np.int64), np.zeros(K)
-    y = None
+    y, num_checks = None, 0
     start = time.perf_counter()
     for stage in range(K):
         k = K - 1 - stage  # the code step of the latent this stage sends
@@ -199,7 +206,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
                 indices[:] = rcc.pfr_select_many(tasks, workers=workers)
         symbols = StageSymbols(level, indices)
         with clock("entropy"):
-            write_stage(enc, syntax, symbols)
+            num_checks += write_stage(enc, syntax, symbols)
         with clock("candidates"):
             u = _sample_stage(params, stage, symbols, n, D)
         y = _latent(p_mean, p_log_var, u, params.exact)
@@ -226,7 +233,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     clock.seconds["total"] = time.perf_counter() - start
     timesteps = np.append(s.timesteps[::-1], -1)
     return Encoded(replace(params, payload_bits=8 * len(payload)), payload, prefix, kl_bits, timesteps,
-                   levels, chunks_per_stage, mse, dict(clock.seconds))
+                   levels, chunks_per_stage, mse, dict(clock.seconds), num_checks)
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,8 @@ class Decoded:
     bits_available: int  # payload bits the decoder was given
     bits_used: int  # the fewest of them that deliver the same stages
     diverged: bool = False  # the whole stream was there but its pixel stage did not decode
+    stop: str = "complete"  # why the RCC stages stopped (`syntax.StageRun.stop`: complete, limit, end, check)
+    stop_stage: int = -1  # where ("end" / "check")
     fallback: torch.Tensor | None = None  # when complete: x^_0 predicted from y_0 (if the checksum fails)
     xstart: list[torch.Tensor] = field(default_factory=list)  # per received latent: x^_0 (keep_all)
     latents: list[torch.Tensor] = field(default_factory=list)  # per received latent (keep_all)
@@ -269,12 +278,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     y, p, xstarts, latents, stages = None, None, [], [], 0
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
     proto = torch.zeros(shape, device=device, dtype=dtype)
-    for stage in range(min(limit, K)):
+    with clock("entropy"):
+        run: StageRun = read_stages(reader, syntax, limit)  # symbols only: verified before any network call
+    for stage, symbols in enumerate(run.stages):
         k = K - 1 - stage
-        with clock("entropy"):
-            symbols = reader.stage(syntax)
-        if symbols is None:
-            break
         if stage == 0:
             p_mean, p_log_var = _prior(proto)
         else:
@@ -292,6 +299,9 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             xstarts.append(p.pred_xstart)
             latents.append(y)
     if stages == 0:
+        if run.stop == "check":
+            raise DiffcodecError(f"the stream is damaged: the integrity check after stage {run.at_stage} failed "
+                                 "and no stage before it is intact")
         raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
                              f"a longer prefix is needed")
     if stages == K and limit > K:
@@ -302,10 +312,11 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             with clock("entropy"):
                 used = _shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
             x0 = torch.from_numpy((pixels.astype(np.float32) / 127.5 - 1.0).reshape(shape)).to(device, dtype)
-            return Decoded(x0, K + 1, True, -1, bits, used, False, p.pred_xstart, xstarts, latents,
-                           dict(clock.seconds))
+            return Decoded(x0, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, p.pred_xstart,
+                           xstarts, latents, dict(clock.seconds))
     # A complete stream whose last stage does not decode: the network's arithmetic differs
-    # from the encoder's (another device, thread count or library version).
+    # from the encoder's (another device, thread count or library version), or the file is
+    # damaged (the caller tells which).
     diverged = stages == K and limit > K and bits >= params.payload_bits
     k = K - stages
     with clock("reconstruction"):
@@ -316,8 +327,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                                   clip_denoised=params.clip_denoised, first_xstart=p.pred_xstart)
     with clock("entropy"):
         used = _shortest_prefix(payload, bits, params, D, stages, None)
-    return Decoded(x0, stages, False, int(s.timesteps[k]), bits, used, diverged, None, xstarts, latents,
-                   dict(clock.seconds))
+    return Decoded(x0, stages, False, int(s.timesteps[k]), bits, used, diverged, run.stop, run.at_stage, None,
+                   xstarts, latents, dict(clock.seconds))
 
 
 def _shortest_prefix(payload: bytes, bits: int, params: ProgressiveParams, num_dims: int, stages: int,

@@ -32,9 +32,18 @@ class ProgressiveParams:
     num_tiles: int = 1
     tile_size: int = 32
     payload_bits: int = 0  # the complete stream's length in bits (set by the encoder)
+    # integrity checks (`syntax`: a check_bits-bit digest of every stage so far closes each
+    # group of stages; a group closes once its nominal KL reaches max(check_min_bits,
+    # check_growth x the KL before it) and after the last RCC stage); 0 = none (block version 1)
+    check_bits: int = 16
+    check_min_bits: int = 128
+    check_growth: float = 0.5
 
     _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
-    BLOCK_VERSION = 1
+    _CHECKS = struct.Struct("<BBH")  # block version 2: check bits, growth x 4, min group bits
+    BLOCK_VERSION = 2  # what this diffcodec writes when checks are on (version 1 = no checks)
+    READ_VERSIONS = (1, 2)
+    MAX_CHECK_BITS = 16
 
     def __post_init__(self) -> None:
         if self.spacing not in SPACING_CODES:
@@ -57,11 +66,18 @@ class ProgressiveParams:
             raise ValueError("progressive: snap_log2 must be in -30..0")
         if self.num_tiles < 1 or not 1 <= self.tile_size <= 0xFFFF:
             raise ValueError("progressive: need at least one tile of a valid size")
+        if not 0 <= self.check_bits <= self.MAX_CHECK_BITS:
+            raise ValueError(f"progressive: check_bits must be 0..{self.MAX_CHECK_BITS}, got {self.check_bits}")
+        if not 1 <= self.check_min_bits <= 0xFFFF:
+            raise ValueError("progressive: check_min_bits must be 1..65535")
+        if not (0 <= self.check_growth <= 63.75 and float(self.check_growth * 4).is_integer()):
+            raise ValueError("progressive: check_growth must be a multiple of 1/4 in 0..63.75")
 
     def pack(self) -> bytes:
         """The mode-1 parameter block (little-endian):
 
-            0  u8  block version (1)          8   u8  flags: bit 0 clip_denoised, bit 1 network_float64,
+            0  u8  block version (1: no integrity checks; 2: with them)
+                                              8   u8  flags: bit 0 clip_denoised, bit 1 network_float64,
                                                   bit 2 exact contract (its version is the container's)
             1  u8  spacing (SPACING_CODES)  9  u32 number of tiles
             2  u16 K coded steps              13  u16 tile size
@@ -69,28 +85,42 @@ class ProgressiveParams:
             5  u8  chunk bits x 4             19  u32 payload bits of the complete stream
             6  u8  pad bits x 4 (encoder's choice, recorded)
             7  i8  log2 of the pixel-parameter snap grid (pixel-level units)
+          (version 2 only)
+            23 u8  check bits (1..16)         24  u8  check growth x 4
+            25 u16 smallest group of stages, in nominal KL bits
         """
-        return self._FIXED.pack(
-            self.BLOCK_VERSION, SPACING_CODES.index(self.spacing), self.num_steps, self.log2_candidates,
+        checks = self.check_bits > 0
+        fixed = self._FIXED.pack(
+            2 if checks else 1, SPACING_CODES.index(self.spacing), self.num_steps, self.log2_candidates,
             int(self.chunk_bits * 4), int(self.pad_bits * 4), self.snap_log2,
             int(self.clip_denoised) | (int(self.network_float64) << 1) | (int(self.exact) << 2),
             self.num_tiles, self.tile_size, self.seed, self.payload_bits,
         )
+        if not checks:  # without checks, the version 1 block byte for byte
+            return fixed
+        return fixed + self._CHECKS.pack(self.check_bits, int(self.check_growth * 4), self.check_min_bits)
 
     @classmethod
     def unpack(cls, block: bytes, where: str = "file") -> ProgressiveParams:
-        if len(block) != cls._FIXED.size:
+        version = block[0] if block else 0
+        if version not in cls.READ_VERSIONS:
+            raise DiffcodecError(f"{where}: progressive block version {version}; this diffcodec reads "
+                                 f"{cls.READ_VERSIONS[0]} to {cls.READ_VERSIONS[-1]}")
+        size = cls._FIXED.size + (cls._CHECKS.size if version >= 2 else 0)
+        if len(block) != size:
             raise DiffcodecError(f"{where}: corrupt progressive parameter block ({len(block)} bytes)")
         (version, spacing, num_steps, log2_n, chunk_q, pad_q, snap_log2, flags, num_tiles, tile_size, seed,
-         payload_bits) = cls._FIXED.unpack(block)
-        if version != cls.BLOCK_VERSION:
-            raise DiffcodecError(f"{where}: progressive block version {version}; this diffcodec reads "
-                                 f"{cls.BLOCK_VERSION}")
+         payload_bits) = cls._FIXED.unpack_from(block)
+        check_bits, growth_q, check_min_bits = cls._CHECKS.unpack_from(block, cls._FIXED.size) if version >= 2 else (
+            0, 2, 128)
+        if version >= 2 and check_bits == 0:
+            raise DiffcodecError(f"{where}: corrupt progressive parameters (a version 2 block without checks)")
         if spacing >= len(SPACING_CODES) or flags > 7:
             raise DiffcodecError(f"{where}: corrupt progressive parameters (spacing {spacing}, flags {flags})")
         try:
             return cls(num_steps, SPACING_CODES[spacing], log2_n, chunk_q / 4, pad_q / 4, seed, snap_log2,
-                       bool(flags & 1), bool(flags & 2), bool(flags & 4), num_tiles, tile_size, payload_bits)
+                       bool(flags & 1), bool(flags & 2), bool(flags & 4), num_tiles, tile_size, payload_bits,
+                       check_bits, check_min_bits, growth_q / 4)
         except ValueError as e:
             raise DiffcodecError(f"{where}: corrupt progressive parameters ({e})") from None
 

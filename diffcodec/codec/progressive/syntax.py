@@ -10,8 +10,14 @@ Stage syntax (one range-coder stream, FIFO, stage k strictly before stage k + 1)
                   each chunk's PFR index (`rcc`) is sent as its exponent under an adaptive law
                   with context kappa (`rcc.ExponentModel`, updated after each stage) ...
     mantissas     ... then the bits below the leading one, uniformly
+    check         (block version 2, after the stage that closes a group) check_bits bits,
+                  uniformly: the low bits of a running SHA-256 of every stage's symbols so far
+                  (`Syntax.check_value`). A group closes once its nominal KL (the levels' KL,
+                  known to both sides) reaches max(check_min_bits, check_growth x the nominal
+                  KL before the group), and always after stage K - 1
     pixels        (stage K) one symbol per dimension, QuantizedGaussian on 0..255 in pixel
-                  units, mean and std snapped to a 2^snap_log2 grid (`coding_params`)
+                  units, mean and std snapped to a 2^snap_log2 grid (`coding_params`); the
+                  container's pixel checksum verifies it
 
 The symbols of stages 0..K-1 depend on the stream alone, never on the network, so a
 decoder parses every stage even where its arithmetic differs slightly from the encoder's.
@@ -23,13 +29,22 @@ with ones (the smallest and largest code values the rest could hold); a stage co
 received only if both decode it to the same symbols, which then are the encoder's (the
 code values that decode to a given symbol sequence form an interval). A padded decoder
 that meets data no encoder could write counts as a mismatch: conservative, never wrong.
+
+Integrity. A stage is delivered only with its group's check (`read_stages`): a check that
+both padded decoders read alike but that differs from the digest of the symbols read is
+damage (a corrupted byte changes every symbol after it, and the check with them; a false
+pass has probability 2^-check_bits per check); a check the prefix does not hold is the end
+of the prefix. So a damaged file is told apart from a short one, and decodes to the stages
+before its first failed check.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -102,6 +117,9 @@ class Syntax:
         self.num_dims = num_dims
         self.levels: list[int] = []
         self.exponents = rcc.ExponentModel(params.log2_candidates, exact_contract=params.exact)
+        self._digest = b"diffcodec progressive stages"  # running SHA-256 of the symbols (`check_value`)
+        self._group_bits = 0.0  # nominal KL of the stages since the last check
+        self._checked_bits = 0.0  # nominal KL of the stages before it
 
     def chunking(self, level: int) -> tuple[int, float]:
         """(number of chunks, nominal KL per chunk in bits) of a level."""
@@ -112,15 +130,37 @@ class Syntax:
         return n, kl / n
 
     def commit(self, symbols: StageSymbols) -> None:
+        stage = len(self.levels)
         self.levels.append(symbols.level)
         if symbols.level:
             _, kappa = self.chunking(symbols.level)
             for i in symbols.indices:
                 self.exponents.update(kappa, rcc.split_index(int(i))[0])
+        if self.params.check_bits:
+            indices = np.ascontiguousarray(symbols.indices, dtype="<i8").tobytes()
+            self._digest = hashlib.sha256(self._digest + struct.pack("<IB", stage, symbols.level) + indices).digest()
+            self._group_bits += kl_of_level(symbols.level)
+
+    def check_due(self) -> bool:
+        """Whether the stage just committed closes a group (then its check follows it)."""
+        if not self.params.check_bits:
+            return False
+        if len(self.levels) == self.params.num_steps:
+            return True
+        return self._group_bits >= max(self.params.check_min_bits, self.params.check_growth * self._checked_bits)
+
+    def check_value(self) -> int:
+        """The check of every stage so far: the low check_bits bits of their running digest."""
+        return int.from_bytes(self._digest[:4], "little") & ((1 << self.params.check_bits) - 1)
+
+    def close_group(self) -> None:
+        self._checked_bits += self._group_bits
+        self._group_bits = 0.0
 
 
-def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> None:
-    """Encode one RCC stage's symbols and advance ``syntax``."""
+def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> bool:
+    """Encode one RCC stage's symbols, and its group's check when it closes one; advance
+    ``syntax``. Returns whether a check was written."""
     enc.encode_categorical(np.array([symbols.level]), level_probs(syntax.levels, exact_contract=syntax.params.exact)[None])
     if symbols.level:
         n, kappa = syntax.chunking(symbols.level)
@@ -137,6 +177,11 @@ def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> Non
         if coded.any():
             enc.encode_uniform(np.array([r for (_, r) in parts], dtype=np.int64)[coded], sizes[coded])
     syntax.commit(symbols)
+    if not syntax.check_due():
+        return False
+    enc.encode_uniform(np.array([syntax.check_value()]), 1 << syntax.params.check_bits)
+    syntax.close_group()
+    return True
 
 
 def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
@@ -193,6 +238,21 @@ class TwinReader:
         syntax.commit(a)
         return a
 
+    def check(self, syntax: Syntax) -> bool | None:
+        """Read a group's check: True when it matches the symbols read, False when both
+        decoders read another value (damage), None once the prefix ends."""
+        if self.failed:
+            return None
+        try:
+            a, b = (int(d.decode_uniform(1 << syntax.params.check_bits, 1)[0]) for d in self._decoders)
+        except DECODE_ERRORS:
+            a = b = None
+        if a is None or a != b:
+            self.failed = True
+            return None
+        syntax.close_group()
+        return a == syntax.check_value()
+
     def pixels(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray | None:
         """The pixel stage's symbols (int32 [D]) or None."""
         if self.failed:
@@ -205,6 +265,46 @@ class TwinReader:
             self.failed = True
             return None
         return a
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """The RCC stages a prefix delivers, verified, and why reading stopped."""
+
+    stages: list[StageSymbols] = field(default_factory=list)
+    stop: str = "complete"  # "complete" (all K), "limit" (as many as asked), "end" (the prefix ran
+    #   out, or data no encoder writes), "check" (a group's check failed: the file is damaged)
+    at_stage: int = -1  # "end" / "check": the stage being read (its group's last stage for "check")
+
+
+def read_stages(reader: TwinReader, syntax: Syntax, limit: int) -> StageRun:
+    """Stages 0 .. limit - 1 (at most K) as far as the prefix delivers them with their checks.
+
+    Reads up to the check that closes the group of stage limit - 1. Without checks (block
+    version 1) each stage counts once both decoders agree on it.
+    """
+    limit = min(limit, syntax.params.num_steps)
+    verified: list[StageSymbols] = []
+    pending: list[StageSymbols] = []
+    for stage in range(syntax.params.num_steps):
+        if len(verified) >= limit:
+            break
+        symbols = reader.stage(syntax)
+        if symbols is None:
+            return StageRun(verified, "end", stage)
+        pending.append(symbols)
+        if syntax.params.check_bits and not syntax.check_due():
+            continue
+        if syntax.params.check_bits:
+            ok = reader.check(syntax)
+            if ok is None:
+                return StageRun(verified, "end", stage)
+            if not ok:
+                return StageRun(verified, "check", stage)
+        verified += pending
+        pending = []
+    verified = verified[:limit]
+    return StageRun(verified, "complete" if len(verified) == syntax.params.num_steps else "limit")
 
 
 def pad_words(params: ProgressiveParams, num_dims: int) -> int:
@@ -221,13 +321,13 @@ def count_stages(payload: bytes, num_bits: int, params: ProgressiveParams, num_d
     reader = TwinReader(payload, num_bits, pad_words(params, num_dims))
     syntax = Syntax(params, num_dims)
     limit = params.num_stages if limit is None else limit
-    for stage in range(min(limit, params.num_steps)):
-        if reader.stage(syntax) is None:
-            return stage
+    run = read_stages(reader, syntax, limit)
+    if run.stop != "complete":
+        return len(run.stages)
     if limit > params.num_steps and pixel_models is not None:
         if reader.pixels(*pixel_models) is not None:
             return params.num_stages
-    return min(limit, params.num_steps)
+    return params.num_steps
 
 
 def shortest_prefixes(payload: bytes, params: ProgressiveParams, num_dims: int,
