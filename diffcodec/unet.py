@@ -46,9 +46,10 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with the most groups up to 32 that divide ``channels`` (32 for multiples of 32)."""
     groups = max(g for g in range(1, 33) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -58,12 +59,12 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float) -> None:
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -77,10 +78,10 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, ch: int, num_heads: int) -> None:
+    def __init__(self, ch: int, num_heads: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.norm = group_norm(ch)
+        self.norm = group_norm(ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
         self.attention = Attention()
@@ -93,12 +94,16 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int) -> None:
+    """Stride-2 3x3 conv; ``padding`` 'symmetric' (one zero on each side) or 'end' (one after
+    the end only: TensorFlow's 'SAME', as the paper's code and diffusers' DDPM models)."""
+
+    def __init__(self, ch: int, padding: str = "symmetric") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.pad_end = padding == "end"
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.pad_end else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.pad_end else x)
 
 
 class Upsample(nn.Module):
@@ -116,7 +121,7 @@ class UNet(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        ch, temb_ch = config.ch, 4 * config.ch
+        ch, temb_ch, eps = config.ch, 4 * config.ch, config.norm_eps
         levels = len(config.ch_mult)
         attn_levels = {i for i in range(levels) if config.image_size // 2**i in config.attn_resolutions}
         self.embed = TimestepEmbedding(ch)
@@ -124,9 +129,9 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
 
         def block(in_ch: int, out_ch: int, level: int) -> nn.ModuleList:
-            layers: list[nn.Module] = [ResBlock(in_ch, out_ch, temb_ch, config.dropout)]
+            layers: list[nn.Module] = [ResBlock(in_ch, out_ch, temb_ch, config.dropout, eps)]
             if level in attn_levels:
-                layers.append(AttnBlock(out_ch, config.num_heads))
+                layers.append(AttnBlock(out_ch, config.num_heads, eps))
             return nn.ModuleList(layers)
 
         self.down = nn.ModuleList()
@@ -137,10 +142,11 @@ class UNet(nn.Module):
                 cur = ch * mult
                 skip_chs.append(cur)
             if level != levels - 1:
-                self.down.append(nn.ModuleList([Downsample(cur)]))
+                self.down.append(nn.ModuleList([Downsample(cur, config.downsample_padding)]))
                 skip_chs.append(cur)
-        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, config.dropout), AttnBlock(cur, config.num_heads),
-                                  ResBlock(cur, cur, temb_ch, config.dropout)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, config.dropout, eps),
+                                  AttnBlock(cur, config.num_heads, eps),
+                                  ResBlock(cur, cur, temb_ch, config.dropout, eps)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.ch_mult))):
             for _ in range(config.num_res_blocks + 1):
@@ -148,7 +154,7 @@ class UNet(nn.Module):
                 cur = ch * mult
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur)]))
-        self.norm_out = group_norm(cur)
+        self.norm_out = group_norm(cur, eps)
         self.act_out = nn.SiLU()
         self.conv_out = zero_init(nn.Conv2d(cur, config.out_channels, 3, padding=1))
         self.divisor = 2 ** (levels - 1)
