@@ -197,6 +197,41 @@ def test_cli_nll_encode_decode_with_a_diffusers_folder(paper_like, tmp_path, cap
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), images[0])
 
 
+# google/ddpm-cifar10-32's unet/config.json (the keys diffusers 0.24 writes for it).
+GOOGLE_DDPM_CIFAR10_UNET = {
+    "_class_name": "UNet2DModel", "act_fn": "silu", "add_attention": True, "attention_head_dim": None,
+    "attn_norm_num_groups": None, "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "class_embed_type": None, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "downsample_type": "conv", "dropout": 0.0, "flip_sin_to_cos": False, "freq_shift": 1,
+    "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
+    "num_class_embeds": None, "num_train_timesteps": None, "out_channels": 3, "resnet_time_scale_shift": "default",
+    "sample_size": 32, "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "upsample_type": "conv",
+}
+
+
+def test_the_papers_cifar10_model_as_diffusers_publishes_it_is_diffcodecs_paper_preset(tmp_path):
+    """google/ddpm-cifar10-32 is `preset("ddpm-cifar10")` with GroupNorm eps 1e-6 and end-padded
+    downsampling: 35,746,307 parameters, as diffusers' own UNet2DModel of that config (built on
+    the meta device: no memory, no weights). The full-size forward was also compared once, with
+    random weights through save_pretrained: max difference 3e-8 on outputs of 0.1."""
+    import dataclasses
+
+    from diffcodec.config import preset
+    from diffcodec.external.diffusers import model_config_from_unet
+    from diffcodec.unet import UNet, num_parameters
+
+    config, attn = model_config_from_unet(GOOGLE_DDPM_CIFAR10_UNET, tmp_path / "config.json")
+    paper = preset("ddpm-cifar10")[0]
+    assert config == dataclasses.replace(paper, dropout=0.0, norm_eps=1e-6, downsample_padding="end")
+    assert attn == [False, True, False, False]
+    with torch.device("meta"):
+        ours = num_parameters(UNet(config))
+        theirs = num_parameters(diffusers.UNet2DModel(**{k: v for k, v in GOOGLE_DDPM_CIFAR10_UNET.items()
+                                                          if not k.startswith("_")}))
+    assert ours == theirs == 35_746_307
+
+
 # ------------------------------------------------------------------ bad folders: one line each
 
 
@@ -249,6 +284,8 @@ BAD = {
                           "class-conditional model needs its label"),
     "scale-shift norm": (lambda d: _edit_json(d / "unet" / "config.json", resnet_time_scale_shift="scale_shift"),
                          "unsupported resnet_time_scale_shift"),
+    "no attention_head_dim": (lambda d: _edit_json(d / "unet" / "config.json", attention_head_dim=_DELETE),
+                               "no attention_head_dim"),
     "broken json": (lambda d: (d / "unet" / "config.json").write_text("{"), "not valid JSON"),
 }
 

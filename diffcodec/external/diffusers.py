@@ -155,6 +155,10 @@ def model_config_from_unet(cfg: dict[str, Any], where: Path) -> tuple[ModelConfi
         size = size[0]
     if not isinstance(size, int):
         raise _unsupported(where, "sample_size", size, "diffcodec needs square tiles of a given size")
+    if "attention_head_dim" not in cfg:  # diffusers would take 8, which early exports did not mean
+        raise DiffcodecError(f'{where}: no attention_head_dim (diffusers would assume 8-wide heads; write '
+                             f'"attention_head_dim": null for one head per block, as the paper\'s model, or the '
+                             'head width)')
     head_dim = c["attention_head_dim"]
     widths = [w for w, a in zip(chans, attn) if a] + [chans[-1]]
     if head_dim is None:  # diffusers: one head as wide as the block
