@@ -197,6 +197,24 @@ def test_cli_nll_encode_decode_with_a_diffusers_folder(paper_like, tmp_path, cap
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), images[0])
 
 
+def test_bench_nll_and_figure_5_with_a_diffusers_folder(paper_like, tmp_path, images_npz):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives beside the package
+    from bench import nll as bench_nll
+    from bench import plot as bench_plot
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    assert bench_nll.main([str(images_npz), "-c", str(paper_like[1]), "-n", "2", "--steps", "4,2",
+                           "--out", str(reports / "nll.json"), "-q"]) == 0
+    report = json.loads((reports / "nll.json").read_text())
+    assert json.dumps(report).count(load_checkpoint(paper_like[1]).fingerprint) >= 1
+    assert bench_plot.main(["--reports", str(reports)]) == 0
+    assert (reports / "figure5.png").stat().st_size > 0
+
+
 # google/ddpm-cifar10-32's unet/config.json (the keys diffusers 0.24 writes for it).
 GOOGLE_DDPM_CIFAR10_UNET = {
     "_class_name": "UNet2DModel", "act_fn": "silu", "add_attention": True, "attention_head_dim": None,
