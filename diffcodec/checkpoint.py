@@ -160,16 +160,27 @@ def build_model(model_config: ModelConfig, state: dict[str, torch.Tensor], where
 def load_checkpoint(path: str | os.PathLike | None = None, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a checkpoint (the embedded default when path is None) as a float32 eval-mode UNet.
 
-    ``path`` may also be a diffusers DDPM folder (`external.diffusers`): its weights are loaded
-    into the same UNet, and its fingerprint hashes them with both configs."""
+    ``path`` may also be a diffusers DDPM folder (`external.diffusers`), or an improved-diffusion
+    state dict with its flags beside it in ``PATH.flags`` (`external.improved_diffusion`): their
+    weights are loaded into the same UNet, and the fingerprint hashes them with both configs."""
     path = resolve_checkpoint(path)
+    external = None
     if path.is_dir():
-        from diffcodec.external.diffusers import identity_tensors, is_diffusers_folder, read_diffusers_folder
+        from diffcodec.external.diffusers import is_diffusers_folder, read_diffusers_folder
 
         if not is_diffusers_folder(path):
             raise DiffcodecError(f"{path}: a folder, but not a diffusers model folder (no unet/config.json or "
                                  "config.json); --checkpoint takes a diffcodec checkpoint file or a diffusers folder")
-        model_config, diffusion_config, state, meta = read_diffusers_folder(path)
+        external = read_diffusers_folder(path)
+    else:
+        from diffcodec.external.improved_diffusion import read_improved_diffusion, sidecar_path
+
+        if sidecar_path(path).is_file():
+            external = read_improved_diffusion(path)
+    if external is not None:
+        from diffcodec.external import identity_tensors
+
+        model_config, diffusion_config, state, meta = external
         model = build_model(model_config, state, str(path), device)
         fp = fingerprint(state | identity_tensors(model_config, diffusion_config))
         return LoadedModel(model, model_config, diffusion_config, fp, meta, str(path))

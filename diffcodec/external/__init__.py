@@ -8,4 +8,40 @@ network and the benchmarks run on it through the same functions. Anything the tr
 cannot express exactly is a one-line `DiffcodecError`, never an approximation.
 
 - `diffusers`: a diffusers DDPM folder (``UNet2DModel`` + ``DDPMScheduler`` configs).
+- `improved_diffusion`: an Improved DDPM state dict with its flags in ``MODEL.pt.flags``.
 """
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from diffcodec.config import DiffusionConfig, ModelConfig, config_to_dict
+from diffcodec.errors import DiffcodecError
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict read with torch's ``weights_only`` loading: plain containers and
+    tensors only, so a pickle that would run code (or build any other object) is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an UnpicklingError for a pickle that would run code, and many others
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+        why = next((line for line in lines if "Unsupported global" in line), next((x for x in lines if x), ""))
+        raise DiffcodecError(f"{path}: refused: not loadable as plain weights without running code "
+                             f"({why[:140] or type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise DiffcodecError(f"{path}: not a state dict of named tensors")
+    return state
+
+
+def identity_tensors(model_config: ModelConfig, diffusion_config: DiffusionConfig) -> dict[str, torch.Tensor]:
+    """The two configs as byte tensors under names no parameter has: hashed with the weights,
+    so an external model's fingerprint names its architecture and diffusion too."""
+    text = json.dumps({"model": config_to_dict(model_config), "diffusion": config_to_dict(diffusion_config)},
+                      sort_keys=True)
+    return {"@configs": torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)}

@@ -37,11 +37,11 @@ import torch
 from diffcodec.config import (
     DiffusionConfig,
     ModelConfig,
-    config_to_dict,
     diffusion_config_problem,
     model_config_problem,
 )
 from diffcodec.errors import DiffcodecError
+from diffcodec.external import load_state_dict
 from diffcodec.schedule import linear_betas
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -237,14 +237,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         from diffcodec.external.safetensors_io import read_safetensors
 
         return read_safetensors(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an UnpicklingError for a pickle that would run code, and many others
-        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
-        raise DiffcodecError(f"{path}: refused: not loadable as plain weights without running code ({first})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DiffcodecError(f"{path}: not a state dict of tensors")
-    return state
+    return load_state_dict(path)
 
 
 def _resnet(src: str, dst: str) -> dict[str, str]:
@@ -345,11 +338,3 @@ def read_diffusers_folder(folder: Path) -> tuple[ModelConfig, DiffusionConfig, d
     meta = {"source": "diffusers", "weights": f"diffusers UNet2DModel ({weights_path.name})",
             "unet_config": str(unet_cfg_path), "scheduler_config": str(sched_path)}
     return model_config, diffusion_config, state, meta
-
-
-def identity_tensors(model_config: ModelConfig, diffusion_config: DiffusionConfig) -> dict[str, torch.Tensor]:
-    """The two configs as byte tensors under names no parameter has: hashed with the weights,
-    so an external model's fingerprint names its architecture and diffusion too."""
-    text = json.dumps({"model": config_to_dict(model_config), "diffusion": config_to_dict(diffusion_config)},
-                      sort_keys=True)
-    return {"@configs": torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)}
