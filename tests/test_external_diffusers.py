@@ -38,8 +38,10 @@ PAPER_LIKE = dict(sample_size=16, block_out_channels=(32, 64), down_block_types=
                   up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_eps=1e-6,
                   downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None)
 PAPER_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_large")
-# Another mapping: four heads, symmetric padding, eps 1e-5, learned variances, cosine schedule.
-LEARNED = dict(PAPER_LIKE, attention_head_dim=16, downsample_padding=1, norm_eps=1e-5, out_channels=6)
+# Another mapping: four heads, symmetric padding, eps 1e-5, diffusers' default embedding ([cos,
+# sin], freq_shift 0), learned variances, cosine schedule.
+LEARNED = dict(PAPER_LIKE, attention_head_dim=16, downsample_padding=1, norm_eps=1e-5, out_channels=6,
+               flip_sin_to_cos=True, freq_shift=0)
 LEARNED_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
 
 
@@ -82,9 +84,11 @@ def test_noise_predictions_equal_diffusers_own_forward(which, request):
     mc, dc = loaded.model_config, loaded.diffusion_config
     if which == "paper_like":
         assert (mc.norm_eps, mc.downsample_padding, mc.num_heads, mc.learn_sigma) == (1e-6, "end", 1, False)
+        assert mc.time_embedding == "ddpm"
         assert (dc.schedule, dc.num_timesteps, dc.var_type) == ("linear", 1000, "fixedlarge")
     else:
         assert (mc.norm_eps, mc.downsample_padding, mc.num_heads, mc.learn_sigma) == (1e-5, "symmetric", 4, True)
+        assert mc.time_embedding == "improved"
         assert (dc.schedule, dc.num_timesteps, dc.var_type) == ("cosine", 1000, "learned_range")
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([0, 417, 999])
@@ -300,6 +304,8 @@ BAD = {
                              "weights do not fit the config"),
     "class-conditional": (lambda d: _edit_json(d / "unet" / "config.json", num_class_embeds=10),
                           "class-conditional model needs its label"),
+    "other embedding": (lambda d: _edit_json(d / "unet" / "config.json", freq_shift=0),
+                        "unsupported flip_sin_to_cos/freq_shift"),
     "scale-shift norm": (lambda d: _edit_json(d / "unet" / "config.json", resnet_time_scale_shift="scale_shift"),
                          "unsupported resnet_time_scale_shift"),
     "no attention_head_dim": (lambda d: _edit_json(d / "unet" / "config.json", attention_head_dim=_DELETE),

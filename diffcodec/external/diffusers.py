@@ -14,7 +14,8 @@ convolution padded after the end only (``downsample_padding="end"``, diffusers'
 ``downsample_padding=0``, TensorFlow's 'SAME'). So the weights are loaded INTO a `UNet`
 (query/key/value projections stacked into its 1x1 ``qkv`` convolution): the bound, both
 codecs and the exact network (portable files) work on it unchanged. A config this mapping
-cannot express exactly (another embedding, scale-shift norm, class labels, another
+cannot express exactly (an embedding other than the paper's or diffusers' default [cos, sin]
+with ``freq_shift=0``, scale-shift norm, class labels, another
 prediction target, ...) is a one-line error naming the field.
 
 The schedule, T, the variance type and the clipping of x^_0 come from the scheduler config:
@@ -116,8 +117,6 @@ def model_config_from_unet(cfg: dict[str, Any], where: Path) -> tuple[ModelConfi
                            "a class-conditional model needs its label; diffcodec evaluates unconditional models")
     fixed = {
         "time_embedding_type": ("positional", "diffcodec's UNet has the sinusoidal embedding"),
-        "flip_sin_to_cos": (False, "diffcodec's UNet embeds [sin, cos]"),
-        "freq_shift": (1, "diffcodec's UNet uses frequencies 10000^(-i/(d/2 - 1))"),
         "center_input_sample": (False, "inputs are already in [-1, 1]"),
         "act_fn": ("silu", "diffcodec's UNet uses SiLU"),
         "mid_block_type": ("UNetMidBlock2D", "diffcodec's UNet has a ResNet-attention-ResNet middle"),
@@ -131,6 +130,11 @@ def model_config_from_unet(cfg: dict[str, Any], where: Path) -> tuple[ModelConfi
     for key, (want, why) in fixed.items():
         if c[key] != want:
             raise _unsupported(where, key, c[key], why)
+    embeddings = {(False, 1): "ddpm", (True, 0): "improved"}  # [sin, cos] / (half - 1); [cos, sin] / half
+    embedding = embeddings.get((c["flip_sin_to_cos"], c["freq_shift"]))
+    if embedding is None:
+        raise _unsupported(where, "flip_sin_to_cos/freq_shift", [c["flip_sin_to_cos"], c["freq_shift"]],
+                           "diffcodec reads [false, 1] (the paper's embedding) and [true, 0]")
     if c["attn_norm_num_groups"] not in (None, 32):
         raise _unsupported(where, "attn_norm_num_groups", c["attn_norm_num_groups"], "diffcodec's UNet uses 32 groups")
     chans = c.get("block_out_channels")
@@ -185,7 +189,7 @@ def model_config_from_unet(cfg: dict[str, Any], where: Path) -> tuple[ModelConfi
     config = ModelConfig(
         image_size=size, in_channels=3, ch=ch, ch_mult=tuple(x // ch for x in chans), num_res_blocks=layers,
         attn_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a), dropout=float(dropout),
-        learn_sigma=out_ch == 6, num_heads=num_heads, norm_eps=float(eps),
+        learn_sigma=out_ch == 6, num_heads=num_heads, norm_eps=float(eps), time_embedding=embedding,
         downsample_padding="end" if c["downsample_padding"] == 0 else "symmetric")
     problem = model_config_problem(config)
     if problem is not None:
