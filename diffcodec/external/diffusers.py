@@ -15,8 +15,13 @@ convolution padded after the end only (``downsample_padding="end"``, diffusers'
 (query/key/value projections stacked into its 1x1 ``qkv`` convolution): the bound, both
 codecs and the exact network (portable files) work on it unchanged. A config this mapping
 cannot express exactly (an embedding other than the paper's or diffusers' default [cos, sin]
-with ``freq_shift=0``, scale-shift norm, class labels, another
-prediction target, ...) is a one-line error naming the field.
+with ``freq_shift=0``, which is ``time_embedding="improved"``; scale-shift norm, whose
+diffusers middle block drops the attention's GroupNorm; class labels; another prediction
+target; ...) is a one-line error naming the field.
+
+Note on ``fixed_large``: diffcodec's ``fixedlarge`` is the paper code's (beta_t, with the
+posterior variance at the first step); diffusers' scheduler uses beta_1 there when sampling.
+The bound follows the paper.
 
 The schedule, T, the variance type and the clipping of x^_0 come from the scheduler config:
 ``linear`` (betas 1e-4..0.02 scaled by 1000/T, computed in float64 as the paper's code; any
