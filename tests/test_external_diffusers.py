@@ -345,6 +345,20 @@ def test_a_bin_state_dict_loads_like_the_safetensors_file(paper_like, tmp_path):
     assert a.fingerprint == b.fingerprint
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64])
+def test_the_safetensors_reader_reads_what_the_safetensors_package_writes(tmp_path, dtype):
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="comes with diffusers")
+    from diffcodec.external.safetensors_io import read_safetensors
+
+    tensors = {"a.weight": (torch.arange(24, dtype=torch.float64).reshape(2, 3, 4) / 7 - 1).to(dtype),
+               "b": torch.tensor([3.5]).to(dtype), "empty": torch.zeros(0, 5, dtype=dtype)}
+    safetensors_torch.save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    got = read_safetensors(tmp_path / "x.safetensors")
+    assert set(got) == set(tensors)
+    for name, value in tensors.items():
+        assert got[name].dtype == dtype and torch.equal(got[name], value)
+
+
 def test_a_truncated_safetensors_file_is_a_one_line_error(paper_like, tmp_path):
     folder = _copy(paper_like[1], tmp_path / "m")
     path = folder / "unet" / "diffusion_pytorch_model.safetensors"

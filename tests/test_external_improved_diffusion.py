@@ -81,6 +81,21 @@ def test_the_exact_network_covers_it(tiny):
     torch.testing.assert_close(got.float(), torch.from_numpy(GOLDEN["output"]), rtol=1e-4, atol=1e-4)
 
 
+def test_the_exact_network_gives_the_same_bits_alone_in_any_batch_order(tiny):
+    """Scale-shift norm, the [cos, sin] embedding and the timestep scale keep the exact
+    network's promise: an image's output bits do not depend on the batch around it."""
+    from diffcodec.exact_net import exact_network
+
+    net = exact_network(load_checkpoint(tiny).model)
+    x = torch.from_numpy(np.linspace(-1, 1, 6 * 3 * 8 * 8, dtype=np.float32).reshape(6, 3, 8, 8) ** 3)
+    t = torch.tensor([0, 1, 999, 2000, 3998, 3999])
+    with torch.no_grad():
+        batch = net(x, t).numpy()
+        reversed_ = net(x.flip(0), t.flip(0)).numpy()[::-1]
+        alone = np.concatenate([net(x[i:i + 1], t[i:i + 1]).numpy() for i in range(6)])
+    assert batch.tobytes() == np.ascontiguousarray(reversed_).tobytes() == alone.tobytes()
+
+
 @pytest.mark.parametrize("change", ["--num_heads 1", "--use_scale_shift_norm False --num_heads 2",
                                     "--rescale_timesteps False"])
 def test_the_comparison_can_fail(tmp_path, change):
