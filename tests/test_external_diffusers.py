@@ -181,6 +181,24 @@ def test_fingerprint_names_the_weights_and_the_configs(paper_like, tmp_path):
     assert bare.diffusion_config.var_type == "fixedsmall" and bare.fingerprint != first.fingerprint
 
 
+def test_a_config_field_added_later_at_its_default_keeps_the_fingerprint(paper_like, monkeypatch):
+    """Fields at their defaults are not hashed: files coded with an external model stay
+    decodable when ModelConfig grows a field whose default is the old behaviour."""
+    import dataclasses
+
+    from diffcodec import external
+
+    loaded = load_checkpoint(paper_like[1])
+    real = external.config_to_dict
+
+    def grown(config):
+        d = real(config)
+        return d | {"a_new_field": 7} if dataclasses.is_dataclass(config) else d
+
+    monkeypatch.setattr(external, "config_to_dict", grown)
+    assert load_checkpoint(paper_like[1]).fingerprint == loaded.fingerprint
+
+
 def test_cli_nll_encode_decode_with_a_diffusers_folder(paper_like, tmp_path, capsys):
     from PIL import Image
 

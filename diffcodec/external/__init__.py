@@ -40,8 +40,15 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def identity_tensors(model_config: ModelConfig, diffusion_config: DiffusionConfig) -> dict[str, torch.Tensor]:
-    """The two configs as byte tensors under names no parameter has: hashed with the weights,
-    so an external model's fingerprint names its architecture and diffusion too."""
-    text = json.dumps({"model": config_to_dict(model_config), "diffusion": config_to_dict(diffusion_config)},
+    """The two configs as byte tensors under a name no parameter has: hashed with the weights,
+    so an external model's fingerprint names its architecture and diffusion too. Fields at
+    their defaults are left out, so a field added later (default = the old behaviour) does not
+    change the fingerprint of models, or the files coded with them."""
+
+    def non_default(config: ModelConfig | DiffusionConfig) -> dict:
+        defaults = config_to_dict(type(config)())
+        return {k: v for k, v in config_to_dict(config).items() if v != defaults[k]}
+
+    text = json.dumps({"model": non_default(model_config), "diffusion": non_default(diffusion_config)},
                       sort_keys=True)
     return {"@configs": torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)}
