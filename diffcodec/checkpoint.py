@@ -142,20 +142,51 @@ def weights_misfit(model_config: ModelConfig, state: dict[str, torch.Tensor]) ->
     return None
 
 
-def load_checkpoint(path: str | os.PathLike | None = None, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a checkpoint (the embedded default when path is None) as a float32 eval-mode UNet."""
-    path = resolve_checkpoint(path)
-    payload = read_checkpoint(path)
-    model_config = config_from_dict(ModelConfig, payload["model_config"], where=str(path))
-    diffusion_config = config_from_dict(DiffusionConfig, payload["diffusion_config"], where=str(path))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+def build_model(model_config: ModelConfig, state: dict[str, torch.Tensor], where: str,
+                device: torch.device | str = "cpu") -> UNet:
+    """``UNet(model_config)`` holding ``state`` (float32, eval mode, on ``device``); a misfit or
+    non-finite weights are one-line errors."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     misfit = weights_misfit(model_config, state)
     if misfit is not None:
-        raise DiffcodecError(f"{path}: weights do not fit the model config ({misfit})")
+        raise DiffcodecError(f"{where}: weights do not fit the model config ({misfit})")
     model = UNet(model_config)
     model.load_state_dict(state, strict=True)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise DiffcodecError(f"{path}: checkpoint holds non-finite weights")
-    model.to(device).eval()
+        raise DiffcodecError(f"{where}: checkpoint holds non-finite weights")
+    return model.to(device).eval()
+
+
+def load_checkpoint(path: str | os.PathLike | None = None, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a checkpoint (the embedded default when path is None) as a float32 eval-mode UNet.
+
+    ``path`` may also be a diffusers DDPM folder (`external.diffusers`), or an improved-diffusion
+    state dict with its flags beside it in ``PATH.flags`` (`external.improved_diffusion`): their
+    weights are loaded into the same UNet, and the fingerprint hashes them with both configs."""
+    path = resolve_checkpoint(path)
+    external = None
+    if path.is_dir():
+        from diffcodec.external.diffusers import is_diffusers_folder, read_diffusers_folder
+
+        if not is_diffusers_folder(path):
+            raise DiffcodecError(f"{path}: a folder, but not a diffusers model folder (no unet/config.json or "
+                                 "config.json); --checkpoint takes a diffcodec checkpoint file or a diffusers folder")
+        external = read_diffusers_folder(path)
+    else:
+        from diffcodec.external.improved_diffusion import read_improved_diffusion, sidecar_path
+
+        if sidecar_path(path).is_file():
+            external = read_improved_diffusion(path)
+    if external is not None:
+        from diffcodec.external import identity_tensors
+
+        model_config, diffusion_config, state, meta = external
+        model = build_model(model_config, state, str(path), device)
+        fp = fingerprint(state | identity_tensors(model_config, diffusion_config))
+        return LoadedModel(model, model_config, diffusion_config, fp, meta, str(path))
+    payload = read_checkpoint(path)
+    model_config = config_from_dict(ModelConfig, payload["model_config"], where=str(path))
+    diffusion_config = config_from_dict(DiffusionConfig, payload["diffusion_config"], where=str(path))
+    model = build_model(model_config, payload["state_dict"], str(path), device)
     meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
     return LoadedModel(model, model_config, diffusion_config, payload["fingerprint"], meta, str(path))

@@ -33,10 +33,27 @@ class ModelConfig:
     dropout: float = 0.1
     learn_sigma: bool = False  # output 2 * in_channels channels: eps and the variance v
     num_heads: int = 1
+    norm_eps: float = 1e-5  # every GroupNorm's epsilon (the paper's TF code and diffusers' DDPM models: 1e-6)
+    downsample_padding: str = "symmetric"  # one of DOWNSAMPLE_PADDINGS
+    time_embedding: str = "ddpm"  # one of TIME_EMBEDDINGS
+    timestep_scale: float = 1.0  # the network sees t x this (Improved DDPM's rescale_timesteps: 1000 / T)
+    scale_shift_norm: bool = False  # ResBlocks: norm(h) (1 + scale) + shift from the embedding (Improved DDPM)
 
     @property
     def out_channels(self) -> int:
         return self.in_channels * (2 if self.learn_sigma else 1)
+
+
+DOWNSAMPLE_PADDINGS = ("symmetric", "end")
+"""How the stride-2 downsampling convolution pads: ``symmetric`` one zero row/column on each
+side (diffcodec's own models); ``end`` one after the end only (TensorFlow's 'SAME' at stride 2:
+the paper's code, and diffusers' ``downsample_padding=0``)."""
+
+
+TIME_EMBEDDINGS = ("ddpm", "improved")
+"""The sinusoidal timestep embedding of width d = ch, half = d // 2: ``ddpm`` [sin, cos] of
+t 10000^(-i / (half - 1)) (the paper's code, diffusers' freq_shift=1); ``improved`` [cos, sin]
+of t 10000^(-i / half) (Improved DDPM's)."""
 
 
 @dataclass(frozen=True)
@@ -119,8 +136,10 @@ def model_config_problem(c: ModelConfig) -> str | None:
     Requirements: image_size in [1, MAX_IMAGE_SIZE] and a multiple of 2^(len(ch_mult) - 1)
     (the UNet halves it len(ch_mult) - 1 times); in_channels = 3; ch >= 1; ch_mult a non-empty
     list of integers >= 1; num_res_blocks >= 0; attention resolutions >= 1; dropout in [0, 1);
-    num_heads >= 1 and dividing the width of every attention block (the middle one, ch x
-    ch_mult[-1], and those of the levels named in attn_resolutions).
+    norm_eps in (0, 1); downsample_padding and time_embedding known names; timestep_scale in
+    (0, 1e6]; num_heads >= 1 and
+    dividing the width of every attention block (the middle one, ch x ch_mult[-1], and those of
+    the levels named in attn_resolutions).
     """
     if not 1 <= c.image_size <= MAX_IMAGE_SIZE:
         return f"model.image_size must be in [1, {MAX_IMAGE_SIZE}], got {c.image_size}"
@@ -138,6 +157,15 @@ def model_config_problem(c: ModelConfig) -> str | None:
         return f"model.dropout must be in [0, 1), got {c.dropout}"
     if c.num_heads < 1:
         return f"model.num_heads must be >= 1, got {c.num_heads}"
+    if not 0.0 < c.norm_eps < 1.0:  # NaN fails too
+        return f"model.norm_eps must be in (0, 1), got {c.norm_eps}"
+    if c.time_embedding not in TIME_EMBEDDINGS:
+        return f"model.time_embedding must be one of {', '.join(TIME_EMBEDDINGS)}, got {_show(c.time_embedding)}"
+    if not 0.0 < c.timestep_scale <= 1e6:  # NaN fails too
+        return f"model.timestep_scale must be in (0, 1e6], got {c.timestep_scale}"
+    if c.downsample_padding not in DOWNSAMPLE_PADDINGS:
+        return (f"model.downsample_padding must be one of {', '.join(DOWNSAMPLE_PADDINGS)}, "
+                f"got {_show(c.downsample_padding)}")
     divisor = 2 ** (len(c.ch_mult) - 1)
     if c.image_size % divisor:
         return f"model.image_size must be a multiple of {divisor} (len(ch_mult) = {len(c.ch_mult)}), got {c.image_size}"

@@ -238,22 +238,25 @@ class ExactAttention(nn.Module):
 
 
 class ExactTimestepEmbedding(nn.Module):
-    def __init__(self, dim: int) -> None:
+    """`unet.timestep_embedding` (either kind, t scaled by one correctly rounded product)."""
+
+    def __init__(self, dim: int, kind: str = "ddpm", scale: float = 1.0) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.kind, self.scale = dim, kind, float(scale)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         i = torch.arange(half, dtype=exact.F64)
-        freqs = exact.exp(exact.divide(i * -LN_10000, float(max(half - 1, 1))))
-        sin, cos = exact.sin_cos(t.to("cpu", exact.F64)[:, None] * freqs[None])
-        emb = torch.cat([sin, cos], dim=1)
+        freqs = exact.exp(exact.divide(i * -LN_10000, float(max(half - 1, 1) if self.kind == "ddpm" else half)))
+        t64 = t.to("cpu", exact.F64)
+        sin, cos = exact.sin_cos((t64 if self.scale == 1.0 else t64 * self.scale)[:, None] * freqs[None])
+        emb = torch.cat([sin, cos] if self.kind == "ddpm" else [cos, sin], dim=1)
         return (F.pad(emb, (0, 1)) if self.dim % 2 else emb).to(t.device)
 
 
 _SWAPS = {
     nn.Conv2d: ExactConv2d, nn.Linear: ExactLinear, nn.GroupNorm: ExactGroupNorm, nn.SiLU: lambda m: ExactSiLU(),
-    Attention: lambda m: ExactAttention(), TimestepEmbedding: lambda m: ExactTimestepEmbedding(m.dim),
+    Attention: lambda m: ExactAttention(), TimestepEmbedding: lambda m: ExactTimestepEmbedding(m.dim, m.kind, m.scale),
 }
 
 

@@ -19,24 +19,26 @@ from torch import nn
 from diffcodec.config import ModelConfig
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of timesteps t [B] -> [B, dim] (float32)."""
+def timestep_embedding(t: torch.Tensor, dim: int, kind: str = "ddpm", scale: float = 1.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps t [B] -> [B, dim] (float32); ``kind`` and ``scale``:
+    `config.TIME_EMBEDDINGS`, ``ModelConfig.timestep_scale``."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    divisor = max(half - 1, 1) if kind == "ddpm" else half
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / divisor)
+    args = (t.float() if scale == 1.0 else t.float() * scale)[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)] if kind == "ddpm" else [torch.cos(args), torch.sin(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 class TimestepEmbedding(nn.Module):
     """`timestep_embedding` as a module (no parameters), so the exact network can swap it."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, kind: str = "ddpm", scale: float = 1.0) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.kind, self.scale = dim, kind, scale
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return timestep_embedding(t, self.dim)
+        return timestep_embedding(t, self.dim, self.kind, self.scale)
 
 
 class Attention(nn.Module):
@@ -46,9 +48,10 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with the most groups up to 32 that divide ``channels`` (32 for multiples of 32)."""
     groups = max(g for g in range(1, 33) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -58,12 +61,17 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float) -> None:
+    """With ``scale_shift``, the embedding's projection is 2 x out_ch wide: (scale, shift), and
+    norm2(h) (1 + scale) + shift takes the place of norm2(h + projection) (Improved DDPM)."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, eps: float = 1e-5,
+                 scale_shift: bool = False) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.scale_shift = scale_shift
+        self.norm1 = group_norm(in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.temb_proj = nn.Linear(temb_ch, 2 * out_ch if scale_shift else out_ch)
+        self.norm2 = group_norm(out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -71,16 +79,21 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
-        h = h + self.temb_proj(self.act(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.act(self.norm2(h))))
+        emb = self.temb_proj(self.act(temb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(self.act(h)))
         return self.skip(x) + h
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, ch: int, num_heads: int) -> None:
+    def __init__(self, ch: int, num_heads: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.norm = group_norm(ch)
+        self.norm = group_norm(ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
         self.attention = Attention()
@@ -93,12 +106,16 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int) -> None:
+    """Stride-2 3x3 conv; ``padding`` 'symmetric' (one zero on each side) or 'end' (one after
+    the end only: TensorFlow's 'SAME', as the paper's code and diffusers' DDPM models)."""
+
+    def __init__(self, ch: int, padding: str = "symmetric") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.pad_end = padding == "end"
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.pad_end else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.pad_end else x)
 
 
 class Upsample(nn.Module):
@@ -116,17 +133,17 @@ class UNet(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        ch, temb_ch = config.ch, 4 * config.ch
+        ch, temb_ch, eps, ss = config.ch, 4 * config.ch, config.norm_eps, config.scale_shift_norm
         levels = len(config.ch_mult)
         attn_levels = {i for i in range(levels) if config.image_size // 2**i in config.attn_resolutions}
-        self.embed = TimestepEmbedding(ch)
+        self.embed = TimestepEmbedding(ch, config.time_embedding, config.timestep_scale)
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
 
         def block(in_ch: int, out_ch: int, level: int) -> nn.ModuleList:
-            layers: list[nn.Module] = [ResBlock(in_ch, out_ch, temb_ch, config.dropout)]
+            layers: list[nn.Module] = [ResBlock(in_ch, out_ch, temb_ch, config.dropout, eps, ss)]
             if level in attn_levels:
-                layers.append(AttnBlock(out_ch, config.num_heads))
+                layers.append(AttnBlock(out_ch, config.num_heads, eps))
             return nn.ModuleList(layers)
 
         self.down = nn.ModuleList()
@@ -137,10 +154,11 @@ class UNet(nn.Module):
                 cur = ch * mult
                 skip_chs.append(cur)
             if level != levels - 1:
-                self.down.append(nn.ModuleList([Downsample(cur)]))
+                self.down.append(nn.ModuleList([Downsample(cur, config.downsample_padding)]))
                 skip_chs.append(cur)
-        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, config.dropout), AttnBlock(cur, config.num_heads),
-                                  ResBlock(cur, cur, temb_ch, config.dropout)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, config.dropout, eps, ss),
+                                  AttnBlock(cur, config.num_heads, eps),
+                                  ResBlock(cur, cur, temb_ch, config.dropout, eps, ss)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.ch_mult))):
             for _ in range(config.num_res_blocks + 1):
@@ -148,7 +166,7 @@ class UNet(nn.Module):
                 cur = ch * mult
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur)]))
-        self.norm_out = group_norm(cur)
+        self.norm_out = group_norm(cur, eps)
         self.act_out = nn.SiLU()
         self.conv_out = zero_init(nn.Conv2d(cur, config.out_channels, 3, padding=1))
         self.divisor = 2 ** (levels - 1)

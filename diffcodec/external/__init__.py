@@ -1,0 +1,54 @@
+"""Models diffcodec did not train, loaded into diffcodec's own `unet.UNet`.
+
+An external model is read (configs as JSON, weights from safetensors or torch's
+``weights_only`` loading: nothing in the files runs), translated into a `ModelConfig`, a
+`DiffusionConfig` and a state dict in diffcodec's parameter names, and returned as the same
+`checkpoint.LoadedModel` as a diffcodec checkpoint, so the bound, both codecs, the exact
+network and the benchmarks run on it through the same functions. Anything the translation
+cannot express exactly is a one-line `DiffcodecError`, never an approximation.
+
+- `diffusers`: a diffusers DDPM folder (``UNet2DModel`` + ``DDPMScheduler`` configs).
+- `improved_diffusion`: an Improved DDPM state dict with its flags in ``MODEL.pt.flags``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from diffcodec.config import DiffusionConfig, ModelConfig, config_to_dict
+from diffcodec.errors import DiffcodecError
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict read with torch's ``weights_only`` loading: plain containers and
+    tensors only, so a pickle that would run code (or build any other object) is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an UnpicklingError for a pickle that would run code, and many others
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+        why = next((line for line in lines if "Unsupported global" in line), next((x for x in lines if x), ""))
+        raise DiffcodecError(f"{path}: refused: not loadable as plain weights without running code "
+                             f"({why[:140] or type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise DiffcodecError(f"{path}: not a state dict of named tensors")
+    return state
+
+
+def identity_tensors(model_config: ModelConfig, diffusion_config: DiffusionConfig) -> dict[str, torch.Tensor]:
+    """The two configs as byte tensors under a name no parameter has: hashed with the weights,
+    so an external model's fingerprint names its architecture and diffusion too. Fields at
+    their defaults are left out, so a field added later (default = the old behaviour) does not
+    change the fingerprint of models, or the files coded with them."""
+
+    def non_default(config: ModelConfig | DiffusionConfig) -> dict:
+        defaults = config_to_dict(type(config)())
+        return {k: v for k, v in config_to_dict(config).items() if v != defaults[k]}
+
+    text = json.dumps({"model": non_default(model_config), "diffusion": non_default(diffusion_config)},
+                      sort_keys=True)
+    return {"@configs": torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)}
