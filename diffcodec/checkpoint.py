@@ -28,6 +28,7 @@ import torch
 
 from diffcodec.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict
 from diffcodec.errors import DiffcodecError
+from diffcodec.torch_files import load_plain
 from diffcodec.unet import UNet
 
 FORMAT = "diffcodec-checkpoint"
@@ -103,13 +104,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise DiffcodecError(f"{path}: checkpoint not found")
     if not path.is_file():
         raise DiffcodecError(f"{path}: checkpoint is not a file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError as e:
-        raise DiffcodecError(f"{path}: cannot read checkpoint ({e.strerror})") from None
-    except Exception as e:  # torch.load raises many types on a damaged file (KeyError, EOFError, ...)
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DiffcodecError(f"{path}: not a readable diffcodec checkpoint ({first_line[:120]})") from None
+    payload = load_plain(path, "diffcodec checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DiffcodecError(f"{path}: not a diffcodec checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:

@@ -18,7 +18,6 @@ from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.errors import DiffcodecError
 from diffcodec.timesteps import SPACINGS
 
-
 EXIT_DAMAGED = 3  # decode: a damaged progressive file; the image of its intact stages was written
 
 
@@ -70,7 +69,9 @@ def seed_int(text: str) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", "-c", help="checkpoint file (default: the embedded default model)")
+    p.add_argument("--checkpoint", "-c", metavar="CKPT",
+                   help="a diffcodec checkpoint, a diffusers DDPM folder, or an Improved DDPM MODEL.pt with its "
+                        "MODEL.pt.flags (default: the embedded default model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
 
 
@@ -307,7 +308,9 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", metavar="FILE.dfc", help="the .dfc file to decode (bits-back or progressive)")
     p.add_argument("--output", "-o", required=True, metavar="OUT", help="OUT.png (one image) or a directory")
-    p.add_argument("--checkpoint", "-c", help="checkpoint file (default: the embedded default model)")
+    p.add_argument("--checkpoint", "-c", metavar="CKPT",
+                   help="a diffcodec checkpoint, a diffusers DDPM folder, or an Improved DDPM MODEL.pt with its "
+                        "MODEL.pt.flags (default: the embedded default model)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N or auto (default: the encoder's device kind when available)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")

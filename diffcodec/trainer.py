@@ -33,6 +33,7 @@ from diffcodec.config import DiffusionConfig, ModelConfig, config_to_dict
 from diffcodec.diffusion import q_sample
 from diffcodec.errors import DiffcodecError
 from diffcodec.schedule import make_schedule
+from diffcodec.torch_files import load_plain
 from diffcodec.train_config import TrainConfig, lr_at, train_config_to_dict
 from diffcodec.train_losses import ImportanceSampler, training_losses
 from diffcodec.unet import UNet
@@ -251,11 +252,7 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
         path = path / STATE_FILE
     if not path.is_file():
         raise DiffcodecError(f"{path}: no training state to resume from")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DiffcodecError(f"{path}: not a readable training state ({first[:120]})") from None
+    state = load_plain(path, "training state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise DiffcodecError(f"{path}: not a diffcodec training state")
     if state.get("version") != STATE_VERSION:

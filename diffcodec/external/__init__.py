@@ -14,25 +14,19 @@ cannot express exactly is a one-line `DiffcodecError`, never an approximation.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from diffcodec.config import DiffusionConfig, ModelConfig, config_to_dict
 from diffcodec.errors import DiffcodecError
+from diffcodec.torch_files import load_plain
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict read with torch's ``weights_only`` loading: plain containers and
     tensors only, so a pickle that would run code (or build any other object) is refused."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an UnpicklingError for a pickle that would run code, and many others
-        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
-        why = next((line for line in lines if "Unsupported global" in line), next((x for x in lines if x), ""))
-        raise DiffcodecError(f"{path}: refused: not loadable as plain weights without running code "
-                             f"({why[:140] or type(e).__name__})") from None
+    state = load_plain(path, "state dict")
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise DiffcodecError(f"{path}: not a state dict of named tensors")
