@@ -40,11 +40,12 @@ def tiny_model(seed: int = 0, *, learn_sigma: bool = False, scale: float = 0.02)
     return model.eval(), mc, dc
 
 
-def seeded_model(seed: int = 0, *, learn_sigma: bool = False, out_scale: float = 0.05):
+def seeded_model(seed: int = 0, *, learn_sigma: bool = False, out_scale: float = 0.05, image_size: int = 32):
     """The `tiny` preset with every parameter set from SplitMix64 words (no torch RNG, so the
     same on every machine and torch version). ``out_scale`` shrinks the output layer: 0.05
-    gives a sane model (small eps), 1.0 a wild one."""
+    gives a sane model (small eps), 1.0 a wild one; ``image_size``: its tile size."""
     mc, dc = preset("tiny")
+    mc = dataclasses.replace(mc, image_size=image_size)
     if learn_sigma:
         mc = dataclasses.replace(mc, learn_sigma=True)
         dc = dataclasses.replace(dc, var_type="learned_range")

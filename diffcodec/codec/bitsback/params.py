@@ -113,8 +113,12 @@ class BitsBackParams:
             bootstrap_block = block[end + 5 :]
             if len(bootstrap_block) != n or not bootstrap_tiles or not n:
                 raise DiffcodecError(f"{where}: corrupt bits-back parameter block (bootstrap section)")
-        if (not (1 <= bits <= 10 and 1 <= window and 1 <= prior and -30 <= snap_log2 <= 0) or flags > 7
-                or spacing >= len(SPACING_CODES)):
+        try:
+            GridConfig(bits, window, prior, snap_log2)  # its own limits
+            grid_ok = True
+        except ValueError:
+            grid_ok = False
+        if not grid_ok or flags > 7 or spacing >= len(SPACING_CODES):
             raise DiffcodecError(f"{where}: corrupt bits-back parameters (resolution {bits}, window {window}, "
                                  f"prior {prior}, snap {snap_log2}, flags {flags}, spacing {spacing})")
         if kept > init_words or sum(chunks) + bootstrap_tiles != num_tiles or 0 in chunks:
