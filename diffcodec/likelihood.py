@@ -31,7 +31,6 @@ from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats, flat
 from diffcodec.runtime import ModelFn
 from diffcodec.schedule import Schedule
 
-
 # ------------------------------------------------------------------ noise, per image
 
 _MASK64 = (1 << 64) - 1
