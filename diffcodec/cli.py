@@ -188,6 +188,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def run_train_command(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from diffcodec import distributed
     from diffcodec.runtime import pick_device
     from diffcodec.train import train
 
@@ -195,10 +196,14 @@ def run_train_command(args: argparse.Namespace) -> int:
         raise DiffcodecError(f"{args.export} exists; pass --force to overwrite it")
     resume = (args.out if args.resume is True else args.resume) if args.resume else None
     overrides = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup_steps", "ema_decay", "seed", "compile")}
+    device = distributed.local_device(pick_device(args.device))
+    world = distributed.init(device)  # under torchrun: DDP, --batch-size is the whole step's batch (trainer)
     result = train(args.data, run_dir=args.out, preset_name=args.preset, loss=args.loss, minutes=args.minutes,
                    max_steps=args.steps, resume=resume, init=args.init, export=args.export, overrides=overrides,
-                   device=pick_device(args.device), allow_test_data=args.allow_test_data,
-                   data_limit=args.num_train_images)
+                   device=device, allow_test_data=args.allow_test_data,
+                   data_limit=args.num_train_images, world=world)
+    if not world.is_main:
+        return 0
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:

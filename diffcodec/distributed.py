@@ -172,6 +172,33 @@ def gather(obj: Any, world: World) -> list[Any] | None:
     return out
 
 
+def all_mean(x: torch.Tensor, world: World) -> torch.Tensor:
+    """The mean over ranks of a tensor (every rank gets it)."""
+    if not world.distributed:
+        return x
+    out = x.detach().clone()
+    _collective(world, "averaging over the ranks", lambda: dist.all_reduce(out))
+    return out / world.size
+
+
+def all_concat(x: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's rows [n, ...] concatenated in rank order [W n, ...] (equal n on every rank)."""
+    if not world.distributed:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world.size)]
+    _collective(world, "gathering rows from the ranks", lambda: dist.all_gather(parts, x.contiguous()))
+    return torch.cat(parts)
+
+
+def rank0_says(flag: bool, world: World) -> bool:
+    """Rank 0's ``flag`` on every rank (a decision all ranks must take together, e.g. stop)."""
+    if not world.distributed:
+        return flag
+    box = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    _collective(world, "receiving rank 0's decision", lambda: dist.broadcast(box, src=0))
+    return bool(box.item())
+
+
 def broadcast(obj: Any, world: World) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not world.distributed:

@@ -184,3 +184,37 @@ def test_sharding_rule_is_contiguous_balanced_and_complete():
             assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
     assert shard_ranges(5, 2) == [range(2), range(2, 5)]
     assert shard_paths("a/x.dfcset", 2) == ["a/x-00000-of-00002.dfc", "a/x-00001-of-00002.dfc"]
+
+
+def test_two_ddp_steps_equal_one_process_steps_on_the_whole_batch(tmp_path):
+    """`train` under torchrun: --batch-size 8 is the step's whole batch, 4 rows per rank, DDP
+    averaging the gradients; one process trains on the same 8 rows (the same draws). Adam
+    divides by sqrt(v), so a parameter whose gradient is ~1e-10 (float noise) moves by a
+    visible fraction of a step: the gradients (Adam's first moment) are compared tightly,
+    the weights to a tenth of one learning-rate step."""
+    from test_train import write_shards
+
+    from diffcodec.config import preset
+    from diffcodec.trainer import _build_model, read_state
+
+    data = write_shards(tmp_path / "train")
+    common = ["--preset", "tiny", "--steps", "2", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu"]
+    assert main(["train", str(data), "--out", str(tmp_path / "one"), *common]) == 0
+    done = torchrun("train", str(data), "--out", str(tmp_path / "two"), "--json", *common)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["steps"] == 2  # printed once, by rank 0
+    assert "2 processes (DDP), 4 images each per step" in done.stderr
+    one, two = read_state(tmp_path / "one"), read_state(tmp_path / "two")
+    assert one["step"] == two["step"] == 2 and one["images_seen"] == two["images_seen"] == 16
+    assert torch.equal(one["generator"], two["generator"])  # the same draws: resumes alike
+    assert one["history"][:, 1].tolist() == pytest.approx(two["history"][:, 1].tolist(), rel=1e-5)
+    m1, m2 = one["optimizer"]["state"], two["optimizer"]["state"]
+    grad1 = torch.cat([m1[i]["exp_avg"].flatten() for i in m1])
+    grad2 = torch.cat([m2[i]["exp_avg"].flatten() for i in m2])
+    assert torch.allclose(grad1, grad2, rtol=1e-4, atol=1e-6 * float(grad1.abs().max()))
+    initial = _build_model(preset("tiny")[0], seed=0).state_dict()  # the run's seeded start (--seed 0)
+    moved = 0.0
+    for k in one["model"]:
+        assert torch.allclose(one["model"][k], two["model"][k], rtol=0, atol=1e-4), k  # lr 1e-3: 0.1 step
+        moved = max(moved, float((one["model"][k] - initial[k]).abs().max()))
+    assert moved > 1e-3  # the weights moved by steps, far beyond the tolerance
