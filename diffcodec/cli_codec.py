@@ -328,11 +328,12 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
 def run_decode_command(args: argparse.Namespace) -> int:
     from diffcodec.codec import api
     from diffcodec.data import read_file_bytes
+    from diffcodec.distributed import launched
     from diffcodec.outputs import output_paths, write_png
     from diffcodec.runtime import prepare_cuda_determinism
     from diffcodec.shardset import decode_command, is_shard_set
 
-    if is_shard_set(args.file):  # a shard set's index (encode --shards, or under torchrun)
+    if is_shard_set(args.file) or launched():  # a shard set's index (encode --shards, or under torchrun)
         return decode_command(args)
     data = read_file_bytes(args.file)
     h = api.read_header(data, args.file)

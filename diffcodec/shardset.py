@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class ShardSet:
     index_path: str
     files: list[str]  # the shards' paths, in order
     num_images: list[int]  # per shard
+    entries: list[dict[str, Any]]  # the index's shard entries (bytes, sha256)
 
 
 def read_index(path: str | os.PathLike) -> ShardSet:
@@ -91,15 +93,14 @@ def read_index(path: str | os.PathLike) -> ShardSet:
         counts = [int(s["num_images"]) for s in shards]
     except (KeyError, TypeError, ValueError):
         raise DiffcodecError(f"{path}: corrupt shard-set index (a shard entry lacks file or num_images)") from None
-    return ShardSet(path, files, counts)
+    return ShardSet(path, files, counts, list(shards))
 
 
 def read_shard(shard_set: ShardSet, i: int) -> bytes:
     """Shard i's bytes, checked against the index's size and SHA-256."""
     from diffcodec.data import read_file_bytes
 
-    index = json.loads(Path(shard_set.index_path).read_bytes())
-    entry = index["shards"][i]
+    entry = shard_set.entries[i]
     data = read_file_bytes(shard_set.files[i])
     if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise DiffcodecError(f"{shard_set.files[i]}: does not match its entry in {shard_set.index_path} "
@@ -248,6 +249,10 @@ def encode_command(args: Any, images: Sequence[np.ndarray], names: Sequence[str]
         if not is_shard_set(args.output):
             raise DiffcodecError(f"{args.output}: {num_shards} shards make a shard set; name its index OUT{SUFFIX}")
         shard_ranges(len(images), num_shards)
+    if num_shards % world.size and world.is_main:
+        print(f"diffcodec: note: {num_shards} shards on {world.size} processes: some processes code one shard "
+              f"more while the others wait (up to {distributed.ENV_TIMEOUT} = {distributed.timeout_seconds():g} s); "
+              "a multiple of the process count balances the work", file=sys.stderr)
     shards = encode_set(images, names, index_path=args.output, num_shards=num_shards, force=args.force, world=world,
                         encode=lambda ims, nms: api.encode(ims, nms, **settings))
     if shards is None:
@@ -264,6 +269,9 @@ def decode_command(args: Any) -> int:
     from diffcodec.runtime import pick_device, prepare_cuda_determinism
 
     world = distributed.init(distributed.local_device(pick_device(args.device)))
+    if not is_shard_set(args.file):
+        raise DiffcodecError(f"{args.file}: one .dfc file is decoded by one process; run decode without torchrun "
+                             f"(a shard set's {SUFFIX} index decodes on many)")
     if args.bits is not None:
         raise DiffcodecError("--bits applies to one progressive file, not to a shard set (--upto applies to each shard)")
     shard_set = read_index(args.file)
