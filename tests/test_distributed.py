@@ -125,7 +125,7 @@ def _failing_ranks(rank: int, port: int, npz: str, results) -> None:
     import io
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), DIFFCODEC_DIST_TIMEOUT_S="1")
+                      LOCAL_RANK=str(rank), DIFFCODEC_DIST_TIMEOUT_S="60")
     torch.set_num_threads(1)
     from diffcodec import distributed
     from diffcodec.errors import DiffcodecError
@@ -143,7 +143,13 @@ def _failing_ranks(rank: int, port: int, npz: str, results) -> None:
         out["stage"] = (str(e), distributed.error_line(e))
     if rank == 1:  # rank 1 stops answering: rank 0's next collective must fail, not hang
         time.sleep(4)
-    else:
+    else:  # a 1 s timeout from here on (60 s above, so that a slow start under load is no failure)
+        from datetime import timedelta
+
+        import torch.distributed.distributed_c10d as c10d
+
+        os.environ["DIFFCODEC_DIST_TIMEOUT_S"] = "1"
+        c10d._set_pg_timeout(timedelta(seconds=1))
         start = time.monotonic()
         try:
             distributed.gather("x", world)
