@@ -8,8 +8,8 @@ UNet in fixed point so that its output is bit-identical on every machine; the co
 for files that decode anywhere. Its rounding differs from float arithmetic, so the bound
 (the bits a codec pays) moves a little. This script measures by how much: the first
 ``--num-images`` CIFAR-10 test images are evaluated with each network on the SAME tiles,
-batches, timesteps and noise (batch i draws everything from seed + i, exactly as
-`diffcodec.evaluate.run_nll` does), so each image's three values differ only through the
+batches, timesteps and noise (each tile's noise drawn from the seed and its (image, tile)
+index, exactly as `diffcodec.evaluate.run_nll` does), so each image's three values differ only through the
 network's arithmetic, and the per-image differences exact - float32 and exact - float64
 have a standard error far below the spread of bits/dim across images. Everything after the
 network (posterior, KL, discretized decoder) is the same code for all three: the network's
@@ -64,6 +64,7 @@ from diffcodec.likelihood import (
     merge_rows,
     pilot_steps,
     pilot_terms_bits,
+    tile_keys,
 )
 from diffcodec.runtime import ModelFn, network, pick_device
 
@@ -119,6 +120,7 @@ def measure(
     schedule = model_schedule(loaded, steps, spacing)
     tiles, groups, dims = image_tiles(images, loaded.model_config.image_size)
     batches = [to_model_input(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
+    keys = tile_keys(groups, len(tiles))  # each tile's noise: (seed, image, tile), as run_nll
     fns = model_fns(loaded, arithmetics, device)
     var_type = loaded.diffusion_config.var_type
     sampled = t_samples > 0 and schedule.num_steps > 1
@@ -143,8 +145,9 @@ def measure(
         for name in arithmetics:
             t0 = time.perf_counter()
             parts[name].append(evaluate_bound(
-                fns[name], schedule, [x0], var_type=var_type, seed=seed + i, device=device,
+                fns[name], schedule, [x0], var_type=var_type, seed=seed, device=device,
                 proposal=proposal, num_samples=t_samples if sampled else 0,
+                keys=keys[i * batch_size : i * batch_size + len(x0)],
             ))
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -232,7 +235,8 @@ def estimator_record(run: dict[str, Any], T: int, t_samples: int, spacing: str) 
         "calls_per_tile": run["calls_per_tile"],
         "pilot": {"images": PILOT_IMAGES, "steps": PILOT_STEPS, "seed_offset": PILOT_SEED_OFFSET,
                   "network": "float32", "seconds": run["pilot_seconds"]} if run["sampled"] else None,
-        "paired": "same tiles, batches, timesteps and noise for every arithmetic (batch i: seed + i)",
+        "paired": "same tiles, batches, timesteps and noise for every arithmetic (each tile's noise from "
+                  "(seed, image index, tile index), as diffcodec nll since issue 18; before it batch i: seed + i)",
         "description": description,
     }
 

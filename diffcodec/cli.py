@@ -61,6 +61,7 @@ def add_nll_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_nll_command(args: argparse.Namespace) -> int:
+    from diffcodec import distributed
     from diffcodec.checkpoint import load_checkpoint
     from diffcodec.data import read_images
     from diffcodec.evaluate import grouped_terms_bpd, run_nll
@@ -69,15 +70,19 @@ def run_nll_command(args: argparse.Namespace) -> int:
 
     if args.save_terms and Path(args.save_terms).exists() and not args.force:
         raise DiffcodecError(f"{args.save_terms} exists; pass --force to overwrite it")
-    device = pick_device(args.device)
+    device = distributed.local_device(pick_device(args.device))
+    world = distributed.init(device)  # under torchrun: the images are shared out (evaluate.run_nll)
     if args.bf16 and device.type != "cuda":
         raise DiffcodecError("--bf16 needs a CUDA device (the CPU path runs float32)")
     images = read_images(args.data, limit=args.num_images, convert=args.convert)
     loaded = load_checkpoint(args.checkpoint, device=device)
-    for note in getattr(images, "notes", []):
+    distributed.ready(world)
+    for note in getattr(images, "notes", []) if world.is_main else []:
         print(f"diffcodec: note: {note}", file=sys.stderr)
     run = run_nll(loaded, images, steps=args.steps, spacing=args.spacing, batch_size=args.batch_size, seed=args.seed,
-                  device=device, progress=not args.quiet, bf16=args.bf16, t_samples=args.t_samples)
+                  device=device, progress=not args.quiet, bf16=args.bf16, t_samples=args.t_samples, world=world)
+    if not world.is_main:
+        return 0
     summary = summarize(run.result)
     groups = grouped_terms_bpd(run.result)
     if args.save_terms:
@@ -107,6 +112,7 @@ def run_nll_command(args: argparse.Namespace) -> int:
         "network_precision": "bf16 autocast" if args.bf16 else "float32",
         "device": run.device,
         "device_name": run.device_name,
+        "world_size": run.world_size,
         "seconds": run.seconds,
         "images_per_second": summary.num_images / run.seconds if run.seconds > 0 else math.nan,
     }
@@ -130,7 +136,9 @@ def format_nll(r: dict) -> str:
         *([f"KL terms estimated from {r['t_samples']} drawn timesteps per image (unbiased; the ± includes it)"]
           if r.get("t_samples") else []),
         f"model {r['checkpoint']} (fingerprint {r['fingerprint']}, {r['weights']} weights)",
-        f"{r['seconds']:.1f} s on {r['device']} ({r['images_per_second']:.2f} images/s)",
+        f"{r['seconds']:.1f} s on {r['device']}"
+        + (f" x {r['world_size']} processes (torchrun)" if r.get("world_size", 1) > 1 else "")
+        + f" ({r['images_per_second']:.2f} images/s)",
     ]
     return "\n".join(lines)
 
@@ -180,6 +188,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def run_train_command(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from diffcodec import distributed
     from diffcodec.runtime import pick_device
     from diffcodec.train import train
 
@@ -187,10 +196,14 @@ def run_train_command(args: argparse.Namespace) -> int:
         raise DiffcodecError(f"{args.export} exists; pass --force to overwrite it")
     resume = (args.out if args.resume is True else args.resume) if args.resume else None
     overrides = {k: getattr(args, k) for k in ("batch_size", "lr", "warmup_steps", "ema_decay", "seed", "compile")}
+    device = distributed.local_device(pick_device(args.device))
+    world = distributed.init(device)  # under torchrun: DDP, --batch-size is the whole step's batch (trainer)
     result = train(args.data, run_dir=args.out, preset_name=args.preset, loss=args.loss, minutes=args.minutes,
                    max_steps=args.steps, resume=resume, init=args.init, export=args.export, overrides=overrides,
-                   device=pick_device(args.device), allow_test_data=args.allow_test_data,
-                   data_limit=args.num_train_images)
+                   device=device, allow_test_data=args.allow_test_data,
+                   data_limit=args.num_train_images, world=world)
+    if not world.is_main:
+        return 0
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:
@@ -228,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except DiffcodecError as e:
-        print(f"diffcodec: error: {e}", file=sys.stderr)
+        from diffcodec.distributed import error_line
+
+        line = error_line(e)  # under torchrun: rank 0's, and what another rank alone hit
+        if line is not None:
+            print(line, file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("diffcodec: interrupted", file=sys.stderr)

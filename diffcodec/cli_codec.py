@@ -123,6 +123,10 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
                    help="--progressive: nominal KL in bits of one reverse-channel-coded chunk "
                         f"(default {progressive.chunk_bits:g})")
     p.add_argument("--convert", action="store_true", help="convert non-RGB / 16-bit images instead of refusing")
+    p.add_argument("--shards", type=positive_int, metavar="S",
+                   help="write a shard set: S .dfc files of consecutive images and an index, -o OUT.dfcset "
+                        "(default under torchrun: one shard per process; the files are the same for any number "
+                        "of processes; decode takes the .dfcset)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.dfc if it exists")
     p.add_argument("--json", action="store_true", help="print sizes and timings as JSON on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -147,6 +151,7 @@ def read_inputs(paths: list[str], limit: int | None, convert: bool):
 
 
 def run_encode_command(args: argparse.Namespace) -> int:
+    from diffcodec import distributed, shardset
     from diffcodec.checkpoint import load_checkpoint
     from diffcodec.codec import api
     from diffcodec.outputs import check_output_file, write_bytes_atomic
@@ -154,17 +159,21 @@ def run_encode_command(args: argparse.Namespace) -> int:
 
     check_output_file(args.output, force=args.force)
     prepare_cuda_determinism()
-    device = pick_device(args.device)
+    device = distributed.local_device(pick_device(args.device))
+    world = distributed.init(device)  # under torchrun: a shard set, shards shared out (shardset)
     loaded = load_checkpoint(args.checkpoint, device=device)
     mode = "progressive" if args.progressive else "lossless"
     if args.steps is not None:
         api.check_steps(args.steps, loaded.diffusion_config.num_timesteps)
     images, names = read_inputs(args.inputs, args.num_images, args.convert)
-    with ProgressBars(args.quiet) as bars:
-        result = api.encode(images, names, model=loaded, mode=mode, steps=args.steps, spacing=args.spacing,
-                            device=device, arithmetic=args.arithmetic, batch_size=args.batch_size,
-                            bootstrap=not args.no_bootstrap, compute_bound=not args.no_bound,
-                            chunk_bits=args.chunk_bits, progress=bars)
+    distributed.ready(world)
+    with ProgressBars(args.quiet or not world.is_main) as bars:
+        settings = {"model": loaded, "mode": mode, "steps": args.steps, "spacing": args.spacing, "device": device,
+                    "arithmetic": args.arithmetic, "batch_size": args.batch_size, "bootstrap": not args.no_bootstrap,
+                    "compute_bound": not args.no_bound, "chunk_bits": args.chunk_bits, "progress": bars}
+        if args.shards or world.distributed or shardset.is_shard_set(args.output):
+            return shardset.encode_command(args, images, names, settings, world)
+        result = api.encode(images, names, **settings)
     write_bytes_atomic(args.output, result.data, force=args.force)
     if mode == "progressive":
         report = progressive_report(result, args.output, loaded)
@@ -306,7 +315,8 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
                "nothing written; 3 a damaged progressive file: the reconstruction from its intact stages was "
                "written and the message says where the damage starts",
     )
-    p.add_argument("file", metavar="FILE.dfc", help="the .dfc file to decode (bits-back or progressive)")
+    p.add_argument("file", metavar="FILE.dfc", help="the .dfc file to decode (bits-back or progressive), or a shard "
+                                                    "set's OUT.dfcset (encode --shards)")
     p.add_argument("--output", "-o", required=True, metavar="OUT", help="OUT.png (one image) or a directory")
     p.add_argument("--checkpoint", "-c", metavar="CKPT",
                    help="a diffcodec checkpoint, a diffusers DDPM folder, or an Improved DDPM MODEL.pt with its "
@@ -329,9 +339,13 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
 def run_decode_command(args: argparse.Namespace) -> int:
     from diffcodec.codec import api
     from diffcodec.data import read_file_bytes
+    from diffcodec.distributed import launched
     from diffcodec.outputs import output_paths, write_png
     from diffcodec.runtime import prepare_cuda_determinism
+    from diffcodec.shardset import decode_command, is_shard_set
 
+    if is_shard_set(args.file) or launched():  # a shard set's index (encode --shards, or under torchrun)
+        return decode_command(args)
     data = read_file_bytes(args.file)
     h = api.read_header(data, args.file)
     targets = output_paths(args.output, [im.name for im in h.images], force=args.force)  # before any work

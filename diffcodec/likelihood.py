@@ -7,7 +7,10 @@
 
 Code step t (0-based) evaluates paper L_t: column 0 of ``terms_bits`` is the decoder term
 L_0, column k the KL term L_k. Each term is a single-sample estimate with fresh noise per
-step, as in the reference code. Units are in the names: ``_nats``, ``_bits`` (per image,
+step, as in the reference code. The noise of a whole evaluation (`evaluate_bound`) is drawn
+per image: row r draws from its own stream, seeded from (seed, image index, tile index)
+(`ImageNoise`), so an image's numbers do not depend on the batch or the process
+(``torch.distributed`` rank) it landed in. Units are in the names: ``_nats``, ``_bits`` (per image,
 summed over its dimensions) and ``_bpd`` (bits per dimension).
 
 The equations themselves (Gaussian KL, discretized decoder) live once, in ``losses``; the
@@ -17,7 +20,7 @@ term L_t of a batch is one function, ``vb_term_bits``, which training shares (un
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +30,78 @@ from diffcodec.diffusion import p_mean_variance, q_mean_variance, q_posterior_me
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats, flat_sum, normal_kl_nats
 from diffcodec.runtime import ModelFn
 from diffcodec.schedule import Schedule
+
+# ------------------------------------------------------------------ noise, per image
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's step and finalizer (Steele, Lea & Flood 2014) on a 64-bit word."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def image_seed(seed: int, image: int, tile: int = 0) -> int:
+    """The seed (0..2^63-1) of one tile's noise stream: a fixed mixing of (seed, image, tile)."""
+    z = _splitmix64(seed & _MASK64)
+    z = _splitmix64(z ^ (image & _MASK64))
+    return _splitmix64(z ^ (tile & _MASK64)) >> 1
+
+
+class ImageNoise:
+    """One noise stream per row of a batch, seeded by `image_seed` from the row's key
+    (image index, tile index): a row draws the same numbers whatever batch, batch size or
+    process it is evaluated in, as long as it asks for them in the same order."""
+
+    def __init__(self, seed: int, keys: Sequence[tuple[int, int]], device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(image_seed(seed, int(i), int(j)))
+                           for i, j in keys]
+
+    def normal(self, row_shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """N(0, I) draws [B, *row_shape], row r from stream r."""
+        return torch.stack([torch.randn(tuple(row_shape), generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+    def uniform(self, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """U[0, 1) draws [B, n], row r from stream r."""
+        return torch.stack([torch.rand(n, generator=g, device=self.device, dtype=dtype) for g in self.generators])
+
+
+Noise = torch.Generator | ImageNoise
+"""Where a bound's draws come from: one generator for the batch (draws depend on the batch),
+or `ImageNoise` (per row; what `evaluate_bound` uses)."""
+
+
+def _normal_like(noise: Noise, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(noise, ImageNoise):
+        if len(noise.generators) != x.shape[0]:
+            raise ValueError(f"{len(noise.generators)} noise streams for a batch of {x.shape[0]}")
+        return noise.normal(x.shape[1:], x.dtype).to(x.device)
+    return torch.randn(x.shape, generator=noise, device=x.device, dtype=x.dtype)
+
+
+def _uniform(noise: Noise, num_rows: int, n: int) -> torch.Tensor:
+    if isinstance(noise, ImageNoise):
+        if len(noise.generators) != num_rows:
+            raise ValueError(f"{len(noise.generators)} noise streams for a batch of {num_rows}")
+        return noise.uniform(n)
+    return torch.rand((num_rows, n), generator=noise, device=noise.device, dtype=torch.float64)
+
+
+def tile_keys(groups: Sequence[np.ndarray], num_rows: int) -> np.ndarray:
+    """The noise key (image index, tile index) of each tile row [num_rows, 2], from
+    ``groups`` (image i's row indices, `images.image_tiles`)."""
+    keys = np.zeros((num_rows, 2), dtype=np.int64)
+    for i, rows in enumerate(groups):
+        keys[np.asarray(rows, dtype=np.int64)] = np.stack([np.full(len(rows), i), np.arange(len(rows))], axis=1)
+    return keys
+
+
+# ------------------------------------------------------------------------- the terms
 
 
 def prior_bits(s: Schedule, x0: torch.Tensor) -> torch.Tensor:
@@ -101,11 +176,11 @@ def _sampled_term(
     t: torch.Tensor,
     original_t: torch.Tensor,
     var_type: str,
-    generator: torch.Generator,
+    generator: Noise,
     clip_denoised: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper L_t of each row at its code step t [B], on a fresh draw x_t ~ q(x_t | x_0)."""
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noise = _normal_like(generator, x0)
     x_t = q_sample(s, x0, t, noise)
     output = model_fn(x_t, original_t[t]).float()
     return vb_term_bits(s, output, x0, x_t, t, var_type=var_type, clip_denoised=clip_denoised)
@@ -132,14 +207,15 @@ def bound_bits(
     x0: torch.Tensor,
     *,
     var_type: str,
-    generator: torch.Generator,
+    generator: Noise,
     clip_denoised: bool = True,
     on_step: Callable[[], None] | None = None,
 ) -> BoundResult:
     """The bound of a batch x0 [B,C,H,W] in [-1, 1]: one network call per code step.
 
-    Noise for step k is drawn from ``generator`` (on x0's device) in the order k = K-1 .. 0,
-    so a (seed, batch) pair always gives the same numbers.
+    Noise for step k is drawn from ``generator`` in the order k = K-1 .. 0: a torch
+    Generator (on x0's device) gives the same numbers for the same (seed, batch); an
+    `ImageNoise` the same numbers per row, whatever the batch.
     """
     num_images, num_steps = x0.shape[0], s.num_steps
     # kept on x0's device until the end: no host sync per step on a GPU
@@ -213,15 +289,25 @@ def evaluate_bound(
     on_step: Callable[[], None] | None = None,
     proposal: np.ndarray | None = None,
     num_samples: int = 0,
+    keys: np.ndarray | None = None,
 ) -> BoundResult:
-    """The bound over batches of images ([B,C,H,W] in [-1,1]); batch i uses seed + i.
+    """The bound over batches of images ([B,C,H,W] in [-1,1]), rows in order.
 
-    With a ``proposal``, each image's KL terms are estimated from ``num_samples`` drawn
-    steps (`sampled_bound_bits`) instead of summed over the whole chain.
+    Row r's noise comes from its own stream, seeded from (``seed``, ``keys[r]``) (`ImageNoise`;
+    ``keys`` [rows, 2] = (image index, tile index), `tile_keys`; default (r, 0)): it does
+    not depend on how the rows are cut into batches or shared among processes. (Before
+    issue 18 batch i drew from one generator seeded seed + i.) With a ``proposal``, each
+    image's KL terms are estimated from ``num_samples`` drawn steps (`sampled_bound_bits`)
+    instead of summed over the whole chain.
     """
-    parts = []
-    for i, x0 in enumerate(batches):
-        generator = torch.Generator(device=device).manual_seed(seed + i)
+    parts, row = [], 0
+    for x0 in batches:
+        rows = x0.shape[0]
+        batch_keys = [(r, 0) for r in range(row, row + rows)] if keys is None else keys[row : row + rows]
+        if len(batch_keys) != rows:
+            raise ValueError(f"{len(keys)} noise keys for batches of more rows")
+        generator = ImageNoise(seed, batch_keys, device)
+        row += rows
         kwargs = dict(var_type=var_type, generator=generator, clip_denoised=clip_denoised, on_step=on_step)
         if proposal is None:
             parts.append(bound_bits(model_fn, s, x0.to(device), **kwargs))
@@ -278,14 +364,14 @@ def importance_proposal(
     return proposal / proposal.sum()
 
 
-def stratified_steps(proposal: np.ndarray, num_images: int, num_samples: int, generator: torch.Generator) -> np.ndarray:
+def stratified_steps(proposal: np.ndarray, num_images: int, num_samples: int, generator: Noise) -> np.ndarray:
     """``num_samples`` code steps per image [N, n]: draw i from the i-th 1/n of the proposal's CDF.
 
     Step t lands in draw i with probability n x |CDF interval of t  ∩  [i/n, (i+1)/n)|, so
     summed over i it is drawn n r(t) times on average: (1/n) sum_i L_{t_i} / r(t_i) is unbiased.
     """
     cdf = np.cumsum(proposal)
-    u = torch.rand((num_images, num_samples), generator=generator, device=generator.device, dtype=torch.float64)
+    u = _uniform(generator, num_images, num_samples)
     u = (torch.arange(num_samples, dtype=torch.float64, device=u.device) + u) / num_samples
     steps = np.searchsorted(cdf, u.cpu().numpy() * cdf[-1], side="right")
     return np.clip(steps, 1, len(proposal) - 1).astype(np.int64)
@@ -322,7 +408,7 @@ def sampled_bound_bits(
     proposal: np.ndarray,
     num_samples: int,
     var_type: str,
-    generator: torch.Generator,
+    generator: Noise,
     clip_denoised: bool = True,
     on_step: Callable[[], None] | None = None,
 ) -> BoundResult:

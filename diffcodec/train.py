@@ -5,6 +5,11 @@ step count, saving the run directory (``trainer``: state.pt, ema.pt, loss_histor
 every few minutes and at the end; it resumes exactly from state.pt (``resume``) or starts
 from a checkpoint's weights (``init``). Losses: ``train_losses``; recipes and
 hyperparameters: ``train_config``. Training data is refused when it looks like the test set.
+
+Under torchrun (``world``) every rank runs this loop on its share of each batch
+(`trainer`: DistributedDataParallel; ``--batch-size`` is the whole step's batch, so the
+learning-rate recipe is unchanged); rank 0 decides when to stop (its clock), logs, saves
+and exports; the others only train.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffcodec import distributed
 from diffcodec.checkpoint import load_checkpoint
 from diffcodec.config import DiffusionConfig, ModelConfig, config_from_dict, preset
 from diffcodec.errors import DiffcodecError
@@ -127,6 +133,7 @@ def train(
     save_minutes: float = 5.0,
     progress_seconds: float = 5.0,
     log: Callable[[str], None] | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> TrainResult:
     """Train until ``minutes`` of wall time (this piece) or total step ``max_steps``; save.
 
@@ -137,6 +144,9 @@ def train(
     if log is None:
         def log(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
+    if not world.is_main:
+        def log(line: str) -> None:  # progress from rank 0 only
+            pass
     if minutes is None and max_steps is None:
         raise DiffcodecError("give a time box (--minutes) or a step count (--steps)")
     if minutes is not None and not minutes > 0:
@@ -184,7 +194,11 @@ def train(
     images_np = load_training_images(data, image_size=model_config.image_size, allow_test_data=allow_test_data,
                                      limit=data_limit)
     images = torch.from_numpy(images_np).to(device)
-    trainer = Trainer(config, model_config, diffusion_config, device)
+    if config.batch_size % world.size:
+        raise DiffcodecError(f"--batch-size {config.batch_size} does not divide among {world.size} processes; "
+                             "give a multiple of the process count (it is the whole step's batch)")
+    distributed.ready(world)
+    trainer = Trainer(config, model_config, diffusion_config, device, world)
     if state is not None:
         trainer.load_state_dict(state)
     elif loaded is not None:
@@ -196,7 +210,9 @@ def train(
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"train: preset {config.preset} ({n_params / 1e6:.2f}M parameters), loss {config.loss}, "
         f"{len(images_np)} images, batch {config.batch_size}, lr {config.lr:g}, device {device}, "
-        f"starting at step {trainer.step_count}")
+        f"starting at step {trainer.step_count}"
+        + (f"; {world.size} processes (DDP), {config.batch_size // world.size} images each per step"
+           if world.distributed else ""))
     start = time.monotonic()
     deadline = start + minutes * 60.0 if minutes is not None else math.inf
     last_save = last_progress = start
@@ -210,7 +226,7 @@ def train(
                 stopped = "steps"
                 break
             now = time.monotonic()
-            if now + step_seconds > deadline:
+            if distributed.rank0_says(now + step_seconds > deadline, world):  # all ranks stop together
                 stopped = "time box"
                 break
             loss_value = trainer.step(images)
@@ -232,16 +248,19 @@ def train(
                     f"elapsed {_fmt_minutes(after - start)} eta {_fmt_minutes(eta)}")
                 last_progress, progress_images, progress_sum, progress_n = after, 0, 0.0, 0
             if after - last_save >= save_minutes * 60.0:
-                trainer.save(run_dir)
+                if world.is_main:
+                    trainer.save(run_dir)
                 last_save = time.monotonic()
     except KeyboardInterrupt:
         stopped = "interrupted"
         log("train: interrupted; saving")
     trainer.record(trainer.train_seconds)
     try:
-        trainer.save(run_dir)
-        piece = time.monotonic() - start
-        fp = trainer.export(export) if export is not None else None
+        piece, fp = time.monotonic() - start, None
+        if world.is_main:
+            trainer.save(run_dir)
+            piece = time.monotonic() - start
+            fp = trainer.export(export) if export is not None else None
     except OSError as e:
         raise DiffcodecError(f"cannot write the run's files ({e.strerror or e}: {e.filename or run_dir})") from None
     steps_piece = trainer.step_count - start_step

@@ -15,6 +15,15 @@ those weights, fresh optimizer, step counters carried on).
 All randomness of a step (batch indices, flips, t, noise, and a seed for dropout that is
 used inside ``torch.random.fork_rng``) comes from one seeded CPU ``torch.Generator``, so a
 resumed CPU run takes bit-identical steps to an uninterrupted one.
+
+Under torchrun (a `distributed.World` of W processes) the network is wrapped in
+DistributedDataParallel and ``batch_size`` stays the step's whole (effective) batch: every
+rank draws the whole batch's randomness from the same generator and trains on its
+contiguous 1/W of the rows; DDP averages the gradients, so a step is the one-process step
+on the same batch (to float rounding), with the same learning-rate recipe, and the run's
+state (generator included) is the same on every rank: rank 0 saves it, and it resumes on
+any number of processes. Dropout masks are drawn per rank (seed + rank): with dropout > 0
+the steps equal the one-process steps in distribution, not bit for bit.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any
 
 import torch
 
+from diffcodec import distributed
 from diffcodec.checkpoint import save_checkpoint
 from diffcodec.config import DiffusionConfig, ModelConfig, config_to_dict
 from diffcodec.diffusion import q_sample
@@ -56,8 +66,13 @@ class Trainer:
     """Model, EMA, optimizer, generator and counters of one run; ``step`` takes one step."""
 
     def __init__(self, config: TrainConfig, model_config: ModelConfig, diffusion_config: DiffusionConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", world: distributed.World = distributed.SINGLE) -> None:
+        if config.batch_size % world.size:
+            raise DiffcodecError(f"the batch of {config.batch_size} images does not divide among {world.size} "
+                                 "processes; give a --batch-size that is a multiple of the process count")
         self.config = config
+        self.world = world
+        self.rows = distributed.shard(config.batch_size, world)  # this rank's rows of each batch
         self.model_config, self.diffusion_config = model_config, diffusion_config
         self.device = torch.device(device)
         self.schedule = make_schedule(diffusion_config.schedule, diffusion_config.num_timesteps)
@@ -79,7 +94,12 @@ class Trainer:
         self.autocast = use_cuda and config.bf16
         if use_cuda:
             torch.backends.cudnn.benchmark = True
-        self.forward = torch.compile(self.model) if (use_cuda and config.compile) else self.model
+        self.forward = self.model
+        if world.distributed:  # gradients averaged over the ranks in backward
+            self.forward = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if use_cuda else None)
+        if use_cuda and config.compile:
+            self.forward = torch.compile(self.forward)
 
     # -- one step
 
@@ -110,8 +130,9 @@ class Trainer:
         Returns the batch loss (a detached 0-d tensor on the training device).
         """
         cfg, dev = self.config, self.device
-        d = self.draw_batch(images)
-        d = {k: v if k == "seed" else self.to_device(v) for k, v in d.items()}
+        whole = self.draw_batch(images)  # the whole batch's draws, the same on every rank
+        rows = slice(self.rows.start, self.rows.stop)
+        d = {k: v if k == "seed" else self.to_device(v[rows]) for k, v in whole.items()}
         x0 = images[d["idx"].to(images.device)].to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x0 = torch.where(d["flip"][:, None, None, None], x0.flip(3), x0)
         t, noise, weights = d["t"], d["noise"], d["weights"]
@@ -119,7 +140,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, self.step_count)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(int(d["seed"]))
+            torch.manual_seed(int(d["seed"]) + self.world.rank)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 output = self.forward(x_t, self.original_t[t])
             losses = training_losses(self.schedule, output, x0, x_t, t, noise, loss=cfg.loss,
@@ -130,11 +151,16 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.update_ema()
+        loss = loss.detach()
+        if self.world.distributed:  # the whole batch's loss and L_t terms, on every rank
+            loss = distributed.all_mean(loss, self.world)
         if self.sampler is not None:
-            self.sampler.update(t, losses["vb_bpd"])
+            vb = losses["vb_bpd"].detach()
+            if self.world.distributed:
+                t, vb = whole["t"].to(dev), distributed.all_concat(vb, self.world)
+            self.sampler.update(t, vb)
         self.step_count += 1
         self.images_seen += cfg.batch_size
-        loss = loss.detach()
         self._window_sum = self._window_sum + loss
         self._window_n += 1
         return loss

@@ -2,8 +2,9 @@
 against the value recorded in reports/nll_ci_reference.json by `python -m bench.nll --ci-reference`.
 
 What is compared, and why the tolerance is tight. The test re-evaluates exactly the reference's
-setting (first ``num_images`` test images, ``steps``-step chain, ``seed``, ``batch_size``: batch
-i draws its noise from seed + i), so the same weights give the same noise draws and the value
+setting (first ``num_images`` test images, ``steps``-step chain, ``seed``, ``batch_size``: each
+image draws its noise from (seed, its index), `likelihood.ImageNoise`; the reference was
+regenerated when issue 18 replaced the per-batch seeds), so the same weights give the same noise draws and the value
 is a deterministic function of the code. On one machine it reproduces to the last digit; on
 another, float rounding in the network moves it by ~1e-6 relative. The standard error across
 images (~0.05 bits/dim for 16 images, recorded in the reference) says how far these 16 images

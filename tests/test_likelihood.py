@@ -9,8 +9,10 @@ import torch
 from diffcodec.diffusion import q_sample
 from diffcodec.likelihood import (
     BoundResult,
+    ImageNoise,
     bound_bits,
     evaluate_bound,
+    image_seed,
     importance_proposal,
     merge_rows,
     pilot_steps,
@@ -19,6 +21,7 @@ from diffcodec.likelihood import (
     sampled_bound_bits,
     stratified_steps,
     summarize,
+    tile_keys,
     vb_term_bits,
 )
 from diffcodec.schedule import make_schedule
@@ -152,6 +155,46 @@ def test_total_is_prior_plus_terms_and_the_summary_adds_up():
     assert np.array_equal(again.terms_bits, r.terms_bits)  # reproducible with a seed
     other = evaluate_bound(zero_eps, s, batches, var_type="fixedlarge", seed=8)
     assert not np.array_equal(other.terms_bits, r.terms_bits)
+
+
+def test_an_images_noise_depends_on_its_key_not_on_its_batch():
+    """Issue 18: row r's draws come from (seed, keys[r]) alone, so cutting the rows into other
+    batches, or evaluating a block of them alone (one rank's shard), gives the same bits. The
+    stand-in network (a fixed per-pixel function) is row-wise, so the equality is exact."""
+    s = respace(make_schedule("linear", 1000), 12)
+
+    def model(x, t):
+        return 0.3 * torch.tanh(x) + 1e-3 * t[:, None, None, None]
+
+    g = torch.Generator().manual_seed(2)
+    x0 = (torch.randint(0, 256, (7, 3, 4, 4), generator=g).double() / 127.5) - 1
+    keys = tile_keys([np.array([0]), np.array([1, 2]), np.array([3]), np.array([4, 5, 6])], 7)
+    assert keys.tolist() == [[0, 0], [1, 0], [1, 1], [2, 0], [3, 0], [3, 1], [3, 2]]
+    proposal = importance_proposal(np.array([1, 5, 11]), np.array([3.0, 1.0, 0.2]), 12)
+    for kwargs in ({}, {"proposal": proposal, "num_samples": 2}):
+        whole = evaluate_bound(model, s, [x0], var_type="fixedlarge", seed=3, keys=keys, **kwargs)
+        split = evaluate_bound(model, s, [x0[:2], x0[2:5], x0[5:]], var_type="fixedlarge", seed=3, keys=keys, **kwargs)
+        shard = evaluate_bound(model, s, [x0[2:4], x0[4:5]], var_type="fixedlarge", seed=3, keys=keys[2:5], **kwargs)
+        assert np.array_equal(split.terms_bits, whole.terms_bits)
+        assert np.array_equal(shard.terms_bits, whole.terms_bits[2:5])
+        # the same image under another key (or another seed) gets other noise
+        moved = evaluate_bound(model, s, [x0], var_type="fixedlarge", seed=3, keys=np.roll(keys, 1, axis=0), **kwargs)
+        assert not np.any(np.all(moved.terms_bits == whole.terms_bits, axis=1))
+        reseeded = evaluate_bound(model, s, [x0], var_type="fixedlarge", seed=4, keys=keys, **kwargs)
+        assert not np.any(np.all(reseeded.terms_bits == whole.terms_bits, axis=1))
+    with pytest.raises(ValueError):
+        evaluate_bound(model, s, [x0], var_type="fixedlarge", seed=3, keys=keys[:5])
+
+
+def test_image_noise_streams_are_distinct_and_standard_normal():
+    seeds = {image_seed(0, i, j) for i in range(200) for j in range(5)} | {image_seed(1, i, 0) for i in range(200)}
+    assert len(seeds) == 1200 and all(0 <= z < 2**63 for z in seeds)
+    noise = ImageNoise(0, [(i, 0) for i in range(2000)]).normal((3, 4, 4), torch.float64)
+    assert abs(float(noise.mean())) < 4 / math.sqrt(noise.numel())
+    assert float(noise.var()) == pytest.approx(1.0, abs=4 * math.sqrt(2 / noise.numel()))
+    rows = noise.reshape(2000, -1)
+    corr = np.corrcoef(rows[:-1, 0].numpy(), rows[1:, 0].numpy())[0, 1]  # neighbouring images independent
+    assert abs(corr) < 4 / math.sqrt(2000)
 
 
 def test_merge_rows_sums_tiles_and_divides_by_real_dims():
