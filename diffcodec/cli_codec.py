@@ -197,6 +197,7 @@ def encode_report(result, path: str, loaded) -> dict:
         "payload_bytes": result.payload_bytes,
         "header_bytes": len(result.data) - result.payload_bytes,
         "bits_per_dim": result.file_bpd,
+        "bits_per_pixel": 3.0 * result.file_bpd,  # whole file per image pixel (the 3 coded channels)
         "payload_bpd": result.payload_bpd,
         "net_bpd": result.net_bpd,
         "bound_bpd": bound,
@@ -236,7 +237,8 @@ def format_encode(r: dict) -> str:
     bound = r["bound_bpd"]
     lines = [
         f"{r['output']}: {r['num_images']} image(s), {r['num_tiles']} tile(s), {r['file_bytes']:,} bytes",
-        f"  actual    {r['bits_per_dim']:.4f} bits/dim (whole file: {r['header_bytes']:,}-byte header + payload)",
+        f"  actual    {r['bits_per_dim']:.4f} bits/dim = {r['bits_per_pixel']:.3f} bits/pixel (whole file: "
+        f"{r['header_bytes']:,}-byte header + payload)",
     ]
     if bound == bound and bound is not None:
         lines += [
@@ -272,7 +274,9 @@ def progressive_report(result, path: str, loaded) -> dict:
     return {
         "output": path, "mode": "progressive", "num_images": len(h.images), "num_tiles": enc.params.num_tiles,
         "num_dims": dims, "file_bytes": len(result.data), "header_bytes": header_bits // 8,
-        "bits_per_dim": 8 * len(result.data) / dims, "payload_bpd": enc.params.payload_bits / dims,
+        "bits_per_dim": 8 * len(result.data) / dims, "bits_per_pixel": 24 * len(result.data) / dims,
+        "payload_bpd": enc.params.payload_bits / dims, "num_checks": enc.num_checks,
+        "check_bits": enc.num_checks * enc.params.check_bits,
         "analytic_bpd": float(enc.kl_bits.sum()) / dims,
         "num_steps": enc.params.num_steps, "spacing": enc.params.spacing, "chunk_bits": enc.params.chunk_bits,
         "network_float64": enc.params.network_float64, "device": h.device,
@@ -289,8 +293,9 @@ def format_progressive(r: dict) -> str:
     lines = [
         f"{r['output']}: {r['num_images']} image(s), {r['num_tiles']} tile(s), {r['file_bytes']:,} bytes "
         f"(progressive, {r['num_steps']} coded steps, {r['spacing']})",
-        f"  actual    {r['bits_per_dim']:.4f} bits/dim (whole file: {r['header_bytes']:,}-byte header "
-        f"+ payload); analytic {r['analytic_bpd']:.4f} on the same stages",
+        f"  actual    {r['bits_per_dim']:.4f} bits/dim = {r['bits_per_pixel']:.3f} bits/pixel (whole file: "
+        f"{r['header_bytes']:,}-byte header + payload, {r['num_checks']} integrity checks = {r['check_bits']} bits); "
+        f"analytic {r['analytic_bpd']:.4f} on the same stages",
         "  prefixes  stage (t received): bits/dim of the file cut there",
     ]
     for st in r["stages"]:

@@ -471,7 +471,8 @@ def _read_image(path: str, name: str, convert: bool, out: _Collector) -> np.ndar
     if mode == "F":
         raise DiffcodecError(f"{path}: mode 'F' (32-bit float greyscale) has no defined 8-bit scale; cannot convert it")
     if mode in ("L", "1"):
-        out.note(f"greyscale ({mode}) copied to R, G, B", name)
+        out.note(f"greyscale ({mode}) copied to R, G, B: the model codes 3 channels, so a file costs about 3x "
+                 "what one gray channel would; compare bits per pixel (printed) with the gray original", name)
     elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
         out.note(f"{mode} converted to RGB by Pillow (no colour management)", name)
     try:

@@ -187,16 +187,16 @@ def train(
         config = make_train_config(preset_name, loss=loss, **overrides)
         model_config, diffusion_config = preset(preset_name)
 
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DiffcodecError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
     images_np = load_training_images(data, image_size=model_config.image_size, allow_test_data=allow_test_data,
                                      limit=data_limit)
-    images = torch.from_numpy(images_np).to(device)
     if config.batch_size % world.size:
         raise DiffcodecError(f"--batch-size {config.batch_size} does not divide among {world.size} processes; "
                              "give a multiple of the process count (it is the whole step's batch)")
+    try:  # only once the data and the settings are known good: a refused run leaves no folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiffcodecError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
+    images = torch.from_numpy(images_np).to(device)
     distributed.ready(world)
     trainer = Trainer(config, model_config, diffusion_config, device, world)
     if state is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,13 @@ from diffcodec.codec.entropy import seeded_words
 from diffcodec.unet import UNet
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist (the project's addopts: one worker per core): one torch thread per worker,
+    # and for the processes tests start, so that workers never oversubscribe the cores
+    # (spinning OpenMP threads on a busy 2-core machine run ~25x slower)
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def tiny_model(seed: int = 0, *, learn_sigma: bool = False, scale: float = 0.02) -> tuple[UNet, object, object]:

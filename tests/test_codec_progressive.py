@@ -297,6 +297,8 @@ def test_cli_progressive_round_trip_and_prefixes(cli_setup, capsys):
     assert code == 0, err
     rep = json.loads(out)
     assert rep["mode"] == "progressive" and rep["file_bytes"] == dfc.stat().st_size and len(rep["stages"]) == 4
+    assert rep["bits_per_pixel"] == pytest.approx(8 * rep["file_bytes"] / (30 * 27))  # 30x27 image pixels
+    assert rep["num_checks"] >= 1 and rep["check_bits"] == 16 * rep["num_checks"]
     # the whole file: lossless, verified
     code, out, err = run_cli(["decode", dfc, "-o", tmp / "full.png", "-c", ckpt, "--json", "--device", "cpu"], capsys)
     assert code == 0, err

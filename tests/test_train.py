@@ -296,5 +296,10 @@ def test_cli_train_export_and_errors(tmp_path, data_dir, capsys):
                  "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffcodec: error:") and "TEST data" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["train", str(tmp_path / "empty"), "--preset", "tiny", "--steps", "1", "--out",
+                 str(tmp_path / "r3")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()  # a refused run leaves no folder
     assert main(["train", str(data_dir), "--steps", "4", "--out", str(out), "--resume", "--device", "cpu"]) == 0
     assert read_state(out)["step"] == 4

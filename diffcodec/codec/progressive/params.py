@@ -34,10 +34,11 @@ class ProgressiveParams:
     payload_bits: int = 0  # the complete stream's length in bits (set by the encoder)
     # integrity checks (`syntax`: a check_bits-bit digest of every stage so far closes each
     # group of stages; a group closes once its nominal KL reaches max(check_min_bits,
-    # check_growth x the KL before it) and after the last RCC stage); 0 = none (block version 1)
+    # check_growth x the KL before it) and after the last RCC stage); 0 = none (block version 1).
+    # Defaults chosen by bench.progressive_checks (reports/progressive_checks.md)
     check_bits: int = 16
     check_min_bits: int = 128
-    check_growth: float = 0.5
+    check_growth: float = 0.0
 
     _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
     _CHECKS = struct.Struct("<BBH")  # block version 2: check bits, growth x 4, min group bits
