@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import numpy as np
 import torch
 
-from bench.common import REPORTS_DIR, load_json_input, provenance, resolve_data, run_main, write_report
+from bench.common import REPO_ROOT, REPORTS_DIR, load_json_input, provenance, resolve_data, run_main, write_report
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.codec.progressive.syntax import StageSymbols, Syntax
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     report = load_json_input(args.report, "a bench.progressive report")
     params = ProgressiveParams(num_steps=int(report["params"]["num_steps"]),
                                chunk_bits=float(report["params"]["chunk_bits"]))
-    result = {"report": args.report, "check_bits": params.check_bits, "check_min_bits": params.check_min_bits,
+    result = {"report": os.path.relpath(args.report, REPO_ROOT), "check_bits": params.check_bits, "check_min_bits": params.check_min_bits,
               "check_growth": params.check_growth, "from_report": from_report(report, params),
               "real_files": real_files(args.data, args.encode, args.checkpoint) if args.encode else [],
               "provenance": provenance(args)}
