@@ -134,16 +134,19 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def read_inputs(paths: list[str], limit: int | None, convert: bool):
-    """Images and names from several inputs, stopping after ``limit`` images; notes to stderr."""
+    """Images and names from several inputs, stopping after ``limit`` images; notes to stderr
+    (from rank 0 only, under torchrun)."""
+    from diffcodec import distributed
     from diffcodec.data import read_images
 
+    say = distributed.current().is_main
     images, names = [], []
     for path in paths:
         left = None if limit is None else limit - len(images)
         if left is not None and left < 1:
             break
         got = read_images(path, limit=left, convert=convert)
-        for note in got.notes:
+        for note in got.notes if say else []:
             print(f"diffcodec: note: {note}", file=sys.stderr)
         images.extend(got.images)
         names.extend(got.names)
