@@ -244,7 +244,7 @@ def encoded(tmp_path_factory, checkpoint) -> tuple[Path, list[np.ndarray], Path]
     images = synthetic_images([(37, 45), (32, 32)], seed=8)
     for name, img in zip(["one.png", "two.png"], images):
         Image.fromarray(img).save(folder / name)
-    out = folder.parent / "two.dfc"
+    out = tmp_path_factory.mktemp("dfc") / "two.dfc"  # a fresh folder: the fixture may be set up again
     code = main(["encode", str(folder), "-o", str(out), "-c", str(checkpoint), "--steps", "3", "-q",
                  "--device", "cpu"])
     assert code == 0
