@@ -39,11 +39,15 @@ class ProgressiveParams:
     check_bits: int = 16
     check_min_bits: int = 128
     check_growth: float = 0.0
+    # the stream syntax (`syntax`, `codec`): 3 = what this diffcodec writes (x_T from the
+    # shared seed, no stage-0 symbols; a closing check over every symbol, pixels included);
+    # 1 and 2 = older files (read only: stage 0 coded; 2 adds the group checks)
+    version: int = 3
 
     _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
     _CHECKS = struct.Struct("<BBH")  # block version 2: check bits, growth x 4, min group bits
-    BLOCK_VERSION = 2  # what this diffcodec writes when checks are on (version 1 = no checks)
-    READ_VERSIONS = (1, 2)
+    BLOCK_VERSION = 3  # what this diffcodec writes
+    READ_VERSIONS = (1, 2, 3)
     MAX_CHECK_BITS = 16
 
     def __post_init__(self) -> None:
@@ -73,6 +77,11 @@ class ProgressiveParams:
             raise ValueError("progressive: check_min_bits must be 1..65535")
         if not (0 <= self.check_growth <= 63.75 and float(self.check_growth * 4).is_integer()):
             raise ValueError("progressive: check_growth must be a multiple of 1/4 in 0..63.75")
+        if self.version not in self.READ_VERSIONS:
+            raise ValueError(f"progressive: unknown stream version {self.version}")
+        if self.version == 1 and self.check_bits or self.version == 2 and not self.check_bits:
+            raise ValueError(f"progressive: a version {self.version} stream "
+                             + ("has no checks" if self.version == 1 else "has checks"))
 
     def pack(self) -> bytes:
         """The mode-1 parameter block (little-endian):
@@ -90,14 +99,13 @@ class ProgressiveParams:
             23 u8  check bits (1..16)         24  u8  check growth x 4
             25 u16 smallest group of stages, in nominal KL bits
         """
-        checks = self.check_bits > 0
         fixed = self._FIXED.pack(
-            2 if checks else 1, SPACING_CODES.index(self.spacing), self.num_steps, self.log2_candidates,
+            self.version, SPACING_CODES.index(self.spacing), self.num_steps, self.log2_candidates,
             int(self.chunk_bits * 4), int(self.pad_bits * 4), self.snap_log2,
             int(self.clip_denoised) | (int(self.network_float64) << 1) | (int(self.exact) << 2),
             self.num_tiles, self.tile_size, self.seed, self.payload_bits,
         )
-        if not checks:  # without checks, the version 1 block byte for byte
+        if self.version == 1:  # no checks
             return fixed
         return fixed + self._CHECKS.pack(self.check_bits, int(self.check_growth * 4), self.check_min_bits)
 
@@ -114,14 +122,14 @@ class ProgressiveParams:
          payload_bits) = cls._FIXED.unpack_from(block)
         check_bits, growth_q, check_min_bits = cls._CHECKS.unpack_from(block, cls._FIXED.size) if version >= 2 else (
             0, 2, 128)
-        if version >= 2 and check_bits == 0:
+        if version == 2 and check_bits == 0:
             raise DiffcodecError(f"{where}: corrupt progressive parameters (a version 2 block without checks)")
         if spacing >= len(SPACING_CODES) or flags > 7:
             raise DiffcodecError(f"{where}: corrupt progressive parameters (spacing {spacing}, flags {flags})")
         try:
             return cls(num_steps, SPACING_CODES[spacing], log2_n, chunk_q / 4, pad_q / 4, seed, snap_log2,
                        bool(flags & 1), bool(flags & 2), bool(flags & 4), num_tiles, tile_size, payload_bits,
-                       check_bits, check_min_bits, growth_q / 4)
+                       check_bits, check_min_bits, growth_q / 4, version)
         except ValueError as e:
             raise DiffcodecError(f"{where}: corrupt progressive parameters ({e})") from None
 
