@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-bits", type=float, default=d.chunk_bits)
     p.add_argument("--pad-bits", type=float, default=d.pad_bits)
     p.add_argument("--log2-candidates", type=int, default=d.log2_candidates)
+    p.add_argument("--min-stage-bits", type=float, default=d.min_stage_bits,
+                   help=f"skip a stage whose KL is below this (default {d.min_stage_bits})")
     p.add_argument("--seed", type=int, default=0, help="the streams' shared seed (default 0)")
     p.add_argument("--crop", type=int, help="code the central N x N pixels of each image (N: a multiple of 32)")
     p.add_argument("--no-baselines", action="store_true", help="skip JPEG / WebP / JPEG-XL on the same images")
@@ -354,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         images = [center_crop(im, args.crop) for im in images]
     try:
         params = ProgressiveParams(num_steps=args.steps, spacing=args.spacing, chunk_bits=args.chunk_bits,
-                                      pad_bits=args.pad_bits, log2_candidates=args.log2_candidates, seed=args.seed)
+                                      pad_bits=args.pad_bits, log2_candidates=args.log2_candidates, seed=args.seed,
+                                      min_stage_bits=args.min_stage_bits)
     except ValueError as e:
         raise DiffcodecError(str(e)) from None
     prov = provenance(args, loaded, args.seed, device=device, command=command)

@@ -361,13 +361,48 @@ def test_stream_without_checks_still_decodes_stage_by_stage():
     model, dc = seeded_tiny(0)
     fn = denoiser(model)
     x0 = to_model_input(test_image(1, seed=7))
-    params = dataclasses.replace(PARAMS, num_tiles=1, num_steps=4, check_bits=0)
+    params = dataclasses.replace(PARAMS, num_tiles=1, num_steps=4, check_bits=0, version=1)
     assert params.pack()[0] == 1 and len(params.pack()) == 23
     enc = pg.encode(fn, dc, x0, params)
     assert enc.num_checks == 0 and np.all(np.diff(enc.prefix_bits) > 0)
     for stage in range(4):
         assert pg.decode(fn, dc, enc.payload, enc.params, num_bits=int(enc.prefix_bits[stage])).stages == stage + 1
     assert torch.equal(pg.decode(fn, dc, enc.payload, enc.params).x0, x0)
-    with_checks = pg.encode(fn, dc, x0, dataclasses.replace(params, check_bits=16))
+    with_checks = pg.encode(fn, dc, x0, dataclasses.replace(params, check_bits=16, version=2))
     assert with_checks.num_checks >= 1 and with_checks.params.pack()[0] == 2
     assert len(with_checks.payload) >= len(enc.payload)
+
+
+def test_version_3_sends_x_T_free_and_skips_stages_below_min_stage_bits():
+    """Stream version 3: stage 0 (x_T) costs no bits; a stage whose KL is below
+    min_stage_bits is skipped (its latent never made) and the next one is sent over the merged
+    steps; every prefix still decodes, the full stream is lossless and its closing check
+    verifies it."""
+    model, dc = seeded_tiny(0)
+    fn = denoiser(model)
+    x0 = to_model_input(test_image(1, seed=3))
+    base = dataclasses.replace(PARAMS, num_tiles=1, num_steps=8, check_bits=0)
+    plain = pg.encode(fn, dc, x0, base)
+    assert plain.prefix_bits[0] == 0 and plain.levels[0] == 0 and (plain.levels[1:] > 0).all()
+    first = pg.decode(fn, dc, plain.payload, plain.params, num_bits=0)
+    assert first.stages == 1 and first.timestep == 999  # x_T from the seed alone
+    threshold = float(np.ceil(4 * np.median(plain.kl_bits[1:-2])) / 4)
+    merged = pg.encode(fn, dc, x0, dataclasses.replace(base, min_stage_bits=threshold, check_bits=16))
+    skipped = np.flatnonzero(merged.levels == 0)
+    assert skipped[0] == 0 and len(skipped) >= 2 and merged.levels[-1] > 0  # y_0 is never skipped
+    coded = merged.levels[1:] > 0
+    assert np.all(merged.kl_bits[1:-2][coded[:-1]] >= threshold)  # each coded stage (but y_0) carries enough
+    full = pg.decode(fn, dc, merged.payload, merged.params, keep_all=True)
+    assert full.complete and full.pixels_checked is True and torch.equal(full.x0, x0)
+    for stage in skipped[1:]:  # a skipped stage leaves the reconstruction as it was
+        assert torch.equal(full.xstart[stage], full.xstart[stage - 1])
+    mse = [float(((x - x0) ** 2).mean()) * 127.5**2 for x in full.xstart]
+    np.testing.assert_allclose(mse, merged.xstart_mse, rtol=1e-4)
+    for stage in range(merged.params.num_steps):
+        dec = pg.decode(fn, dc, merged.payload, merged.params, num_bits=int(merged.prefix_bits[stage]))
+        assert dec.stages >= stage + 1 and not dec.complete
+    # the closing check: another value there is reported, never taken for the coded pixels
+    bad = bytearray(merged.payload)
+    bad[-1] ^= 0x10
+    dec = pg.decode(fn, dc, bytes(bad), merged.params)
+    assert dec.pixels_checked is not True

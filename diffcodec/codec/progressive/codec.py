@@ -57,6 +57,7 @@ from diffcodec.codec.progressive.syntax import (
     pad_words,
     read_stages,
     shortest_prefixes,
+    write_closing,
     write_stage,
 )
 from diffcodec.config import DiffusionConfig
@@ -65,7 +66,7 @@ from diffcodec.errors import DiffcodecError
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats
 from diffcodec.runtime import ModelFn, usable_cores
 from diffcodec.schedule import Schedule
-from diffcodec.timesteps import chain_schedule
+from diffcodec.timesteps import chain_schedule, keep_timesteps
 
 RECONSTRUCTIONS = ("xstart", "ddim")
 PIXEL_RULE = PixelRule(mean_lo=-1e4, mean_hi=1e4, std_floor=None)  # the format's (`coding_params`)
@@ -149,12 +150,49 @@ def _prior(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(like), torch.zeros_like(like)
 
 
+class CodedChain:
+    """The latents a stream makes and the reverse step each stage takes.
+
+    Without skips (every stream before version 3, and version 3 when every stage is coded)
+    stage j steps from code step k + 1 to k = K - 1 - j on the coded schedule. A version 3
+    stream may skip stages (`syntax`): the next stage then steps from the last latent made,
+    k', straight to k, on the chain through the steps kept so far and all steps below k
+    (`timesteps.keep_timesteps`: the same alpha-bars, so the same arithmetic on both sides).
+    The network is always called at a latent's own original timestep.
+    """
+
+    def __init__(self, diffusion: DiffusionConfig, params: ProgressiveParams) -> None:
+        self.full = coded_schedule(diffusion, params.num_steps, params.spacing)
+        self._original = diffusion.schedule, diffusion.num_timesteps
+        self.kept: list[int] = []  # code steps whose latents were made, x_T's first
+        self._cache: dict[tuple[int, ...], Schedule] = {}
+
+    def step(self, k: int) -> tuple[Schedule, int]:
+        """(schedule, step index) of the reverse step from the last latent made to code step k."""
+        last = self.kept[-1]
+        if last == k + 1:
+            return self.full, k + 1
+        steps = tuple(range(k + 1)) + tuple(sorted(self.kept))
+        if steps not in self._cache:
+            original = chain_schedule(*self._original)
+            self._cache[steps] = keep_timesteps(original, self.full.timesteps[list(steps)])
+        return self._cache[steps], steps.index(last)
+
+    def keep(self, k: int) -> None:
+        self.kept.append(k)
+
+
+def _full_step(like: torch.Tensor, index: int) -> torch.Tensor:
+    return torch.full((like.shape[0],), index, dtype=torch.long, device=like.device)
+
+
 def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, params: ProgressiveParams,
            *, progress: Callable[[int], None] | None = None, workers: int | None = None) -> Encoded:
     """Algorithm 3 for a batch of tiles x0 [B, C, s, s] (exact pixel values in [-1, 1]).
 
     The candidate search runs on ``workers`` threads (default: the usable CPU cores); the
-    stream does not depend on it.
+    stream does not depend on it. A version 3 stream skips a stage whose KL is below
+    ``params.min_stage_bits`` (never the last latent, y_0).
 
     Returns the payload (complete stream) and per-stage measurements. With
     ``params.network_float64`` the latents are float64 and ``model_fn`` must take and return
@@ -168,32 +206,38 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     workers = usable_cores() if workers is None else max(1, int(workers))
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
     x0 = x0.to(dtype)
-    s = coded_schedule(diffusion, params.num_steps, params.spacing)
+    chain = CodedChain(diffusion, params)
+    s = chain.full
     K, D, var_type = s.num_steps, x0.numel(), diffusion.var_type
     ts = torch.from_numpy(s.timesteps).to(x0.device)
     enc, syntax = RangeEncoder(), Syntax(params, D)
     kl_bits = np.zeros(K + 1)
     levels, chunks_per_stage, mse = np.zeros(K, dtype=np.int64), np.zeros(K, dtype=np.int64), np.zeros(K)
-    y, num_checks = None, 0
+    y, out, num_checks = None, None, 0
     start = time.perf_counter()
     for stage in range(K):
         k = K - 1 - stage  # the code step of the latent this stage sends
-        t = torch.full((x0.shape[0],), k, dtype=torch.long, device=x0.device)
         if stage == 0:
-            q_mean, _, q_log_var = q_mean_variance(s, x0, t)
+            q_mean, _, q_log_var = q_mean_variance(s, x0, _full_step(x0, k))
             p_mean, p_log_var = _prior(x0)
         else:
-            t_prev = t + 1
-            with clock("network"):
-                out = model_fn(y, ts[t_prev]).to(dtype)
-            p = p_mean_variance(s, out, y, t_prev, var_type=var_type, clip_denoised=params.clip_denoised)
+            sched, i = chain.step(k)
+            p = p_mean_variance(sched, out, y, _full_step(x0, i), var_type=var_type, clip_denoised=params.clip_denoised)
             p_mean, p_log_var = p.mean, p.log_variance
-            mse[stage - 1] = float((((p.pred_xstart - x0) * 127.5) ** 2).mean())
-            q_mean, _, q_log_var = q_posterior_mean_variance(s, x0, y, t_prev)
+            q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0, y, _full_step(x0, i))
         qm, qv, pm, pv = (v.double().cpu().numpy().ravel() for v in (q_mean, q_log_var, p_mean, p_log_var))
         kl_dims = rcc.gaussian_kl_bits(qm, qv, pm, pv)
         kl_bits[stage] = kl_dims.sum()
-        level = level_of_kl(float(kl_bits[stage]))
+        if syntax.skippable() and kl_bits[stage] < params.min_stage_bits:
+            with clock("entropy"):
+                num_checks += write_stage(enc, syntax, StageSymbols(0, np.zeros(0, dtype=np.int64)))
+            mse[stage] = mse[stage - 1]
+            if progress is not None:
+                progress(stage)
+            continue
+        level = 0 if syntax.implicit() else level_of_kl(float(kl_bits[stage]))
+        if params.version >= 3 and stage:
+            level = max(level, 1)
         n, _ = syntax.chunking(level)
         indices = np.zeros(n, dtype=np.int64)
         if level:
@@ -211,21 +255,24 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         with clock("candidates"):
             u = _sample_stage(params, stage, symbols, n, D)
         y = _latent(p_mean, p_log_var, u, params.exact)
+        chain.keep(k)
+        with clock("network"):
+            out = model_fn(y, ts[_full_step(x0, k)]).to(dtype)
+        xstart = p_mean_variance(s, out, y, _full_step(x0, k), var_type=var_type,
+                                 clip_denoised=params.clip_denoised).pred_xstart
+        mse[stage] = float((((xstart - x0) * 127.5) ** 2).mean())
         levels[stage], chunks_per_stage[stage] = level, (n if level else 0)
         if progress is not None:
             progress(stage)
     # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5)
-    t0 = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
-    with clock("network"):
-        out = model_fn(y, ts[t0]).to(dtype)
-    p = p_mean_variance(s, out, y, t0, var_type=var_type, clip_denoised=params.clip_denoised)
-    mse[K - 1] = float((((p.pred_xstart - x0) * 127.5) ** 2).mean())
+    p = p_mean_variance(s, out, y, _full_step(x0, 0), var_type=var_type, clip_denoised=params.clip_denoised)
     log_p = discretized_gaussian_log_likelihood_nats(x0, mean=p.mean, log_scale=0.5 * p.log_variance)
     kl_bits[K] = -float(log_p.sum()) / LN2
     pixel_models = _pixel_params(p.mean, p.log_variance, params)
     symbols = np.rint((x0.double().cpu().numpy().ravel() + 1.0) * 127.5).astype(np.int64)
     with clock("entropy"):
         enc.encode_gaussian(symbols, *pixel_models, PIXEL_LO, PIXEL_HI)
+        write_closing(enc, syntax, symbols)
         full = enc.words().astype(">u4").tobytes()
         prefix = shortest_prefixes(full, params, D, pixel_models)
     if progress is not None:
@@ -254,6 +301,8 @@ class Decoded:
     xstart: list[torch.Tensor] = field(default_factory=list)  # per received latent: x^_0 (keep_all)
     latents: list[torch.Tensor] = field(default_factory=list)  # per received latent (keep_all)
     seconds: dict[str, float] = field(default_factory=dict)
+    pixels_checked: bool | None = None  # version 3: the closing check matched (True) / was read and differs
+    #   (False: damage or, for a float file, divergence); None: no closing check, or not reached
 
 
 def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params: ProgressiveParams, *,
@@ -267,7 +316,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     if reconstruction not in RECONSTRUCTIONS:
         raise DiffcodecError(f"unknown reconstruction {reconstruction!r}; known: {', '.join(RECONSTRUCTIONS)}")
     clock = StageClock()
-    s = coded_schedule(diffusion, params.num_steps, params.spacing)
+    chain = CodedChain(diffusion, params)
+    s = chain.full
     K = s.num_steps
     shape = (params.num_tiles, 3, params.tile_size, params.tile_size)
     D = int(np.prod(shape))
@@ -276,26 +326,35 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     reader = TwinReader(payload, bits, pad_words(params, D))
     syntax = Syntax(params, D)
     ts = torch.from_numpy(s.timesteps).to(device)
-    y, p, xstarts, latents, stages = None, None, [], [], 0
+    y, out, p, xstarts, latents, stages = None, None, None, [], [], 0
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
     proto = torch.zeros(shape, device=device, dtype=dtype)
     with clock("entropy"):
         run: StageRun = read_stages(reader, syntax, limit)  # symbols only: verified before any network call
     for stage, symbols in enumerate(run.stages):
         k = K - 1 - stage
+        stages = stage + 1
+        if stage and symbols.level == 0 and params.version >= 3:  # skipped: no latent at this step
+            if keep_all:
+                xstarts.append(xstarts[-1])
+                latents.append(latents[-1])
+            continue
         if stage == 0:
             p_mean, p_log_var = _prior(proto)
         else:
-            p_mean, p_log_var = p.mean, p.log_variance
+            sched, i = chain.step(k)
+            step = p_mean_variance(sched, out, y, _full_step(proto, i), var_type=diffusion.var_type,
+                                   clip_denoised=params.clip_denoised)
+            p_mean, p_log_var = step.mean, step.log_variance
         n, _ = syntax.chunking(symbols.level)
         with clock("candidates"):
             u = _sample_stage(params, stage, symbols, n, D)
         y = _latent(p_mean, p_log_var, u, params.exact)
-        stages = stage + 1
-        t = torch.full((shape[0],), k, dtype=torch.long, device=device)
+        chain.keep(k)
         with clock("network"):
-            out = model_fn(y, ts[t]).to(dtype)
-        p = p_mean_variance(s, out, y, t, var_type=diffusion.var_type, clip_denoised=params.clip_denoised)
+            out = model_fn(y, ts[_full_step(proto, k)]).to(dtype)
+        p = p_mean_variance(s, out, y, _full_step(proto, k), var_type=diffusion.var_type,
+                            clip_denoised=params.clip_denoised)
         if keep_all:
             xstarts.append(p.pred_xstart)
             latents.append(y)
@@ -305,21 +364,25 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                                  "and no stage before it is intact")
         raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
                              f"a longer prefix is needed")
+    pixels_checked = None
     if stages == K and limit > K:
         pixel_models = _pixel_params(p.mean, p.log_variance, params)
         with clock("entropy"):
             pixels = reader.pixels(*pixel_models)
+            if pixels is not None and syntax.closes():
+                pixels_checked = reader.closing(syntax, pixels)
+                pixels = None if pixels_checked is None else pixels
         if pixels is not None:
             with clock("entropy"):
                 used = _shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
             x0 = torch.from_numpy((pixels.astype(np.float32) / 127.5 - 1.0).reshape(shape)).to(device, dtype)
             return Decoded(x0, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, p.pred_xstart,
-                           xstarts, latents, dict(clock.seconds))
+                           xstarts, latents, dict(clock.seconds), pixels_checked)
     # A complete stream whose last stage does not decode: the network's arithmetic differs
     # from the encoder's (another device, thread count or library version), or the file is
-    # damaged (the caller tells which).
-    diverged = stages == K and limit > K and bits >= params.payload_bits
-    k = K - stages
+    # damaged (the caller tells which). Version 3 streams say so by their closing check.
+    diverged = stages == K and limit > K and params.version < 3 and bits >= params.payload_bits
+    k = chain.kept[-1]
     with clock("reconstruction"):
         if reconstruction == "xstart":
             x0 = p.pred_xstart

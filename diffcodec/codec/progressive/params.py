@@ -43,6 +43,9 @@ class ProgressiveParams:
     # shared seed, no stage-0 symbols; a closing check over every symbol, pixels included);
     # 1 and 2 = older files (read only: stage 0 coded; 2 adds the group checks)
     version: int = 3
+    # version 3: the encoder skips a stage (1 .. K-2) whose KL is below this many bits, so that
+    # its latent is sent merged with the next step's (`syntax`; not needed to decode)
+    min_stage_bits: float = 0.0
 
     _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
     _CHECKS = struct.Struct("<BBH")  # block version 2: check bits, growth x 4, min group bits
@@ -77,6 +80,8 @@ class ProgressiveParams:
             raise ValueError("progressive: check_min_bits must be 1..65535")
         if not (0 <= self.check_growth <= 63.75 and float(self.check_growth * 4).is_integer()):
             raise ValueError("progressive: check_growth must be a multiple of 1/4 in 0..63.75")
+        if not (0 <= self.min_stage_bits <= 1023.75 and float(self.min_stage_bits * 4).is_integer()):
+            raise ValueError("progressive: min_stage_bits must be a multiple of 1/4 in 0..1023.75")
         if self.version not in self.READ_VERSIONS:
             raise ValueError(f"progressive: unknown stream version {self.version}")
         if self.version == 1 and self.check_bits or self.version == 2 and not self.check_bits:

@@ -2,9 +2,18 @@
 
 Stage syntax (one range-coder stream, FIFO, stage k strictly before stage k + 1):
 
+    (stream version 3: stage 0, x_T, sends nothing: the decoder takes candidate 0, a sample
+    of p = N(0, I), as the encoder did; the KL it would cost is about 1e-9 bits/dim)
+    skip          (version 3, stages 1 .. K-2) one binary symbol under adaptive counts (context:
+                  whether the stage before was skipped): a skipped stage sends nothing more and
+                  its latent is never made; the next stage's latent is sent from the last one
+                  made, over the merged steps (`codec`: the encoder skips a stage whose KL is
+                  below min_stage_bits, so that no stage pays the per-stage cost for a few bits)
     level L       the stage's KL(q || p) in bits on a half-bit log grid, L = round(2 log2 KL) + 21
-                  (0 = below 2^-10.25 bits: nothing else is sent, the decoder takes candidate 0);
-                  a categorical law peaked at the previous levels' trend (`level_probs`)
+                  (0 = below 2^-10.25 bits: nothing else is sent, the decoder takes candidate 0;
+                  never sent in version 3, where a coded stage has level >= 1); a categorical
+                  law peaked at the previous levels' trend (`level_probs`; version 3: the
+                  trend of the coded stages, skips and stage 0 left out)
     exponents     the dimensions are shuffled by a keyed permutation and split into
                   n = ceil(KL(L) / chunk_bits) near-equal chunks of nominal KL kappa = KL(L) / n;
                   each chunk's PFR index (`rcc`) is sent as its exponent under an adaptive law
@@ -17,7 +26,11 @@ Stage syntax (one range-coder stream, FIFO, stage k strictly before stage k + 1)
                   KL before the group), and always after stage K - 1
     pixels        (stage K) one symbol per dimension, QuantizedGaussian on 0..255 in pixel
                   units, mean and std snapped to a 2^snap_log2 grid (`coding_params`); the
-                  container's pixel checksum verifies it
+                  container's pixel checksum verifies it (versions 1, 2)
+    closing check (version 3 with checks) 32 bits, as two uniform 16-bit symbols: the low bits
+                  of the running digest extended by the pixel symbols (`Syntax.closing_value`):
+                  it verifies the whole stream, pixels included, so the header needs no pixel
+                  checksum
 
 The symbols of stages 0..K-1 depend on the stream alone, never on the network, so a
 decoder parses every stage even where its arithmetic differs slightly from the encoder's.
@@ -120,6 +133,33 @@ class Syntax:
         self._digest = b"diffcodec progressive stages"  # running SHA-256 of the symbols (`check_value`)
         self._group_bits = 0.0  # nominal KL of the stages since the last check
         self._checked_bits = 0.0  # nominal KL of the stages before it
+        self.skip_counts = [[1, 1], [1, 1]]  # version 3: [not skipped, skipped] after a coded / a skipped stage
+
+    @property
+    def stage(self) -> int:
+        """The next stage to code or read."""
+        return len(self.levels)
+
+    def implicit(self) -> bool:
+        """Whether the next stage sends nothing (version 3: stage 0, x_T from the shared seed)."""
+        return self.params.version >= 3 and self.stage == 0
+
+    def skippable(self) -> bool:
+        """Whether the next stage sends a skip symbol (version 3, stages 1 .. K-2)."""
+        return self.params.version >= 3 and 1 <= self.stage < self.params.num_steps - 1
+
+    def skip_probs(self) -> np.ndarray:
+        """Integer counts [2] (not skipped, skipped) of the next stage's skip symbol."""
+        return np.array(self.skip_counts[self._skipped_before()], dtype=np.float64)
+
+    def _skipped_before(self) -> int:
+        return int(self.stage >= 2 and self.levels[-1] == 0)
+
+    def level_history(self) -> list[int]:
+        """The levels the level law conditions on (version 3: coded stages only)."""
+        if self.params.version >= 3:
+            return [lv for lv in self.levels[1:] if lv]
+        return self.levels
 
     def chunking(self, level: int) -> tuple[int, float]:
         """(number of chunks, nominal KL per chunk in bits) of a level."""
@@ -131,6 +171,8 @@ class Syntax:
 
     def commit(self, symbols: StageSymbols) -> None:
         stage = len(self.levels)
+        if self.skippable():
+            self.skip_counts[self._skipped_before()][int(symbols.level == 0)] += 1
         self.levels.append(symbols.level)
         if symbols.level:
             _, kappa = self.chunking(symbols.level)
@@ -153,6 +195,15 @@ class Syntax:
         """The check of every stage so far: the low check_bits bits of their running digest."""
         return int.from_bytes(self._digest[:4], "little") & ((1 << self.params.check_bits) - 1)
 
+    def closing_value(self, pixels: np.ndarray) -> int:
+        """The closing check (version 3): 32 bits of the digest extended by the pixel symbols."""
+        data = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
+        return int.from_bytes(hashlib.sha256(self._digest + b"pixels" + data).digest()[:4], "little")
+
+    def closes(self) -> bool:
+        """Whether the stream ends with a closing check (version 3 with checks)."""
+        return self.params.version >= 3 and self.params.check_bits > 0
+
     def close_group(self) -> None:
         self._checked_bits += self._group_bits
         self._group_bits = 0.0
@@ -161,7 +212,18 @@ class Syntax:
 def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> bool:
     """Encode one RCC stage's symbols, and its group's check when it closes one; advance
     ``syntax``. Returns whether a check was written."""
-    enc.encode_categorical(np.array([symbols.level]), level_probs(syntax.levels, exact_contract=syntax.params.exact)[None])
+    if syntax.implicit():
+        if symbols.level != 0 or list(symbols.indices) != [0]:
+            raise ValueError("progressive: stage 0 of a version 3 stream is candidate 0, sent as nothing")
+    elif syntax.skippable() and symbols.level == 0:
+        enc.encode_categorical(np.array([1]), syntax.skip_probs()[None])
+    else:
+        if syntax.params.version >= 3 and symbols.level == 0:
+            raise ValueError("progressive: a coded stage of a version 3 stream has level >= 1")
+        if syntax.skippable():
+            enc.encode_categorical(np.array([0]), syntax.skip_probs()[None])
+        enc.encode_categorical(np.array([symbols.level]),
+                               level_probs(syntax.level_history(), exact_contract=syntax.params.exact)[None])
     if symbols.level:
         n, kappa = syntax.chunking(symbols.level)
         if len(symbols.indices) != n:
@@ -189,8 +251,14 @@ def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
 
     Raises one of ``_DECODE_ERRORS`` on data that no encoder could have written.
     """
-    level = int(dec.decode_categorical(level_probs(syntax.levels, exact_contract=syntax.params.exact)[None])[0])
+    if syntax.implicit():
+        return StageSymbols(0, np.zeros(1, dtype=np.int64))
+    if syntax.skippable() and int(dec.decode_categorical(syntax.skip_probs()[None])[0]):
+        return StageSymbols(0, np.zeros(0, dtype=np.int64))
+    level = int(dec.decode_categorical(level_probs(syntax.level_history(), exact_contract=syntax.params.exact)[None])[0])
     if level == 0:
+        if syntax.params.version >= 3:
+            raise ValueError("progressive: level 0 in a coded stage of a version 3 stream")
         return StageSymbols(0, np.zeros(1, dtype=np.int64))
     n, kappa = syntax.chunking(level)
     probs = syntax.exponents.probs(kappa)
@@ -237,6 +305,20 @@ class TwinReader:
             return None
         syntax.commit(a)
         return a
+
+    def closing(self, syntax: Syntax, pixels: np.ndarray) -> bool | None:
+        """Read the closing check (version 3): True when it matches the stream and ``pixels``,
+        False when both decoders read another value, None once the prefix ends."""
+        if self.failed:
+            return None
+        try:
+            a, b = (tuple(int(v) for v in d.decode_uniform(1 << 16, 2)) for d in self._decoders)
+        except DECODE_ERRORS:
+            a = b = None
+        if a is None or a != b:
+            self.failed = True
+            return None
+        return a[0] | a[1] << 16 == syntax.closing_value(pixels)
 
     def check(self, syntax: Syntax) -> bool | None:
         """Read a group's check: True when it matches the symbols read, False when both
@@ -325,9 +407,17 @@ def count_stages(payload: bytes, num_bits: int, params: ProgressiveParams, num_d
     if run.stop != "complete":
         return len(run.stages)
     if limit > params.num_steps and pixel_models is not None:
-        if reader.pixels(*pixel_models) is not None:
+        pixels = reader.pixels(*pixel_models)
+        if pixels is not None and (not syntax.closes() or reader.closing(syntax, pixels) is not None):
             return params.num_stages
     return params.num_steps
+
+
+def write_closing(enc: RangeEncoder, syntax: Syntax, pixels: np.ndarray) -> None:
+    """The closing check after the pixel stage (version 3 with checks; nothing otherwise)."""
+    if syntax.closes():
+        value = syntax.closing_value(pixels)
+        enc.encode_uniform(np.array([value & 0xFFFF, value >> 16]), 1 << 16)
 
 
 def shortest_prefixes(payload: bytes, params: ProgressiveParams, num_dims: int,
