@@ -23,8 +23,8 @@ callers split a step's dimensions into chunks of a few bits each (see ``progress
 Everything here is numpy; nothing touches global random state. Candidates come from numpy's
 PCG64 raw stream (whose bits numpy guarantees across versions) keyed by a SeedSequence,
 through a Box-Muller transform (`candidate_normals`). Two transforms share the raw bits:
-the fast one in float32 numpy (libm's log/cos/sin: what the encoder's search scores, and what
-files without the exact contract decode with), and the exact one (`exact` basic operations
+the fast one in float32 numpy (libm's log/cos/sin: what the encoder's search scores, in its own
+arrangement `_search_log_weights`, and what files without the exact contract decode with), and the exact one (`exact` basic operations
 in float64, rounded once to float32: the same bits on every machine), which an exact-contract
 file's decoder, and its encoder after the search, use for the chosen candidate. The search
 needs only to rank candidates; both sides then use the exact sample of the sent index.
@@ -235,9 +235,11 @@ def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
     several chunks; their candidate blocks (about 2^20 candidate-dimension elements each,
     bounded memory) run on ``workers`` threads.
 
-    Each block makes its own candidates (the keyed stream advanced to the block's start) and
-    the blocks' minima are merged in candidate order, so the result is the same for any
-    number of workers. numpy releases the GIL in the generator and the array arithmetic.
+    Each block makes its own candidates' raw draws (the keyed stream advanced to the block's
+    start) and scores them by `_search_log_weights` in cache-sized steps of about 2^16
+    elements; the steps' and the blocks' minima are merged in candidate order, so the result
+    is the same for any number of workers. numpy releases the GIL in the generator and the
+    array arithmetic.
     """
     jobs: list[tuple[int, int, int]] = []  # (task, first candidate, count)
     log_times, params = [], []
