@@ -109,6 +109,62 @@ def test_many_chunks_on_threads_choose_as_one_by_one():
     with pytest.raises(ValueError, match="num_candidates"):
         rcc.pfr_select_many([(tasks[3][0], (1,), 0)])
 
+@pytest.mark.parametrize("dims", [1, 2, 7, 64, 439, 440])
+def test_search_scores_are_the_log_weights_of_the_candidates(dims):
+    """The search's own evaluation (split cos / sin parts, one dot product per candidate) gives
+    the log weights of exactly the candidates `candidate_normals` makes, to float32 rounding."""
+    rng = np.random.default_rng(dims)
+    lw = rcc.LogWeight.of_gaussians(rng.normal(size=dims), rng.normal(size=dims) * 0.5,
+                                    rng.normal(size=dims) * 0.3, rng.normal(size=dims) * 0.3)
+    count, start = 257, 1000
+    h = (dims + 1) // 2
+    bitgen = np.random.PCG64(np.random.SeedSequence([5, dims]))
+    bitgen.advance(start * h)
+    raw = bitgen.random_raw(count * h).reshape(count, h)
+    got = rcc._search_log_weights(raw, rcc._search_coefficients(lw))
+    assert got.dtype == np.float32 and got.shape == (count,)
+    u = rcc.candidate_normals((5, dims), start, count, dims).astype(np.float64)
+    a, b = lw.a.astype(np.float32).astype(np.float64), lw.b.astype(np.float32).astype(np.float64)
+    terms = a * u * u + b * u
+    scale = (np.abs(a * u * u) + np.abs(b * u)).sum(axis=1)  # what float32 rounding is relative to
+    np.testing.assert_array_less(np.abs(got - terms.sum(axis=1)), 2e-6 * scale * max(1.0, math.log2(dims)))
+    # the old form of the search (the interleaved float32 normals) agrees as closely
+    u32 = rcc.candidate_normals((5, dims), start, count, dims)
+    old = ((lw.a.astype(np.float32) * u32 + lw.b.astype(np.float32)) * u32).sum(axis=1)
+    np.testing.assert_array_less(np.abs(got - old), 4e-6 * scale * max(1.0, math.log2(dims)))
+
+
+def _seeded_tasks(seed, dims_list, num):
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for c, d in enumerate(dims_list):
+        lw = rcc.LogWeight.of_gaussians(0.3 * rng.normal(size=d), np.log(rng.uniform(0.6, 1.0, size=d)),
+                                        np.zeros(d), np.zeros(d))
+        tasks.append((lw, (seed, 11, c), num))
+    return tasks
+
+
+def test_search_chooses_the_reference_argmin_for_any_workers_and_blocks(monkeypatch):
+    """`pfr_select_many` picks argmin_n log T_n - log w(u_n) computed directly (candidate_normals
+    and `LogWeight` in float64) on seeded tasks, for any number of workers and any block sizes."""
+    tasks = []
+    for seed in range(4):
+        tasks += _seeded_tasks(seed, (1, 2, 5, 64, 441, 440), 1500)
+    reference = [int(np.argmin(rcc.arrival_log_times(key, num) - lw(rcc.candidate_normals(key, 0, num, len(lw.a)))))
+                 for lw, key, num in tasks]
+    assert rcc.pfr_select_many(tasks, workers=1) == reference
+    assert rcc.pfr_select_many(tasks, workers=3) == reference
+    # small blocks (many jobs) and small steps within them (down to one candidate at a time)
+    monkeypatch.setattr(rcc, "_BLOCK_ELEMENTS", 1 << 15)
+    monkeypatch.setattr(rcc, "_SUB_BLOCK_ELEMENTS", 1 << 12)
+    assert rcc.pfr_select_many(tasks, workers=1) == reference
+    assert rcc.pfr_select_many(tasks, workers=2) == reference
+    monkeypatch.setattr(rcc, "_BLOCK_ELEMENTS", 1 << 9)
+    monkeypatch.setattr(rcc, "_SUB_BLOCK_ELEMENTS", 1)
+    few = [0, 2, 6, 8]  # d = 1, 5, 1, 5: one candidate per step, a few hundred per block
+    assert rcc.pfr_select_many([tasks[k] for k in few], workers=2) == [reference[k] for k in few]
+
+
 def test_index_split_and_law():
     for index in [0, 1, 2, 3, 4, 7, 8, 1000, 2**16 - 1]:
         m, r = rcc.split_index(index)

@@ -23,8 +23,8 @@ callers split a step's dimensions into chunks of a few bits each (see ``progress
 Everything here is numpy; nothing touches global random state. Candidates come from numpy's
 PCG64 raw stream (whose bits numpy guarantees across versions) keyed by a SeedSequence,
 through a Box-Muller transform (`candidate_normals`). Two transforms share the raw bits:
-the fast one in float32 numpy (libm's log/cos/sin: what the encoder's search scores, and what
-files without the exact contract decode with), and the exact one (`exact` basic operations
+the fast one in float32 numpy (libm's log/cos/sin: what the encoder's search scores, in its own
+arrangement `_search_log_weights`, and what files without the exact contract decode with), and the exact one (`exact` basic operations
 in float64, rounded once to float32: the same bits on every machine), which an exact-contract
 file's decoder, and its encoder after the search, use for the chosen candidate. The search
 needs only to rank candidates; both sides then use the exact sample of the sent index.
@@ -46,7 +46,8 @@ from diffcodec import exact
 from diffcodec.losses import LN2, normal_kl_nats
 
 MAX_LOG2_CANDIDATES = 24
-_BLOCK_ELEMENTS = 1 << 20  # candidate x dimension elements per block in the encoder's search
+_BLOCK_ELEMENTS = 1 << 20  # candidate x dimension elements per block (job) in the encoder's search
+_SUB_BLOCK_ELEMENTS = 1 << 16  # ... and per cache-sized step within a block (its candidates are scored together)
 _ARRIVAL_STREAM = 0xA771  # extra key word of the encoder-only arrival-time stream
 TWO_PI = 6.283185307179586  # a literal
 
@@ -170,6 +171,59 @@ def gaussian_kl_bits(
     return (normal_kl_nats(q_mean, q_log_var, p_mean, p_log_var) / LN2).numpy()
 
 
+def _search_coefficients(log_weight: LogWeight) -> np.ndarray:
+    """The encoder's search form of ``log_weight``: float32 [4, h] (h = ceil(d / 2)), the
+    rows a_cos, b_cos, a_sin, b_sin (cos parts: dims 0, 2, ...; sin parts: dims 1, 3, ...;
+    an odd d's unused last sin part has zero coefficients). See `_search_log_weights`."""
+    a, b = log_weight.a, log_weight.b
+    dims = len(a)
+    h = _draws_per_candidate(dims)
+    coef = np.zeros((4, h), dtype=np.float32)
+    coef[0], coef[1] = a[0::2], b[0::2]
+    coef[2, : dims // 2], coef[3, : dims // 2] = a[1::2], b[1::2]
+    return coef
+
+
+def _search_log_weights(raw: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """sum_i a_i u_i^2 + b_i u_i for the candidates u = `_raw_to_normals` (raw) of uint64 raw
+    draws [count, h], float32 [count], with ``coef`` = `_search_coefficients`: what the
+    encoder's search ranks, computed faster than from the interleaved normals.
+
+    The same float32 r = sqrt(-2 ln u1) and theta = 2 pi u2 as `_raw_to_normals`, and
+    c = r cos(theta), s = r sin(theta) kept apart (cos parts are the even dims, sin parts the
+    odd ones) in one [4, count, h] buffer as c^2, c, s^2, s, so that one dot product per
+    candidate with ``coef`` gives its sum (an odd d's unused last s has zero coefficients).
+    The values agree with ``((a * u + b) * u).sum(1)`` to float32 rounding (summation order
+    and SIMD lanes differ), so the search could rank candidates whose scores are equal to
+    within that rounding differently; the chosen index's sample is recomputed by
+    `candidate_normals` afterwards. A candidate's value depends only on its own draws and the
+    number of candidates in the call (np.einsum sums in numpy's own loops, no BLAS threads),
+    so the choice does not depend on the number of workers.
+    """
+    count, h = raw.shape
+    buf = np.empty((4, count, h), dtype=np.float32)  # each part contiguous: fast elementwise loops
+    cc, c, ss, s = buf
+    r, theta, bits = cc, ss, s.view(np.int32)  # scratch until the squares and s are written
+    # 24-bit integers, exact in int32 and float32 (uint64 -> int32 -> float32 is the fast way)
+    np.right_shift(raw, 40, out=bits, casting="unsafe")  # bits 40..63 of the draw
+    np.copyto(r, bits, casting="unsafe")
+    r += np.float32(1.0)
+    r *= np.float32(2.0**-24)
+    np.log(r, out=r)
+    r *= np.float32(-2.0)
+    np.sqrt(r, out=r)
+    np.bitwise_and(raw, 0xFFFFFF, out=bits, casting="unsafe")  # bits 0..23
+    np.copyto(theta, bits, casting="unsafe")
+    theta *= np.float32(2.0 * math.pi * 2.0**-24)
+    np.cos(theta, out=c)
+    np.sin(theta, out=s)
+    c *= r
+    s *= r
+    np.multiply(c, c, out=cc)
+    np.multiply(s, s, out=ss)
+    return np.einsum("kij,kj->i", buf, coef)
+
+
 # ---------------------------------------------------------------------------- PFR selection
 
 
@@ -181,9 +235,11 @@ def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
     several chunks; their candidate blocks (about 2^20 candidate-dimension elements each,
     bounded memory) run on ``workers`` threads.
 
-    Each block makes its own candidates (the keyed stream advanced to the block's start) and
-    the blocks' minima are merged in candidate order, so the result is the same for any
-    number of workers. numpy releases the GIL in the generator and the array arithmetic.
+    Each block makes its own candidates' raw draws (the keyed stream advanced to the block's
+    start) and scores them by `_search_log_weights` in cache-sized steps of about 2^16
+    elements; the steps' and the blocks' minima are merged in candidate order, so the result
+    is the same for any number of workers. numpy releases the GIL in the generator and the
+    array arithmetic.
     """
     jobs: list[tuple[int, int, int]] = []  # (task, first candidate, count)
     log_times, params = [], []
@@ -194,15 +250,25 @@ def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
         block = max(1, _BLOCK_ELEMENTS // dims)
         jobs += [(i, start, min(block, num_candidates - start)) for start in range(0, num_candidates, block)]
         log_times.append(arrival_log_times(key, num_candidates))
-        params.append((log_weight.a.astype(np.float32), log_weight.b.astype(np.float32), dims))
+        params.append((_search_coefficients(log_weight), dims))
 
     def run(job: tuple[int, int, int]) -> tuple[float, int]:
         i, start, count = job
-        a, b, dims = params[i]
-        u = candidate_normals(tasks[i][1], start, count, dims)
-        score = log_times[i][start : start + count] - ((a * u + b) * u).sum(axis=1)  # c is a constant
-        j = int(np.argmin(score))
-        return float(score[j]), start + j
+        coef, dims = params[i]
+        h = _draws_per_candidate(dims)
+        bitgen = _bitgen(tasks[i][1])
+        if start:
+            bitgen.advance(start * h)
+        step = max(1, _SUB_BLOCK_ELEMENTS // dims)
+        best_score, best_index = math.inf, start
+        for first in range(start, start + count, step):  # in candidate order: ties keep the first
+            n = min(step, start + count - first)
+            # log T_n - log w(u_n) (c is a constant)
+            score = log_times[i][first : first + n] - _search_log_weights(bitgen.random_raw(n * h).reshape(n, h), coef)
+            j = int(np.argmin(score))
+            if score[j] < best_score:
+                best_score, best_index = float(score[j]), first + j
+        return best_score, best_index
 
     if workers > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
