@@ -29,6 +29,7 @@ re-encoding it 130-170 s (marked slow: `pytest -m "not slow"` leaves it out).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from diffcodec.cli import main
 from diffcodec.codec import api
 from diffcodec.codec.bitsback.chain import GridConfig
 from diffcodec.codec.bitsback.params import BitsBackParams
-from diffcodec.codec.container import MODE_BITSBACK, unpack
+from diffcodec.codec.container import MODE_BITSBACK, model_identity, unpack
 from diffcodec.codec.progressive.params import ProgressiveParams
 
 from conftest import SHARED_DATA, as_loaded, seeded_model, synthetic_images
@@ -85,11 +86,29 @@ def kodak_crop() -> np.ndarray:
 
 
 def same_stream(new: bytes, old: bytes) -> bool:
-    """Today's float file (format version 3, contract byte 0) holds the same stream as an older
-    version's file: every header field, the parameter block and the payload equal."""
+    """Today's lossless file (format version 4) holds the same stream as an older version's
+    file (formats 1-3): the same model (the identity of the old header's fingerprint, chain
+    and tile size), device kind, contract, image sizes (and names, where today's file stores
+    them: a one-image file made by the CLI does not), pixel checksum (its first 4 bytes), K,
+    bits-back parameters and bootstrap parameters (whatever their block layouts hold), payload."""
     a, b = unpack(new), unpack(old)
-    fields = [f for f in a.header.__dict__ if f != "version"]
-    return a.payload == b.payload and all(getattr(a.header, f) == getattr(b.header, f) for f in fields)
+    ha, hb = a.header, b.header
+    tile = hb.tile_size
+    pa, pb = BitsBackParams.unpack(ha.params, tile_size=tile), BitsBackParams.unpack(hb.params, tile_size=tile)
+    layout = {"num_steps", "bootstrap_bytes", "block_version", "bootstrap_block"}
+    same_params = all(getattr(pa, f.name) == getattr(pb, f.name) for f in fields(pa) if f.name not in layout)
+    same_boot = pa.bootstrap_tiles == pb.bootstrap_tiles
+    if same_boot and pa.bootstrap_tiles:
+        ba, bb = (ProgressiveParams.unpack(p.bootstrap_block, num_tiles=p.bootstrap_tiles, tile_size=tile)
+                  for p in (pa, pb))
+        same_boot = replace(ba, version=bb.version, payload_bits=bb.payload_bits) == bb and (
+            pa.bootstrap_bytes == bb.payload_bits // 8)
+    return (ha.version == 4 and a.payload == b.payload and same_params and same_boot
+            and ha.model_id == model_identity(hb.fingerprint, hb.schedule, hb.num_timesteps, hb.var_type, tile)
+            and ha.device == hb.device.split(":")[0] and (ha.contract, ha.probe) == (hb.contract, hb.probe)
+            and [(i.height, i.width) for i in ha.images] == [(i.height, i.width) for i in hb.images]
+            and all(x.name in ("", y.name) for x, y in zip(ha.images, hb.images))
+            and ha.pixel_sha == hb.pixel_sha[:4] and pa.num_steps == hb.num_steps)
 
 
 def tiny_golden_bytes(config: GridConfig = GridConfig()) -> bytes:
