@@ -36,10 +36,12 @@ unsigned LEB128 varint (7 bits a byte, low first); multi-byte integers little-en
                   to the stages it holds; the stream ends with its own 32-bit check over every
                   symbol, pixels included, so neither a pixel checksum nor a length is needed
 
-The default one-image 32x32 file: progressive, exact contract: 22 bytes before the payload
-(4 + 1 + 4 model + 4 probe + 2 table + 3 block + 4 CRC); float32: 18; lossless, exact,
-with its bootstrap: 26 bytes plus the payload length varint (3 bytes for a few kilobytes),
-the trailer 4.
+Measured, one 32x32 image, default settings: progressive under the exact contract 22 bytes
+before the payload (4 magic and version + 1 + 4 model + 4 probe + 2 table + 3 block + 4
+CRC), float32 18; lossless (exact, K = 100, its one tile through the bootstrap) 41 bytes
+besides the payload (a 15-byte block, a 2-byte payload length, the 4-byte trailer). 64
+images named "x.npz[0]".."x.npz[63]": progressive 35 (the names 10 of them), lossless 54.
+Format 3 took about 105 bytes for one image.
 
 Why this is all the header holds, and no less:
 - The model identity replaces the 8-byte fingerprint and the schedule, T, variance-type
