@@ -7,8 +7,11 @@
 This module owns what both modes share: the checks made before any network call (mode,
 steps in 1..T, image sizes within the format's limits), cutting images into model-size
 tiles and putting them back (`data.image_tiles`), the container (`container`), the checks
-of a file against the model (fingerprint, chain, tile size, tile count), the pixel
-checksum (a decoded image is handed out only when it matches), the choice of device, the
+of a file against the model (format 4: the model identity over weights, chain and tile
+size, `resolve_header` then fills those fields in; formats 1-3: fingerprint, chain, tile
+size), tile counts, the pixel checks (a decoded image is handed out as the coded one only
+when it passes: a lossless file's pixel checksum, a format 4 progressive stream's closing
+check, an older progressive file's header checksum), the choice of device, the
 deterministic-kernel settings and the decoder's thread count (`runtime`). Each mode's
 stream is its own package: `bitsback.file`, `progressive.codec`.
 
