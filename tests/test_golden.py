@@ -2,10 +2,11 @@
 must still decode to the same pixels. Each file's SHA-256 is pinned too, so a replaced golden
 file is noticed.
 
-tiny_bitsback_k4_v2.dfc / tiny_bitsback_k4.dfc: the tiny seeded model (conftest.seeded_model:
-weights from SplitMix64 words, the same on every machine), two synthetic images, K = 4 uniformly
-spaced steps, float64 network, no bootstrap; format version 2 and diffcodec 0.1's version 1
-(8-sigma windows). Both are also re-encoded from that recipe (a few seconds).
+tiny_bitsback_k4_v4.dfc / tiny_bitsback_k4_v2.dfc / tiny_bitsback_k4.dfc: the tiny seeded
+model (conftest.seeded_model: weights from SplitMix64 words, the same on every machine), two
+synthetic images, K = 4 uniformly spaced steps, float64 network, no bootstrap; format
+version 4, 2 and diffcodec 0.1's version 1 (8-sigma windows). All are also re-encoded from
+that recipe (a few seconds).
 
 default_k100_boot_f64.dfc: the default lossless path with the embedded default model
 (diffcodec/weights/default.pt, fingerprint ce449cd7be9f1a14): format version 2, K = 100
@@ -50,6 +51,8 @@ HERE = Path(__file__).parent / "golden"
 
 TINY_V2 = HERE / "tiny_bitsback_k4_v2.dfc"  # format version 2
 TINY_V2_SHA256 = "2c567515b8049b9f7312f728a5f808c168d326c1265572b5c664f23c6ad3b522"
+TINY_V4 = HERE / "tiny_bitsback_k4_v4.dfc"  # format version 4
+TINY_V4_SHA256 = "9d913caff0696f23f5e9e172bec22d3168137289cf5eedbde9d6374ee4f63b4d"
 TINY_V1 = HERE / "tiny_bitsback_k4.dfc"  # written by diffcodec 0.1
 TINY_V1_SHA256 = "0ecb369ad1e62764dbaad45602f2afcb878eb9df3e221ce0339203252f15e1aa"
 
@@ -124,6 +127,24 @@ def test_tiny_k4_format_2_golden_file_is_reproduced_and_decodes():
     assert hashlib.sha256(data).hexdigest() == TINY_V2_SHA256
     assert same_stream(tiny_golden_bytes(), data), \
         "the encoder's output changed: a format or codec change needs a new golden file"
+    loaded = as_loaded(*seeded_model(0))
+    decoded = api.decode(data, model=loaded, device="cpu")
+    for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
+        assert np.array_equal(a, b)
+    assert decoded.names == ["g0.png", "g1.png"]
+
+
+def test_tiny_k4_format_4_golden_file_is_reproduced_byte_for_byte_and_decodes():
+    """The same recipe in format version 4 (50 bytes before the payload's length: magic and
+    version, mode byte, model identity, the two sizes and names (25 bytes), a 4-byte pixel
+    checksum, the 11-byte compact block with its length), pinned byte for byte:
+    a change to the format or to the lossless stream shows here (then keep this file as an
+    old version that must still decode, and add a new one)."""
+    data = TINY_V4.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == TINY_V4_SHA256 and data[:5] == b"DFC\x04\x60"
+    assert len(data) - len(unpack(data).payload) == 50 + 2 + 4
+    assert tiny_golden_bytes() == data, "the encoder's output changed: a format or codec change needs a new golden file"
+    assert same_stream(data, TINY_V2.read_bytes())
     loaded = as_loaded(*seeded_model(0))
     decoded = api.decode(data, model=loaded, device="cpu")
     for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):

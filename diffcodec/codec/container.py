@@ -54,10 +54,10 @@ Why this is all the header holds, and no less:
   keeps; the divergence message of a float lossless file names the device kind.
 - The tile size is the model's image size (in the identity); K is in the mode block
   (progressive: one byte only when it is not 50; lossless: when it is not 100).
-- Names: stored only when the encoder has one (bit 6). `codec.api.encode` keeps a name
-  for multi-image files (their decoder writes one PNG per image, named from them) and drops
-  it for a one-image file, whose decoder's output is named by -o (OUT.png, or OUT/ with the
-  PNG named after the .dfc file: `cli_codec`).
+- Names: stored only when the encoder has one (bit 6; `codec.api.encode` stores what it is
+  given). `diffcodec encode` gives none for a one-image file, whose decoder's output is
+  named by -o (OUT.png, or OUT/ with the PNG named after the .dfc file: `cli_codec`), and
+  keeps them for several images, which decode to one PNG each, named from them.
 - Progressive files carry no pixel checksum and no payload length: stream version 3 closes
   with a 32-bit check over every symbol, pixels included, and ends itself (a file with bytes
   after its stream's end is refused). A lossless file keeps a 4-byte pixel checksum: besides
