@@ -139,7 +139,7 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
 def stage_psnrs(loaded: LoadedModel, data: bytes, image: np.ndarray, *, ddim: bool) -> tuple[list[float], list[float]]:
     """PSNR of the xstart and DDIM reconstructions from every received latent (K each)."""
     container = unpack(data)
-    params = ProgressiveParams.unpack(container.header.params)
+    params = api.stream_params(container.header, loaded)  # tile count and size filled in (format 4)
     fn = network(loaded.model, exact=params.exact, float64=params.network_float64)
     dc = loaded.diffusion_config
     dec = pg.decode(fn, dc, container.payload, params, upto=params.num_steps, keep_all=True)
@@ -174,7 +174,7 @@ def perturbed(loaded: LoadedModel, sigma: float, seed: int) -> LoadedModel:
 
 def perturbation_study(loaded: LoadedModel, data: bytes, image: np.ndarray, sigma: float, seed: int) -> dict:
     bad = perturbed(loaded, sigma, seed)
-    params = ProgressiveParams.unpack(unpack(data).header.params)
+    params = api.stream_params(unpack(data).header, loaded)
     try:  # an exact-contract file is refused by its probe before any stage is decoded
         api.decode(data, model=bad, device="cpu", upto=1)
     except DiffcodecError as e:

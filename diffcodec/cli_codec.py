@@ -176,7 +176,9 @@ def run_encode_command(args: argparse.Namespace) -> int:
                     "compute_bound": not args.no_bound, "chunk_bits": args.chunk_bits, "progress": bars}
         if args.shards or world.distributed or shardset.is_shard_set(args.output):
             return shardset.encode_command(args, images, names, settings, world)
-        result = api.encode(images, names, **settings)
+        # one image in one file: its name is not stored (the decoder's -o names the output;
+        # into a directory, after the .dfc file); several keep theirs (one PNG each)
+        result = api.encode(images, names if len(images) > 1 else None, **settings)
     write_bytes_atomic(args.output, result.data, force=args.force)
     if mode == "progressive":
         report = progressive_report(result, args.output, loaded)
@@ -278,7 +280,7 @@ def progressive_report(result, path: str, loaded) -> dict:
         "output": path, "mode": "progressive", "num_images": len(h.images), "num_tiles": enc.params.num_tiles,
         "num_dims": dims, "file_bytes": len(result.data), "header_bytes": header_bits // 8,
         "bits_per_dim": 8 * len(result.data) / dims, "bits_per_pixel": 24 * len(result.data) / dims,
-        "payload_bpd": enc.params.payload_bits / dims, "num_checks": enc.num_checks,
+        "payload_bpd": 8 * len(enc.payload) / dims, "num_checks": enc.num_checks,
         "check_bits": enc.num_checks * enc.params.check_bits,
         "analytic_bpd": float(enc.kl_bits.sum()) / dims,
         "num_steps": enc.params.num_steps, "spacing": enc.params.spacing, "chunk_bits": enc.params.chunk_bits,
@@ -316,7 +318,8 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
         "decode",
         help="decode a .dfc file back to PNG images (verifies the pixel checksum first)",
         description="Decode a .dfc file. OUT is a PNG path for a single image, else a directory that gets "
-                    "one PNG per image. Lossless pixels are written only when they match the file's checksum; a "
+                    "one PNG per image, named from the names stored in the file (a one-image file stores none: its "
+                    "PNG is named after FILE). Lossless pixels are written only when they match the file's checksum; a "
                     "progressive file cut short decodes to the stages it holds (a lossy reconstruction, said so), "
                     "and its stages are used only once their integrity check has matched.",
         epilog="exit status: 0 decoded (lossless and verified, or the reconstruction from a prefix); 2 refused, "
@@ -356,7 +359,10 @@ def run_decode_command(args: argparse.Namespace) -> int:
         return decode_command(args)
     data = read_file_bytes(args.file)
     h = api.read_header(data, args.file)
-    targets = output_paths(args.output, [im.name for im in h.images], force=args.force)  # before any work
+    names = [im.name for im in h.images]
+    if names == [""]:  # one unnamed image (format 4 stores no name for one): into a directory as FILE's stem
+        names = [Path(args.file).stem]
+    targets = output_paths(args.output, names, force=args.force)  # before any work
     prepare_cuda_determinism()
     with ProgressBars(args.quiet) as bars:
         r = api.decode(data, checkpoint=args.checkpoint, device=args.device, where=args.file, num_bits=args.bits,
@@ -403,7 +409,8 @@ def progressive_decode_report(r, args: argparse.Namespace, h, targets: list[str]
             "damaged": bool(r.damage), "damage": r.damage or None,
             "stages": r.stages, "num_stages": r.num_stages, "timestep": r.timestep, "truncated": r.truncated,
             "bits_available": r.file_bits, "bits_used": r.bits_used, "header_bits": r.header_bits,
-            "bits_per_dim_used": r.bits_used / dims, "complete_file_bits": r.header_bits + r.payload_bits_total,
+            "bits_per_dim_used": r.bits_used / dims,
+            "complete_file_bits": r.header_bits + r.payload_bits_total if r.payload_bits_total else None,
             "device": r.device, "encoded_on": h.device, "seconds": r.seconds}
 
 
@@ -414,6 +421,7 @@ def format_progressive_decode(report: dict, r, where: str) -> str:
         t = "t=0" if r.timestep == 0 else f"t={r.timestep}"
         what = (f"lossy: stage {r.stages} of {r.num_stages} ({t}), {r.reconstruction} reconstruction"
                 + ("; the file is cut short" if r.truncated else ""))
+    complete = report["complete_file_bits"]
     return (f"{report['file']}: {report['num_images']} image(s) -> {where}; {what}; used {r.bits_used:,} of "
             f"{r.file_bits:,} bits ({report['bits_per_dim_used']:.4f} bits/dim; complete file "
-            f"{report['complete_file_bits']:,})")
+            + (f"{complete:,})" if complete is not None else "length unknown: the file is cut short)"))

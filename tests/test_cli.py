@@ -139,3 +139,33 @@ def test_seeds_out_of_range_and_unknown_presets_are_usage_errors(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "cpu-small" in capsys.readouterr().out
+
+
+def test_a_one_image_file_stores_no_name_and_decodes_into_a_folder_as_its_stem(tiny_checkpoint, tmp_path, capsys):
+    """Format 4: `encode` of one image stores no name (the decoder's -o names the output);
+    decoding it into a directory names the PNG after the .dfc file. Several images keep their
+    names and decode to one PNG each, named from them."""
+    from diffcodec.codec.api import read_header
+
+    rng = np.random.default_rng(3)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+    flags = ["-c", tiny_checkpoint, "--steps", 2, "--no-bootstrap", "--no-bound", "--float64", "-q", "--device", "cpu"]
+    code, _, err = run(["encode", tmp_path / "a.png", "-o", tmp_path / "photo.dfc", *flags], capsys)
+    assert code == 0, err
+    assert [im.name for im in read_header((tmp_path / "photo.dfc").read_bytes()).images] == [""]
+    code, out, err = run(["decode", tmp_path / "photo.dfc", "-o", tmp_path / "out", "-c", tiny_checkpoint, "-q",
+                          "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["photo.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "photo.png")), np.asarray(Image.open(tmp_path / "a.png")))
+    (tmp_path / "both").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "both" / name).write_bytes((tmp_path / name).read_bytes())
+    code, _, err = run(["encode", tmp_path / "both", "-o", tmp_path / "two.dfc", *flags], capsys)
+    assert code == 0, err
+    assert [im.name for im in read_header((tmp_path / "two.dfc").read_bytes()).images] == ["a.png", "b.png"]
+    code, _, err = run(["decode", tmp_path / "two.dfc", "-o", tmp_path / "out2", "-c", tiny_checkpoint, "-q",
+                        "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["a.png", "b.png"]

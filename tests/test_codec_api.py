@@ -3,14 +3,21 @@ progress phases, refusal of files another model wrote."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
+from diffcodec.checkpoint import LoadedModel
 from diffcodec.codec import api
-from diffcodec.codec.container import MODE_BITSBACK, MODE_PROGRESSIVE
+from diffcodec.codec.container import MODE_BITSBACK, MODE_PROGRESSIVE, Container, Header, ImageEntry, pack
+from diffcodec.codec.probe import probe_digest
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.errors import DiffcodecError
+from diffcodec.images import image_tiles, to_model_input
+from diffcodec.runtime import network
 
 from conftest import as_loaded, seeded_model, synthetic_images
 
@@ -78,3 +85,92 @@ def test_a_file_is_refused_by_another_model(model):
     learned = as_loaded(*seeded_model(0, learn_sigma=True))
     with pytest.raises(DiffcodecError):
         api.decode(data, model=learned, device="cpu")
+
+
+# ----------------------------------------------------------------------- format 4 headers
+
+
+def test_v4_lossless_header_and_the_model_identity(model):
+    """A format 4 lossless file: the header holds the model identity, not the fingerprint and
+    chain strings; K comes back from the block; a one-image file without a name stores none;
+    the same weights with another chain or tile size are refused by the identity."""
+    images = synthetic_images([(32, 32)], seed=6)
+    r = api.encode(images, model=model, steps=2, float64=True, bootstrap=False, compute_bound=False)
+    assert r.data[:4] == b"DFC\x04" and r.data[4] == MODE_BITSBACK  # float, one image, no names, CPU
+    h = api.read_header(r.data)
+    assert (h.version, h.num_steps, h.model_id, h.fingerprint, h.device) == (4, 2, api.model_id(model), "", "cpu")
+    assert h.images == (ImageEntry(32, 32),) and len(h.pixel_sha) == 4
+    header_bytes = len(r.data) - r.payload_bytes
+    assert header_bytes <= 13 + 2 + 4 + 1 + len(h.params) + 2 + 4
+    back = api.decode(r.data, model=model, device="cpu")
+    assert back.names == [""] and np.array_equal(back.images[0], images[0])
+    for dc in (replace(model.diffusion_config, schedule="cosine"), replace(model.diffusion_config, num_timesteps=999)):
+        other = LoadedModel(model.model, model.model_config, dc, model.fingerprint, {}, "<other chain>")
+        with pytest.raises(DiffcodecError) as e:
+            api.decode(r.data, model=other, device="cpu")
+        message = str(e.value)
+        assert "\n" not in message and f"encoded with model {api.model_id(model).hex()}, this checkpoint is " \
+            f"{api.model_id(other).hex()} (weights {model.fingerprint}, {dc.schedule} T={dc.num_timesteps}" in message
+
+
+def _progressive_file(model, images, params: ProgressiveParams, payload: bytes, probe: bytes = b"") -> bytes:
+    dc = model.diffusion_config
+    entries = tuple(ImageEntry(im.shape[0], im.shape[1]) for im in images)
+    header = Header(MODE_PROGRESSIVE, "cpu", model.fingerprint, dc.schedule, dc.num_timesteps, params.num_steps,
+                    dc.var_type, 32, entries, b"", params.pack(), 1 if probe else 0, probe)
+    return pack(Container(header, payload))
+
+
+def test_v4_progressive_decode_trusts_the_streams_closing_check(model, monkeypatch):
+    """Format 4 progressive files carry no pixel checksum and no stream length: a complete
+    decode is verified by the stream's closing check (`Decoded.pixels_checked`), bytes after
+    the stream's end are refused, and a stream that runs out is a file cut short. The stream
+    decoder is stubbed here (its own tests are tests/test_codec_progressive.py)."""
+    images = synthetic_images([(32, 32), (20, 40)], seed=8)
+    tiles, _, _ = image_tiles(images, 32)
+    x0 = to_model_input(tiles)
+    calls = {}
+
+    def stub(**fields):
+        def decode(model_fn, diffusion, payload, params, **kw):
+            calls["params"] = params
+            base = dict(x0=x0, stages=4, complete=True, timestep=-1, bits_available=8 * len(payload),
+                        bits_used=8 * len(payload) - 3, diverged=False, stop="complete", stop_stage=-1,
+                        fallback=torch.zeros_like(x0), seconds={}, pixels_checked=True)
+            return SimpleNamespace(**{**base, **fields})
+        monkeypatch.setattr(api.progressive, "decode", decode)
+
+    params = ProgressiveParams(num_steps=3, network_float64=True)
+    data = _progressive_file(model, images, params, b"\x55" * 10)
+    assert len(data) - 10 == 4 + 1 + 4 + 8 + 4 + 4  # no probe (float), 2 images in 2 size runs, block 03 06 03
+    stub()
+    r = api.decode(data, model=model, device="cpu")
+    assert r.verified and not r.truncated and not r.damage and all(np.array_equal(a, b) for a, b in zip(r.images, images))
+    assert calls["params"].num_tiles == 3 and calls["params"].tile_size == 32 and r.payload_bits_total == 80
+    stub(pixels_checked=False)  # the closing check read and different: a float file on another machine
+    r = api.decode(data, model=model, device="cpu")
+    assert not r.verified and r.diverged and r.stages == 3 and r.reconstruction == "xstart"
+    assert all((im == 0).all() or (im == 128).all() for im in r.images[:1])  # the fallback, not the stub's pixels
+    stub(bits_used=72)
+    with pytest.raises(DiffcodecError, match="^file: 1 unexpected bytes after the end of the stream$"):
+        api.decode(data, model=model, device="cpu")
+    stub(complete=False, stages=2, timestep=100, stop="end", pixels_checked=None, bits_used=77)
+    r = api.decode(data, model=model, device="cpu")
+    assert r.truncated and not r.verified and not r.damage and r.payload_bits_total == 0
+    r = api.decode(data, model=model, device="cpu", num_bits=8 * (len(data) - 2))  # a prefix asked for
+    assert not r.truncated
+    stub(complete=False, stages=2, timestep=100, stop="check", stop_stage=2, pixels_checked=None, bits_used=77)
+    assert api.decode(data, model=model, device="cpu").damage == "the integrity check after stage 2 failed"
+    # the exact contract: a failed closing check after a matching probe is damage, not divergence
+    probe = probe_digest(network(model.model, exact=True), model.diffusion_config, 32)
+    exact = _progressive_file(model, images, ProgressiveParams(num_steps=3, exact=True), b"\x55" * 10, probe)
+    stub(pixels_checked=False)
+    r = api.decode(exact, model=model, device="cpu")
+    assert not r.verified and not r.diverged and r.damage == "the lossless stage fails the stream's closing check"
+
+
+def test_v4_refuses_a_block_of_the_wrong_version(model):
+    images = synthetic_images([(32, 32)], seed=8)
+    old_stream = _progressive_file(model, images, ProgressiveParams(num_steps=3, version=2), b"\x00" * 8)
+    with pytest.raises(DiffcodecError, match=r"corrupt header \(a format 4 file with a version 2 progressive block\)"):
+        api.decode(old_stream, model=model, device="cpu")

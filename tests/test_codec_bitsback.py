@@ -209,17 +209,18 @@ def test_corrupt_payload_fails_the_checksum(sane, bootstrap):
 def test_divergence_names_both_devices(sane):
     images = synthetic_images([(32, 32)], seed=6)
     c = unpack(encode_images(sane, images, steps=2, compute_bound=False).data)
-    header = dataclasses.replace(c.header, device="cuda:Some GPU")
+    header = dataclasses.replace(c.header, device="cuda:Some GPU")  # format 4 keeps the kind: cuda
     payload = bytearray(c.payload)
     payload[4] ^= 1
-    with pytest.raises(DiffcodecError, match="encoded on cuda:Some GPU and decoding on cpu"):
+    with pytest.raises(DiffcodecError, match="encoded on cuda and decoding on cpu"):
         decode_container(sane, type(c)(header, bytes(payload)))
 
 
 def test_other_model_and_other_chain_refused(sane):
     data = encode_images(sane, synthetic_images([(32, 32)]), steps=2, compute_bound=False).data
     other = as_loaded(*seeded_model(7))
-    with pytest.raises(DiffcodecError, match=f"encoded with model {sane.fingerprint}, this checkpoint is"):
+    with pytest.raises(DiffcodecError, match=f"encoded with model {api.model_id(sane).hex()}, this checkpoint is "
+                                             f"{api.model_id(other).hex()} \\(weights {other.fingerprint}"):
         decode_container(other, unpack(data))
     learned = as_loaded(*seeded_model(0, learn_sigma=True))
     learned = dataclasses.replace(learned, fingerprint=sane.fingerprint)  # same weights id, other chain
@@ -298,7 +299,7 @@ def test_cli_refuses_grey_images_unless_converted(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("damage, message", [
     (lambda d: d[: len(d) // 2], "truncated"),
     (lambda d: b"XXXX" + d[4:], "bad magic"),
-    (lambda d: d[:4] + bytes([7]) + d[5:], "version 7"),
+    (lambda d: d[:3] + bytes([7]) + d[4:], "version 7"),
     (lambda d: d[:-9] + bytes([d[-9] ^ 1]) + d[-8:], "CRC-32"),
 ])
 def test_cli_refuses_damaged_files(encoded, tmp_path, capsys, damage, message):

@@ -79,7 +79,7 @@ def test_exact_files_decode_bit_exactly_with_other_vector_units_and_threads(mode
     (tmp_path / "l.dfc").write_bytes(lossless.data)
     (tmp_path / "p.dfc").write_bytes(progressive.data)
     total = 8 * len(progressive.data)
-    header_bits = total - progressive.encoded.params.payload_bits
+    header_bits = progressive.header_bits
     prefixes = sorted({int(b) for b in progressive.encoded.prefix_bits} | {total // 2, total - 8})
     jobs = [[str(tmp_path / "l.dfc"), None]] + [[str(tmp_path / "p.dfc"), header_bits + b] for b in prefixes
                                                 if header_bits + b <= total] + [[str(tmp_path / "p.dfc"), None]]
@@ -121,9 +121,8 @@ def test_a_file_of_a_newer_contract_is_refused_with_its_reason(model_and_checkpo
     """A contract version this diffcodec does not implement: one line naming it, no work."""
     model, _ = model_and_checkpoint
     data = bytearray(api.encode(synthetic_images([(32, 32)]), model=model, steps=2, bootstrap=False).data)
-    h = unpack(bytes(data)).header
-    pos = data.index(struct.pack("<HB", h.tile_size, 1) + h.probe) + 2
-    data[pos] = 2
+    assert unpack(bytes(data)).header.contract == 1 and data[4] >> 2 & 7 == 1  # format 4: bits 2-4 of byte 4
+    data[4] = data[4] & ~0x1C | 2 << 2
     data[-4:] = struct.pack("<I", zlib.crc32(bytes(data[:-4])) & 0xFFFFFFFF)
     with pytest.raises(DiffcodecError, match="contract version 2 by a newer diffcodec"):
         api.decode(bytes(data), model=model, device="cpu")

@@ -99,11 +99,16 @@ def test_coded_chain_keeps_the_spaced_timesteps():
 
 
 def test_params_block_round_trip():
-    p = dataclasses.replace(PARAMS, payload_bits=12345, spacing="uniform", clip_denoised=False)
-    assert ProgressiveParams.unpack(p.pack()) == p
-    with pytest.raises(DiffcodecError):
-        ProgressiveParams.unpack(p.pack()[:-1])
-    bad = bytearray(p.pack())
+    """Version 3 (compact: tiles from the container, no payload length; tests/test_codec_params.py)
+    and version 2 (fixed layout, everything in it) round trip."""
+    p = dataclasses.replace(PARAMS, spacing="uniform", clip_denoised=False)
+    assert ProgressiveParams.unpack(p.pack(), num_tiles=2, tile_size=TILE) == p
+    v2 = dataclasses.replace(p, payload_bits=12345, version=2)
+    assert ProgressiveParams.unpack(v2.pack()) == v2
+    for block in (p.pack(), v2.pack()):
+        with pytest.raises(DiffcodecError):
+            ProgressiveParams.unpack(block[:-1])
+    bad = bytearray(v2.pack())
     bad[1] = 9  # unknown spacing
     with pytest.raises(DiffcodecError):
         ProgressiveParams.unpack(bytes(bad))

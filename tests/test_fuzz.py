@@ -7,7 +7,10 @@ changes the file deterministically and runs ``diffcodec decode`` on it in-proces
 - byte flips (one bit per case) spread over the whole file, header and payload;
 - truncations at lengths spread over the whole file;
 - field edits with the checksum recomputed (the lossless file's CRC-32 trailer, the
-  progressive file's header CRC-32), so that the edit reaches the field checks behind it.
+  progressive file's header CRC-32), so that the edit reaches the field checks behind it:
+  every byte of the format 4 header from the version byte to the payload's length (lossless)
+  or the header CRC (progressive): mode byte, model identity, probe, image table, pixel
+  checksum, the mode block's length and fields.
 
 Every case must end in one of: exit 0 with the original pixels; exit 0 with a progressive
 prefix that the tool reports as lossy ("lossy: stage ..."); exit 3 with the reconstruction
@@ -28,6 +31,7 @@ from PIL import Image
 from diffcodec.checkpoint import load_checkpoint, save_checkpoint
 from diffcodec.cli import main
 from diffcodec.codec.container import unpack
+from diffcodec.codec.fields import varint
 from tests.conftest import seeded_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,11 +58,18 @@ def files(tmp_path_factory):
 
 
 def payload_start(data: bytes) -> int:
-    """Where the payload begins (lossless: before it, a u64 length; after it, the CRC-32)."""
+    """Where the payload begins (lossless: before it, its length as a varint; after it, the CRC-32)."""
     c = unpack(data)
     if c.header.mode == 1:
         return len(data) - len(c.payload)
     return len(data) - 4 - len(c.payload)
+
+
+def fields_end(data: bytes) -> int:
+    """Where the header's fields end: before the lossless payload's length, or the progressive header's CRC."""
+    c = unpack(data)
+    start = payload_start(data)
+    return start - (len(varint(len(c.payload), 1 << 64)) if c.header.mode == 0 else 4)
 
 
 def with_crc(data: bytearray, mode: int, header_end: int) -> bytes:
@@ -79,11 +90,15 @@ def cases(data: bytes, mode: int) -> list[tuple[str, bytes]]:
         out.append((f"flip byte {pos}", bytes(bad)))
     for length in np.unique(np.linspace(0, n - 1, 20).astype(int)):
         out.append((f"cut to {length} bytes", data[:length]))
-    header_fields = range(4, start - (8 if mode == 0 else 4))  # after the magic, before the payload's length / CRC
+    assert data[:4] == b"DFC\x04", "a format 4 file"
+    header_fields = range(3, fields_end(data))  # the version byte on, before the payload's length / the CRC
     for pos in header_fields:  # every field byte, a small and a large change in turn
         bad = bytearray(data)
         bad[pos] = data[pos] ^ (0x01 if pos % 2 else 0xFF)
         out.append((f"byte {pos} := {bad[pos]} (CRC fixed)", with_crc(bad, mode, start)))
+    bad = bytearray(data)  # the one informational bit: "encoded on a CUDA device" (the decoder runs --device cpu)
+    bad[4] ^= 0x80
+    out.append(("the CUDA bit flipped (CRC fixed)", with_crc(bad, mode, start)))
     return out
 
 

@@ -2,10 +2,11 @@
 must still decode to the same pixels. Each file's SHA-256 is pinned too, so a replaced golden
 file is noticed.
 
-tiny_bitsback_k4_v2.dfc / tiny_bitsback_k4.dfc: the tiny seeded model (conftest.seeded_model:
-weights from SplitMix64 words, the same on every machine), two synthetic images, K = 4 uniformly
-spaced steps, float64 network, no bootstrap; format version 2 and diffcodec 0.1's version 1
-(8-sigma windows). Both are also re-encoded from that recipe (a few seconds).
+tiny_bitsback_k4_v4.dfc / tiny_bitsback_k4_v2.dfc / tiny_bitsback_k4.dfc: the tiny seeded
+model (conftest.seeded_model: weights from SplitMix64 words, the same on every machine), two
+synthetic images, K = 4 uniformly spaced steps, float64 network, no bootstrap; format
+version 4, 2 and diffcodec 0.1's version 1 (8-sigma windows). All are also re-encoded from
+that recipe (a few seconds).
 
 default_k100_boot_f64.dfc: the default lossless path with the embedded default model
 (diffcodec/weights/default.pt, fingerprint ce449cd7be9f1a14): format version 2, K = 100
@@ -29,6 +30,7 @@ re-encoding it 130-170 s (marked slow: `pytest -m "not slow"` leaves it out).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,7 @@ from diffcodec.cli import main
 from diffcodec.codec import api
 from diffcodec.codec.bitsback.chain import GridConfig
 from diffcodec.codec.bitsback.params import BitsBackParams
-from diffcodec.codec.container import MODE_BITSBACK, unpack
+from diffcodec.codec.container import MODE_BITSBACK, model_identity, unpack
 from diffcodec.codec.progressive.params import ProgressiveParams
 
 from conftest import SHARED_DATA, as_loaded, seeded_model, synthetic_images
@@ -49,6 +51,8 @@ HERE = Path(__file__).parent / "golden"
 
 TINY_V2 = HERE / "tiny_bitsback_k4_v2.dfc"  # format version 2
 TINY_V2_SHA256 = "2c567515b8049b9f7312f728a5f808c168d326c1265572b5c664f23c6ad3b522"
+TINY_V4 = HERE / "tiny_bitsback_k4_v4.dfc"  # format version 4
+TINY_V4_SHA256 = "9d913caff0696f23f5e9e172bec22d3168137289cf5eedbde9d6374ee4f63b4d"
 TINY_V1 = HERE / "tiny_bitsback_k4.dfc"  # written by diffcodec 0.1
 TINY_V1_SHA256 = "0ecb369ad1e62764dbaad45602f2afcb878eb9df3e221ce0339203252f15e1aa"
 
@@ -85,11 +89,29 @@ def kodak_crop() -> np.ndarray:
 
 
 def same_stream(new: bytes, old: bytes) -> bool:
-    """Today's float file (format version 3, contract byte 0) holds the same stream as an older
-    version's file: every header field, the parameter block and the payload equal."""
+    """Today's lossless file (format version 4) holds the same stream as an older version's
+    file (formats 1-3): the same model (the identity of the old header's fingerprint, chain
+    and tile size), device kind, contract, image sizes (and names, where today's file stores
+    them: a one-image file made by the CLI does not), pixel checksum (its first 4 bytes), K,
+    bits-back parameters and bootstrap parameters (whatever their block layouts hold), payload."""
     a, b = unpack(new), unpack(old)
-    fields = [f for f in a.header.__dict__ if f != "version"]
-    return a.payload == b.payload and all(getattr(a.header, f) == getattr(b.header, f) for f in fields)
+    ha, hb = a.header, b.header
+    tile = hb.tile_size
+    pa, pb = BitsBackParams.unpack(ha.params, tile_size=tile), BitsBackParams.unpack(hb.params, tile_size=tile)
+    layout = {"num_steps", "bootstrap_bytes", "block_version", "bootstrap_block"}
+    same_params = all(getattr(pa, f.name) == getattr(pb, f.name) for f in fields(pa) if f.name not in layout)
+    same_boot = pa.bootstrap_tiles == pb.bootstrap_tiles
+    if same_boot and pa.bootstrap_tiles:
+        ba, bb = (ProgressiveParams.unpack(p.bootstrap_block, num_tiles=p.bootstrap_tiles, tile_size=tile)
+                  for p in (pa, pb))
+        same_boot = replace(ba, version=bb.version, payload_bits=bb.payload_bits) == bb and (
+            pa.bootstrap_bytes == bb.payload_bits // 8)
+    return (ha.version == 4 and a.payload == b.payload and same_params and same_boot
+            and ha.model_id == model_identity(hb.fingerprint, hb.schedule, hb.num_timesteps, hb.var_type, tile)
+            and ha.device == hb.device.split(":")[0] and (ha.contract, ha.probe) == (hb.contract, hb.probe)
+            and [(i.height, i.width) for i in ha.images] == [(i.height, i.width) for i in hb.images]
+            and all(x.name in ("", y.name) for x, y in zip(ha.images, hb.images))
+            and ha.pixel_sha == hb.pixel_sha[:4] and pa.num_steps == hb.num_steps)
 
 
 def tiny_golden_bytes(config: GridConfig = GridConfig()) -> bytes:
@@ -105,6 +127,24 @@ def test_tiny_k4_format_2_golden_file_is_reproduced_and_decodes():
     assert hashlib.sha256(data).hexdigest() == TINY_V2_SHA256
     assert same_stream(tiny_golden_bytes(), data), \
         "the encoder's output changed: a format or codec change needs a new golden file"
+    loaded = as_loaded(*seeded_model(0))
+    decoded = api.decode(data, model=loaded, device="cpu")
+    for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):
+        assert np.array_equal(a, b)
+    assert decoded.names == ["g0.png", "g1.png"]
+
+
+def test_tiny_k4_format_4_golden_file_is_reproduced_byte_for_byte_and_decodes():
+    """The same recipe in format version 4 (50 bytes before the payload's length: magic and
+    version, mode byte, model identity, the two sizes and names (25 bytes), a 4-byte pixel
+    checksum, the 11-byte compact block with its length), pinned byte for byte:
+    a change to the format or to the lossless stream shows here (then keep this file as an
+    old version that must still decode, and add a new one)."""
+    data = TINY_V4.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == TINY_V4_SHA256 and data[:5] == b"DFC\x04\x60"
+    assert len(data) - len(unpack(data).payload) == 50 + 2 + 4
+    assert tiny_golden_bytes() == data, "the encoder's output changed: a format or codec change needs a new golden file"
+    assert same_stream(data, TINY_V2.read_bytes())
     loaded = as_loaded(*seeded_model(0))
     decoded = api.decode(data, model=loaded, device="cpu")
     for a, b in zip(decoded.images, synthetic_images([(32, 32), (13, 20)], seed=11)):

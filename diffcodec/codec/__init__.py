@@ -2,6 +2,7 @@
 
     api.py            encode / decode / read_header: mode dispatch, checks, checksums, devices
     container.py      the .dfc file format: header, image table, CRC (byte table in its docstring)
+    fields.py         varints, a defensive reader, presence-masked field tables (compact blocks)
     entropy.py        the only module that imports constriction: ANS stack, range coder
     coding_params.py  network output -> snapped coder parameters; the pixel stage's decoder
     rcc.py            reverse channel coding (Poisson functional representation)

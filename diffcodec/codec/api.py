@@ -7,8 +7,11 @@
 This module owns what both modes share: the checks made before any network call (mode,
 steps in 1..T, image sizes within the format's limits), cutting images into model-size
 tiles and putting them back (`data.image_tiles`), the container (`container`), the checks
-of a file against the model (fingerprint, chain, tile size, tile count), the pixel
-checksum (a decoded image is handed out only when it matches), the choice of device, the
+of a file against the model (format 4: the model identity over weights, chain and tile
+size, `resolve_header` then fills those fields in; formats 1-3: fingerprint, chain, tile
+size), tile counts, the pixel checks (a decoded image is handed out as the coded one only
+when it passes: a lossless file's pixel checksum, a format 4 progressive stream's closing
+check, an older progressive file's header checksum), the choice of device, the
 deterministic-kernel settings and the decoder's thread count (`runtime`). Each mode's
 stream is its own package: `bitsback.file`, `progressive.codec`.
 
@@ -37,10 +40,12 @@ from diffcodec.codec.container import (
     MODE_BITSBACK,
     MODE_NAMES,
     MODE_PROGRESSIVE,
+    PIXEL_CHECK_BYTES,
     Container,
     Header,
     ImageEntry,
     check_model,
+    model_identity,
     pack,
     pixel_checksum,
     unpack,
@@ -126,7 +131,7 @@ class ProgressiveEncoding:
 
     @property
     def header_bits(self) -> int:
-        return 8 * len(self.data) - self.encoded.params.payload_bits
+        return 8 * (len(self.data) - len(self.encoded.payload))
 
 
 @dataclass(frozen=True)
@@ -147,13 +152,15 @@ class ProgressiveDecoding:
     stages: int  # received, of num_stages
     num_stages: int
     timestep: int  # original timestep of the last latent received (-1: x_0)
-    verified: bool  # complete and the pixel checksum matches: these are the coded images
+    verified: bool  # complete and the pixels checked (format 4: the stream's closing check; before: the
+    #   header's pixel checksum): these are the coded images
     diverged: bool  # complete file, but the lossless stage failed (other arithmetic than the encoder's)
-    truncated: bool  # the file holds less than the complete stream
+    truncated: bool  # the file holds less than the complete stream (format 4: the whole file was given
+    #   and the stream ran out before its end)
     file_bits: int  # bits the decoder was given (after num_bits)
     header_bits: int
     bits_used: int  # header + the fewest payload bits that deliver the same stages
-    payload_bits_total: int  # the complete stream's payload
+    payload_bits_total: int  # the complete stream's payload (0: unknown, a cut format 4 file)
     reconstruction: str
     device: str
     seconds: dict[str, float] = field(default_factory=dict)
@@ -184,10 +191,21 @@ def check_steps(steps: int, num_timesteps: int) -> int:
     return steps
 
 
+def model_id(model: LoadedModel) -> bytes:
+    """The model identity a format 4 file records (`container.model_identity`)."""
+    dc = model.diffusion_config
+    return model_identity(model.fingerprint, dc.schedule, dc.num_timesteps, dc.var_type, model.model_config.image_size)
+
+
 def check_header(model: LoadedModel, header: Header, where: str) -> list[int]:
     """Refuse a file this model cannot decode; each image's tile count."""
-    check_model(header, model.fingerprint, where)
     dc, mc = model.diffusion_config, model.model_config
+    if header.version >= 4:  # one identity covers the weights, the chain and the tile size
+        check_model(header, model.fingerprint, where, identity=model_id(model),
+                    describe=f"weights {model.fingerprint}, {dc.schedule} T={dc.num_timesteps} {dc.var_type}, "
+                             f"{mc.image_size}-pixel tiles")
+        return [tile_count(im.height, im.width, mc.image_size) for im in header.images]
+    check_model(header, model.fingerprint, where)
     if (header.schedule, header.num_timesteps, header.var_type) != (dc.schedule, dc.num_timesteps, dc.var_type):
         raise DiffcodecError(
             f"{where}: encoded for a {header.schedule} T={header.num_timesteps} {header.var_type} chain; this "
@@ -198,8 +216,54 @@ def check_header(model: LoadedModel, header: Header, where: str) -> list[int]:
 
 
 def read_header(data: bytes, where: str = "file") -> Header:
-    """The header of a `.dfc` file (its CRC checked; the payload is not decoded)."""
-    return unpack(data, where).header
+    """The header of a `.dfc` file (its CRC checked; the payload is not decoded). For a
+    format 4 file, K is read from the mode block; the model's fields stay unknown (its
+    identity is ``model_id``) until `resolve_header`."""
+    h = unpack(data, where).header
+    if h.version < 4:
+        return h
+    if h.mode == MODE_PROGRESSIVE:
+        return replace(h, num_steps=ProgressiveParams.unpack(h.params, where).num_steps)
+    return replace(h, num_steps=_bitsback_block(h, 32, where).num_steps)
+
+
+def resolve_header(model: LoadedModel, header: Header) -> Header:
+    """A format 4 header with what its model identity stands for filled in from ``model``
+    (once `check_header` has matched it): fingerprint, chain, tile size."""
+    if header.version < 4:
+        return header
+    dc = model.diffusion_config
+    return replace(header, fingerprint=model.fingerprint, schedule=dc.schedule, num_timesteps=dc.num_timesteps,
+                   var_type=dc.var_type, tile_size=model.model_config.image_size)
+
+
+def stream_params(header: Header, model: LoadedModel, where: str = "file") -> ProgressiveParams | BitsBackParams:
+    """A file's mode block as its decoder uses it: tile counts, tile size and K filled in
+    from the image table and the model where the format leaves them out (format 4)."""
+    counts = check_header(model, header, where)
+    h = resolve_header(model, header)
+    if h.mode == MODE_PROGRESSIVE:
+        return _progressive_block(h, sum(counts), where)
+    return _bitsback_block(h, h.tile_size, where)
+
+
+def _progressive_block(h: Header, num_tiles: int, where: str) -> ProgressiveParams:
+    """The progressive block; a format 4 file holds a version 3 block (its stream checks its
+    pixels), older formats a version 1 or 2 block (their header holds the pixel checksum)."""
+    params = ProgressiveParams.unpack(h.params, where, num_tiles=num_tiles, tile_size=h.tile_size or 32)
+    if (params.version >= 3) != (h.version >= 4):
+        raise DiffcodecError(f"{where}: corrupt header (a format {h.version} file with a version {params.version} "
+                             "progressive block)")
+    return params
+
+
+def _bitsback_block(h: Header, tile_size: int, where: str) -> BitsBackParams:
+    """The bits-back block; a format 4 file holds a compact one (with K), older formats version 1."""
+    params = BitsBackParams.unpack(h.params, where, tile_size=tile_size)
+    if (params.block_version >= 2) != (h.version >= 4):
+        raise DiffcodecError(f"{where}: corrupt header (a format {h.version} file with a version "
+                             f"{params.block_version} bits-back block)")
+    return params
 
 
 def _model(model: LoadedModel | None, checkpoint: str | None, device: torch.device) -> LoadedModel:
@@ -255,10 +319,13 @@ def encode(
         steps = progressive_params.num_steps
     steps = check_steps(min(DEFAULT_STEPS[mode], T) if steps is None else steps, T)
     names = list(names) if names is not None else [""] * len(images)
+    if len(names) != len(images):
+        raise DiffcodecError(f"{len(names)} names for {len(images)} images")
     tile = model.model_config.image_size
     tiles, groups, dims = image_tiles(images, tile)
     entries = tuple(ImageEntry(int(im.shape[0]), int(im.shape[1]), n) for im, n in zip(images, names))
     dc = model.diffusion_config
+    ident = model_id(model)
     with deterministic_kernels():
         model_fn = network(model.model, float64=float64, exact=exact, device=device)
         contract = (CONTRACT_VERSION, probe_digest(model_fn, dc, tile, device)) if exact else (0, b"")
@@ -267,9 +334,12 @@ def encode(
                                          tile)
             enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
                                      params, progress=_bar(progress, "encode", params.num_stages), workers=workers)
+            # a stream of version 1 or 2 has no closing check over its pixels: it goes in a
+            # format 3 container, whose header holds the pixel checksum (and the block its length)
+            legacy = enc.params.version < 3
             header = Header(MODE_PROGRESSIVE, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps,
-                            steps, dc.var_type, tile, entries, pixel_checksum(list(images)), enc.params.pack(),
-                            *contract)
+                            steps, dc.var_type, tile, entries, pixel_checksum(list(images)) if legacy else b"",
+                            enc.params.pack(), *contract, version=3 if legacy else 4, model_id=ident)
             return ProgressiveEncoding(pack(Container(header, enc.payload)), header, enc, int(dims.sum()))
         schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, spacing)
         m = bitsback.bootstrap_size(schedule, len(tiles), tile, grid) if bootstrap else 0
@@ -281,7 +351,8 @@ def encode(
             on_bound_step=_bar(progress, "bound", batches * steps),
             on_bootstrap_stage=_stage_bar(progress, "bootstrap", bitsback.BOOTSTRAP_PARAMS.num_stages) if m else None)
     header = Header(MODE_BITSBACK, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps, steps,
-                    dc.var_type, tile, entries, pixel_checksum(list(images)), code.params.pack(), *contract)
+                    dc.var_type, tile, entries, pixel_checksum(list(images), PIXEL_CHECK_BYTES), code.params.pack(),
+                    *contract, model_id=ident)
     data = pack(Container(header, code.payload))
     bound = merge_rows(code.bound, groups, dims) if code.bound is not None else None
     return LosslessEncoding(data, header, code.params, len(images), len(tiles), int(dims.sum()), len(code.payload),
@@ -334,6 +405,7 @@ def decode(
     target = decode_device(device, h.device) if isinstance(device, str) else device
     model = _model(model, checkpoint, target)
     counts = check_header(model, h, where)
+    container = Container(resolve_header(model, h), container.payload)
     if h.mode == MODE_PROGRESSIVE:
         return _decode_progressive(model, container, len(data), counts, target, where, num_bits, upto,
                                    reconstruction, progress)
@@ -355,22 +427,25 @@ def _check_contract(model: LoadedModel, h: Header, exact: bool, device: torch.de
 def _decode_lossless(model: LoadedModel, container: Container, counts: list[int], device: torch.device, where: str,
                      progress: Progress | None) -> LosslessDecoding:
     h = container.header
-    params = BitsBackParams.unpack(h.params, where)
-    bitsback.check_params(params, sum(counts), h.tile_size, h.num_steps, len(container.payload), where)
+    params = _bitsback_block(h, h.tile_size, where)
+    dc = model.diffusion_config
+    steps = params.num_steps if h.version >= 4 else h.num_steps
+    if not 1 <= steps <= dc.num_timesteps:
+        raise DiffcodecError(f"{where}: corrupt header (K = {steps} steps of a T = {dc.num_timesteps} chain)")
+    bitsback.check_params(params, sum(counts), h.tile_size, steps, len(container.payload), where)
     _check_contract(model, h, params.exact, device, where)
     if device.type == "cpu":
         use_threads(params.threads)  # float32 CPU results depend on the thread count
-    dc = model.diffusion_config
-    schedule = chain_schedule(dc.schedule, dc.num_timesteps, h.num_steps, params.spacing)
+    schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, params.spacing)
     with deterministic_kernels():
         start, cpu_start = time.perf_counter(), time.process_time()
         chain_tiles = params.num_tiles - params.bootstrap_tiles
         tiles, ok = bitsback.decode_stream(
             model.model, dc, schedule, params, container.payload, tile_size=h.tile_size, device=device,
-            on_step=_bar(progress, "decode", chain_tiles * h.num_steps) if chain_tiles else None)
+            on_step=_bar(progress, "decode", chain_tiles * steps) if chain_tiles else None)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     images = images_from_tiles(tiles, [(im.height, im.width) for im in h.images]) if ok else []
-    if not ok or pixel_checksum(images) != h.pixel_sha:
+    if not ok or pixel_checksum(images, len(h.pixel_sha)) != h.pixel_sha:
         raise DiffcodecError(bitsback.divergence(params, h.device, device, where))
     return LosslessDecoding(images, [im.name for im in h.images], seconds, str(device), cpu_seconds)
 
@@ -379,9 +454,13 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
                         where: str, num_bits: int | None, upto: int | None, reconstruction: str,
                         progress: Progress | None) -> ProgressiveDecoding:
     h = container.header
-    params = ProgressiveParams.unpack(h.params, where)
-    if h.num_steps != params.num_steps or h.tile_size != params.tile_size:
+    legacy = h.version < 4  # the header's pixel checksum, the block's payload length
+    params = _progressive_block(h, sum(counts), where)
+    if legacy and (h.num_steps != params.num_steps or h.tile_size != params.tile_size):
         raise DiffcodecError(f"{where}: corrupt header (steps or tile size disagree with the stream's block)")
+    if params.num_steps > model.diffusion_config.num_timesteps:
+        raise DiffcodecError(f"{where}: corrupt header (K = {params.num_steps} steps of a "
+                             f"T = {model.diffusion_config.num_timesteps} chain)")
     model_fn = _check_contract(model, h, params.exact, device, where)
     if sum(counts) != params.num_tiles:
         raise DiffcodecError(f"{where}: corrupt header ({params.num_tiles} tiles for images needing {sum(counts)})")
@@ -390,7 +469,7 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
     if file_bits < header_bits:
         raise DiffcodecError(f"{where}: {file_bits} bits do not cover the {header_bits}-bit header")
     stream_bytes = params.payload_bits // 8
-    if len(container.payload) > stream_bytes:
+    if legacy and len(container.payload) > stream_bytes:
         raise DiffcodecError(f"{where}: corrupt file ({len(container.payload) - stream_bytes} bytes after the end of "
                              f"its {stream_bytes}-byte stream)")
     sizes = [(im.height, im.width) for im in h.images]
@@ -402,27 +481,36 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
                                      device=device)
     except DiffcodecError as e:
         raise DiffcodecError(f"{where}: {e}") from None
+    given_all = file_bits == 8 * data_bytes  # the decoder was given every byte of the file
+    if legacy:
+        truncated = len(container.payload) < stream_bytes
+    else:  # the whole file was given and the stream ran out before its end (not a damage check, not --upto)
+        truncated = given_all and not dec.complete and not dec.diverged and dec.stop not in ("check", "limit")
+        surplus = len(container.payload) - -(-dec.bits_used // 8)
+        if dec.complete and given_all and surplus > 0:
+            raise DiffcodecError(f"{where}: {surplus} unexpected bytes after the end of the stream")
+    whole = not truncated and given_all  # the decoder was given the complete stream
     images = images_from_tiles(from_model_output(dec.x0), sizes)
-    truncated = len(container.payload) < stream_bytes
-    whole = not truncated and file_bits == 8 * data_bytes  # the decoder was given the complete stream
     verified, diverged, damage = False, dec.diverged, ""
     if dec.complete:
-        verified = pixel_checksum(images) == h.pixel_sha
+        verified = pixel_checksum(images) == h.pixel_sha if legacy else dec.pixels_checked is True
         if not verified:  # never hand out wrong pixels: fall back to x^_0 from y_0
             diverged, images = True, images_from_tiles(from_model_output(dec.fallback), sizes)
     if dec.stop == "check":
         damage = f"the integrity check after stage {dec.stop_stage} failed"
-    elif dec.stop == "end" and whole:
+    elif legacy and dec.stop == "end" and whole:
         damage = f"stage {dec.stop_stage} does not decode although the file holds the whole stream"
     elif diverged and params.exact:  # the probe matched: this decoder computes what the encoder computed
-        diverged, damage = False, "the lossless stage does not reproduce the pixel checksum"
+        diverged = False
+        damage = ("the lossless stage does not reproduce the pixel checksum" if legacy
+                  else "the lossless stage fails the stream's closing check")
     if progress is not None:
         progress("decode", dec.stages, params.num_stages)
     stages = dec.stages if verified or not dec.complete else dec.stages - 1
+    total = params.payload_bits if legacy else (0 if truncated else 8 * len(container.payload))
     return ProgressiveDecoding(
         images, [im.name for im in h.images], stages, params.num_stages,
         dec.timestep if verified or not dec.complete else 0, verified, diverged,
         truncated, file_bits, header_bits, header_bits + dec.bits_used,
-        params.payload_bits, "exact" if verified else ("xstart" if dec.complete else reconstruction), str(device),
+        total, "exact" if verified else ("xstart" if dec.complete else reconstruction), str(device),
         dec.seconds, damage)
-

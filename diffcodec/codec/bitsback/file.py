@@ -98,7 +98,8 @@ def encode_stream(
     params = BitsBackParams.of(
         config, clip_denoised=True, network_float64=float64, exact=exact, threads=recorded_threads(device, float64, exact),
         spacing=stored_spacing(spacing, schedule), code=code, num_tiles=len(tiles), num_symbols=len(tiles) * 3 * tile * tile * (schedule.num_steps + 1),
-        bootstrap_tiles=m, bootstrap_block=boot.params.pack() if boot else b"")
+        bootstrap_tiles=m, bootstrap_block=boot.params.pack() if boot else b"", num_steps=schedule.num_steps,
+        bootstrap_bytes=len(boot.payload) if boot else 0)
     return StreamCode(code.payload.astype("<u4").tobytes(), params, code.initial_bits,
                       8 * len(boot.payload) if boot else 0, bound, seconds, cpu_seconds, bound_seconds, bound_cpu)
 
@@ -132,16 +133,31 @@ def decode_stream(
                         clip_denoised=params.clip_denoised, device=device, float64=params.network_float64,
                         exact=params.exact)
     words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-    boot_params = ProgressiveParams.unpack(params.bootstrap_block) if params.bootstrap_tiles else None
+    boot_params = bootstrap_params(params, tile_size)
     tiles, ok, boot = decode_tiles(
         coder, words, chunks=params.chunks, tile_size=tile_size, init_words=params.init_words,
         kept_words=params.kept_words, init_seed=params.init_seed, on_step=on_step,
-        bootstrap_bytes=boot_params.payload_bits // 8 if boot_params else 0)
+        bootstrap_bytes=bootstrap_bytes(params, boot_params))
     if boot_params is not None and ok:
         dec = progressive.decode(coder.model_fn, diffusion, boot, boot_params, device=coder.device)
         ok = dec.complete
         tiles = np.concatenate([from_model_output(dec.x0), tiles]) if ok else tiles
     return tiles, ok
+
+
+def bootstrap_params(params: BitsBackParams, tile_size: int, where: str = "file") -> ProgressiveParams | None:
+    """The bootstrap stream's progressive parameters (None without bootstrap tiles)."""
+    if not params.bootstrap_tiles:
+        return None
+    return ProgressiveParams.unpack(params.bootstrap_block, where, num_tiles=params.bootstrap_tiles,
+                                    tile_size=tile_size)
+
+
+def bootstrap_bytes(params: BitsBackParams, boot: ProgressiveParams | None) -> int:
+    """The bootstrap's payload in bytes: a compact block says, a version 1 block's progressive block does."""
+    if boot is None:
+        return 0
+    return params.bootstrap_bytes if params.block_version >= 2 else boot.payload_bits // 8
 
 
 def coded_dims(num_tiles: int, tile: int, num_steps: int) -> int:
@@ -157,9 +173,10 @@ def check_params(params: BitsBackParams, num_tiles: int, tile: int, num_steps: i
     if payload_bytes % 4 or payload_bytes < 8:
         raise DiffcodecError(f"{where}: corrupt payload ({payload_bytes} bytes)")
     if params.bootstrap_tiles:
-        boot = ProgressiveParams.unpack(params.bootstrap_block, where)
+        boot = bootstrap_params(params, tile, where)
         if (boot.num_tiles, boot.tile_size, boot.network_float64, boot.exact) != (
-                params.bootstrap_tiles, tile, params.network_float64, params.exact) or boot.payload_bits % 8:
+                params.bootstrap_tiles, tile, params.network_float64, params.exact) or boot.payload_bits % 8 or (
+                params.block_version >= 2 and not 0 < params.bootstrap_bytes <= payload_bytes):
             raise DiffcodecError(f"{where}: corrupt header (bootstrap parameters disagree with the stream)")
 
 
@@ -169,6 +186,8 @@ def divergence(params: BitsBackParams, encoded_on: str, device: torch.device | s
         return (f"{where}: pixel checksum mismatch after decoding: the payload is corrupt (this decoder's exact "
                 "arithmetic reproduced the encoder's probe); nothing written")
     here = device_kind(device)
+    if ":" not in encoded_on:  # format 4 records the kind alone (cpu or cuda)
+        here = here.split(":")[0]
     threads_here = recorded_threads(device, params.network_float64, params.exact)
     if here == encoded_on and params.threads and threads_here != params.threads:
         return (f"{where}: decoding diverged: the file was encoded with {params.threads} torch CPU thread(s) in "

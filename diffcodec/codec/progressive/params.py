@@ -1,15 +1,19 @@
 """The progressive stream's parameter block: everything its decoder needs besides the model.
 
-The block sits in the container's mode-1 parameter field (`container`); the progressive
-encoder fills ``payload_bits``. Its byte layout is in `ProgressiveParams.pack`.
+The block sits in the container's mode-1 parameter field (`container`) and in a lossless
+file's bootstrap section (`bitsback.params`). Its byte layouts are in `ProgressiveParams.pack`:
+version 3 (what this diffcodec writes) is compact (defaults cost nothing; tile count and
+size come from the container); versions 1 and 2 are fixed layouts, read as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
 from diffcodec.codec import rcc
+from diffcodec.codec.fields import Reader, pack_fields, read_fields
 from diffcodec.errors import DiffcodecError
 
 # Append-only: the index is written into files; the names are `timesteps.SPACINGS`.
@@ -89,7 +93,17 @@ class ProgressiveParams:
                              + ("has no checks" if self.version == 1 else "has checks"))
 
     def pack(self) -> bytes:
-        """The mode-1 parameter block (little-endian):
+        """The mode-1 parameter block.
+
+        Version 3 (compact, `fields`): u8 block version 3, then a varint mask of the fields
+        of `COMPACT_FIELDS` that differ from the dataclass defaults (bit i: the table's
+        field i), then those fields' values as varints in table order (booleans: the mask
+        bit alone; chunk, pad bits and check growth x 4; snap_log2 zigzag; spacing its index
+        in SPACING_CODES). Not stored: num_tiles and tile_size (the container's image table
+        and model give them: `unpack`'s arguments) and payload_bits (the stream ends itself;
+        0 after reading). The default block with the exact contract is 2 bytes (03 01).
+
+        Versions 1 and 2 (little-endian, fixed; written only when ``version`` says so):
 
             0  u8  block version (1: no integrity checks; 2: with them)
                                               8   u8  flags: bit 0 clip_denoised, bit 1 network_float64,
@@ -104,6 +118,8 @@ class ProgressiveParams:
             23 u8  check bits (1..16)         24  u8  check growth x 4
             25 u16 smallest group of stages, in nominal KL bits
         """
+        if self.version >= 3:
+            return bytes([self.version]) + pack_fields(lambda name: getattr(self, name), _DEFAULTS, COMPACT_FIELDS)
         fixed = self._FIXED.pack(
             self.version, SPACING_CODES.index(self.spacing), self.num_steps, self.log2_candidates,
             int(self.chunk_bits * 4), int(self.pad_bits * 4), self.snap_log2,
@@ -115,11 +131,25 @@ class ProgressiveParams:
         return fixed + self._CHECKS.pack(self.check_bits, int(self.check_growth * 4), self.check_min_bits)
 
     @classmethod
-    def unpack(cls, block: bytes, where: str = "file") -> ProgressiveParams:
+    def unpack(cls, block: bytes, where: str = "file", *, num_tiles: int = 1, tile_size: int = 32
+               ) -> ProgressiveParams:
+        """The block's parameters (one-line DiffcodecError when malformed). ``num_tiles`` and
+        ``tile_size``: what the container implies, used for a version 3 block (versions 1
+        and 2 store their own)."""
         version = block[0] if block else 0
         if version not in cls.READ_VERSIONS:
             raise DiffcodecError(f"{where}: progressive block version {version}; this diffcodec reads "
                                  f"{cls.READ_VERSIONS[0]} to {cls.READ_VERSIONS[-1]}")
+        if version >= 3:
+            r = Reader(block, where, "progressive parameter block")
+            r.pos = 1
+            values = read_fields(r, _DEFAULTS, COMPACT_FIELDS)
+            if not r.at_end():
+                raise r.fail(f"{len(block) - r.pos} bytes after its fields")
+            try:
+                return cls(**values, num_tiles=num_tiles, tile_size=tile_size, version=version)
+            except ValueError as e:
+                raise DiffcodecError(f"{where}: corrupt progressive parameters ({e})") from None
         size = cls._FIXED.size + (cls._CHECKS.size if version >= 2 else 0)
         if len(block) != size:
             raise DiffcodecError(f"{where}: corrupt progressive parameter block ({len(block)} bytes)")
@@ -142,3 +172,25 @@ class ProgressiveParams:
     def num_stages(self) -> int:
         return self.num_steps + 1
 
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ProgressiveParams)}
+
+# The version 3 block's fields in mask-bit order (append only: the order is in files). The
+# ones a default file sets (exact, float64) and the usual knobs first, so that their mask
+# fits one byte.
+COMPACT_FIELDS = (
+    ("exact", "b"),
+    ("network_float64", "b"),
+    ("num_steps", "u"),
+    ("chunk_bits", "q"),
+    ("log2_candidates", "u"),
+    ("seed", "u"),
+    ("spacing", ("c", SPACING_CODES)),
+    ("pad_bits", "q"),
+    ("snap_log2", "s"),
+    ("clip_denoised", "b"),
+    ("check_bits", "u"),
+    ("check_min_bits", "u"),
+    ("check_growth", "q"),
+)
