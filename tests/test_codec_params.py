@@ -50,7 +50,7 @@ def test_progressive_v3_every_field_round_trips_alone_and_together():
     come from the caller; payload_bits is not stored)."""
     others = {"exact": True, "network_float64": True, "num_steps": 1000, "chunk_bits": 63.75, "log2_candidates": 3,
               "seed": 2**32 - 1, "spacing": "uniform", "pad_bits": 0.25, "snap_log2": -30, "clip_denoised": False,
-              "check_bits": 0, "check_min_bits": 65535, "check_growth": 1.5}
+              "check_bits": 0, "check_min_bits": 65535, "check_growth": 1.5, "min_stage_bits": 40.0}
     assert set(others) == {name for name, _ in COMPACT_FIELDS}  # the table covers every stored field
     for name, value in others.items():
         p = ProgressiveParams(**{name: value}, num_tiles=7, tile_size=16)

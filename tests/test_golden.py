@@ -59,6 +59,9 @@ TINY_V1_SHA256 = "0ecb369ad1e62764dbaad45602f2afcb878eb9df3e221ce0339203252f15e1
 DEFAULT = HERE / "default_k100_boot_f64.dfc"
 DEFAULT_SHA256 = "fc1f92113d03c9bb89d598b102f7dcdfc90bfa9144801dd0659b0e32fa7a9ba6"
 DEFAULT_FINGERPRINT = "ce449cd7be9f1a14"  # the embedded default model
+# the same crop through today's encoder (format 4, progressive stream version 3 bootstrap, no name)
+DEFAULT_V4 = HERE / "default_k100_boot_f64_v4.dfc"
+DEFAULT_V4_SHA256 = "a902362286df6c1b921a8a8247855fd1f00c400f0275b73394b0ced405f98e10"
 # each decoded image: name -> (shape, SHA-256 of the uint8 HWC array's bytes)
 DEFAULT_PIXELS = {
     "kodim23_crop.png": ((64, 96, 3), "c5a0a53e0b246148ab2bd659185c55fe68ee189db66a25840732fb36e806df63"),
@@ -224,17 +227,19 @@ def test_default_golden_decodes_to_its_kodak_source_crop(default_decoded):
 @pytest.mark.slow
 def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
     """Today's `diffcodec encode --float64` of the same crop, every other setting default (the
-    default model, K = 100 quadratic, 5-sigma windows, bootstrap, format version 2), writes the
-    golden file byte for byte: a change to the encoder or the format shows here first (then make
-    a new golden file and keep this one as an old version that must still decode). 130-170 s on
-    one thread; skips without ../shared."""
+    default model, K = 100 quadratic, 5-sigma windows, bootstrap), writes the format 4 golden
+    file (pinned by SHA-256): a change to the encoder or the format shows here first (then make
+    a new golden file and keep this one as an old version that must still decode; the format 2
+    file above is one). 130-170 s on one thread; skips without ../shared."""
+    assert hashlib.sha256(DEFAULT_V4.read_bytes()).hexdigest() == DEFAULT_V4_SHA256, "the v4 golden file changed"
+    assert DEFAULT_V4.read_bytes()[3] == 4, "format version"
     crop = kodak_crop()
-    src = tmp_path / "kodim23_crop.png"  # the name is stored in the file
+    src = tmp_path / "kodim23_crop.png"
     Image.fromarray(crop).save(src)
     out = tmp_path / "again.dfc"
     # --no-bound: the bound is only reported, never written; --device cpu: what the golden file says
     assert main(["encode", str(src), "-o", str(out), "--float64", "--no-bound", "--device", "cpu", "-q"]) == 0
-    assert same_stream(out.read_bytes(), DEFAULT.read_bytes()), \
+    assert out.read_bytes() == DEFAULT_V4.read_bytes(), \
         "the encoder's output changed: a format or codec change needs a new golden file"
 
 
@@ -243,6 +248,9 @@ def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
 EXACT_LOSSLESS = HERE / "default_exact_lossless_k10.dfc"
 EXACT_PROGRESSIVE = HERE / "default_exact_progressive_k10.dfc"
 EXACT_SHA256 = {EXACT_LOSSLESS: "51064aa7a28a7d0a4d3c240e06dc163f5b22d89bb73384c14e6dce0b11ba5626", EXACT_PROGRESSIVE: "f63f6f5e571473c8f6fc34208950f777289cb56f37744d70a0fdd3241d008224"}
+# the same two encodes by today's diffcodec: format 4, progressive stream version 3
+EXACT_V4_SHA256 = {HERE / "default_exact_lossless_k10_v4.dfc": "e72c2b602f6bc27e38bfcfc453be0c104bac1e23c7383868d97d2a6112cdb556",
+                   HERE / "default_exact_progressive_k10_v4.dfc": "7be54c9d4af61d5e657091de8efb1b235797fe77e699b3671ce55cbd906d0a7a"}
 EXACT_SOURCE = ((32, 64), 15)  # conftest.synthetic_images([(32, 64)], seed=15): 2 tiles
 EXACT_SOURCE_SHA256 = "b5a67142a461dcc766e3b165d6fa4ca7ee83bf83094f17c47beab561eea195e4"
 
@@ -264,11 +272,15 @@ def test_exact_golden_files_decode_to_their_pixels_on_this_machine():
     source = synthetic_images([EXACT_SOURCE[0]], seed=EXACT_SOURCE[1])[0]
     assert pixel_sha256(source) == EXACT_SOURCE_SHA256
     model = load_checkpoint(None)
-    for path, sha in EXACT_SHA256.items():
+    for path, sha in {**EXACT_SHA256, **EXACT_V4_SHA256}.items():
         data = path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == sha, f"{path.name} changed"
         h = unpack(data).header
-        assert (h.version, h.contract, h.fingerprint, h.num_steps) == (3, 1, DEFAULT_FINGERPRINT, 10)
+        if h.version == 3:
+            assert (h.contract, h.fingerprint, h.num_steps) == (1, DEFAULT_FINGERPRINT, 10)
+        else:
+            assert path in EXACT_V4_SHA256 and (h.version, h.contract) == (4, 1)
+            assert h.model_id == model_identity(DEFAULT_FINGERPRINT, "cosine", 1000, "learned_range", 32)
         decoded = api.decode(data, model=model, device="cpu")
         assert decoded.names == ["synthetic"] and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
         assert getattr(decoded, "verified", True)

@@ -7,10 +7,15 @@ always called with the original timestep. Latents y_k = x at code step k of that
 (abar_k = abar[timesteps[k]]), k = K-1 .. 0. The stream holds K + 1 stages, in order:
 
     stage 0          y_{K-1} ~ q(y_{K-1} | x_0) sent using p(y_{K-1}) = N(0, I)       Alg. 3 line 1
+                     (stream version 3: not sent; both sides take candidate 0, a sample
+                     of N(0, I) from the shared seed: the KL is ~1e-9 bits/dim)
     stage j (1..K-1) y_{K-1-j} ~ q(. | y_{K-j}, x_0) sent using p_theta(. | y_{K-j})   Alg. 3 lines 2-4
     stage K          x_0 under the discretized Gaussian p_theta(x_0 | y_0)             Alg. 3 line 5
 
-Each stage's symbols are written by `syntax`. Only stage K needs bit-identical network
+Each stage's symbols are written by `syntax`. A version 3 encoder may skip a stage whose KL
+is below ``min_stage_bits`` (`CodedChain`: the next latent is then sent over the merged
+steps); measured on CIFAR-10 it does not pay (a coarser chain's KL grows more than the
+per-stage cost falls: reports/progressive.md), so the default is 0, no skips. Only stage K needs bit-identical network
 outputs (its coding parameters come from the network); on a CPU float32 outputs change
 with the thread count and the batch, so a float32 stream decodes losslessly only with the
 encoder's settings, and ``network_float64`` lifts that (a slower network); the caller's

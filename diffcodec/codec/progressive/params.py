@@ -193,4 +193,5 @@ COMPACT_FIELDS = (
     ("check_bits", "u"),
     ("check_min_bits", "u"),
     ("check_growth", "q"),
+    ("min_stage_bits", "q"),
 )
