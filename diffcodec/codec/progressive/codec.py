@@ -15,7 +15,7 @@ always called with the original timestep. Latents y_k = x at code step k of that
 Each stage's symbols are written by `syntax`. A version 3 encoder may skip a stage whose KL
 is below ``min_stage_bits`` (`CodedChain`: the next latent is then sent over the merged
 steps); measured on CIFAR-10 it does not pay (a coarser chain's KL grows more than the
-per-stage cost falls: reports/progressive.md), so the default is 0, no skips. Only stage K needs bit-identical network
+per-stage cost falls: reports/progressive_min_stage_bits.md), so the default is 0, no skips. Only stage K needs bit-identical network
 outputs (its coding parameters come from the network); on a CPU float32 outputs change
 with the thread count and the batch, so a float32 stream decodes losslessly only with the
 encoder's settings, and ``network_float64`` lifts that (a slower network); the caller's
