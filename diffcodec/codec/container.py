@@ -527,19 +527,26 @@ def unpack(data: bytes, where: str = "file") -> Container:
             raise DiffcodecError(f"{where}: corrupt header (CRC-32 mismatch)")
         payload = data[r.pos :]  # possibly cut short
     else:
-        payload_len = r.varint("payload length", MAX_PAYLOAD)
-        if payload_len > len(data):
-            raise DiffcodecError(f"{where}: truncated file (payload of {payload_len} bytes announced, "
-                                 f"file has {len(data)} bytes)")
-        payload = r.take(payload_len, "payload")
-        (crc,) = r.unpack("<I", "checksum trailer")
-        if r.pos != len(data):
-            raise DiffcodecError(f"{where}: {len(data) - r.pos} unexpected bytes after the end of the file")
-        if zlib.crc32(data[:-4]) & 0xFFFFFFFF != crc:
-            raise DiffcodecError(f"{where}: corrupt file (CRC-32 mismatch)")
+        payload = _payload_and_trailer(r, r.varint("payload length", MAX_PAYLOAD))
     header = Header(mode, device, "", "", 0, 0, "", 0, tuple(images), pixel_sha, params, contract, probe, VERSION,
                     model_id)
     return Container(header, payload)
+
+
+def _payload_and_trailer(r: _Reader, payload_len: int) -> bytes:
+    """A lossless file's tail after its length field: the payload, then the CRC-32 of every
+    byte before the trailer, which must end the file."""
+    data, where = r.data, r.where
+    if payload_len > len(data):
+        raise DiffcodecError(f"{where}: truncated file (payload of {payload_len} bytes announced, "
+                             f"file has {len(data)} bytes)")
+    payload = r.take(payload_len, "payload")
+    (crc,) = r.unpack("<I", "checksum trailer")
+    if r.pos != len(data):
+        raise DiffcodecError(f"{where}: {len(data) - r.pos} unexpected bytes after the end of the file")
+    if zlib.crc32(data[:-4]) & 0xFFFFFFFF != crc:
+        raise DiffcodecError(f"{where}: corrupt file (CRC-32 mismatch)")
+    return payload
 
 
 def _unpack_legacy(data: bytes, where: str) -> Container:
@@ -575,16 +582,7 @@ def _unpack_legacy(data: bytes, where: str) -> Container:
         header = Header(mode, device, fp.hex(), schedule, num_timesteps, num_steps, var_type, tile_size,
                         tuple(images), pixel_sha, params, contract, probe, version)
         return Container(header, data[r.pos :])  # the payload, possibly cut short
-    (payload_len,) = r.unpack("<Q", "payload length")
-    if payload_len > len(data):
-        raise DiffcodecError(f"{where}: truncated file (payload of {payload_len} bytes announced, "
-                             f"file has {len(data)} bytes)")
-    payload = r.take(payload_len, "payload")
-    (crc,) = r.unpack("<I", "checksum trailer")
-    if r.pos != len(data):
-        raise DiffcodecError(f"{where}: {len(data) - r.pos} unexpected bytes after the end of the file")
-    if zlib.crc32(data[:-4]) & 0xFFFFFFFF != crc:
-        raise DiffcodecError(f"{where}: corrupt file (CRC-32 mismatch)")
+    payload = _payload_and_trailer(r, r.unpack("<Q", "payload length")[0])
     if tile_size < 1 or num_steps < 1 or num_steps > num_timesteps:
         raise DiffcodecError(f"{where}: corrupt header (tile {tile_size}, K {num_steps}, T {num_timesteps})")
     header = Header(mode, device, fp.hex(), schedule, num_timesteps, num_steps, var_type, tile_size,
