@@ -162,7 +162,7 @@ def test_lossless_and_progressive_round_trips_are_exact_and_other_models_refused
     full = api.decode(progressive.data, model=loaded, device="cpu")
     assert full.verified and all(np.array_equal(x, y) for x, y in zip(full.images, images))
     for data in (lossless.data, progressive.data):
-        with pytest.raises(DiffcodecError, match=f"encoded with model {loaded.fingerprint}"):
+        with pytest.raises(DiffcodecError, match="encoded with model [0-9a-f]{8}, this checkpoint is [0-9a-f]{8} "):
             api.decode(data, model=other, device="cpu")
 
 

@@ -250,7 +250,7 @@ EXACT_PROGRESSIVE = HERE / "default_exact_progressive_k10.dfc"
 EXACT_SHA256 = {EXACT_LOSSLESS: "51064aa7a28a7d0a4d3c240e06dc163f5b22d89bb73384c14e6dce0b11ba5626", EXACT_PROGRESSIVE: "f63f6f5e571473c8f6fc34208950f777289cb56f37744d70a0fdd3241d008224"}
 # the same two encodes by today's diffcodec: format 4, progressive stream version 3
 EXACT_V4_SHA256 = {HERE / "default_exact_lossless_k10_v4.dfc": "e72c2b602f6bc27e38bfcfc453be0c104bac1e23c7383868d97d2a6112cdb556",
-                   HERE / "default_exact_progressive_k10_v4.dfc": "7be54c9d4af61d5e657091de8efb1b235797fe77e699b3671ce55cbd906d0a7a"}
+                   HERE / "default_exact_progressive_k10_v4.dfc": "96c595fd44a78b39b41d5701b8aa5b10ef85609d43c8a0d656231e8949386780"}
 EXACT_SOURCE = ((32, 64), 15)  # conftest.synthetic_images([(32, 64)], seed=15): 2 tiles
 EXACT_SOURCE_SHA256 = "b5a67142a461dcc766e3b165d6fa4ca7ee83bf83094f17c47beab561eea195e4"
 

@@ -22,6 +22,7 @@ Progress: ``progress(phase, done, total)`` is called as work advances, with phas
 from __future__ import annotations
 
 import math
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -185,6 +186,12 @@ def check_images(images: Sequence[np.ndarray]) -> None:
                                  f"(1..{MAX_IMAGE_SIDE} pixels a side)")
 
 
+def image_sizes_context(images: Sequence[ImageEntry]) -> bytes:
+    """What a format 4 progressive stream's closing check covers besides its symbols: every
+    image's (height, width), u32 little-endian, in order (so an edited size is caught)."""
+    return b"".join(struct.pack("<II", im.height, im.width) for im in images)
+
+
 def check_steps(steps: int, num_timesteps: int) -> int:
     if not 1 <= steps <= num_timesteps:
         raise DiffcodecError(f"--steps must be between 1 and T = {num_timesteps}, got {steps}")
@@ -333,7 +340,8 @@ def encode(
             params = _progressive_params(progressive_params, steps, spacing, chunk_bits, float64, exact, len(tiles),
                                          tile)
             enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
-                                     params, progress=_bar(progress, "encode", params.num_stages), workers=workers)
+                                     params, progress=_bar(progress, "encode", params.num_stages), workers=workers,
+                                     context=image_sizes_context(entries))
             # a stream of version 1 or 2 has no closing check over its pixels: it goes in a
             # format 3 container, whose header holds the pixel checksum (and the block its length)
             legacy = enc.params.version < 3
@@ -478,7 +486,7 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
             dec = progressive.decode(model_fn or network(model.model, float64=params.network_float64),
                                      model.diffusion_config, container.payload, params,
                                      num_bits=file_bits - header_bits, upto=upto, reconstruction=reconstruction,
-                                     device=device)
+                                     device=device, context=b"" if legacy else image_sizes_context(h.images))
     except DiffcodecError as e:
         raise DiffcodecError(f"{where}: {e}") from None
     given_all = file_bits == 8 * data_bytes  # the decoder was given every byte of the file

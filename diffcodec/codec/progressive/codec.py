@@ -192,11 +192,13 @@ def _full_step(like: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, params: ProgressiveParams,
-           *, progress: Callable[[int], None] | None = None, workers: int | None = None) -> Encoded:
+           *, progress: Callable[[int], None] | None = None, workers: int | None = None,
+           context: bytes = b"") -> Encoded:
     """Algorithm 3 for a batch of tiles x0 [B, C, s, s] (exact pixel values in [-1, 1]).
 
     The candidate search runs on ``workers`` threads (default: the usable CPU cores); the
-    stream does not depend on it. A version 3 stream skips a stage whose KL is below
+    stream does not depend on it. ``context``: bytes the closing check also covers (the decoder
+    must pass the same). A version 3 stream skips a stage whose KL is below
     ``params.min_stage_bits`` (never the last latent, y_0).
 
     Returns the payload (complete stream) and per-stage measurements. With
@@ -215,7 +217,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     s = chain.full
     K, D, var_type = s.num_steps, x0.numel(), diffusion.var_type
     ts = torch.from_numpy(s.timesteps).to(x0.device)
-    enc, syntax = RangeEncoder(), Syntax(params, D)
+    enc, syntax = RangeEncoder(), Syntax(params, D, context)
     kl_bits = np.zeros(K + 1)
     levels, chunks_per_stage, mse = np.zeros(K, dtype=np.int64), np.zeros(K, dtype=np.int64), np.zeros(K)
     y, out, num_checks = None, None, 0
@@ -312,7 +314,7 @@ class Decoded:
 
 def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params: ProgressiveParams, *,
            num_bits: int | None = None, upto: int | None = None, reconstruction: str = "xstart",
-           device: torch.device | str = "cpu", keep_all: bool = False) -> Decoded:
+           device: torch.device | str = "cpu", keep_all: bool = False, context: bytes = b"") -> Decoded:
     """Algorithm 4 on the first ``num_bits`` bits of the payload (all when None), at most
     ``upto`` stages. Stops at the first stage the prefix does not deliver; the image is then
     reconstructed from the last latent (``xstart``: x^_0 predicted from it, clipped;
@@ -329,7 +331,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     bits = 8 * len(payload) if num_bits is None else max(0, min(int(num_bits), 8 * len(payload)))
     limit = params.num_stages if upto is None else max(0, min(int(upto), params.num_stages))
     reader = TwinReader(payload, bits, pad_words(params, D))
-    syntax = Syntax(params, D)
+    syntax = Syntax(params, D, context)
     ts = torch.from_numpy(s.timesteps).to(device)
     y, out, p, xstarts, latents, stages = None, None, None, [], [], 0
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32

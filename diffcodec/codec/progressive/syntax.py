@@ -125,8 +125,9 @@ class StageSymbols:
 class Syntax:
     """The symbol-level state both sides keep in step: level history, exponent counts."""
 
-    def __init__(self, params: ProgressiveParams, num_dims: int) -> None:
+    def __init__(self, params: ProgressiveParams, num_dims: int, context: bytes = b"") -> None:
         self.params = params
+        self.context = context  # what else the closing check covers (the container's image sizes)
         self.num_dims = num_dims
         self.levels: list[int] = []
         self.exponents = rcc.ExponentModel(params.log2_candidates, exact_contract=params.exact)
@@ -196,9 +197,12 @@ class Syntax:
         return int.from_bytes(self._digest[:4], "little") & ((1 << self.params.check_bits) - 1)
 
     def closing_value(self, pixels: np.ndarray) -> int:
-        """The closing check (version 3): 32 bits of the digest extended by the pixel symbols."""
+        """The closing check (version 3): 32 bits of the digest extended by ``context`` (the
+        caller's: the container passes the image sizes, so a header edit that keeps its CRC
+        cannot crop the verified pixels) and the pixel symbols."""
         data = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
-        return int.from_bytes(hashlib.sha256(self._digest + b"pixels" + data).digest()[:4], "little")
+        context = struct.pack("<I", len(self.context)) + self.context
+        return int.from_bytes(hashlib.sha256(self._digest + b"pixels" + context + data).digest()[:4], "little")
 
     def closes(self) -> bool:
         """Whether the stream ends with a closing check (version 3 with checks)."""
