@@ -63,6 +63,11 @@ def test_progressive_bench_codes_tiled_crops_and_the_kodak_figure_is_drawn(tmp_p
         assert len(row["psnr_xstart"]) == 3 and len(row["psnr_ddim"]) == 3
         # the bound covers all four tiles: the pixel stage alone costs bits on each of them
         assert row["bound_bits"][-1] > 4 * 32 * 32 * 3 * 0.5
+        assert len(row["sample_bits"]) == 3  # log2 q/p of each RCC stage's sent latent
+    summary = payload["summary"]
+    ratio = summary["full_rate"]["rcc_sample_over_kl"]
+    assert 0.0 < ratio < 1.5 and summary["stages"][1]["sample_over_kl"] is not None
+    assert "deliver" in (reports / "progressive_kodak.md").read_text()
     assert payload["lossy_baselines"]["JPEG (Pillow, 4:2:0)"]
     assert bench_plot.main(["--reports", str(reports)]) == 0
     assert (reports / "rate_distortion_kodak.png").stat().st_size > 10_000

@@ -175,6 +175,44 @@ def test_every_prefix_decodes_and_distortion_falls(coded):
         pg.decode(fn, dc, enc.payload, enc.params, upto=0)
 
 
+def test_shortest_prefixes_match_a_plain_bisection_per_stage(coded):
+    """The encoder's galloping, remembered search gives what a fresh bisection over the whole
+    payload gives for each stage (the pixel stage included)."""
+    fn, dc, tiles, x0, enc = coded
+    D = x0.numel()
+    models = pg._pixel_params(*_pixel_step(fn, dc, enc, x0), enc.params)
+
+    def plain(k: int) -> int:
+        lo, hi = 0, 8 * len(enc.payload)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if syntax.count_stages(enc.payload, mid, enc.params, D, models, limit=k + 1) >= k + 1:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    expected = [plain(k) for k in range(enc.params.num_stages)]
+    np.testing.assert_array_equal(syntax.shortest_prefixes(enc.payload, enc.params, D, models), expected)
+    np.testing.assert_array_equal(enc.prefix_bits, expected)
+    # without the pixel models the last entry stays 0 and the rest are unchanged
+    no_pixels = syntax.shortest_prefixes(enc.payload, enc.params, D, None)
+    np.testing.assert_array_equal(no_pixels[:-1], expected[:-1])
+    assert no_pixels[-1] == 0
+
+
+def _pixel_step(fn, dc, enc, x0):
+    """(mean, log variance) of p(x_0 | y_0) as the decoder computes it from the full stream."""
+    dec = pg.decode(fn, dc, enc.payload, enc.params, keep_all=True)
+    assert dec.complete
+    s = pg.coded_schedule(dc, enc.params.num_steps)
+    y0 = dec.latents[-1]
+    t = torch.zeros(x0.shape[0], dtype=torch.long)
+    out = fn(y0, torch.from_numpy(s.timesteps)[t]).to(y0.dtype)
+    p = pg.p_mean_variance(s, out, y0, t, var_type=dc.var_type, clip_denoised=enc.params.clip_denoised)
+    return p.mean, p.log_variance
+
+
 def test_truncated_payload_decodes_to_last_complete_stage(coded):
     fn, dc, tiles, x0, enc = coded
     for stage in (1, PARAMS.num_steps - 1):
@@ -202,6 +240,23 @@ def test_real_bits_track_the_analytic_kl(coded):
     big = np.cumsum(kl[:-1])[ends] > 50
     ratio = enc.prefix_bits[:-1][ends][big] / np.cumsum(kl[:-1])[ends][big]
     assert big.any() and np.all((ratio > 0.5) & (ratio < 2.0))
+
+
+def test_sample_bits_measure_what_the_sent_latents_deliver(coded):
+    """log2 q/p of each sent latent: about the stage's KL with a generous candidate budget (an
+    exact sample of q delivers its KL on average), and clearly less when the budget is cut to
+    far below the chunks' KL (the sample then sits between p and q)."""
+    fn, dc, tiles, x0, enc = coded
+    K = PARAMS.num_steps
+    assert enc.sample_bits.shape == (K,)
+    kl = enc.kl_bits[1:K]  # stage 0 (x_T, candidate 0 of the prior) has KL ~0
+    delivered = enc.sample_bits[1:K]
+    assert kl.sum() > 200 and 0.8 * kl.sum() < delivered.sum() < 1.2 * kl.sum()
+    starved = dataclasses.replace(PARAMS, chunk_bits=24.0, log2_candidates=4)
+    low = pg.encode(fn, dc, x0, starved)
+    assert low.sample_bits[1:K].sum() < 0.6 * low.kl_bits[1:K].sum()
+    # the encoder's own account of x_T: candidate 0 of N(0, I) against q(x_T | x_0), ~0 bits
+    assert abs(enc.sample_bits[0]) < 1.0
 
 
 def test_perturbed_decoder_degrades_gracefully(coded):

@@ -355,6 +355,21 @@ def _exact_log2(x: float) -> float:
     return float(exact.log(torch.tensor([x], dtype=torch.float64))[0]) / exact.LN2
 
 
+@functools.lru_cache(maxsize=1024)
+def _initial_counts(bucket: int, max_exponent: int, prior_weight: int, exact_contract: bool) -> np.ndarray:
+    """`ExponentModel`'s starting counts for a `kl_bucket` (read-only; cached: every parse of a
+    stream starts from the same tables). The bucket's representative KL is used, so that the
+    table depends on the bucket only."""
+    if exact_contract:
+        kl = float(exact.exp(torch.tensor([bucket / 4.0 * exact.LN2], dtype=torch.float64))[0]) - 1.0
+    else:
+        kl = 2.0 ** (bucket / 4.0) - 1.0
+    prior = exponent_prior(kl, max_exponent, exact_contract=exact_contract) * prior_weight
+    counts = np.maximum(np.rint(prior), 1.0).astype(np.int64)
+    counts.setflags(write=False)
+    return counts
+
+
 class ExponentModel:
     """Adaptive integer counts of the index exponent, one table per `kl_bucket`.
 
@@ -376,13 +391,8 @@ class ExponentModel:
     def _table(self, kl_bits: float) -> np.ndarray:
         bucket = kl_bucket(kl_bits, exact_contract=self.exact_contract)
         if bucket not in self._tables:
-            # the bucket's representative KL, so that the table depends on the bucket only
-            if self.exact_contract:
-                kl = float(exact.exp(torch.tensor([bucket / 4.0 * exact.LN2], dtype=torch.float64))[0]) - 1.0
-            else:
-                kl = 2.0 ** (bucket / 4.0) - 1.0
-            prior = exponent_prior(kl, self.max_exponent, exact_contract=self.exact_contract) * self.prior_weight
-            self._tables[bucket] = np.maximum(np.rint(prior), 1.0).astype(np.int64)
+            self._tables[bucket] = _initial_counts(bucket, self.max_exponent, self.prior_weight,
+                                                   self.exact_contract).copy()
         return self._tables[bucket]
 
     def probs(self, kl_bits: float) -> np.ndarray:

@@ -120,6 +120,8 @@ class Encoded:
     xstart_mse: np.ndarray  # float64 [K]: MSE on [0,255] of x^_0 predicted from each stage's latent
     seconds: dict[str, float] = field(default_factory=dict)
     num_checks: int = 0  # integrity checks written (check_bits each)
+    sample_bits: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 [K]: log2 q(y)/p(y) of
+    #   each RCC stage's sent latent (0 for a skipped stage); kl_bits[k] on average for exact samples of q
 
 
 def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray, exact_contract: bool) -> torch.Tensor:
@@ -219,8 +221,11 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     ts = torch.from_numpy(s.timesteps).to(x0.device)
     enc, syntax = RangeEncoder(), Syntax(params, D, context)
     kl_bits = np.zeros(K + 1)
+    size_hints = np.zeros(K + 1, dtype=np.int64)  # the encoder's output size after each stage (bits)
+    closes = np.zeros(K, dtype=bool)  # the stage closed a checked group
+    sample_bits = np.zeros(K)
     levels, chunks_per_stage, mse = np.zeros(K, dtype=np.int64), np.zeros(K, dtype=np.int64), np.zeros(K)
-    y, out, num_checks = None, None, 0
+    y, out = None, None
     start = time.perf_counter()
     for stage in range(K):
         k = K - 1 - stage  # the code step of the latent this stage sends
@@ -237,7 +242,8 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         kl_bits[stage] = kl_dims.sum()
         if syntax.skippable() and kl_bits[stage] < params.min_stage_bits:
             with clock("entropy"):
-                num_checks += write_stage(enc, syntax, StageSymbols(0, np.zeros(0, dtype=np.int64)))
+                closes[stage] = write_stage(enc, syntax, StageSymbols(0, np.zeros(0, dtype=np.int64)))
+                size_hints[stage] = 32 * enc.num_words
             mse[stage] = mse[stage - 1]
             if progress is not None:
                 progress(stage)
@@ -258,9 +264,13 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
                 indices[:] = rcc.pfr_select_many(tasks, workers=workers)
         symbols = StageSymbols(level, indices)
         with clock("entropy"):
-            num_checks += write_stage(enc, syntax, symbols)
+            closes[stage] = write_stage(enc, syntax, symbols)
+            size_hints[stage] = 32 * enc.num_words
         with clock("candidates"):
             u = _sample_stage(params, stage, symbols, n, D)
+        # what the sent sample delivers, log2 q(y)/p(y): the stage's KL on average if it were
+        # an exact sample of q; less when the candidate budget leaves it between p and q
+        sample_bits[stage] = float(rcc.LogWeight.of_gaussians(qm, qv, pm, pv)(u[None])[0]) / LN2
         y = _latent(p_mean, p_log_var, u, params.exact)
         chain.keep(k)
         with clock("network"):
@@ -281,14 +291,18 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         enc.encode_gaussian(symbols, *pixel_models, PIXEL_LO, PIXEL_HI)
         write_closing(enc, syntax, symbols)
         full = enc.words().astype(">u4").tobytes()
-        prefix = shortest_prefixes(full, params, D, pixel_models)
+        size_hints[K] = 8 * len(full)
+        if params.check_bits:  # a stage arrives with its group: hint at the group's end
+            for k in range(K - 1, -1, -1):
+                size_hints[k] = size_hints[k] if closes[k] else size_hints[k + 1]
+        prefix = shortest_prefixes(full, params, D, pixel_models, size_hints)
     if progress is not None:
         progress(K)
     payload = full[: -(-int(prefix[-1]) // 8)]
     clock.seconds["total"] = time.perf_counter() - start
     timesteps = np.append(s.timesteps[::-1], -1)
     return Encoded(replace(params, payload_bits=8 * len(payload)), payload, prefix, kl_bits, timesteps,
-                   levels, chunks_per_stage, mse, dict(clock.seconds), num_checks)
+                   levels, chunks_per_stage, mse, dict(clock.seconds), int(closes.sum()), sample_bits)
 
 
 @dataclass(frozen=True)

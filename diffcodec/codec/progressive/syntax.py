@@ -425,19 +425,50 @@ def write_closing(enc: RangeEncoder, syntax: Syntax, pixels: np.ndarray) -> None
 
 
 def shortest_prefixes(payload: bytes, params: ProgressiveParams, num_dims: int,
-                      pixel_models: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-    """int64 [K+1]: the fewest payload bits that deliver stages 0..k, for each k (binary search)."""
+                      pixel_models: tuple[np.ndarray, np.ndarray] | None,
+                      hints: np.ndarray | None = None) -> np.ndarray:
+    """int64 [K+1]: the fewest payload bits that deliver stages 0..k, for each k.
+
+    The stages a prefix delivers, n(P), never fall as P grows, so each answer is a search
+    between the previous stage's answer and the whole payload. Every P parsed is remembered:
+    the stages of a checked group (which arrive together) cost no parse after the first.
+    ``hints`` (bits per stage, e.g. the encoder's output size after writing each stage) only
+    say where to look first: the search gallops out from the hint (or up from the previous
+    answer) in steps of 32, 64, ... bits, then bisects; the answer does not depend on them.
+    """
     total = 8 * len(payload)
     num = params.num_stages if pixel_models is not None else params.num_steps
+    delivered: dict[int, int] = {}  # P -> n(P), the stages the first P bits deliver
+
+    def enough(bits: int, need: int) -> bool:
+        if bits not in delivered:
+            delivered[bits] = count_stages(payload, bits, params, num_dims, pixel_models)
+        return delivered[bits] >= need
+
     out = np.zeros(params.num_stages, dtype=np.int64)
     lo = 0
     for k in range(num):
-        hi = total
-        while lo < hi:  # smallest P in [lo, hi] with count >= k + 1 (monotone in P)
-            mid = (lo + hi) // 2
-            if count_stages(payload, mid, params, num_dims, pixel_models, limit=k + 1) >= k + 1:
+        need = k + 1
+        # the answer lies in [lo, hi]: lo = the previous answer, raised past prefixes known to
+        # deliver too little; hi = the shortest prefix known to deliver enough (or all of it)
+        lo = max([lo] + [p + 1 for p, n in delivered.items() if n < need])
+        hi = min([total] + [p for p, n in delivered.items() if n >= need])
+        down = False  # gallop down from hi (the hint delivered) or up from lo
+        if hints is not None and lo < int(hints[k]) < hi:
+            if enough(int(hints[k]), need):
+                hi, down = int(hints[k]), True
+            else:
+                lo = int(hints[k]) + 1
+        step = 32
+        while lo < hi:
+            mid = max(hi - step, (lo + hi) // 2) if down else min(lo + step - 1, (lo + hi) // 2)
+            if enough(mid, need):
                 hi = mid
             else:
                 lo = mid + 1
+            if enough(mid, need) == down:  # still galloping the same way
+                step *= 2
+            else:  # the answer is bracketed: bisect
+                step = total
         out[k] = lo
     return out
