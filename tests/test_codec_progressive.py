@@ -175,6 +175,28 @@ def test_every_prefix_decodes_and_distortion_falls(coded):
         pg.decode(fn, dc, enc.payload, enc.params, upto=0)
 
 
+def test_first_enough_finds_the_smallest_passing_prefix_from_either_end():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        lo = int(rng.integers(0, 50))
+        hi = lo + int(rng.integers(0, 5000))
+        answer = int(rng.integers(lo, hi + 1))
+        for down in (False, True):
+            calls = []
+
+            def enough(bits: int) -> bool:
+                assert lo <= bits <= hi
+                calls.append(bits)
+                return bits >= answer
+
+            assert syntax.first_enough(lo, hi, enough, down=down) == answer
+            # galloping from the near end: a handful of calls, never more than ~2 log2 of the range
+            assert len(calls) <= 2 * max(1, (hi - lo + 1).bit_length()) + 1
+    near_end = []
+    assert syntax.first_enough(0, 10**6, lambda b: near_end.append(b) or b >= 10**6 - 5, down=True) == 10**6 - 5
+    assert len(near_end) <= 7  # 32 bits down, then bisect within them
+
+
 def test_shortest_prefixes_match_a_plain_bisection_per_stage(coded):
     """The encoder's galloping, remembered search gives what a fresh bisection over the whole
     payload gives for each stage (the pixel stage included)."""

@@ -57,10 +57,10 @@ from diffcodec.codec.progressive.syntax import (
     Syntax,
     StageRun,
     TwinReader,
-    count_stages,
     level_of_kl,
     pad_words,
     read_stages,
+    shortest_prefix,
     shortest_prefixes,
     write_closing,
     write_stage,
@@ -395,7 +395,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                 pixels = None if pixels_checked is None else pixels
         if pixels is not None:
             with clock("entropy"):
-                used = _shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
+                used = shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
             x0 = torch.from_numpy((pixels.astype(np.float32) / 127.5 - 1.0).reshape(shape)).to(device, dtype)
             return Decoded(x0, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, p.pred_xstart,
                            xstarts, latents, dict(clock.seconds), pixels_checked)
@@ -411,22 +411,9 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             x0 = ddim_reconstruct(model_fn, s, y, k, var_type=diffusion.var_type,
                                   clip_denoised=params.clip_denoised, first_xstart=p.pred_xstart)
     with clock("entropy"):
-        used = _shortest_prefix(payload, bits, params, D, stages, None)
+        used = shortest_prefix(payload, bits, params, D, stages, None)
     return Decoded(x0, stages, False, int(s.timesteps[k]), bits, used, diverged, run.stop, run.at_stage, None,
                    xstarts, latents, dict(clock.seconds))
-
-
-def _shortest_prefix(payload: bytes, bits: int, params: ProgressiveParams, num_dims: int, stages: int,
-                     pixel_models: tuple[np.ndarray, np.ndarray] | None) -> int:
-    """The fewest payload bits (<= bits) that deliver ``stages`` stages (symbols only)."""
-    lo, hi = 0, bits
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if count_stages(payload, mid, params, num_dims, pixel_models, limit=stages) >= stages:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def ddim_reconstruct(model_fn: ModelFn, s: Schedule, y: torch.Tensor, k: int, *, var_type: str,

@@ -57,6 +57,7 @@ import functools
 import hashlib
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -424,26 +425,52 @@ def write_closing(enc: RangeEncoder, syntax: Syntax, pixels: np.ndarray) -> None
         enc.encode_uniform(np.array([value & 0xFFFF, value >> 16]), 1 << 16)
 
 
+def first_enough(lo: int, hi: int, enough: Callable[[int], bool], *, down: bool = False) -> int:
+    """The smallest P in [lo, hi] with ``enough(P)``, for a predicate that never turns false as
+    P grows and holds at hi. It gallops, in steps of 32, 64, ... bits, up from lo (``down``:
+    down from hi) until the answer is bracketed, then bisects: few calls when the answer is
+    near the end it starts from, and calls at short prefixes are the cheap ones to parse."""
+    step = 32
+    while lo < hi:
+        mid = max(hi - step, (lo + hi) // 2) if down else min(lo + step - 1, (lo + hi) // 2)
+        ok = enough(mid)
+        if ok:
+            hi = mid
+        else:
+            lo = mid + 1
+        step = 2 * step if ok == down else hi - lo + 1  # still galloping, or bracketed: bisect
+    return lo
+
+
+def shortest_prefix(payload: bytes, num_bits: int, params: ProgressiveParams, num_dims: int, stages: int,
+                    pixel_models: tuple[np.ndarray, np.ndarray] | None) -> int:
+    """The fewest payload bits (<= num_bits, which deliver ``stages``) that deliver ``stages``
+    stages (symbols only; the pixel stage needs ``pixel_models``). Searched down from num_bits:
+    the decoder asks this of the prefix it was given, whose end is usually near the answer."""
+    return first_enough(0, num_bits, lambda bits: count_stages(payload, bits, params, num_dims, pixel_models,
+                                                               limit=stages) >= stages, down=True)
+
+
 def shortest_prefixes(payload: bytes, params: ProgressiveParams, num_dims: int,
                       pixel_models: tuple[np.ndarray, np.ndarray] | None,
                       hints: np.ndarray | None = None) -> np.ndarray:
     """int64 [K+1]: the fewest payload bits that deliver stages 0..k, for each k.
 
-    The stages a prefix delivers, n(P), never fall as P grows, so each answer is a search
-    between the previous stage's answer and the whole payload. Every P parsed is remembered:
-    the stages of a checked group (which arrive together) cost no parse after the first.
-    ``hints`` (bits per stage, e.g. the encoder's output size after writing each stage) only
-    say where to look first: the search gallops out from the hint (or up from the previous
-    answer) in steps of 32, 64, ... bits, then bisects; the answer does not depend on them.
+    The stages a prefix delivers, n(P), never fall as P grows, so each answer lies between
+    the previous stage's answer and the whole payload. Every P parsed is remembered: the
+    stages of a checked group (which arrive together) cost no parse after the first.
+    ``hints`` (bits per stage, e.g. the encoder's output size once the stage's group is
+    written) only say where to look first (`first_enough` from there); the answers do not
+    depend on them.
     """
     total = 8 * len(payload)
     num = params.num_stages if pixel_models is not None else params.num_steps
     delivered: dict[int, int] = {}  # P -> n(P), the stages the first P bits deliver
 
-    def enough(bits: int, need: int) -> bool:
+    def stages_in(bits: int) -> int:
         if bits not in delivered:
             delivered[bits] = count_stages(payload, bits, params, num_dims, pixel_models)
-        return delivered[bits] >= need
+        return delivered[bits]
 
     out = np.zeros(params.num_stages, dtype=np.int64)
     lo = 0
@@ -453,22 +480,13 @@ def shortest_prefixes(payload: bytes, params: ProgressiveParams, num_dims: int,
         # deliver too little; hi = the shortest prefix known to deliver enough (or all of it)
         lo = max([lo] + [p + 1 for p, n in delivered.items() if n < need])
         hi = min([total] + [p for p, n in delivered.items() if n >= need])
-        down = False  # gallop down from hi (the hint delivered) or up from lo
-        if hints is not None and lo < int(hints[k]) < hi:
-            if enough(int(hints[k]), need):
-                hi, down = int(hints[k]), True
+        hint = int(hints[k]) if hints is not None else -1
+        if lo < hint < hi:  # look at the hint first, then gallop away from it
+            if stages_in(hint) >= need:
+                lo = first_enough(lo, hint, lambda bits: stages_in(bits) >= need, down=True)
             else:
-                lo = int(hints[k]) + 1
-        step = 32
-        while lo < hi:
-            mid = max(hi - step, (lo + hi) // 2) if down else min(lo + step - 1, (lo + hi) // 2)
-            if enough(mid, need):
-                hi = mid
-            else:
-                lo = mid + 1
-            if enough(mid, need) == down:  # still galloping the same way
-                step *= 2
-            else:  # the answer is bracketed: bisect
-                step = total
+                lo = first_enough(hint + 1, hi, lambda bits: stages_in(bits) >= need)
+        else:
+            lo = first_enough(lo, hi, lambda bits: stages_in(bits) >= need)
         out[k] = lo
     return out
