@@ -307,7 +307,8 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         f"# Progressive codec ({s['num_images']} images, K = {payload['params']['num_steps']} "
         f"{payload['params']['spacing']}, chunk {payload['params']['chunk_bits']} bits, "
-        f"2^{payload['params']['log2_candidates']} candidates)",
+        f"2^{payload['params']['log2_candidates']} candidates"
+        + ("" if payload.get("arithmetic", "exact") == "exact" else f", {payload['arithmetic']} arithmetic") + ")",
         "",
         f"Full rate: real {f['real_bpd']:.4f} bits/dim (with header {f['real_with_header_bpd']:.4f}) vs analytic "
         f"{f['analytic_bpd']:.4f} ({100 * f['overhead_vs_analytic']:+.1f}%); KL stages real {f['rcc_real_bpd']:.4f} vs "
@@ -400,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "crop": args.crop,
         "image_shape": list(images[0].shape),
         "num_dims": num_dims,
+        "arithmetic": args.arithmetic,
         "params": {k: getattr(params, k) for k in ("num_steps", "spacing", "chunk_bits", "pad_bits",
                                                    "log2_candidates", "seed", "snap_log2", "clip_denoised",
                                                    "min_stage_bits", "check_bits", "check_min_bits", "version")},

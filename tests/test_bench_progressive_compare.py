@@ -5,10 +5,12 @@ import json
 import pytest
 
 from bench import progressive_compare as pc
+from diffcodec.errors import DiffcodecError
 
 
 def fake_run(rates, psnrs, min_stage_bits=0.0):
-    stages = [{"stage": i, "real_with_header_bpd": r, "psnr_xstart": p} for i, (r, p) in enumerate(zip(rates, psnrs))]
+    stages = [{"stage": i, "real_with_header_bpd": r, "bound_bpd": r / 2, "psnr_xstart": p}
+              for i, (r, p) in enumerate(zip(rates, psnrs))]
     stages.append({"stage": len(rates), "real_with_header_bpd": 5.0, "psnr_xstart": float("inf")})
     return {"params": {"num_steps": len(rates), "chunk_bits": 14.0, "log2_candidates": 16,
                        "min_stage_bits": min_stage_bits},
@@ -36,5 +38,29 @@ def test_main_writes_one_row_per_run(tmp_path, capsys):
     out = tmp_path / "cmp.md"
     assert pc.main([*paths, "--psnr", "15,35", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "min_stage_bits 0 (run0.json) | 2 | 0.2000 | - | 5.0000 | 4.0000 | 1.5 |" in text
+    assert "min_stage_bits 0 (run0.json) | 2 | 0.2000 | - | 5.0000 | 4.0000 | - | - | 1.5 |" in text
     assert "min_stage_bits 32 (run32.json) | 2 | 0.3000 | - |" in text
+    # the second table: real over the bound of the same stages (fake bound = half the real rate)
+    assert "min_stage_bits 0 (run0.json) | 2.00 | - | 1.25 |" in text
+
+
+def test_images_option_recomputes_the_summary_on_the_first_images(tmp_path):
+    def row(scale):  # one image of a 2-step chain on 4 dims: cumulative real bits, per-stage terms
+        return {"timesteps": [999, 0, -1], "real_bits": [0.0, 4.0 * scale, 12.0 * scale],
+                "analytic_bits": [0.0, 2.0 * scale, 8.0 * scale], "bound_bits": [0.0, 2.0 * scale, 6.0 * scale],
+                "header_bits": 0.0, "psnr_xstart": [5.0, 20.0 * scale], "psnr_ddim": None,
+                "num_chunks": [0, 1], "sample_bits": [0.0, 1.0 * scale],
+                "encode_seconds": 1.0, "decode_seconds": 1.0, "encode_breakdown": {}, "decode_breakdown": {}}
+    from bench.progressive import summarize
+
+    rows = [row(1.0), row(2.0)]
+    run = {**fake_run([0.1], [10.0]), "num_dims": 4, "per_image": rows, "summary": summarize(rows, 4)}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    one = pc.first_images(json.loads(path.read_text()), 1, str(path))
+    assert one["summary"]["num_images"] == 1
+    assert one["summary"]["full_rate"]["real_bpd"] == pytest.approx(3.0)  # 12 bits / 4 dims, image 0 only
+    assert one["summary"]["full_rate"]["rcc_sample_over_kl"] == pytest.approx(0.5)
+    assert run["summary"]["full_rate"]["real_bpd"] == pytest.approx(4.5)  # both images
+    with pytest.raises(DiffcodecError, match="fewer than --images 3"):
+        pc.main([str(path), "--images", "3"])
