@@ -125,8 +125,9 @@ def readme_progressive(prog: dict[str, Any]) -> list[str]:
         f"Produced by `{prov['command']}` on {prov['device']}, {fingerprint_of(prog)}.",
         "",
         f"Full stream: real {f['real_bpd']:.4f} bits/dim ({f['real_with_header_bpd']:.4f} with the header) against "
-        f"the analytic {f['analytic_bpd']:.4f} ({100 * f['overhead_vs_analytic']:+.1f}%) and the bound of the same "
-        f"chain {f['bound_bpd']:.4f} ({100 * f['overhead_vs_bound']:+.1f}%)."
+        f"the analytic {f['analytic_bpd']:.4f} ({100 * f['overhead_vs_analytic']:+.1f}%)"
+        + (f" and the bound of the same chain {f['bound_bpd']:.4f} ({100 * f['overhead_vs_bound']:+.1f}%)."
+           if f.get("bound_bpd") is not None else " (this file predates the bound column).")
         + (f" The sent latents deliver {f['rcc_sample_over_kl']:.3f} of their stages' KL (log2 q/p of each sent "
            "latent over the stage's KL, stages 1..K-1; 1 for exact samples of q): the shortfall is paid again by "
            "later stages, which is most of the gap to the bound." if f.get("rcc_sample_over_kl") is not None else ""),

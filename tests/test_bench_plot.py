@@ -78,6 +78,7 @@ def test_plot_draws_other_engineers_json_and_falls_back_to_documented_baselines(
     assert "figure5.png" not in made  # no nll.json: skipped, with a note
     readme = (tmp_path / "README.md").read_text()
     assert "one file per image, progressive bootstrap (K=10, 2 images) | 5.600" in readme
+    assert "analytic 4.5000 (+11.0%) (this file predates the bound column)" in readme
     assert "one file per image, --no-bootstrap: seeded start (K=10, 2 images) | 22.100" in readme
     assert "| bits-back, k1.png (K=100, one file) | 3.410 |" in readme
     assert "| JPEG-XL lossless (effort 9), k1.png | 3.130 |" in readme
@@ -114,3 +115,15 @@ def test_psnr_of_rmse_and_loss_rows_of_both_training_layouts():
     for train in (columns, history):
         step, loss, seen = loss_rows(train)
         assert step.tolist() == [1, 2, 3] and loss.tolist() == [1.0, 0.5, 0.25] and seen.tolist() == [64, 128, 192]
+
+
+def test_readme_progressive_quotes_the_bound_and_the_sample_share_when_the_file_has_them():
+    from bench.readme_sections import readme_progressive
+    full = {"real_bpd": 4.7, "real_with_header_bpd": 4.8, "analytic_bpd": 4.6, "overhead_vs_analytic": 0.028,
+            "bound_bpd": 3.8, "overhead_vs_bound": 0.25, "rcc_sample_over_kl": 0.729}
+    prog = {"provenance": {"command": "python -m bench.progressive", "device": "cpu: test",
+                           "model": {"fingerprint": "feedfacefeedface"}},
+            "summary": {"full_rate": full}}
+    text = "\n".join(readme_progressive(prog))
+    assert "the bound of the same chain 3.8000 (+25.0%)" in text
+    assert "deliver 0.729 of their stages' KL" in text
