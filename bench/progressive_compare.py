@@ -10,7 +10,9 @@ the share of the KL stages' bits the sent latents deliver, and the seconds per i
 table gives each run's real rate over the bound of its own chain at the same PSNRs (both read
 at the stage where the real x^_0 reaches the PSNR). ``--images N`` compares the first N
 images of every run (their summaries recomputed), so that a long run and a short one are
-read on the same images. This is how a coded-chain choice (e.g. ``--min-stage-bits``,
+read on the same images. A run measured with its classical baselines (``lossy_baselines``: JPEG,
+WebP, JPEG-XL, AVIF on the same images) gets a third table: bits per pixel each needs to reach
+each PSNR, the real stream's prefixes (header included) and the bound beside them. This is how a coded-chain choice (e.g. ``--min-stage-bits``,
 ``--steps``, ``--log2-candidates``) is picked: by the measured rate at equal PSNR, not by the
 bound alone.
 """
@@ -43,6 +45,23 @@ def rate_at_psnr(run: dict[str, Any], psnr_db: float, key: str = "real_with_head
         return float(rate[0])
     frac = (psnr_db - psnr[j - 1]) / max(psnr[j] - psnr[j - 1], 1e-12)
     return float(rate[j - 1] + frac * (rate[j] - rate[j - 1]))
+
+
+def codec_bpp_at_psnr(points: list, psnr_db: float) -> tuple[float | None, bool]:
+    """Bits per pixel a classical codec needs for ``psnr_db``, from its (mean bpp, mean PSNR,
+    setting) points, interpolated linearly between settings on the running maximum of PSNR.
+    Returns (bpp, at_most): at_most is True when its smallest file already reaches the PSNR
+    (the need is at most that file's rate); (None, False) when no setting reaches it."""
+    pts = sorted((float(b), float(q)) for b, q, *_ in points)
+    bpp = np.array([b for b, _ in pts])
+    psnr = np.maximum.accumulate([q for _, q in pts])
+    if psnr_db > psnr[-1]:
+        return None, False
+    j = int(np.searchsorted(psnr, psnr_db))
+    if j == 0:
+        return float(bpp[0]), psnr_db < psnr[0]
+    frac = (psnr_db - psnr[j - 1]) / max(psnr[j] - psnr[j - 1], 1e-12)
+    return float(bpp[j - 1] + frac * (bpp[j] - bpp[j - 1])), False
 
 
 def label(run: dict[str, Any]) -> str:
@@ -93,7 +112,43 @@ def markdown(command: str, paths: list[str], runs: list[dict[str, Any]], psnrs: 
         full = run["summary"]["full_rate"]
         lines.append(f"| {label(run)} ({Path(path).name}) | " + " | ".join(_cell(r, ".2f") for r in ratios)
                      + f" | {full['real_with_header_bpd'] / full['bound_bpd']:.2f} |")
+    for path, run in zip(paths, runs):
+        lines += classical_table(path, run, psnrs)
     return "\n".join(lines) + "\n"
+
+
+def classical_table(path: str, run: dict[str, Any], psnrs: list[float]) -> list[str]:
+    """Bits per pixel needed at each PSNR: this run's real prefixes and bound, and each
+    classical codec measured on the same images ([] when the run has none, or when its
+    summary covers fewer images than its baselines)."""
+    baselines = run.get("lossy_baselines") or {}
+    if not baselines or run["summary"]["num_images"] != len(run.get("per_image") or []):
+        return []
+    per_pixel = 3.0  # bits per pixel = 3 x bits per dimension (RGB)
+    ours = [rate_at_psnr(run, p) for p in psnrs]
+    lines = ["", f"Bits per pixel to reach each PSNR on the same {run['summary']['num_images']} images "
+             f"({Path(path).name}; mean rate at mean PSNR, whole files; ≤: that codec's smallest file already "
+             "reaches it; -: no setting reaches it); below it, the PSNRs at which the real stream needs fewer bits "
+             "than every classical codec.", "",
+             "| codec | " + " | ".join(f"{p:g} dB" for p in psnrs) + " |", "|---|" + "---|" * len(psnrs),
+             f"| diffcodec real prefixes, header included ({label(run)}) | "
+             + " | ".join(_cell(None if r is None else per_pixel * r, ".3f") for r in ours) + " |",
+             "| the bound of the same stages | " + " | ".join(
+                 _cell(None if (b := rate_at_psnr(run, p, "bound_bpd")) is None else per_pixel * b, ".3f")
+                 for p in psnrs) + " |"]
+    wins = [r is not None for r in ours]
+    for name, points in baselines.items():
+        cells = []
+        for i, p in enumerate(psnrs):
+            bpp, at_most = codec_bpp_at_psnr(points, p)
+            cells.append("-" if bpp is None else ("≤" if at_most else "") + f"{bpp:.3f}")
+            if ours[i] is not None and bpp is not None and per_pixel * ours[i] >= bpp:
+                wins[i] = False
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    won = [f"{p:g}" for p, w in zip(psnrs, wins) if w]
+    lines += ["", "Fewer bits than every classical codec at: " + (", ".join(won) + " dB" if won else "none of these PSNRs")
+              + "."]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,3 +64,34 @@ def test_images_option_recomputes_the_summary_on_the_first_images(tmp_path):
     assert run["summary"]["full_rate"]["real_bpd"] == pytest.approx(4.5)  # both images
     with pytest.raises(DiffcodecError, match="fewer than --images 3"):
         pc.main([str(path), "--images", "3"])
+
+
+def test_codec_bpp_at_psnr_interpolates_and_marks_what_its_smallest_file_already_reaches():
+    points = [[0.9, 40.0, "q90"], [0.3, 20.0, "q10"]]  # unsorted, as a run may store them
+    assert pc.codec_bpp_at_psnr(points, 30.0) == (pytest.approx(0.6), False)
+    assert pc.codec_bpp_at_psnr(points, 15.0) == (pytest.approx(0.3), True)
+    assert pc.codec_bpp_at_psnr(points, 45.0) == (None, False)
+
+
+def test_runs_with_baselines_get_the_classical_table_and_the_psnrs_won(tmp_path):
+    run = fake_run([0.1, 0.3, 0.5], [10.0, 20.0, 30.0])  # bits/dim; x 3 = bits per pixel
+    run["per_image"] = [{}, {}]
+    run["lossy_baselines"] = {"Slow codec": [[1.0, 12.0, "a"], [3.0, 32.0, "b"]],
+                              "Lean codec": [[0.3, 20.0, "c"], [0.9, 40.0, "d"]]}
+    path = tmp_path / "kodak.json"
+    path.write_text(json.dumps(run))
+    out = tmp_path / "cmp.md"
+    assert pc.main([str(path), "--psnr", "15,30,35", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| diffcodec real prefixes, header included (K=3 chunk 14 2^16 min_stage_bits 0) | 0.600 | 1.500 | - |" in text
+    assert "| the bound of the same stages | 0.300 | 0.750 | - |" in text
+    assert "| Slow codec | 1.300 | 2.800 | - |" in text
+    assert "| Lean codec | ≤0.300 | 0.600 | 0.750 |" in text
+    assert "Fewer bits than every classical codec at: none of these PSNRs." in text
+    del run["lossy_baselines"]["Lean codec"]
+    path.write_text(json.dumps(run))
+    assert pc.main([str(path), "--psnr", "15,30,35", "--out", str(tmp_path / "cmp2.md")]) == 0
+    assert "Fewer bits than every classical codec at: 15, 30 dB." in (tmp_path / "cmp2.md").read_text()
+    # a subset of the images has no baselines measured on it: no classical table
+    run["summary"]["num_images"] = 1
+    assert pc.classical_table(str(path), run, [15.0]) == []
