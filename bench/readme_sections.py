@@ -316,7 +316,8 @@ def readme_rd_kodak(prog: dict[str, Any], what: str) -> list[str]:
         "![rate-distortion Kodak](rate_distortion_kodak.png)",
         "",
         f"Full stream (lossless): real {f['real_bpd']:.3f} bits/dim against the chain's bound {f['bound_bpd']:.3f} "
-        f"({100 * f['overhead_vs_bound']:+.1f}%). JPEG / WebP / JPEG-XL were run on the same crops; every rate "
+        f"({100 * f['overhead_vs_bound']:+.1f}%). "
+        f"{' / '.join(prog.get('lossy_baselines') or {}) or 'No classical codec'} were run on the same crops; every rate "
         "counts whole files (the codec's prefixes with its header), mean bpp against mean PSNR. Per-stage "
         "table: `progressive_kodak.md`.",
     ]
