@@ -29,6 +29,7 @@ re-encoding it 130-170 s (marked slow: `pytest -m "not slow"` leaves it out).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import fields, replace
 from pathlib import Path
@@ -197,10 +198,42 @@ def test_default_golden_header_pins_format_2_k100_quadratic_5_sigma_bootstrap_fl
     assert boot.num_tiles == 5 and boot.network_float64
 
 
+# The float64 golden files are float files: they decode only where the encoder's floating point
+# is reproduced (the exact-contract files below decode anywhere). The default model's float64
+# network on the probe tile, by digest, on CPUs measured NOT to reproduce the machine (an Intel
+# Xeon) that wrote them: there the float64 golden tests skip, and run everywhere else.
+FLOAT64_DIGESTS_KNOWN_DIFFERENT = {
+    "606e71a9891101be": "AMD EPYC, torch 2.13.0 CPU, AVX512 dispatch (2026-12-02: the format 2 float64 golden "
+                        "fails its pixel checksum, also under ATEN_CPU_CAPABILITY=avx2 and default)",
+}
+
+
+@functools.cache
+def float64_network_digest() -> str:
+    """BLAKE2b-64 of the default model's float64 network output on `probe_input` at t = T // 2."""
+    import torch
+
+    from diffcodec.codec.probe import probe_input
+
+    loaded = load_checkpoint(None)
+    fn = api.network(loaded.model, float64=True, exact=False, device="cpu")
+    t = torch.tensor([loaded.diffusion_config.num_timesteps // 2])
+    out = fn(probe_input(loaded.model_config.image_size), t).detach().to(torch.float64)
+    return hashlib.blake2b(out.numpy().astype("<f8").tobytes(), digest_size=8).hexdigest()
+
+
+def skip_where_float64_differs() -> None:
+    known = FLOAT64_DIGESTS_KNOWN_DIFFERENT.get(float64_network_digest())
+    if known is not None:
+        pytest.skip(f"float64 golden file: this CPU's float64 network ({float64_network_digest()}) is known not to "
+                    f"reproduce its encoder's: {known}")
+
+
 @pytest.fixture(scope="module")
 def default_decoded(tmp_path_factory) -> dict[str, np.ndarray]:
     """`diffcodec decode` of the default golden file on the CPU (once for the module: 90-140 s):
     the PNGs it wrote, read back."""
+    skip_where_float64_differs()
     out = tmp_path_factory.mktemp("default_golden") / "out"
     assert main(["decode", str(DEFAULT), "-o", str(out), "--device", "cpu", "-q"]) == 0
     return {path.name: np.asarray(Image.open(path)) for path in sorted(out.iterdir())}
@@ -233,6 +266,7 @@ def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
     file above is one). 130-170 s on one thread; skips without ../shared."""
     assert hashlib.sha256(DEFAULT_V4.read_bytes()).hexdigest() == DEFAULT_V4_SHA256, "the v4 golden file changed"
     assert DEFAULT_V4.read_bytes()[3] == 4, "format version"
+    skip_where_float64_differs()
     crop = kodak_crop()
     src = tmp_path / "kodim23_crop.png"
     Image.fromarray(crop).save(src)

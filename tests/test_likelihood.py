@@ -77,7 +77,11 @@ def test_vb_term_bits_agrees_with_the_previous_branching_version(var_type, clip_
     s, output, x0, x_t, t = vb_inputs(var_type, dtype)
     bits, pred_xstart = vb_term_bits(s, output, x0, x_t, t, var_type=var_type, clip_denoised=clip_denoised)
     assert bits.dtype == torch.float64 and bits.shape == (len(T_ROWS),) and pred_xstart.shape == x0.shape
-    assert np.allclose(bits.numpy(), previous, rtol=1e-12, atol=0)
+    # the numbers were pinned on one CPU; another CPU's float32 / float64 exp and log (SIMD
+    # kernels) round differently: measured 2.4e-6 relative for float32 inputs, 3.3e-12 for float64,
+    # on an AMD EPYC against the Intel Xeon that pinned them. A change of formula moves them far more.
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert np.allclose(bits.numpy(), previous, rtol=rtol, atol=0)
     if clip_denoised:
         assert pred_xstart.abs().max() <= 1.0
 
