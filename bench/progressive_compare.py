@@ -10,10 +10,11 @@ the share of the KL stages' bits the sent latents deliver, and the seconds per i
 table gives each run's real rate over the bound of its own chain at the same PSNRs (both read
 at the stage where the real x^_0 reaches the PSNR). ``--images N`` compares the first N
 images of every run (their summaries recomputed), so that a long run and a short one are
-read on the same images. A run measured with its classical baselines (``lossy_baselines``: JPEG,
-WebP, JPEG-XL, AVIF on the same images) gets a third table: bits per pixel each needs to reach
-each PSNR, the real stream's prefixes (header included) and the bound beside them. This is how a coded-chain choice (e.g. ``--min-stage-bits``,
-``--steps``, ``--log2-candidates``) is picked: by the measured rate at equal PSNR, not by the
+read on the same images. A run measured with its classical baselines (``lossy_baselines``:
+JPEG, WebP, JPEG-XL, AVIF on the same images) gets a third table: bits per pixel each needs to
+reach each PSNR, the real stream's prefixes (header included) and the bound beside them. This
+is how a coded-chain choice (e.g. ``--min-stage-bits``, ``--steps``, ``--log2-candidates``) is
+picked: by the measured rate at equal PSNR, not by the
 bound alone.
 """
 
@@ -36,8 +37,14 @@ def rate_at_psnr(run: dict[str, Any], psnr_db: float, key: str = "real_with_head
     the first prefix reaching ``psnr_db`` on the mean curve, interpolated between stages; None
     beyond the last latent stage."""
     stages = [s for s in run["summary"]["stages"] if s["psnr_xstart"] is not None and np.isfinite(s["psnr_xstart"])]
-    psnr = np.maximum.accumulate([s["psnr_xstart"] for s in stages])
-    rate = np.array([s[key] for s in stages])
+    return first_reaching([s[key] for s in stages], [s["psnr_xstart"] for s in stages], psnr_db)
+
+
+def first_reaching(rates: list[float], psnrs: list[float], psnr_db: float) -> float | None:
+    """The rate at which a curve of (rate, PSNR) points in rate order first reaches ``psnr_db``,
+    read on the running maximum of PSNR and interpolated linearly between points; the first
+    rate when the first point already reaches it; None when no point does."""
+    rate, psnr = np.asarray(rates, dtype=np.float64), np.maximum.accumulate(psnrs)
     if psnr_db > psnr[-1]:
         return None
     j = int(np.searchsorted(psnr, psnr_db))
@@ -53,15 +60,8 @@ def codec_bpp_at_psnr(points: list, psnr_db: float) -> tuple[float | None, bool]
     Returns (bpp, at_most): at_most is True when its smallest file already reaches the PSNR
     (the need is at most that file's rate); (None, False) when no setting reaches it."""
     pts = sorted((float(b), float(q)) for b, q, *_ in points)
-    bpp = np.array([b for b, _ in pts])
-    psnr = np.maximum.accumulate([q for _, q in pts])
-    if psnr_db > psnr[-1]:
-        return None, False
-    j = int(np.searchsorted(psnr, psnr_db))
-    if j == 0:
-        return float(bpp[0]), psnr_db < psnr[0]
-    frac = (psnr_db - psnr[j - 1]) / max(psnr[j] - psnr[j - 1], 1e-12)
-    return float(bpp[j - 1] + frac * (bpp[j] - bpp[j - 1])), False
+    bpp = first_reaching([b for b, _ in pts], [q for _, q in pts], psnr_db)
+    return bpp, bpp is not None and psnr_db < pts[0][1]
 
 
 def label(run: dict[str, Any]) -> str:
