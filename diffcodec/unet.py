@@ -61,8 +61,11 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """With ``scale_shift``, the embedding's projection is 2 x out_ch wide: (scale, shift), and
+    """``takes_embedding``: `UNet.forward` calls it as ``block(h, temb)`` (a block that stands in
+    for it, such as the exact network's, says the same). With ``scale_shift``, the embedding's projection is 2 x out_ch wide: (scale, shift), and
     norm2(h) (1 + scale) + shift takes the place of norm2(h + projection) (Improved DDPM)."""
+
+    takes_embedding = True
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, eps: float = 1e-5,
                  scale_shift: bool = False) -> None:
@@ -179,14 +182,14 @@ class UNet(nn.Module):
         skips = [h]
         for layers in self.down:
             for layer in layers:
-                h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+                h = layer(h, temb) if getattr(layer, "takes_embedding", False) else layer(h)
             skips.append(h)
         h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
         for layers in self.up:
-            if isinstance(layers[0], ResBlock):
+            if getattr(layers[0], "takes_embedding", False):
                 h = torch.cat([h, skips.pop()], dim=1)
             for layer in layers:
-                h = layer(h, temb) if isinstance(layer, ResBlock) else layer(h)
+                h = layer(h, temb) if getattr(layer, "takes_embedding", False) else layer(h)
         return self.conv_out(self.act_out(self.norm_out(h)))
 
 

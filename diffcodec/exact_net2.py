@@ -1,0 +1,312 @@
+"""The exact network of contract version 2: the UNet on 14-bit integers and int8 matrix products.
+
+`exact_network2(model)` returns a copy of a float `UNet` computing the same function under
+exact-arithmetic contract 2 (`exact`): its output is the same bits on every CPU and GPU, at
+any thread count, batch size or batch order, like contract 1's (`exact_net`), and it runs
+at least as fast as the float32 network on the CPU (reports/exact.md).
+
+What each layer computes (the kernels: `exact2_kernels`; B images, P pixels, C channels):
+
+- Every convolution and linear layer is an exact integer dot product of 14-bit operands:
+  the weights, quantized when the copy is made, clamp(rint(w QMAX / max |w_row|)) per output
+  channel; the input, per image, clamp(rint(x QMAX / m_b)) with m_b its max |x| (or, after a
+  GroupNorm, a bound computed from the group statistics: `_NormAct`). The products run as
+  int8 matrix products of the operands' two parts (`int_products`), im2col for 3x3 kernels.
+  The output is fl32(v S[b, n]) + bias[n], S = (m_b / QMAX)(max |w_n| / QMAX) in binary64.
+- Activations between layers are binary32 [B, H, W, C] (channels-last); sums of branches
+  (residuals, the timestep embedding) are binary32 additions in the float model's order.
+- GroupNorm: per image the input is put on a fixed-point grid q = rint(x 2^e) (e from the
+  image's max |x| and the group size, so that sum q^2 < 2^53), the group sums of q and q^2
+  are exact int64 sums, mean and rstd follow by binary64 operations (`exact.divide`,
+  `exact.sqrt`) and fold with the affine weights into y = x a_bc + c_bc (and, for
+  scale-shift ResBlocks, (1 + scale) and shift); SiLU is `exact.silu`'s polynomial; the
+  affine map, SiLU and the next convolution's quantization are one pass.
+- Attention: q, k and v quantized per image, scores q k^T exact (binary64 products of
+  integers), softmax weights the integers rint(2^P e^((s - max s) c)), c = s_q s_k / sqrt(d),
+  their sum and the weighted sum of v exact, one division per output.
+- The timestep embedding and its MLP's SiLU are contract 1's (`exact_net.ExactTimestepEmbedding`,
+  `exact.silu`), on [B, ch] only. The output layer's epilogue is binary64.
+
+The network's structure (`unet.UNet.forward`) is shared with the float model: ResBlocks,
+attention blocks, down- and upsampling and the output head are swapped whole (so that the
+GroupNorm, SiLU and convolution after it fuse), the rest leaf by leaf. Output: float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from diffcodec import exact
+from diffcodec import exact2_kernels as K
+from diffcodec.exact_net import ExactTimestepEmbedding
+from diffcodec.unet import AttnBlock, Downsample, ResBlock, TimestepEmbedding, UNet, Upsample
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """An NCHW-shaped tensor as [B, H, W, C], contiguous (a view when x is channels-last)."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _nchw(y: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, C] -> the NCHW-shaped view (channels-last memory), as the UNet passes it on."""
+    return y.permute(0, 3, 1, 2)
+
+
+INT8_MIN_FAN_IN = 512
+"""Fan-in from which a layer's products run as int8 parts on the CPU: measured faster than a
+binary64 product from here on (reports/exact.md); below it, and on a GPU, binary64 values.
+Either form gives the same integers."""
+
+
+class _Affine(nn.Module):
+    """Integer weights of a convolution or linear layer (int8 parts [K, 2N] and binary64
+    values [K, N] of the same integers; the value of one integer per output channel) and the
+    bias (binary32 and binary64)."""
+
+    def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        parts, values, scale = K.split_weights(weight2d)
+        self.register_buffer("w_parts", parts)
+        self.register_buffer("w_values", values)
+        self.register_buffer("w_scale", scale)
+        b = torch.zeros(weight2d.shape[0]) if bias is None else bias.detach().to("cpu", torch.float32)
+        self.register_buffer("bias32", b)
+        self.register_buffer("bias64", b.to(torch.float64))
+        self.fan_in = weight2d.shape[1]
+
+    def form(self, device: torch.device) -> str:
+        """The operand form of this layer's products (`exact2_kernels.PARTS` or `VALUES`)."""
+        return K.PARTS if device.type == "cpu" and self.fan_in >= INT8_MIN_FAN_IN else K.VALUES
+
+    def products(self, cols: torch.Tensor, pixels: int, s_x: torch.Tensor, *, add: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None, float64: bool = False) -> torch.Tensor:
+        """[M, N] output rows from a column matrix of either form (`exact2_kernels.epilogue`)."""
+        G = K.products(cols, self.w_parts, self.w_values)
+        S = s_x[:, None] * self.w_scale[None, :]  # binary64 [B, N]: one rounding
+        return K.epilogue(G, cols.dtype == torch.int8, pixels, S, self.bias32 if not float64 else self.bias64,
+                          add=add, residual=residual, float64=float64)
+
+
+class ExactConv2(_Affine):
+    """A Conv2d on 14-bit integers: quantized input parts -> im2col -> int8 products -> epilogue."""
+
+    def __init__(self, conv: nn.Conv2d, pads: tuple[int, int, int, int] | None = None) -> None:
+        if (conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
+                or isinstance(conv.padding, str) or conv.kernel_size[0] != conv.kernel_size[1]
+                or conv.stride[0] != conv.stride[1]):
+            raise ValueError("exact network: only plain square zero-padded convolutions are supported")
+        super().__init__(conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias)
+        self.k, self.stride = conv.kernel_size[0], conv.stride[0]
+        ph, pw = conv.padding
+        self.pads = pads if pads is not None else (ph, pw, ph, pw)  # (top, left, bottom, right)
+        self.out_channels = conv.out_channels
+
+    def from_operand(self, operand: torch.Tensor, s_x: torch.Tensor, *, up: int = 1,
+                     add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                     float64: bool = False) -> torch.Tensor:
+        """Integers [2, B, H, W, C] (parts) or [B, H, W, C] (values) with per-image scales
+        s_x [B] -> [B, Ho, Wo, N]."""
+        b, h, w, c = operand.shape[-4:]
+        if self.k == 1 and self.stride == 1 and up == 1 and self.pads == (0, 0, 0, 0):
+            cols, out_h, out_w = operand.reshape(-1, c), h, w
+        else:
+            cols, out_h, out_w = K.im2col(operand, self.k, self.stride, self.pads, up)
+        res = None if residual is None else residual.reshape(b * out_h * out_w, self.out_channels)
+        y = self.products(cols, out_h * out_w, s_x, add=add, residual=res, float64=float64)
+        return y.view(b, out_h, out_w, self.out_channels)
+
+    def from_float(self, x: torch.Tensor, *, up: int = 1, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """A float input [B, H, W, C] quantized per image by its max |x| -> [B, Ho, Wo, N]."""
+        b, h, w, c = x.shape
+        flat = x.reshape(b, h * w, c)
+        r, s = K.inverse_scales(K.absmax(flat))
+        operand = K.quantize(flat, r, self.form(x.device))
+        return self.from_operand(operand.view(*operand.shape[:-2], h, w, c), s, up=up, residual=residual)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _nchw(self.from_float(_channels_last(x)))
+
+
+class ExactLinear2(_Affine):
+    """A Linear on 14-bit integers (per-row input scale); output binary32 [B, N]."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear.weight.detach(), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, k = x.shape
+        r, s = K.inverse_scales(K.absmax(x))
+        operand = K.quantize(x.reshape(b, 1, k), r, self.form(x.device))
+        return self.products(operand.reshape(-1, k), 1, s)
+
+
+class ExactSiLU2(nn.Module):
+    """SiLU on the timestep MLP's [B, 4 ch] (contract 1's `exact.silu`, binary64 out)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return exact.silu(x.to(torch.float64))
+
+
+class _NormAct(nn.Module):
+    """GroupNorm (+ SiLU) feeding a convolution: the next layer's integer operand, in one pass
+    (`exact2_kernels.norm_plan`, then `norm_act`)."""
+
+    def __init__(self, norm: nn.GroupNorm, silu: bool) -> None:
+        super().__init__()
+        self.groups, self.eps, self.silu = norm.num_groups, float(norm.eps), silu
+        self.register_buffer("weight", norm.weight.detach().to("cpu", torch.float64))
+        self.register_buffer("bias", norm.bias.detach().to("cpu", torch.float64))
+
+    def operand(self, x: torch.Tensor, form: str, scale: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, P, C] -> (the next layer's integer operand in ``form``, value of one integer [B])."""
+        a, c, r, s = K.norm_plan(x, self.groups, self.weight, self.bias, self.eps, self.silu, scale, shift)
+        return K.norm_act(x, a, c, self.silu, r, form), s
+
+
+class ExactResBlock2(nn.Module):
+    takes_embedding = True  # UNet.forward calls it as block(h, temb)
+
+    def __init__(self, block: ResBlock) -> None:
+        super().__init__()
+        self.scale_shift = block.scale_shift
+        self.norm1, self.norm2 = _NormAct(block.norm1, silu=True), _NormAct(block.norm2, silu=True)
+        self.conv1, self.conv2 = ExactConv2(block.conv1), ExactConv2(block.conv2)
+        self.temb_proj = ExactLinear2(block.temb_proj)
+        self.skip = ExactConv2(block.skip) if isinstance(block.skip, nn.Conv2d) else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        xc = _channels_last(x)
+        b, h, w, c = xc.shape
+        flat = xc.view(b, h * w, c)
+        op1, s1 = self.norm1.operand(flat, self.conv1.form(x.device))
+        emb = self.temb_proj(exact.silu(temb.to(torch.float64)))  # binary32 [B, N or 2N]
+        op1 = op1.view(*op1.shape[:-2], h, w, c)
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            hid = self.conv1.from_operand(op1, s1)
+            op2, s2 = self.norm2.operand(hid.view(b, h * w, -1), self.conv2.form(x.device), scale, shift)
+        else:
+            hid = self.conv1.from_operand(op1, s1, add=emb)  # norm2(h + emb): the sum is binary32
+            op2, s2 = self.norm2.operand(hid.view(b, h * w, -1), self.conv2.form(x.device))
+        skip = xc if self.skip is None else self.skip.from_float(xc)
+        out = self.conv2.from_operand(op2.view(*op2.shape[:-2], h, w, -1), s2, residual=skip)  # skip + h
+        return _nchw(out)
+
+
+class ExactAttnBlock2(nn.Module):
+    def __init__(self, block: AttnBlock) -> None:
+        super().__init__()
+        self.num_heads = block.num_heads
+        self.norm = _NormAct(block.norm, silu=False)
+        self.qkv, self.proj = ExactConv2(block.qkv), ExactConv2(block.proj)
+
+    @staticmethod
+    def _integers(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v [B, heads, tokens, d] binary32 -> (exact integers clamp(rint(v QMAX / m_b)) in binary64, s_b [B])."""
+        b, heads, tokens, d = v.shape
+        r, s = K.inverse_scales(K.absmax(v.reshape(b, heads * tokens, d)))
+        return K.quantize(v.reshape(b, heads * tokens, d), r, K.VALUES).view(b, heads, tokens, d), s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = _channels_last(x)
+        b, h, w, c = xc.shape
+        tokens, heads = h * w, self.num_heads
+        d = c // heads
+        op, s = self.norm.operand(xc.view(b, tokens, c), self.qkv.form(x.device))
+        qkv = self.qkv.from_operand(op.view(*op.shape[:-2], h, w, c), s).view(b, tokens, 3, heads, d)
+        (q, sq), (k, sk), (v, sv) = (self._integers(qkv[:, :, i].permute(0, 2, 1, 3)) for i in range(3))
+        scores = torch.matmul(q, k.transpose(-1, -2))  # exact: d QMAX^2 < 2^53
+        c_rows = ((sq * sk) * (1.0 / math.sqrt(d))).repeat_interleave(heads * tokens)
+        weight_bits = min(30, exact.MANTISSA_LIMIT_BITS - 14 - exact.ceil_log2(tokens))  # tokens 2^P QMAX < 2^53
+        weights, den = K.softmax_weights(scores.view(-1, tokens), c_rows, weight_bits)
+        num = torch.matmul(weights.view(b, heads, tokens, tokens), v)  # exact integers
+        out = exact.divide(num, den.view(b, heads, tokens, 1)).mul_(sv[:, None, None, None]).to(torch.float32)
+        out = out.permute(0, 2, 1, 3).reshape(b, h, w, c)
+        return _nchw(self.proj.from_float(out, residual=xc))  # x + proj(out)
+
+
+class ExactDownsample2(nn.Module):
+    def __init__(self, block: Downsample) -> None:
+        super().__init__()
+        self.conv = ExactConv2(block.conv, pads=(0, 0, 1, 1) if block.pad_end else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _nchw(self.conv.from_float(_channels_last(x)))
+
+
+class ExactUpsample2(nn.Module):
+    """Nearest x2 upsampling and a 3x3 convolution: the input is quantized at its own size and
+    the im2col reads it through the upsampled grid (the same integers as upsampling first)."""
+
+    def __init__(self, block: Upsample) -> None:
+        super().__init__()
+        self.conv = ExactConv2(block.conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _nchw(self.conv.from_float(_channels_last(x), up=2))
+
+
+class ExactHead2(nn.Module):
+    """norm_out, SiLU and conv_out in one (it replaces norm_out; act_out and conv_out become
+    identities); the output layer's epilogue is binary64."""
+
+    def __init__(self, norm: nn.GroupNorm, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.norm, self.conv = _NormAct(norm, silu=True), ExactConv2(conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = _channels_last(x)
+        b, h, w, c = xc.shape
+        op, s = self.norm.operand(xc.view(b, h * w, c), self.conv.form(x.device))
+        return _nchw(self.conv.from_operand(op.view(*op.shape[:-2], h, w, c), s, float64=True))
+
+
+_BLOCK_SWAPS = {ResBlock: ExactResBlock2, AttnBlock: ExactAttnBlock2, Downsample: ExactDownsample2,
+                Upsample: ExactUpsample2}
+_LEAF_SWAPS = {nn.Conv2d: ExactConv2, nn.Linear: ExactLinear2, nn.SiLU: lambda m: ExactSiLU2(),
+               TimestepEmbedding: lambda m: ExactTimestepEmbedding(m.dim, m.kind, m.scale)}
+
+
+def _swap(parent: nn.Module) -> None:
+    for name, child in list(parent.named_children()):
+        if type(child) in _BLOCK_SWAPS:
+            setattr(parent, name, _BLOCK_SWAPS[type(child)](child))
+        elif type(child) in _LEAF_SWAPS:
+            setattr(parent, name, _LEAF_SWAPS[type(child)](child))
+        else:
+            _swap(child)
+
+
+def _prepare(module: nn.Module, args: tuple) -> tuple:
+    """Inputs as float64 (exact for float32 and float64 x_t; the timestep embedding is never
+    rounded to a narrower type), and numba's CPU kernels on torch's thread count."""
+    K.sync_threads()
+    x, *rest = args
+    return (x.to(torch.float64), *rest)
+
+
+def _contiguous_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.contiguous()
+
+
+def exact_network2(model: UNet) -> UNet:
+    """A copy of ``model`` (left untouched) computing under contract 2, on the CPU, in eval
+    mode; move it with ``.to(device)``. Inputs may be any float dtype; outputs float64."""
+    if not isinstance(model, UNet):
+        raise TypeError(f"exact_network2: expected a diffcodec UNet, got {type(model).__name__}")
+    net = copy.deepcopy(model).to("cpu").eval()
+    net.norm_out = ExactHead2(net.norm_out, net.conv_out)
+    net.act_out, net.conv_out = nn.Identity(), nn.Identity()
+    _swap(net)
+    leftover = [type(m).__name__ for m in net.modules()
+                if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm, ResBlock, AttnBlock, Downsample, Upsample))]
+    if leftover or any(p.numel() for p in net.parameters()):
+        raise ValueError(f"exact network 2: layers left in float: {sorted(set(leftover))}")
+    net.register_forward_pre_hook(_prepare)
+    net.register_forward_hook(_contiguous_output)
+    return net
