@@ -306,7 +306,7 @@ def _copy(folder, dest):
 BAD = {
     "missing scheduler file": (lambda d: (d / "scheduler" / "scheduler_config.json").unlink(), "no scheduler config"),
     "unknown beta schedule": (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", beta_schedule="sigmoid"),
-                              'unknown beta_schedule "sigmoid"'),
+                              'unsupported beta_schedule="sigmoid" (diffcodec reads linear, squaredcos_cap_v2)'),
     "no variance type": (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", variance_type=_DELETE),
                          "no variance_type"),
     "other linear range": (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", beta_end=0.012),
