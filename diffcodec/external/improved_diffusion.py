@@ -34,6 +34,7 @@ in float64), T = ``diffusion_steps``, variance ``learned_range`` with ``learn_si
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ from diffcodec.errors import DiffcodecError
 from diffcodec.external import load_state_dict
 
 SIDECAR_SUFFIX = ".flags"
+MAX_FLAGS_BYTES = 64 << 10  # their README's flags for a model are ~200 bytes
+INTEGER = re.compile(r"-?[0-9]{1,12}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+NUMBER = re.compile(r"[-+]?([0-9]{1,12}\.?[0-9]{0,12}|\.[0-9]{1,12})([eE][-+]?[0-9]{1,3})?")
 
 # improved_diffusion.script_util.model_and_diffusion_defaults() (their repository, read once).
 DEFAULTS: dict[str, Any] = {
@@ -93,12 +97,9 @@ def parse_flags(text: str, where: Path) -> dict[str, Any]:
         if isinstance(default, bool):
             parsed = _str2bool(value)
         elif isinstance(default, int):
-            parsed = int(value) if value.lstrip("-").isdigit() else None
+            parsed = int(value) if INTEGER.fullmatch(value) else None
         elif isinstance(default, float):
-            try:
-                parsed = float(value)
-            except ValueError:
-                parsed = None
+            parsed = float(value) if NUMBER.fullmatch(value) else None
         else:
             parsed = value
         if parsed is None:
@@ -108,6 +109,13 @@ def parse_flags(text: str, where: Path) -> dict[str, Any]:
     if missing:
         raise DiffcodecError(f"{where}: no {', '.join(missing)} (diffcodec takes them from the flags, never a default)")
     return {**DEFAULTS, **EXTRA, **given}
+
+
+def _integers(text: str, empty_ok: bool = False) -> tuple[int, ...] | None:
+    """``"1,2,2"`` -> (1, 2, 2) (blank items skipped where ``empty_ok``), or None."""
+    items = [item.strip() for item in text.split(",")]
+    items = [item for item in items if item] if empty_ok else items
+    return tuple(int(item) for item in items) if all(INTEGER.fullmatch(item) for item in items) else None
 
 
 def configs_from_flags(f: dict[str, Any], where: Path) -> tuple[ModelConfig, DiffusionConfig]:
@@ -127,19 +135,17 @@ def configs_from_flags(f: dict[str, Any], where: Path) -> tuple[ModelConfig, Dif
         raise unsupported("noise_schedule", "linear or cosine")
     size = f["image_size"]
     if f["channel_mult"]:
-        try:
-            mult = tuple(int(m) for m in f["channel_mult"].split(","))
-        except ValueError:
-            raise unsupported("channel_mult", "comma-separated integers") from None
+        mult = _integers(f["channel_mult"])
+        if mult is None:
+            raise unsupported("channel_mult", "comma-separated integers")
     elif size in CHANNEL_MULT:
         mult = CHANNEL_MULT[size]
     else:
         raise unsupported("image_size", f"their create_model knows {', '.join(map(str, CHANNEL_MULT))}; "
                                         "give --channel_mult")
-    try:
-        attn = tuple(int(r) for r in f["attention_resolutions"].split(",") if r.strip())
-    except ValueError:
-        raise unsupported("attention_resolutions", "comma-separated integers") from None
+    attn = _integers(f["attention_resolutions"], empty_ok=True)
+    if attn is None:
+        raise unsupported("attention_resolutions", "comma-separated integers")
     ch = f["num_channels"]
     if ch < 1 or any((ch * m) % 32 for m in mult):
         raise unsupported("num_channels", "their GroupNorm needs multiples of 32 at every level")
@@ -243,17 +249,25 @@ def to_diffcodec_state(state: dict[str, torch.Tensor], config: ModelConfig, expe
 
 def read_improved_diffusion(path: Path) -> tuple[ModelConfig, DiffusionConfig, dict[str, torch.Tensor], dict]:
     """(model config, diffusion config, state dict in UNet's names, meta) of MODEL.pt + MODEL.pt.flags."""
-    from diffcodec.unet import UNet
+    from diffcodec.unet import parameter_shapes
 
     flags_path = sidecar_path(path)
+    if not flags_path.is_file():
+        raise DiffcodecError(f"{flags_path}: not a file (the flags of {path.name}, as improved-diffusion's README "
+                             "writes them)")
     try:
-        text = flags_path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DiffcodecError(f"{flags_path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        with open(flags_path, "rb") as f:
+            data = f.read(MAX_FLAGS_BYTES + 1)
+        text = data.decode("utf-8")
+    except OSError as e:
+        raise DiffcodecError(f"{flags_path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise DiffcodecError(f"{flags_path}: cannot read (not UTF-8 text)") from None
+    if len(data) > MAX_FLAGS_BYTES:
+        raise DiffcodecError(f"{flags_path}: more than {MAX_FLAGS_BYTES:,} bytes of flags (a model's are ~200)")
     model_config, diffusion_config = configs_from_flags(parse_flags(text, flags_path), flags_path)
     state = load_state_dict(path)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in UNet(model_config).state_dict().items()}
+    expected = parameter_shapes(model_config)
     state = to_diffcodec_state(state, model_config, expected, path)
     meta = {"source": "improved-diffusion", "weights": "improved-diffusion UNetModel", "flags": str(flags_path)}
     return model_config, diffusion_config, state, meta
