@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from diffcodec.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict
+from diffcodec.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict, show
 from diffcodec.errors import DiffcodecError
 from diffcodec.torch_files import load_plain
 from diffcodec.unet import UNet, parameter_shapes
@@ -117,6 +117,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+def tensor_name(name: str) -> str:
+    """A tensor's name from a file, for a one-line message: as it is when it is short printable
+    ASCII, else quoted and escaped (a name may hold a newline)."""
+    return name if name.isascii() and name.isprintable() and len(name) <= 80 else show(name, 80)
+
+
 def shapes_misfit(have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]) -> str | None:
     """How the tensor shapes ``have`` differ from ``want`` (a name missing, one unexpected, a
     shape), or None."""
@@ -125,7 +131,8 @@ def shapes_misfit(have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, .
         return f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
     unexpected = sorted(set(have) - set(want))
     if unexpected:
-        return f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+        return (f"unexpected {tensor_name(unexpected[0])}"
+                + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     for name in sorted(want):
         if tuple(have[name]) != want[name]:
             return f"{name} is {list(have[name])}, the config needs {list(want[name])}"

@@ -41,13 +41,15 @@ from typing import Any
 
 import torch
 
-from diffcodec.config import DiffusionConfig, ModelConfig, diffusion_config_problem, model_config_problem
+from diffcodec.config import DiffusionConfig, ModelConfig, diffusion_config_problem, model_config_problem, show
+from diffcodec.checkpoint import tensor_name
 from diffcodec.errors import DiffcodecError
 from diffcodec.external import load_state_dict
 
 SIDECAR_SUFFIX = ".flags"
 MAX_FLAGS_BYTES = 64 << 10  # their README's flags for a model are ~200 bytes
-INTEGER = re.compile(r"-?[0-9]{1,12}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+FLAG_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+INTEGER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
 NUMBER = re.compile(r"[-+]?([0-9]{1,12}\.?[0-9]{0,12}|\.[0-9]{1,12})([eE][-+]?[0-9]{1,3})?")
 
 # improved_diffusion.script_util.model_and_diffusion_defaults() (their repository, read once).
@@ -83,8 +85,8 @@ def parse_flags(text: str, where: Path) -> dict[str, Any]:
     while i < len(words):
         word = words[i]
         name, _, value = word[2:].partition("=") if word.startswith("--") else ("", "", "")
-        if not name:
-            raise DiffcodecError(f"{where}: expected --flag value, got {word!r}")
+        if not FLAG_NAME.fullmatch(name):
+            raise DiffcodecError(f"{where}: expected --flag value, got {show(word)}")
         if not value:
             if i + 1 >= len(words):
                 raise DiffcodecError(f"{where}: --{name} has no value")
@@ -103,7 +105,8 @@ def parse_flags(text: str, where: Path) -> dict[str, Any]:
         else:
             parsed = value
         if parsed is None:
-            raise DiffcodecError(f"{where}: --{name} must be a {type(default).__name__}, got {value!r}")
+            kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
+            raise DiffcodecError(f"{where}: --{name} must be {kind}, got {show(value)}")
         given[name] = parsed
     missing = [f"--{k}" for k in REQUIRED if k not in given]
     if missing:
@@ -120,7 +123,7 @@ def _integers(text: str, empty_ok: bool = False) -> tuple[int, ...] | None:
 
 def configs_from_flags(f: dict[str, Any], where: Path) -> tuple[ModelConfig, DiffusionConfig]:
     def unsupported(flag: str, why: str) -> DiffcodecError:
-        return DiffcodecError(f"{where}: unsupported --{flag} {f[flag]} ({why})")
+        return DiffcodecError(f"{where}: unsupported --{flag} {show(f[flag])} ({why})")
 
     if f["class_cond"]:
         raise unsupported("class_cond", "a class-conditional model needs its label; diffcodec evaluates "
@@ -242,7 +245,7 @@ def to_diffcodec_state(state: dict[str, torch.Tensor], config: ModelConfig, expe
     used = {t for t, o in names.items() if o in expected}
     unexpected = sorted(set(state) - used)
     if unexpected:
-        raise DiffcodecError(f"{where}: weights do not fit the flags (unexpected {unexpected[0]}"
+        raise DiffcodecError(f"{where}: weights do not fit the flags (unexpected {tensor_name(unexpected[0])}"
                              + (f" and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ")"))
     return out
 
