@@ -6,8 +6,8 @@ in-process test cannot do (tests/test_external_hostile.py, tests/test_fuzz_exter
 
 A case is ``{"argv": [...]}`` (``diffcodec.cli.main``, stdout and stderr captured) or
 ``{"load": path}`` (``load_checkpoint``: the fingerprint, or the error). A result adds
-``seconds`` and ``peak_mb`` (ru_maxrss after the case; the process with torch imported starts
-at ~250 MB) and, for an exception other than DiffcodecError, ``crash``.
+``seconds`` and ``peak_mb`` (the process's peak resident memory after the case; with torch
+imported it starts at ~250 MB) and, for an exception other than DiffcodecError, ``crash``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,13 @@ def safetensors_bytes(header: str | bytes, body: bytes) -> bytes:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    """This process's peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss does
+    not: a child spawned by a 600 MB pytest worker would start at 600 MB)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+    except (OSError, StopIteration):  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_case(case: dict) -> dict:

@@ -139,7 +139,7 @@ def _number(c: dict[str, Any], key: str, where: Path) -> float:
     value = c[key]
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) <= 1e300:
         raise DiffcodecError(f"{where}: {key} must be a number, got {show_json(value)}")
-    return float(value)
+    return float(value) + 0.0  # -0.0 is 0.0 (the configs are hashed into the fingerprint)
 
 
 def _name(c: dict[str, Any], key: str, where: Path, names: dict[str, str]) -> str:

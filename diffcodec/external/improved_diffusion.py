@@ -29,7 +29,9 @@ in float64), T = ``diffusion_steps``, variance ``learned_range`` with ``learn_si
 ``fixedsmall`` with ``sigma_small``, else ``fixedlarge``; x^_0 clipped to [-1, 1], as their
 ``image_nll.py``. Refused in one line: ``class_cond`` (the bound needs a label),
 ``predict_xstart``, a ``timestep_respacing`` (respace with ``--steps``), different
-``num_heads_upsample``, an unknown flag.
+``num_heads_upsample``, an unknown flag, a flag given twice, a value that is not its flag's
+type written in ASCII (``--num_res_blocks ²``), and sizes beyond `config`'s limits (checked
+before anything is built); the flags file is read up to 64 kB.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def parse_flags(text: str, where: Path) -> dict[str, Any]:
         if parsed is None:
             kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
             raise DiffcodecError(f"{where}: --{name} must be {kind}, got {show(value)}")
+        if name in given:  # argparse would keep the last: say it instead
+            raise DiffcodecError(f"{where}: --{name} is given twice")
         given[name] = parsed
     missing = [f"--{k}" for k in REQUIRED if k not in given]
     if missing:
