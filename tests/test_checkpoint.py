@@ -118,7 +118,7 @@ BAD_FIELDS = [
     ("model", "image_size", 31, "model.image_size must be a multiple of 2 (len(ch_mult) = 2), got 31"),
     ("model", "ch_mult", [1, 0], "model.ch_mult must be a list of 1 to 8 integers >= 1, got [1, 0]"),
     ("model", "ch_mult", [], "model.ch_mult must be a list of 1 to 8 integers >= 1, got []"),
-    ("model", "ch_mult", [1] * 9, "model.ch_mult must be a list of 1 to 8 integers >= 1, got [1, 1, 1, 1, 1, 1, 1, 1, 1]"),
+    ("model", "ch_mult", [1] * 9, "model.ch_mult must be a list of 1 to 8 integers >= 1, got [1, 1, 1, 1, 1, 1, 1, "),
     ("model", "ch_mult", [1, 2**40], "model.ch x model.ch_mult must be at most 4096 channels per level, got 8 x "),
     ("model", "ch_mult", [1, 2.5], "model.ch_mult must be a list of integers, got [1, 2.5]"),
     ("model", "attn_resolutions", [16, -8], "model.attn_resolutions must be integers >= 1, got [16, -8]"),
@@ -139,7 +139,8 @@ BAD_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("section,field,value,message", BAD_FIELDS, ids=[f"{s}.{f}={show(v)}" for s, f, v, _ in BAD_FIELDS])
+@pytest.mark.parametrize("section,field,value,message", BAD_FIELDS,
+                         ids=[f"{s}.{f}={show(v)}" for s, f, v, _ in BAD_FIELDS])
 def test_a_malformed_config_field_is_a_one_line_error_naming_it(tmp_path, good_checkpoint, section, field, value,
                                                                 message):
     bad = tampered(good_checkpoint, tmp_path / "bad.pt", section, field, value)

@@ -21,19 +21,10 @@ import torch
 
 from diffcodec.checkpoint import read_checkpoint, save_checkpoint
 from tests.conftest import tiny_model
-from tests.hostile import (
-    SCHEDULER_CONFIG,
-    TINY_SCHEDULER,
-    TINY_UNET,
-    UNET_CONFIG,
-    WEIGHTS,
-    copy_folder,
-    run_isolated,
-    safetensors_bytes,
-    safetensors_parts,
-    write_tiny_diffusers_folder,
-)
+from tests import hostile
+from tests.hostile import SCHEDULER_CONFIG, UNET_CONFIG, WEIGHTS
 
+UNET, SCHEDULER = hostile.TINY_UNET, hostile.TINY_SCHEDULER
 MAX_SECONDS = 5.0
 MAX_MB = 500.0
 DEEP = "[" * 200_000 + "]" * 200_000
@@ -47,10 +38,10 @@ def config_text(base: dict, key: str, raw: str) -> bytes:
 
 def header_edit(valid, edit) -> bytes:
     """The valid weights file with its header (a dict) changed by ``edit``."""
-    header, body = safetensors_parts(valid / WEIGHTS)
+    header, body = hostile.safetensors_parts(valid / WEIGHTS)
     entries = json.loads(header)
     edit(entries)
-    return safetensors_bytes(json.dumps(entries), body)
+    return hostile.safetensors_bytes(json.dumps(entries), body)
 
 
 def same_size_pair(entries: dict) -> tuple[str, str]:
@@ -70,20 +61,20 @@ def overlap(entries: dict) -> None:
 def repeated_name(valid, same_entry: bool) -> bytes:
     """A header that names one tensor twice: with another tensor's entry (the library keeps
     the last; before, the last one won and the bound changed), or with its own entry."""
-    header, body = safetensors_parts(valid / WEIGHTS)
+    header, body = hostile.safetensors_parts(valid / WEIGHTS)
     entries = json.loads(header)
     a, b = same_size_pair(entries)
     text = json.dumps(entries)
     first = json.dumps({a: entries[a]})[1:-1]
     second = json.dumps({a: entries[a] if same_entry else entries[b]})[1:-1]
-    return safetensors_bytes(text.replace(first, f"{first}, {second}", 1), body)
+    return hostile.safetensors_bytes(text.replace(first, f"{first}, {second}", 1), body)
 
 
 def raw_header_edit(valid, pattern: str, replacement: str) -> bytes:
-    header, body = safetensors_parts(valid / WEIGHTS)
+    header, body = hostile.safetensors_parts(valid / WEIGHTS)
     new, count = re.subn(pattern, replacement, header, count=1)
     assert count == 1, pattern
-    return safetensors_bytes(new, body)
+    return hostile.safetensors_bytes(new, body)
 
 
 def first_tensor(entries: dict) -> dict:
@@ -93,7 +84,7 @@ def first_tensor(entries: dict) -> dict:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    valid = write_tiny_diffusers_folder(tmp / "valid")
+    valid = hostile.write_tiny_diffusers_folder(tmp / "valid")
     rng = np.random.default_rng(0)
     data = tmp / "data.npz"
     np.savez_compressed(data, x=rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8), y=np.arange(2, dtype=np.uint8))
@@ -102,34 +93,34 @@ def cases(tmp_path_factory):
         "deep JSON as unet/config.json": ({UNET_CONFIG: DEEP.encode()}, "not valid JSON (nested too deeply to read)"),
         "deep JSON as scheduler_config.json": ({SCHEDULER_CONFIG: DEEP.encode()},
                                                "not valid JSON (nested too deeply to read)"),
-        "deep JSON as the safetensors header": ({WEIGHTS: safetensors_bytes(DEEP, b"")},
+        "deep JSON as the safetensors header": ({WEIGHTS: hostile.safetensors_bytes(DEEP, b"")},
                                                 "not a valid safetensors file"),
-        "5000-digit sample_size": ({UNET_CONFIG: config_text(TINY_UNET, "sample_size", BIG_INT)},
+        "5000-digit sample_size": ({UNET_CONFIG: config_text(UNET, "sample_size", BIG_INT)},
                                    "not valid JSON (Exceeds the limit (4300 digits)"),
         "5 MB config.json": ({UNET_CONFIG: b" " * (5 << 20) + b"{}"}, "more than 4,194,304 bytes of JSON"),
         "down_block_types of a list and an object": (
-            {UNET_CONFIG: config_text(TINY_UNET, "down_block_types", '[["DownBlock2D"], {"x": 1}]')},
+            {UNET_CONFIG: config_text(UNET, "down_block_types", '[["DownBlock2D"], {"x": 1}]')},
             "unsupported down_block_types="),
-        "flip_sin_to_cos [true]": ({UNET_CONFIG: config_text(TINY_UNET, "flip_sin_to_cos", "[true]")},
+        "flip_sin_to_cos [true]": ({UNET_CONFIG: config_text(UNET, "flip_sin_to_cos", "[true]")},
                                    "unsupported flip_sin_to_cos/freq_shift=[[true], 1]"),
-        "freq_shift an object": ({UNET_CONFIG: config_text(TINY_UNET, "freq_shift", '{"a": 0}')},
+        "freq_shift an object": ({UNET_CONFIG: config_text(UNET, "freq_shift", '{"a": 0}')},
                                  "unsupported flip_sin_to_cos/freq_shift"),
-        "variance_type a list": ({SCHEDULER_CONFIG: config_text(TINY_SCHEDULER, "variance_type", '["fixed_large"]')},
+        "variance_type a list": ({SCHEDULER_CONFIG: config_text(SCHEDULER, "variance_type", '["fixed_large"]')},
                                  'unsupported variance_type=["fixed_large"]'),
-        "beta_schedule an object": ({SCHEDULER_CONFIG: config_text(TINY_SCHEDULER, "beta_schedule", '{"linear": 1}')},
+        "beta_schedule an object": ({SCHEDULER_CONFIG: config_text(SCHEDULER, "beta_schedule", '{"linear": 1}')},
                                     'unsupported beta_schedule={"linear": 1}'),
         "block_out_channels 2^40": (
-            {UNET_CONFIG: config_text(TINY_UNET, "block_out_channels", json.dumps([2**40, 2**40]))},
+            {UNET_CONFIG: config_text(UNET, "block_out_channels", json.dumps([2**40, 2**40]))},
             "block_out_channels must be a list of 1 to 8 integers in [1, 4096], got [1099511627776, 1099511627776]"),
-        "layers_per_block 1,000,000": ({UNET_CONFIG: config_text(TINY_UNET, "layers_per_block", "1000000")},
+        "layers_per_block 1,000,000": ({UNET_CONFIG: config_text(UNET, "layers_per_block", "1000000")},
                                        "layers_per_block must be an integer in [1, 8], got 1000000"),
         "num_train_timesteps 1.5e8, linear": (
-            {SCHEDULER_CONFIG: config_text(TINY_SCHEDULER, "num_train_timesteps", "150000000")},
+            {SCHEDULER_CONFIG: config_text(SCHEDULER, "num_train_timesteps", "150000000")},
             "num_train_timesteps must be an integer in [1, 100000], got 150000000"),
-        "num_train_timesteps 10^9": ({SCHEDULER_CONFIG: config_text(TINY_SCHEDULER, "num_train_timesteps", str(10**9))},
+        "num_train_timesteps 10^9": ({SCHEDULER_CONFIG: config_text(SCHEDULER, "num_train_timesteps", str(10**9))},
                                      "num_train_timesteps must be an integer in [1, 100000], got 1000000000"),
         "num_train_timesteps 10^12": (
-            {SCHEDULER_CONFIG: config_text(TINY_SCHEDULER, "num_train_timesteps", str(10**12))},
+            {SCHEDULER_CONFIG: config_text(SCHEDULER, "num_train_timesteps", str(10**12))},
             "num_train_timesteps must be an integer in [1, 100000], got 1000000000000"),
         "shape [2^62, 4], offsets [0, 0]": (
             {WEIGHTS: header_edit(valid, lambda e: first_tensor(e).update(shape=[2**62, 4], data_offsets=[0, 0]))},
@@ -153,9 +144,9 @@ def cases(tmp_path_factory):
     }
     out = []
     for i, (name, (files, message)) in enumerate(diffusers.items()):
-        folder = copy_folder(valid, tmp / f"d{i}", files)
+        folder = hostile.copy_folder(valid, tmp / f"d{i}", files)
         out.append((name, folder, message))
-    random_bin = copy_folder(valid, tmp / "random_bin", {"unet/diffusion_pytorch_model.bin": bytes(
+    random_bin = hostile.copy_folder(valid, tmp / "random_bin", {"unet/diffusion_pytorch_model.bin": bytes(
         rng.integers(0, 128, 4000, dtype=np.uint8))})
     (random_bin / WEIGHTS).unlink()
     out.append(("random bytes as the .bin", random_bin, "not a readable state dict ("))
@@ -166,8 +157,10 @@ def cases(tmp_path_factory):
         "--num_channels 2^40": ("--num_channels 1099511627776", "model.ch must be in [1, 4096], got 1099511627776"),
         "--num_res_blocks ²": ("--num_res_blocks ²", "--num_res_blocks must be an integer, got '\\xb2'"),
         "--num_res_blocks --1": ("--num_res_blocks --1", "--num_res_blocks must be an integer, got '--1'"),
-        "--num_res_blocks 1,000,000": ("--num_res_blocks 1000000", "model.num_res_blocks must be in [0, 8], got 1000000"),
-        "--diffusion_steps 10^12": ("--diffusion_steps 1000000000000", "diffusion.num_timesteps must be in [1, 100000]"),
+        "--num_res_blocks 1,000,000": ("--num_res_blocks 1000000",
+                                       "model.num_res_blocks must be in [0, 8], got 1000000"),
+        "--diffusion_steps 10^12": ("--diffusion_steps 1000000000000",
+                                    "diffusion.num_timesteps must be in [1, 100000]"),
         "a newline in a flag's name": ("'--a\nb' 1", "expected --flag value, got '--a\\nb'"),
     }
     for i, (name, (flag, message)) in enumerate(flags.items()):
@@ -201,7 +194,7 @@ def test_every_hostile_file_is_one_line_exit_2_in_bounded_time_and_memory(cases)
         return ["nll", str(data), "--checkpoint", str(path), "--t-samples", "1", "-n", "1", "--device", "cpu"]
 
     files_before = sorted(p for p in tmp.rglob("*") if p.name != "cases.json")
-    results = run_isolated([{"argv": argv(valid)}] + [{"argv": argv(path)} for _, path, _ in named]
+    results = hostile.run_isolated([{"argv": argv(valid)}] + [{"argv": argv(path)} for _, path, _ in named]
                            + [{"argv": argv(valid)}], tmp)
     first, last = results[0], results[-1]
     bound = first["out"].splitlines()[0]  # "bits/dim  9.9144"

@@ -152,7 +152,8 @@ class _RunsCode:
 BAD = {
     "no diffusion_steps": (FLAGS.replace("--diffusion_steps 4000", ""), "no --diffusion_steps"),
     "unknown flag": (FLAGS + " --use_fp16 True", "unknown flag --use_fp16"),
-    "bad bool": (FLAGS.replace("--learn_sigma True", "--learn_sigma maybe"), "--learn_sigma must be true or false, got 'maybe'"),
+    "bad bool": (FLAGS.replace("--learn_sigma True", "--learn_sigma maybe"),
+                 "--learn_sigma must be true or false, got 'maybe'"),
     "class-conditional": (FLAGS + " --class_cond True", "class-conditional model needs its label"),
     "x0 prediction": (FLAGS + " --predict_xstart True", "unsupported --predict_xstart"),
     "unknown schedule": (FLAGS.replace("cosine", "sqrt"), "unsupported --noise_schedule 'sqrt'"),

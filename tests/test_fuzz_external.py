@@ -32,18 +32,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.hostile import (
-    SCHEDULER_CONFIG,
-    TINY_SCHEDULER,
-    TINY_UNET,
-    UNET_CONFIG,
-    WEIGHTS,
-    copy_folder,
-    run_isolated,
-    safetensors_bytes,
-    safetensors_parts,
-    write_tiny_diffusers_folder,
-)
+from tests import hostile
+from tests.hostile import SCHEDULER_CONFIG, UNET_CONFIG, WEIGHTS
 
 MAX_SECONDS = 5.0
 MAX_MB = 500.0
@@ -68,7 +58,7 @@ DEFAULTS = {UNET_CONFIG: {"_class_name": "UNet2DModel", "in_channels": 3, "out_c
             SCHEDULER_CONFIG: {"beta_start": 0.0001, "beta_end": 0.02, "trained_betas": None, "clip_sample": True,
                                "clip_sample_range": 1.0, "prediction_type": "epsilon", "thresholding": False,
                                "rescale_betas_zero_snr": False}}
-CONFIGS = {UNET_CONFIG: TINY_UNET, SCHEDULER_CONFIG: TINY_SCHEDULER}
+CONFIGS = {UNET_CONFIG: hostile.TINY_UNET, SCHEDULER_CONFIG: hostile.TINY_SCHEDULER}
 
 
 def kind(value) -> str:
@@ -145,7 +135,7 @@ HEADER_POOL = {"dtype": ['"F16"', '"I32"', '"F64"', '"BOOL"', '"F32 "', "1", "nu
 
 
 def header_cases(valid: Path, rng: np.random.Generator) -> list[tuple[str, bytes, str]]:
-    header, body = safetensors_parts(valid / WEIGHTS)
+    header, body = hostile.safetensors_parts(valid / WEIGHTS)
     entries = json.loads(header)
     names = sorted(k for k in entries if k != "__metadata__")
 
@@ -160,7 +150,7 @@ def header_cases(valid: Path, rng: np.random.Generator) -> list[tuple[str, bytes
             if field_raw is not None and k == field_raw[0]:
                 text = json.dumps(dict(v, **{field_raw[1]: "@@"})).replace('"@@"', field_raw[2])
             pairs.append((k, text))
-        return safetensors_bytes(object_text(pairs).decode().strip() + extra, body)
+        return hostile.safetensors_bytes(object_text(pairs).decode().strip() + extra, body)
 
     cases = []
     paired = [n for n in names if any(size(m) == size(n) for m in names if m != n)]
@@ -175,8 +165,8 @@ def header_cases(valid: Path, rng: np.random.Generator) -> list[tuple[str, bytes
         cases.append((f"header: {name} over {other}'s data", written(overlapping), "refused"))
         text = json.dumps(entries)
         one = json.dumps({name: entries[name]})[1:-1]
-        cases.append((f"header: {name} repeated", safetensors_bytes(text.replace(one, f"{one}, {one}", 1), body),
-                      "refused"))
+        repeated = hostile.safetensors_bytes(text.replace(one, f"{one}, {one}", 1), body)
+        cases.append((f"header: {name} repeated", repeated, "refused"))
         cases.append((f"header: {name} with an extra field",
                       written(dict(entries, **{name: dict(entries[name], zz_fuzz=[1, {"a": None}])})), "neutral"))
     metadata = dict(entries, __metadata__={"format": "pt", "zz": "x" * 1000})
@@ -229,14 +219,14 @@ def fuzz_cases(tmp_path_factory):
     from make_improved_diffusion_tiny import seeded_state
 
     tmp = tmp_path_factory.mktemp("fuzz_external")
-    valid = write_tiny_diffusers_folder(tmp / "valid")
+    valid = hostile.write_tiny_diffusers_folder(tmp / "valid")
     rng = np.random.default_rng(30)
     cases = []
     for file in (UNET_CONFIG, SCHEDULER_CONFIG):
         for name, data, expect in config_cases(file, rng):
-            cases.append((name, copy_folder(valid, tmp / f"c{len(cases)}", {file: data}), expect))
+            cases.append((name, hostile.copy_folder(valid, tmp / f"c{len(cases)}", {file: data}), expect))
     for name, data, expect in header_cases(valid, rng):
-        cases.append((name, copy_folder(valid, tmp / f"c{len(cases)}", {WEIGHTS: data}), expect))
+        cases.append((name, hostile.copy_folder(valid, tmp / f"c{len(cases)}", {WEIGHTS: data}), expect))
 
     golden = np.load(Path(__file__).parent / "golden" / "improved_diffusion_tiny.npz")
     names_shapes = [(str(n), tuple(int(d) for d in s.split(","))) for n, s in zip(golden["names"], golden["shapes"])]
@@ -255,7 +245,7 @@ def fuzz_cases(tmp_path_factory):
 
 def test_no_mutation_gives_a_traceback_a_cost_or_a_changed_result(fuzz_cases):
     tmp, valid, improved, cases = fuzz_cases
-    results = run_isolated([{"load": str(valid)}, {"load": str(improved)}]
+    results = hostile.run_isolated([{"load": str(valid)}, {"load": str(improved)}]
                            + [{"load": str(path)} for _, path, _ in cases], tmp, timeout=240)
     reference = {"diffusers": results[0]["fingerprint"], "improved": results[1]["fingerprint"]}
     outcomes: dict[str, int] = {}
