@@ -10,7 +10,7 @@ Limits. Every model, diffcodec's own or another's (`external`), passes the same 
 before any layer is built or any schedule computed; the limits are several times what any
 released DDPM uses, so a file beyond them is refused in one line rather than allocated:
 
-    field                        limit           largest released (model)
+    field                        limit           largest of the releases diffcodec reads (model)
     image_size                   4096            256 (DDPM LSUN / CelebA-HQ, diffusers ddpm-*-256)
     channels per level           4096            512 (DDPM 256 px, Improved DDPM ImageNet 64)
       (ch x ch_mult[i])

@@ -29,6 +29,11 @@ other range is refused) or ``squaredcos_cap_v2`` (Improved DDPM's cosine schedul
 ``fixed_large`` / ``fixed_small`` (and their ``_log`` forms) / ``learned_range``;
 ``prediction_type="epsilon"``; ``clip_sample`` true with range 1 (diffcodec clips x^_0 to
 [-1, 1] always; a model that does not is refused rather than evaluated differently).
+
+Hostile files: the JSON is read by `json_io` (size, nesting, repeated keys), every field is
+checked for its JSON kind (true is not 1, a list is never looked up as a name) and range
+(`config`'s limits table) before it is used, and the weights' names, shapes and dtypes are
+compared with what the config needs from the safetensors header, before any tensor is read.
 """
 
 from __future__ import annotations
