@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from diffcodec.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict
+from diffcodec.config import DiffusionConfig, ModelConfig, config_from_dict, config_to_dict, show
 from diffcodec.errors import DiffcodecError
 from diffcodec.torch_files import load_plain
-from diffcodec.unet import UNet
+from diffcodec.unet import UNet, parameter_shapes
 
 FORMAT = "diffcodec-checkpoint"
 VERSION = 1
@@ -117,24 +117,35 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+def tensor_name(name: str) -> str:
+    """A tensor's name from a file, for a one-line message: as it is when it is short printable
+    ASCII, else quoted and escaped (a name may hold a newline)."""
+    return name if name.isascii() and name.isprintable() and len(name) <= 80 else show(name, 80)
+
+
+def shapes_misfit(have: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]) -> str | None:
+    """How the tensor shapes ``have`` differ from ``want`` (a name missing, one unexpected, a
+    shape), or None."""
+    missing = sorted(set(want) - set(have))
+    if missing:
+        return f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    unexpected = sorted(set(have) - set(want))
+    if unexpected:
+        return (f"unexpected {tensor_name(unexpected[0])}"
+                + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    for name in sorted(want):
+        if tuple(have[name]) != want[name]:
+            return f"{name} is {list(have[name])}, the config needs {list(want[name])}"
+    return None
+
+
 def weights_misfit(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> str | None:
     """How ``state`` differs from the tensors of ``UNet(model_config)`` (names and shapes), or None.
 
-    The network is built on the meta device (shapes only, no memory), so a config that asks
-    for an enormous network is refused before anything is allocated.
+    The network is built on the meta device (shapes only, no memory), after
+    `config.model_config_problem` has bounded its size.
     """
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in UNet(model_config).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        return f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        return f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
-    for name in sorted(expected):
-        if tuple(state[name].shape) != expected[name]:
-            return f"{name} is {list(state[name].shape)}, the config needs {list(expected[name])}"
-    return None
+    return shapes_misfit({k: tuple(v.shape) for k, v in state.items()}, parameter_shapes(model_config))
 
 
 def build_model(model_config: ModelConfig, state: dict[str, torch.Tensor], where: str,
@@ -170,7 +181,8 @@ def load_checkpoint(path: str | os.PathLike | None = None, *, device: torch.devi
     else:
         from diffcodec.external.improved_diffusion import read_improved_diffusion, sidecar_path
 
-        if sidecar_path(path).is_file():
+        flags = sidecar_path(path)
+        if flags.exists() or flags.is_symlink():  # a folder or a broken link too: said in one line, no fallback
             external = read_improved_diffusion(path)
     if external is not None:
         from diffcodec.external import identity_tensors

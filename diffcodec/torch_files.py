@@ -16,6 +16,11 @@ import torch
 
 from diffcodec.errors import DiffcodecError
 
+# What torch's weights-only unpickler says of a pickle that builds objects (besides naming a
+# GLOBAL): "refused". Anything else it cannot read (random bytes: "Unsupported operand 240")
+# is "not a readable" file.
+OBJECTS_REFUSED = ("Can only create new object", "Can only build", "call reduce for unrecognized function")
+
 
 def load_plain(path: str | Path, what: str) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; a DiffcodecError (one line) when
@@ -25,11 +30,14 @@ def load_plain(path: str | Path, what: str) -> Any:
     except PermissionError as e:
         raise DiffcodecError(f"{path}: cannot read the {what} ({e.strerror})") from None
     except Exception as e:  # noqa: BLE001 - UnpicklingError for code, and many types for damaged files
-        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
-        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if named or "Weights only load failed" in str(e):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        if named or any(words in text for words in OBJECTS_REFUSED):
             raise DiffcodecError(f"{path}: refused: the {what} holds Python objects beyond plain weights, which "
                                  "loading would have to run" + (f" (it names {named.group(1)})" if named else "")
                                  ) from None
-        first = next((line for line in lines if line), type(e).__name__)
+        # torch's advice first, then (for a pickle it cannot read) the unpickler's own words
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        first = detail.group(1).strip() if detail else lines[0] if lines else type(e).__name__
         raise DiffcodecError(f"{path}: not a readable {what} ({first[:120]})") from None

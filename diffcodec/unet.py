@@ -195,3 +195,10 @@ class UNet(nn.Module):
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of ``UNet(config)``'s tensors, from a network built on the meta
+    device (no memory; 0.2 s for the largest config `config.model_config_problem` lets through)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}

@@ -7,6 +7,7 @@ import torch
 
 from diffcodec.checkpoint import fingerprint, load_checkpoint, read_checkpoint, save_checkpoint
 from diffcodec.cli import main
+from diffcodec.config import ModelConfig, model_config_problem, show
 from diffcodec.errors import DiffcodecError
 
 from conftest import tiny_model
@@ -104,7 +105,9 @@ def tampered(good, path, section, field, value):
 
 
 BAD_FIELDS = [
-    ("model", "ch", -8, "model.ch must be >= 1, got -8"),
+    ("model", "ch", -8, "model.ch must be in [1, 4096], got -8"),
+    ("model", "ch", 2**62, "model.ch must be in [1, 4096], got 4611686018427387904"),
+    ("model", "ch", 4096, "model.ch x model.ch_mult must be at most 4096 channels per level, got 4096 x [1, 2]"),
     ("model", "ch", 3.5, "model.ch must be an integer, got 3.5"),
     ("model", "in_channels", -3, "model.in_channels must be 3 (RGB), got -3"),
     ("model", "dropout", 5.0, "model.dropout must be in [0, 1), got 5.0"),
@@ -113,11 +116,15 @@ BAD_FIELDS = [
     ("model", "image_size", 0, "model.image_size must be in [1, 4096], got 0"),
     ("model", "image_size", -32, "model.image_size must be in [1, 4096], got -32"),
     ("model", "image_size", 31, "model.image_size must be a multiple of 2 (len(ch_mult) = 2), got 31"),
-    ("model", "ch_mult", [1, 0], "model.ch_mult must be a non-empty list of integers >= 1, got [1, 0]"),
-    ("model", "ch_mult", [], "model.ch_mult must be a non-empty list of integers >= 1, got []"),
+    ("model", "ch_mult", [1, 0], "model.ch_mult must be a list of 1 to 8 integers >= 1, got [1, 0]"),
+    ("model", "ch_mult", [], "model.ch_mult must be a list of 1 to 8 integers >= 1, got []"),
+    ("model", "ch_mult", [1] * 9, "model.ch_mult must be a list of 1 to 8 integers >= 1, got [1, 1, 1, 1, 1, 1, 1, "),
+    ("model", "ch_mult", [1, 2**40], "model.ch x model.ch_mult must be at most 4096 channels per level, got 8 x "),
     ("model", "ch_mult", [1, 2.5], "model.ch_mult must be a list of integers, got [1, 2.5]"),
     ("model", "attn_resolutions", [16, -8], "model.attn_resolutions must be integers >= 1, got [16, -8]"),
-    ("model", "num_res_blocks", -1, "model.num_res_blocks must be >= 0, got -1"),
+    ("model", "num_res_blocks", -1, "model.num_res_blocks must be in [0, 8], got -1"),
+    ("model", "num_res_blocks", 10**6, "model.num_res_blocks must be in [0, 8], got 1000000"),
+    ("model", "dropout", 10**400, "model.dropout must be a number, got 1000000000000000000000000000000000000..."),
     ("model", "num_heads", 0, "model.num_heads must be >= 1, got 0"),
     ("model", "num_heads", 3, "model.num_heads must divide the attention widths [16], got 3"),
     ("model", "learn_sigma", 1, "model.learn_sigma must be true or false, got 1"),
@@ -132,7 +139,8 @@ BAD_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("section,field,value,message", BAD_FIELDS, ids=[f"{s}.{f}={v!r}" for s, f, v, _ in BAD_FIELDS])
+@pytest.mark.parametrize("section,field,value,message", BAD_FIELDS,
+                         ids=[f"{s}.{f}={show(v)}" for s, f, v, _ in BAD_FIELDS])
 def test_a_malformed_config_field_is_a_one_line_error_naming_it(tmp_path, good_checkpoint, section, field, value,
                                                                 message):
     bad = tampered(good_checkpoint, tmp_path / "bad.pt", section, field, value)
@@ -152,11 +160,20 @@ def test_a_config_record_that_is_not_a_mapping_is_refused(tmp_path, good_checkpo
 
 
 def test_a_huge_config_is_refused_before_anything_is_allocated(tmp_path, good_checkpoint):
-    """ch = 10^6 would ask for terabytes of weights: the shapes are compared on the meta device."""
-    bad = tampered(good_checkpoint, tmp_path / "huge.pt", "model", "ch", 10**6)
-    with pytest.raises(DiffcodecError, match=r"weights do not fit the model config \(conv_in.bias is \[8\], "
-                                             r"the config needs \[1000000\]\)"):
+    """ch = 2^62 would overflow the shapes of a network built even on the meta device: the
+    config's limits come first."""
+    bad = tampered(good_checkpoint, tmp_path / "huge.pt", "model", "ch", 2**62)
+    with pytest.raises(DiffcodecError, match=r"corrupt checkpoint config: model.ch must be in \[1, 4096\]"):
         load_checkpoint(bad)
+
+
+def test_the_parameter_count_is_bounded_before_any_weight_is_compared():
+    """Every width at its limit and 8 blocks per level: 58 billion parameters, counted on the
+    meta device, refused in one line; the paper's model (35.7M) is well inside."""
+    huge = ModelConfig(ch=512, ch_mult=(8,) * 8, num_res_blocks=8, image_size=128, attn_resolutions=())
+    assert model_config_problem(huge) == ("model must have at most 2,000,000,000 parameters, this config has "
+                                          "58,034,294,787")
+    assert model_config_problem(ModelConfig()) is None
 
 
 @pytest.mark.parametrize("section,field,value,named", [("model", "dropout", 5.0, "model.dropout"),

@@ -306,7 +306,7 @@ def _copy(folder, dest):
 BAD = {
     "missing scheduler file": (lambda d: (d / "scheduler" / "scheduler_config.json").unlink(), "no scheduler config"),
     "unknown beta schedule": (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", beta_schedule="sigmoid"),
-                              'unknown beta_schedule "sigmoid"'),
+                              'unsupported beta_schedule="sigmoid" (diffcodec reads linear, squaredcos_cap_v2)'),
     "no variance type": (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", variance_type=_DELETE),
                          "no variance_type"),
     "other linear range": (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", beta_end=0.012),
@@ -363,20 +363,6 @@ def test_a_bin_state_dict_loads_like_the_safetensors_file(paper_like, tmp_path):
     assert a.fingerprint == b.fingerprint
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64])
-def test_the_safetensors_reader_reads_what_the_safetensors_package_writes(tmp_path, dtype):
-    safetensors_torch = pytest.importorskip("safetensors.torch", reason="comes with diffusers")
-    from diffcodec.external.safetensors_io import read_safetensors
-
-    tensors = {"a.weight": (torch.arange(24, dtype=torch.float64).reshape(2, 3, 4) / 7 - 1).to(dtype),
-               "b": torch.tensor([3.5]).to(dtype), "empty": torch.zeros(0, 5, dtype=dtype)}
-    safetensors_torch.save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
-    got = read_safetensors(tmp_path / "x.safetensors")
-    assert set(got) == set(tensors)
-    for name, value in tensors.items():
-        assert got[name].dtype == dtype and torch.equal(got[name], value)
-
-
 def test_a_truncated_safetensors_file_is_a_one_line_error(paper_like, tmp_path):
     folder = _copy(paper_like[1], tmp_path / "m")
     path = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -384,3 +370,20 @@ def test_a_truncated_safetensors_file_is_a_one_line_error(paper_like, tmp_path):
     with pytest.raises(DiffcodecError, match="not a valid safetensors file") as e:
         load_checkpoint(folder)
     assert "\n" not in str(e.value)
+
+
+def test_the_hand_written_tiny_folder_is_what_diffusers_reads(tmp_path):
+    """`tests.hostile` writes its valid folder without diffusers (so that the hostile-file and
+    fuzz tests run in a process without it): diffusers' own classes read it, and its network
+    computes what diffcodec loads."""
+    from tests.hostile import write_tiny_diffusers_folder
+
+    folder = write_tiny_diffusers_folder(tmp_path / "m")
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet").eval()
+    scheduler = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler")
+    assert (scheduler.config.num_train_timesteps, scheduler.config.variance_type) == (1000, "fixed_large")
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([5, 900])
+    with torch.no_grad():
+        want, got = unet(x, t).sample, load_checkpoint(folder).model(x, t)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -152,10 +152,11 @@ class _RunsCode:
 BAD = {
     "no diffusion_steps": (FLAGS.replace("--diffusion_steps 4000", ""), "no --diffusion_steps"),
     "unknown flag": (FLAGS + " --use_fp16 True", "unknown flag --use_fp16"),
-    "bad bool": (FLAGS.replace("--learn_sigma True", "--learn_sigma maybe"), "--learn_sigma must be a bool"),
+    "bad bool": (FLAGS.replace("--learn_sigma True", "--learn_sigma maybe"),
+                 "--learn_sigma must be true or false, got 'maybe'"),
     "class-conditional": (FLAGS + " --class_cond True", "class-conditional model needs its label"),
     "x0 prediction": (FLAGS + " --predict_xstart True", "unsupported --predict_xstart"),
-    "unknown schedule": (FLAGS.replace("cosine", "sqrt"), "unsupported --noise_schedule sqrt"),
+    "unknown schedule": (FLAGS.replace("cosine", "sqrt"), "unsupported --noise_schedule 'sqrt'"),
     "wrong channel counts": (FLAGS.replace("--num_channels 32", "--num_channels 64"), "weights do not fit the flags"),
     "no learned sigmas": (FLAGS.replace("--learn_sigma True", "--learn_sigma False"), "weights do not fit the flags"),
 }

@@ -29,18 +29,28 @@ other range is refused) or ``squaredcos_cap_v2`` (Improved DDPM's cosine schedul
 ``fixed_large`` / ``fixed_small`` (and their ``_log`` forms) / ``learned_range``;
 ``prediction_type="epsilon"``; ``clip_sample`` true with range 1 (diffcodec clips x^_0 to
 [-1, 1] always; a model that does not is refused rather than evaluated differently).
+
+Hostile files: the JSON is read by `json_io` (size, nesting, repeated keys), every field is
+checked for its JSON kind (true is not 1, a list is never looked up as a name) and range
+(`config`'s limits table) before it is used, and the weights' names, shapes and dtypes are
+compared with what the config needs from the safetensors header, before any tensor is read.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffcodec.checkpoint import shapes_misfit
 from diffcodec.config import (
+    MAX_CHANNELS,
+    MAX_IMAGE_SIZE,
+    MAX_LEVELS,
+    MAX_RES_BLOCKS,
+    MAX_TIMESTEPS,
     DiffusionConfig,
     ModelConfig,
     diffusion_config_problem,
@@ -48,6 +58,8 @@ from diffcodec.config import (
 )
 from diffcodec.errors import DiffcodecError
 from diffcodec.external import load_state_dict
+from diffcodec.external.json_io import read_json_object, show_json
+from diffcodec.external.safetensors_io import read_header, read_safetensors
 from diffcodec.schedule import linear_betas
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -95,24 +107,57 @@ def find_files(folder: Path) -> tuple[Path, Path, Path]:
     return unet_dir / "config.json", weights, scheduler
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise DiffcodecError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DiffcodecError(f"{path}: not valid JSON ({str(e).splitlines()[0][:80]})") from None
-    if not isinstance(data, dict):
-        raise DiffcodecError(f"{path}: not a JSON object")
-    return data
-
-
 def _unsupported(where: Path, key: str, value: Any, why: str) -> DiffcodecError:
-    return DiffcodecError(f"{where}: unsupported {key}={json.dumps(value)} ({why})")
+    return DiffcodecError(f"{where}: unsupported {key}={show_json(value)} ({why})")
+
+
+def _int(c: dict[str, Any], key: str, where: Path, low: int, high: int) -> int:
+    """``c[key]``, an integer in [low, high] (true and false are not integers here)."""
+    value = c[key]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise DiffcodecError(f"{where}: {key} must be an integer in [{low}, {high}], got {show_json(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind: null, bool, number, str, list or dict (true is not the number 1)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return "null" if value is None else type(value).__name__
+
+
+def _same(value: Any, want: Any) -> bool:
+    """``value == want`` for a JSON value, of the same kind (1.0 is 1; true is not)."""
+    if isinstance(want, tuple):
+        return isinstance(value, tuple) and len(value) == len(want) and all(map(_same, value, want))
+    return _kind(value) == _kind(want) and value == want
+
+
+def _lookup(table: dict, value: Any) -> Any:
+    """The entry of ``table`` whose key is `_same` as ``value`` (a JSON value, or a tuple of
+    them), or None; never a lookup by hash, which a list or an object would fail."""
+    return next((entry for key, entry in table.items() if _same(value, key)), None)
+
+
+def _number(c: dict[str, Any], key: str, where: Path) -> float:
+    """``c[key]``, a finite number of at most 1e300 in size."""
+    value = c[key]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) <= 1e300:
+        raise DiffcodecError(f"{where}: {key} must be a number, got {show_json(value)}")
+    return float(value) + 0.0  # -0.0 is 0.0 (the configs are hashed into the fingerprint)
+
+
+def _name(c: dict[str, Any], key: str, where: Path, names: dict[str, str]) -> str:
+    """``names[c[key]]``: diffcodec's name for the file's."""
+    value = _lookup(names, c[key])
+    if value is None:
+        raise _unsupported(where, key, c[key], f"diffcodec reads {', '.join(names)}")
+    return value
 
 
 def model_config_from_unet(cfg: dict[str, Any], where: Path) -> tuple[ModelConfig, list[bool]]:
-    """The `ModelConfig` that is this UNet2DModel config, and which levels have attention."""
+    """The `ModelConfig` that is this UNet2DModel config, and which levels have attention.
+    Every field's type and range is checked before it is used (the limits: `config`)."""
     c = {**UNET_DEFAULTS, **cfg}
     cls = c.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
@@ -133,69 +178,67 @@ def model_config_from_unet(cfg: dict[str, Any], where: Path) -> tuple[ModelConfi
         "norm_num_groups": (32, "diffcodec's UNet uses 32 groups"),
     }
     for key, (want, why) in fixed.items():
-        if c[key] != want:
+        if not _same(c[key], want):
             raise _unsupported(where, key, c[key], why)
     embeddings = {(False, 1): "ddpm", (True, 0): "improved"}  # [sin, cos] / (half - 1); [cos, sin] / half
-    embedding = embeddings.get((c["flip_sin_to_cos"], c["freq_shift"]))
+    embedding = _lookup(embeddings, (c["flip_sin_to_cos"], c["freq_shift"]))
     if embedding is None:
         raise _unsupported(where, "flip_sin_to_cos/freq_shift", [c["flip_sin_to_cos"], c["freq_shift"]],
                            "diffcodec reads [false, 1] (the paper's embedding) and [true, 0]")
-    if c["attn_norm_num_groups"] not in (None, 32):
+    if not (c["attn_norm_num_groups"] is None or _same(c["attn_norm_num_groups"], 32)):
         raise _unsupported(where, "attn_norm_num_groups", c["attn_norm_num_groups"], "diffcodec's UNet uses 32 groups")
     chans = c.get("block_out_channels")
-    if not isinstance(chans, list) or not chans or not all(isinstance(x, int) and x > 0 for x in chans):
-        raise DiffcodecError(f"{where}: block_out_channels must be a list of positive integers, got {chans!r}")
+    if not isinstance(chans, list) or not 1 <= len(chans) <= MAX_LEVELS or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_CHANNELS for x in chans):
+        raise DiffcodecError(f"{where}: block_out_channels must be a list of 1 to {MAX_LEVELS} integers in "
+                             f"[1, {MAX_CHANNELS}], got {show_json(chans)}")
     ch = chans[0]
     if any(x % ch for x in chans) or any(x % 32 for x in chans):
         raise _unsupported(where, "block_out_channels", chans,
                            "diffcodec's UNet needs multiples of the first width, and of 32 for its GroupNorm")
-    if c["time_embedding_dim"] not in (None, 4 * ch):
+    if not (c["time_embedding_dim"] is None or _same(c["time_embedding_dim"], 4 * ch)):
         raise _unsupported(where, "time_embedding_dim", c["time_embedding_dim"], f"diffcodec's UNet uses 4 x {ch}")
     down, up = c.get("down_block_types"), c.get("up_block_types")
     kinds = {"DownBlock2D": False, "AttnDownBlock2D": True}
-    if not isinstance(down, list) or len(down) != len(chans) or any(d not in kinds for d in down):
+    if not isinstance(down, list) or len(down) != len(chans) or any(_lookup(kinds, d) is None for d in down):
         raise _unsupported(where, "down_block_types", down, f"diffcodec reads {len(chans)} of {', '.join(kinds)}")
     attn = [kinds[d] for d in down]
     mirror = [{False: "UpBlock2D", True: "AttnUpBlock2D"}[a] for a in reversed(attn)]
     if up != mirror:
         raise _unsupported(where, "up_block_types", up, f"diffcodec's UNet mirrors the down blocks: {mirror}")
     size = c.get("sample_size")
-    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+    if isinstance(size, list) and len(size) == 2 and _kind(size[0]) == "number" and size[0] == size[1]:
         size = size[0]
-    if not isinstance(size, int):
-        raise _unsupported(where, "sample_size", size, "diffcodec needs square tiles of a given size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise _unsupported(where, "sample_size", c.get("sample_size"),
+                           f"diffcodec needs square tiles of 1 to {MAX_IMAGE_SIZE} pixels")
     if "attention_head_dim" not in cfg:  # diffusers would take 8, which early exports did not mean
         raise DiffcodecError(f'{where}: no attention_head_dim (diffusers would assume 8-wide heads; write '
                              f'"attention_head_dim": null for one head per block, as the paper\'s model, or the '
                              'head width)')
-    head_dim = c["attention_head_dim"]
     widths = [w for w, a in zip(chans, attn) if a] + [chans[-1]]
-    if head_dim is None:  # diffusers: one head as wide as the block
+    if c["attention_head_dim"] is None:  # diffusers: one head as wide as the block
         num_heads = 1
-    elif not isinstance(head_dim, int) or head_dim < 1 or any(w % head_dim for w in widths) or len(
-            {w // head_dim for w in widths}) > 1:
-        raise _unsupported(where, "attention_head_dim", head_dim,
-                           f"diffcodec's UNet needs one head count for attention widths {sorted(set(widths))}")
     else:
+        head_dim = _int(c, "attention_head_dim", where, 1, MAX_CHANNELS)
+        if any(w % head_dim for w in widths) or len({w // head_dim for w in widths}) > 1:
+            raise _unsupported(where, "attention_head_dim", head_dim,
+                               f"diffcodec's UNet needs one head count for attention widths {sorted(set(widths))}")
         num_heads = widths[0] // head_dim
-    if c["downsample_padding"] not in (0, 1):
+    padding = _lookup({0: "end", 1: "symmetric"}, c["downsample_padding"])
+    if padding is None:
         raise _unsupported(where, "downsample_padding", c["downsample_padding"], "diffcodec reads 0 or 1")
-    eps, dropout = c["norm_eps"], c["dropout"]
-    if not isinstance(eps, (int, float)) or not isinstance(dropout, (int, float)):
-        raise DiffcodecError(f"{where}: norm_eps and dropout must be numbers")
-    in_ch, out_ch = c["in_channels"], c["out_channels"]
-    if in_ch != 3:
-        raise _unsupported(where, "in_channels", in_ch, "diffcodec codes RGB images: 3 channels")
-    if out_ch not in (3, 6):
-        raise _unsupported(where, "out_channels", out_ch, "3 (eps) or 6 (eps and learned variance)")
-    layers = c["layers_per_block"]
-    if not isinstance(layers, int) or layers < 1:
-        raise _unsupported(where, "layers_per_block", layers, "a positive integer")
+    if not _same(c["in_channels"], 3):
+        raise _unsupported(where, "in_channels", c["in_channels"], "diffcodec codes RGB images: 3 channels")
+    learn_sigma = _lookup({3: False, 6: True}, c["out_channels"])
+    if learn_sigma is None:
+        raise _unsupported(where, "out_channels", c["out_channels"], "3 (eps) or 6 (eps and learned variance)")
     config = ModelConfig(
-        image_size=size, in_channels=3, ch=ch, ch_mult=tuple(x // ch for x in chans), num_res_blocks=layers,
-        attn_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a), dropout=float(dropout),
-        learn_sigma=out_ch == 6, num_heads=num_heads, norm_eps=float(eps), time_embedding=embedding,
-        downsample_padding="end" if c["downsample_padding"] == 0 else "symmetric")
+        image_size=size, in_channels=3, ch=ch, ch_mult=tuple(x // ch for x in chans),
+        num_res_blocks=_int(c, "layers_per_block", where, 1, MAX_RES_BLOCKS),
+        attn_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a), dropout=_number(c, "dropout", where),
+        learn_sigma=learn_sigma, num_heads=num_heads, norm_eps=_number(c, "norm_eps", where),
+        time_embedding=embedding, downsample_padding=padding)
     problem = model_config_problem(config)
     if problem is not None:
         raise DiffcodecError(f"{where}: this UNet has no diffcodec equivalent ({problem})")
@@ -203,50 +246,71 @@ def model_config_from_unet(cfg: dict[str, Any], where: Path) -> tuple[ModelConfi
 
 
 def diffusion_config_from_scheduler(cfg: dict[str, Any], where: Path) -> DiffusionConfig:
-    """The `DiffusionConfig` of a DDPMScheduler config (see the module docstring)."""
+    """The `DiffusionConfig` of a DDPMScheduler config (see the module docstring). T is
+    checked against `config.MAX_TIMESTEPS` before any schedule is computed."""
     missing = [k for k in SCHEDULER_REQUIRED if k not in cfg]
     if missing:
         raise DiffcodecError(f"{where}: no {', '.join(missing)} (diffcodec takes them from the file, never a default)")
     c = {**SCHEDULER_DEFAULTS, **cfg}
-    t = c["num_train_timesteps"]
-    if not isinstance(t, int) or isinstance(t, bool) or t < 1:
-        raise DiffcodecError(f"{where}: num_train_timesteps must be a positive integer, got {t!r}")
+    t = _int(c, "num_train_timesteps", where, 1, MAX_TIMESTEPS)
     if c["trained_betas"] is not None:
         raise _unsupported(where, "trained_betas", "[...]", "diffcodec reads named schedules only")
-    name = c["beta_schedule"]
-    if name not in SCHEDULES:
-        raise DiffcodecError(f"{where}: unknown beta_schedule {json.dumps(name)} "
-                             f"(diffcodec reads {' and '.join(SCHEDULES)})")
-    if name == "linear":
-        betas = linear_betas(t)
-        start, end = c["beta_start"], c["beta_end"]
-        if not (isinstance(start, (int, float)) and isinstance(end, (int, float))
-                and math.isclose(start, betas[0], rel_tol=1e-9) and math.isclose(end, betas[-1], rel_tol=1e-9)):
-            raise _unsupported(where, "beta_start/beta_end", [start, end],
-                               f"diffcodec's linear schedule at T = {t} is {betas[0]:.6g}..{betas[-1]:.6g}")
-    var = c["variance_type"]
-    if var not in VAR_TYPES:
-        raise _unsupported(where, "variance_type", var, f"diffcodec reads {', '.join(VAR_TYPES)}")
+    name = _name(c, "beta_schedule", where, SCHEDULES)
+    var = _name(c, "variance_type", where, VAR_TYPES)
     if c["prediction_type"] != "epsilon":
         raise _unsupported(where, "prediction_type", c["prediction_type"], "diffcodec's networks predict epsilon")
-    if c["clip_sample"] is not True or c["clip_sample_range"] != 1.0 or c["thresholding"] is not False:
-        raise _unsupported(where, "clip_sample", [c["clip_sample"], c["clip_sample_range"], c["thresholding"]],
+    clipping = (c["clip_sample"], c["clip_sample_range"], c["thresholding"])
+    if not _same(clipping, (True, 1.0, False)):
+        raise _unsupported(where, "clip_sample", clipping,
                            "diffcodec clips x^_0 to [-1, 1]: clip_sample true, clip_sample_range 1, no thresholding")
-    if c["rescale_betas_zero_snr"]:
-        raise _unsupported(where, "rescale_betas_zero_snr", True, "diffcodec reads the plain schedules")
-    config = DiffusionConfig(schedule=SCHEDULES[name], num_timesteps=t, var_type=VAR_TYPES[var])
+    if not _same(c["rescale_betas_zero_snr"], False):
+        raise _unsupported(where, "rescale_betas_zero_snr", c["rescale_betas_zero_snr"],
+                           "diffcodec reads the plain schedules")
+    config = DiffusionConfig(schedule=name, num_timesteps=t, var_type=var)
     problem = diffusion_config_problem(config)
     if problem is not None:
         raise DiffcodecError(f"{where}: {problem}")
+    if name == "linear":
+        betas = linear_betas(t)  # T <= MAX_TIMESTEPS: at most 800 kB
+        start, end = _number(c, "beta_start", where), _number(c, "beta_end", where)
+        if not (math.isclose(start, betas[0], rel_tol=1e-9) and math.isclose(end, betas[-1], rel_tol=1e-9)):
+            raise _unsupported(where, "beta_start/beta_end", [start, end],
+                               f"diffcodec's linear schedule at T = {t} is {betas[0]:.6g}..{betas[-1]:.6g}")
     return config
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from diffcodec.external.safetensors_io import read_safetensors
+def source_shapes(config: ModelConfig, attn: list[bool], expected: dict[str, tuple[int, ...]]
+                  ) -> dict[str, tuple[int, ...]]:
+    """The diffusers tensors (names, shapes) whose renaming (`key_map`) gives the tensors
+    ``expected`` of diffcodec's UNet: what the weights file must hold, exactly."""
+    plain, attns = key_map(config, attn)
+    shapes = {a: expected[b] for a, b in plain.items() if b in expected}  # conv_shortcut: only where widths change
+    for a, b in attns.items():
+        c = expected[f"{b}.norm.weight"][0]
+        shapes |= {f"{a}.{p}.weight": (c, c) for p in ("to_q", "to_k", "to_v", "to_out.0")}
+        shapes |= {f"{a}.{p}.bias": (c,) for p in ("group_norm", "to_q", "to_k", "to_v", "to_out.0")}
+        shapes[f"{a}.group_norm.weight"] = (c,)
+    return shapes
 
-        return read_safetensors(path)
-    return load_state_dict(path)
+
+def read_weights(path: Path, needed: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The weights file's tensors, once their names, shapes and (floating-point) dtypes are
+    those ``needed``; a safetensors file is compared from its header, before any tensor is read."""
+    if path.suffix == ".safetensors":
+        header = read_header(path)
+        shapes = {name: shape for name, (_, shape) in header.items()}
+        floating = {name: dtype.startswith(("F", "BF")) for name, (dtype, _) in header.items()}
+    else:
+        state = load_state_dict(path)
+        shapes = {name: tuple(v.shape) for name, v in state.items()}
+        floating = {name: v.is_floating_point() for name, v in state.items()}
+    misfit = shapes_misfit(shapes, needed)
+    not_floating = sorted(name for name, f in floating.items() if not f)
+    if misfit is None and not_floating:
+        misfit = f"{not_floating[0]} is not floating point"
+    if misfit is not None:
+        raise DiffcodecError(f"{path}: weights do not fit the config ({misfit})")
+    return read_safetensors(path) if path.suffix == ".safetensors" else state
 
 
 def _resnet(src: str, dst: str) -> dict[str, str]:
@@ -290,60 +354,35 @@ def key_map(config: ModelConfig, attn: list[bool]) -> tuple[dict[str, str], dict
 
 
 def to_diffcodec_state(state: dict[str, torch.Tensor], config: ModelConfig, attn: list[bool],
-                       expected: dict[str, tuple[int, ...]], where: Path) -> dict[str, torch.Tensor]:
-    """diffusers' tensors renamed (and attention projections joined) into `UNet`'s state dict,
-    float32. Every tensor of the file is used and every tensor of the UNet given, at its shape."""
+                       expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """diffusers' tensors (exactly `source_shapes`, as `read_weights` gives them) renamed, and
+    attention projections joined, into `UNet`'s state dict, float32."""
     plain, attns = key_map(config, attn)
     src = {k: v.float() for k, v in state.items()}
-    used: set[str] = set()
-    out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in src:
-            raise DiffcodecError(f"{where}: weights do not fit the config (missing {name})")
-        used.add(name)
-        return src[name]
-
-    for a, b in plain.items():
-        if b in expected:  # conv_shortcut exists only where a block changes width
-            out[b] = take(a)
+    out = {b: src[a] for a, b in plain.items() if b in expected}
     for a, b in attns.items():
-        out[f"{b}.norm.weight"], out[f"{b}.norm.bias"] = take(f"{a}.group_norm.weight"), take(f"{a}.group_norm.bias")
-        q, k, v = (take(f"{a}.{p}.weight") for p in ("to_q", "to_k", "to_v"))
-        if not q.ndim == k.ndim == v.ndim == 2:
-            raise DiffcodecError(f"{where}: weights do not fit the config ({a}.to_q.weight is {list(q.shape)})")
-        out[f"{b}.qkv.weight"] = torch.cat([q, k, v])[:, :, None, None]
-        out[f"{b}.qkv.bias"] = torch.cat([take(f"{a}.{p}.bias") for p in ("to_q", "to_k", "to_v")])
-        proj = take(f"{a}.to_out.0.weight")
-        out[f"{b}.proj.weight"], out[f"{b}.proj.bias"] = proj.reshape(*proj.shape, 1, 1), take(f"{a}.to_out.0.bias")
-    unused = sorted(set(src) - used)
-    if unused:
-        raise DiffcodecError(f"{where}: weights do not fit the config (unexpected {unused[0]}"
-                             + (f" and {len(unused) - 1} more)" if len(unused) > 1 else ")"))
-    source = {b: a for a, b in plain.items()}
-    for name, shape in expected.items():
-        if name not in out:
-            raise DiffcodecError(f"{where}: weights do not fit the config (missing {source.get(name, name)})")
-        if tuple(out[name].shape) != shape:
-            raise DiffcodecError(f"{where}: weights do not fit the config ({source.get(name, name)} gives "
-                                 f"{list(out[name].shape)} for {name}, which needs {list(shape)})")
+        out[f"{b}.norm.weight"], out[f"{b}.norm.bias"] = src[f"{a}.group_norm.weight"], src[f"{a}.group_norm.bias"]
+        out[f"{b}.qkv.weight"] = torch.cat([src[f"{a}.{p}.weight"] for p in ("to_q", "to_k", "to_v")])[:, :, None, None]
+        out[f"{b}.qkv.bias"] = torch.cat([src[f"{a}.{p}.bias"] for p in ("to_q", "to_k", "to_v")])
+        out[f"{b}.proj.weight"] = src[f"{a}.to_out.0.weight"][:, :, None, None]
+        out[f"{b}.proj.bias"] = src[f"{a}.to_out.0.bias"]
     return out
 
 
 def read_diffusers_folder(folder: Path) -> tuple[ModelConfig, DiffusionConfig, dict[str, torch.Tensor], dict]:
     """(model config, diffusion config, state dict in diffcodec's names, meta) of a folder."""
-    from diffcodec.unet import UNet
+    from diffcodec.unet import parameter_shapes
 
     unet_cfg_path, weights_path, sched_path = find_files(folder)
-    model_config, attn = model_config_from_unet(read_json(unet_cfg_path), unet_cfg_path)
-    diffusion_config = diffusion_config_from_scheduler(read_json(sched_path), sched_path)
+    model_config, attn = model_config_from_unet(read_json_object(unet_cfg_path), unet_cfg_path)
+    diffusion_config = diffusion_config_from_scheduler(read_json_object(sched_path), sched_path)
     if model_config.learn_sigma != (diffusion_config.var_type == "learned_range"):
         raise DiffcodecError(f"{unet_cfg_path}: out_channels {model_config.out_channels} does not fit the scheduler's "
                              f"variance type {diffusion_config.var_type} (which needs "
                              f"{6 if diffusion_config.var_type == 'learned_range' else 3})")
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in UNet(model_config).state_dict().items()}
-    state = to_diffcodec_state(read_weights(weights_path), model_config, attn, expected, weights_path)
+    expected = parameter_shapes(model_config)
+    state = read_weights(weights_path, source_shapes(model_config, attn, expected))
+    state = to_diffcodec_state(state, model_config, attn, expected)
     meta = {"source": "diffusers", "weights": f"diffusers UNet2DModel ({weights_path.name})",
             "unet_config": str(unet_cfg_path), "scheduler_config": str(sched_path)}
     return model_config, diffusion_config, state, meta

@@ -29,22 +29,30 @@ in float64), T = ``diffusion_steps``, variance ``learned_range`` with ``learn_si
 ``fixedsmall`` with ``sigma_small``, else ``fixedlarge``; x^_0 clipped to [-1, 1], as their
 ``image_nll.py``. Refused in one line: ``class_cond`` (the bound needs a label),
 ``predict_xstart``, a ``timestep_respacing`` (respace with ``--steps``), different
-``num_heads_upsample``, an unknown flag.
+``num_heads_upsample``, an unknown flag, a flag given twice, a value that is not its flag's
+type written in ASCII (``--num_res_blocks ²``), and sizes beyond `config`'s limits (checked
+before anything is built); the flags file is read up to 64 kB.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffcodec.config import DiffusionConfig, ModelConfig, diffusion_config_problem, model_config_problem
+from diffcodec.config import DiffusionConfig, ModelConfig, diffusion_config_problem, model_config_problem, show
+from diffcodec.checkpoint import tensor_name
 from diffcodec.errors import DiffcodecError
 from diffcodec.external import load_state_dict
 
 SIDECAR_SUFFIX = ".flags"
+MAX_FLAGS_BYTES = 64 << 10  # their README's flags for a model are ~200 bytes
+FLAG_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+INTEGER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+NUMBER = re.compile(r"[-+]?([0-9]{1,12}\.?[0-9]{0,12}|\.[0-9]{1,12})([eE][-+]?[0-9]{1,3})?")
 
 # improved_diffusion.script_util.model_and_diffusion_defaults() (their repository, read once).
 DEFAULTS: dict[str, Any] = {
@@ -79,8 +87,8 @@ def parse_flags(text: str, where: Path) -> dict[str, Any]:
     while i < len(words):
         word = words[i]
         name, _, value = word[2:].partition("=") if word.startswith("--") else ("", "", "")
-        if not name:
-            raise DiffcodecError(f"{where}: expected --flag value, got {word!r}")
+        if not FLAG_NAME.fullmatch(name):
+            raise DiffcodecError(f"{where}: expected --flag value, got {show(word)}")
         if not value:
             if i + 1 >= len(words):
                 raise DiffcodecError(f"{where}: --{name} has no value")
@@ -93,16 +101,16 @@ def parse_flags(text: str, where: Path) -> dict[str, Any]:
         if isinstance(default, bool):
             parsed = _str2bool(value)
         elif isinstance(default, int):
-            parsed = int(value) if value.lstrip("-").isdigit() else None
+            parsed = int(value) if INTEGER.fullmatch(value) else None
         elif isinstance(default, float):
-            try:
-                parsed = float(value)
-            except ValueError:
-                parsed = None
+            parsed = float(value) if NUMBER.fullmatch(value) else None
         else:
             parsed = value
         if parsed is None:
-            raise DiffcodecError(f"{where}: --{name} must be a {type(default).__name__}, got {value!r}")
+            kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
+            raise DiffcodecError(f"{where}: --{name} must be {kind}, got {show(value)}")
+        if name in given:  # argparse would keep the last: say it instead
+            raise DiffcodecError(f"{where}: --{name} is given twice")
         given[name] = parsed
     missing = [f"--{k}" for k in REQUIRED if k not in given]
     if missing:
@@ -110,9 +118,16 @@ def parse_flags(text: str, where: Path) -> dict[str, Any]:
     return {**DEFAULTS, **EXTRA, **given}
 
 
+def _integers(text: str, empty_ok: bool = False) -> tuple[int, ...] | None:
+    """``"1,2,2"`` -> (1, 2, 2) (blank items skipped where ``empty_ok``), or None."""
+    items = [item.strip() for item in text.split(",")]
+    items = [item for item in items if item] if empty_ok else items
+    return tuple(int(item) for item in items) if all(INTEGER.fullmatch(item) for item in items) else None
+
+
 def configs_from_flags(f: dict[str, Any], where: Path) -> tuple[ModelConfig, DiffusionConfig]:
     def unsupported(flag: str, why: str) -> DiffcodecError:
-        return DiffcodecError(f"{where}: unsupported --{flag} {f[flag]} ({why})")
+        return DiffcodecError(f"{where}: unsupported --{flag} {show(f[flag])} ({why})")
 
     if f["class_cond"]:
         raise unsupported("class_cond", "a class-conditional model needs its label; diffcodec evaluates "
@@ -127,19 +142,17 @@ def configs_from_flags(f: dict[str, Any], where: Path) -> tuple[ModelConfig, Dif
         raise unsupported("noise_schedule", "linear or cosine")
     size = f["image_size"]
     if f["channel_mult"]:
-        try:
-            mult = tuple(int(m) for m in f["channel_mult"].split(","))
-        except ValueError:
-            raise unsupported("channel_mult", "comma-separated integers") from None
+        mult = _integers(f["channel_mult"])
+        if mult is None:
+            raise unsupported("channel_mult", "comma-separated integers")
     elif size in CHANNEL_MULT:
         mult = CHANNEL_MULT[size]
     else:
         raise unsupported("image_size", f"their create_model knows {', '.join(map(str, CHANNEL_MULT))}; "
                                         "give --channel_mult")
-    try:
-        attn = tuple(int(r) for r in f["attention_resolutions"].split(",") if r.strip())
-    except ValueError:
-        raise unsupported("attention_resolutions", "comma-separated integers") from None
+    attn = _integers(f["attention_resolutions"], empty_ok=True)
+    if attn is None:
+        raise unsupported("attention_resolutions", "comma-separated integers")
     ch = f["num_channels"]
     if ch < 1 or any((ch * m) % 32 for m in mult):
         raise unsupported("num_channels", "their GroupNorm needs multiples of 32 at every level")
@@ -236,24 +249,32 @@ def to_diffcodec_state(state: dict[str, torch.Tensor], config: ModelConfig, expe
     used = {t for t, o in names.items() if o in expected}
     unexpected = sorted(set(state) - used)
     if unexpected:
-        raise DiffcodecError(f"{where}: weights do not fit the flags (unexpected {unexpected[0]}"
+        raise DiffcodecError(f"{where}: weights do not fit the flags (unexpected {tensor_name(unexpected[0])}"
                              + (f" and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ")"))
     return out
 
 
 def read_improved_diffusion(path: Path) -> tuple[ModelConfig, DiffusionConfig, dict[str, torch.Tensor], dict]:
     """(model config, diffusion config, state dict in UNet's names, meta) of MODEL.pt + MODEL.pt.flags."""
-    from diffcodec.unet import UNet
+    from diffcodec.unet import parameter_shapes
 
     flags_path = sidecar_path(path)
+    if not flags_path.is_file():
+        raise DiffcodecError(f"{flags_path}: not a file (the flags of {path.name}, as improved-diffusion's README "
+                             "writes them)")
     try:
-        text = flags_path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DiffcodecError(f"{flags_path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        with open(flags_path, "rb") as f:
+            data = f.read(MAX_FLAGS_BYTES + 1)
+        text = data.decode("utf-8")
+    except OSError as e:
+        raise DiffcodecError(f"{flags_path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise DiffcodecError(f"{flags_path}: cannot read (not UTF-8 text)") from None
+    if len(data) > MAX_FLAGS_BYTES:
+        raise DiffcodecError(f"{flags_path}: more than {MAX_FLAGS_BYTES:,} bytes of flags (a model's are ~200)")
     model_config, diffusion_config = configs_from_flags(parse_flags(text, flags_path), flags_path)
     state = load_state_dict(path)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in UNet(model_config).state_dict().items()}
+    expected = parameter_shapes(model_config)
     state = to_diffcodec_state(state, model_config, expected, path)
     meta = {"source": "improved-diffusion", "weights": "improved-diffusion UNetModel", "flags": str(flags_path)}
     return model_config, diffusion_config, state, meta
