@@ -49,6 +49,11 @@ try:  # the CPU kernels; without numba the torch twins run instead (same bits, s
     from numba.core.extending import intrinsic as _intrinsic
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
     numba = None
+else:
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's own thread pool: its OpenMP layer would share (and reset) torch's OpenMP
+        # runtime's thread count, and spin beside torch's threads
+        numba.config.THREADING_LAYER = "workqueue"
 
 
 def numba_available() -> bool:
