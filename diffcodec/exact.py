@@ -1,6 +1,18 @@
 """The exact arithmetic contract: what every value that decides a coded symbol is made of.
 
-Contract version 1 (``CONTRACT_VERSION``, written into every exact-path file header):
+Every exact-path file header carries the version of the contract it was written under
+(``CONTRACT_VERSIONS``); this diffcodec writes ``CONTRACT_VERSION`` and decodes every
+version it knows. The versions differ only in the network (`network_for_contract`):
+
+- version 1: `exact_net` (binary64 matrix products of up to 27-bit integers, the layers in
+  binary64; about 5x slower than the float32 network on a CPU);
+- version 2: `exact_net2` (int8 matrix products of the two parts of 14-bit integers, fused
+  numba kernels, activations in binary32 between layers; as fast as the float32 network or
+  faster, reports/exact.md). Its rules are the same five below, with binary32 allowed
+  beside binary64 and int8 -> int32 products counted as integer sums (exact: each operand
+  part in [-64, 63], so no kernel of any instruction set can saturate).
+
+The rules, every version:
 
 1. Values are integers, or IEEE-754 binary64 results of + - x / and sqrt (`sqrt`: torch's
    CPU sqrt is not correctly rounded), each correctly rounded (round to nearest, ties to
@@ -22,7 +34,7 @@ Contract version 1 (``CONTRACT_VERSION``, written into every exact-path file hea
    divides by a Python scalar as a multiplication by its reciprocal, which is not the
    correctly rounded quotient.
 
-What the contract covers in this package: the exact network (`exact_net`), the noise
+What the contract covers in this package: the exact network (`exact_net`, `exact_net2`), the noise
 schedule (`schedule`), the reverse-process parameters and their snapping to the coder's grid
 (`diffusion`, `codec.coding_params`, `codec.bitsback.chain`), the progressive codec's latents
 and its reverse-channel-coding candidates (`codec.rcc`). What it does not cover: the entropy
@@ -38,7 +50,8 @@ import math
 import numpy as np
 import torch
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
+CONTRACT_VERSIONS = (1, 2)
 
 F64 = torch.float64
 MANTISSA_LIMIT_BITS = 53  # integers of magnitude <= 2^53 are exact in binary64

@@ -124,17 +124,16 @@ def use_threads(count: int) -> None:
 
 
 def network(model: torch.nn.Module, *, float64: bool = False, bf16: bool = False, exact: bool = False,
-            device: torch.device | str | None = None) -> ModelFn:
+            contract: int | None = None, device: torch.device | str | None = None) -> ModelFn:
     """The model as a ``ModelFn`` in inference mode: on ``device`` when given; ``float64``
     runs a float64 copy (the original is untouched); ``bf16`` runs under bfloat16 autocast
-    on CUDA, the output cast back to float32; ``exact`` runs `exact_net.exact_network`, the
-    copy under the exact arithmetic contract (inputs taken as float64, outputs float64)."""
+    on CUDA, the output cast back to float32; ``exact`` runs the copy under the exact
+    arithmetic contract of version ``contract`` (default: the one this diffcodec writes,
+    `exact.CONTRACT_VERSION`; inputs taken as float64, outputs float64)."""
     if sum((float64, bf16, exact)) > 1:
         raise ValueError("network: float64, bf16 and exact exclude each other")
     if exact:
-        from diffcodec.exact_net import exact_network
-
-        net = exact_network(model)
+        net = exact_network_of(model, contract)
         net = net.to(device) if device is not None else net
 
         @torch.inference_mode()
@@ -156,6 +155,25 @@ def network(model: torch.nn.Module, *, float64: bool = False, bf16: bool = False
             return model(x_t, t).float()
 
     return call
+
+
+def exact_network_of(model: torch.nn.Module, contract: int | None = None) -> torch.nn.Module:
+    """``model``'s copy under exact-arithmetic contract ``contract`` (default: the version
+    this diffcodec writes): version 1 `exact_net.exact_network`, version 2
+    `exact_net2.exact_network2`."""
+    from diffcodec.exact import CONTRACT_VERSION, CONTRACT_VERSIONS
+
+    version = CONTRACT_VERSION if contract is None else contract
+    if version not in CONTRACT_VERSIONS:
+        raise DiffcodecError(f"exact arithmetic contract version {version} is not one this diffcodec implements "
+                             f"({', '.join(map(str, CONTRACT_VERSIONS))})")
+    if version == 1:
+        from diffcodec.exact_net import exact_network
+
+        return exact_network(model)
+    from diffcodec.exact_net2 import exact_network2
+
+    return exact_network2(model)
 
 
 @contextlib.contextmanager

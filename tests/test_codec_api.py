@@ -162,7 +162,7 @@ def test_v4_progressive_decode_trusts_the_streams_closing_check(model, monkeypat
     stub(complete=False, stages=2, timestep=100, stop="check", stop_stage=2, pixels_checked=None, bits_used=77)
     assert api.decode(data, model=model, device="cpu").damage == "the integrity check after stage 2 failed"
     # the exact contract: a failed closing check after a matching probe is damage, not divergence
-    probe = probe_digest(network(model.model, exact=True), model.diffusion_config, 32)
+    probe = probe_digest(network(model.model, exact=True, contract=1), model.diffusion_config, 32)
     exact = _progressive_file(model, images, ProgressiveParams(num_steps=3, exact=True), b"\x55" * 10, probe)
     stub(pixels_checked=False)
     r = api.decode(exact, model=model, device="cpu")

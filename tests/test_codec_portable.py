@@ -1,9 +1,10 @@
 """Exact-contract files across machines: encode here, decode in a subprocess whose vector units
 and thread count differ (standing in for another CPU), refuse early what would diverge.
 
-The subprocess caps ATen's kernels (ATEN_CPU_CAPABILITY), oneDNN's (ONEDNN_MAX_CPU_ISA) and
-MKL's (MKL_ENABLE_INSTRUCTIONS) instruction sets and runs another torch thread count than the
-encoder: what a laptop without AVX-512 would do. A float32 file of the same images does not
+The subprocess caps ATen's kernels (ATEN_CPU_CAPABILITY), oneDNN's (ONEDNN_MAX_CPU_ISA: for
+contract 2's int8 products, kernels without VNNI), MKL's (MKL_ENABLE_INSTRUCTIONS) and
+numba's (NUMBA_CPU_NAME=generic: SSE2 code for contract 2's kernels) instruction sets and
+runs another torch thread count than the encoder: what a laptop without AVX-512 would do. A float32 file of the same images does not
 survive this (issue 15's report: "pixel checksum mismatch after decoding"); an exact one must
 decode to the same bits, every progressive prefix included.
 """
@@ -28,12 +29,13 @@ from diffcodec.codec import api
 from diffcodec.codec.container import unpack
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.errors import DiffcodecError
+from diffcodec.exact import CONTRACT_VERSION, CONTRACT_VERSIONS
 
 from conftest import as_loaded, seeded_model, synthetic_images
 
 REPO = Path(__file__).resolve().parents[1]
 OTHER_CPU = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
-             "OMP_NUM_THREADS": "1"}
+             "NUMBA_CPU_NAME": "generic", "OMP_NUM_THREADS": "1"}
 PARAMS = ProgressiveParams(num_steps=4, chunk_bits=6.0, log2_candidates=10)
 
 # The subprocess: decode every file at the given bit counts, print what came out as JSON.
@@ -66,16 +68,18 @@ def model_and_checkpoint(tmp_path_factory):
     return as_loaded(model, mc, dc), path
 
 
-def test_exact_files_decode_bit_exactly_with_other_vector_units_and_threads(model_and_checkpoint, tmp_path):
-    """Lossless and progressive exact files written here with 2 torch threads decode in a
-    subprocess with capped instruction sets and 1 thread to the same pixels, and every
-    progressive prefix gives the same image and stage count there as here."""
+@pytest.mark.parametrize("contract", CONTRACT_VERSIONS)
+def test_exact_files_decode_bit_exactly_with_other_vector_units_and_threads(model_and_checkpoint, tmp_path, contract):
+    """Lossless and progressive exact files of each contract version written here with 2
+    torch threads decode in a subprocess with capped instruction sets and 1 thread to the
+    same pixels, and every progressive prefix gives the same image and stage count there."""
     model, checkpoint = model_and_checkpoint
     images = synthetic_images([(32, 32), (20, 40)], seed=5)
     torch.set_num_threads(2)
-    lossless = api.encode(images, model=model, steps=4, bootstrap=False)
-    progressive = api.encode(images, model=model, mode="progressive", progressive_params=PARAMS, workers=1)
-    assert lossless.header.contract == progressive.header.contract == 1
+    lossless = api.encode(images, model=model, steps=4, bootstrap=False, contract=contract)
+    progressive = api.encode(images, model=model, mode="progressive", progressive_params=PARAMS, workers=1,
+                             contract=contract)
+    assert lossless.header.contract == progressive.header.contract == contract
     (tmp_path / "l.dfc").write_bytes(lossless.data)
     (tmp_path / "p.dfc").write_bytes(progressive.data)
     total = 8 * len(progressive.data)
@@ -121,10 +125,12 @@ def test_a_file_of_a_newer_contract_is_refused_with_its_reason(model_and_checkpo
     """A contract version this diffcodec does not implement: one line naming it, no work."""
     model, _ = model_and_checkpoint
     data = bytearray(api.encode(synthetic_images([(32, 32)]), model=model, steps=2, bootstrap=False).data)
-    assert unpack(bytes(data)).header.contract == 1 and data[4] >> 2 & 7 == 1  # format 4: bits 2-4 of byte 4
-    data[4] = data[4] & ~0x1C | 2 << 2
+    version = CONTRACT_VERSION  # what this diffcodec writes: format 4 keeps it in bits 2-4 of byte 4
+    assert unpack(bytes(data)).header.contract == version and data[4] >> 2 & 7 == version
+    newer = max(CONTRACT_VERSIONS) + 1
+    data[4] = data[4] & ~0x1C | newer << 2
     data[-4:] = struct.pack("<I", zlib.crc32(bytes(data[:-4])) & 0xFFFFFFFF)
-    with pytest.raises(DiffcodecError, match="contract version 2 by a newer diffcodec"):
+    with pytest.raises(DiffcodecError, match=f"contract version {newer} by a newer diffcodec"):
         api.decode(bytes(data), model=model, device="cpu")
 
 

@@ -285,12 +285,15 @@ EXACT_SHA256 = {EXACT_LOSSLESS: "51064aa7a28a7d0a4d3c240e06dc163f5b22d89bb73384c
 # the same two encodes by today's diffcodec: format 4, progressive stream version 3
 EXACT_V4_SHA256 = {HERE / "default_exact_lossless_k10_v4.dfc": "e72c2b602f6bc27e38bfcfc453be0c104bac1e23c7383868d97d2a6112cdb556",
                    HERE / "default_exact_progressive_k10_v4.dfc": "96c595fd44a78b39b41d5701b8aa5b10ef85609d43c8a0d656231e8949386780"}
+# the same two encodes under exact-arithmetic contract 2 (the network of exact_net2; format 4)
+EXACT_C2_SHA256 = {HERE / "default_exact_lossless_k10_c2.dfc": "de1c8afedc562c9ecf5d14240e0eb721ad7f2e7301fd34c3889f407c56d061dd",
+                   HERE / "default_exact_progressive_k10_c2.dfc": "cbc7ac685334ba163d684e6f85aeed0f1a6b70a72ca83c91aeb70089705b7696"}
 EXACT_SOURCE = ((32, 64), 15)  # conftest.synthetic_images([(32, 64)], seed=15): 2 tiles
 EXACT_SOURCE_SHA256 = "b5a67142a461dcc766e3b165d6fa4ca7ee83bf83094f17c47beab561eea195e4"
 
 
 def test_exact_golden_files_decode_to_their_pixels_on_this_machine():
-    """Files of the exact contract (version 1) written with the embedded default model: a
+    """Files of the exact contract (versions 1 and 2) written with the embedded default model: a
     lossless one (K = 10 quadratic, no bootstrap: both tiles through the bits-back chain) and
     a progressive one (K = 10), each of one 32x64 synthetic image (2 tiles). Made with
 
@@ -306,14 +309,14 @@ def test_exact_golden_files_decode_to_their_pixels_on_this_machine():
     source = synthetic_images([EXACT_SOURCE[0]], seed=EXACT_SOURCE[1])[0]
     assert pixel_sha256(source) == EXACT_SOURCE_SHA256
     model = load_checkpoint(None)
-    for path, sha in {**EXACT_SHA256, **EXACT_V4_SHA256}.items():
+    for path, sha in {**EXACT_SHA256, **EXACT_V4_SHA256, **EXACT_C2_SHA256}.items():
         data = path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == sha, f"{path.name} changed"
         h = unpack(data).header
         if h.version == 3:
             assert (h.contract, h.fingerprint, h.num_steps) == (1, DEFAULT_FINGERPRINT, 10)
         else:
-            assert path in EXACT_V4_SHA256 and (h.version, h.contract) == (4, 1)
+            assert (h.version, h.contract) == ((4, 2) if path in EXACT_C2_SHA256 else (4, 1))
             assert h.model_id == model_identity(DEFAULT_FINGERPRINT, "cosine", 1000, "learned_range", 32)
         decoded = api.decode(data, model=model, device="cpu")
         assert decoded.names == ["synthetic"] and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256

@@ -55,7 +55,7 @@ from diffcodec.codec.probe import check_probe, probe_digest
 from diffcodec.codec.progressive import codec as progressive
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.errors import DiffcodecError
-from diffcodec.exact import CONTRACT_VERSION
+from diffcodec.exact import CONTRACT_VERSION, CONTRACT_VERSIONS
 from diffcodec.images import from_model_output, image_tiles, images_from_tiles, tile_count, to_model_input
 from diffcodec.likelihood import BoundResult, merge_rows
 from diffcodec.runtime import (
@@ -300,7 +300,7 @@ def encode(
     bootstrap: bool = True,
     compute_bound: bool = True, chunk_bits: float = ProgressiveParams().chunk_bits, workers: int | None = None,
     progressive_params: ProgressiveParams | None = None, grid: GridConfig = GridConfig(),
-    progress: Progress | None = None,
+    progress: Progress | None = None, contract: int = CONTRACT_VERSION,
 ) -> LosslessEncoding | ProgressiveEncoding:
     """RGB uint8 images [H, W, 3] (any sizes, cut into model-size tiles, all in one stream)
     as one `.dfc` file. ``steps``: K coded steps (default 100 lossless, 50 progressive).
@@ -311,7 +311,9 @@ def encode(
     spacing, candidates, seed, ...; the benchmarks' knobs; its arithmetic flags are set from
     ``arithmetic``), instead of steps / spacing / chunk_bits;
     ``workers``: threads of the progressive candidate search (default: all cores);
-    ``grid``: how bits-back discretises its latents (stored in the file)."""
+    ``grid``: how bits-back discretises its latents (stored in the file); ``contract``: the
+    exact arithmetic contract's version to write (`exact.CONTRACT_VERSIONS`; the benchmarks
+    compare them)."""
     if mode not in MODES:
         raise DiffcodecError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     if arithmetic not in ARITHMETICS:
@@ -334,8 +336,9 @@ def encode(
     dc = model.diffusion_config
     ident = model_id(model)
     with deterministic_kernels():
-        model_fn = network(model.model, float64=float64, exact=exact, device=device)
-        contract = (CONTRACT_VERSION, probe_digest(model_fn, dc, tile, device)) if exact else (0, b"")
+        model_fn = network(model.model, float64=float64, exact=exact, contract=contract if exact else None,
+                           device=device)
+        contract_fields = (contract, probe_digest(model_fn, dc, tile, device)) if exact else (0, b"")
         if mode == "progressive":
             params = _progressive_params(progressive_params, steps, spacing, chunk_bits, float64, exact, len(tiles),
                                          tile)
@@ -347,20 +350,20 @@ def encode(
             legacy = enc.params.version < 3
             header = Header(MODE_PROGRESSIVE, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps,
                             steps, dc.var_type, tile, entries, pixel_checksum(list(images)) if legacy else b"",
-                            enc.params.pack(), *contract, version=3 if legacy else 4, model_id=ident)
+                            enc.params.pack(), *contract_fields, version=3 if legacy else 4, model_id=ident)
             return ProgressiveEncoding(pack(Container(header, enc.payload)), header, enc, int(dims.sum()))
         schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, spacing)
         m = bitsback.bootstrap_size(schedule, len(tiles), tile, grid) if bootstrap else 0
         batches = -(-len(tiles) // batch_size) if compute_bound else 0
         code = bitsback.encode_stream(
             model.model, dc, schedule, tiles, spacing=spacing, config=grid, max_batch=batch_size, device=device,
-            float64=float64, exact=exact, bootstrap=bootstrap, compute_bound=compute_bound,
+            float64=float64, exact=exact, contract=contract, bootstrap=bootstrap, compute_bound=compute_bound,
             on_step=_bar(progress, "encode", (len(tiles) - m) * steps) if len(tiles) > m else None,
             on_bound_step=_bar(progress, "bound", batches * steps),
             on_bootstrap_stage=_stage_bar(progress, "bootstrap", bitsback.BOOTSTRAP_PARAMS.num_stages) if m else None)
     header = Header(MODE_BITSBACK, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps, steps,
                     dc.var_type, tile, entries, pixel_checksum(list(images), PIXEL_CHECK_BYTES), code.params.pack(),
-                    *contract, model_id=ident)
+                    *contract_fields, model_id=ident)
     data = pack(Container(header, code.payload))
     bound = merge_rows(code.bound, groups, dims) if code.bound is not None else None
     return LosslessEncoding(data, header, code.params, len(images), len(tiles), int(dims.sum()), len(code.payload),
@@ -407,9 +410,9 @@ def decode(
     if h.mode not in (MODE_BITSBACK, MODE_PROGRESSIVE):
         raise DiffcodecError(f"{where}: a {MODE_NAMES.get(h.mode, h.mode)} file; this decoder handles "
                              f"{' and '.join(MODE_NAMES.values())} files")
-    if h.contract > CONTRACT_VERSION:
+    if h.contract and h.contract not in CONTRACT_VERSIONS:
         raise DiffcodecError(f"{where}: written under exact arithmetic contract version {h.contract} by a newer "
-                             f"diffcodec; this one implements version {CONTRACT_VERSION}")
+                             f"diffcodec; this one implements versions {', '.join(map(str, CONTRACT_VERSIONS))}")
     target = decode_device(device, h.device) if isinstance(device, str) else device
     model = _model(model, checkpoint, target)
     counts = check_header(model, h, where)
@@ -427,7 +430,7 @@ def _check_contract(model: LoadedModel, h: Header, exact: bool, device: torch.de
     if not exact:
         return None
     with deterministic_kernels():
-        model_fn = network(model.model, exact=True, device=device)
+        model_fn = network(model.model, exact=True, contract=h.contract, device=device)
         check_probe(h.probe, model_fn, model.diffusion_config, h.tile_size, device, where)
     return model_fn
 
@@ -450,7 +453,7 @@ def _decode_lossless(model: LoadedModel, container: Container, counts: list[int]
         chain_tiles = params.num_tiles - params.bootstrap_tiles
         tiles, ok = bitsback.decode_stream(
             model.model, dc, schedule, params, container.payload, tile_size=h.tile_size, device=device,
-            on_step=_bar(progress, "decode", chain_tiles * steps) if chain_tiles else None)
+            contract=h.contract or None, on_step=_bar(progress, "decode", chain_tiles * steps) if chain_tiles else None)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     images = images_from_tiles(tiles, [(im.height, im.width) for im in h.images]) if ok else []
     if not ok or pixel_checksum(images, len(h.pixel_sha)) != h.pixel_sha:
