@@ -1,32 +1,36 @@
-"""The elementwise and data-movement kernels of exact-arithmetic contract 2 (`exact_net2`).
+"""The elementwise kernels of exact-arithmetic contract 2 (`exact_net2`).
 
-Contract 2 computes every matrix product on integers of at most 14 bits (|a| <= `QMAX`),
-each stored as two int8 parts a = 128 a_hi + a_lo with both parts in [-64, 63]:
+Contract 2 computes every convolution and linear layer as an exact integer dot product of
+14-bit integers (|a| <= `QMAX`; the products themselves: `exact2_products`). Around the
+products, each layer's elementwise work (quantizing an input, GroupNorm's statistics, its
+affine map and SiLU, the epilogue that scales the integer sums, the attention's softmax
+weights) is written here once per kernel, twice: a numba kernel for the CPU (one pass over
+memory, threads over independent outputs) and a torch twin (the same operations in the same
+order: for a GPU, and for a CPU without numba). Both use only integer arithmetic and
+IEEE-754 binary32 / binary64 + - x / sqrt and rint / floor (round half to even), one
+operation at a time: no libm call (SiLU's exponential is `exact.exp`'s polynomial, ported
+operation for operation in `_silu64`), no fused multiply-add (numba compiles without
+fast-math, so LLVM forms none: tests/test_exact2_kernels.py checks the machine code), no
+sum whose rounding depends on its order (GroupNorm's sums are int64 sums of fixed-point
+integers; maxima are order-free). So the numba kernels and their twins give the same bits.
 
-- the parts go through int8 x int8 -> int32 matrix products (`int_products`, oneDNN's VNNI /
-  AMX kernels on the CPU): with every operand in [-64, 63], even the AVX2 / AVX-512 kernels
-  without VNNI, which add pairs of u8 x s8 products in int16 with saturation (and shift a
-  signed operand by 128 to make it unsigned), cannot saturate (2 x 191 x 64 < 2^15), and each
-  int32 sum stays below K 2^12 (K < 2^19). So the four part products are exact integers
-  whatever the library, ISA, blocking or thread count; `epilogue` recombines them into the
-  exact dot product v = 2^14 G_hh + 2^7 (G_hl + G_lh) + G_ll (an int64);
-- everything around the products is written here once per kernel, twice: a numba kernel for
-  the CPU (one pass over memory, threads over independent outputs) and a torch twin (the same
-  operations in the same order, for a GPU, and for a CPU without numba). Both use only
-  integer arithmetic and IEEE-754 binary32 / binary64 + - x / and rint / floor (round half to
-  even), one operation at a time: no libm call (SiLU's exponential is `exact.exp`'s
-  polynomial, ported operation for operation in `_silu64`), no fused multiply-add (numba
-  compiles without fast-math, so LLVM forms none; tests/test_exact2_kernels.py checks the
-  machine code), no sum whose rounding depends on its order (GroupNorm's sums are int64 sums
-  of fixed-point integers; maxima are order-free).
+An integer operand comes in one of two forms (`exact2_products` picks one per layer for
+speed; the integers, hence the results, are the same):
 
-Tensors: activations are float32 [B, P, C] (channels-last: P pixels, C channels); int8
-parts are [2, B, P, C] (part 0 the high part); per-image values are [B].
+- STACKED, uint8 [B, P, 2C]: each integer as two parts a = 128 a_hi + a_lo with a_hi in
+  [-63, 63] and a_lo in [-64, 63], stored as a_hi + 64 (channels 0..C-1) and a_lo + 64
+  (channels C..2C-1): the input of oneDNN's int8 convolution (zero point 64);
+- VALUES, binary64 [B, P, C]: the integers themselves, for a binary64 matrix product.
+
+Tensors: activations are binary32 [B, P, C] (channels-last: P pixels, C channels); per-image
+values are [B].
 """
 
 from __future__ import annotations
 
+import math
 import os
+import types
 
 import numpy as np
 import torch
@@ -39,8 +43,23 @@ QMAX = 8063
 a_hi = floor((a + 64) / 128) within [-63, 63] for every |a| <= QMAX."""
 PART_BITS = 7
 PART_SCALE = 1 << PART_BITS  # a = PART_SCALE a_hi + a_lo
+ZERO_POINT = 64  # a STACKED part p is stored as the uint8 p + 64, in [1, 127]
+STACKED, VALUES = "stacked", "values"
+PARALLEL_MIN_WORK = 1 << 16
+"""Elements from which a numba kernel runs on several threads (a launch costs ~50 us)."""
 SILU_MIN = -0.27846454276107380  # min over y of y sigmoid(y) (at y = -1.27846454276...), a literal
 SILU_ARGMIN = -1.2784645427610738
+
+# SiLU in binary32 (`silu32`): y / (1 + e^-y), e^t by Cody-Waite reduction t = k ln2 + r,
+# |r| <= ln2 / 2, and the Taylor series of e^r to r^7 (truncation below 6e-9, under binary32's
+# half ulp), times 2^k built from its bits; -y clamped to [-87, 87] so 2^k stays normal.
+_F32 = np.float32
+LN2_HI_F32 = _F32(0.693145751953125)  # ln 2 with 9 trailing zero bits: k LN2_HI_F32 is exact for |k| < 2^9
+LN2_LO_F32 = _F32(1.4286068203094173e-06)  # ln 2 - LN2_HI_F32
+INV_LN2_F32 = _F32(1.4426950408889634)
+EXP32_ARG_LIMIT = _F32(87.0)
+EXP32_COEFFS = tuple(_F32(c) for c in exact._INV_FACTORIAL[:8])  # 1/n!, n = 0..7
+SILU_MIN_F32, SILU_ARGMIN_F32 = _F32(SILU_MIN), _F32(SILU_ARGMIN)
 
 try:  # the CPU kernels; without numba the torch twins run instead (same bits, slower)
     import numba
@@ -83,6 +102,22 @@ if numba is not None:
         torch's), which would keep LLVM from vectorising; never fast-math."""
         return numba.njit(*args, error_model="numpy", **kwargs)
 
+    class _Kernel:
+        """One kernel body compiled twice (cached): serial, and with its prange loops over
+        threads. A parallel launch costs ~50 us, so small work runs serially."""
+
+        def __init__(self, body) -> None:
+            serial = types.FunctionType(body.__code__, body.__globals__, body.__name__ + "_serial",
+                                        body.__defaults__, body.__closure__)
+            serial.__qualname__ = body.__qualname__ + "_serial"  # its own cache file
+            self.serial = njit(cache=True)(serial)
+            self.parallel = njit(parallel=True, cache=True)(body)
+            self.py_func = body
+
+        def __call__(self, work: int, *args):
+            threaded = work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
+            return (self.parallel if threaded else self.serial)(*args)
+
     @_intrinsic
     def _f64_from_bits(typingctx, bits):
         """The binary64 whose bits are an int64 (a bitcast; exact.pow2 builds 2^k so)."""
@@ -111,6 +146,34 @@ if numba is not None:
         p = p * r + _C[0]
         return p * _f64_from_bits((np.int64(k) + 1023) << 52)  # exact.pow2(k)
 
+    @_intrinsic
+    def _f32_from_bits(typingctx, bits):
+        """The binary32 whose bits are an int32."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _llvm_ir.FloatType())
+        return _nb_types.float32(_nb_types.int32), codegen
+
+    _C32 = EXP32_COEFFS
+
+    @njit(inline="always")
+    def _silu32(y):
+        """`silu32` for one binary32 y, operation for operation."""
+        t = -y
+        t = t if t < EXP32_ARG_LIMIT else EXP32_ARG_LIMIT
+        t = t if t > -EXP32_ARG_LIMIT else -EXP32_ARG_LIMIT
+        k = np.rint(t * INV_LN2_F32)
+        r = t - k * LN2_HI_F32
+        r = r - k * LN2_LO_F32
+        p = r * _C32[7] + _C32[6]
+        p = p * r + _C32[5]
+        p = p * r + _C32[4]
+        p = p * r + _C32[3]
+        p = p * r + _C32[2]
+        p = p * r + _C32[1]
+        p = p * r + _C32[0]
+        e = p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+        return y / (e + _F32(1.0))
+
     @njit(inline="always")
     def _silu64(y):
         """exact.silu for one binary64 y: y / (1 + e^-y), -y clamped to [-700, 700]."""
@@ -120,10 +183,24 @@ if numba is not None:
         return y / (_exp_clamped(t) + 1.0)
 
     @njit(inline="always")
-    def _split_store(a, out, b, p, c):
-        h = (a + 64) >> 7
-        out[0, b, p, c] = h
-        out[1, b, p, c] = a - (h << 7)
+    def _store_stacked(out, q, b, p, C):
+        """A pixel's integers q [C] in the STACKED form: out[b, p, c] = a_hi + 64,
+        out[b, p, C + c] = a_lo + 64 (two plain loops: each vectorises)."""
+        o = out[b, p]
+        for c in range(C):
+            o[c] = ((q[c] + 64) >> 7) + ZERO_POINT
+        for c in range(C):
+            o[C + c] = q[c] - (((q[c] + 64) >> 7) << 7) + ZERO_POINT
+
+    @njit(inline="always")
+    def _store_values(out, q, b, p, C):
+        o = out[b, p]
+        for c in range(C):
+            o[c] = np.float64(q[c])
+
+    @njit(inline="always")
+    def _identity(y):
+        return y
 
     @njit(inline="always")
     def _quantize_scalar(v, r):
@@ -131,22 +208,33 @@ if numba is not None:
         a = a if a < QMAX else np.float64(QMAX)  # NaN -> QMAX, as the torch twin
         return np.int64(a if a > -QMAX else np.float64(-QMAX))
 
-    def _chunks(total: int) -> int:
-        return max(1, min(total, 64))
+    @njit(inline="always")
+    def _quantize32(v, r):
+        """clamp(rint(v r), +-QMAX) in binary32 (v, r binary32), as int64."""
+        a = np.rint(v * r)
+        a = a if a < _F32(QMAX) else _F32(QMAX)
+        return np.int64(a if a > _F32(-QMAX) else _F32(-QMAX))
+
+    @njit(inline="always")
+    def _scales(m):
+        """inverse_scales for one max |value|: (QMAX / m, m / QMAX), (0, 0) for m == 0."""
+        if m == 0.0:
+            return 0.0, 0.0
+        return np.float64(QMAX) / m, m / np.float64(QMAX)
 
     @njit(inline="always")
     def _job_range(job, nchunk, P):
-        """(image, first pixel, end pixel) of one parallel job: image job // nchunk, its chunk job % nchunk."""
+        """(image, first pixel, end pixel) of one job: image job // nchunk, its chunk job % nchunk."""
         b = job // nchunk
         k = job - b * nchunk
         step = (P + nchunk - 1) // nchunk
         return b, k * step, min(P, (k + 1) * step)
 
-    @njit(parallel=True, cache=True)
-    def _absmax_nb(x, nchunk):
-        """max |x| per image of x [B, P, C]: a running max per channel (vectorisable), then over chunks."""
+    @njit(inline="always")
+    def _absmax_into(x, nchunk, out):
+        """out[b] = max |x[b]| of x [B, P, C]: a running max per channel (vectorisable) per job."""
         B, P, C = x.shape
-        part = np.zeros((B, nchunk, C), np.float32)
+        part = np.zeros((B, nchunk, C), x.dtype)
         for job in prange(B * nchunk):
             b, p0, p1 = _job_range(job, nchunk, P)
             m = part[b, job - b * nchunk]
@@ -154,36 +242,56 @@ if numba is not None:
                 for c in range(C):
                     v = abs(x[b, p, c])
                     m[c] = v if v > m[c] else m[c]
-        out = np.zeros(B, np.float32)
         for b in range(B):
+            out[b] = 0.0
             for k in range(nchunk):
                 for c in range(C):
                     if part[b, k, c] > out[b]:
                         out[b] = part[b, k, c]
+
+    def _absmax_body(x, nchunk):
+        out = np.zeros(x.shape[0], np.float32)
+        _absmax_into(x, nchunk, out)
         return out
 
-    @njit(parallel=True, cache=True)
-    def _quantize_parts_nb(x, r, out, nchunk):
-        B, P, C = x.shape
-        for job in prange(B * nchunk):
-            b, p0, p1 = _job_range(job, nchunk, P)
-            rb = r[b]
-            for p in range(p0, p1):
-                for c in range(C):
-                    _split_store(_quantize_scalar(np.float64(x[b, p, c]), rb), out, b, p, c)
+    def _make_quantize_dynamic(store):
+        def quantize_dynamic_body(x, out, nchunk):
+            """Per image: m = max |x|, (r, s) = `_scales`(m), the integers clamp(rint(x r))."""
+            B, P, C = x.shape
+            m = np.empty(B, x.dtype)
+            _absmax_into(x, nchunk, m)
+            r, s = np.empty(B, np.float64), np.empty(B, np.float64)
+            for b in range(B):
+                r[b], s[b] = _scales(np.float64(m[b]))
+            for job in prange(B * nchunk):
+                b, p0, p1 = _job_range(job, nchunk, P)
+                rb = r[b]
+                q = np.empty(C, np.int64)
+                for p in range(p0, p1):
+                    xp = x[b, p]
+                    for c in range(C):
+                        q[c] = _quantize_scalar(np.float64(xp[c]), rb)
+                    store(out, q, b, p, C)
+            return s
+        return quantize_dynamic_body
 
-    @njit(parallel=True, cache=True)
-    def _quantize_values_nb(x, r, out, nchunk):
-        B, P, C = x.shape
-        for job in prange(B * nchunk):
-            b, p0, p1 = _job_range(job, nchunk, P)
-            rb = r[b]
-            for p in range(p0, p1):
-                for c in range(C):
-                    out[b, p, c] = np.float64(_quantize_scalar(np.float64(x[b, p, c]), rb))
+    def _make_quantize(store):
+        def quantize_body(x, r, out, nchunk):
+            B, P, C = x.shape
+            for job in prange(B * nchunk):
+                b, p0, p1 = _job_range(job, nchunk, P)
+                rb = r[b]
+                q = np.empty(C, np.int64)
+                for p in range(p0, p1):
+                    xp = x[b, p]
+                    for c in range(C):
+                        q[c] = _quantize_scalar(np.float64(xp[c]), rb)
+                    store(out, q, b, p, C)
+        return quantize_body
 
-    @njit(parallel=True, cache=True)
-    def _group_stats_nb(x, scale, nchunk):
+    @njit(inline="always")
+    def _stats_into(x, scale, nchunk, t1, t2, mn, mx):
+        """Per image and channel: sums of q = rint(x scale_b) and q^2 (int64, exact), min and max x."""
         B, P, C = x.shape
         s1 = np.zeros((B, nchunk, C), np.int64)
         s2 = np.zeros((B, nchunk, C), np.int64)
@@ -193,48 +301,41 @@ if numba is not None:
             b, p0, p1 = _job_range(job, nchunk, P)
             k = job - b * nchunk
             sb = scale[b]
-            t1, t2, mn, mx = s1[b, k], s2[b, k], lo[b, k], hi[b, k]
+            u1, u2, ul, uh = s1[b, k], s2[b, k], lo[b, k], hi[b, k]
             for p in range(p0, p1):
                 for c in range(C):
                     v = x[b, p, c]
                     q = np.int64(np.rint(np.float64(v) * sb))
-                    t1[c] += q
-                    t2[c] += q * q
-                    mn[c] = v if v < mn[c] else mn[c]
-                    mx[c] = v if v > mx[c] else mx[c]
-        t1 = np.zeros((B, C), np.int64)
-        t2 = np.zeros((B, C), np.int64)
-        mn = np.full((B, C), np.inf, np.float32)
-        mx = np.full((B, C), -np.inf, np.float32)
+                    u1[c] += q
+                    u2[c] += q * q
+                    ul[c] = v if v < ul[c] else ul[c]
+                    uh[c] = v if v > uh[c] else uh[c]
         for b in range(B):
-            for k in range(nchunk):
-                for c in range(C):
+            for c in range(C):
+                t1[b, c], t2[b, c], mn[b, c], mx[b, c] = 0, 0, np.inf, -np.inf
+                for k in range(nchunk):
                     t1[b, c] += s1[b, k, c]
                     t2[b, c] += s2[b, k, c]
                     mn[b, c] = min(mn[b, c], lo[b, k, c])
                     mx[b, c] = max(mx[b, c], hi[b, k, c])
+
+    def _group_stats_body(x, scale, nchunk):
+        B, _, C = x.shape
+        t1, t2 = np.empty((B, C), np.int64), np.empty((B, C), np.int64)
+        mn, mx = np.empty((B, C), np.float32), np.empty((B, C), np.float32)
+        _stats_into(x, scale, nchunk, t1, t2, mn, mx)
         return t1, t2, mn, mx
 
     @njit(inline="always")
-    def _scales(m):
-        """inverse_scales for one max |value|: (QMAX / m, m / QMAX), (0, 0) for m == 0."""
-        if m == 0.0:
-            return 0.0, 0.0
-        return np.float64(QMAX) / m, m / np.float64(QMAX)
-
-    @njit(cache=True)
-    def _norm_coefficients_nb(s1, s2, lo, hi, shift_e, n, groups, weight, bias, eps, scale, shift, has_scale,
-                              silu):
-        """The binary64 operations of `_norm_coefficients_torch`, in the same order."""
+    def _coefficients_into(s1, s2, lo, hi, shift_e, n, groups, weight, bias, eps, scale, shift, has_scale, silu,
+                           a, c0, r, s):
+        """The operations of `_norm_coefficients_torch`, in the same order: a, c0 binary32 [B, C],
+        r binary32 [B], s binary64 [B]."""
         B, C = s1.shape
         cg = C // groups
-        a = np.empty((B, C), np.float64)
-        c0 = np.empty((B, C), np.float64)
-        r = np.empty(B, np.float64)
-        s = np.empty(B, np.float64)
         for b in range(B):
             inv = _f64_from_bits((np.int64(-shift_e[b]) + 1023) << 52)
-            m = 0.0
+            m = _F32(0.0)
             for g in range(groups):
                 total = np.int64(0)
                 squares = np.int64(0)
@@ -254,122 +355,95 @@ if numba is not None:
                         one_plus = 1.0 + np.float64(scale[b, ch])
                         ab = ab * one_plus
                         cb = cb * one_plus + np.float64(shift[b, ch])
-                    a[b, ch] = ab
-                    c0[b, ch] = cb
-                    y1 = np.float64(lo[b, ch]) * ab + cb
-                    y2 = np.float64(hi[b, ch]) * ab + cb
+                    a32, c32 = np.float32(ab), np.float32(cb)
+                    a[b, ch] = a32
+                    c0[b, ch] = c32
+                    y1 = lo[b, ch] * a32 + c32
+                    y2 = hi[b, ch] * a32 + c32
                     y_lo = y1 if y1 < y2 else y2
                     y_hi = y2 if y1 < y2 else y1
                     if silu:
-                        u1 = abs(_silu64(y_lo))
-                        u2 = abs(_silu64(y_hi))
+                        u1 = abs(_silu32(y_lo))
+                        u2 = abs(_silu32(y_hi))
                         bound = u1 if u1 > u2 else u2
-                        if y_lo < SILU_ARGMIN and y_hi > SILU_ARGMIN and bound < -SILU_MIN:
-                            bound = -SILU_MIN
+                        if y_lo < SILU_ARGMIN_F32 and y_hi > SILU_ARGMIN_F32 and bound < -SILU_MIN_F32:
+                            bound = -SILU_MIN_F32
                     else:
                         u1 = abs(y_lo)
                         u2 = abs(y_hi)
                         bound = u1 if u1 > u2 else u2
                     m = bound if bound > m else m
-            r[b], s[b] = _scales(m)
+            rb, s[b] = _scales(np.float64(m))
+            r[b] = np.float32(rb)
+
+    def _make_apply(act, store):
+        """The loop writing the next layer's integers clamp(rint(f(x a + c) r_b)) (binary32), f =
+        ``act``, in ``store``'s form: one compiled loop per (f, form), so that each vectorises."""
+        @njit(inline="always")
+        def apply_into(x, a, c0, r, out, nchunk):
+            B, P, C = x.shape
+            for job in prange(B * nchunk):
+                b, p0, p1 = _job_range(job, nchunk, P)
+                rb, ab, cb = r[b], a[b], c0[b]
+                q = np.empty(C, np.int64)
+                for p in range(p0, p1):
+                    xp = x[b, p]
+                    for c in range(C):
+                        q[c] = _quantize32(act(xp[c] * ab[c] + cb[c]), rb)
+                    store(out, q, b, p, C)
+        return apply_into
+
+    def _norm_coefficients_body(s1, s2, lo, hi, shift_e, n, groups, weight, bias, eps, scale, shift, has_scale,
+                                silu):
+        B, C = s1.shape
+        a, c0 = np.empty((B, C), np.float32), np.empty((B, C), np.float32)
+        r, s = np.empty(B, np.float32), np.empty(B, np.float64)
+        _coefficients_into(s1, s2, lo, hi, shift_e, n, groups, weight, bias, eps, scale, shift, has_scale, silu,
+                           a, c0, r, s)
         return a, c0, r, s
 
-    @njit(inline="always")
-    def _affine_silu(x, a, c):
-        return _silu64(np.float64(x) * a + c)
+    def _make_norm_act(apply_into):
+        def norm_act_body(x, a, c0, r, out, nchunk):
+            apply_into(x, a, c0, r, out, nchunk)
+        return norm_act_body
+
+    def _make_group_norm(apply_into, silu):
+        def group_norm_body(x, groups, bits, weight, bias, eps, scale, shift, has_scale, out, nchunk):
+            """`norm_plan` then `norm_act` in one call: max |x|, the fixed-point shift, the
+            exact statistics, the coefficients and the scale, the operand. Returns s [B]."""
+            B, P, C = x.shape
+            m = np.empty(B, np.float32)
+            _absmax_into(x, nchunk, m)
+            shift_e = np.empty(B, np.int64)
+            scale_e = np.empty(B, np.float64)
+            for b in range(B):
+                e = np.int64(0)
+                if m[b] != 0.0:
+                    e = np.int64(math.frexp(np.float64(m[b]))[1])
+                se = bits - 1 - e
+                se = se if se < 1000 else 1000
+                se = se if se > -1000 else -1000
+                shift_e[b] = se
+                scale_e[b] = _f64_from_bits((se + 1023) << 52)
+            s1, s2 = np.empty((B, C), np.int64), np.empty((B, C), np.int64)
+            lo, hi = np.empty((B, C), np.float32), np.empty((B, C), np.float32)
+            _stats_into(x, scale_e, nchunk, s1, s2, lo, hi)
+            a, c0 = np.empty((B, C), np.float32), np.empty((B, C), np.float32)
+            r, s = np.empty(B, np.float32), np.empty(B, np.float64)
+            _coefficients_into(s1, s2, lo, hi, shift_e, (C // groups) * P, groups, weight, bias, eps, scale, shift,
+                               has_scale, silu, a, c0, r, s)
+            apply_into(x, a, c0, r, out, nchunk)
+            return s
+        return group_norm_body
 
     @njit(inline="always")
-    def _affine(x, a, c):
-        return np.float64(x) * a + c
-
-    @njit(parallel=True, cache=True)
-    def _norm_silu_parts_nb(x, a, c0, r, out, nchunk):
-        B, P, C = x.shape
-        for job in prange(B * nchunk):
-            b, p0, p1 = _job_range(job, nchunk, P)
-            rb, ab, cb = r[b], a[b], c0[b]
-            for p in range(p0, p1):
-                for c in range(C):
-                    _split_store(_quantize_scalar(_affine_silu(x[b, p, c], ab[c], cb[c]), rb), out, b, p, c)
-
-    @njit(parallel=True, cache=True)
-    def _norm_parts_nb(x, a, c0, r, out, nchunk):
-        B, P, C = x.shape
-        for job in prange(B * nchunk):
-            b, p0, p1 = _job_range(job, nchunk, P)
-            rb, ab, cb = r[b], a[b], c0[b]
-            for p in range(p0, p1):
-                for c in range(C):
-                    _split_store(_quantize_scalar(_affine(x[b, p, c], ab[c], cb[c]), rb), out, b, p, c)
-
-    @njit(parallel=True, cache=True)
-    def _norm_silu_values_nb(x, a, c0, r, out, nchunk):
-        B, P, C = x.shape
-        for job in prange(B * nchunk):
-            b, p0, p1 = _job_range(job, nchunk, P)
-            rb, ab, cb = r[b], a[b], c0[b]
-            for p in range(p0, p1):
-                for c in range(C):
-                    out[b, p, c] = np.float64(_quantize_scalar(_affine_silu(x[b, p, c], ab[c], cb[c]), rb))
-
-    @njit(parallel=True, cache=True)
-    def _norm_values_nb(x, a, c0, r, out, nchunk):
-        B, P, C = x.shape
-        for job in prange(B * nchunk):
-            b, p0, p1 = _job_range(job, nchunk, P)
-            rb, ab, cb = r[b], a[b], c0[b]
-            for p in range(p0, p1):
-                for c in range(C):
-                    out[b, p, c] = np.float64(_quantize_scalar(_affine(x[b, p, c], ab[c], cb[c]), rb))
-
-    @njit(parallel=True, cache=True)
-    def _im2col_nb(parts, k, stride, pad_top, pad_left, up, out_h, out_w, out):
-        """Flat byte copies: where a kernel row's k taps lie side by side inside the input
-        (stride 1, no upsampling, not at a border) one copy of k C bytes, else tap by tap."""
-        _, B, H, W, C = parts.shape
-        hu, wu = H * up, W * up  # the (nearest-)upsampled grid the kernel slides over
-        flat_in = parts.reshape(2, B, H, W * C)
-        flat_out = out.reshape(out.shape[0], out.shape[1] * out.shape[2])
-        width = k * k * C
-        for job in prange(2 * B * out_h):
-            part = job // (B * out_h)
-            rest = job - part * B * out_h
-            b = rest // out_h
-            oy = rest - b * out_h
-            src_part = flat_in[part, b]
-            dst = flat_out[part]
-            for ox in range(out_w):
-                start = ((b * out_h + oy) * out_w + ox) * width
-                x0 = ox * stride - pad_left
-                for i in range(k):
-                    yy = oy * stride + i - pad_top
-                    base = start + i * k * C
-                    if yy < 0 or yy >= hu:
-                        for e in range(k * C):
-                            dst[base + e] = 0
-                    elif up == 1 and x0 >= 0 and x0 + k <= W:
-                        src = src_part[yy]
-                        s0 = x0 * C
-                        for e in range(k * C):
-                            dst[base + e] = src[s0 + e]
-                    else:
-                        src = src_part[yy // up]
-                        for j in range(k):
-                            xx = x0 + j
-                            if xx < 0 or xx >= wu:
-                                for e in range(C):
-                                    dst[base + j * C + e] = 0
-                            else:
-                                s0 = (xx // up) * C
-                                for e in range(C):
-                                    dst[base + j * C + e] = src[s0 + e]
-
-    @njit(inline="always")
-    def _combine(G, m, row, n, N):
+    def _combine(G, row, n, N):
+        """The dot product from the four part products G[row] = (hh, hl, lh, ll) x N
+        (binary32 integers below 2^24: exact), as an int64."""
         hh = np.int64(G[row, n])
         hl = np.int64(G[row, N + n])
-        lh = np.int64(G[m + row, n])
-        ll = np.int64(G[m + row, N + n])
+        lh = np.int64(G[row, 2 * N + n])
+        ll = np.int64(G[row, 3 * N + n])
         return (hh * PART_SCALE + hl + lh) * PART_SCALE + ll
 
     @njit(inline="always")
@@ -381,34 +455,33 @@ if numba is not None:
             return residual[row, n] + y
         return y
 
-    @njit(parallel=True, cache=True)
-    def _epilogue_parts_nb(G, P, S, bias, add, residual, mode, out):
+    def _epilogue_stacked_body(G, P, s_x, s_w, bias, add, residual, mode, out):
         M, N = out.shape
         for row in prange(M):
             b = row // P
+            sb = s_x[b]
             for n in range(N):
-                y = np.float32(np.float64(_combine(G, M, row, n, N)) * S[b, n]) + bias[n]
+                y = np.float32(np.float64(_combine(G, row, n, N)) * (sb * s_w[n])) + bias[n]
                 out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
 
-    @njit(parallel=True, cache=True)
-    def _epilogue_values_nb(V, P, S, bias, add, residual, mode, out):
+    def _epilogue_values_body(V, P, s_x, s_w, bias, add, residual, mode, out):
         M, N = out.shape
         for row in prange(M):
             b = row // P
+            sb = s_x[b]
             for n in range(N):
-                y = np.float32(V[row, n] * S[b, n]) + bias[n]
+                y = np.float32(V[row, n] * (sb * s_w[n])) + bias[n]
                 out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
 
-    @njit(parallel=True, cache=True)
-    def _epilogue64_parts_nb(G, P, S, bias, out):
+    def _epilogue64_stacked_body(G, P, s_x, s_w, bias, out):
         M, N = out.shape
         for row in prange(M):
             b = row // P
+            sb = s_x[b]
             for n in range(N):
-                out[row, n] = np.float64(_combine(G, M, row, n, N)) * S[b, n] + bias[n]
+                out[row, n] = np.float64(_combine(G, row, n, N)) * (sb * s_w[n]) + bias[n]
 
-    @njit(parallel=True, cache=True)
-    def _softmax_weights_nb(scores, c, weight_scale):
+    def _softmax_weights_body(scores, c, weight_scale):
         """scores [R, T] exact integers (binary64) -> integer weights rint(2^P e^((s - max) c_row)) in place, and
         row sums."""
         R, T = scores.shape
@@ -429,27 +502,39 @@ if numba is not None:
             den[row] = total
         return den
 
+    _absmax_nb = _Kernel(_absmax_body)
+    _group_stats_nb = _Kernel(_group_stats_body)
+    _norm_coefficients_nb = njit(cache=True)(_norm_coefficients_body)
+    _STORES = {STACKED: _store_stacked, VALUES: _store_values}
+    _quantize_nb = {form: _Kernel(_make_quantize(store)) for form, store in _STORES.items()}
+    _quantize_dynamic_nb = {form: _Kernel(_make_quantize_dynamic(store)) for form, store in _STORES.items()}
+    _APPLY = {(silu, form): _make_apply(_silu32 if silu else _identity, store)
+              for silu in (True, False) for form, store in _STORES.items()}
+    _norm_act_nb = {key: _Kernel(_make_norm_act(apply)) for key, apply in _APPLY.items()}
+    _group_norm_nb = {key: _Kernel(_make_group_norm(apply, key[0])) for key, apply in _APPLY.items()}
+    _epilogue_stacked_nb = _Kernel(_epilogue_stacked_body)
+    _epilogue_values_nb = _Kernel(_epilogue_values_body)
+    _epilogue64_stacked_nb = _Kernel(_epilogue64_stacked_body)
+    _softmax_weights_nb = _Kernel(_softmax_weights_body)
+
+
+def _chunks(total: int) -> int:
+    return max(1, min(total, 64))
+
 
 # ------------------------------------------------------------------------- the kernels
-#
-# An integer operand of a product comes in one of two forms, chosen per layer for speed
-# (the same integers either way, so the choice changes no bit): PARTS, int8 [2, B, P, C]
-# for the int8 products, or VALUES, the integers themselves in binary64 [B, P, C] for a
-# binary64 matrix product (exact: every dot product of 14-bit integers over K < 2^25 terms
-# stays below 2^53), which is faster where the fan-in is small or on a GPU.
-
-PARTS, VALUES = "parts", "values"
 
 
 def _nchunk(pixels: int) -> int:
     return _chunks(pixels // 64 + 1)
 
 
+
 def absmax(x: torch.Tensor) -> torch.Tensor:
     """max |x| of each image: x [B, P, C] float32 (numba) or any [B, ...] -> [B] (order-free)."""
     if use_numba(x) and x.dtype == torch.float32 and x.dim() == 3:
         x = x.contiguous()
-        return torch.from_numpy(_absmax_nb(x.numpy(), _nchunk(x.shape[1])))
+        return torch.from_numpy(_absmax_nb(x.numel(), x.numpy(), _nchunk(x.shape[1])))
     flat = x.reshape(x.shape[0], -1)
     return flat.abs().amax(dim=1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
 
@@ -465,10 +550,10 @@ def inverse_scales(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return r, s
 
 
-def _split_torch(a: torch.Tensor) -> torch.Tensor:
-    """int64 a in [-QMAX, QMAX] -> int8 [2, ...]: (floor((a + 64) / 128), a - 128 hi)."""
+def split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 a in [-QMAX, QMAX] -> int64 (a_hi, a_lo) = (floor((a + 64) / 128), a - 128 a_hi)."""
     hi = torch.div(a + 64, PART_SCALE, rounding_mode="floor")
-    return torch.stack([hi, a - hi * PART_SCALE]).to(torch.int8)
+    return hi, a - hi * PART_SCALE
 
 
 def _quantize_torch(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -479,11 +564,15 @@ def _quantize_torch(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def _as_form(a: torch.Tensor, form: str) -> torch.Tensor:
-    return _split_torch(a) if form == PARTS else a.to(torch.float64)
+    if form == VALUES:
+        return a.to(torch.float64)
+    hi, lo = split(a)
+    return torch.cat([hi, lo], dim=-1).add_(ZERO_POINT).to(torch.uint8)
 
 
-def _empty_form(shape: tuple[int, ...], form: str) -> torch.Tensor:
-    return torch.empty((2, *shape), dtype=torch.int8) if form == PARTS else torch.empty(shape, dtype=torch.float64)
+def _empty_form(shape: tuple[int, int, int], form: str) -> torch.Tensor:
+    b, p, c = shape
+    return torch.empty((b, p, 2 * c), dtype=torch.uint8) if form == STACKED else torch.empty(shape, dtype=torch.float64)
 
 
 def quantize(x: torch.Tensor, r: torch.Tensor, form: str) -> torch.Tensor:
@@ -491,10 +580,21 @@ def quantize(x: torch.Tensor, r: torch.Tensor, form: str) -> torch.Tensor:
     if use_numba(x):
         x = x.contiguous()
         out = _empty_form(tuple(x.shape), form)
-        kernel = _quantize_parts_nb if form == PARTS else _quantize_values_nb
-        kernel(x.numpy(), r.contiguous().numpy(), out.numpy(), _nchunk(x.shape[1]))
+        _quantize_nb[form](x.numel(), x.numpy(), r.contiguous().numpy(), out.numpy(), _nchunk(x.shape[1]))
         return out
     return _as_form(_quantize_torch(x.to(torch.float64), r.reshape(-1, 1, 1)), form)
+
+
+def quantize_dynamic(x: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, P, C] (binary32 or binary64) quantized per image by its max |x|: (the integers
+    clamp(rint(x r_b), +-QMAX) in ``form``, s [B]) with (r, s) = `inverse_scales`(max |x_b|)."""
+    if use_numba(x):
+        x = x.contiguous()
+        out = _empty_form(tuple(x.shape), form)
+        s = _quantize_dynamic_nb[form](x.numel(), x.numpy(), out.numpy(), _nchunk(x.shape[1]))
+        return out, torch.from_numpy(s)
+    r, s = inverse_scales(absmax(x))
+    return quantize(x, r, form), s
 
 
 def group_stats(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -502,7 +602,7 @@ def group_stats(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...
     of two, so q is exact): (sum q, sum q^2) int64 [B, C] and (min x, max x) float32 [B, C]."""
     if use_numba(x):
         x = x.contiguous()
-        out = _group_stats_nb(x.numpy(), scale.contiguous().numpy(), _nchunk(x.shape[1]))
+        out = _group_stats_nb(x.numel(), x.numpy(), scale.contiguous().numpy(), _nchunk(x.shape[1]))
         return tuple(torch.from_numpy(o) for o in out)
     q = torch.round(x.to(torch.float64) * scale.reshape(-1, 1, 1)).to(torch.int64)
     return q.sum(dim=1), (q * q).sum(dim=1), x.amin(dim=1), x.amax(dim=1)
@@ -512,9 +612,10 @@ def norm_plan(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Te
               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GroupNorm of x [B, P, C] binary32 as y = x a + c, and the next layer's input scale:
-    returns (a, c) binary64 [B, C] and (r, s) binary64 [B] (`inverse_scales` of the bound on
-    max |f(y)| over each image, f = SiLU or the identity; ``scale``/``shift`` [B, C]: the
-    scale-shift ResBlock's norm(h) (1 + scale) + shift, folded into a and c).
+    returns (a, c) binary32 [B, C] (rounded from binary64), r binary32 [B] and s binary64 [B]
+    (`inverse_scales` of the bound on max |f(y)| over each image, f = `silu32` or the
+    identity; ``scale``/``shift`` [B, C]: the scale-shift ResBlock's norm(h) (1 + scale) +
+    shift, folded into a and c).
 
     The statistics are exact: per image q = rint(x 2^e), e from the image's max |x| and the
     group size n so that n 2^(2 bits - 2) <= 2^53 (`exact.operand_bits`'s rule), group sums of
@@ -552,120 +653,114 @@ def _norm_coefficients_torch(s1, s2, lo, hi, shift_e, n, groups, weight, bias, e
     if scale is not None:
         one_plus = 1.0 + scale.to(torch.float64)
         a, cc = a * one_plus, cc * one_plus + shift.to(torch.float64)
-    y1 = lo.to(torch.float64) * a + cc
-    y2 = hi.to(torch.float64) * a + cc
+    a32, c32 = a.to(torch.float32), cc.to(torch.float32)
+    y1, y2 = lo * a32 + c32, hi * a32 + c32
     y_lo, y_hi = torch.where(y1 < y2, y1, y2), torch.where(y1 < y2, y2, y1)
     if silu:
-        u1, u2 = exact.silu(y_lo).abs(), exact.silu(y_hi).abs()
+        u1, u2 = silu32(y_lo).abs(), silu32(y_hi).abs()
         bound = torch.where(u1 > u2, u1, u2)
-        holds_min = (y_lo < SILU_ARGMIN) & (y_hi > SILU_ARGMIN) & (bound < -SILU_MIN)
-        bound = torch.where(holds_min, -SILU_MIN, bound)
+        holds_min = (y_lo < SILU_ARGMIN_F32) & (y_hi > SILU_ARGMIN_F32) & (bound < -SILU_MIN_F32)
+        bound = torch.where(holds_min, -SILU_MIN_F32, bound)
     else:
         u1, u2 = y_lo.abs(), y_hi.abs()
         bound = torch.where(u1 > u2, u1, u2)
-    r, s = inverse_scales(bound.amax(dim=1))
-    return a, cc, r, s
+    r, s = inverse_scales(bound.amax(dim=1).to(torch.float64))
+    return a32, c32, r.to(torch.float32), s
+
+
+def silu32(y: torch.Tensor) -> torch.Tensor:
+    """y sigmoid(y) of binary32 y by binary32 operations in a fixed order (module constants):
+    t = clamp(-y, +-87), k = rint(t / ln 2), r = (t - k LN2_HI) - k LN2_LO, e^r by Horner to
+    r^7, times 2^k from its bits; y / (e + 1). The numba kernels' `_silu32` does the same."""
+    t = (-y).clamp_(-EXP32_ARG_LIMIT, EXP32_ARG_LIMIT)
+    k = torch.round(t * INV_LN2_F32)
+    r = t - k * LN2_HI_F32
+    r = r - k * LN2_LO_F32
+    p = r * EXP32_COEFFS[7] + EXP32_COEFFS[6]
+    for coeff in EXP32_COEFFS[5::-1]:
+        p = p * r + coeff
+    e = p * ((k.to(torch.int32) + 127) << 23).view(torch.float32)
+    return y / (e + 1.0)
 
 
 def norm_act(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, silu: bool, r: torch.Tensor, form: str
              ) -> torch.Tensor:
     """GroupNorm's affine map, SiLU and quantization in one pass: x [B, P, C] float32 -> the
-    integers clamp(rint(f(x a_bc + c_bc) r_b), +-QMAX) in ``form``, f = exact.silu or the
-    identity; a, c binary64 [B, C], r binary64 [B]."""
+    integers clamp(rint(f(x a_bc + c_bc) r_b), +-QMAX) in ``form``, in binary32 (a, c [B, C],
+    r [B]; f = `silu32` or the identity)."""
     if use_numba(x):
         x = x.contiguous()
         out = _empty_form(tuple(x.shape), form)
-        kernel = {(True, PARTS): _norm_silu_parts_nb, (False, PARTS): _norm_parts_nb,
-                  (True, VALUES): _norm_silu_values_nb, (False, VALUES): _norm_values_nb}[(bool(silu), form)]
-        kernel(x.numpy(), a.contiguous().numpy(), c.contiguous().numpy(), r.contiguous().numpy(), out.numpy(),
-               _nchunk(x.shape[1]))
+        _norm_act_nb[bool(silu), form](x.numel(), x.numpy(), a.contiguous().numpy(), c.contiguous().numpy(),
+                                       r.contiguous().numpy(), out.numpy(), _nchunk(x.shape[1]))
         return out
-    y = x.to(torch.float64) * a[:, None, :] + c[:, None, :]
+    y = x * a[:, None, :] + c[:, None, :]  # binary32
     if silu:
-        y = exact.silu(y)
-    return _as_form(_quantize_torch(y, r.reshape(-1, 1, 1)), form)
+        y = silu32(y)
+    q = torch.round(y * r.reshape(-1, 1, 1))
+    q = torch.where(q < QMAX, q, float(QMAX))
+    return _as_form(torch.where(q > -QMAX, q, float(-QMAX)).to(torch.int64), form)
 
 
-def im2col(operand: torch.Tensor, k: int, stride: int, pads: tuple[int, int, int, int], up: int = 1
-           ) -> tuple[torch.Tensor, int, int]:
-    """An operand [2, B, H, W, C] (parts) or [B, H, W, C] (values) -> the column matrix of a
-    k x k convolution, rows the output pixels (for parts, [2 B Ho Wo, k k C], part 0's rows
-    first), columns (kernel row, kernel column, channel), over the input upsampled ``up``
-    times (nearest) and zero-padded by ``pads`` = (top, left, bottom, right); returns
-    (columns, Ho, Wo). Data movement only."""
-    parts = operand.dtype == torch.int8
-    src = operand if parts else operand.unsqueeze(0)
-    _, b, h, w, c = src.shape
-    top, left, bottom, right = pads
-    out_h = (h * up + top + bottom - k) // stride + 1
-    out_w = (w * up + left + right - k) // stride + 1
-    rows = (2 if parts else 1) * b * out_h * out_w
-    if use_numba(operand) and parts:
-        out = torch.empty((2, b * out_h * out_w, k * k * c), dtype=torch.int8)
-        unit = next(dt for dt, size in ((torch.int64, 8), (torch.int32, 4), (torch.int8, 1)) if c % size == 0)
-        _im2col_nb(src.contiguous().view(unit).numpy(), k, stride, top, left, up, out_h, out_w,
-                   out.view(unit).numpy())  # copied in units of up to 8 bytes: several times faster than bytes
-        return out.view(rows, k * k * c), out_h, out_w
-    if up > 1:
-        src = src.repeat_interleave(up, dim=2).repeat_interleave(up, dim=3)
-    src = torch.nn.functional.pad(src, (0, 0, left, right, top, bottom))
-    cols = torch.cat([src[:, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
-                      for i in range(k) for j in range(k)], dim=4)
-    return cols.reshape(rows, k * k * c), out_h, out_w
+def group_norm_operand(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                       silu: bool, form: str, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm (+ SiLU) of x [B, P, C] binary32 as the next layer's integer operand in
+    ``form``, and the value of one integer per image [B]: `norm_plan` then `norm_act` (one
+    numba call on the CPU)."""
+    if not use_numba(x):
+        a, c, r, s = norm_plan(x, groups, weight, bias, eps, silu, scale, shift)
+        return norm_act(x, a, c, silu, r, form), s
+    x = x.contiguous()
+    b, p, ch = x.shape
+    n = (ch // groups) * p
+    out = _empty_form(tuple(x.shape), form)
+    has_scale = scale is not None
+    dummy = np.zeros((1, 1), np.float32)
+    s = _group_norm_nb[bool(silu), form](
+        x.numel(), x.numpy(), groups, (exact.MANTISSA_LIMIT_BITS + 2 - exact.ceil_log2(n)) // 2, weight.numpy(),
+        bias.numpy(), float(eps), scale.contiguous().numpy() if has_scale else dummy,
+        shift.contiguous().numpy() if has_scale else dummy, has_scale, out.numpy(), _nchunk(p))
+    return out, torch.from_numpy(s)
 
 
-def split_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float weights [N, K] -> (int8 parts [K, 2N]: each row's clamp(rint(w QMAX / max |w_row|)),
-    high parts in columns 0..N-1, stored column-major for the product; the same integers in
-    binary64 [K, N]; the value of one integer per row, binary64 [N])."""
-    w64 = w.detach().to("cpu", torch.float64)
-    r, s = inverse_scales(w64.abs().amax(dim=1))
-    ints = _quantize_torch(w64, r[:, None])  # [N, K]
-    parts = _split_torch(ints)  # [2, N, K]
-    return torch.cat([parts[0], parts[1]], dim=0).T, ints.to(torch.float64).T.contiguous(), s
-
-
-def products(cols: torch.Tensor, w_parts: torch.Tensor, w_values: torch.Tensor) -> torch.Tensor:
-    """The exact integer products of a column matrix and a layer's weights: for int8 parts
-    [2M, K], the four part products [2M, 2N] (int32, oneDNN's int8 kernels on the CPU; binary64
-    on a GPU); for values [M, K], the dot products themselves [M, N] in binary64."""
-    if cols.dtype != torch.int8:
-        return torch.mm(cols, w_values)
-    if cols.device.type == "cpu":
-        return torch._int_mm(cols, w_parts)
-    return torch.mm(cols.to(torch.float64), w_parts.to(torch.float64))
-
-
-def epilogue(G: torch.Tensor, parts: bool, pixels: int, S: torch.Tensor, bias: torch.Tensor, *,
-             add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+def epilogue(G: torch.Tensor, stacked: bool, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
+             *, add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              float64: bool = False) -> torch.Tensor:
-    """A layer's output rows [M, N] from `products`' G (``parts``: the four part products;
-    else the dot products v): y = fl32(v S[b, n]) + bias[n] with b = row // pixels; then
-    y + add[b, n] (``add``) or residual[row, n] + y (``residual``), each one binary32 rounding.
-    ``float64``: y = v S[b, n] + bias[n] in binary64 (the output layer; no add or residual)."""
+    """A layer's output rows [M, N] from its products G: ``stacked``, the four part products
+    [M, 4N] (binary32 integers: hh, hl, lh, ll) whose dot product is v = 2^14 hh + 2^7 (hl +
+    lh) + ll; else the dot products v [M, N] (binary64). With b = row // pixels and the
+    binary64 scale S = s_x[b] s_w[n] (the values of one input and one weight integer):
+    y = fl32(v S) + bias[n]; then y + add[b, n] (``add``) or residual[row, n] + y
+    (``residual``), each one binary32 rounding. ``float64``: y = v S + bias[n] in binary64
+    (the output layer; no add or residual)."""
     if add is not None and residual is not None:
         raise ValueError("epilogue: add or residual, not both")
-    m, n = (G.shape[0] // 2, G.shape[1] // 2) if parts else G.shape
-    if use_numba(G) and (G.dtype == torch.int32 if parts else G.dtype == torch.float64):
+    m, n = (G.shape[0], G.shape[1] // 4) if stacked else G.shape
+    s_x, s_w = s_x.to(torch.float64), s_w.to(torch.float64)
+    if use_numba(G) and G.dtype == (torch.float32 if stacked else torch.float64):
+        G = G.contiguous()
+        scales = (s_x.contiguous().numpy(), s_w.contiguous().numpy())
         if float64:
             out = torch.empty((m, n), dtype=torch.float64)
-            if parts:
-                _epilogue64_parts_nb(G.numpy(), pixels, S.contiguous().numpy(), bias.contiguous().numpy(), out.numpy())
+            if stacked:
+                _epilogue64_stacked_nb(G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(), out.numpy())
                 return out
         else:
             out = torch.empty((m, n), dtype=torch.float32)
             mode = 1 if add is not None else 2 if residual is not None else 0
             dummy = np.zeros((1, 1), np.float32)
-            kernel = _epilogue_parts_nb if parts else _epilogue_values_nb
-            kernel(G.numpy(), pixels, S.contiguous().numpy(), bias.contiguous().numpy(),
+            kernel = _epilogue_stacked_nb if stacked else _epilogue_values_nb
+            kernel(G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(),
                    add.contiguous().numpy() if add is not None else dummy,
                    residual.contiguous().numpy() if residual is not None else dummy, mode, out.numpy())
             return out
-    v = _dot_torch(G, parts)
+    v = _dot_torch(G, stacked)
     rows = torch.arange(m, device=G.device) // pixels
+    S = s_x[rows][:, None] * s_w[None, :]
     if float64:
-        return v * S[rows] + bias
-    y = (v * S[rows]).to(torch.float32) + bias
+        return v * S + bias
+    y = (v * S).to(torch.float32) + bias
     if add is not None:
         y = y + add[rows]
     elif residual is not None:
@@ -673,13 +768,12 @@ def epilogue(G: torch.Tensor, parts: bool, pixels: int, S: torch.Tensor, bias: t
     return y
 
 
-def _dot_torch(G: torch.Tensor, parts: bool) -> torch.Tensor:
+def _dot_torch(G: torch.Tensor, stacked: bool) -> torch.Tensor:
     """The dot products v in binary64 (exact: below 2^53)."""
-    if not parts:
+    if not stacked:
         return G.to(torch.float64)
-    g = G.to(torch.int64)
-    m, n = g.shape[0] // 2, g.shape[1] // 2
-    return ((g[:m, :n] * PART_SCALE + g[:m, n:] + g[m:, :n]) * PART_SCALE + g[m:, n:]).to(torch.float64)
+    hh, hl, lh, ll = G.to(torch.int64).chunk(4, dim=1)
+    return ((hh * PART_SCALE + hl + lh) * PART_SCALE + ll).to(torch.float64)
 
 
 def softmax_weights(scores: torch.Tensor, c: torch.Tensor, weight_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -688,7 +782,7 @@ def softmax_weights(scores: torch.Tensor, c: torch.Tensor, weight_bits: int) -> 
     exponent's argument clamped at -700 as `exact.exp` clamps it."""
     scale = float(2**weight_bits)
     if use_numba(scores):
-        den = _softmax_weights_nb(scores.numpy(), c.contiguous().numpy(), scale)
+        den = _softmax_weights_nb(scores.numel(), scores.numpy(), c.contiguous().numpy(), scale)
         return scores, torch.from_numpy(den)
     t = (scores - scores.amax(dim=-1, keepdim=True)) * c[:, None]
     w = exact.exp(t.clamp_(min=-exact.EXP_ARG_LIMIT)).mul_(scale).round_()

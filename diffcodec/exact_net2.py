@@ -1,4 +1,4 @@
-"""The exact network of contract version 2: the UNet on 14-bit integers and int8 matrix products.
+"""The exact network of contract version 2: the UNet on 14-bit integers and int8 convolutions.
 
 `exact_network2(model)` returns a copy of a float `UNet` computing the same function under
 exact-arithmetic contract 2 (`exact`): its output is the same bits on every CPU and GPU, at
@@ -11,8 +11,9 @@ What each layer computes (the kernels: `exact2_kernels`; B images, P pixels, C c
   the weights, quantized when the copy is made, clamp(rint(w QMAX / max |w_row|)) per output
   channel; the input, per image, clamp(rint(x QMAX / m_b)) with m_b its max |x| (or, after a
   GroupNorm, a bound computed from the group statistics: `_NormAct`). The products run as
-  int8 matrix products of the operands' two parts (`int_products`), im2col for 3x3 kernels.
-  The output is fl32(v S[b, n]) + bias[n], S = (m_b / QMAX)(max |w_n| / QMAX) in binary64.
+  one int8 convolution of the operands' two parts, or a binary64 matrix product of the
+  integers (`exact2_products`: the same integers either way). The output is
+  fl32(v S[b, n]) + bias[n], S = (m_b / QMAX)(max |w_n| / QMAX) in binary64.
 - Activations between layers are binary32 [B, H, W, C] (channels-last); sums of branches
   (residuals, the timestep embedding) are binary32 additions in the float model's order.
 - GroupNorm: per image the input is put on a fixed-point grid q = rint(x 2^e) (e from the
@@ -42,6 +43,7 @@ from torch import nn
 
 from diffcodec import exact
 from diffcodec import exact2_kernels as K
+from diffcodec.exact2_products import IntConv, IntWeights
 from diffcodec.exact_net import ExactTimestepEmbedding
 from diffcodec.unet import AttnBlock, Downsample, ResBlock, TimestepEmbedding, UNet, Upsample
 
@@ -56,92 +58,63 @@ def _nchw(y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 3, 1, 2)
 
 
-INT8_MIN_FAN_IN = 512
-"""Fan-in from which a layer's products run as int8 parts on the CPU: measured faster than a
-binary64 product from here on (reports/exact.md); below it, and on a GPU, binary64 values.
-Either form gives the same integers."""
-
-
-class _Affine(nn.Module):
-    """Integer weights of a convolution or linear layer (int8 parts [K, 2N] and binary64
-    values [K, N] of the same integers; the value of one integer per output channel) and the
-    bias (binary32 and binary64)."""
-
-    def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        parts, values, scale = K.split_weights(weight2d)
-        self.register_buffer("w_parts", parts)
-        self.register_buffer("w_values", values)
-        self.register_buffer("w_scale", scale)
-        b = torch.zeros(weight2d.shape[0]) if bias is None else bias.detach().to("cpu", torch.float32)
-        self.register_buffer("bias32", b)
-        self.register_buffer("bias64", b.to(torch.float64))
-        self.fan_in = weight2d.shape[1]
-
-    def form(self, device: torch.device) -> str:
-        """The operand form of this layer's products (`exact2_kernels.PARTS` or `VALUES`)."""
-        return K.PARTS if device.type == "cpu" and self.fan_in >= INT8_MIN_FAN_IN else K.VALUES
-
-    def products(self, cols: torch.Tensor, pixels: int, s_x: torch.Tensor, *, add: torch.Tensor | None = None,
-                 residual: torch.Tensor | None = None, float64: bool = False) -> torch.Tensor:
-        """[M, N] output rows from a column matrix of either form (`exact2_kernels.epilogue`)."""
-        G = K.products(cols, self.w_parts, self.w_values)
-        S = s_x[:, None] * self.w_scale[None, :]  # binary64 [B, N]: one rounding
-        return K.epilogue(G, cols.dtype == torch.int8, pixels, S, self.bias32 if not float64 else self.bias64,
-                          add=add, residual=residual, float64=float64)
-
-
-class ExactConv2(_Affine):
-    """A Conv2d on 14-bit integers: quantized input parts -> im2col -> int8 products -> epilogue."""
+class ExactConv2(nn.Module):
+    """A Conv2d on 14-bit integers: quantized input -> exact integer products
+    (`exact2_products.IntConv`) -> epilogue (`exact2_kernels.epilogue`)."""
 
     def __init__(self, conv: nn.Conv2d, pads: tuple[int, int, int, int] | None = None) -> None:
         if (conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
                 or isinstance(conv.padding, str) or conv.kernel_size[0] != conv.kernel_size[1]
                 or conv.stride[0] != conv.stride[1]):
             raise ValueError("exact network: only plain square zero-padded convolutions are supported")
-        super().__init__(conv.weight.detach().permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias)
-        self.k, self.stride = conv.kernel_size[0], conv.stride[0]
+        super().__init__()
         ph, pw = conv.padding
-        self.pads = pads if pads is not None else (ph, pw, ph, pw)  # (top, left, bottom, right)
+        self.int_conv = IntConv(conv, pads if pads is not None else (ph, pw, ph, pw))
         self.out_channels = conv.out_channels
+        b = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach().to("cpu", torch.float32)
+        self.register_buffer("bias32", b)
+        self.register_buffer("bias64", b.to(torch.float64))
+
+    def form(self, device: torch.device) -> str:
+        """The operand form this layer's products take (`exact2_kernels.STACKED` or `VALUES`)."""
+        return self.int_conv.form(device)
 
     def from_operand(self, operand: torch.Tensor, s_x: torch.Tensor, *, up: int = 1,
                      add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                      float64: bool = False) -> torch.Tensor:
-        """Integers [2, B, H, W, C] (parts) or [B, H, W, C] (values) with per-image scales
-        s_x [B] -> [B, Ho, Wo, N]."""
-        b, h, w, c = operand.shape[-4:]
-        if self.k == 1 and self.stride == 1 and up == 1 and self.pads == (0, 0, 0, 0):
-            cols, out_h, out_w = operand.reshape(-1, c), h, w
-        else:
-            cols, out_h, out_w = K.im2col(operand, self.k, self.stride, self.pads, up)
+        """The integer operand [B, H, W, 2C or C] with per-image scales s_x [B] -> [B, Ho, Wo, N]."""
+        b = operand.shape[0]
+        G, out_h, out_w, stacked = self.int_conv.products(operand, up)
         res = None if residual is None else residual.reshape(b * out_h * out_w, self.out_channels)
-        y = self.products(cols, out_h * out_w, s_x, add=add, residual=res, float64=float64)
+        y = K.epilogue(G, stacked, out_h * out_w, s_x, self.int_conv.weights.scale,
+                       self.bias64 if float64 else self.bias32, add=add, residual=res, float64=float64)
         return y.view(b, out_h, out_w, self.out_channels)
 
     def from_float(self, x: torch.Tensor, *, up: int = 1, residual: torch.Tensor | None = None) -> torch.Tensor:
         """A float input [B, H, W, C] quantized per image by its max |x| -> [B, Ho, Wo, N]."""
         b, h, w, c = x.shape
-        flat = x.reshape(b, h * w, c)
-        r, s = K.inverse_scales(K.absmax(flat))
-        operand = K.quantize(flat, r, self.form(x.device))
-        return self.from_operand(operand.view(*operand.shape[:-2], h, w, c), s, up=up, residual=residual)
+        operand, s = K.quantize_dynamic(x.reshape(b, h * w, c), self.form(x.device))
+        return self.from_operand(operand.view(b, h, w, -1), s, up=up, residual=residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _nchw(self.from_float(_channels_last(x)))
 
 
-class ExactLinear2(_Affine):
-    """A Linear on 14-bit integers (per-row input scale); output binary32 [B, N]."""
+class ExactLinear2(nn.Module):
+    """A Linear on 14-bit integers (per-row input scale; a binary64 product: [B, fan-in]
+    rows are few); output binary32 [B, N]."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__(linear.weight.detach(), linear.bias)
+        super().__init__()
+        self.weights = IntWeights(linear.weight)
+        b = torch.zeros(linear.out_features) if linear.bias is None else linear.bias.detach().to("cpu", torch.float32)
+        self.register_buffer("bias32", b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, k = x.shape
-        r, s = K.inverse_scales(K.absmax(x))
-        operand = K.quantize(x.reshape(b, 1, k), r, self.form(x.device))
-        return self.products(operand.reshape(-1, k), 1, s)
+        values, s = K.quantize_dynamic(x.reshape(b, 1, k), K.VALUES)
+        return K.epilogue(torch.mm(values.view(b, k), self.weights.values), False, 1, s, self.weights.scale,
+                          self.bias32)
 
 
 class ExactSiLU2(nn.Module):
@@ -152,8 +125,8 @@ class ExactSiLU2(nn.Module):
 
 
 class _NormAct(nn.Module):
-    """GroupNorm (+ SiLU) feeding a convolution: the next layer's integer operand, in one pass
-    (`exact2_kernels.norm_plan`, then `norm_act`)."""
+    """GroupNorm (+ SiLU) feeding a convolution: the next layer's integer operand
+    (`exact2_kernels.group_norm_operand`)."""
 
     def __init__(self, norm: nn.GroupNorm, silu: bool) -> None:
         super().__init__()
@@ -164,8 +137,7 @@ class _NormAct(nn.Module):
     def operand(self, x: torch.Tensor, form: str, scale: torch.Tensor | None = None,
                 shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, P, C] -> (the next layer's integer operand in ``form``, value of one integer [B])."""
-        a, c, r, s = K.norm_plan(x, self.groups, self.weight, self.bias, self.eps, self.silu, scale, shift)
-        return K.norm_act(x, a, c, self.silu, r, form), s
+        return K.group_norm_operand(x, self.groups, self.weight, self.bias, self.eps, self.silu, form, scale, shift)
 
 
 class ExactResBlock2(nn.Module):
@@ -185,7 +157,7 @@ class ExactResBlock2(nn.Module):
         flat = xc.view(b, h * w, c)
         op1, s1 = self.norm1.operand(flat, self.conv1.form(x.device))
         emb = self.temb_proj(exact.silu(temb.to(torch.float64)))  # binary32 [B, N or 2N]
-        op1 = op1.view(*op1.shape[:-2], h, w, c)
+        op1 = op1.view(b, h, w, -1)
         if self.scale_shift:
             scale, shift = emb.chunk(2, dim=1)
             hid = self.conv1.from_operand(op1, s1)
@@ -194,7 +166,7 @@ class ExactResBlock2(nn.Module):
             hid = self.conv1.from_operand(op1, s1, add=emb)  # norm2(h + emb): the sum is binary32
             op2, s2 = self.norm2.operand(hid.view(b, h * w, -1), self.conv2.form(x.device))
         skip = xc if self.skip is None else self.skip.from_float(xc)
-        out = self.conv2.from_operand(op2.view(*op2.shape[:-2], h, w, -1), s2, residual=skip)  # skip + h
+        out = self.conv2.from_operand(op2.view(b, h, w, -1), s2, residual=skip)  # skip + h
         return _nchw(out)
 
 
@@ -209,8 +181,8 @@ class ExactAttnBlock2(nn.Module):
     def _integers(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """v [B, heads, tokens, d] binary32 -> (exact integers clamp(rint(v QMAX / m_b)) in binary64, s_b [B])."""
         b, heads, tokens, d = v.shape
-        r, s = K.inverse_scales(K.absmax(v.reshape(b, heads * tokens, d)))
-        return K.quantize(v.reshape(b, heads * tokens, d), r, K.VALUES).view(b, heads, tokens, d), s
+        values, s = K.quantize_dynamic(v.reshape(b, heads * tokens, d), K.VALUES)
+        return values.view(b, heads, tokens, d), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = _channels_last(x)
@@ -218,7 +190,7 @@ class ExactAttnBlock2(nn.Module):
         tokens, heads = h * w, self.num_heads
         d = c // heads
         op, s = self.norm.operand(xc.view(b, tokens, c), self.qkv.form(x.device))
-        qkv = self.qkv.from_operand(op.view(*op.shape[:-2], h, w, c), s).view(b, tokens, 3, heads, d)
+        qkv = self.qkv.from_operand(op.view(b, h, w, -1), s).view(b, tokens, 3, heads, d)
         (q, sq), (k, sk), (v, sv) = (self._integers(qkv[:, :, i].permute(0, 2, 1, 3)) for i in range(3))
         scores = torch.matmul(q, k.transpose(-1, -2))  # exact: d QMAX^2 < 2^53
         c_rows = ((sq * sk) * (1.0 / math.sqrt(d))).repeat_interleave(heads * tokens)
@@ -263,7 +235,7 @@ class ExactHead2(nn.Module):
         xc = _channels_last(x)
         b, h, w, c = xc.shape
         op, s = self.norm.operand(xc.view(b, h * w, c), self.conv.form(x.device))
-        return _nchw(self.conv.from_operand(op.view(*op.shape[:-2], h, w, c), s, float64=True))
+        return _nchw(self.conv.from_operand(op.view(b, h, w, -1), s, float64=True))
 
 
 _BLOCK_SWAPS = {ResBlock: ExactResBlock2, AttnBlock: ExactAttnBlock2, Downsample: ExactDownsample2,

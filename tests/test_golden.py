@@ -286,8 +286,8 @@ EXACT_SHA256 = {EXACT_LOSSLESS: "51064aa7a28a7d0a4d3c240e06dc163f5b22d89bb73384c
 EXACT_V4_SHA256 = {HERE / "default_exact_lossless_k10_v4.dfc": "e72c2b602f6bc27e38bfcfc453be0c104bac1e23c7383868d97d2a6112cdb556",
                    HERE / "default_exact_progressive_k10_v4.dfc": "96c595fd44a78b39b41d5701b8aa5b10ef85609d43c8a0d656231e8949386780"}
 # the same two encodes under exact-arithmetic contract 2 (the network of exact_net2; format 4)
-EXACT_C2_SHA256 = {HERE / "default_exact_lossless_k10_c2.dfc": "de1c8afedc562c9ecf5d14240e0eb721ad7f2e7301fd34c3889f407c56d061dd",
-                   HERE / "default_exact_progressive_k10_c2.dfc": "cbc7ac685334ba163d684e6f85aeed0f1a6b70a72ca83c91aeb70089705b7696"}
+EXACT_C2_SHA256 = {HERE / "default_exact_lossless_k10_c2.dfc": "56f81b7b8941f705266aee8210177c7a579bc058e0cbb8a7821bc410dd03574a",
+                   HERE / "default_exact_progressive_k10_c2.dfc": "0c31ac3fa064b7788aa640f1b77ff016ae003817cc1dc821e9f71a26af07ab1e"}
 EXACT_SOURCE = ((32, 64), 15)  # conftest.synthetic_images([(32, 64)], seed=15): 2 tiles
 EXACT_SOURCE_SHA256 = "b5a67142a461dcc766e3b165d6fa4ca7ee83bf83094f17c47beab561eea195e4"
 
