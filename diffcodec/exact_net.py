@@ -238,13 +238,28 @@ class ExactAttention(nn.Module):
 
 
 class ExactTimestepEmbedding(nn.Module):
-    """`unet.timestep_embedding` (either kind, t scaled by one correctly rounded product)."""
+    """`unet.timestep_embedding` (either kind, t scaled by one correctly rounded product). The
+    last few embeddings are kept by their timesteps' bits: a codec calls the network many
+    times at one t."""
+
+    CACHED = 8
 
     def __init__(self, dim: int, kind: str = "ddpm", scale: float = 1.0) -> None:
         super().__init__()
         self.dim, self.kind, self.scale = dim, kind, float(scale)
+        self._cache: dict[tuple[bytes, str], torch.Tensor] = {}
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.detach().to("cpu", exact.F64).contiguous().numpy().tobytes(), str(t.device))
+        emb = self._cache.get(key)
+        if emb is None:
+            emb = self._embed(t)
+            if len(self._cache) >= self.CACHED:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = emb
+        return emb.clone()
+
+    def _embed(self, t: torch.Tensor) -> torch.Tensor:
         half = self.dim // 2
         i = torch.arange(half, dtype=exact.F64)
         freqs = exact.exp(exact.divide(i * -LN_10000, float(max(half - 1, 1) if self.kind == "ddpm" else half)))

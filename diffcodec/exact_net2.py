@@ -140,6 +140,32 @@ class _NormAct(nn.Module):
         return K.group_norm_operand(x, self.groups, self.weight, self.bias, self.eps, self.silu, form, scale, shift)
 
 
+class EmbeddingProjections(nn.Module):
+    """Every ResBlock's temb_proj(SiLU(temb)) in one product. They share their input, so its
+    quantization is the same for all, and each block's slice of the output is what its own
+    `ExactLinear2` would give (per-row weight scales, per-output epilogue): one quantization,
+    product and epilogue per forward instead of one per ResBlock."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        super().__init__()
+        fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears))
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+            fused.bias.copy_(torch.cat([lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
+                                        for lin in linears]))
+        self.linear = ExactLinear2(fused)
+        self.bounds = [0]
+        for lin in linears:
+            self.bounds.append(self.bounds[-1] + lin.out_features)
+        self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def of(self, temb: torch.Tensor, index: int) -> torch.Tensor:
+        """ResBlock ``index``'s projection of ``temb`` (computed once per temb tensor)."""
+        if self._last[0] is not temb:
+            self._last = (temb, self.linear(exact.silu(temb.to(torch.float64))))
+        return self._last[1][:, self.bounds[index]:self.bounds[index + 1]]
+
+
 class ExactResBlock2(nn.Module):
     takes_embedding = True  # UNet.forward calls it as block(h, temb)
 
@@ -148,15 +174,16 @@ class ExactResBlock2(nn.Module):
         self.scale_shift = block.scale_shift
         self.norm1, self.norm2 = _NormAct(block.norm1, silu=True), _NormAct(block.norm2, silu=True)
         self.conv1, self.conv2 = ExactConv2(block.conv1), ExactConv2(block.conv2)
-        self.temb_proj = ExactLinear2(block.temb_proj)
         self.skip = ExactConv2(block.skip) if isinstance(block.skip, nn.Conv2d) else None
+        self.projection: tuple[EmbeddingProjections, int] | None = None  # set by exact_network2 (not a submodule)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         xc = _channels_last(x)
         b, h, w, c = xc.shape
         flat = xc.view(b, h * w, c)
         op1, s1 = self.norm1.operand(flat, self.conv1.form(x.device))
-        emb = self.temb_proj(exact.silu(temb.to(torch.float64)))  # binary32 [B, N or 2N]
+        projections, index = self.projection
+        emb = projections.of(temb, index)  # temb_proj(SiLU(temb)), binary32 [B, N or 2N]
         op1 = op1.view(b, h, w, -1)
         if self.scale_shift:
             scale, shift = emb.chunk(2, dim=1)
@@ -274,7 +301,11 @@ def exact_network2(model: UNet) -> UNet:
     net = copy.deepcopy(model).to("cpu").eval()
     net.norm_out = ExactHead2(net.norm_out, net.conv_out)
     net.act_out, net.conv_out = nn.Identity(), nn.Identity()
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    net.temb_projections = EmbeddingProjections([b.temb_proj for b in blocks]) if blocks else nn.Identity()
     _swap(net)
+    for index, block in enumerate(m for m in net.modules() if isinstance(m, ExactResBlock2)):
+        object.__setattr__(block, "projection", (net.temb_projections, index))
     leftover = [type(m).__name__ for m in net.modules()
                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm, ResBlock, AttnBlock, Downsample, Upsample))]
     if leftover or any(p.numel() for p in net.parameters()):
