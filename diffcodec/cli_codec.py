@@ -15,7 +15,7 @@ import numpy as np
 
 from diffcodec.codec import LOSSLESS_STEPS
 from diffcodec.codec.progressive.params import ProgressiveParams
-from diffcodec.errors import DiffcodecError
+from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.timesteps import SPACINGS
 
 EXIT_DAMAGED = 3  # decode: a damaged progressive file; the image of its intact stages was written
@@ -398,11 +398,15 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
         description="Decode a .dfc file. OUT is a PNG path for a single image, else a directory that gets "
                     "one PNG per image, named from the names stored in the file (a one-image file stores none: its "
                     "PNG is named after FILE). Lossless pixels are written only when they match the file's checksum; a "
-                    "progressive file cut short decodes to the stages it holds (a lossy reconstruction, said so), "
-                    "and its stages are used only once their integrity check has matched.",
-        epilog="exit status: 0 decoded (lossless and verified, or the reconstruction from a prefix); 2 refused, "
-               "nothing written; 3 a damaged progressive file: the reconstruction from its intact stages was "
-               "written and the message says where the damage starts",
+                    "progressive file cut short decodes to the stages it holds (a lossy reconstruction, said so: "
+                    "'cut short (N of M bytes)' for a format 5 file, which records its length), a lossy file (encode "
+                    "with a rate target, or diffcodec cut) to the stages it ends at, and stages are used only once "
+                    "their integrity check has matched. A format 5 file of its full length whose stream stops before "
+                    "its last stage is damaged, wherever the damage is.",
+        epilog="exit status: 0 decoded (lossless and verified, or the reconstruction from a prefix, a cut file or "
+               "a lossy file); 2 refused, nothing written; 3 a damaged progressive file: the reconstruction from "
+               "its intact stages was written (nothing when no stage before the damage is intact) and the message "
+               "says where the damage starts",
     )
     p.add_argument("file", metavar="FILE.dfc", help="the .dfc file to decode (bits-back or progressive), or a shard "
                                                     "set's OUT.dfcset (encode --shards)")
@@ -443,8 +447,12 @@ def run_decode_command(args: argparse.Namespace) -> int:
     targets = output_paths(args.output, names, force=args.force)  # before any work
     prepare_cuda_determinism()
     with ProgressBars(args.quiet) as bars:
-        r = api.decode(data, checkpoint=args.checkpoint, device=args.device, where=args.file, num_bits=args.bits,
-                       upto=args.upto, reconstruction=args.reconstruction, progress=bars)
+        try:
+            r = api.decode(data, checkpoint=args.checkpoint, device=args.device, where=args.file, num_bits=args.bits,
+                           upto=args.upto, reconstruction=args.reconstruction, progress=bars)
+        except DamagedFileError as e:  # damaged before any intact stage: nothing to write, but damaged (3), not 2
+            print(f"diffcodec: error: {e}", file=sys.stderr)
+            return EXIT_DAMAGED
     progressive = isinstance(r, api.ProgressiveDecoding)
     if progressive and r.diverged and args.upto is None:
         raise DiffcodecError(

@@ -58,7 +58,7 @@ from diffcodec.codec.probe import check_probe, probe_digest
 from diffcodec.codec.progressive import codec as progressive
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.codec.rate import RateControl, RateTarget
-from diffcodec.errors import DiffcodecError
+from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.exact import CONTRACT_VERSION
 from diffcodec.images import from_model_output, image_tiles, images_from_tiles, tile_count, to_model_input
 from diffcodec.likelihood import BoundResult, merge_rows
@@ -365,7 +365,7 @@ def encode(
             control = None if target is None else RateControl(
                 target, images, lambda n, stages: file_size(replace(header, stages=stages), n), params.num_stages)
             enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
-                                     params, progress=_bar(progress, "encode", params.num_stages), workers=workers,
+                                     params, progress=_stage_bar(progress, "encode", params.num_stages), workers=workers,
                                      context=image_sizes_context(entries), end=control)
             header = replace(header, stages=enc.stages, params=enc.params.pack())
             seen = control.at(enc.stages) if control is not None else None
@@ -509,15 +509,20 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
     file_stages = h.stages if framed else params.num_stages
     limit = file_stages if upto is None else min(int(upto), file_stages)
     sizes = [(im.height, im.width) for im in h.images]
+    given_all = file_bits == 8 * data_bytes  # the decoder was given every byte of the file
     try:
         with deterministic_kernels():
             dec = progressive.decode(model_fn or network(model.model, float64=params.network_float64),
                                      model.diffusion_config, container.payload, params,
                                      num_bits=file_bits - header_bits, upto=limit, reconstruction=reconstruction,
                                      device=device, context=b"" if legacy else image_sizes_context(h.images))
+    except DamagedFileError as e:
+        raise DamagedFileError(f"{where}: {e}; nothing written") from None
     except DiffcodecError as e:
+        if framed and given_all and len(container.payload) == declared:  # its whole payload, and no stage in it
+            raise DamagedFileError(f"{where}: the file is damaged (it holds its whole {declared:,}-byte payload and "
+                                   "no stage decodes); no intact stage, nothing written") from None
         raise DiffcodecError(f"{where}: {e}") from None
-    given_all = file_bits == 8 * data_bytes  # the decoder was given every byte of the file
     if declared is not None:  # the file says how long it is: shorter is cut short
         truncated = len(container.payload) < declared
     else:  # format 4: the whole file was given and the stream ran out before its end (not a damage

@@ -74,7 +74,7 @@ from diffcodec.codec.progressive.syntax import (
 )
 from diffcodec.config import DiffusionConfig
 from diffcodec.diffusion import p_mean_variance, predict_eps_from_xstart, q_mean_variance, q_posterior_mean_variance
-from diffcodec.errors import DiffcodecError
+from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats
 from diffcodec.runtime import ModelFn, usable_cores
 from diffcodec.schedule import Schedule
@@ -475,8 +475,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             latents.append(y)
     if stages == 0:
         if run.stop == "check":
-            raise DiffcodecError(f"the stream is damaged: the integrity check after stage {run.at_stage} failed "
-                                 "and no stage before it is intact")
+            raise DamagedFileError(f"the file is damaged (the integrity check after stage {run.at_stage} failed) "
+                                   "and no stage before it is intact")
         raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
                              f"a longer prefix is needed")
     pixels_checked = None
