@@ -66,6 +66,7 @@ class FileInfo:
     file_stages: int = 0  # the stages the file delivers when whole (format 5 records it; else K + 1)
     declared_bytes: int | None = None  # the whole file's length as its header says (format 5, 3), else None
     cut_short: bool | None = None  # None: format 4 cannot tell
+    whole: bool = False  # it holds all file_stages (format 4: as far as its symbols tell; the pixels: by decode)
     stages_held: int = 0  # latent stages its payload delivers, checked (symbols only)
     cut_points: list[CutPoint] = field(default_factory=list)
     damage: str = ""  # damage the symbols show ("" when none)
@@ -140,7 +141,8 @@ def _describe_progressive(data: bytes, container: Container, h: Header, params: 
         what = what or "the pixel stage (lossless end) is verified by decode"
     base = _header_only(data, h, note, True, K, params.spacing, params.network_float64, payload=len(payload))
     return replace(base, stream_version=params.version, num_stages=params.num_stages, file_stages=file_stages,
-                   declared_bytes=declared, cut_short=cut_short, stages_held=layout.stages, cut_points=points,
+                   declared_bytes=declared, cut_short=cut_short, whole=whole, stages_held=layout.stages,
+                   cut_points=points,
                    damage=damage, note=what)
 
 
@@ -174,7 +176,7 @@ def cut(data: bytes, model: LoadedModel, *, stages: int | None = None, target: R
                              "image of its intact stages)")
     if not info.cut_points:
         raise DiffcodecError(f"{where}: holds no complete checked stage: nothing to cut")
-    own_end = info.file_stages if info.cut_short is False else None  # a whole file: cutting at its end cuts nothing
+    own_end = info.file_stages if info.whole else None  # a whole file: cutting at its end cuts nothing
     if stages is not None:
         chosen = _at_stage(info, stages, own_end, where)
     else:
