@@ -146,6 +146,6 @@ def run_cut_command(args: argparse.Namespace) -> int:
     else:
         t = "t=0" if p.timestep == 0 else f"t={p.timestep}"
         print(f"{args.output}: {len(result.data):,} bytes ({p.bits_per_pixel:.4f} bpp) of {result.original_bytes:,}; "
-              f"ends at stage {p.stages} ({t}); decodes as `diffcodec decode {args.file} --bits "
+              f"ends at stage {p.stages} ({t}); the same image as `diffcodec decode {args.file} --bits "
               f"{result.bits_equivalent}`")
     return 0

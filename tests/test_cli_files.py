@@ -8,13 +8,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from diffcodec.checkpoint import save_checkpoint
 from diffcodec.cli import main
 
-from conftest import seeded_model, synthetic_images
+from conftest import seeded_checkpoint, synthetic_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 K = ["--steps", 6, "--chunk-bits", 4, "--device", "cpu", "-q"]
@@ -36,9 +34,7 @@ def refused(result, phrase: str) -> None:
 def setup(tmp_path_factory):
     """A checkpoint, a 24x20 image (two padded tiles) and its whole progressive file."""
     tmp = tmp_path_factory.mktemp("cli_files")
-    model, mc, dc = seeded_model(4, image_size=16)
-    ckpt = tmp / "tiny.pt"
-    save_checkpoint(ckpt, model, mc, dc, meta={"weights": "test"}, dtype=torch.float32)
+    ckpt = seeded_checkpoint(tmp / "tiny.pt")
     img = synthetic_images([(24, 20)], seed=6)[0]
     Image.fromarray(img).save(tmp / "img.png")
     assert main([str(a) for a in ["encode", tmp / "img.png", "-o", tmp / "full.dfc", "-c", ckpt, "--progressive",
@@ -66,10 +62,7 @@ def test_info_lists_versions_model_images_and_cut_points(setup, capsys):
     assert code == 0 and "format 5" in text and "whole stream" in text and "cut points" in text
     assert f"offset {points[0]['offset']:>9,}" in text
     # another model's file: described from its header, no cut points
-    other = tmp / "other.pt"
-    model, mc, dc = seeded_model(5, image_size=16)
-    save_checkpoint(other, model, mc, dc, meta={"weights": "test"}, dtype=torch.float32)
-    r = info(tmp / "full.dfc", other, capsys)
+    r = info(tmp / "full.dfc", seeded_checkpoint(tmp / "other.pt", 5), capsys)
     assert not r["model_matches"] and not r["cut_points"] and "encoded with model" in r["model_note"]
 
 

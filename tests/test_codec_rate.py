@@ -116,7 +116,7 @@ def test_full_length_damage_is_damage_and_a_short_file_is_cut_short(coded):
     loaded, images, full, info, worst = coded
     start = len(full.data) - len(unpack(full.data).payload)
     pixel_stage = info.cut_points[-2].offset  # after the last latent boundary: the pixel stage's bytes
-    with pytest.raises(DamagedFileError, match="f.dfc: the file is damaged .* no stage before it is intact"):
+    with pytest.raises(DamagedFileError, match="f.dfc: the file is damaged .* no intact stage before the damage; nothing written"):
         bad = bytearray(full.data)
         bad[start + 1] ^= 0x10  # the first group: no intact stage, nothing to decode, but damage, not a refusal
         api.decode(bytes(bad), model=loaded, device="cpu", where="f.dfc")

@@ -29,14 +29,13 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from diffcodec.checkpoint import load_checkpoint, save_checkpoint
+from diffcodec.checkpoint import load_checkpoint
 from diffcodec.cli import main
 from diffcodec.codec.container import unpack
 from diffcodec.codec.fields import varint
-from tests.conftest import seeded_model
+from tests.conftest import seeded_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,9 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    model, mc, dc = seeded_model(4, image_size=16)
-    ckpt = tmp / "tiny.pt"
-    save_checkpoint(ckpt, model, mc, dc, meta={"weights": "test"}, dtype=torch.float32)
+    ckpt = seeded_checkpoint(tmp / "tiny.pt")
     yy, xx = np.mgrid[0:12, 0:14]
     img = np.stack([xx * 10, yy * 12, (xx * yy) % 256], -1).astype(np.uint8)
     Image.fromarray(img).save(tmp / "img.png")

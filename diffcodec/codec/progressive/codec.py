@@ -476,7 +476,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     if stages == 0:
         if run.stop == "check":
             raise DamagedFileError(f"the file is damaged (the integrity check after stage {run.at_stage} failed) "
-                                   "and no stage before it is intact")
+                                   "and holds no intact stage before the damage")
         raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
                              f"a longer prefix is needed")
     pixels_checked = None
