@@ -581,12 +581,24 @@ def decode_shard_set(args: argparse.Namespace) -> int:
                                                   upto=args.upto, reconstruction=args.reconstruction, progress=bars))
     if targets is None:
         return 0
+    lossy = [f for i, f in enumerate(shard_set.files) if is_lossy_file(shardset.read_shard(shard_set, i), f)]
     report = {"file": args.file, "num_shards": len(shard_set.files), "num_images": len(targets), "outputs": targets,
-              "verified": args.upto is None, "world_size": world.size}
+              "verified": args.upto is None and not lossy, "lossy_shards": lossy, "world_size": world.size}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         where = targets[0] if len(targets) == 1 else f"{args.output}/ ({len(targets)} PNGs)"
         print(f"{args.file}: {len(targets)} image(s) from {len(shard_set.files)} shard(s) -> {where}"
-              + ("; checksums verified" if args.upto is None else f"; up to stage {args.upto} of each shard"))
+              + (f"; up to stage {args.upto} of each shard" if args.upto is not None else
+                 f"; {len(lossy)} lossy file(s) (a rate target or a cut): reconstructions" if lossy else
+                 "; checksums verified"))
     return 0
+
+
+def is_lossy_file(data: bytes, where: str) -> bool:
+    """Whether a file is a progressive file that ends before its lossless stage (format 5)."""
+    from diffcodec.codec import api
+    from diffcodec.codec.container import MODE_PROGRESSIVE
+
+    h = api.read_header(data, where)
+    return h.mode == MODE_PROGRESSIVE and 0 < h.stages <= h.num_steps

@@ -201,8 +201,9 @@ def decode_set(
 ) -> list[str] | None:
     """Decode every shard of a set into the folder ``output`` (one PNG per image, named as a
     single file's decode names them, over the whole set); ``decode(data, where)`` is
-    `api.decode` with the settings bound. Each rank decodes its shards; a shard whose pixels
-    are not verified is refused unless ``lossy_ok`` (a progressive --upto). Rank 0 gets the
+    `api.decode` with the settings bound. Each rank decodes its shards; a damaged shard is
+    refused, and so is one whose pixels are not verified unless it is a lossy file (a rate
+    target, a cut) or ``lossy_ok`` (a progressive --upto). Rank 0 gets the
     PNG paths of all images (None on other ranks)."""
     from diffcodec.codec.api import ProgressiveDecoding, read_header
     from diffcodec.outputs import output_paths, write_png
@@ -227,7 +228,10 @@ def decode_set(
             Path(output).mkdir(parents=True, exist_ok=True)
         for i in distributed.shard(len(shard_set.files), world):
             r = decode(datas[i], shard_set.files[i])
-            if isinstance(r, ProgressiveDecoding) and not r.verified and not lossy_ok:
+            if isinstance(r, ProgressiveDecoding) and r.damage:
+                raise DiffcodecError(f"{shard_set.files[i]}: the file is damaged ({r.damage})")
+            lossy_file = isinstance(r, ProgressiveDecoding) and r.stages == r.file_stages < r.num_stages
+            if isinstance(r, ProgressiveDecoding) and not r.verified and not lossy_ok and not lossy_file:
                 raise DiffcodecError(f"{shard_set.files[i]}: the lossless stage did not reproduce the encoded pixels "
                                      "(checksum mismatch); --upto writes the lossy reconstructions")
             for target, image in zip(targets[starts[i] : starts[i + 1]], r.images):

@@ -154,3 +154,21 @@ def test_encode_with_no_mode_flag_ends_at_40_db(setup, capsys):
     rep = json.loads(out)
     assert rep["mode"] == "progressive" and rep["target"] == "--psnr 40"
     assert rep["lossless"] or rep["min_psnr_db"] >= 40.0
+
+
+def test_a_target_applies_to_each_shard_of_a_set_and_the_lossy_set_decodes(setup, capsys):
+    tmp, ckpt, img = setup
+    folder = tmp / "two"
+    folder.mkdir()
+    for i, im in enumerate(synthetic_images([(16, 16), (20, 12)], seed=9)):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    code, out, err = run(["encode", folder, "-o", tmp / "set.dfcset", "-c", ckpt, "--shards", 2, "--size", 400,
+                          "--json", *K], capsys)
+    assert code == 0, err
+    shards = json.loads(out)["shards"]
+    assert len(shards) == 2 and all(s["file_bytes"] <= 400 for s in shards)
+    code, out, err = run(["decode", tmp / "set.dfcset", "-o", tmp / "set_out", "-c", ckpt, "--device", "cpu", "-q",
+                          "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["num_images"] == 2 and not r["verified"] and len(r["lossy_shards"]) == 2
