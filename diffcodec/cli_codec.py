@@ -11,12 +11,17 @@ import json
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from diffcodec.codec import LOSSLESS_STEPS
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.timesteps import SPACINGS
+
+if TYPE_CHECKING:
+    from diffcodec.codec.rate import RateTarget
 
 EXIT_DAMAGED = 3  # decode: a damaged progressive file; the image of its intact stages was written
 
@@ -173,7 +178,7 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_encode_command)
 
 
-def encode_mode(args: argparse.Namespace):
+def encode_mode(args: argparse.Namespace) -> tuple[str, RateTarget | None]:
     """(mode, rate target or None) of an encode's flags; one-line errors for flags of the other mode."""
     from diffcodec.codec.rate import RateTarget
 

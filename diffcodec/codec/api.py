@@ -10,8 +10,10 @@ tiles and putting them back (`data.image_tiles`), the container (`container`), t
 of a file against the model (format 4: the model identity over weights, chain and tile
 size, `resolve_header` then fills those fields in; formats 1-3: fingerprint, chain, tile
 size), tile counts, the pixel checks (a decoded image is handed out as the coded one only
-when it passes: a lossless file's pixel checksum, a format 4 progressive stream's closing
-check, an older progressive file's header checksum), the choice of device, the
+when it passes: a lossless file's pixel checksum, a format 4 or 5 progressive stream's closing
+check, an older progressive file's header checksum), whether a progressive file is whole, cut
+short or damaged (format 5 records its payload's length and stage count: shorter is cut short,
+a full-length file that stops before its last stage is damaged), the choice of device, the
 deterministic-kernel settings and the decoder's thread count (`runtime`). Each mode's
 stream is its own package: `bitsback.file`, `progressive.codec`.
 

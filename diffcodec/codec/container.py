@@ -52,9 +52,11 @@ for a one-image file (2 for the length, 1 for the stage count).
 
 Measured, one 32x32 image, default settings: progressive under the exact contract 25 bytes
 before the payload (4 magic and version + 1 + 4 model + 4 probe + 2 table + 3 block + 2
-payload length + 1 stage count + 4 CRC; 22 in format 4), float32 21; lossless (exact, K = 100, its one tile through the bootstrap) 41 bytes
-besides the payload (a 15-byte block, a 2-byte payload length, the 4-byte trailer). 64
-images named "x.npz[0]".."x.npz[63]": progressive 35 (the names 10 of them), lossless 54.
+payload length + 1 stage count + 4 CRC; 22 in format 4), float32 21; lossless (exact, K =
+100, its one tile through the bootstrap) 41 bytes besides the payload (a 15-byte block, a
+2-byte payload length, the 4-byte trailer). 64 images named "x.npz[0]".."x.npz[63]":
+progressive 35 in format 4 (the names 10 of them), 39 in format 5 for a 127,000-byte payload
+(a 3-byte length), lossless 54.
 Format 3 took about 105 bytes for one image.
 
 Why this is all the header holds, and no less:
