@@ -519,7 +519,7 @@ def lossy_reason(report: dict, r, args: argparse.Namespace) -> str:
                 "file does not record its length)")
     if args.bits is not None and r.file_bits < 8 * report["file_bytes"]:
         return f"the first {r.file_bits:,} bits (--bits)"
-    if args.upto is not None and r.stages >= min(args.upto, r.file_stages or args.upto):
+    if args.upto is not None and args.upto < (r.file_stages or r.num_stages):
         return f"--upto {args.upto}"
     if r.file_stages and r.file_stages < r.num_stages:
         return f"a lossy file: it ends at stage {r.file_stages} (cut, or encoded with a rate target)"

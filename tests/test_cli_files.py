@@ -82,6 +82,9 @@ def test_encode_to_a_target_then_cut_then_decode(setup, capsys):
     assert [p["stages"] for p in small["cut_points"]] == [p["stages"] for p in full[:2]]
     code, out, err = run(["decode", tmp / "small.dfc", "-o", tmp / "small.png", "-c", ckpt, "--device", "cpu"], capsys)
     assert code == 0 and f"a lossy file: it ends at stage {full[1]['stages']}" in out, (out, err)
+    code, out, err = run(["decode", tmp / "small.dfc", "-o", tmp / "upto.png", "-c", ckpt, "--device", "cpu",
+                          "--upto", 7], capsys)  # more stages than the file has: it still ends where it ends
+    assert code == 0 and f"a lossy file: it ends at stage {full[1]['stages']}" in out, (out, err)
     # --psnr: the encoder's PSNR is the decoded image's
     code, out, err = run(["encode", tmp / "img.png", "-o", tmp / "p.dfc", "-c", ckpt, "--psnr", rep["min_psnr_db"] - 0.01,
                           "--json", *K], capsys)

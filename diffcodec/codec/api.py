@@ -177,7 +177,7 @@ class ProgressiveDecoding:
     damage: str = ""  # why the file is damaged (a failed integrity check, ...), "" when it is not;
     #   the images are then the reconstruction from the intact stages before the damage
     file_stages: int = 0  # the stages the file delivers when whole (K + 1, or fewer for a lossy file: format 5)
-    length_recorded: bool = False  # format 5: the header records the payload's length, so a cut file and a
+    length_recorded: bool = False  # formats 5 and 3: the file records its payload's length, so a cut file and a
     #   damaged one are told apart (format 4: a stream that stops early at the file's end may be either)
 
 
@@ -564,4 +564,4 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
         dec.timestep if verified or not dec.complete else 0, verified, diverged,
         truncated, file_bits, header_bits, header_bits + dec.bits_used,
         total, "exact" if verified else ("xstart" if dec.complete else reconstruction), str(device),
-        dec.seconds, damage, file_stages, framed)
+        dec.seconds, damage, file_stages, declared is not None)
