@@ -258,7 +258,7 @@ def kodak_timing(kodak_dir: Path, checkpoint: str | None, steps: int, threads: i
     ckpt = ["-c", checkpoint] if checkpoint else []
     with tempfile.TemporaryDirectory() as tmp:
         dfc, png = Path(tmp) / "k.dfc", Path(tmp) / "k.png"
-        enc = _cli_in_subprocess(["encode", str(src), "-o", str(dfc), "-k", str(steps), "--no-bound",
+        enc = _cli_in_subprocess(["encode", str(src), "-o", str(dfc), "-k", str(steps), "--lossless", "--no-bound",
                                   "--device", "cpu", *ckpt], threads)
         dec = _cli_in_subprocess(["decode", str(dfc), "-o", str(png), "--device", "cpu", *ckpt], threads)
         exact = np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(src).convert("RGB")))

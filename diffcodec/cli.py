@@ -1,4 +1,5 @@
-"""The `diffcodec` command: the parser, `nll` and `train`; `cli_codec` has encode / decode.
+"""The `diffcodec` command: the parser, `nll` and `train`; `cli_codec` has encode / decode,
+`cli_files` info / cut.
 
 Argument parsing and printing only; the work lives in the modules each command calls.
 
@@ -17,12 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from diffcodec.cli_codec import add_decode_parser, add_encode_parser, add_model_args, positive_int, seed_int
+from diffcodec.cli_files import add_cut_parser, add_info_parser
 from diffcodec.config import PRESETS
 from diffcodec.errors import DiffcodecError
 
 EXIT_USER_ERROR = 2
 DESCRIPTION = ("Exact bits/dim and real compression with a denoising diffusion model (DDPM): the variational "
-               "bound term by term (nll), lossless and progressive .dfc files (encode / decode), training (train).")
+               "bound term by term (nll), progressive lossy-to-lossless and bits-back lossless .dfc files "
+               "(encode / decode, info / cut), training (train).")
 
 
 # ---------------------------------------------------------------------------------- nll
@@ -232,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_encode_parser(sub)
     add_decode_parser(sub)
+    add_info_parser(sub)
+    add_cut_parser(sub)
     return parser
 
 

@@ -11,12 +11,17 @@ import json
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from diffcodec.codec import LOSSLESS_STEPS
 from diffcodec.codec.progressive.params import ProgressiveParams
-from diffcodec.errors import DiffcodecError
+from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.timesteps import SPACINGS
+
+if TYPE_CHECKING:
+    from diffcodec.codec.rate import RateTarget
 
 EXIT_DAMAGED = 3  # decode: a damaged progressive file; the image of its intact stages was written
 
@@ -78,27 +83,74 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ encode
 
 
+DEFAULT_PSNR = 40.0  # `encode` with no mode or target: a progressive file that ends once every image reaches it
+
+ENCODE_DESCRIPTION = f"""\
+Compress images into a .dfc file. Images of any size are cut into model-size tiles; all the
+images given share one file.
+
+By default (no --lossless, --progressive or target) the file is progressive and lossy: it ends
+at the first checked stage boundary where every image reaches {DEFAULT_PSNR:g} dB PSNR, as
+cwebp and cjxl give a lossy file at a default quality. Measured with the embedded model
+(reports/default_mode.md): on one CIFAR-10 image and a 128x128 Kodak crop the 40 dB file is
+2.7x and 3.5x smaller than the whole (lossless) progressive stream and 2.8x and 3.2x smaller
+than a --lossless file, and its encode stops there (75% and 84% of the whole stream's CPU
+time); at 40 dB the progressive stream takes fewer bits than JPEG, WebP, JPEG-XL and AVIF
+(reports/results.md). Every prefix of a progressive file decodes to a coarser image
+(diffcodec cut makes a smaller file from it, diffcodec info lists where).
+
+Rate targets (one at a time; progressive files): --psnr DB ends at the first checked boundary
+where every image of the file reaches DB (PSNR of the image the decoder makes, per image; only
+the whole stream reaches a PSNR no lossy stage does, and then the whole, lossless file is
+written); --bpp X and --size BYTES end at the last checked boundary whose whole file (header
+included) fits: X bits per pixel of all the file's images together, or BYTES bytes. A size no
+file of these images fits is refused (nothing written), naming the smallest file. With
+--shards each shard file meets the target on its own.
+
+--progressive writes the whole progressive stream: lossless at full length, any prefix a lossy
+image. --lossless writes a bits-back file: lossless, not progressive; the smallest lossless
+file for photos and for many images in one file (the Kodak crop: 11.75 bits per pixel against
+the whole progressive stream's 13.03, 2.8x less CPU to encode, 4x the time to decode),
+about the progressive stream's size for one small image (16.1 against 15.5 bits per pixel)."""
+
+
 def add_encode_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "encode",
-        help="compress images losslessly into a .dfc file (bits-back coding over the diffusion chain)",
-        description="Lossless bits-back ANS coding over the model's diffusion chain: the file size is the "
-                    "variational bound (Eq. 5) plus a small overhead. Images of any size are cut into "
-                    "model-size tiles; all images share one stream. The stream's first few tiles are sent "
-                    "with the progressive codec to seed the bits-back stack (--no-bootstrap: with seeded "
-                    "random bits instead, which costs about 18 bits/dim of one tile).",
+        help=f"compress images into a .dfc file (default: progressive, ending at {DEFAULT_PSNR:g} dB; --psnr, --bpp, "
+             "--size; --progressive: the whole lossless stream; --lossless: bits-back)",
+        description=ENCODE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="IMG_OR_DIR_OR_NPZ",
                    help="image files, folders of images, CIFAR-10 .npz shards or python batches")
     p.add_argument("--output", "-o", required=True, metavar="OUT.dfc", help="the file to write")
     add_model_args(p)
+    progressive = ProgressiveParams()  # its defaults
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--progressive", action="store_true",
+                      help="the whole progressive stream (Algorithms 3/4 with reverse channel coding): lossless at "
+                           "full length, any prefix decodes to a coarser image")
+    mode.add_argument("--lossless", action="store_true",
+                      help="bits-back ANS over the diffusion chain: lossless, the size the variational bound "
+                           "(Eq. 5) predicts plus a small overhead; not progressive. The stream's first few tiles go "
+                           "through the progressive codec to seed the stack (--no-bootstrap: seeded random bits)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--psnr", type=float, metavar="DB",
+                        help=f"progressive, lossy: end at the first checked stage boundary where every image reaches "
+                             f"DB dB (default {DEFAULT_PSNR:g} when no mode or target is given)")
+    target.add_argument("--bpp", type=float, metavar="X",
+                        help="progressive, lossy: the largest file (last checked stage boundary) of at most X bits "
+                             "per pixel, header included, over all the images' pixels")
+    target.add_argument("--size", type=positive_int, metavar="BYTES",
+                        help="progressive, lossy: the largest file (last checked stage boundary) of at most BYTES "
+                             "bytes, header included")
     p.add_argument("--steps", "-k", type=positive_int,
-                   help=f"code on the chain respaced to K steps (default {LOSSLESS_STEPS}, quadratic spacing: "
-                        "on the default model its bound is within 1%% of the full T = 1000 chain's at a tenth of "
-                        "the network calls; -k 1000 for the full chain)")
+                   help=f"coded steps K of the chain (progressive default {progressive.num_steps}; --lossless default "
+                        f"{LOSSLESS_STEPS}, quadratic spacing: on the default model its bound is within 1%% of the "
+                        "full T = 1000 chain's at a tenth of the network calls; -k 1000 for the full chain)")
     p.add_argument("--num-images", "-n", type=positive_int, help="encode only the first N images")
-    p.add_argument("--batch-size", "-b", type=positive_int, default=64,
-                   help="most tiles coded together in one chunk (default 64)")
+    p.add_argument("--batch-size", "-b", type=positive_int,
+                   help="--lossless: most tiles coded together in one chunk (default 64)")
     arith = p.add_mutually_exclusive_group()
     arith.add_argument("--float32", dest="arithmetic", action="store_const", const="float32",
                        help="SAME-MACHINE file: the float32 network instead of the exact one (faster on a CPU), "
@@ -107,20 +159,16 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
     arith.add_argument("--float64", dest="arithmetic", action="store_const", const="float64",
                        help="SAME-MACHINE file: the float64 network; decodes only on machines of the same kind")
     p.set_defaults(arithmetic="exact")
-    p.add_argument("--no-bound", action="store_true", help="skip computing the bound (saves one network pass)")
+    p.add_argument("--no-bound", action="store_true",
+                   help="--lossless: skip computing the bound (saves one network pass)")
     p.add_argument("--no-bootstrap", action="store_true",
-                   help="start the bits-back stack on seeded random bits instead of the progressive codec's "
-                        "stream of the first tiles: a few seconds faster, about 55,000 bits larger")
-    progressive = ProgressiveParams()  # its defaults
-    p.add_argument("--progressive", action="store_true",
-                   help="a progressive lossy-to-lossless file (Algorithms 3/4 with reverse channel coding): any "
-                        "prefix decodes to a coarser image; --steps is then the number of coded steps "
-                        f"(default {progressive.num_steps})")
+                   help="--lossless: start the bits-back stack on seeded random bits instead of the progressive "
+                        "codec's stream of the first tiles: a few seconds faster, about 55,000 bits larger")
     p.add_argument("--spacing", choices=SPACINGS, default="quadratic",
                    help="spacing of the steps kept when --steps K < T (default quadratic: dense near t = 0, "
                         "where the bits are; the file records it)")
     p.add_argument("--chunk-bits", type=float, default=progressive.chunk_bits,
-                   help="--progressive: nominal KL in bits of one reverse-channel-coded chunk "
+                   help="progressive: nominal KL in bits of one reverse-channel-coded chunk "
                         f"(default {progressive.chunk_bits:g})")
     p.add_argument("--convert", action="store_true", help="convert non-RGB / 16-bit images instead of refusing")
     p.add_argument("--shards", type=positive_int, metavar="S",
@@ -131,6 +179,24 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print sizes and timings as JSON on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(run=run_encode_command)
+
+
+def encode_mode(args: argparse.Namespace) -> tuple[str, RateTarget | None]:
+    """(mode, rate target or None) of an encode's flags; one-line errors for flags of the other mode."""
+    from diffcodec.codec.rate import RateTarget
+
+    given = [(kind, getattr(args, kind)) for kind in ("psnr", "bpp", "size") if getattr(args, kind) is not None]
+    if args.lossless:
+        if given:
+            raise DiffcodecError(f"--{given[0][0]} is a progressive file's rate target; --lossless files are whole")
+        return "lossless", None
+    for flag, value in (("--no-bootstrap", args.no_bootstrap), ("--no-bound", args.no_bound),
+                        ("--batch-size", args.batch_size is not None)):
+        if value:
+            raise DiffcodecError(f"{flag} applies to --lossless (bits-back) files")
+    if given:
+        return "progressive", RateTarget(*given[0])
+    return "progressive", None if args.progressive else RateTarget("psnr", DEFAULT_PSNR)
 
 
 def read_inputs(paths: list[str], limit: int | None, convert: bool):
@@ -160,22 +226,23 @@ def run_encode_command(args: argparse.Namespace) -> int:
     from diffcodec.outputs import check_output_file, write_bytes_atomic
     from diffcodec.runtime import pick_device, prepare_cuda_determinism
 
+    mode, target = encode_mode(args)
     check_output_file(args.output, force=args.force)
     prepare_cuda_determinism()
     device = distributed.local_device(pick_device(args.device))
     world = distributed.init(device)  # under torchrun: a shard set, shards shared out (shardset)
     loaded = load_checkpoint(args.checkpoint, device=device)
-    mode = "progressive" if args.progressive else "lossless"
     if args.steps is not None:
         api.check_steps(args.steps, loaded.diffusion_config.num_timesteps)
     images, names = read_inputs(args.inputs, args.num_images, args.convert)
     distributed.ready(world)
     with ProgressBars(args.quiet or not world.is_main) as bars:
         settings = {"model": loaded, "mode": mode, "steps": args.steps, "spacing": args.spacing, "device": device,
-                    "arithmetic": args.arithmetic, "batch_size": args.batch_size, "bootstrap": not args.no_bootstrap,
-                    "compute_bound": not args.no_bound, "chunk_bits": args.chunk_bits, "progress": bars}
+                    "arithmetic": args.arithmetic, "batch_size": args.batch_size or 64,
+                    "bootstrap": not args.no_bootstrap, "compute_bound": not args.no_bound,
+                    "chunk_bits": args.chunk_bits, "progress": bars, "target": target}
         if args.shards or world.distributed or shardset.is_shard_set(args.output):
-            return shardset.encode_command(args, images, names, settings, world)
+            return encode_shard_set(args, images, names, settings, world)
         # one image in one file: its name is not stored (the decoder's -o names the output;
         # into a directory, after the .dfc file); several keep theirs (one PNG each)
         result = api.encode(images, names if len(images) > 1 else None, **settings)
@@ -276,12 +343,18 @@ def format_encode(r: dict) -> str:
 def progressive_report(result, path: str, loaded) -> dict:
     enc, h, dims = result.encoded, result.header, result.num_dims
     header_bits = result.header_bits
+    psnr = [None if v == float("inf") else v for v in result.psnr] if result.psnr is not None else None
+    last = int(enc.timesteps[enc.stages - 1])
     return {
         "output": path, "mode": "progressive", "num_images": len(h.images), "num_tiles": enc.params.num_tiles,
         "num_dims": dims, "file_bytes": len(result.data), "header_bytes": header_bits // 8,
         "bits_per_dim": 8 * len(result.data) / dims, "bits_per_pixel": 24 * len(result.data) / dims,
         "payload_bpd": 8 * len(enc.payload) / dims, "num_checks": enc.num_checks,
         "check_bits": enc.num_checks * enc.params.check_bits,
+        "lossless": enc.complete, "file_stages": enc.stages, "num_stages": enc.params.num_stages,
+        "timestep": last, "target": str(result.target) if result.target is not None else None,
+        "psnr_db": psnr, "min_psnr_db": (min(v for v in psnr if v is not None) if psnr and any(
+            v is not None for v in psnr) else None),
         "analytic_bpd": float(enc.kl_bits.sum()) / dims,
         "num_steps": enc.params.num_steps, "spacing": enc.params.spacing, "chunk_bits": enc.params.chunk_bits,
         "network_float64": enc.params.network_float64, "device": h.device,
@@ -298,6 +371,19 @@ def format_progressive(r: dict) -> str:
     lines = [
         f"{r['output']}: {r['num_images']} image(s), {r['num_tiles']} tile(s), {r['file_bytes']:,} bytes "
         f"(progressive, {r['num_steps']} coded steps, {r['spacing']})",
+    ]
+    if r["lossless"]:
+        what = f"lossless: the whole stream ({r['num_stages']} stages)"
+        if r["target"]:
+            what += f"; {r['target']}: no lossy stage reaches it"
+    else:
+        t = "t=0" if r["timestep"] == 0 else f"t={r['timestep']}"
+        what = f"lossy: ends at stage {r['file_stages']} of {r['num_stages']} ({t})"
+        if r["min_psnr_db"] is not None:
+            what += f", {r['min_psnr_db']:.2f} dB" + (" (worst image)" if r["num_images"] > 1 else "")
+        what += f" [{r['target']}]" if r["target"] else ""
+    lines += [
+        f"  {what}",
         f"  actual    {r['bits_per_dim']:.4f} bits/dim = {r['bits_per_pixel']:.3f} bits/pixel (whole file: "
         f"{r['header_bytes']:,}-byte header + payload, {r['num_checks']} integrity checks = {r['check_bits']} bits); "
         f"analytic {r['analytic_bpd']:.4f} on the same stages",
@@ -320,11 +406,15 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
         description="Decode a .dfc file. OUT is a PNG path for a single image, else a directory that gets "
                     "one PNG per image, named from the names stored in the file (a one-image file stores none: its "
                     "PNG is named after FILE). Lossless pixels are written only when they match the file's checksum; a "
-                    "progressive file cut short decodes to the stages it holds (a lossy reconstruction, said so), "
-                    "and its stages are used only once their integrity check has matched.",
-        epilog="exit status: 0 decoded (lossless and verified, or the reconstruction from a prefix); 2 refused, "
-               "nothing written; 3 a damaged progressive file: the reconstruction from its intact stages was "
-               "written and the message says where the damage starts",
+                    "progressive file cut short decodes to the stages it holds (a lossy reconstruction, said so: "
+                    "'cut short (N of M bytes)' for a format 5 file, which records its length), a lossy file (encode "
+                    "with a rate target, or diffcodec cut) to the stages it ends at, and stages are used only once "
+                    "their integrity check has matched. A format 5 file of its full length whose stream stops before "
+                    "its last stage is damaged, wherever the damage is.",
+        epilog="exit status: 0 decoded (lossless and verified, or the reconstruction from a prefix, a cut file or "
+               "a lossy file); 2 refused, nothing written; 3 a damaged progressive file: the reconstruction from "
+               "its intact stages was written (nothing when no stage before the damage is intact) and the message "
+               "says where the damage starts",
     )
     p.add_argument("file", metavar="FILE.dfc", help="the .dfc file to decode (bits-back or progressive), or a shard "
                                                     "set's OUT.dfcset (encode --shards)")
@@ -353,10 +443,10 @@ def run_decode_command(args: argparse.Namespace) -> int:
     from diffcodec.distributed import launched
     from diffcodec.outputs import output_paths, write_png
     from diffcodec.runtime import prepare_cuda_determinism
-    from diffcodec.shardset import decode_command, is_shard_set
+    from diffcodec.shardset import is_shard_set
 
     if is_shard_set(args.file) or launched():  # a shard set's index (encode --shards, or under torchrun)
-        return decode_command(args)
+        return decode_shard_set(args)
     data = read_file_bytes(args.file)
     h = api.read_header(data, args.file)
     names = [im.name for im in h.images]
@@ -365,8 +455,12 @@ def run_decode_command(args: argparse.Namespace) -> int:
     targets = output_paths(args.output, names, force=args.force)  # before any work
     prepare_cuda_determinism()
     with ProgressBars(args.quiet) as bars:
-        r = api.decode(data, checkpoint=args.checkpoint, device=args.device, where=args.file, num_bits=args.bits,
-                       upto=args.upto, reconstruction=args.reconstruction, progress=bars)
+        try:
+            r = api.decode(data, checkpoint=args.checkpoint, device=args.device, where=args.file, num_bits=args.bits,
+                           upto=args.upto, reconstruction=args.reconstruction, progress=bars)
+        except DamagedFileError as e:  # damaged before any intact stage: nothing to write, but damaged (3), not 2
+            print(f"diffcodec: error: {e}", file=sys.stderr)
+            return EXIT_DAMAGED
     progressive = isinstance(r, api.ProgressiveDecoding)
     if progressive and r.diverged and args.upto is None:
         raise DiffcodecError(
@@ -379,7 +473,7 @@ def run_decode_command(args: argparse.Namespace) -> int:
         Path(args.output).mkdir(parents=True, exist_ok=True)
     for target, image in zip(targets, r.images):
         write_png(target, image, force=args.force)
-    report = progressive_decode_report(r, args, h, targets) if progressive else {
+    report = progressive_decode_report(r, args, h, targets, len(data)) if progressive else {
         "file": args.file, "num_images": len(r.images), "outputs": targets,
         "sizes": [[int(im.shape[0]), int(im.shape[1])] for im in r.images], "verified": True,
         "num_steps": h.num_steps, "device": r.device, "encoded_on": h.device, "seconds": r.seconds,
@@ -395,33 +489,124 @@ def run_decode_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     elif progressive:
-        print(format_progressive_decode(report, r, where))
+        print(format_progressive_decode(report, r, where, args))
     else:
         print(f"{args.file}: {len(targets)} image(s) decoded and verified -> {where}; "
               f"{h.num_steps} steps, {r.seconds:.1f} s on {r.device}")
     return 0
 
 
-def progressive_decode_report(r, args: argparse.Namespace, h, targets: list[str]) -> dict:
+def progressive_decode_report(r, args: argparse.Namespace, h, targets: list[str], file_bytes: int) -> dict:
     dims = sum(int(im.size) for im in r.images)
+    complete = r.header_bits + r.payload_bits_total if r.payload_bits_total else None
     return {"file": args.file, "mode": "progressive", "num_images": len(r.images), "outputs": targets,
             "verified": r.verified, "lossless": r.verified, "reconstruction": r.reconstruction,
             "damaged": bool(r.damage), "damage": r.damage or None,
-            "stages": r.stages, "num_stages": r.num_stages, "timestep": r.timestep, "truncated": r.truncated,
+            "stages": r.stages, "num_stages": r.num_stages, "file_stages": r.file_stages, "timestep": r.timestep,
+            "truncated": r.truncated, "length_recorded": r.length_recorded, "file_bytes": file_bytes,
+            "complete_file_bytes": complete // 8 if complete is not None else None,
             "bits_available": r.file_bits, "bits_used": r.bits_used, "header_bits": r.header_bits,
-            "bits_per_dim_used": r.bits_used / dims,
-            "complete_file_bits": r.header_bits + r.payload_bits_total if r.payload_bits_total else None,
+            "bits_per_dim_used": r.bits_used / dims, "complete_file_bits": complete,
             "device": r.device, "encoded_on": h.device, "seconds": r.seconds}
 
 
-def format_progressive_decode(report: dict, r, where: str) -> str:
+def lossy_reason(report: dict, r, args: argparse.Namespace) -> str:
+    """Why a progressive decode is lossy: cut short, a prefix asked for, or a lossy file."""
+    if r.truncated:
+        if r.length_recorded:
+            return f"the file is cut short ({report['file_bytes']:,} of {report['complete_file_bytes']:,} bytes)"
+        return ("the stream stops before its end: the file is cut short, or damaged near its end (a format 4 "
+                "file does not record its length)")
+    if args.bits is not None and r.file_bits < 8 * report["file_bytes"]:
+        return f"the first {r.file_bits:,} bits (--bits)"
+    if args.upto is not None and args.upto < (r.file_stages or r.num_stages):
+        return f"--upto {args.upto}"
+    if r.file_stages and r.file_stages < r.num_stages:
+        return f"a lossy file: it ends at stage {r.file_stages} (cut, or encoded with a rate target)"
+    return "the lossless stage is not used"
+
+
+def format_progressive_decode(report: dict, r, where: str, args: argparse.Namespace) -> str:
     if r.verified:
         what = "lossless, checksum verified"
     else:
         t = "t=0" if r.timestep == 0 else f"t={r.timestep}"
-        what = (f"lossy: stage {r.stages} of {r.num_stages} ({t}), {r.reconstruction} reconstruction"
-                + ("; the file is cut short" if r.truncated else ""))
+        what = (f"lossy: stage {r.stages} of {r.num_stages} ({t}), {r.reconstruction} reconstruction; "
+                + lossy_reason(report, r, args))
     complete = report["complete_file_bits"]
     return (f"{report['file']}: {report['num_images']} image(s) -> {where}; {what}; used {r.bits_used:,} of "
             f"{r.file_bits:,} bits ({report['bits_per_dim_used']:.4f} bits/dim; complete file "
-            + (f"{complete:,})" if complete is not None else "length unknown: the file is cut short)"))
+            + (f"{complete:,} bits)" if complete is not None else "length unknown)"))
+
+
+# ------------------------------------------------------------------------------ shard sets
+
+
+def encode_shard_set(args: argparse.Namespace, images: list, names: list[str], settings: dict,
+                     world) -> int:
+    """`diffcodec encode --shards S` (or under torchrun): ``settings`` are `api.encode`'s."""
+    from diffcodec import distributed, shardset
+    from diffcodec.codec import api
+
+    num_shards = args.shards or world.size
+    with distributed.stage(world):
+        if not shardset.is_shard_set(args.output):
+            raise DiffcodecError(f"{args.output}: {num_shards} shards make a shard set; name its index "
+                                 f"OUT{shardset.SUFFIX}")
+        shardset.shard_ranges(len(images), num_shards)
+    if num_shards % world.size and world.is_main:
+        print(f"diffcodec: note: {num_shards} shards on {world.size} processes: some processes code one shard "
+              f"more while the others wait (up to {distributed.ENV_TIMEOUT} = {distributed.timeout_seconds():g} s); "
+              "a multiple of the process count balances the work", file=sys.stderr)
+    shards = shardset.encode_set(images, names, index_path=args.output, num_shards=num_shards, force=args.force,
+                                 world=world, encode=lambda ims, nms: api.encode(ims, nms, **settings))
+    if shards is None:
+        return 0
+    report = shardset.set_report(args.output, shards)
+    print(json.dumps(report, indent=2) if args.json else shardset.format_set_report(report))
+    return 0
+
+
+def decode_shard_set(args: argparse.Namespace) -> int:
+    """`diffcodec decode OUT.dfcset -o DIR` (shards shared out among ranks under torchrun)."""
+    from diffcodec import distributed, shardset
+    from diffcodec.codec import api
+    from diffcodec.runtime import pick_device, prepare_cuda_determinism
+
+    world = distributed.init(distributed.local_device(pick_device(args.device)))
+    if not shardset.is_shard_set(args.file):
+        raise DiffcodecError(f"{args.file}: one .dfc file is decoded by one process; run decode without torchrun "
+                             f"(a shard set's {shardset.SUFFIX} index decodes on many)")
+    if args.bits is not None:
+        raise DiffcodecError("--bits applies to one progressive file, not to a shard set (--upto applies to each shard)")
+    shard_set = shardset.read_index(args.file)
+    distributed.ready(world)
+    prepare_cuda_determinism()
+    with ProgressBars(args.quiet or not world.is_main) as bars:
+        targets = shardset.decode_set(
+            shard_set, args.output, force=args.force, lossy_ok=args.upto is not None, world=world,
+            decode=lambda data, where: api.decode(data, checkpoint=args.checkpoint, device=args.device, where=where,
+                                                  upto=args.upto, reconstruction=args.reconstruction, progress=bars))
+    if targets is None:
+        return 0
+    lossy = [f for i, f in enumerate(shard_set.files) if is_lossy_file(shardset.read_shard(shard_set, i), f)]
+    report = {"file": args.file, "num_shards": len(shard_set.files), "num_images": len(targets), "outputs": targets,
+              "verified": args.upto is None and not lossy, "lossy_shards": lossy, "world_size": world.size}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        where = targets[0] if len(targets) == 1 else f"{args.output}/ ({len(targets)} PNGs)"
+        print(f"{args.file}: {len(targets)} image(s) from {len(shard_set.files)} shard(s) -> {where}"
+              + (f"; up to stage {args.upto} of each shard" if args.upto is not None else
+                 f"; {len(lossy)} lossy file(s) (a rate target or a cut): reconstructions" if lossy else
+                 "; checksums verified"))
+    return 0
+
+
+def is_lossy_file(data: bytes, where: str) -> bool:
+    """Whether a file is a progressive file that ends before its lossless stage (format 5)."""
+    from diffcodec.codec import api
+    from diffcodec.codec.container import MODE_PROGRESSIVE
+
+    h = api.read_header(data, where)
+    return h.mode == MODE_PROGRESSIVE and 0 < h.stages <= h.num_steps

@@ -14,3 +14,9 @@ def one_line(e: BaseException) -> str:
     """One line describing a library exception: its type and the first line of its text."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+class DamagedFileError(DiffcodecError):
+    """A coded file whose stream fails its integrity checks before any intact stage: nothing
+    can be decoded from it. The CLI exits with status 3 (damaged), as for a damaged file whose
+    intact stages it could decode, instead of 2."""

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +201,9 @@ def decode_set(
 ) -> list[str] | None:
     """Decode every shard of a set into the folder ``output`` (one PNG per image, named as a
     single file's decode names them, over the whole set); ``decode(data, where)`` is
-    `api.decode` with the settings bound. Each rank decodes its shards; a shard whose pixels
-    are not verified is refused unless ``lossy_ok`` (a progressive --upto). Rank 0 gets the
+    `api.decode` with the settings bound. Each rank decodes its shards; a damaged shard is
+    refused, and so is one whose pixels are not verified unless it is a lossy file (a rate
+    target, a cut) or ``lossy_ok`` (a progressive --upto). Rank 0 gets the
     PNG paths of all images (None on other ranks)."""
     from diffcodec.codec.api import ProgressiveDecoding, read_header
     from diffcodec.outputs import output_paths, write_png
@@ -228,68 +228,12 @@ def decode_set(
             Path(output).mkdir(parents=True, exist_ok=True)
         for i in distributed.shard(len(shard_set.files), world):
             r = decode(datas[i], shard_set.files[i])
-            if isinstance(r, ProgressiveDecoding) and not r.verified and not lossy_ok:
+            if isinstance(r, ProgressiveDecoding) and r.damage:
+                raise DiffcodecError(f"{shard_set.files[i]}: the file is damaged ({r.damage})")
+            lossy_file = isinstance(r, ProgressiveDecoding) and r.stages == r.file_stages < r.num_stages
+            if isinstance(r, ProgressiveDecoding) and not r.verified and not lossy_ok and not lossy_file:
                 raise DiffcodecError(f"{shard_set.files[i]}: the lossless stage did not reproduce the encoded pixels "
                                      "(checksum mismatch); --upto writes the lossy reconstructions")
             for target, image in zip(targets[starts[i] : starts[i + 1]], r.images):
                 write_png(target, image, force=force)
     return targets if world.is_main else None
-
-
-# ------------------------------------------------------------------------------ the commands
-
-
-def encode_command(args: Any, images: Sequence[np.ndarray], names: Sequence[str], settings: dict[str, Any],
-                   world: distributed.World) -> int:
-    """`diffcodec encode --shards S` (or under torchrun): ``settings`` are `api.encode`'s."""
-    from diffcodec.codec import api
-
-    num_shards = args.shards or world.size
-    with distributed.stage(world):
-        if not is_shard_set(args.output):
-            raise DiffcodecError(f"{args.output}: {num_shards} shards make a shard set; name its index OUT{SUFFIX}")
-        shard_ranges(len(images), num_shards)
-    if num_shards % world.size and world.is_main:
-        print(f"diffcodec: note: {num_shards} shards on {world.size} processes: some processes code one shard "
-              f"more while the others wait (up to {distributed.ENV_TIMEOUT} = {distributed.timeout_seconds():g} s); "
-              "a multiple of the process count balances the work", file=sys.stderr)
-    shards = encode_set(images, names, index_path=args.output, num_shards=num_shards, force=args.force, world=world,
-                        encode=lambda ims, nms: api.encode(ims, nms, **settings))
-    if shards is None:
-        return 0
-    report = set_report(args.output, shards)
-    print(json.dumps(report, indent=2) if args.json else format_set_report(report))
-    return 0
-
-
-def decode_command(args: Any) -> int:
-    """`diffcodec decode OUT.dfcset -o DIR` (shards shared out among ranks under torchrun)."""
-    from diffcodec.cli_codec import ProgressBars
-    from diffcodec.codec import api
-    from diffcodec.runtime import pick_device, prepare_cuda_determinism
-
-    world = distributed.init(distributed.local_device(pick_device(args.device)))
-    if not is_shard_set(args.file):
-        raise DiffcodecError(f"{args.file}: one .dfc file is decoded by one process; run decode without torchrun "
-                             f"(a shard set's {SUFFIX} index decodes on many)")
-    if args.bits is not None:
-        raise DiffcodecError("--bits applies to one progressive file, not to a shard set (--upto applies to each shard)")
-    shard_set = read_index(args.file)
-    distributed.ready(world)
-    prepare_cuda_determinism()
-    with ProgressBars(args.quiet or not world.is_main) as bars:
-        targets = decode_set(
-            shard_set, args.output, force=args.force, lossy_ok=args.upto is not None, world=world,
-            decode=lambda data, where: api.decode(data, checkpoint=args.checkpoint, device=args.device, where=where,
-                                                  upto=args.upto, reconstruction=args.reconstruction, progress=bars))
-    if targets is None:
-        return 0
-    report = {"file": args.file, "num_shards": len(shard_set.files), "num_images": len(targets), "outputs": targets,
-              "verified": args.upto is None, "world_size": world.size}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        where = targets[0] if len(targets) == 1 else f"{args.output}/ ({len(targets)} PNGs)"
-        print(f"{args.file}: {len(targets)} image(s) from {len(shard_set.files)} shard(s) -> {where}"
-              + ("; checksums verified" if args.upto is None else f"; up to stage {args.upto} of each shard"))
-    return 0

@@ -74,6 +74,13 @@ def seeded_model(seed: int = 0, *, learn_sigma: bool = False, out_scale: float =
     return model.eval(), mc, dc
 
 
+def seeded_checkpoint(path: Path, seed: int = 4, *, image_size: int = 16) -> Path:
+    """`seeded_model` saved as a float32 checkpoint file at ``path`` (for tests of the CLI)."""
+    model, mc, dc = seeded_model(seed, image_size=image_size)
+    save_checkpoint(path, model, mc, dc, meta={"weights": "test"}, dtype=torch.float32)
+    return path
+
+
 def as_loaded(model, mc, dc) -> LoadedModel:
     return LoadedModel(model, mc, dc, fingerprint(model.state_dict()), {"weights": "test"}, "<test>")
 

@@ -114,7 +114,8 @@ def test_codec_bad_inputs_are_refused_before_any_work(tiny_checkpoint, images_np
     one_line_error(*run(["encode", tmp_path / "wide.png", "-o", out, "-c", tiny_checkpoint, "-q"], capsys)[::2],
                    "out of range")
     assert not out.exists()
-    assert run(["encode", images_npz, "-o", out, *c, "--steps", 2, "--no-bound", "--no-bootstrap"], capsys)[0] == 0
+    assert run(["encode", images_npz, "-o", out, *c, "--steps", 2, "--lossless", "--no-bound", "--no-bootstrap"],
+               capsys)[0] == 0
     for device, phrase in (("bogus", "unknown device"), ("cuda:7", "CUDA")):
         if device.startswith("cuda") and torch.cuda.device_count() > 7:
             continue
@@ -150,7 +151,8 @@ def test_a_one_image_file_stores_no_name_and_decodes_into_a_folder_as_its_stem(t
     rng = np.random.default_rng(3)
     for name in ("a.png", "b.png"):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
-    flags = ["-c", tiny_checkpoint, "--steps", 2, "--no-bootstrap", "--no-bound", "--float64", "-q", "--device", "cpu"]
+    flags = ["-c", tiny_checkpoint, "--steps", 2, "--lossless", "--no-bootstrap", "--no-bound", "--float64", "-q",
+             "--device", "cpu"]
     code, _, err = run(["encode", tmp_path / "a.png", "-o", tmp_path / "photo.dfc", *flags], capsys)
     assert code == 0, err
     assert [im.name for im in read_header((tmp_path / "photo.dfc").read_bytes()).images] == [""]

@@ -247,7 +247,7 @@ def encoded(tmp_path_factory, checkpoint) -> tuple[Path, list[np.ndarray], Path]
         Image.fromarray(img).save(folder / name)
     out = tmp_path_factory.mktemp("dfc") / "two.dfc"  # a fresh folder: the fixture may be set up again
     code = main(["encode", str(folder), "-o", str(out), "-c", str(checkpoint), "--steps", "3", "-q",
-                 "--device", "cpu"])
+                 "--device", "cpu", "--lossless"])
     assert code == 0
     return out, images, checkpoint
 
@@ -270,14 +270,16 @@ def test_cli_encode_summary_and_single_png(checkpoint, tmp_path, capsys):
     img = synthetic_images([(20, 13)], seed=9)[0]
     Image.fromarray(img).save(tmp_path / "small.png")
     dfc = tmp_path / "small.dfc"
-    assert main(["encode", str(tmp_path / "small.png"), "-o", str(dfc), "-c", str(checkpoint), "-k", "2", "-q"]) == 0
+    assert main(["encode", str(tmp_path / "small.png"), "-o", str(dfc), "-c", str(checkpoint), "-k", "2", "-q",
+                 "--lossless"]) == 0
     text = capsys.readouterr().out
     assert "bits/dim" in text and "bound" in text and "initial bits" in text
     assert main(["decode", str(dfc), "-o", str(tmp_path / "back.png"), "-c", str(checkpoint), "-q"]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "back.png")), img)
     # never overwrite without --force
     before = dfc.read_bytes()
-    assert main(["encode", str(tmp_path / "small.png"), "-o", str(dfc), "-c", str(checkpoint), "-k", "2", "-q"]) == 2
+    assert main(["encode", str(tmp_path / "small.png"), "-o", str(dfc), "-c", str(checkpoint), "-k", "2", "-q",
+                 "--lossless"]) == 2
     assert "already exists" in _one_line_error(capsys)
     assert dfc.read_bytes() == before
     png_before = (tmp_path / "back.png").read_bytes()
@@ -289,7 +291,7 @@ def test_cli_encode_summary_and_single_png(checkpoint, tmp_path, capsys):
 def test_cli_refuses_grey_images_unless_converted(checkpoint, tmp_path, capsys):
     Image.fromarray(np.full((8, 8), 100, np.uint8), mode="L").save(tmp_path / "grey.png")
     args = ["encode", str(tmp_path / "grey.png"), "-o", str(tmp_path / "g.dfc"), "-c", str(checkpoint), "-k", "2",
-            "-q", "--no-bound"]
+            "-q", "--lossless", "--no-bound"]
     assert main(args) == 2
     assert "--convert" in _one_line_error(capsys)
     assert main(args + ["--convert"]) == 0
@@ -345,7 +347,7 @@ def test_float32_cpu_files_record_the_thread_count(encoded, tmp_path, capsys):
     Image.fromarray(images[1]).save(folder / "two.png")
     dfc = tmp_path / "f32.dfc"
     assert main(["encode", str(folder), "-o", str(dfc), "-c", str(ckpt), "--steps", "3", "-q", "--device", "cpu",
-                 "--float32"]) == 0
+                 "--float32", "--lossless"]) == 0
     params = BitsBackParams.unpack(unpack(dfc.read_bytes()).header.params)
     assert params.threads == 1 and not params.network_float64 and not params.exact
     torch.set_num_threads(2)
@@ -388,7 +390,7 @@ def test_cli_default_chain_is_100_quadratic_steps(checkpoint, tmp_path, capsys):
     Image.fromarray(img).save(tmp_path / "d.png")
     dfc = tmp_path / "d.dfc"
     assert main(["encode", str(tmp_path / "d.png"), "-o", str(dfc), "-c", str(checkpoint), "-q", "--json",
-                 "--no-bound"]) == 0
+                 "--lossless", "--no-bound"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["num_steps"] == 100 and report["spacing"] == "quadratic"
     assert BitsBackParams.unpack(unpack(dfc.read_bytes()).header.params).spacing == "quadratic"

@@ -1,7 +1,8 @@
 """container.py: the .dfc byte layouts (pinned), and defensive parsing of bad files.
 
-Format version 4 first (what is written), then the legacy versions 1-3 (still read; 3 still
-written on request)."""
+Format version 4 first (what lossless files are written as), then version 5 (progressive
+files: the payload's length and stage count recorded), then the legacy versions 1-3 (still
+read; 3 still written on request)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from diffcodec.codec.bitsback.params import BitsBackParams
 from diffcodec.codec.container import (
     LEGACY_MAGIC,
+    LOSSLESS_VERSION,
     MAGIC,
     MODE_BITSBACK,
     MODE_PROGRESSIVE,
@@ -24,6 +26,7 @@ from diffcodec.codec.container import (
     Header,
     ImageEntry,
     check_model,
+    file_size,
     model_identity,
     pack,
     pixel_checksum,
@@ -96,7 +99,7 @@ def with_crc(data: bytes, mode: int, header_end: int | None = None) -> bytes:
 def test_v4_layout_matches_the_byte_table():
     c = v4_container()
     data = pack(c)
-    assert data[:3] == MAGIC == b"DFC" and data[3] == VERSION == 4
+    assert data[:3] == MAGIC == b"DFC" and data[3] == LOSSLESS_VERSION == 4
     assert data[4] == MODE_BITSBACK | 1 << 2 | 1 << 5 | 1 << 6  # mode 0, contract 1, several images, names
     assert data[5:9] == MODEL_ID and data[9:13] == b"\x01\x02\x03\x04"
     # image table: N 2, 2 size runs (1 x 37x45, 1 x 32x32), then the version 2 name runs
@@ -180,9 +183,9 @@ def test_v4_bad_magic_version_mode_crc_and_trailing_bytes():
     data = pack(v4_container())
     with pytest.raises(DiffcodecError, match="bad magic"):
         unpack(b"PNG" + data[3:])
-    with pytest.raises(DiffcodecError, match=r"version 5 \(written by a newer diffcodec\); this diffcodec reads "
-                                             r"versions 1 to 4"):
-        unpack(data[:3] + bytes([5]) + data[4:])
+    with pytest.raises(DiffcodecError, match=r"version 6 \(written by a newer diffcodec\); this diffcodec reads "
+                                             r"versions 1 to 5"):
+        unpack(data[:3] + bytes([6]) + data[4:])
     with pytest.raises(DiffcodecError, match=r"unknown coding mode 2 \(known: 0 = bits-back lossless, 1 = progressive\)"):
         unpack(with_crc(data[:4] + bytes([data[4] | 2]) + data[5:], MODE_BITSBACK))
     flipped = bytearray(data)
@@ -248,7 +251,7 @@ def test_v4_random_corruption_never_escapes_as_another_exception():
 def test_v4_pack_refuses_what_the_format_cannot_hold():
     c = v4_container()
     for change, message in [({"pixel_sha": bytes(8)}, "4-byte pixel checksum"), ({"contract": 8}, "contract"),
-                            ({"probe": b""}, "probe"), ({"version": 2}, "versions 3 and 4"),
+                            ({"probe": b""}, "probe"), ({"version": 2}, "versions 3 to 5"),
                             ({"fingerprint": "", "model_id": b""}, "model identity")]:
         with pytest.raises(ValueError, match=message):
             pack(Container(replace(c.header, **change), c.payload))
@@ -260,6 +263,68 @@ def test_v4_round_trip_on_disk(tmp_path):
     path = tmp_path / "x.dfc"
     write_bytes_atomic(path, pack(v4_container()))
     assert unpack(path.read_bytes()) == as_read(v4_container())
+
+
+# ------------------------------------------------------------------------------ format 5
+
+
+def v5_progressive(payload: bytes = b"payload", stages: int = 51, **kw) -> Container:
+    c = v4_container(payload, mode=MODE_PROGRESSIVE, **kw)
+    return Container(replace(c.header, version=VERSION, stages=stages), payload)
+
+
+def test_v5_progressive_header_records_the_payload_length_and_stage_count():
+    """Format 5 = format 4 plus, in a progressive header, the payload's length and the stages it
+    delivers (3 bytes more for one 32x32 image, whose payload is 128 bytes or more: 25 under the
+    exact contract; 24 for a payload below 128 bytes)."""
+    assert VERSION == 5
+    one = (ImageEntry(32, 32),)
+    c = v5_progressive(b"payload", 51, images=one)
+    data = pack(c)
+    assert data[3] == 5 and len(data) - len(b"payload") == 24
+    assert data[15:18] == bytes([2, 3, 1])  # block as in format 4
+    assert data[18:20] == bytes([7, 51])  # payload length 7, stages 51
+    assert struct.unpack_from("<I", data, 20)[0] == zlib.crc32(data[:20]) and data[24:] == b"payload"
+    back = unpack(data).header
+    assert (back.version, back.stream_bytes, back.stages) == (5, 7, 51)
+    assert pack(unpack(data)) == data
+    long = v5_progressive(bytes(300), 7, images=one)  # a 2-byte length
+    assert len(pack(long)) - 300 == 25 and unpack(pack(long)).header.stream_bytes == 300
+    for f in (c, long, v5_progressive(bytes(5), 3), v4_container(bytes(9)), v4_container(bytes(200))):
+        assert file_size(f.header, len(f.payload)) == len(pack(f))
+    with pytest.raises(ValueError, match="stages its payload delivers"):
+        pack(Container(replace(c.header, stages=0), c.payload))
+
+
+def test_v5_a_shorter_file_parses_as_cut_short_and_a_longer_one_is_refused():
+    c = v5_progressive(bytes(range(40)), 12)
+    data = pack(c)
+    start = len(data) - 40
+    for cut in range(start, len(data) + 1):  # cut anywhere in the payload: still parses, says its full length
+        back = unpack(data[:cut])
+        assert back.payload == c.payload[: cut - start] and back.header.stream_bytes == 40
+    with pytest.raises(DiffcodecError, match="f.dfc: 2 unexpected bytes after the end of its 40-byte payload"):
+        unpack(data + b"\x00\x01", "f.dfc")
+    for cut in range(start):  # inside the header: one line
+        with pytest.raises(DiffcodecError, match="truncated|bad magic"):
+            unpack(data[:cut])
+    zero = bytearray(data)
+    zero[start - 5] = 0  # the stage count (under the CRC, fixed)
+    with pytest.raises(DiffcodecError, match="a payload that delivers no stage"):
+        unpack(with_crc(bytes(zero), MODE_PROGRESSIVE, start))
+    longer = bytearray(data)
+    longer[start - 6] = 39  # the payload length: one byte less than the file holds
+    with pytest.raises(DiffcodecError, match="1 unexpected bytes"):
+        unpack(with_crc(bytes(longer), MODE_PROGRESSIVE, start))
+
+
+def test_v5_lossless_layout_is_format_4s():
+    """A lossless file's layout is the same in formats 4 and 5 (the encoder writes 4)."""
+    c = v4_container()
+    v5 = pack(Container(replace(c.header, version=VERSION), c.payload))
+    v4 = pack(c)
+    assert v5[3] == 5 and v4[3] == 4 and v5[4:-4] == v4[4:-4]
+    assert unpack(v5).payload == c.payload and unpack(v5).header.stages == 0
 
 
 # ------------------------------------------------------------------------- format 1 to 3
@@ -318,7 +383,7 @@ def test_bad_magic_version_mode_crc_and_trailing_bytes():
     with pytest.raises(DiffcodecError, match="bad magic"):
         unpack(b"PNG!" + bytes(data[4:]))
     wrong_version = bytes(data[:4]) + bytes([4]) + bytes(data[5:])  # 4 is not a legacy-layout version
-    with pytest.raises(DiffcodecError, match=r"version 4 \(written by a newer diffcodec\); this diffcodec reads versions 1 to 4"):
+    with pytest.raises(DiffcodecError, match=r"version 4 \(written by a newer diffcodec\); this diffcodec reads versions 1 to 5"):
         unpack(wrong_version)
     with pytest.raises(DiffcodecError, match="unknown coding mode 9"):
         unpack(bytes(data[:5]) + bytes([9]) + bytes(data[6:]))

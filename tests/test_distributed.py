@@ -85,7 +85,8 @@ def test_nll_on_two_processes_gives_one_process_terms_bit_for_bit(tiny_checkpoin
 
 def test_encode_on_two_processes_writes_the_shards_of_one_and_the_set_decodes(tiny_checkpoint, tmp_path):
     images = write_pngs(tmp_path / "imgs", [(32, 32)] * 3 + [(20, 40)], seed=5)
-    common = ["-c", str(tiny_checkpoint), "-k", "2", "--no-bound", "--no-bootstrap", "--device", "cpu", "-q"]
+    common = ["-c", str(tiny_checkpoint), "-k", "2", "--lossless", "--no-bound", "--no-bootstrap", "--device", "cpu",
+              "-q"]
     assert main(["encode", str(tmp_path / "imgs"), "-o", str(tmp_path / "one.dfcset"), "--shards", "2", *common]) == 0
     done = torchrun("encode", str(tmp_path / "imgs"), "-o", str(tmp_path / "two.dfcset"), "--json", *common)
     assert done.returncode == 0, done.stderr[-2000:]

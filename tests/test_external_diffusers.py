@@ -212,7 +212,8 @@ def test_cli_nll_encode_decode_with_a_diffusers_folder(paper_like, tmp_path, cap
     assert report["fingerprint"] == load_checkpoint(folder).fingerprint and report["var_type"] == "fixedlarge"
     assert np.isfinite(report["bits_per_dim"]) and report["bits_per_dim"] > 0
     out = tmp_path / "a.dfc"
-    assert main(["encode", str(png), "-o", str(out), "--checkpoint", str(folder), "--steps", "3", "--no-bootstrap",
+    assert main(["encode", str(png), "-o", str(out), "--checkpoint", str(folder), "--steps", "3", "--lossless",
+                 "--no-bootstrap",
                  "--device", "cpu", "--quiet"]) == 0
     assert main(["decode", str(out), "-o", str(tmp_path / "b.png"), "--checkpoint", str(folder), "--device", "cpu",
                  "--quiet"]) == 0

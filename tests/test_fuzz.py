@@ -1,8 +1,9 @@
 """Fuzzing the decoder: no damaged, cut or edited `.dfc` file ever gives a silent wrong image.
 
 Two small files made by a tiny seeded model with 16x16 tiles (one 12x14 image, one padded
-tile; exact arithmetic): a lossless one (K = 3, no bootstrap) and a progressive one (K = 3). Each case
-changes the file deterministically and runs ``diffcodec decode`` on it in-process:
+tile; exact arithmetic): a lossless one (K = 3, no bootstrap) and a progressive one (K = 3,
+format 5: its header records the payload's length). Each case changes the file
+deterministically and runs ``diffcodec decode`` on it in-process:
 
 - byte flips (one bit per case) spread over the whole file, header and payload;
 - truncations at lengths spread over the whole file;
@@ -13,9 +14,12 @@ changes the file deterministically and runs ``diffcodec decode`` on it in-proces
   checksum, the mode block's length and fields.
 
 Every case must end in one of: exit 0 with the original pixels; exit 0 with a progressive
-prefix that the tool reports as lossy ("lossy: stage ..."); exit 3 with the reconstruction
-from a damaged progressive file's intact stages, said on one line ("the file is damaged");
-or a non-zero exit with one line on stderr and nothing written.
+prefix that the tool reports as lossy and cut short ("lossy: stage ...", "cut short (N of M
+bytes)"), only for a file shorter than it was; exit 3 with the reconstruction from a damaged
+progressive file's intact stages, said on one line ("the file is damaged"); or a non-zero exit
+with one line on stderr and nothing written. A file of its full length is never reported as
+cut short: a flipped byte anywhere in a progressive payload is damage (exit 3), or leaves the
+decoded pixels exact (a bit the stream does not use).
 """
 
 from __future__ import annotations
@@ -25,14 +29,13 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from diffcodec.checkpoint import load_checkpoint, save_checkpoint
+from diffcodec.checkpoint import load_checkpoint
 from diffcodec.cli import main
 from diffcodec.codec.container import unpack
 from diffcodec.codec.fields import varint
-from tests.conftest import seeded_model
+from tests.conftest import seeded_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,14 +43,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    model, mc, dc = seeded_model(4, image_size=16)
-    ckpt = tmp / "tiny.pt"
-    save_checkpoint(ckpt, model, mc, dc, meta={"weights": "test"}, dtype=torch.float32)
+    ckpt = seeded_checkpoint(tmp / "tiny.pt")
     yy, xx = np.mgrid[0:12, 0:14]
     img = np.stack([xx * 10, yy * 12, (xx * yy) % 256], -1).astype(np.uint8)
     Image.fromarray(img).save(tmp / "img.png")
     out = {}
-    for mode, extra in (("lossless", ["--steps", 3, "--no-bootstrap", "--no-bound"]),
+    for mode, extra in (("lossless", ["--steps", 3, "--lossless", "--no-bootstrap", "--no-bound"]),
                         ("progressive", ["--progressive", "--steps", 3, "--chunk-bits", 4])):
         path = tmp / f"{mode}.dfc"
         code = main([str(a) for a in ["encode", tmp / "img.png", "-o", path, "-c", ckpt, "-q", "--device", "cpu",
@@ -90,7 +91,7 @@ def cases(data: bytes, mode: int) -> list[tuple[str, bytes]]:
         out.append((f"flip byte {pos}", bytes(bad)))
     for length in np.unique(np.linspace(0, n - 1, 20).astype(int)):
         out.append((f"cut to {length} bytes", data[:length]))
-    assert data[:4] == b"DFC\x04", "a format 4 file"
+    assert data[:4] in (b"DFC\x04", b"DFC\x05"), "a format 4 (lossless) or 5 (progressive) file"
     header_fields = range(3, fields_end(data))  # the version byte on, before the payload's length / the CRC
     for pos in header_fields:  # every field byte, a small and a large change in turn
         bad = bytearray(data)
@@ -123,6 +124,7 @@ def test_no_case_gives_a_silent_wrong_image(files, mode, capsys, checkpoint_read
     tmp, ckpt, img, made = files
     data = made[mode]
     outcomes: dict[str, int] = {}
+    kinds: list[str] = []
     for i, (what, bad) in enumerate(cases(data, 0 if mode == "lossless" else 1)):
         src, dst = tmp / f"case_{mode}.dfc", tmp / f"out_{mode}_{i}.png"
         src.write_bytes(bad)
@@ -135,10 +137,12 @@ def test_no_case_gives_a_silent_wrong_image(files, mode, capsys, checkpoint_read
                 kind = "exact"
             else:  # only a progressive prefix may differ, and the tool must say it is one
                 assert mode == "progressive" and "lossy: stage" in stdout, f"{what}: a wrong image with exit 0"
-                assert "cut short" in stdout or "--bits" in stdout, f"{what}: a lossy image not called a prefix"
+                assert what.startswith("cut to"), f"{what}: a full-length file reported as lossy with exit 0"
+                assert f"the file is cut short ({len(bad):,} of {len(data):,} bytes)" in stdout, (what, stdout)
                 kind = "prefix"
         elif code == 3:
-            assert mode == "progressive" and dst.exists(), what
+            assert mode == "progressive" and (dst.exists() or "nothing written" in err), what
+            assert not what.startswith("cut to") or "check" in lines[0], f"{what}: a cut file called damaged"
             assert len(lines) == 1 and "the file is damaged" in lines[0] and "intact stage" in lines[0], (what, err)
             kind = "damaged"
         else:
@@ -147,7 +151,10 @@ def test_no_case_gives_a_silent_wrong_image(files, mode, capsys, checkpoint_read
             assert "Traceback" not in err
             kind = "refused"
         outcomes[kind] = outcomes.get(kind, 0) + 1
+        kinds.append(kind)
     # the cases reach every outcome the format allows, not only the header's CRC
     assert outcomes.get("exact", 0) >= 1 and outcomes.get("refused", 0) >= 20, outcomes
     if mode == "progressive":
         assert outcomes.get("prefix", 0) >= 5 and outcomes.get("damaged", 0) >= 5, outcomes
+        flips = [kind for (what, _), kind in zip(cases(data, 1), kinds) if what.startswith("flip")]
+        assert "prefix" not in flips and flips.count("damaged") >= 5, flips

@@ -17,6 +17,8 @@ float64 (a float32 file may not decode on another CPU). Made with every other de
 
     diffcodec encode kodim23_crop.png -o tests/golden/default_k100_boot_f64.dfc --float64
 
+(when lossless was encode's default; today's command adds --lossless)
+
 where kodim23_crop.png is the 64x96 crop kodim23.png[224:288, 336:432] (rows, columns) of
 ../shared/data/kodak (2 x 3 tiles of 32x32). The source is not committed: the decoded pixels'
 SHA-256 is pinned here, and the checks against the source skip when ../shared is absent.
@@ -259,7 +261,7 @@ def test_default_golden_decodes_to_its_kodak_source_crop(default_decoded):
 
 @pytest.mark.slow
 def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
-    """Today's `diffcodec encode --float64` of the same crop, every other setting default (the
+    """Today's `diffcodec encode --lossless --float64` of the same crop, every other setting default (the
     default model, K = 100 quadratic, 5-sigma windows, bootstrap), writes the format 4 golden
     file (pinned by SHA-256): a change to the encoder or the format shows here first (then make
     a new golden file and keep this one as an old version that must still decode; the format 2
@@ -272,7 +274,8 @@ def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
     Image.fromarray(crop).save(src)
     out = tmp_path / "again.dfc"
     # --no-bound: the bound is only reported, never written; --device cpu: what the golden file says
-    assert main(["encode", str(src), "-o", str(out), "--float64", "--no-bound", "--device", "cpu", "-q"]) == 0
+    assert main(["encode", str(src), "-o", str(out), "--lossless", "--float64", "--no-bound", "--device", "cpu",
+                 "-q"]) == 0
     assert out.read_bytes() == DEFAULT_V4.read_bytes(), \
         "the encoder's output changed: a format or codec change needs a new golden file"
 
@@ -321,3 +324,43 @@ def test_exact_golden_files_decode_to_their_pixels_on_this_machine():
         decoded = api.decode(data, model=model, device="cpu")
         assert decoded.names == ["synthetic"] and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
         assert getattr(decoded, "verified", True)
+
+
+# --------------------------- default model, format 5 (progressive: length and stages recorded)
+
+EXACT_V5 = HERE / "default_exact_progressive_k10_v5.dfc"  # the same progressive encode, format 5
+EXACT_V5_CUT = HERE / "default_exact_progressive_k10_v5_cut.dfc"  # `diffcodec cut --stage 7` of it
+EXACT_V5_SHA256 = {EXACT_V5: "98f22be7f1a67e77a179dbc81cae9380bb44316dcdfd8fe4d423dc75028c634f",
+                   EXACT_V5_CUT: "572c8d53ad8775bf1e6b4452b658e47adcc0ce8dbc56dc1452610e849af57641"}
+EXACT_V5_CUT_PIXELS = "d35d4e88c8d01588b5c93c4a680bb19235079fc7624c75221319f73b42ff7e1d"  # its lossy image
+
+
+def test_format_5_golden_files_decode_and_today_s_cut_reproduces_the_lossy_one():
+    """Format 5 (exact contract 1, the default model): the progressive encode of the exact golden
+    files above, whole (11 stages, lossless) and cut at stage 7 (a lossy file that ends there).
+    Made with
+
+        whole = api.encode(images, ["synthetic"], mode="progressive", steps=10).data
+        lossy = fileinfo.cut(whole, load_checkpoint(None), stages=7).data
+
+    The header records each file's payload length and stage count; the whole file decodes to the
+    source pixels, the cut one to its pinned lossy image on every machine; `cut` (no network:
+    symbols and bytes only) of today's diffcodec writes the cut file byte for byte."""
+    from diffcodec.codec import fileinfo
+
+    model = load_checkpoint(None)
+    files = {}
+    for path, sha in EXACT_V5_SHA256.items():
+        data = files[path] = path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha, f"{path.name} changed"
+    whole, lossy = unpack(files[EXACT_V5]), unpack(files[EXACT_V5_CUT])
+    assert (whole.header.version, whole.header.contract, whole.header.stages) == (5, 1, 11)
+    assert (lossy.header.version, lossy.header.stages) == (5, 7)
+    assert whole.header.stream_bytes == len(whole.payload) and lossy.header.stream_bytes == len(lossy.payload)
+    assert lossy.payload == whole.payload[: len(lossy.payload)]
+    assert fileinfo.cut(files[EXACT_V5], model, stages=7).data == files[EXACT_V5_CUT]
+    decoded = api.decode(files[EXACT_V5], model=model, device="cpu")
+    assert decoded.verified and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
+    cut = api.decode(files[EXACT_V5_CUT], model=model, device="cpu")
+    assert (cut.stages, cut.file_stages, cut.truncated, cut.damage) == (7, 7, False, "")
+    assert pixel_sha256(cut.images[0]) == EXACT_V5_CUT_PIXELS

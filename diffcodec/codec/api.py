@@ -1,6 +1,6 @@
 """The codec's public API: RGB images in, `.dfc` bytes out, and back.
 
-    encode(images, names, model=..., mode="lossless" | "progressive", ...) -> LosslessEncoding | ProgressiveEncoding
+    encode(images, names, model=..., mode="lossless" | "progressive", target=...) -> LosslessEncoding | ProgressiveEncoding
     decode(data, model=..., ...)                                        -> LosslessDecoding | ProgressiveDecoding
     read_header(data)                                                   -> container.Header
 
@@ -10,8 +10,10 @@ tiles and putting them back (`data.image_tiles`), the container (`container`), t
 of a file against the model (format 4: the model identity over weights, chain and tile
 size, `resolve_header` then fills those fields in; formats 1-3: fingerprint, chain, tile
 size), tile counts, the pixel checks (a decoded image is handed out as the coded one only
-when it passes: a lossless file's pixel checksum, a format 4 progressive stream's closing
-check, an older progressive file's header checksum), the choice of device, the
+when it passes: a lossless file's pixel checksum, a format 4 or 5 progressive stream's closing
+check, an older progressive file's header checksum), whether a progressive file is whole, cut
+short or damaged (format 5 records its payload's length and stage count: shorter is cut short,
+a full-length file that stops before its last stage is damaged), the choice of device, the
 deterministic-kernel settings and the decoder's thread count (`runtime`). Each mode's
 stream is its own package: `bitsback.file`, `progressive.codec`.
 
@@ -36,16 +38,19 @@ from diffcodec.codec.bitsback import file as bitsback
 from diffcodec.codec.bitsback.chain import GridConfig
 from diffcodec.codec.bitsback.params import BitsBackParams
 from diffcodec.codec.container import (
+    LOSSLESS_VERSION,
     MAX_IMAGE_SIDE,
     MAX_IMAGES,
     MODE_BITSBACK,
     MODE_NAMES,
     MODE_PROGRESSIVE,
     PIXEL_CHECK_BYTES,
+    VERSION,
     Container,
     Header,
     ImageEntry,
     check_model,
+    file_size,
     model_identity,
     pack,
     pixel_checksum,
@@ -54,7 +59,8 @@ from diffcodec.codec.container import (
 from diffcodec.codec.probe import check_probe, probe_digest
 from diffcodec.codec.progressive import codec as progressive
 from diffcodec.codec.progressive.params import ProgressiveParams
-from diffcodec.errors import DiffcodecError
+from diffcodec.codec.rate import RateControl, RateTarget
+from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.exact import CONTRACT_VERSION, CONTRACT_VERSIONS
 from diffcodec.images import from_model_output, image_tiles, images_from_tiles, tile_count, to_model_input
 from diffcodec.likelihood import BoundResult, merge_rows
@@ -123,12 +129,15 @@ class LosslessEncoding:
 
 @dataclass(frozen=True)
 class ProgressiveEncoding:
-    """A progressive file and its encoder's measurements (`progressive.Encoded`)."""
+    """A progressive file and its encoder's measurements (`progressive.Encoded`; with a rate
+    target the file ends at the boundary the target picked: ``encoded.stages``)."""
 
     data: bytes
     header: Header
     encoded: progressive.Encoded
     num_dims: int
+    target: RateTarget | None = None
+    psnr: tuple[float, ...] | None = None  # per image, of the file's decoded image (inf: lossless), when measured
 
     @property
     def header_bits(self) -> int:
@@ -156,8 +165,8 @@ class ProgressiveDecoding:
     verified: bool  # complete and the pixels checked (format 4: the stream's closing check; before: the
     #   header's pixel checksum): these are the coded images
     diverged: bool  # complete file, but the lossless stage failed (other arithmetic than the encoder's)
-    truncated: bool  # the file holds less than the complete stream (format 4: the whole file was given
-    #   and the stream ran out before its end)
+    truncated: bool  # the file is cut short: it holds less than its header says (format 5, and 3), or
+    #   (format 4) the whole file was given and the stream ran out before its end
     file_bits: int  # bits the decoder was given (after num_bits)
     header_bits: int
     bits_used: int  # header + the fewest payload bits that deliver the same stages
@@ -167,6 +176,9 @@ class ProgressiveDecoding:
     seconds: dict[str, float] = field(default_factory=dict)
     damage: str = ""  # why the file is damaged (a failed integrity check, ...), "" when it is not;
     #   the images are then the reconstruction from the intact stages before the damage
+    file_stages: int = 0  # the stages the file delivers when whole (K + 1, or fewer for a lossy file: format 5)
+    length_recorded: bool = False  # formats 5 and 3: the file records its payload's length, so a cut file and a
+    #   damaged one are told apart (format 4: a stream that stops early at the file's end may be either)
 
 
 # ------------------------------------------------------------------------------ checks
@@ -300,7 +312,7 @@ def encode(
     bootstrap: bool = True,
     compute_bound: bool = True, chunk_bits: float = ProgressiveParams().chunk_bits, workers: int | None = None,
     progressive_params: ProgressiveParams | None = None, grid: GridConfig = GridConfig(),
-    progress: Progress | None = None, contract: int = CONTRACT_VERSION,
+    progress: Progress | None = None, target: RateTarget | None = None, contract: int = CONTRACT_VERSION,
 ) -> LosslessEncoding | ProgressiveEncoding:
     """RGB uint8 images [H, W, 3] (any sizes, cut into model-size tiles, all in one stream)
     as one `.dfc` file. ``steps``: K coded steps (default 100 lossless, 50 progressive).
@@ -311,11 +323,14 @@ def encode(
     spacing, candidates, seed, ...; the benchmarks' knobs; its arithmetic flags are set from
     ``arithmetic``), instead of steps / spacing / chunk_bits;
     ``workers``: threads of the progressive candidate search (default: all cores);
-    ``grid``: how bits-back discretises its latents (stored in the file); ``contract``: the
-    exact arithmetic contract's version to write (`exact.CONTRACT_VERSIONS`; the benchmarks
-    compare them)."""
+    ``grid``: how bits-back discretises its latents (stored in the file); ``target``: a
+    progressive file's rate target (`codec.rate`: the file ends at the checked stage boundary
+    it picks, and the encoder stops there); ``contract``: the exact arithmetic contract's
+    version to write (`exact.CONTRACT_VERSIONS`; the benchmarks compare them)."""
     if mode not in MODES:
         raise DiffcodecError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if target is not None and mode != "progressive":
+        raise DiffcodecError(f"{target}: a rate target applies to progressive files")
     if arithmetic not in ARITHMETICS:
         raise DiffcodecError(f"unknown arithmetic {arithmetic!r}; known: {', '.join(ARITHMETICS)}")
     arithmetic = "float64" if float64 else arithmetic
@@ -342,16 +357,24 @@ def encode(
         if mode == "progressive":
             params = _progressive_params(progressive_params, steps, spacing, chunk_bits, float64, exact, len(tiles),
                                          tile)
-            enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
-                                     params, progress=_bar(progress, "encode", params.num_stages), workers=workers,
-                                     context=image_sizes_context(entries))
             # a stream of version 1 or 2 has no closing check over its pixels: it goes in a
             # format 3 container, whose header holds the pixel checksum (and the block its length)
-            legacy = enc.params.version < 3
+            legacy = params.version < 3
             header = Header(MODE_PROGRESSIVE, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps,
                             steps, dc.var_type, tile, entries, pixel_checksum(list(images)) if legacy else b"",
-                            enc.params.pack(), *contract_fields, version=3 if legacy else 4, model_id=ident)
-            return ProgressiveEncoding(pack(Container(header, enc.payload)), header, enc, int(dims.sum()))
+                            params.pack(), *contract_fields, version=3 if legacy else VERSION, model_id=ident,
+                            stages=params.num_stages)
+            if target is not None and legacy:
+                raise DiffcodecError(f"{target}: a rate target needs a progressive stream of version 3")
+            control = None if target is None else RateControl(
+                target, images, lambda n, stages: file_size(replace(header, stages=stages), n), params.num_stages)
+            enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
+                                     params, progress=_stage_bar(progress, "encode", params.num_stages), workers=workers,
+                                     context=image_sizes_context(entries), end=control)
+            header = replace(header, stages=enc.stages, params=enc.params.pack())
+            seen = control.at(enc.stages) if control is not None else None
+            return ProgressiveEncoding(pack(Container(header, enc.payload)), header, enc, int(dims.sum()), target,
+                                       tuple(seen.psnr) if seen is not None else None)
         schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, spacing)
         m = bitsback.bootstrap_size(schedule, len(tiles), tile, grid) if bootstrap else 0
         batches = -(-len(tiles) // batch_size) if compute_bound else 0
@@ -363,7 +386,7 @@ def encode(
             on_bootstrap_stage=_stage_bar(progress, "bootstrap", bitsback.BOOTSTRAP_PARAMS.num_stages) if m else None)
     header = Header(MODE_BITSBACK, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps, steps,
                     dc.var_type, tile, entries, pixel_checksum(list(images), PIXEL_CHECK_BYTES), code.params.pack(),
-                    *contract_fields, model_id=ident)
+                    *contract_fields, version=LOSSLESS_VERSION, model_id=ident)
     data = pack(Container(header, code.payload))
     bound = merge_rows(code.bound, groups, dims) if code.bound is not None else None
     return LosslessEncoding(data, header, code.params, len(images), len(tiles), int(dims.sum()), len(code.payload),
@@ -466,12 +489,15 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
                         progress: Progress | None) -> ProgressiveDecoding:
     h = container.header
     legacy = h.version < 4  # the header's pixel checksum, the block's payload length
+    framed = h.version >= 5  # the header records the payload's length and the stages it delivers
     params = _progressive_block(h, sum(counts), where)
     if legacy and (h.num_steps != params.num_steps or h.tile_size != params.tile_size):
         raise DiffcodecError(f"{where}: corrupt header (steps or tile size disagree with the stream's block)")
     if params.num_steps > model.diffusion_config.num_timesteps:
         raise DiffcodecError(f"{where}: corrupt header (K = {params.num_steps} steps of a "
                              f"T = {model.diffusion_config.num_timesteps} chain)")
+    if framed and h.stages > params.num_stages:
+        raise DiffcodecError(f"{where}: corrupt header ({h.stages} stages of a {params.num_stages}-stage stream)")
     model_fn = _check_contract(model, h, params.exact, device, where)
     if sum(counts) != params.num_tiles:
         raise DiffcodecError(f"{where}: corrupt header ({params.num_tiles} tiles for images needing {sum(counts)})")
@@ -479,23 +505,32 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
     file_bits = 8 * data_bytes if num_bits is None else min(int(num_bits), 8 * data_bytes)
     if file_bits < header_bits:
         raise DiffcodecError(f"{where}: {file_bits} bits do not cover the {header_bits}-bit header")
-    stream_bytes = params.payload_bits // 8
-    if legacy and len(container.payload) > stream_bytes:
-        raise DiffcodecError(f"{where}: corrupt file ({len(container.payload) - stream_bytes} bytes after the end of "
-                             f"its {stream_bytes}-byte stream)")
+    # the complete payload's length, where the file records it (format 5; format 3 in its block)
+    declared = h.stream_bytes if framed else (params.payload_bits // 8 if legacy else None)
+    if legacy and len(container.payload) > declared:
+        raise DiffcodecError(f"{where}: corrupt file ({len(container.payload) - declared} bytes after the end of "
+                             f"its {declared}-byte stream)")
+    file_stages = h.stages if framed else params.num_stages
+    limit = file_stages if upto is None else min(int(upto), file_stages)
     sizes = [(im.height, im.width) for im in h.images]
+    given_all = file_bits == 8 * data_bytes  # the decoder was given every byte of the file
     try:
         with deterministic_kernels():
             dec = progressive.decode(model_fn or network(model.model, float64=params.network_float64),
                                      model.diffusion_config, container.payload, params,
-                                     num_bits=file_bits - header_bits, upto=upto, reconstruction=reconstruction,
+                                     num_bits=file_bits - header_bits, upto=limit, reconstruction=reconstruction,
                                      device=device, context=b"" if legacy else image_sizes_context(h.images))
+    except DamagedFileError as e:
+        raise DamagedFileError(f"{where}: {e}; nothing written") from None
     except DiffcodecError as e:
+        if framed and given_all and len(container.payload) == declared:  # its whole payload, and no stage in it
+            raise DamagedFileError(f"{where}: the file is damaged (it holds its whole {declared:,}-byte payload and "
+                                   "no stage decodes); no intact stage, nothing written") from None
         raise DiffcodecError(f"{where}: {e}") from None
-    given_all = file_bits == 8 * data_bytes  # the decoder was given every byte of the file
-    if legacy:
-        truncated = len(container.payload) < stream_bytes
-    else:  # the whole file was given and the stream ran out before its end (not a damage check, not --upto)
+    if declared is not None:  # the file says how long it is: shorter is cut short
+        truncated = len(container.payload) < declared
+    else:  # format 4: the whole file was given and the stream ran out before its end (not a damage
+        # check, not --upto): cut short, or damaged near its end (this format cannot tell)
         truncated = given_all and not dec.complete and not dec.diverged and dec.stop not in ("check", "limit")
         surplus = len(container.payload) - -(-dec.bits_used // 8)
         if dec.complete and given_all and surplus > 0:
@@ -507,21 +542,28 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
         verified = pixel_checksum(images) == h.pixel_sha if legacy else dec.pixels_checked is True
         if not verified:  # never hand out wrong pixels: fall back to x^_0 from y_0
             diverged, images = True, images_from_tiles(from_model_output(dec.fallback), sizes)
+    pixels_missing = framed and whole and limit > params.num_steps and not dec.complete and dec.stop == "complete"
     if dec.stop == "check":
         damage = f"the integrity check after stage {dec.stop_stage} failed"
-    elif legacy and dec.stop == "end" and whole:
-        damage = f"stage {dec.stop_stage} does not decode although the file holds the whole stream"
-    elif diverged and params.exact:  # the probe matched: this decoder computes what the encoder computed
+    elif (legacy or framed) and dec.stop == "end" and whole and dec.stages < limit:
+        damage = (f"stage {dec.stop_stage} does not decode although the file holds its whole "
+                  f"{len(container.payload):,}-byte payload")
+    elif pixels_missing and params.exact:  # the probe matched: this decoder computes what the encoder computed
+        damage = (f"the pixel stage does not decode although the file holds its whole "
+                  f"{len(container.payload):,}-byte payload")
+    elif pixels_missing:  # a float file: another arithmetic than the encoder's, or damage
+        diverged = True
+    elif diverged and params.exact:
         diverged = False
         damage = ("the lossless stage does not reproduce the pixel checksum" if legacy
                   else "the lossless stage fails the stream's closing check")
     if progress is not None:
         progress("decode", dec.stages, params.num_stages)
     stages = dec.stages if verified or not dec.complete else dec.stages - 1
-    total = params.payload_bits if legacy else (0 if truncated else 8 * len(container.payload))
+    total = 8 * declared if declared is not None else (0 if truncated else 8 * len(container.payload))
     return ProgressiveDecoding(
         images, [im.name for im in h.images], stages, params.num_stages,
         dec.timestep if verified or not dec.complete else 0, verified, diverged,
         truncated, file_bits, header_bits, header_bits + dec.bits_used,
         total, "exact" if verified else ("xstart" if dec.complete else reconstruction), str(device),
-        dec.seconds, damage)
+        dec.seconds, damage, file_stages, declared is not None)

@@ -1,12 +1,14 @@
 """The ``.dfc`` file format: a versioned header, a mode-specific parameter block, a payload.
 
-Format version 4 (what this diffcodec writes): a header that costs what it must. "v" is an
+Format version 5 (what this diffcodec writes for progressive files) and 4 (for lossless
+files, whose layout version 5 leaves unchanged): a header that costs what it must. "v" is an
 unsigned LEB128 varint (7 bits a byte, low first); multi-byte integers little-endian.
 
     offset  size  field
     0       3     magic b"DFC"
-    3       1     format version 4 (files of versions 1-3 have 0x1a here and their version
-                  after it: the byte tells the two layouts apart, and version 26 is never used)
+    3       1     format version 5 or 4 (files of versions 1-3 have 0x1a here and their
+                  version after it: the byte tells the two layouts apart, and version 26 is
+                  never used)
     4       1     bits 0-1 mode: 0 = bits-back lossless (`bitsback`), 1 = progressive
                   (`progressive`); bits 2-4 the arithmetic contract: 0 = none, a float file that
                   decodes only where the encoder's floating point is reproduced, n = the exact
@@ -31,16 +33,30 @@ unsigned LEB128 varint (7 bits a byte, low first); multi-byte integers little-en
                   block, which holds K; mode 1: `progressive.params` block version 3)
     mode 0: v+n   payload: length v (below 2^64) + bytes (the ANS stack's words, uint32 LE),
             4     then a CRC-32 of every byte before it
-    mode 1: 4     CRC-32 of the header (every byte before it), then the payload up to the end
+    mode 1: v     (version 5 only) the payload's length in bytes (below 2^64)
+            v     (version 5 only) the stages the payload delivers: K + 1 for the whole stream
+                  (lossless), fewer for a lossy file that ends at a checked stage boundary
+                  (`encode` with a rate target, or `diffcodec cut`)
+            4     CRC-32 of the header (every byte before it), then the payload up to the end
                   of the file: a prefix code, so a file cut anywhere still parses and decodes
                   to the stages it holds; the stream ends with its own 32-bit check over every
-                  symbol, pixels included, so neither a pixel checksum nor a length is needed
+                  symbol, pixels included, so no pixel checksum is needed
 
-Measured, one 32x32 image, default settings: progressive under the exact contract 22 bytes
-before the payload (4 magic and version + 1 + 4 model + 4 probe + 2 table + 3 block + 4
-CRC), float32 18; lossless (exact, K = 100, its one tile through the bootstrap) 41 bytes
-besides the payload (a 15-byte block, a 2-byte payload length, the 4-byte trailer). 64
-images named "x.npz[0]".."x.npz[63]": progressive 35 (the names 10 of them), lossless 54.
+Why version 5 records the payload's length and stage count: a prefix code decodes from any
+prefix, so without them a file cut short and a file damaged near its end look alike (both
+stop decoding before their last stage). With them a file shorter than its header says is cut
+short (it decodes to the stages it holds, and says "N of M bytes"), and a file of its full
+length that does not deliver its stages is damaged, wherever the damage is. A file longer
+than its header says is refused. `head -c` still makes a valid (cut short) prefix. 3 bytes
+for a one-image file (2 for the length, 1 for the stage count).
+
+Measured, one 32x32 image, default settings: progressive under the exact contract 25 bytes
+before the payload (4 magic and version + 1 + 4 model + 4 probe + 2 table + 3 block + 2
+payload length + 1 stage count + 4 CRC; 22 in format 4), float32 21; lossless (exact, K =
+100, its one tile through the bootstrap) 41 bytes besides the payload (a 15-byte block, a
+2-byte payload length, the 4-byte trailer). 64 images named "x.npz[0]".."x.npz[63]":
+progressive 35 in format 4 (the names 10 of them), 39 in format 5 for a 127,000-byte payload
+(a 3-byte length), lossless 54.
 Format 3 took about 105 bytes for one image.
 
 Why this is all the header holds, and no less:
@@ -58,9 +74,10 @@ Why this is all the header holds, and no less:
   given). `diffcodec encode` gives none for a one-image file, whose decoder's output is
   named by -o (OUT.png, or OUT/ with the PNG named after the .dfc file: `cli_codec`), and
   keeps them for several images, which decode to one PNG each, named from them.
-- Progressive files carry no pixel checksum and no payload length: stream version 3 closes
-  with a 32-bit check over every symbol, pixels included, and ends itself (a file with bytes
-  after its stream's end is refused). A lossless file keeps a 4-byte pixel checksum: besides
+- Progressive files carry no pixel checksum: stream version 3 closes with a 32-bit check
+  over every symbol, pixels included. Format 4 recorded no payload length either (the stream
+  ends itself; a file with bytes after its stream's end is refused), so it could not tell a
+  cut file from one damaged near its end: format 5 records the length and stage count. A lossless file keeps a 4-byte pixel checksum: besides
   it the ANS stack must end on its initial words, so a diverged decode that passes both is
   far rarer than 2^-32; 4 bytes match the progressive stream's closing check.
 - The mode block's length byte keeps the container independent of the modes' layouts.
@@ -103,7 +120,7 @@ Version 1 (diffcodec 0.1) differs in its image table: N (u32), then per image he
 width u32, name u16 length + UTF-8 (10 bytes and the name, per image). Versions 1 and 2
 (diffcodec before the exact contract) have no contract byte: they are float files.
 
-A version 4 `Header` as read holds what the file holds: its model identity (``model_id``),
+A version 4 or 5 `Header` as read holds what the file holds: its model identity (``model_id``),
 the device kind ("cpu" or "cuda"), and zeros / empty strings for the fingerprint, chain,
 tile size and K, which `codec.api` fills in from the model and the mode block.
 
@@ -127,9 +144,10 @@ from diffcodec.errors import DiffcodecError
 
 MAGIC = b"DFC"  # then the format version (version 4 on)
 LEGACY_MAGIC = b"DFC\x1a"  # versions 1-3: then the format version
-VERSION = 4  # what this diffcodec writes
-READ_VERSIONS = (1, 2, 3, 4)  # what it reads
-WRITTEN_BY = {1: "diffcodec 0.1", 2: "diffcodec 0.2", 3: "diffcodec 0.3", 4: "diffcodec 0.4"}
+VERSION = 5  # the newest this diffcodec writes (progressive files; lossless files: LOSSLESS_VERSION)
+LOSSLESS_VERSION = 4  # a lossless file's layout is the same in formats 4 and 5: written as 4
+READ_VERSIONS = (1, 2, 3, 4, 5)  # what it reads
+WRITTEN_BY = {1: "diffcodec 0.1", 2: "diffcodec 0.2", 3: "diffcodec 0.3", 4: "diffcodec 0.4", 5: "diffcodec 0.5"}
 PROBE_BYTES = 4
 MODEL_ID_BYTES = 4
 MODE_BITSBACK = 0
@@ -173,8 +191,11 @@ class Header:
     params: bytes  # the mode-specific block
     contract: int = 0  # the exact arithmetic contract's version (0: none, same-machine float file)
     probe: bytes = b""  # PROBE_BYTES when contract >= 1
-    version: int = VERSION  # the format version it was read from / to write (4, or 3)
-    model_id: bytes = b""  # version 4: MODEL_ID_BYTES (`model_identity`; pack computes it from the fields above)
+    version: int = LOSSLESS_VERSION  # the format version it was read from / to write (3, 4 or 5)
+    model_id: bytes = b""  # version 4, 5: MODEL_ID_BYTES (`model_identity`; pack computes it from the fields above)
+    stream_bytes: int = -1  # version 5 progressive, as read: the payload's length the header records (-1: none;
+    #   `pack` writes the length of the payload it is given)
+    stages: int = 0  # version 5 progressive: the stages the payload delivers (K + 1: the whole stream)
 
 
 @dataclass(frozen=True)
@@ -329,8 +350,9 @@ def _pack_image_table_v4(images: tuple[ImageEntry, ...], names: bool) -> bytes:
 
 
 def pack(container: Container) -> bytes:
-    """The file's bytes (see the byte tables in the module docstring): format version 4,
-    or 3 when the header asks for it."""
+    """The file's bytes (see the byte tables in the module docstring): format version 4 or
+    5, or 3 when the header asks for it. A version 5 progressive file records the length of
+    ``container.payload`` and ``header.stages``."""
     h = container.header
     if h.mode not in MODE_NAMES:
         raise ValueError(f"container: unknown mode {h.mode}")
@@ -338,27 +360,43 @@ def pack(container: Container) -> bytes:
         raise ValueError("container: no images")
     if h.version == 3:
         return _pack_v3(container)
-    if h.version != VERSION:
-        raise ValueError(f"container: writes format versions 3 and {VERSION}, not {h.version}")
+    if h.version not in (4, VERSION):
+        raise ValueError(f"container: writes format versions 3 to {VERSION}, not {h.version}")
     if not 0 <= h.contract <= MAX_CONTRACT or len(h.probe) != (PROBE_BYTES if h.contract else 0):
         raise ValueError("container: a contract version (0..7) needs its probe digest (and none without one)")
     check_bytes = PIXEL_CHECK_BYTES if h.mode == MODE_BITSBACK else 0
     if len(h.pixel_sha) != check_bytes:
-        raise ValueError(f"container: a version 4 {MODE_NAMES[h.mode]} file has a {check_bytes}-byte pixel checksum")
+        raise ValueError(f"container: a version {h.version} {MODE_NAMES[h.mode]} file has a {check_bytes}-byte "
+                         "pixel checksum")
+    framed = h.mode == MODE_PROGRESSIVE and h.version >= 5  # the payload's length and stage count
+    if framed and h.stages < 1:
+        raise ValueError("container: a version 5 progressive file records the stages its payload delivers (>= 1)")
     model_id = stored_model_id(h)
     if len(model_id) != MODEL_ID_BYTES:
         raise ValueError("container: no model identity (fingerprint and chain, or model_id)")
     names = any(_stored_name(im.name) for im in h.images)
     flags = (h.mode | h.contract << _CONTRACT_SHIFT | (_SEVERAL if len(h.images) > 1 else 0)
              | (_NAMES if names else 0) | (_CUDA if h.device.startswith("cuda") else 0))
-    out = bytearray(MAGIC + bytes([VERSION, flags]) + model_id + h.probe)
+    out = bytearray(MAGIC + bytes([h.version, flags]) + model_id + h.probe)
     out += _pack_image_table_v4(h.images, names) + h.pixel_sha + _varint(len(h.params)) + h.params
+    if framed:
+        out += varint(len(container.payload), MAX_PAYLOAD) + _varint(h.stages)
     if h.mode == MODE_PROGRESSIVE:  # header CRC, then the payload to the end of the file
         out += struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
         return bytes(out) + container.payload
     out += varint(len(container.payload), MAX_PAYLOAD) + container.payload
     out += struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
     return bytes(out)
+
+
+def file_size(header: Header, payload_bytes: int) -> int:
+    """The bytes of a file of ``header`` with a payload of ``payload_bytes`` (format 4 on: a
+    lossless file and a format 5 progressive file record the payload's length, a varint)."""
+    if header.version < 4:
+        raise ValueError("container: file_size knows formats 4 and 5")
+    records_length = header.mode == MODE_BITSBACK or header.version >= 5
+    empty = len(pack(Container(header, b"")))
+    return empty + payload_bytes + (len(varint(payload_bytes, MAX_PAYLOAD)) - 1 if records_length else 0)
 
 
 def _pack_v3(container: Container) -> bytes:
@@ -507,8 +545,9 @@ def unpack(data: bytes, where: str = "file") -> Container:
         raise DiffcodecError(f"{where}: not a diffcodec file (bad magic)")
     if data[3] == LEGACY_MAGIC[3]:
         return _unpack_legacy(data, where)
-    if data[3] != VERSION:
-        raise _bad_version(where, data[3])
+    version = data[3]
+    if version not in (4, VERSION):
+        raise _bad_version(where, version)
     r = _Reader(data, where)
     r.pos = 4
     flags = r.byte("mode byte")
@@ -521,15 +560,23 @@ def unpack(data: bytes, where: str = "file") -> Container:
     pixel_sha = r.take(PIXEL_CHECK_BYTES, "pixel checksum") if mode == MODE_BITSBACK else b""
     params = r.take(r.varint("parameter block"), "parameter block")
     device = "cuda" if flags & _CUDA else "cpu"
+    stream_bytes, stages = -1, 0
     if mode == MODE_PROGRESSIVE:
+        if version >= 5:
+            stream_bytes, stages = r.varint("payload length", MAX_PAYLOAD), r.varint("stage count")
         (crc,) = r.unpack("<I", "header checksum")
         if zlib.crc32(data[: r.pos - 4]) & 0xFFFFFFFF != crc:
             raise DiffcodecError(f"{where}: corrupt header (CRC-32 mismatch)")
+        if version >= 5 and stages < 1:
+            raise DiffcodecError(f"{where}: corrupt header (a payload that delivers no stage)")
         payload = data[r.pos :]  # possibly cut short
+        if len(payload) > stream_bytes >= 0:
+            raise DiffcodecError(f"{where}: {len(payload) - stream_bytes} unexpected bytes after the end of its "
+                                 f"{stream_bytes}-byte payload")
     else:
         payload = _payload_and_trailer(r, r.varint("payload length", MAX_PAYLOAD))
-    header = Header(mode, device, "", "", 0, 0, "", 0, tuple(images), pixel_sha, params, contract, probe, VERSION,
-                    model_id)
+    header = Header(mode, device, "", "", 0, 0, "", 0, tuple(images), pixel_sha, params, contract, probe, version,
+                    model_id, stream_bytes, stages)
     return Container(header, payload)
 
 

@@ -31,6 +31,12 @@ stages.
 Integrity. The checks let any prefix verify its stages: the decoder uses only stages whose
 group check it has read and matched, and reports a failed check as damage; the pixel stage
 is verified by the container's pixel checksum.
+
+Ending early. A file may end at any checked stage boundary (the stage that closes a group,
+and the pixel stage): it then delivers the stages up to there. `encode`'s ``end`` callback
+(`codec.rate`) sees each boundary as it is reached (`Boundary`: the reconstruction a decoder
+makes from a file that ends there, and that file's payload) and says whether to go on, to end
+the file there, or to end it at the boundary before; the encoder then stops computing.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from diffcodec import exact
 from diffcodec.codec import rcc
 from diffcodec.codec.coding_params import PixelRule, pixel_params
 from diffcodec.codec.entropy import RangeEncoder
+from diffcodec.codec.progressive.layout import group_hints
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.codec.progressive.syntax import (
     PIXEL_HI,
@@ -67,7 +74,7 @@ from diffcodec.codec.progressive.syntax import (
 )
 from diffcodec.config import DiffusionConfig
 from diffcodec.diffusion import p_mean_variance, predict_eps_from_xstart, q_mean_variance, q_posterior_mean_variance
-from diffcodec.errors import DiffcodecError
+from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats
 from diffcodec.runtime import ModelFn, usable_cores
 from diffcodec.schedule import Schedule
@@ -107,21 +114,58 @@ class StageClock:
 
 @dataclass(frozen=True)
 class Encoded:
-    """The encoder's output and what it measured. Bits count the payload only."""
+    """The encoder's output and what it measured. Bits count the payload only. S = ``stages``,
+    the stages the payload delivers: K + 1 for the whole stream, fewer when it ended early."""
 
     params: ProgressiveParams  # with payload_bits set
     payload: bytes
-    prefix_bits: np.ndarray  # int64 [K+1]: shortest payload prefix that delivers stages 0..k
-    kl_bits: np.ndarray  # float64 [K+1]: the analytic cost of each stage on this trajectory
+    prefix_bits: np.ndarray  # int64 [S]: shortest payload prefix that delivers stages 0..k
+    kl_bits: np.ndarray  # float64 [S]: the analytic cost of each stage on this trajectory
     #   (prior KL, the KL terms L_{t}, and -log2 p(x_0 | y_0) with the exact normal CDF)
-    timesteps: np.ndarray  # int64 [K+1]: original timestep of each stage's latent (-1: x_0)
-    levels: np.ndarray  # int64 [K]
-    num_chunks: np.ndarray  # int64 [K]
-    xstart_mse: np.ndarray  # float64 [K]: MSE on [0,255] of x^_0 predicted from each stage's latent
+    timesteps: np.ndarray  # int64 [S]: original timestep of each stage's latent (-1: x_0)
+    levels: np.ndarray  # int64 [min(S, K)]
+    num_chunks: np.ndarray  # int64 [min(S, K)]
+    xstart_mse: np.ndarray  # float64 [min(S, K)]: MSE on [0,255] of x^_0 predicted from each stage's latent
     seconds: dict[str, float] = field(default_factory=dict)
     num_checks: int = 0  # integrity checks written (check_bits each)
-    sample_bits: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 [K]: log2 q(y)/p(y) of
-    #   each RCC stage's sent latent (0 for a skipped stage); kl_bits[k] on average for exact samples of q
+    sample_bits: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float64 [min(S, K)]: log2 q(y)/p(y)
+    #   of each RCC stage's sent latent (0 for a skipped stage); kl_bits[k] on average for exact samples of q
+    stages: int = 0  # S (0 as a default only: `encode` sets it)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the payload is the whole stream (lossless)."""
+        return self.stages == self.params.num_stages
+
+
+GO_ON, END_HERE, END_BEFORE = "go on", "end here", "end before"  # what an `encode` ``end`` callback says
+
+
+class Boundary:
+    """A checked stage boundary the encoder has reached: a file may end here.
+
+    ``stages``: the stages such a file delivers (K + 1: the whole stream); ``timestep``: the
+    original timestep of its last latent (-1: the pixels); ``xstart``: the reconstruction a
+    decoder makes from it (x^_0 predicted from that latent, [B, C, s, s] on [-1, 1]; None at
+    the lossless end); ``max_payload_bits``: the coder's sealed output so far, which such a
+    file never exceeds; `payload_bits()`: its exact payload (the shortest prefix of that
+    output that delivers the stages; parsed on first use)."""
+
+    def __init__(self, stages: int, timestep: int, xstart: torch.Tensor | None, words: np.ndarray,
+                 exact_bits: Callable[[bytes], int]) -> None:
+        self.stages, self.timestep, self.xstart = stages, timestep, xstart
+        self.data = words.astype(">u4").tobytes()
+        self.max_payload_bits = 8 * len(self.data)
+        self._exact_bits, self._bits = exact_bits, None
+
+    def payload_bits(self) -> int:
+        if self._bits is None:
+            self._bits = int(self._exact_bits(self.data))
+        return self._bits
+
+    def payload(self) -> bytes:
+        """The payload of a file that ends here."""
+        return self.data[: -(-self.payload_bits() // 8)]
 
 
 def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray, exact_contract: bool) -> torch.Tensor:
@@ -195,13 +239,16 @@ def _full_step(like: torch.Tensor, index: int) -> torch.Tensor:
 
 def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, params: ProgressiveParams,
            *, progress: Callable[[int], None] | None = None, workers: int | None = None,
-           context: bytes = b"") -> Encoded:
+           context: bytes = b"", end: Callable[[Boundary], str] | None = None) -> Encoded:
     """Algorithm 3 for a batch of tiles x0 [B, C, s, s] (exact pixel values in [-1, 1]).
 
     The candidate search runs on ``workers`` threads (default: the usable CPU cores); the
     stream does not depend on it. ``context``: bytes the closing check also covers (the decoder
     must pass the same). A version 3 stream skips a stage whose KL is below
-    ``params.min_stage_bits`` (never the last latent, y_0).
+    ``params.min_stage_bits`` (never the last latent, y_0). ``end``: called at each checked
+    stage boundary (`Boundary`, in order, the lossless end last) with GO_ON, END_HERE or
+    END_BEFORE (never at the first boundary) as its answer; the payload then ends there (or at
+    the boundary before) and nothing after it is computed.
 
     Returns the payload (complete stream) and per-stage measurements. With
     ``params.network_float64`` the latents are float64 and ``model_fn`` must take and return
@@ -225,8 +272,47 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     closes = np.zeros(K, dtype=bool)  # the stage closed a checked group
     sample_bits = np.zeros(K)
     levels, chunks_per_stage, mse = np.zeros(K, dtype=np.int64), np.zeros(K, dtype=np.int64), np.zeros(K)
-    y, out = None, None
+    y, out, xstart = None, None, None
+    previous: Boundary | None = None  # the last boundary `end` let the encoder pass
     start = time.perf_counter()
+
+    def ended(b: Boundary, later: Boundary | None = None) -> Encoded:
+        """The Encoded of a file that ends at boundary b (before the pixel stage): the shortest
+        prefix of b's output, or of a ``later`` boundary's when that one is shorter."""
+        S = b.stages
+        with clock("entropy"):
+            payload = b.payload()
+            if later is not None:
+                bits = shortest_prefix(later.data, later.max_payload_bits, params, D, S, None)
+                payload = min(payload, later.data[: -(-bits // 8)], key=len)
+            hints = group_hints(size_hints[:S], closes[:S], params)
+            prefix = shortest_prefixes(payload, params, D, None, hints, num_stages=S)[:S]
+        clock.seconds["total"] = time.perf_counter() - start
+        timesteps = s.timesteps[::-1][:S].astype(np.int64)
+        return Encoded(replace(params, payload_bits=8 * len(payload)), payload, prefix, kl_bits[:S], timesteps,
+                       levels[:S], chunks_per_stage[:S], mse[:S], dict(clock.seconds), int(closes[:S].sum()),
+                       sample_bits[:S], S)
+
+    def decide(here: Boundary) -> Encoded | None:
+        """Ask ``end`` at a boundary: the Encoded of a file that ends here or before, or None."""
+        nonlocal previous
+        decision = end(here)
+        if decision == END_BEFORE:
+            if previous is None:
+                raise ValueError("progressive: `end` asked to end before the first boundary")
+            return ended(previous, here)
+        if decision == END_HERE and here.stages <= K:
+            return ended(here)
+        previous = here
+        return None
+
+    def boundary(stage: int) -> Encoded | None:
+        """After stage ``stage`` (its group's check written, its latent made)."""
+        if end is None or not (closes[stage] or not params.check_bits):
+            return None
+        return decide(Boundary(stage + 1, int(s.timesteps[K - 1 - stage]), xstart, enc.words(),
+                               lambda data: shortest_prefix(data, 8 * len(data), params, D, stage + 1, None)))
+
     for stage in range(K):
         k = K - 1 - stage  # the code step of the latent this stage sends
         if stage == 0:
@@ -247,6 +333,8 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             mse[stage] = mse[stage - 1]
             if progress is not None:
                 progress(stage)
+            if (done := boundary(stage)) is not None:
+                return done
             continue
         level = 0 if syntax.implicit() else level_of_kl(float(kl_bits[stage]))
         if params.version >= 3 and stage:
@@ -281,6 +369,8 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         levels[stage], chunks_per_stage[stage] = level, (n if level else 0)
         if progress is not None:
             progress(stage)
+        if (done := boundary(stage)) is not None:
+            return done
     # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5)
     p = p_mean_variance(s, out, y, _full_step(x0, 0), var_type=var_type, clip_denoised=params.clip_denoised)
     log_p = discretized_gaussian_log_likelihood_nats(x0, mean=p.mean, log_scale=0.5 * p.log_variance)
@@ -290,19 +380,23 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     with clock("entropy"):
         enc.encode_gaussian(symbols, *pixel_models, PIXEL_LO, PIXEL_HI)
         write_closing(enc, syntax, symbols)
-        full = enc.words().astype(">u4").tobytes()
+        words = enc.words()
+    if end is not None:  # the lossless end is the last boundary
+        done = decide(Boundary(K + 1, -1, None, words,
+                               lambda data: shortest_prefix(data, 8 * len(data), params, D, K + 1, pixel_models)))
+        if done is not None:
+            return done
+    with clock("entropy"):
+        full = words.astype(">u4").tobytes()
         size_hints[K] = 8 * len(full)
-        if params.check_bits:  # a stage arrives with its group: hint at the group's end
-            for k in range(K - 1, -1, -1):
-                size_hints[k] = size_hints[k] if closes[k] else size_hints[k + 1]
-        prefix = shortest_prefixes(full, params, D, pixel_models, size_hints)
+        prefix = shortest_prefixes(full, params, D, pixel_models, group_hints(size_hints, closes, params))
     if progress is not None:
         progress(K)
     payload = full[: -(-int(prefix[-1]) // 8)]
     clock.seconds["total"] = time.perf_counter() - start
     timesteps = np.append(s.timesteps[::-1], -1)
     return Encoded(replace(params, payload_bits=8 * len(payload)), payload, prefix, kl_bits, timesteps,
-                   levels, chunks_per_stage, mse, dict(clock.seconds), int(closes.sum()), sample_bits)
+                   levels, chunks_per_stage, mse, dict(clock.seconds), int(closes.sum()), sample_bits, K + 1)
 
 
 @dataclass(frozen=True)
@@ -381,8 +475,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             latents.append(y)
     if stages == 0:
         if run.stop == "check":
-            raise DiffcodecError(f"the stream is damaged: the integrity check after stage {run.at_stage} failed "
-                                 "and no stage before it is intact")
+            raise DamagedFileError(f"the file is damaged (the integrity check after stage {run.at_stage} failed) "
+                                   "and holds no intact stage before the damage")
         raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
                              f"a longer prefix is needed")
     pixels_checked = None

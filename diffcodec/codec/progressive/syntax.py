@@ -453,8 +453,9 @@ def shortest_prefix(payload: bytes, num_bits: int, params: ProgressiveParams, nu
 
 def shortest_prefixes(payload: bytes, params: ProgressiveParams, num_dims: int,
                       pixel_models: tuple[np.ndarray, np.ndarray] | None,
-                      hints: np.ndarray | None = None) -> np.ndarray:
-    """int64 [K+1]: the fewest payload bits that deliver stages 0..k, for each k.
+                      hints: np.ndarray | None = None, *, num_stages: int | None = None) -> np.ndarray:
+    """int64 [K+1]: the fewest payload bits that deliver stages 0..k, for each k (``num_stages``:
+    only the first that many, for a payload that delivers no more; the rest stay 0).
 
     The stages a prefix delivers, n(P), never fall as P grows, so each answer lies between
     the previous stage's answer and the whole payload. Every P parsed is remembered: the
@@ -465,6 +466,7 @@ def shortest_prefixes(payload: bytes, params: ProgressiveParams, num_dims: int,
     """
     total = 8 * len(payload)
     num = params.num_stages if pixel_models is not None else params.num_steps
+    num = num if num_stages is None else min(num, num_stages)
     delivered: dict[int, int] = {}  # P -> n(P), the stages the first P bits deliver
 
     def stages_in(bits: int) -> int:
