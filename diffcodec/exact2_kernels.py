@@ -113,6 +113,7 @@ _EXP_COEFFS = tuple(exact._INV_FACTORIAL)  # 1/n!, n = 0..13, as exact.exp uses 
 
 if numba is not None:
     _C = _EXP_COEFFS
+    _I64, _I7, _IZP = np.int32(64), np.int32(PART_BITS), np.int32(ZERO_POINT)  # int32 constants: int32 lanes
 
     def njit(*args, **kwargs):
         """numba.njit without Python's division-by-zero checks (IEEE results instead, as
@@ -205,9 +206,9 @@ if numba is not None:
         out[b, p, C + c] = a_lo + 64 (two plain loops: each vectorises)."""
         o = out[b, p]
         for c in range(C):
-            o[c] = ((q[c] + 64) >> 7) + ZERO_POINT
+            o[c] = ((q[c] + _I64) >> _I7) + _IZP
         for c in range(C):
-            o[C + c] = q[c] - (((q[c] + 64) >> 7) << 7) + ZERO_POINT
+            o[C + c] = q[c] - (((q[c] + _I64) >> _I7) << _I7) + _IZP
 
     @njit(inline="always")
     def _store_values(out, q, b, p, C):
@@ -221,16 +222,17 @@ if numba is not None:
 
     @njit(inline="always")
     def _quantize_scalar(v, r):
+        """clamp(rint(v r), +-QMAX) in binary64, as int32."""
         a = np.rint(v * r)
         a = a if a < QMAX else np.float64(QMAX)  # NaN -> QMAX, as the torch twin
-        return np.int64(a if a > -QMAX else np.float64(-QMAX))
+        return np.int32(a if a > -QMAX else np.float64(-QMAX))
 
     @njit(inline="always")
     def _quantize32(v, r):
-        """clamp(rint(v r), +-QMAX) in binary32 (v, r binary32), as int64."""
+        """clamp(rint(v r), +-QMAX) in binary32 (v, r binary32), as int32."""
         a = np.rint(v * r)
         a = a if a < _F32(QMAX) else _F32(QMAX)
-        return np.int64(a if a > _F32(-QMAX) else _F32(-QMAX))
+        return np.int32(a if a > _F32(-QMAX) else _F32(-QMAX))
 
     @njit(inline="always")
     def _scales(m):
@@ -283,7 +285,7 @@ if numba is not None:
             for job in prange(B * nchunk):
                 b, p0, p1 = _job_range(job, nchunk, P)
                 rb = r[b]
-                q = np.empty(C, np.int64)
+                q = np.empty(C, np.int32)
                 for p in range(p0, p1):
                     xp = x[b, p]
                     for c in range(C):
@@ -298,7 +300,7 @@ if numba is not None:
             for job in prange(B * nchunk):
                 b, p0, p1 = _job_range(job, nchunk, P)
                 rb = r[b]
-                q = np.empty(C, np.int64)
+                q = np.empty(C, np.int32)
                 for p in range(p0, p1):
                     xp = x[b, p]
                     for c in range(C):
@@ -402,7 +404,7 @@ if numba is not None:
             for job in prange(B * nchunk):
                 b, p0, p1 = _job_range(job, nchunk, P)
                 rb, ab, cb = r[b], a[b], c0[b]
-                q = np.empty(C, np.int64)
+                q = np.empty(C, np.int32)
                 for p in range(p0, p1):
                     xp = x[b, p]
                     for c in range(C):
@@ -454,14 +456,20 @@ if numba is not None:
         return group_norm_body
 
     @njit(inline="always")
-    def _combine(G, row, n, N):
-        """The dot product from the four part products G[row] = (hh, hl, lh, ll) x N
-        (binary32 integers below 2^24: exact), as an int64."""
-        hh = np.int64(G[row, n])
-        hl = np.int64(G[row, N + n])
-        lh = np.int64(G[row, 2 * N + n])
-        ll = np.int64(G[row, 3 * N + n])
-        return (hh * PART_SCALE + hl + lh) * PART_SCALE + ll
+    def _combine(g, n, N):
+        """The dot product from one row's four part products g = (hh, hl, lh, ll) x N (binary32
+        integers below 2^24): (hh 128 + hl + lh) 128 + ll, every step an exact binary64 integer."""
+        return ((np.float64(g[n]) * 128.0 + np.float64(g[N + n]) + np.float64(g[2 * N + n])) * 128.0
+                + np.float64(g[3 * N + n]))
+
+    @njit(inline="always")
+    def _scale_table(s_x, s_w):
+        """S[b, n] = s_x[b] s_w[n]: one binary64 product each, made once per call."""
+        S = np.empty((s_x.shape[0], s_w.shape[0]), np.float64)
+        for b in range(s_x.shape[0]):
+            for n in range(s_w.shape[0]):
+                S[b, n] = s_x[b] * s_w[n]
+        return S
 
     @njit(inline="always")
     def _finish_row(y, n, mode, add, residual, b, row):
@@ -474,29 +482,31 @@ if numba is not None:
 
     def _epilogue_stacked_body(G, P, s_x, s_w, bias, add, residual, mode, out):
         M, N = out.shape
+        S = _scale_table(s_x, s_w)
         for row in prange(M):
             b = row // P
-            sb = s_x[b]
+            g, Sb = G[row], S[b]
             for n in range(N):
-                y = np.float32(np.float64(_combine(G, row, n, N)) * (sb * s_w[n])) + bias[n]
+                y = np.float32(_combine(g, n, N) * Sb[n]) + bias[n]
                 out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
 
     def _epilogue_values_body(V, P, s_x, s_w, bias, add, residual, mode, out):
         M, N = out.shape
+        S = _scale_table(s_x, s_w)
         for row in prange(M):
             b = row // P
-            sb = s_x[b]
+            v, Sb = V[row], S[b]
             for n in range(N):
-                y = np.float32(V[row, n] * (sb * s_w[n])) + bias[n]
+                y = np.float32(v[n] * Sb[n]) + bias[n]
                 out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
 
     def _epilogue64_stacked_body(G, P, s_x, s_w, bias, out):
         M, N = out.shape
+        S = _scale_table(s_x, s_w)
         for row in prange(M):
-            b = row // P
-            sb = s_x[b]
+            g, Sb = G[row], S[row // P]
             for n in range(N):
-                out[row, n] = np.float64(_combine(G, row, n, N)) * (sb * s_w[n]) + bias[n]
+                out[row, n] = _combine(g, n, N) * Sb[n] + bias[n]
 
     def _softmax_weights_body(scores, c, weight_scale):
         """scores [R, T] exact integers (binary64) -> integer weights rint(2^P e^((s - max) c_row)) in place, and

@@ -27,6 +27,7 @@ layer for speed (`IntConv.form`):
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -154,9 +155,11 @@ class IntConv(torch.nn.Module):
         self._qconv_refused = False  # oneDNN could not run this layer: VALUES from then on
 
     def form(self, device: torch.device) -> str:
+        """STACKED where oneDNN's int8 convolution runs (DIFFCODEC_NO_INT8=1: never, which is
+        a GPU's path on a CPU), else VALUES."""
         fan_in = self.in_channels * self.k * self.k
         if (device.type == "cpu" and self.in_channels >= QCONV_MIN_CHANNELS and fan_in <= QCONV_MAX_FAN_IN
-                and not self._qconv_refused and qconv_verified()):
+                and not self._qconv_refused and not os.environ.get("DIFFCODEC_NO_INT8") and qconv_verified()):
             return K.STACKED
         return K.VALUES
 

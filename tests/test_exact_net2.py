@@ -492,15 +492,17 @@ def test_shipped_model_contract2_output_is_close_to_float64_and_matches_the_gold
 # at SSE4.1 / AVX2 / AVX-512 without VNNI (the int8 products then go through vpmaddubsw, which
 # saturates pairs in int16: the operand ranges make that impossible), numba compiled for a
 # generic x86-64 (SSE2) and for this machine, the torch twins instead of numba, other thread
-# counts.
+# counts; and the path a GPU takes (torch twins, binary64 products), on this CPU.
 _ENVIRONMENTS = [
     {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "NUMBA_CPU_NAME": "generic",
      "OMP_NUM_THREADS": "1"},
     {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"},
     {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "DIFFCODEC_NO_NUMBA": "1", "OMP_NUM_THREADS": "1"},
+    # a GPU's code path on this CPU: the torch twins and binary64 products everywhere
+    {"DIFFCODEC_NO_NUMBA": "1", "DIFFCODEC_NO_INT8": "1", "OMP_NUM_THREADS": "2"},
 ]
 _CLEARED = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "DIFFCODEC_NO_NUMBA",
-            "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+            "DIFFCODEC_NO_INT8", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
 
 _SUBPROCESS_SCRIPT = r"""
 import hashlib, json, sys, torch
