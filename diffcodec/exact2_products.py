@@ -166,8 +166,9 @@ class IntConv(torch.nn.Module):
     def products(self, operand: torch.Tensor, up: int = 1) -> tuple[torch.Tensor, int, int, bool]:
         """operand [B, H, W, 2C] uint8 (STACKED) or [B, H, W, C] binary64 (VALUES), on the
         input grid upsampled ``up`` times (nearest)."""
-        if up > 1:
-            operand = operand.repeat_interleave(up, dim=1).repeat_interleave(up, dim=2)
+        if up > 1:  # nearest upsampling: one copy
+            b, h, w, c = operand.shape
+            operand = operand[:, :, None, :, None, :].expand(b, h, up, w, up, c).reshape(b, h * up, w * up, c)
         top, left, bottom, right = self.pads
         if operand.dtype == torch.uint8:
             try:
