@@ -1,0 +1,471 @@
+"""How to choose the candidate a chunk of reverse channel coding sends: selection rules
+compared at an equal number of candidates, by what a chain of stages pays for them.
+
+    python -m bench.rcc_methods [--kl-bits 6,8,10,12,14,17,20] [--log2-candidates 12,16,20]
+        [--trials 600] [--chunk-images 2] [--real-chunks 120] [--seed 0]
+        [--out reports/rcc_methods.json]
+
+The metric. A stage's sent latent x_t delivers log2 q(x_t | x_{t+1}, x_0) / p(x_t | x_{t+1})
+bits ("sample bits"; the stage's KL on average for an exact sample of q). Under a model whose
+p is the true reverse process the cost of everything after x_t is a constant minus exactly
+that number, whatever law x_t was drawn from, so a stream costs the bound plus
+sum over chunks (index bits I - delivered bits D), and when the shortfall of one stage is
+coded again by later ones the overhead over the bound is about (I / D - 1) x the latent
+stages' bound. The progressive stream of reports/progressive.json follows this to 5%:
+payload - bound = 0.953 bits/dim against sum (I - D) = 0.903. So each rule is scored by
+I (ideal bits of its index), D = E[log2 w(sample)] (w = q / p), I / D, and D / KL (the
+issue's "delivery"), with the law of the sample beside them (share of the mean shift
+E[v] / mu, std of v, and the KL of a Gaussian fit of that law from q along the shift), since
+a rule whose samples are far from q relies on the model to behave off its training law.
+
+Rules, all over the same N i.i.d. candidates from p (the index is what is coded):
+
+  pfr       truncated Poisson functional representation = ordered random coding (Li & El
+            Gamal 2018; Theis & Yosri 2022): argmin_n log T_n - log w_n (the codec today);
+            index coded by its exponent law (plug-in entropy) and uniform mantissa
+  tempered  argmin_n log T_n - beta log w_n, beta = 2 (PFR towards a sharper target)
+  mrc       minimal random coding (Havasi, Peharz, Hernandez-Lobato 2019): n drawn with
+            probability w_n / sum w; the index is uniform, log2 N bits
+  greedy    argmax_n log w_n: the candidate that delivers most; the index of the largest of
+            N i.i.d. values is uniform, log2 N bits (`rcc.greedy_select_many`). Picking
+            codebook noise by its inner product with the residual is how DDCM (Ohayon et al.
+            2025) codes images with a diffusion model; here it is one rule among these, scored
+            by the chain's I - D
+  sp-pfr    space partitioning (He, Flamich, Hernandez-Lobato, NeurIPS 2024): the signs of 2P
+            dimensions split p into J = 4^P equal-mass bins both sides can form (in the codec:
+            the top two bits of a Box-Muller pair's angle); bin j has its own candidates from
+            p restricted to it and its own Poisson process of rate pi(j), pi = q's bin masses
+            over the M most likely bins (the search heuristic); the winner of
+            log T - log (q / p') (p' = sum_j pi(j) p|_bin j) is sent as (j, m): log2 J bits
+            plus m's exponent law. Exact when all bins are searched; here truncated to N
+            evaluations in all
+  sp-greedy the same bins, argmax log w over the N candidates of the M best bins, sent as
+            one index of N' = J N / M (log2 N' bits)
+  The split dimensions are either the chunk's first 2P ("random": what a decoder can form
+  without side information, the chunk's dimensions being a keyed permutation) or the 2P
+  with the largest |mean shift| ("oracle": an upper bound on any decoder-side heuristic).
+
+Part A: the 1-D equivalent of a chunk with equal variances (`bench.rcc_redundancy`: only
+v = e . u, the projection on the unit shift e, matters; log w = mu v - mu^2 / 2, KL =
+mu^2 / 2 nats), every KL x N cell, every rule but space partitioning (which needs the
+dimensions). Part B: real chunks, recorded from the progressive encoder on the first
+``--chunk-images`` CIFAR-10 test images (float32 arithmetic, the default 50 steps, 14-bit
+chunks; their log weights a u^2 + b u + c with the fixedlarge quadratic term), of those with
+at most 256 dimensions (stages 35..49: about 87% of the bits), every rule at 2^16
+evaluations. Part C: each rule's search time per chunk in `rcc.select_many` (pfr and greedy:
+the codec's kernels), 1 thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from scipy.special import ndtr
+
+from bench.common import REPORTS_DIR, module_command, provenance, run_main, write_json, write_text
+from bench.rcc_redundancy import index_entropy_bits
+
+LN2 = math.log(2.0)
+RULES_1D = ("pfr", "tempered", "mrc", "greedy")
+TEMPER = 2.0  # beta of the tempered rule
+REAL_LOG2_N = 16  # evaluations per real chunk (the codec's budget)
+MAX_REAL_DIMS = 256
+SP_CONFIGS = ((2, 1), (4, 16), (6, 64))  # (pairs P, searched bins M) of the space-partitioning rules
+
+
+# ----------------------------------------------------------------------------- part A (1-D)
+
+
+def select_1d(rule: str, mu: float, v: np.ndarray, log_t: np.ndarray, gumbel: np.ndarray) -> np.ndarray:
+    """The chosen index of each row of v [B, N] (projections of the candidates on the shift)."""
+    if rule == "pfr":
+        return np.argmin(log_t - mu * v, axis=1)
+    if rule == "tempered":
+        return np.argmin(log_t - TEMPER * mu * v, axis=1)
+    if rule == "mrc":
+        return np.argmax(mu * v + gumbel, axis=1)  # Gumbel-max: n with probability w_n / sum w
+    if rule == "greedy":
+        return np.argmax(v, axis=1)
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+def uniform_index(rule: str) -> bool:
+    """Whether the rule's index is uniform on 0..N-1 (coded in log2 N bits)."""
+    return rule in ("mrc", "greedy", "sp-greedy")
+
+
+def score_cell(kl_bits: float, log2_n: float, rule: str, indices: np.ndarray, v: np.ndarray) -> dict[str, Any]:
+    """The metrics of one (KL, N, rule) cell from the chosen indices and their projections v."""
+    mu = math.sqrt(2.0 * kl_bits * LN2)
+    index_bits = log2_n if uniform_index(rule) else index_entropy_bits(indices)
+    delivered = float(np.mean(mu * v - 0.5 * mu * mu)) / LN2
+    mean, var = float(v.mean()), float(v.var())
+    law_kl = 0.5 * (var + (mean - mu) ** 2 - 1.0 - math.log(max(var, 1e-300))) / LN2
+    return {
+        "kl_bits": kl_bits, "log2_candidates": log2_n, "rule": rule, "trials": int(len(v)),
+        "index_bits": index_bits, "delivered_bits": delivered,
+        "delivery": delivered / kl_bits,
+        "index_per_delivered": index_bits / delivered if delivered > 0 else math.inf,
+        "net_bits": index_bits - delivered,
+        "shift_share": mean / mu, "sample_std": math.sqrt(var), "law_kl_bits": law_kl,
+    }
+
+
+def part_a(kls: list[float], log2_ns: list[int], trials: int, rng: np.random.Generator,
+           progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every rule on the same candidates (common random numbers) for each N; all KLs."""
+    rows = []
+    for log2_n in log2_ns:
+        n = 1 << log2_n
+        batch = max(1, min(trials, (1 << 22) // n))
+        picks: dict[tuple[float, str], tuple[list, list]] = {}
+        done = 0
+        while done < trials:
+            b = min(batch, trials - done)
+            v = rng.standard_normal((b, n))
+            log_t = np.log(np.cumsum(rng.standard_exponential((b, n)), axis=1))
+            gumbel = -np.log(rng.standard_exponential((b, n)))
+            for kl in kls:
+                mu = math.sqrt(2.0 * kl * LN2)
+                for rule in RULES_1D:
+                    idx = select_1d(rule, mu, v, log_t, gumbel)
+                    got = picks.setdefault((kl, rule), ([], []))
+                    got[0].append(idx)
+                    got[1].append(v[np.arange(b), idx])
+            done += b
+        for (kl, rule), (idx, vals) in picks.items():
+            rows.append(score_cell(kl, float(log2_n), rule, np.concatenate(idx), np.concatenate(vals)))
+        progress(f"part A: 2^{log2_n} candidates done")
+    return rows
+
+
+# ------------------------------------------------------------------------ part B (real chunks)
+
+
+def record_chunks(num_images: int, progress: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """The chunks the progressive encoder searches on the first CIFAR-10 test images (float32
+    arithmetic, default parameters, PFR): per chunk its stage, dimensions, log-weight
+    coefficients a, b (concatenated) and c (nats), KL (bits) and the codec's own budget."""
+    from unittest import mock
+
+    import torch
+
+    from bench.common import resolve_data
+    from diffcodec.checkpoint import load_checkpoint
+    from diffcodec.codec import api, rcc
+    from diffcodec.data import read_images
+
+    loaded = load_checkpoint(None, device="cpu")
+    images = read_images(resolve_data(None), limit=num_images).images
+    recorded: list[tuple[int, np.ndarray, np.ndarray, float, int]] = []
+    select = rcc.pfr_select_many
+
+    def recording(tasks, *, workers: int = 1):
+        for lw, key, num in tasks:
+            recorded.append((int(key[1]), lw.a.copy(), lw.b.copy(), float(lw.c), int(num)))
+        return select(tasks, workers=workers)
+
+    torch.set_num_threads(1)
+    with mock.patch.object(rcc, "pfr_select_many", recording):
+        for i, image in enumerate(images):
+            api.encode([image], model=loaded, mode="progressive", workers=1, arithmetic="float32")
+            progress(f"recorded the chunks of image {i} ({len(recorded)} so far)")
+    a = [r[1] for r in recorded]
+    b = [r[2] for r in recorded]
+    return {
+        "stage": np.array([r[0] for r in recorded]), "dims": np.array([len(x) for x in a]),
+        "a": np.concatenate(a), "b": np.concatenate(b), "c": np.array([r[3] for r in recorded]),
+        "kl_bits": np.array([chunk_kl_bits(x, y) for x, y in zip(a, b)]),
+        "codec_log2_n": np.log2([r[4] for r in recorded]),
+    }
+
+
+def chunk_kl_bits(a: np.ndarray, b: np.ndarray) -> float:
+    """KL(q || p) in bits of the chunk whose log weight is a u^2 + b u + c (p = N(0, I) in u):
+    q = N(m, s^2), 1 / s^2 = 1 - 2a, m = b s^2."""
+    s2 = 1.0 / (1.0 - 2.0 * np.asarray(a, dtype=np.float64))
+    m = np.asarray(b, dtype=np.float64) * s2
+    return float(np.sum(0.5 * (s2 + m * m - 1.0 - np.log(s2)))) / LN2
+
+
+def _log_w(u: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (u * u) @ a + u @ b
+
+
+def _sign_bins(a: np.ndarray, b: np.ndarray, split: np.ndarray, num_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``num_bins`` most likely sign patterns of the split dimensions under q: (signs
+    [M, k] in +-1, their q masses [M]), most likely first."""
+    s2 = 1.0 / (1.0 - 2.0 * a[split])
+    p_plus = ndtr(b[split] * s2 / np.sqrt(s2))  # q(u_i > 0) = Phi(m_i / s_i)
+    k = len(split)
+    patterns = ((np.arange(1 << k)[:, None] >> np.arange(k)) & 1) * 2 - 1
+    log_mass = np.where(patterns > 0, np.log(p_plus), np.log1p(-p_plus)).sum(1)
+    best = np.argsort(-log_mass, kind="stable")[:num_bins]
+    return patterns[best], np.exp(log_mass[best])
+
+
+def real_chunk_rules(a: np.ndarray, b: np.ndarray, c: float, log2_n: int, rng: np.random.Generator
+                     ) -> dict[str, tuple[float, float, int]]:
+    """Every rule on one real chunk at 2^log2_n evaluations: rule -> (log2 of the uniform
+    index range or nan, delivered log2 w of the sample, coded index or local index m)."""
+    n, d = 1 << log2_n, len(a)
+    out: dict[str, tuple[float, float, int]] = {}
+    step = max(1, (1 << 20) // d)
+    lw = np.concatenate([_log_w(rng.standard_normal((min(step, n - s), d)), a, b) for s in range(0, n, step)])
+    log_t = np.log(np.cumsum(rng.standard_exponential(n)))
+    gumbel = -np.log(rng.standard_exponential(n))
+    for rule, score in (("pfr", log_t - lw), ("tempered", log_t - TEMPER * lw), ("mrc", -(lw + gumbel)),
+                        ("greedy", -lw)):
+        j = int(np.argmin(score))
+        out[rule] = (float(log2_n) if uniform_index(rule) else math.nan, (lw[j] + c) / LN2, j)
+    order = np.argsort(-np.abs(b * (1.0 / (1.0 - 2.0 * a))), kind="stable")
+    for pairs, searched in SP_CONFIGS:
+        k = min(2 * pairs, d - d % 2)
+        for mode, split in (("random", np.arange(k)), ("oracle", np.sort(order[:k]))):
+            signs, mass = _sign_bins(a, b, split, searched)
+            num_bins = 1 << k
+            pi = mass / mass.sum()
+            # sp-greedy: N / M candidates in each searched bin
+            per = n // len(signs)
+            best, best_m = -math.inf, 0
+            # sp-pfr: bin j gets pi_j N candidates, arrival times Gamma_m / pi_j; its score
+            # log T - log(q / p') = log Gamma_m - log w + log J (pi cancels)
+            best_pfr, pfr_m, pfr_w = math.inf, 0, 0.0
+            for j, sign in enumerate(signs):
+                for count, kind in ((per, "greedy"), (max(1, int(round(pi[j] * n))), "pfr")):
+                    u = rng.standard_normal((count, d))
+                    u[:, split] = np.abs(u[:, split]) * sign
+                    w = _log_w(u, a, b)
+                    if kind == "greedy":
+                        i = int(np.argmax(w))
+                        if w[i] > best:
+                            best, best_m = float(w[i]), i
+                    else:
+                        s = np.log(np.cumsum(rng.standard_exponential(count))) - w
+                        i = int(np.argmin(s))
+                        if s[i] < best_pfr:
+                            best_pfr, pfr_m, pfr_w = float(s[i]), i, float(w[i])
+            tag = f"P{pairs}M{searched}-{mode}"
+            out[f"sp-greedy {tag}"] = (math.log2(num_bins * per), (best + c) / LN2, best_m)
+            out[f"sp-pfr {tag}"] = (float(k), (pfr_w + c) / LN2, pfr_m)  # log2 J + the local index m's law
+    return out
+
+
+def relative_index_bits(indices: np.ndarray, kl_bits: np.ndarray) -> float:
+    """Ideal bits of indices pooled over chunks of different KL: the exponent m =
+    bit_length(n) coded relative to its chunk's round(KL) (as the codec's law is conditioned on
+    the KL), plug-in entropy with the Miller-Madow correction, plus the m - 1 mantissa bits."""
+    exps = np.array([int(n).bit_length() for n in indices])
+    rel = exps - np.rint(np.maximum(kl_bits, 0.0)).astype(np.int64)
+    _, counts = np.unique(rel, return_counts=True)
+    p = counts / counts.sum()
+    entropy = float(-(p * np.log2(p)).sum()) + (len(counts) - 1) / (2 * len(indices) * LN2)
+    return entropy + float(np.maximum(exps - 1, 0).mean())
+
+
+def part_b(chunks: dict[str, np.ndarray], count: int, rng: np.random.Generator,
+           progress: Callable[[str], None]) -> dict[str, Any]:
+    """Every rule on ``count`` real chunks (those of at most MAX_REAL_DIMS dimensions, drawn at
+    random), pooled: I / D over the chunks; uniform indices cost log2 N, the others
+    `relative_index_bits`."""
+    offsets = np.concatenate([[0], np.cumsum(chunks["dims"])])
+    eligible = np.flatnonzero(chunks["dims"] <= MAX_REAL_DIMS)
+    share = float(chunks["kl_bits"][eligible].sum() / chunks["kl_bits"].sum())
+    chosen = np.sort(rng.choice(eligible, size=min(count, len(eligible)), replace=False))
+    per_rule: dict[str, list[tuple[float, float, int]]] = {}
+    kls = []
+    for i, c in enumerate(chosen):
+        sl = slice(offsets[c], offsets[c + 1])
+        a, b = chunks["a"][sl].astype(np.float64), chunks["b"][sl].astype(np.float64)
+        for rule, got in real_chunk_rules(a, b, float(chunks["c"][c]), REAL_LOG2_N, rng).items():
+            per_rule.setdefault(rule, []).append(got)
+        kls.append(float(chunks["kl_bits"][c]))
+        if (i + 1) % 20 == 0:
+            progress(f"part B: {i + 1} of {len(chosen)} real chunks")
+    kl = np.array(kls)
+    rows = []
+    for rule, got in per_rule.items():
+        fixed = np.array([g[0] for g in got])
+        delivered = np.array([g[1] for g in got])
+        index = np.array([g[2] for g in got], dtype=np.int64)
+        if rule.startswith("sp-pfr"):  # log2 J, then the local index m (about 2^(KL - log2 J))
+            bits = float(fixed.mean()) + relative_index_bits(index, kl - fixed)
+        elif np.all(np.isfinite(fixed)):
+            bits = float(fixed.mean())
+        else:
+            bits = relative_index_bits(index, kl)
+        d = float(delivered.mean())
+        rows.append({"rule": rule, "chunks": len(got), "kl_bits": float(kl.mean()), "index_bits": bits,
+                     "delivered_bits": d, "delivery": d / float(kl.mean()),
+                     "index_per_delivered": bits / d if d > 0 else math.inf, "net_bits": bits - d})
+    return {"chunks_recorded": int(len(chunks["dims"])), "chunks_used": int(len(chosen)),
+            "kl_share_of_eligible": share, "log2_candidates": REAL_LOG2_N,
+            "stages": sorted({int(s) for s in chunks["stage"][chosen]}),
+            "median_dims": float(np.median(chunks["dims"][chosen])), "rows": rows}
+
+
+def chunk_summary(chunks: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Per stage range: chunks, median dimensions, mean and spread of their KL, the share of
+    the KL held by the top quarter of each chunk's dimensions, the quadratic (variance) part."""
+    offsets = np.concatenate([[0], np.cumsum(chunks["dims"])])
+    out = []
+    for lo, hi in ((1, 20), (20, 35), (35, 42), (42, 46), (46, 50)):
+        sel = np.flatnonzero((chunks["stage"] >= lo) & (chunks["stage"] < hi))
+        if not len(sel):
+            continue
+        top, var_part = [], []
+        for c in sel:
+            a = chunks["a"][offsets[c]:offsets[c + 1]].astype(np.float64)
+            b = chunks["b"][offsets[c]:offsets[c + 1]].astype(np.float64)
+            s2 = 1.0 / (1.0 - 2.0 * a)
+            mean_part, variance = 0.5 * (b * s2) ** 2, 0.5 * (s2 - 1.0 - np.log(s2))
+            per_dim = np.sort(mean_part + variance)[::-1]
+            top.append(per_dim[: max(1, len(per_dim) // 4)].sum() / per_dim.sum())
+            var_part.append(variance.sum() / per_dim.sum())
+        kl = chunks["kl_bits"][sel]
+        out.append({"stages": [lo, hi - 1], "chunks": int(len(sel)), "median_dims": float(np.median(chunks["dims"][sel])),
+                    "kl_mean": float(kl.mean()), "kl_std": float(kl.std()),
+                    "kl_share": float(kl.sum() / chunks["kl_bits"].sum()),
+                    "top_quarter_share": float(np.mean(top)), "variance_share": float(np.mean(var_part))})
+    return out
+
+
+# ------------------------------------------------------------------------------- part C (time)
+
+
+def search_seconds(repeats: int = 5) -> dict[str, float]:
+    """Median seconds of `rcc.select_many` per chunk of 41 dimensions (the last stage's) and
+    2^16 candidates, 1 thread, for the codec's rules."""
+    from diffcodec.codec import rcc
+
+    rng = np.random.default_rng(0)
+    d = 41
+    lw = rcc.LogWeight.of_gaussians(0.6 * rng.normal(size=d), np.full(d, -0.3), np.zeros(d), np.zeros(d))
+    out = {}
+    for rule in rcc.SELECTION_RULES:
+        times = []
+        for r in range(repeats):
+            start = time.perf_counter()
+            rcc.select_many([(lw, (7, r, 1), 1 << REAL_LOG2_N)], rule=rule, workers=1)
+            times.append(time.perf_counter() - start)
+        out[rule] = float(np.median(times))
+    return out
+
+
+# -------------------------------------------------------------------------------------- report
+
+
+def best_per_rule(rows: list[dict[str, Any]], log2_n: float) -> dict[str, dict[str, Any]]:
+    """Per rule, the KL whose I / D is smallest at this N."""
+    out = {}
+    for r in rows:
+        if r["log2_candidates"] == log2_n and (r["rule"] not in out
+                                               or r["index_per_delivered"] < out[r["rule"]]["index_per_delivered"]):
+            out[r["rule"]] = r
+    return out
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    a, b, sec = payload["part_a"], payload.get("part_b"), payload["search_seconds"]
+    cmd = payload["provenance"]["command"]
+    lines = ["# Choosing the candidate a reverse-channel-coding chunk sends", "",
+             f"`{cmd}` (the docstring of `bench/rcc_methods.py` defines every rule and metric), "
+             f"{payload['provenance']['device']}.", "",
+             "I = index bits, D = E[log2 q/p] of the sent sample (what it delivers), delivery = D / KL. "
+             "A chain pays about (I / D - 1) x its latent stages' bound over the bound; shift share "
+             "E[v]/mu and std of v: the law of the sample along the mean shift (q: 1 and 1), "
+             "law KL: KL of its Gaussian fit from q, bits.", "",
+             "## A. One chunk, 1-D equivalent (equal variances)", ""]
+    for log2_n in sorted({r["log2_candidates"] for r in a}):
+        best = best_per_rule(a, log2_n)
+        lines += [f"2^{log2_n:g} candidates: best I / D per rule: " + ", ".join(
+            f"{rule} {r['index_per_delivered']:.3f} (KL {r['kl_bits']:g}, delivery {r['delivery']:.2f})"
+            for rule, r in sorted(best.items(), key=lambda kv: kv[1]["index_per_delivered"])) + ".", ""]
+    lines += ["| N | KL bits | rule | I | D | delivery | I / D | I - D | shift share | std v | law KL |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(a, key=lambda r: (r["log2_candidates"], r["kl_bits"], RULES_1D.index(r["rule"]))):
+        lines.append(f"| 2^{r['log2_candidates']:g} | {r['kl_bits']:g} | {r['rule']} | {r['index_bits']:.2f} | "
+                     f"{r['delivered_bits']:.2f} | {r['delivery']:.3f} | {r['index_per_delivered']:.3f} | "
+                     f"{r['net_bits']:.2f} | {r['shift_share']:.3f} | {r['sample_std']:.3f} | {r['law_kl_bits']:.2f} |")
+    lines += ["", "## Search time per chunk (41 dimensions, 2^16 candidates, `rcc.select_many`, 1 thread)", "",
+              ", ".join(f"{rule} {1000 * s:.1f} ms" for rule, s in sec.items()) + "."]
+    if b is None:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"## B. Real chunks ({b['chunks_used']} of the {b['chunks_recorded']} the encoder searched on "
+              f"{payload['chunk_images']} CIFAR-10 test images; stages {b['stages'][0]}..{b['stages'][-1]}, "
+              f"at most {MAX_REAL_DIMS} dimensions, median {b['median_dims']:g}; "
+              f"{100 * b['kl_share_of_eligible']:.0f}% of the chunks' KL), 2^{b['log2_candidates']} evaluations each", "",
+              "| rule | I | D | delivery | I / D | I - D |", "|---|---|---|---|---|---|"]
+    for r in sorted(b["rows"], key=lambda r: r["index_per_delivered"]):
+        lines.append(f"| {r['rule']} | {r['index_bits']:.2f} | {r['delivered_bits']:.2f} | {r['delivery']:.3f} | "
+                     f"{r['index_per_delivered']:.3f} | {r['net_bits']:.2f} |")
+    lines += ["", "The chunks by stage (top quarter: share of a chunk's KL in its top 25% dimensions; variance: "
+              "share of the KL from the fixedlarge variance mismatch, the quadratic term):", "",
+              "| stages | chunks | median dims | KL mean | KL std | share of all KL | top quarter | variance |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in payload["chunk_summary"]:
+        lines.append(f"| {r['stages'][0]}..{r['stages'][1]} | {r['chunks']} | {r['median_dims']:g} | "
+                     f"{r['kl_mean']:.2f} | {r['kl_std']:.2f} | {r['kl_share']:.3f} | {r['top_quarter_share']:.2f} | "
+                     f"{r['variance_share']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.rcc_methods", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kl-bits", type=_floats, default=_floats("6,8,10,12,14,17,20"))
+    p.add_argument("--log2-candidates", type=_ints, default=_ints("12,16,20"))
+    p.add_argument("--trials", type=int, default=600, help="selections per 1-D cell (default 600)")
+    p.add_argument("--chunk-images", type=int, default=2, help="images whose real chunks are recorded (0: skip B)")
+    p.add_argument("--real-chunks", type=int, default=120, help="real chunks simulated (default 120)")
+    p.add_argument("--chunks", type=Path, help="an .npz of recorded chunks (from --save-chunks) instead of recording")
+    p.add_argument("--save-chunks", type=Path, help="write the recorded chunks to this .npz")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPORTS_DIR / "rcc_methods.json")
+    args = p.parse_args(argv)
+    if args.trials < 2 or not args.kl_bits or not args.log2_candidates:
+        p.error("need --trials >= 2 and at least one KL and one budget")
+    if any(k <= 0 for k in args.kl_bits) or any(not 1 <= b <= 24 for b in args.log2_candidates):
+        p.error("KLs must be > 0 bits and budgets 1..24")
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    payload: dict[str, Any] = {"kind": "rcc_methods", "chunk_images": args.chunk_images}
+    payload["part_a"] = part_a(args.kl_bits, args.log2_candidates, args.trials, rng, progress)
+    if args.chunks is not None:
+        with np.load(args.chunks) as z:
+            chunks = {k: z[k] for k in z.files}
+    elif args.chunk_images > 0:
+        chunks = record_chunks(args.chunk_images, progress)
+    else:
+        chunks = None
+    if args.save_chunks is not None and chunks is not None:
+        np.savez_compressed(args.save_chunks, **chunks)
+    if chunks is not None:
+        payload["part_b"] = part_b(chunks, args.real_chunks, rng, progress)
+        payload["chunk_summary"] = chunk_summary(chunks)
+    payload["search_seconds"] = search_seconds()
+    payload["provenance"] = provenance(args, seed=args.seed, command=module_command("bench.rcc_methods", argv))
+    write_json(args.out, payload)
+    write_text(args.out.with_suffix(".md"), markdown(payload))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
