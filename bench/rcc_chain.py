@@ -18,6 +18,7 @@ did, summed over all chunks of all images:
     kl_bits            the chunks' KL (bits)
     delivered_bits     log2 q/p of the samples sent (what they deliver)
     log2_candidates    sum of log2 N: a uniform index's cost (the greedy rule's law)
+    candidates         sum of N: the search's work
     index_bits_real    the stream's latent-stage bits minus its checks' bits (what the
                        indices and the stage levels cost under the stream's adaptive laws)
 
@@ -67,7 +68,7 @@ class RecordingSelector:
         if rule not in rcc.SELECTION_RULES:
             raise DiffcodecError(f"unknown rule {rule!r}; known: {', '.join(rcc.SELECTION_RULES)}")
         self.rule = rule
-        self.totals = {"chunks": 0, "kl_bits": 0.0, "delivered_bits": 0.0, "log2_candidates": 0.0}
+        self.totals = {"chunks": 0, "kl_bits": 0.0, "delivered_bits": 0.0, "log2_candidates": 0.0, "candidates": 0}
 
     def __call__(self, tasks, *, workers: int = 1) -> list[int]:
         chosen = rcc.select_many(tasks, rule=self.rule, workers=workers)
@@ -79,6 +80,7 @@ class RecordingSelector:
             self.totals["kl_bits"] += kl_nats / LN2
             self.totals["delivered_bits"] += float(lw(u[None])[0]) / LN2
             self.totals["log2_candidates"] += math.log2(num)
+            self.totals["candidates"] += int(num)
         return chosen
 
 
@@ -125,7 +127,8 @@ def section(rule: str, stats: dict[str, Any]) -> str:
             f"{stats['chunks']} chunks: KL {stats['kl_bits']:.0f} bits, the samples deliver "
             f"{stats['delivered_bits']:.0f} ({stats['delivery']:.3f} of the KL); the latent stages' real bits "
             f"without group checks {stats['index_bits_real']:.0f} = {stats['index_per_delivered']:.3f} per delivered "
-            f"bit (sum of log2 N: {stats['log2_candidates']:.0f} = {stats['uniform_index_per_delivered']:.3f}).\n")
+            f"bit (sum of log2 N: {stats['log2_candidates']:.0f} = {stats['uniform_index_per_delivered']:.3f}); "
+            f"{stats['candidates'] / stats['chunks']:.0f} candidates per chunk searched.\n")
 
 
 def rd_table(run: dict[str, Any]) -> str:

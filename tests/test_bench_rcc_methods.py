@@ -136,7 +136,7 @@ def test_recording_selector_sums_what_its_choices_deliver():
     chosen = selector(tasks, workers=1)
     assert chosen == rcc.greedy_select_many(tasks)
     delivered = sum(lw(rcc.pfr_decode(key, n, len(lw.a))[None])[0] for (lw, key, _), n in zip(tasks, chosen)) / LN2
-    assert selector.totals["chunks"] == 2 and selector.totals["log2_candidates"] == pytest.approx(2 * math.log2(500))
+    assert selector.totals["candidates"] == 1000 and selector.totals["chunks"] == 2 and selector.totals["log2_candidates"] == pytest.approx(2 * math.log2(500))
     assert selector.totals["delivered_bits"] == pytest.approx(delivered)
     assert selector.totals["kl_bits"] == pytest.approx(sum(rcc_methods.chunk_kl_bits(lw.a, lw.b) for lw, _, _ in tasks))
     with pytest.raises(DiffcodecError, match="unknown rule"):
