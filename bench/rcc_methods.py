@@ -59,6 +59,7 @@ the codec's kernels), 1 thread.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -396,7 +397,7 @@ def markdown(payload: dict[str, Any]) -> str:
     lines += ["", "## Search time per chunk (41 dimensions, 2^16 candidates, `rcc.select_many`, 1 thread)", "",
               ", ".join(f"{rule} {1000 * s:.1f} ms" for rule, s in sec.items()) + "."]
     if b is None:
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + chain_lines(payload.get("chains", []))) + "\n"
     lines += ["", f"## B. Real chunks ({b['chunks_used']} of the {b['chunks_recorded']} the encoder searched on "
               f"{payload['chunk_images']} CIFAR-10 test images; stages {b['stages'][0]}..{b['stages'][-1]}, "
               f"at most {MAX_REAL_DIMS} dimensions, median {b['median_dims']:g}; "
@@ -413,7 +414,77 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(f"| {r['stages'][0]}..{r['stages'][1]} | {r['chunks']} | {r['median_dims']:g} | "
                      f"{r['kl_mean']:.2f} | {r['kl_std']:.2f} | {r['kl_share']:.3f} | {r['top_quarter_share']:.2f} | "
                      f"{r['variance_share']:.3f} |")
+    lines += chain_lines(payload.get("chains", []))
     return "\n".join(lines) + "\n"
+
+
+CHAIN_PSNRS = (25.0, 30.0, 35.0, 40.0, 45.0)
+
+
+def chain_summary(path: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """What a `bench.rcc_chain` run measured on real streams, in the terms of this report."""
+    from bench.progressive_compare import rate_at_psnr
+
+    full, sel = run["summary"]["full_rate"], run["selection"]
+    num_dims, images = float(run["num_dims"]), run["summary"]["num_images"]
+    per_image = run["per_image"]
+    real = np.mean([r["real_bits"][-1] for r in per_image]) / num_dims
+    bound = np.mean([sum(r["bound_bits"]) for r in per_image]) / num_dims
+    # the chain's account: payload - bound against sum (I - D) + group checks + pixel-stage coding
+    latent_excess = (sel["index_bits_real"] - sel["delivered_bits"]) / images / num_dims
+    checks = sel["check_bits_excluded"] / images / num_dims
+    pixel_coding = full["pixel_stage_real_bpd"] - full["pixel_stage_analytic_bpd"]
+    same_stages, own_curve, rates = [], [], []
+    for psnr in CHAIN_PSNRS:
+        r, b = rate_at_psnr(run, psnr), rate_at_psnr(run, psnr, "bound_bpd")
+        rates.append(r)
+        same_stages.append(r / b if r is not None and b else None)
+        own = next((c for c in run.get("bound_curve", []) if c["psnr"] == psnr), None)
+        own_curve.append(own["ratio"] if own else None)
+    return {
+        "path": str(path), "rule": sel["rule"], "pad_bits": run["params"]["pad_bits"], "images": images,
+        "arithmetic": run.get("arithmetic", "exact"), "full_rate_with_header_bpd": full["real_with_header_bpd"],
+        "payload_bpd": float(real), "bound_bpd": float(bound), "overhead_vs_bound": full["overhead_vs_bound"],
+        "delivery": sel["delivery"], "index_per_delivered": sel["index_per_delivered"],
+        "uniform_index_per_delivered": sel["uniform_index_per_delivered"],
+        "candidates_per_chunk": sel["candidates"] / sel["chunks"], "chunks_per_image": sel["chunks"] / images,
+        "candidates_per_image": sel["candidates"] / images,
+        "encode_seconds": run["summary"]["seconds"]["encode"]["mean_per_image"],
+        "predicted_excess_bpd": float(latent_excess + checks + pixel_coding), "real_excess_bpd": float(real - bound),
+        "psnrs": list(CHAIN_PSNRS), "rate_at_psnr": rates, "over_bound_same_stages": same_stages,
+        "over_bound_own_curve": own_curve,
+    }
+
+
+def chain_lines(chains: list[dict[str, Any]]) -> list[str]:
+    if not chains:
+        return []
+    c0 = chains[0]
+    psnr_cells = " | ".join(f"{p:g} dB" for p in c0["psnrs"])
+    lines = ["", f"## D. The real stream with each rule (`bench.rcc_chain`, {c0['images']} CIFAR-10 test images, "
+             f"{c0['arithmetic']} arithmetic, K = 50, 14-bit chunks, at most 2^16 candidates)", "",
+             "| rule (pad) | full rate bpd, header incl. | over bound | delivery | I / D | candidates per image "
+             "| predicted excess | real excess | encode s/image |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in chains:
+        lines.append(f"| {c['rule']} ({c['pad_bits']:g}) | {c['full_rate_with_header_bpd']:.4f} | "
+                     f"{100 * c['overhead_vs_bound']:+.1f}% | {c['delivery']:.3f} | {c['index_per_delivered']:.3f} | "
+                     f"{c['candidates_per_image'] / 1e6:.1f} M | {c['predicted_excess_bpd']:.3f} | "
+                     f"{c['real_excess_bpd']:.3f} | {c['encode_seconds']:.1f} |")
+    lines += ["", "Predicted excess: (index bits - delivered bits) of the latent stages + their group checks + "
+              "the pixel stage's coding overhead, bits/dim; real excess: payload - bound. Encode seconds on a "
+              "shared, busy 2-core machine (1 thread): compare candidates per image for the work.", "",
+              "Rate (bits/dim, header included) at equal PSNR, and over the bound read two ways (same stages: "
+              "`bench.progressive_compare`; own curve: the bound's rate where its own exact samples reach the PSNR):",
+              "", f"| rule | {psnr_cells} |", "|---|" + "---|" * len(c0["psnrs"])]
+
+    def cells(values: list[Any], fmt: str) -> str:
+        return " | ".join("-" if v is None else format(v, fmt) for v in values)
+
+    for c in chains:
+        lines.append(f"| {c['rule']} rate | {cells(c['rate_at_psnr'], '.4f')} |")
+        lines.append(f"| {c['rule']} / bound, same stages | {cells(c['over_bound_same_stages'], '.2f')} |")
+        lines.append(f"| {c['rule']} / bound, own curve | {cells(c['over_bound_own_curve'], '.2f')} |")
+    return lines
 
 
 def _ints(text: str) -> list[int]:
@@ -433,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-chunks", type=int, default=120, help="real chunks simulated (default 120)")
     p.add_argument("--chunks", type=Path, help="an .npz of recorded chunks (from --save-chunks) instead of recording")
     p.add_argument("--save-chunks", type=Path, help="write the recorded chunks to this .npz")
+    p.add_argument("--chain", type=Path, nargs="*", default=None,
+                   help="bench.rcc_chain JSONs to report beside the simulation (default: reports/rcc_chain_*.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPORTS_DIR / "rcc_methods.json")
     args = p.parse_args(argv)
@@ -460,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["part_b"] = part_b(chunks, args.real_chunks, rng, progress)
         payload["chunk_summary"] = chunk_summary(chunks)
     payload["search_seconds"] = search_seconds()
+    chain_paths = sorted(REPORTS_DIR.glob("rcc_chain_*.json")) if args.chain is None else args.chain
+    payload["chains"] = [chain_summary(path, json.loads(Path(path).read_text())) for path in chain_paths]
     payload["provenance"] = provenance(args, seed=args.seed, command=module_command("bench.rcc_methods", argv))
     write_json(args.out, payload)
     write_text(args.out.with_suffix(".md"), markdown(payload))

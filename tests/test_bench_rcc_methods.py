@@ -107,7 +107,7 @@ def test_script_writes_json_and_markdown(tmp_path):
     np.savez_compressed(chunks, **synthetic_chunks(np.random.default_rng(5)))
     out = tmp_path / "rcc_methods.json"
     assert rcc_methods.main(["--kl-bits", "8,14", "--log2-candidates", "10", "--trials", "40", "--chunks",
-                             str(chunks), "--real-chunks", "2", "--out", str(out)]) == 0
+                             str(chunks), "--real-chunks", "2", "--chain", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert {(r["kl_bits"], r["rule"]) for r in payload["part_a"]} == {
         (k, r) for k in (8.0, 14.0) for r in rcc_methods.RULES_1D}
@@ -172,3 +172,10 @@ def test_chain_bench_codes_ordinary_streams_and_accounts_for_the_chunks(tmp_path
         assert runs[rule]["provenance"]["command"].startswith("python -m bench.rcc_chain")
         assert "Selection rule: **" + rule in out.with_suffix(".md").read_text()
     assert runs["greedy"]["selection"]["delivery"] > runs["pfr"]["selection"]["delivery"]
+    # and bench.rcc_methods reports them: the excess over the bound and its account, the PSNR table
+    chains = [rcc_methods.chain_summary(tmp_path / f"rcc_chain_{rule}.json", runs[rule]) for rule in runs]
+    for c in chains:
+        assert c["real_excess_bpd"] == pytest.approx(c["payload_bpd"] - c["bound_bpd"])
+        assert c["candidates_per_image"] > 0 and len(c["over_bound_own_curve"]) == len(rcc_methods.CHAIN_PSNRS)
+    text = "\n".join(rcc_methods.chain_lines(chains))
+    assert "| greedy (4) |" in text and "| pfr / bound, own curve |" in text
