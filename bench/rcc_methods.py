@@ -70,7 +70,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from bench.common import REPORTS_DIR, module_command, provenance, run_main, write_json, write_text
-from bench.rcc_redundancy import index_entropy_bits
+from bench.rcc_redundancy import _floats, _ints, index_entropy_bits
 
 LN2 = math.log(2.0)
 RULES_1D = ("pfr", "tempered", "mrc", "greedy")
@@ -485,14 +485,6 @@ def chain_lines(chains: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {c['rule']} / bound, same stages | {cells(c['over_bound_same_stages'], '.2f')} |")
         lines.append(f"| {c['rule']} / bound, own curve | {cells(c['over_bound_own_curve'], '.2f')} |")
     return lines
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
