@@ -70,7 +70,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from bench.common import REPORTS_DIR, module_command, provenance, run_main, write_json, write_text
-from bench.rcc_redundancy import _floats, _ints, index_entropy_bits
+from bench.rcc_redundancy import _floats, _ints, check_grid, index_entropy_bits
 
 LN2 = math.log(2.0)
 RULES_1D = ("pfr", "tempered", "mrc", "greedy")
@@ -501,10 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPORTS_DIR / "rcc_methods.json")
     args = p.parse_args(argv)
-    if args.trials < 2 or not args.kl_bits or not args.log2_candidates:
-        p.error("need --trials >= 2 and at least one KL and one budget")
-    if any(k <= 0 for k in args.kl_bits) or any(not 1 <= b <= 24 for b in args.log2_candidates):
-        p.error("KLs must be > 0 bits and budgets 1..24")
+    check_grid(p, args, 24)
 
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
