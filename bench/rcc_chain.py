@@ -31,7 +31,9 @@ instead; the two agree for a rule that delivers each stage's KL, and a rule that
 more than the KL (greedy) reaches each PSNR at an earlier stage, where the bound of the same
 stages is lower than the bound's own rate at that PSNR.
 
-Every other option is `bench.progressive`'s (its --out is this script's). ``--pad-bits`` sets
+Every other option is `bench.progressive`'s (its --out is this script's), but
+``--small-stage-bits B --small-stage-pad P``: a stage of less than B bits of KL gets the pad P
+instead (`RecordingSelector`). ``--pad-bits`` sets
 each chunk's budget, 2^ceil(KL + pad) capped at 2^--log2-candidates: with the greedy rule a
 large pad gives every chunk of 8 bits or more the full 2^16 (a small chunk then delivers
 more than its KL, which the chain repays: reports/rcc_methods.md).
@@ -52,6 +54,7 @@ import numpy as np
 from bench import progressive
 from bench.common import REPORTS_DIR, module_command, run_main, write_json, write_text
 from bench.progressive_compare import first_reaching, rate_at_psnr
+from bench.rcc_methods import chunk_kl_bits
 from diffcodec.codec import rcc
 from diffcodec.codec.progressive import codec as pg
 from diffcodec.errors import DiffcodecError
@@ -62,22 +65,31 @@ PSNRS = [20.0, 25.0, 30.0, 35.0, 40.0, 45.0]
 
 class RecordingSelector:
     """`rcc.select_many` under one rule, with the same call form as `rcc.pfr_select_many`,
-    summing what each chunk it chose delivers (log2 w of the exact sample of its index)."""
+    summing what each chunk it chose delivers (log2 w of the exact sample of its index).
 
-    def __init__(self, rule: str) -> None:
+    A stage whose KL (its chunks' together) is below ``small_stage_bits`` gets each chunk's
+    budget cut to 2^ceil(KL_chunk + small_stage_pad) (the encoder's choice, as --pad-bits is):
+    so that a large pad serves the stages that carry the rate and the first, small stages,
+    whose prefixes are the low-PSNR points, do not pay 2^16 candidates' index for a few bits.
+    """
+
+    def __init__(self, rule: str, *, small_stage_bits: float = 0.0, small_stage_pad: float = 2.0) -> None:
         if rule not in rcc.SELECTION_RULES:
             raise DiffcodecError(f"unknown rule {rule!r}; known: {', '.join(rcc.SELECTION_RULES)}")
         self.rule = rule
+        self.small_stage_bits, self.small_stage_pad = small_stage_bits, small_stage_pad
         self.totals = {"chunks": 0, "kl_bits": 0.0, "delivered_bits": 0.0, "log2_candidates": 0.0, "candidates": 0}
 
     def __call__(self, tasks, *, workers: int = 1) -> list[int]:
+        kls = [chunk_kl_bits(lw.a, lw.b) for lw, _, _ in tasks]
+        if sum(kls) < self.small_stage_bits:
+            tasks = [(lw, key, min(num, 1 << max(1, math.ceil(kl + self.small_stage_pad))))
+                     for (lw, key, num), kl in zip(tasks, kls)]
         chosen = rcc.select_many(tasks, rule=self.rule, workers=workers)
-        for (lw, key, num), index in zip(tasks, chosen):
+        for (lw, key, num), index, kl in zip(tasks, chosen, kls):
             u = rcc.pfr_decode(key, index, len(lw.a))
-            s2 = 1.0 / (1.0 - 2.0 * lw.a)  # q in u-space: N(b s^2, s^2)
-            kl_nats = float(np.sum(0.5 * (s2 + (lw.b * s2) ** 2 - 1.0 - np.log(s2))))
             self.totals["chunks"] += 1
-            self.totals["kl_bits"] += kl_nats / LN2
+            self.totals["kl_bits"] += kl
             self.totals["delivered_bits"] += float(lw(u[None])[0]) / LN2
             self.totals["log2_candidates"] += math.log2(num)
             self.totals["candidates"] += int(num)
@@ -122,13 +134,16 @@ def bound_rd(run: dict[str, Any], psnrs: list[float]) -> list[dict[str, Any]]:
     return out
 
 
-def section(rule: str, stats: dict[str, Any]) -> str:
-    return (f"\nSelection rule: **{rule}** (`rcc.select_many`; the stream format is unchanged). Over "
-            f"{stats['chunks']} chunks: KL {stats['kl_bits']:.0f} bits, the samples deliver "
-            f"{stats['delivered_bits']:.0f} ({stats['delivery']:.3f} of the KL); the latent stages' real bits "
-            f"without group checks {stats['index_bits_real']:.0f} = {stats['index_per_delivered']:.3f} per delivered "
-            f"bit (sum of log2 N: {stats['log2_candidates']:.0f} = {stats['uniform_index_per_delivered']:.3f}); "
-            f"{stats['candidates'] / stats['chunks']:.0f} candidates per chunk searched.\n")
+def section(selection: dict[str, Any]) -> str:
+    small = (f" Stages of less than {selection['small_stage_bits']:g} bits of KL: pad {selection['small_stage_pad']:g}."
+             if selection.get("small_stage_bits") else "")
+    return (f"\nSelection rule: **{selection['rule']}** (`rcc.select_many`; the stream format is unchanged).{small} "
+            f"Over {selection['chunks']} chunks: KL {selection['kl_bits']:.0f} bits, the samples deliver "
+            f"{selection['delivered_bits']:.0f} ({selection['delivery']:.3f} of the KL); the latent stages' real bits "
+            f"without group checks {selection['index_bits_real']:.0f} = {selection['index_per_delivered']:.3f} per "
+            f"delivered bit (sum of log2 N: {selection['log2_candidates']:.0f} = "
+            f"{selection['uniform_index_per_delivered']:.3f}); "
+            f"{selection['candidates'] / selection['chunks']:.0f} candidates per chunk searched.\n")
 
 
 def rd_table(run: dict[str, Any]) -> str:
@@ -146,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.rcc_chain", description=__doc__.split("\n\n")[0],
                                 add_help=True)
     p.add_argument("--rule", default="greedy", help=f"selection rule: {', '.join(rcc.SELECTION_RULES)}")
+    p.add_argument("--small-stage-bits", type=float, default=0.0,
+                   help="stages of less KL than this get --small-stage-pad instead of --pad-bits (default 0: none)")
+    p.add_argument("--small-stage-pad", type=float, default=2.0)
     p.add_argument("--out", type=Path, help="output JSON (default reports/rcc_chain_RULE.json)")
     args, rest = p.parse_known_args(argv)
-    selector = RecordingSelector(args.rule)
+    selector = RecordingSelector(args.rule, small_stage_bits=args.small_stage_bits, small_stage_pad=args.small_stage_pad)
     out = args.out or REPORTS_DIR / f"rcc_chain_{args.rule}.json"
     if "--perturb" not in rest:  # the perturbation study encodes once more, outside the per-image rows
         rest += ["--perturb", "0"]
@@ -177,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     stats = chunk_stats(selector.totals, run, sum(checks))
     for row, bound in zip(run["per_image"], bounds):
         row["bound_psnr"] = bound_psnrs(bound)
-    run["selection"] = {"rule": args.rule, **stats}
+    run["selection"] = {"rule": args.rule, "small_stage_bits": args.small_stage_bits,
+                        "small_stage_pad": args.small_stage_pad, **stats}
     run["bound_curve"] = bound_rd(run, PSNRS)
     run["provenance"]["command"] = module_command("bench.rcc_chain", argv)
     write_json(out, run)
-    write_text(out.with_suffix(".md"), progressive.markdown(run) + section(args.rule, stats) + rd_table(run))
-    print(section(args.rule, stats), file=sys.stderr)
+    write_text(out.with_suffix(".md"), progressive.markdown(run) + section(run["selection"]) + rd_table(run))
+    print(section(run["selection"]), file=sys.stderr)
     return 0
 
 

@@ -118,6 +118,11 @@ def test_script_writes_json_and_markdown(tmp_path):
     assert payload["provenance"]["command"].startswith("python -m bench.rcc_methods")
     md = out.with_suffix(".md").read_text()
     assert "| 2^10 | 14 | greedy |" in md and "## B. Real chunks" in md and "46..49" in md
+    # --refresh-chains re-reads chain runs into the same JSON without simulating again
+    assert rcc_methods.main(["--refresh-chains", "--chain", "--out", str(out)]) == 0
+    refreshed = json.loads(out.read_text())
+    assert refreshed["part_a"] == payload["part_a"] and refreshed["chains"] == []
+    assert refreshed["provenance"]["chains_refreshed_by"].startswith("python -m bench.rcc_methods --refresh-chains")
 
 
 def test_script_rejects_bad_arguments():
@@ -141,6 +146,15 @@ def test_recording_selector_sums_what_its_choices_deliver():
     assert selector.totals["kl_bits"] == pytest.approx(sum(rcc_methods.chunk_kl_bits(lw.a, lw.b) for lw, _, _ in tasks))
     with pytest.raises(DiffcodecError, match="unknown rule"):
         rcc_chain.RecordingSelector("best")
+    # a stage below small_stage_bits: each chunk's budget cut to 2^ceil(KL + pad) (KLs 7.8 and 12.3 bits)
+    wide = [(lw, key, 4096) for lw, key, _ in tasks]
+    kls = [rcc_methods.chunk_kl_bits(lw.a, lw.b) for lw, _, _ in wide]
+    small = rcc_chain.RecordingSelector("greedy", small_stage_bits=1e9, small_stage_pad=1.0)
+    small(wide)
+    assert small.totals["candidates"] == sum(min(4096, 2 ** math.ceil(k + 1.0)) for k in kls) == 512 + 4096
+    large = rcc_chain.RecordingSelector("greedy", small_stage_bits=sum(kls), small_stage_pad=1.0)
+    large(wide)  # a stage of exactly that KL is not small
+    assert large.totals["candidates"] == 2 * 4096
 
 
 def test_bound_psnrs_read_stages_in_stream_order():
