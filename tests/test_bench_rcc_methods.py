@@ -192,4 +192,4 @@ def test_chain_bench_codes_ordinary_streams_and_accounts_for_the_chunks(tmp_path
         assert c["real_excess_bpd"] == pytest.approx(c["payload_bpd"] - c["bound_bpd"])
         assert c["candidates_per_image"] > 0 and len(c["over_bound_own_curve"]) == len(rcc_methods.CHAIN_PSNRS)
     text = "\n".join(rcc_methods.chain_lines(chains))
-    assert "| greedy (4) |" in text and "| pfr / bound, own curve |" in text
+    assert "| greedy, pad 4 |" in text and "| ... / bound, own curve |" in text
