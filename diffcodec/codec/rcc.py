@@ -14,6 +14,11 @@ truncated to N candidates as in ordered random coding (Theis & Yosri 2022):
    depends on the chunk's nominal KL (`ExponentModel`), then the m - 1 bits below the
    leading one, uniformly (`split_index`).
 
+Step 2 may use another rule (`select_many`): the decoder takes candidate n* whichever rule
+chose it. The greedy rule (`greedy_select_many`, argmax_n w(u_n)) is not a sample of q but
+delivers more log q/p per index bit from the same candidates, which is what a chain of stages
+pays for (reports/rcc_methods.md).
+
 For diagonal Gaussians the log weight is a quadratic in u, per dimension
     log w = a u^2 + b u + c,   a = (1 - var_p/var_q) / 2,   b = -(mean_p - mean_q) std_p / var_q,
     c = -(mean_p - mean_q)^2 / (2 var_q) + log(var_p / var_q) / 2,
