@@ -12,7 +12,8 @@ that number, whatever law x_t was drawn from, so a stream costs the bound plus
 sum over chunks (index bits I - delivered bits D), and when the shortfall of one stage is
 coded again by later ones the overhead over the bound is about (I / D - 1) x the latent
 stages' bound. The progressive stream of reports/progressive.json follows this to 5%:
-payload - bound = 0.953 bits/dim against sum (I - D) = 0.903. So each rule is scored by
+payload - bound = 0.953 bits/dim against 0.903 from its latent stages' index bits minus
+delivered bits, their checks and the pixel stage's coding (part D does the same per run). So each rule is scored by
 I (ideal bits of its index), D = E[log2 w(sample)] (w = q / p), I / D, and D / KL (the
 issue's "delivery"), with the law of the sample beside them (share of the mean shift
 E[v] / mu, std of v, and the KL of a Gaussian fit of that law from q along the shift), since
@@ -51,9 +52,10 @@ mu^2 / 2 nats), every KL x N cell, every rule but space partitioning (which need
 dimensions). Part B: real chunks, recorded from the progressive encoder on the first
 ``--chunk-images`` CIFAR-10 test images (float32 arithmetic, the default 50 steps, 14-bit
 chunks; their log weights a u^2 + b u + c with the fixedlarge quadratic term), of those with
-at most 256 dimensions (stages 35..49: about 87% of the bits), every rule at 2^16
-evaluations. Part C: each rule's search time per chunk in `rcc.select_many` (pfr and greedy:
-the codec's kernels), 1 thread.
+at most 256 dimensions (the late stages: about 83% of the chunks' KL), every rule at 2^16
+evaluations. Then each rule's search time per chunk in `rcc.select_many` (pfr and greedy: the
+codec's kernels), 1 thread; and part D: the real streams of `bench.rcc_chain` runs
+(reports/rcc_chain_*.json, or --chain), with the decision drawn from all of it.
 """
 
 from __future__ import annotations
