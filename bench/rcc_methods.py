@@ -581,6 +581,17 @@ def decision_lines(payload: dict[str, Any]) -> list[str]:
         f"spends {win['index_per_delivered']:.3f} bits per delivered bit where log2 N alone would be "
         f"{win['uniform_index_per_delivered']:.3f} (levels included in the first), what a stream version that codes "
         "the index in log2 N bits (N from the nominal chunk KL, known to the decoder) would save.",
+        "", "Exact arithmetic: the rule only changes which index the encoder sends; it ranks candidates by the "
+        "encoder's float32 search scores (any arithmetic may rank) and both sides then use the exact sample of the "
+        "sent index (`rcc.pfr_decode`), so an exact-contract stream of greedy choices decodes bit for bit "
+        "(tests/test_bench_rcc_methods.py codes and decodes one).",
+        "", "Not simulated: greedy Poisson rejection sampling and A* coding (Flamich 2023; Flamich, Markou, "
+        "Hernandez-Lobato 2022) are exact with a search linear in the KL only for one-dimensional (unimodal-ratio) "
+        "problems; a chunk's ratio lives in tens to thousands of dimensions along a shift the decoder does not know, "
+        "and an exact sample still pays the log term (A: PFR with enough candidates, I - D about 3 bits per chunk). "
+        "Sources: Li & El Gamal 2018 (PFR), Theis & Yosri 2022 (ordered random coding), Havasi, Peharz & "
+        "Hernandez-Lobato 2019 (MRC), He, Flamich & Hernandez-Lobato 2024 (space partitioning), Ohayon et al. 2025 "
+        "(DDCM: codebook noise picked by its inner product with the residual, the greedy rule's form).",
     ]
     return lines
 
