@@ -44,9 +44,9 @@ for name, a_lo, a_hi, w_lo, w_hi in (("full range", -128, 127, -128, 127), ("con
     for u in (0, u_hi):
         for w_val in (w_lo, w_hi):
             x = torch.full((1, 2 * 128, 6, 6), u, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-            w = torch.full((4 * 16, 128, 3, 3), w_val, dtype=torch.int8)
-            got = _qconv_call(_qconv_pack(w, 1, 1), x, 64, 1, 1)
-            want = F.conv2d(x.double() - 64, w.double(), padding=1, groups=2)
+            w = torch.full((32, 2 * 128, 3, 3), w_val, dtype=torch.int8)
+            got = _qconv_call(_qconv_pack(w, 1, 1), x, 32, 1, 1)
+            want = F.conv2d(x.double() - 64, w.double(), padding=1)
             ok &= torch.equal(got.double(), want)
     out[name + ": int8 convolution"] = bool(ok)
 print(json.dumps(out))

@@ -1,7 +1,8 @@
 """The elementwise kernels of exact-arithmetic contract 2 (`exact_net2`).
 
-Contract 2 computes every convolution and linear layer as an exact integer dot product of
-14-bit integers (|a| <= `QMAX`; the products themselves: `exact2_products`). Around the
+Contract 2 computes every convolution and linear layer from exact integer sums of its
+quantized input (14-bit integers, |a| <= `QMAX`) and weights (the products themselves and the
+weights' 10 bits: `exact2_products`). Around the
 products, each layer's elementwise work (quantizing an input, GroupNorm's statistics, its
 affine map and SiLU, the epilogue that scales the integer sums, the attention's softmax
 weights) is written here once per kernel, twice: a numba kernel for the CPU (one pass over
@@ -455,12 +456,18 @@ if numba is not None:
             return s
         return group_norm_body
 
-    @njit(inline="always")
-    def _combine(g, n, N):
-        """The dot product from one row's four part products g = (hh, hl, lh, ll) x N (binary32
-        integers below 2^24): (hh 128 + hl + lh) 128 + ll, every step an exact binary64 integer."""
-        return ((np.float64(g[n]) * 128.0 + np.float64(g[N + n]) + np.float64(g[2 * N + n])) * 128.0
-                + np.float64(g[3 * N + n]))
+    def _make_combine(blocks):
+        """The sum v from one output row's int8-convolution blocks g = (G0, G1[, G2]) x N
+        (binary32 integers below 2^24): 1024 G0 + 8 (G1 [+ G2]), every step exact in binary64."""
+        if blocks == 2:
+            @njit(inline="always")
+            def combine(g, n, N):
+                return np.float64(g[n]) * 1024.0 + np.float64(g[N + n]) * 8.0
+        else:
+            @njit(inline="always")
+            def combine(g, n, N):
+                return np.float64(g[n]) * 1024.0 + (np.float64(g[N + n]) + np.float64(g[2 * N + n])) * 8.0
+        return combine
 
     @njit(inline="always")
     def _scale_table(s_x, s_w):
@@ -480,15 +487,17 @@ if numba is not None:
             return residual[row, n] + y
         return y
 
-    def _epilogue_stacked_body(G, P, s_x, s_w, bias, add, residual, mode, out):
-        M, N = out.shape
-        S = _scale_table(s_x, s_w)
-        for row in prange(M):
-            b = row // P
-            g, Sb = G[row], S[b]
-            for n in range(N):
-                y = np.float32(_combine(g, n, N) * Sb[n]) + bias[n]
-                out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
+    def _make_epilogue_stacked(combine):
+        def epilogue_stacked_body(G, P, s_x, s_w, bias, add, residual, mode, out):
+            M, N = out.shape
+            S = _scale_table(s_x, s_w)
+            for row in prange(M):
+                b = row // P
+                g, Sb = G[row], S[b]
+                for n in range(N):
+                    y = np.float32(combine(g, n, N) * Sb[n]) + bias[n]
+                    out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
+        return epilogue_stacked_body
 
     def _epilogue_values_body(V, P, s_x, s_w, bias, add, residual, mode, out):
         M, N = out.shape
@@ -500,13 +509,15 @@ if numba is not None:
                 y = np.float32(v[n] * Sb[n]) + bias[n]
                 out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
 
-    def _epilogue64_stacked_body(G, P, s_x, s_w, bias, out):
-        M, N = out.shape
-        S = _scale_table(s_x, s_w)
-        for row in prange(M):
-            g, Sb = G[row], S[row // P]
-            for n in range(N):
-                out[row, n] = _combine(g, n, N) * Sb[n] + bias[n]
+    def _make_epilogue64_stacked(combine):
+        def epilogue64_stacked_body(G, P, s_x, s_w, bias, out):
+            M, N = out.shape
+            S = _scale_table(s_x, s_w)
+            for row in prange(M):
+                g, Sb = G[row], S[row // P]
+                for n in range(N):
+                    out[row, n] = combine(g, n, N) * Sb[n] + bias[n]
+        return epilogue64_stacked_body
 
     def _softmax_weights_body(scores, c, weight_scale):
         """scores [R, T] exact integers (binary64) -> integer weights rint(2^P e^((s - max) c_row)) in place, and
@@ -539,9 +550,10 @@ if numba is not None:
               for silu in (True, False) for form, store in _STORES.items()}
     _norm_act_nb = {key: _Kernel(_make_norm_act(apply)) for key, apply in _APPLY.items()}
     _group_norm_nb = {key: _Kernel(_make_group_norm(apply, key[0])) for key, apply in _APPLY.items()}
-    _epilogue_stacked_nb = _Kernel(_epilogue_stacked_body)
+    _COMBINE = {blocks: _make_combine(blocks) for blocks in (2, 3)}
+    _epilogue_stacked_nb = {blocks: _Kernel(_make_epilogue_stacked(c)) for blocks, c in _COMBINE.items()}
     _epilogue_values_nb = _Kernel(_epilogue_values_body)
-    _epilogue64_stacked_nb = _Kernel(_epilogue64_stacked_body)
+    _epilogue64_stacked_nb = {blocks: _Kernel(_make_epilogue64_stacked(c)) for blocks, c in _COMBINE.items()}
     _softmax_weights_nb = _Kernel(_softmax_weights_body)
 
 
@@ -751,38 +763,39 @@ def group_norm_operand(x: torch.Tensor, groups: int, weight: torch.Tensor, bias:
     return out, torch.from_numpy(s)
 
 
-def epilogue(G: torch.Tensor, stacked: bool, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
+def epilogue(G: torch.Tensor, blocks: int, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
              *, add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              float64: bool = False) -> torch.Tensor:
-    """A layer's output rows [M, N] from its products G: ``stacked``, the four part products
-    [M, 4N] (binary32 integers: hh, hl, lh, ll) whose dot product is v = 2^14 hh + 2^7 (hl +
-    lh) + ll; else the dot products v [M, N] (binary64). With b = row // pixels and the
-    binary64 scale S = s_x[b] s_w[n] (the values of one input and one weight integer):
-    y = fl32(v S) + bias[n]; then y + add[b, n] (``add``) or residual[row, n] + y
-    (``residual``), each one binary32 rounding. ``float64``: y = v S + bias[n] in binary64
-    (the output layer; no add or residual)."""
+    """A layer's output rows [M, N] from its products G (`exact2_products`): ``blocks`` = 2 or
+    3, the int8 convolution's output blocks [M, blocks N] (binary32 integers) whose sum is
+    v = 1024 G0 + 8 (G1 [+ G2]); ``blocks`` = 0, the sums v [M, N] themselves (binary64).
+    With b = row // pixels and the binary64 scale S = s_x[b] s_w[n] (the values of one input
+    and one weight integer): y = fl32(v S) + bias[n]; then y + add[b, n] (``add``) or
+    residual[row, n] + y (``residual``), each one binary32 rounding. ``float64``:
+    y = v S + bias[n] in binary64 (the output layer; no add or residual)."""
     if add is not None and residual is not None:
         raise ValueError("epilogue: add or residual, not both")
-    m, n = (G.shape[0], G.shape[1] // 4) if stacked else G.shape
+    m, n = (G.shape[0], G.shape[1] // blocks) if blocks else G.shape
     s_x, s_w = s_x.to(torch.float64), s_w.to(torch.float64)
-    if use_numba(G) and G.dtype == (torch.float32 if stacked else torch.float64):
+    if use_numba(G) and G.dtype == (torch.float32 if blocks else torch.float64):
         G = G.contiguous()
         scales = (s_x.contiguous().numpy(), s_w.contiguous().numpy())
         if float64:
             out = torch.empty((m, n), dtype=torch.float64)
-            if stacked:
-                _epilogue64_stacked_nb(G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(), out.numpy())
+            if blocks:
+                _epilogue64_stacked_nb[blocks](G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(),
+                                               out.numpy())
                 return out
         else:
             out = torch.empty((m, n), dtype=torch.float32)
             mode = 1 if add is not None else 2 if residual is not None else 0
             dummy = np.zeros((1, 1), np.float32)
-            kernel = _epilogue_stacked_nb if stacked else _epilogue_values_nb
+            kernel = _epilogue_stacked_nb[blocks] if blocks else _epilogue_values_nb
             kernel(G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(),
                    add.contiguous().numpy() if add is not None else dummy,
                    residual.contiguous().numpy() if residual is not None else dummy, mode, out.numpy())
             return out
-    v = _dot_torch(G, stacked)
+    v = _sums_torch(G, blocks)
     rows = torch.arange(m, device=G.device) // pixels
     S = s_x[rows][:, None] * s_w[None, :]
     if float64:
@@ -795,12 +808,12 @@ def epilogue(G: torch.Tensor, stacked: bool, pixels: int, s_x: torch.Tensor, s_w
     return y
 
 
-def _dot_torch(G: torch.Tensor, stacked: bool) -> torch.Tensor:
-    """The dot products v in binary64 (exact: below 2^53)."""
-    if not stacked:
+def _sums_torch(G: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The sums v in binary64 (exact: integers below 2^53)."""
+    if not blocks:
         return G.to(torch.float64)
-    hh, hl, lh, ll = G.to(torch.int64).chunk(4, dim=1)
-    return ((hh * PART_SCALE + hl + lh) * PART_SCALE + ll).to(torch.float64)
+    g = G.to(torch.float64).chunk(blocks, dim=1)
+    return g[0] * 1024.0 + (g[1] if blocks == 2 else g[1] + g[2]) * 8.0
 
 
 def softmax_weights(scores: torch.Tensor, c: torch.Tensor, weight_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
