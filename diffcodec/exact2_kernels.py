@@ -218,8 +218,12 @@ if numba is not None:
             o[c] = np.float64(q[c])
 
     @njit(inline="always")
-    def _identity(y):
-        return y
+    def _store(out, q, b, p, C, stacked):
+        """`_store_stacked` or `_store_values` (``stacked`` a compile-time constant)."""
+        if stacked:
+            _store_stacked(out, q, b, p, C)
+        else:
+            _store_values(out, q, b, p, C)
 
     @njit(inline="always")
     def _quantize_scalar(v, r):
@@ -274,7 +278,11 @@ if numba is not None:
         _absmax_into(x, nchunk, out)
         return out
 
-    def _make_quantize_dynamic(store):
+    # The factories below close over plain constants only (bools, ints): numba's cache keys a
+    # closure by its pickled cell contents, and a compiled function pickles differently in every
+    # process, so a closure over one would be compiled afresh in each (tens of seconds).
+
+    def _make_quantize_dynamic(stacked):
         def quantize_dynamic_body(x, out, nchunk):
             """Per image: m = max |x|, (r, s) = `_scales`(m), the integers clamp(rint(x r))."""
             B, P, C = x.shape
@@ -291,11 +299,11 @@ if numba is not None:
                     xp = x[b, p]
                     for c in range(C):
                         q[c] = _quantize_scalar(np.float64(xp[c]), rb)
-                    store(out, q, b, p, C)
+                    _store(out, q, b, p, C, stacked)
             return s
         return quantize_dynamic_body
 
-    def _make_quantize(store):
+    def _make_quantize(stacked):
         def quantize_body(x, r, out, nchunk):
             B, P, C = x.shape
             for job in prange(B * nchunk):
@@ -306,7 +314,7 @@ if numba is not None:
                     xp = x[b, p]
                     for c in range(C):
                         q[c] = _quantize_scalar(np.float64(xp[c]), rb)
-                    store(out, q, b, p, C)
+                    _store(out, q, b, p, C, stacked)
         return quantize_body
 
     @njit(inline="always")
@@ -396,22 +404,22 @@ if numba is not None:
             rb, s[b] = _scales(np.float64(m))
             r[b] = np.float32(rb)
 
-    def _make_apply(act, store):
+    @njit(inline="always")
+    def _apply_into(x, a, c0, r, out, nchunk, silu, stacked):
         """The loop writing the next layer's integers clamp(rint(f(x a + c) r_b)) (binary32), f =
-        ``act``, in ``store``'s form: one compiled loop per (f, form), so that each vectorises."""
-        @njit(inline="always")
-        def apply_into(x, a, c0, r, out, nchunk):
-            B, P, C = x.shape
-            for job in prange(B * nchunk):
-                b, p0, p1 = _job_range(job, nchunk, P)
-                rb, ab, cb = r[b], a[b], c0[b]
-                q = np.empty(C, np.int32)
-                for p in range(p0, p1):
-                    xp = x[b, p]
-                    for c in range(C):
-                        q[c] = _quantize32(act(xp[c] * ab[c] + cb[c]), rb)
-                    store(out, q, b, p, C)
-        return apply_into
+        SiLU or the identity, in the STACKED or VALUES form (``silu``, ``stacked``: compile-time
+        constants: one compiled loop per pair, so that each vectorises)."""
+        B, P, C = x.shape
+        for job in prange(B * nchunk):
+            b, p0, p1 = _job_range(job, nchunk, P)
+            rb, ab, cb = r[b], a[b], c0[b]
+            q = np.empty(C, np.int32)
+            for p in range(p0, p1):
+                xp = x[b, p]
+                for c in range(C):
+                    y = xp[c] * ab[c] + cb[c]
+                    q[c] = _quantize32(_silu32(y) if silu else y, rb)
+                _store(out, q, b, p, C, stacked)
 
     def _norm_coefficients_body(s1, s2, lo, hi, shift_e, n, groups, weight, bias, eps, scale, shift, has_scale,
                                 silu):
@@ -422,12 +430,12 @@ if numba is not None:
                            a, c0, r, s)
         return a, c0, r, s
 
-    def _make_norm_act(apply_into):
+    def _make_norm_act(silu, stacked):
         def norm_act_body(x, a, c0, r, out, nchunk):
-            apply_into(x, a, c0, r, out, nchunk)
+            _apply_into(x, a, c0, r, out, nchunk, silu, stacked)
         return norm_act_body
 
-    def _make_group_norm(apply_into, silu):
+    def _make_group_norm(silu, stacked):
         def group_norm_body(x, groups, bits, weight, bias, eps, scale, shift, has_scale, out, nchunk):
             """`norm_plan` then `norm_act` in one call: max |x|, the fixed-point shift, the
             exact statistics, the coefficients and the scale, the operand. Returns s [B]."""
@@ -452,22 +460,18 @@ if numba is not None:
             r, s = np.empty(B, np.float32), np.empty(B, np.float64)
             _coefficients_into(s1, s2, lo, hi, shift_e, (C // groups) * P, groups, weight, bias, eps, scale, shift,
                                has_scale, silu, a, c0, r, s)
-            apply_into(x, a, c0, r, out, nchunk)
+            _apply_into(x, a, c0, r, out, nchunk, silu, stacked)
             return s
         return group_norm_body
 
-    def _make_combine(blocks):
+    @njit(inline="always")
+    def _combine(g, n, N, blocks):
         """The sum v from one output row's int8-convolution blocks g = (G0, G1[, G2]) x N
-        (binary32 integers below 2^24): 1024 G0 + 8 (G1 [+ G2]), every step exact in binary64."""
+        (binary32 integers below 2^24): 1024 G0 + 8 (G1 [+ G2]), every step exact in binary64
+        (``blocks``: 2 or 3, a compile-time constant)."""
         if blocks == 2:
-            @njit(inline="always")
-            def combine(g, n, N):
-                return np.float64(g[n]) * 1024.0 + np.float64(g[N + n]) * 8.0
-        else:
-            @njit(inline="always")
-            def combine(g, n, N):
-                return np.float64(g[n]) * 1024.0 + (np.float64(g[N + n]) + np.float64(g[2 * N + n])) * 8.0
-        return combine
+            return np.float64(g[n]) * 1024.0 + np.float64(g[N + n]) * 8.0
+        return np.float64(g[n]) * 1024.0 + (np.float64(g[N + n]) + np.float64(g[2 * N + n])) * 8.0
 
     @njit(inline="always")
     def _scale_table(s_x, s_w):
@@ -487,7 +491,7 @@ if numba is not None:
             return residual[row, n] + y
         return y
 
-    def _make_epilogue_stacked(combine):
+    def _make_epilogue_stacked(blocks):
         def epilogue_stacked_body(G, P, s_x, s_w, bias, add, residual, mode, out):
             M, N = out.shape
             S = _scale_table(s_x, s_w)
@@ -495,7 +499,7 @@ if numba is not None:
                 b = row // P
                 g, Sb = G[row], S[b]
                 for n in range(N):
-                    y = np.float32(combine(g, n, N) * Sb[n]) + bias[n]
+                    y = np.float32(_combine(g, n, N, blocks) * Sb[n]) + bias[n]
                     out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
         return epilogue_stacked_body
 
@@ -509,14 +513,14 @@ if numba is not None:
                 y = np.float32(v[n] * Sb[n]) + bias[n]
                 out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
 
-    def _make_epilogue64_stacked(combine):
+    def _make_epilogue64_stacked(blocks):
         def epilogue64_stacked_body(G, P, s_x, s_w, bias, out):
             M, N = out.shape
             S = _scale_table(s_x, s_w)
             for row in prange(M):
                 g, Sb = G[row], S[row // P]
                 for n in range(N):
-                    out[row, n] = combine(g, n, N) * Sb[n] + bias[n]
+                    out[row, n] = _combine(g, n, N, blocks) * Sb[n] + bias[n]
         return epilogue64_stacked_body
 
     def _softmax_weights_body(scores, c, weight_scale):
@@ -543,17 +547,15 @@ if numba is not None:
     _absmax_nb = _Kernel(_absmax_body)
     _group_stats_nb = _Kernel(_group_stats_body)
     _norm_coefficients_nb = njit(cache=True)(_norm_coefficients_body)
-    _STORES = {STACKED: _store_stacked, VALUES: _store_values}
-    _quantize_nb = {form: _Kernel(_make_quantize(store)) for form, store in _STORES.items()}
-    _quantize_dynamic_nb = {form: _Kernel(_make_quantize_dynamic(store)) for form, store in _STORES.items()}
-    _APPLY = {(silu, form): _make_apply(_silu32 if silu else _identity, store)
-              for silu in (True, False) for form, store in _STORES.items()}
-    _norm_act_nb = {key: _Kernel(_make_norm_act(apply)) for key, apply in _APPLY.items()}
-    _group_norm_nb = {key: _Kernel(_make_group_norm(apply, key[0])) for key, apply in _APPLY.items()}
-    _COMBINE = {blocks: _make_combine(blocks) for blocks in (2, 3)}
-    _epilogue_stacked_nb = {blocks: _Kernel(_make_epilogue_stacked(c)) for blocks, c in _COMBINE.items()}
+    _FORMS = (STACKED, VALUES)
+    _quantize_nb = {form: _Kernel(_make_quantize(form == STACKED)) for form in _FORMS}
+    _quantize_dynamic_nb = {form: _Kernel(_make_quantize_dynamic(form == STACKED)) for form in _FORMS}
+    _KEYS = [(silu, form) for silu in (True, False) for form in _FORMS]
+    _norm_act_nb = {key: _Kernel(_make_norm_act(key[0], key[1] == STACKED)) for key in _KEYS}
+    _group_norm_nb = {key: _Kernel(_make_group_norm(key[0], key[1] == STACKED)) for key in _KEYS}
+    _epilogue_stacked_nb = {blocks: _Kernel(_make_epilogue_stacked(blocks)) for blocks in (2, 3)}
     _epilogue_values_nb = _Kernel(_epilogue_values_body)
-    _epilogue64_stacked_nb = {blocks: _Kernel(_make_epilogue64_stacked(c)) for blocks, c in _COMBINE.items()}
+    _epilogue64_stacked_nb = {blocks: _Kernel(_make_epilogue64_stacked(blocks)) for blocks in (2, 3)}
     _softmax_weights_nb = _Kernel(_softmax_weights_body)
 
 
