@@ -277,3 +277,16 @@ def test_no_kernel_is_compiled_with_a_fused_multiply_add():
         fresh.compile(sig)
         asm = fresh.inspect_asm(sig)
         assert "mul" in asm and not re.search(r"\bv?f(n)?m(add|sub)", asm), f"{kernel.py_func.__name__}: an FMA"
+
+
+def test_every_kernel_closes_over_constants_only_so_numba_s_cache_finds_it():
+    """numba keys a cached closure by its pickled cell contents; a compiled function pickles
+    differently in every process, so a kernel closing over one is recompiled in each process
+    (tens of seconds before the first exact call). Every compiled kernel here closes over
+    plain constants, and each one's cache key is the same when computed twice."""
+    kernels = [v for v in vars(K).values() if isinstance(v, K._Kernel)]
+    kernels += [k for v in vars(K).values() if isinstance(v, dict) for k in v.values() if isinstance(k, K._Kernel)]
+    assert len(kernels) >= 15
+    for kernel in kernels:
+        for cell in kernel.py_func.__closure__ or ():
+            assert isinstance(cell.cell_contents, (bool, int, str)), (kernel.py_func.__qualname__, cell.cell_contents)
