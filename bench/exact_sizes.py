@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bench.common import REPORTS_DIR, module_command, provenance, resolve_data, run_main, write_json
 from diffcodec.checkpoint import load_checkpoint

@@ -468,7 +468,9 @@ if numba is not None:
     def _combine(g, n, N, blocks):
         """The sum v from one output row's int8-convolution blocks g = (G0, G1[, G2]) x N
         (binary32 integers below 2^24): 1024 G0 + 8 (G1 [+ G2]), every step exact in binary64
-        (``blocks``: 2 or 3, a compile-time constant)."""
+        (``blocks``: 2 or 3, a compile-time constant; 0: g is the VALUES product's row of sums)."""
+        if blocks == 0:
+            return g[n]
         if blocks == 2:
             return np.float64(g[n]) * 1024.0 + np.float64(g[N + n]) * 8.0
         return np.float64(g[n]) * 1024.0 + (np.float64(g[N + n]) + np.float64(g[2 * N + n])) * 8.0
@@ -491,8 +493,8 @@ if numba is not None:
             return residual[row, n] + y
         return y
 
-    def _make_epilogue_stacked(blocks):
-        def epilogue_stacked_body(G, P, s_x, s_w, bias, add, residual, mode, out):
+    def _make_epilogue(blocks):
+        def epilogue_body(G, P, s_x, s_w, bias, add, residual, mode, out):
             M, N = out.shape
             S = _scale_table(s_x, s_w)
             for row in prange(M):
@@ -501,17 +503,7 @@ if numba is not None:
                 for n in range(N):
                     y = np.float32(_combine(g, n, N, blocks) * Sb[n]) + bias[n]
                     out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
-        return epilogue_stacked_body
-
-    def _epilogue_values_body(V, P, s_x, s_w, bias, add, residual, mode, out):
-        M, N = out.shape
-        S = _scale_table(s_x, s_w)
-        for row in prange(M):
-            b = row // P
-            v, Sb = V[row], S[b]
-            for n in range(N):
-                y = np.float32(v[n] * Sb[n]) + bias[n]
-                out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
+        return epilogue_body
 
     def _make_epilogue64_stacked(blocks):
         def epilogue64_stacked_body(G, P, s_x, s_w, bias, out):
@@ -553,8 +545,8 @@ if numba is not None:
     _KEYS = [(silu, form) for silu in (True, False) for form in _FORMS]
     _norm_act_nb = {key: _Kernel(_make_norm_act(key[0], key[1] == STACKED)) for key in _KEYS}
     _group_norm_nb = {key: _Kernel(_make_group_norm(key[0], key[1] == STACKED)) for key in _KEYS}
-    _epilogue_stacked_nb = {blocks: _Kernel(_make_epilogue_stacked(blocks)) for blocks in (2, 3)}
-    _epilogue_values_nb = _Kernel(_epilogue_values_body)
+    _epilogue_stacked_nb = {blocks: _Kernel(_make_epilogue(blocks)) for blocks in (2, 3)}
+    _epilogue_values_nb = _Kernel(_make_epilogue(0))
     _epilogue64_stacked_nb = {blocks: _Kernel(_make_epilogue64_stacked(blocks)) for blocks in (2, 3)}
     _softmax_weights_nb = _Kernel(_softmax_weights_body)
 
