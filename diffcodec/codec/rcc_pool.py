@@ -287,10 +287,10 @@ def chunk_matrix(plan: StagePlan, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def arrival_log_times(plan: StagePlan) -> np.ndarray:
-    """float32 [N]: log T_k of the stage's shared rate-1 Poisson arrivals (encoder only: libm)."""
+def arrival_log_times(plan: StagePlan, count: int) -> np.ndarray:
+    """float32 [count]: log T_k of the stage's shared rate-1 Poisson arrivals (encoder only: libm)."""
     key = stream_key(plan.seed, plan.stage, ARRIVAL_STREAM)
-    u = ((draws_np(key, np.arange(plan.num_candidates)) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    u = ((draws_np(key, np.arange(count)) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
     return np.log(np.cumsum(-np.log(u))).astype(np.float32)
 
 
@@ -420,12 +420,14 @@ if K.numba is not None:
             m = acc[lane] if acc[lane] < m else m
         return m
 
-    def _pick_body(scores, row0, first, stride, offsets, log_times, best_v, best_k):
-        """For chunk first + p stride + j (scores [Q, g, R]: pool p's chunk j): the (score, k)
-        minimum of log_times[k] - scores[p, j, n], k = (row0 + n) XOR r_c, merged into best
-        (ties: the smaller k). r_c and R are multiples of ROW_ALIGN, so each aligned run of
-        ROW_ALIGN rows meets a contiguous run of log_times: vector loops, no gathers; a run's
-        minimum is searched for its index only where it is the block's."""
+    def _pick_body(scores, row0, first, stride, offsets, counts, log_times, best_v, best_k):
+        """For chunk first + p stride + j (scores [Q, g, R]: pool p's chunk j, rows row0 ..): the
+        (score, k) minimum of log_times[k] - scores[p, j, n] over k = (row0 + n) XOR r_c below
+        the chunk's count, merged into best (ties: the smaller k). r_c and R are multiples of
+        ROW_ALIGN (or R = N < ROW_ALIGN, r_c = 0), so an aligned run of ROW_ALIGN rows is an
+        aligned run of k, all below the count or none (counts >= ROW_ALIGN), and meets a
+        contiguous run of log_times: vector loops, no gathers; a run's minimum is searched for
+        its index only where it is the chunk's."""
         Q, g, R = scores.shape
         runs = R // ROW_ALIGN
         for job in prange(Q * g):
@@ -433,23 +435,27 @@ if K.numba is not None:
             j = job - p * g
             c = first + p * stride + j
             row = scores[p, j]
-            r = offsets[c]
-            if R < ROW_ALIGN:  # N < ROW_ALIGN: r_c = 0, one short block
+            r, nc = offsets[c], counts[c]
+            if R < ROW_ALIGN or nc < ROW_ALIGN:  # short runs: a plain loop over the valid k
                 bv, bk = best_v[c], best_k[c]
                 for n in range(R):
-                    v = log_times[row0 + n] - row[n]
-                    if v < bv or (v == bv and row0 + n < bk):
-                        bv, bk = v, row0 + n
+                    k = (row0 + n) ^ r
+                    if k < nc:
+                        v = log_times[k] - row[n]
+                        if v < bv or (v == bv and k < bk):
+                            bv, bk = v, k
                 best_v[c], best_k[c] = bv, bk
                 continue
             acc = np.empty(16, np.float32)
-            run_min = np.empty(runs, np.float32)
+            run_min = np.full(runs, np.inf, np.float32)
             for b in range(runs):
-                run_min[b] = _run_min(log_times, (row0 + b * ROW_ALIGN) ^ r, row, b * ROW_ALIGN, acc)
+                base = (row0 + b * ROW_ALIGN) ^ r
+                if base < nc:
+                    run_min[b] = _run_min(log_times, base, row, b * ROW_ALIGN, acc)
             vmin = run_min[0]
             for b in range(1, runs):
                 vmin = run_min[b] if run_min[b] < vmin else vmin
-            if vmin > best_v[c]:
+            if vmin > best_v[c] or vmin == np.inf:
                 continue
             bk = best_k[c] if vmin == best_v[c] else np.int64(1) << 62
             for b in range(runs):
@@ -537,61 +543,92 @@ def _coefficients(plan: StagePlan, a: np.ndarray, b: np.ndarray) -> torch.Tensor
     return coef.reshape(plan.num_pools, g, 4 * h)
 
 
-def select(plan: StagePlan, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The encoder's indices (int64 [m]): for each chunk the k < N minimising log T_k - log w(u_k)
-    (float32 scores; ties keep the smaller k). ``a``, ``b``: `log_weight_coefficients` [D].
-    On the CPU: blocks of rows of a few pools at a time, made by numba, scored by one batched
-    float32 matrix product (torch), minima picked by numba; every thread works on each step.
-    Without numba: `select_torch`."""
-    if not _use_numba():
-        return select_torch(plan, a, b)
+def chunk_counts(kl_bits: np.ndarray, pad_bits: float, log2_candidates: int) -> np.ndarray:
+    """The encoder's candidates per chunk (int64 [m]): 2^min(max(ceil(KL_c + pad), 1), L), each
+    chunk's own KL as versions 1-3 chose them (the decoder needs no count: only r_c)."""
+    log2 = np.minimum(np.maximum(np.ceil(np.asarray(kl_bits, dtype=np.float64) + pad_bits), 1), log2_candidates)
+    return (np.int64(1) << log2.astype(np.int64)).astype(np.int64)
+
+
+def _counts_and_rows(plan: StagePlan, counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each chunk's count (N when not given) and each pool's rows: max(N, its chunks' counts)."""
+    m, G, P = plan.num_chunks, plan.chunks_per_pool, plan.num_pools
+    counts = np.full(m, plan.num_candidates, dtype=np.int64) if counts is None else np.asarray(counts, np.int64)
+    if len(counts) != m or (counts < 1).any() or (counts & (counts - 1)).any():
+        raise ValueError("rcc_pool: a count per chunk, each a power of two")
+    padded = np.full(P * G, 1, dtype=np.int64)
+    padded[:m] = counts
+    return counts, np.maximum(padded.reshape(P, G).max(axis=1), plan.num_candidates)
+
+
+def select(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | None = None, *,
+           device: torch.device | str = "cpu") -> np.ndarray:
+    """The encoder's indices (int64 [m]): for each chunk c the k < counts[c] (default N)
+    minimising log T_k - log w(u_k) (float32 scores; ties keep the smaller k). ``a``, ``b``:
+    `log_weight_coefficients` [D]. A pool's rows run to the largest count of its chunks (at
+    least N): rows k XOR r_c, k < count, lie there as r_c < N. On the CPU: blocks of rows of a
+    few pools at a time, made by numba, scored by one batched float32 matrix product (torch),
+    minima picked by numba; every thread works on each step. On another device (a GPU), or
+    without numba: `select_torch`."""
+    if torch.device(device).type != "cpu" or not _use_numba():
+        return select_torch(plan, a, b, counts, device=device)
     K.sync_threads()
-    h, N, G, m, P = plan.draws_per_row, plan.num_candidates, plan.chunks_per_pool, plan.num_chunks, plan.num_pools
+    h, G, m, P = plan.draws_per_row, plan.chunks_per_pool, plan.num_chunks, plan.num_pools
+    counts, pool_rows = _counts_and_rows(plan, counts)
     coef = _coefficients(plan, a, b)
-    log_times = arrival_log_times(plan)
+    log_times = arrival_log_times(plan, int(pool_rows.max()))
     keys = plan.pool_keys()
     best_v = np.full(m, np.inf, dtype=np.float32)
     best_k = np.zeros(m, dtype=np.int64)
-    last = m - (P - 1) * G  # the chunks of the last pool (G unless m is not a multiple of G)
-    groups = [(0, P - 1, G), (P - 1, P, last)] if last < G else [(0, P, G)]
-    for first_pool, end_pool, g in groups:  # pools of g chunks: a batched product of g columns
-        rows, pools = _blocking(h, g, N, end_pool - first_pool)
-        buf = np.empty((pools, 4 * h, rows), dtype=np.float32)
-        scores = torch.empty((pools, g, rows), dtype=torch.float32)
-        for p0 in range(first_pool, end_pool, pools):
-            q = min(pools, end_pool - p0)
-            for row0 in range(0, N, rows):
-                _rows_kernel(q * h * rows, keys[p0 : p0 + q], row0, h, buf[:q])
-                torch.bmm(coef[p0 : p0 + q, :g], torch.from_numpy(buf[:q]), out=scores[:q])
-                _pick_kernel(q * g * rows, scores[:q].numpy(), row0, p0 * G, G, plan.offsets, log_times, best_v,
-                             best_k)
+    p0 = 0
+    while p0 < P:  # runs of pools of one size (g chunks, n rows): one batched product per block of rows
+        g, n = (G if p0 < P - 1 else m - p0 * G), int(pool_rows[p0])
+        rows, pools = _blocking(h, g, n, P - p0)
+        q = 1
+        while q < pools and p0 + q < P - 1 and pool_rows[p0 + q] == n:
+            q += 1
+        buf = np.empty((q, 4 * h, rows), dtype=np.float32)
+        scores = torch.empty((q, g, rows), dtype=torch.float32)
+        for row0 in range(0, n, rows):
+            _rows_kernel(q * h * rows, keys[p0 : p0 + q], row0, h, buf)
+            torch.bmm(coef[p0 : p0 + q, :g], torch.from_numpy(buf), out=scores)
+            _pick_kernel(q * g * rows, scores.numpy(), row0, p0 * G, G, plan.offsets, counts, log_times, best_v,
+                         best_k)
+        p0 += q
     return best_k
 
 
-def select_torch(plan: StagePlan, a: np.ndarray, b: np.ndarray, *, device: torch.device | str = "cpu") -> np.ndarray:
+def select_torch(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | None = None, *,
+                 device: torch.device | str = "cpu") -> np.ndarray:
     """`select` in torch on ``device`` (a GPU: rows made there, one batched matrix product per
-    block, minima by torch). The same arithmetic as `select` up to float32 summation order, so
-    the same choice save for near ties."""
+    block of rows for all pools, minima by torch). The same arithmetic as `select` up to
+    float32 summation order, so the same choice save for near ties."""
     device = torch.device(device)
-    h, N, G, m, P = plan.draws_per_row, plan.num_candidates, plan.chunks_per_pool, plan.num_chunks, plan.num_pools
+    h, G, m, P = plan.draws_per_row, plan.chunks_per_pool, plan.num_chunks, plan.num_pools
+    counts, pool_rows = _counts_and_rows(plan, counts)
+    n_max = int(pool_rows.max())
     coef = _coefficients(plan, a, b).to(device)
     r = torch.zeros(P * G, dtype=torch.int64)
     r[:m] = torch.from_numpy(plan.offsets)
     r = r.reshape(P, G, 1).to(device)
-    log_times = torch.from_numpy(arrival_log_times(plan)).to(device)
+    nc = torch.ones(P * G, dtype=torch.int64)
+    nc[:m] = torch.from_numpy(counts)
+    nc = nc.reshape(P, G, 1).to(device)
+    log_times = torch.from_numpy(arrival_log_times(plan, n_max)).to(device)
     keys = _keys_tensor(plan, device)
-    rows, _ = _blocking(h, G, N, P)
-    rows = min(N, max(rows, 1 << 12))
+    rows, _ = _blocking(h, G, n_max, P)
+    rows = min(n_max, max(rows, 1 << 12))
     best_v = torch.full((P, G), math.inf, device=device)
     best_k = torch.zeros((P, G), dtype=torch.int64, device=device)
-    for row0 in range(0, N, rows):
-        idx = torch.arange(row0, min(N, row0 + rows), device=device)
+    for row0 in range(0, n_max, rows):
+        idx = torch.arange(row0, min(n_max, row0 + rows), device=device)
         u = pool_rows_torch(keys, idx, h)  # [P, R, 2h]
         scores = torch.bmm(coef, torch.cat([u * u, u], dim=2).transpose(1, 2))  # [P, G, R]
         k = idx[None, None, :] ^ r  # [P, G, R]
-        v = log_times[k] - scores
+        valid = k < nc
+        v = torch.where(valid, log_times[torch.where(valid, k, 0)] - scores, math.inf)
         vmin = v.min(dim=2, keepdim=True).values
-        kmin = torch.where(v == vmin, k, torch.full_like(k, N)).min(dim=2).values  # ties: the smaller k
+        kmin = torch.where((v == vmin) & valid, k, torch.full_like(k, 1 << 62)).min(dim=2).values  # ties: smaller k
         vmin = vmin[..., 0]
         better = (vmin < best_v) | ((vmin == best_v) & (kmin < best_k))
         best_v = torch.where(better, vmin, best_v)
