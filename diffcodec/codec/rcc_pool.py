@@ -7,9 +7,12 @@ keeps the Poisson functional representation of `rcc` (each chunk's sent index n*
 of log T_n - log w(u_n) over its candidates; both sides then use the exact sample of n*) and
 changes where the candidates come from:
 
-* Candidate count. Every chunk of a stage searches N = 2^min(max(ceil(kappa + pad), 1),
-  log2_candidates) candidates, kappa the stage's nominal KL per chunk (`Syntax.chunking`):
-  known to the decoder, unlike a chunk's own KL (versions 1-3 sized each chunk by it).
+* Candidate count. A stage's N = 2^min(max(ceil(kappa + pad), 1), log2_candidates), kappa
+  its nominal KL per chunk (`Syntax.chunking`), is known to the decoder (unlike a chunk's own
+  KL): it sets the pools and the row offsets below. The encoder searches chunk c over its own
+  count 2^min(max(ceil(KL_c + pad), 1), log2_candidates) (`chunk_counts`, as versions 1-3
+  sized each chunk), k < count; a pool's rows run to its chunks' largest count. The decoder
+  needs no count: only the index and r_c.
 * Pools. The stage's chunks, in order, form pools of G = max(1, N >> POOL_SHIFT) chunks
   (`chunks_per_pool`). A pool is N rows of 2h standard normals, h = ceil(d / 2), d the stage's
   largest chunk (m chunks over D dimensions: ceil(D / m)): columns 2i and 2i + 1 of row n are

@@ -12,6 +12,10 @@ always called with the original timestep. Latents y_k = x at code step k of that
     stage j (1..K-1) y_{K-1-j} ~ q(. | y_{K-j}, x_0) sent using p_theta(. | y_{K-j})   Alg. 3 lines 2-4
     stage K          x_0 under the discretized Gaussian p_theta(x_0 | y_0)             Alg. 3 line 5
 
+Candidates: stream versions 1-3 draw each chunk's own (`rcc`); version 4, what this diffcodec
+writes, draws a stage's chunks from shared pools of counter-based normals (`rcc_pool`: the
+same syntax, a search that costs less than the network; `stage_plan`).
+
 Each stage's symbols are written by `syntax`. A version 3 encoder may skip a stage whose KL
 is below ``min_stage_bits`` (`CodedChain`: the next latent is then sent over the merged
 steps); measured on CIFAR-10 it does not pay (a coarser chain's KL grows more than the
