@@ -1,27 +1,35 @@
-"""Files of the exact contract against same-machine float32 files: size, CPU time, round trip.
+"""Files of the exact contracts against same-machine float32 files: size, time, round trip.
 
-    python -m bench.exact_sizes [DATA] [--lossless-images 8] [--progressive-images 2] [--out reports/exact_sizes.json]
+    python -m bench.exact_sizes [DATA] [--lossless-images 8] [--progressive-images 2] [--threads 1]
+                                [--out reports/exact_sizes.json]
 
 The first CIFAR-10 test images are coded losslessly (K = 100, the default, bootstrap
-included) and progressively (K = 50) with ``arithmetic="float32"`` and with the default
-exact arithmetic, each decoded back on the CPU (one torch thread, one search worker): the
-file size, bits/dim, encode / decode CPU seconds and whether the pixels came back exactly.
+included) and progressively (K = 50) with ``arithmetic="float32"`` and under each exact
+contract (1: `exact_net`, 2: `exact_net2`, the default), each decoded back on the CPU
+(``--threads`` torch threads, as many search workers): the file size, bits/dim, encode /
+decode wall and CPU seconds, and whether the pixels came back exactly. The issue's targets:
+contract 2's files within 0.1% of float32's size; its lossless encode and decode CPU time
+within 1.1x of float32's; a progressive 32x32 tile decoded in <= 1.5 s with 2 threads.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import REPORTS_DIR, resolve_data, run_main
+from bench.common import REPORTS_DIR, module_command, provenance, resolve_data, run_main, write_json
 from diffcodec.checkpoint import load_checkpoint
 from diffcodec.codec import api
 from diffcodec.data import read_images
+from diffcodec.errors import DiffcodecError
+from diffcodec.runtime import use_threads
+
+ARITHMETICS = (("float32", "float32", None), ("exact1", "exact", 1), ("exact2", "exact", 2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,33 +38,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "-c", help="checkpoint (default: the embedded default model)")
     p.add_argument("--lossless-images", type=int, default=8)
     p.add_argument("--progressive-images", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads and search workers (default 1)")
     p.add_argument("--out", default=str(REPORTS_DIR / "exact_sizes.json"))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads < 1 or args.lossless_images < 0 or args.progressive_images < 0:
+        raise DiffcodecError("--threads must be positive and the image counts at least 0")
+    use_threads(args.threads)
     model = load_checkpoint(args.checkpoint)
     images = read_images(resolve_data(args.data), limit=max(args.lossless_images, args.progressive_images)).images
-    out = {}
+    runs = {}
     for mode, n, steps in (("lossless", args.lossless_images, 100), ("progressive", args.progressive_images, 50)):
+        if not n:
+            continue
         batch = list(images[:n])
-        for arithmetic in ("float32", "exact"):
-            extra = {"workers": 1} if mode == "progressive" else {}
-            t0 = time.process_time()
+        for name, arithmetic, contract in ARITHMETICS:
+            extra = {"workers": args.threads} if mode == "progressive" else {}
+            if contract is not None:
+                extra["contract"] = contract
+            w0, c0 = time.perf_counter(), time.process_time()
             enc = api.encode(batch, model=model, mode=mode, steps=steps, arithmetic=arithmetic, compute_bound=False,
                              **extra)
-            t1 = time.process_time()
+            w1, c1 = time.perf_counter(), time.process_time()
             dec = api.decode(enc.data, model=model, device="cpu")
-            t2 = time.process_time()
-            out[f"{mode}-{arithmetic}"] = {
-                "images": n, "steps": steps, "bytes": len(enc.data), "bpd": 8 * len(enc.data) / (n * 3072),
-                "encode_cpu_s": t1 - t0, "decode_cpu_s": t2 - t1,
+            w2, c2 = time.perf_counter(), time.process_time()
+            runs[f"{mode}-{name}"] = {
+                "mode": mode, "arithmetic": name, "images": n, "steps": steps, "bytes": len(enc.data),
+                "bpd": 8 * len(enc.data) / (n * 3072), "encode_s": w1 - w0, "decode_s": w2 - w1,
+                "encode_cpu_s": c1 - c0, "decode_cpu_s": c2 - c1,
                 "exact_round_trip": all(np.array_equal(a, b) for a, b in zip(batch, dec.images))}
-            print(mode, arithmetic, out[f"{mode}-{arithmetic}"], file=sys.stderr, flush=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+            print(mode, name, runs[f"{mode}-{name}"], file=sys.stderr, flush=True)
+    ratios = {}
+    for mode in ("lossless", "progressive"):
+        f32, c2 = runs.get(f"{mode}-float32"), runs.get(f"{mode}-exact2")
+        if f32 and c2:
+            ratios[mode] = {"bytes": c2["bytes"] / f32["bytes"],
+                            "encode_cpu": c2["encode_cpu_s"] / f32["encode_cpu_s"],
+                            "decode_cpu": c2["decode_cpu_s"] / f32["decode_cpu_s"],
+                            "decode_s_per_image": c2["decode_s"] / c2["images"]}
+    payload = {"kind": "exact_sizes", "threads": args.threads, "runs": runs, "contract2_vs_float32": ratios,
+               "provenance": provenance(args, model, 0, device="cpu",
+                                        command=module_command("bench.exact_sizes", argv))}
+    write_json(Path(args.out), payload)
     return 0
 
 

@@ -11,7 +11,9 @@
 #   gpu-kK.dfc           K = 1000, then decode on the GPU; the .dfc files come back so that a CPU
 #                        can try to decode them here (GPU -> CPU decodability)
 #   progressive.json     progressive encode of 8 images (K = 50), limit 90 s; gpu-prog.dfc comes back
-#   exact_speed.json     forward passes/s of the float32, float64 and exact networks (batch 1, 64)
+#   exact_speed.json     forward passes/s of the float32, float64, bf16 and exact (contracts 1, 2) networks (batch 1, 64)
+#   cpu_to_gpu.txt       the contract-2 (and contract-1) golden files, written on a CPU, decoded on the GPU
+#   exact_speed2.json    the same at batch 1, 64 and 256
 #   lossless-k100-f32.json, gpu-k100-f32.dfc   the same K = 100 encode with --float32 (same-machine
 #                        file): the exact path's speed against the float path's on the GPU
 # The encodes use the default arithmetic, the exact contract: back here,
@@ -51,3 +53,22 @@ step exact-speed 60 python3 -m bench.exact_speed ${c[*]} --device "$device" --ba
 step encode-k100-f32 "${CODEC_LIMIT:-60}" bash -c "python3 -m diffcodec.cli encode $test_data -n $n ${c[*]} \
   --device $device -k 100 -b $n --no-bound --float32 -o $out/gpu-k100-f32.dfc --force --json --quiet \
   > $out/lossless-k100-f32.json"
+# Contract 2 (issue 27): files written on this machine's CPU decode on the GPU to their pinned
+# pixels (CPU -> GPU), both modes; the GPU's own files come back above (GPU -> CPU: decode them
+# here with `diffcodec decode ... --device cpu`); the exact network's speed against float32 and
+# bf16 at batch 1, 64 and 256 (exact_speed2.json).
+step cpu-to-gpu 120 python3 - <<'PY' | tee "$out/cpu_to_gpu.txt"
+import hashlib
+from pathlib import Path
+from diffcodec.checkpoint import load_checkpoint
+from diffcodec.codec import api
+model = load_checkpoint(None, device="cuda")
+want = "b5a67142a461dcc766e3b165d6fa4ca7ee83bf83094f17c47beab561eea195e4"  # tests/test_golden.py EXACT_SOURCE_SHA256
+for name in ("default_exact_lossless_k10_c2.dfc", "default_exact_progressive_k10_c2.dfc",
+             "default_exact_lossless_k10_v4.dfc", "default_exact_progressive_k10_v4.dfc"):
+    r = api.decode(Path("tests/golden", name).read_bytes(), model=model, device="cuda")
+    got = hashlib.sha256(b"".join(im.tobytes() for im in r.images)).hexdigest()
+    print(name, "decoded on the GPU:", "the pinned pixels" if got == want else f"DIFFERENT ({got})")
+PY
+step exact-speed2 120 python3 -m bench.exact_speed ${c[*]} --device "$device" --batch-sizes 1,64,256 \
+  --repeats 5 --out "$out/exact_speed2.json"

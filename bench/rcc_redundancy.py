@@ -163,6 +163,14 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def check_grid(p: argparse.ArgumentParser, args: argparse.Namespace, max_log2: int) -> None:
+    """Refuse (exit status 2) fewer than 2 trials, an empty grid, a KL <= 0 or a budget out of 1..max_log2."""
+    if args.trials < 2 or not args.kl_bits or not args.log2_candidates:
+        p.error("need --trials >= 2 and at least one KL and one budget")
+    if any(k <= 0 for k in args.kl_bits) or any(not 1 <= b <= max_log2 for b in args.log2_candidates):
+        p.error(f"KLs must be > 0 bits and budgets 1..{max_log2}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.rcc_redundancy", description=__doc__.split("\n\n")[0])
     p.add_argument("--kl-bits", type=_floats, default=_floats("2,4,6,8,11,14,17,20,28,40"),
@@ -173,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPORTS_DIR / "rcc_redundancy.json")
     args = p.parse_args(argv)
-    if args.trials < 2 or not args.kl_bits or not args.log2_candidates:
-        p.error("need --trials >= 2 and at least one KL and one budget")
-    if any(k <= 0 for k in args.kl_bits) or any(not 1 <= b <= 40 for b in args.log2_candidates):
-        p.error("KLs must be > 0 bits and budgets 1..40")
+    check_grid(p, args, 40)
     rng = np.random.default_rng(args.seed)
     rows = []
     for b in args.log2_candidates:

@@ -1,7 +1,8 @@
 """The elementwise kernels of exact-arithmetic contract 2 (`exact_net2`).
 
-Contract 2 computes every convolution and linear layer as an exact integer dot product of
-14-bit integers (|a| <= `QMAX`; the products themselves: `exact2_products`). Around the
+Contract 2 computes every convolution and linear layer from exact integer sums of its
+quantized input (14-bit integers, |a| <= `QMAX`) and weights (the products themselves and the
+weights' 10 bits: `exact2_products`). Around the
 products, each layer's elementwise work (quantizing an input, GroupNorm's statistics, its
 affine map and SiLU, the epilogue that scales the integer sums, the attention's softmax
 weights) is written here once per kernel, twice: a numba kernel for the CPU (one pass over
@@ -113,6 +114,7 @@ _EXP_COEFFS = tuple(exact._INV_FACTORIAL)  # 1/n!, n = 0..13, as exact.exp uses 
 
 if numba is not None:
     _C = _EXP_COEFFS
+    _I64, _I7, _IZP = np.int32(64), np.int32(PART_BITS), np.int32(ZERO_POINT)  # int32 constants: int32 lanes
 
     def njit(*args, **kwargs):
         """numba.njit without Python's division-by-zero checks (IEEE results instead, as
@@ -205,9 +207,9 @@ if numba is not None:
         out[b, p, C + c] = a_lo + 64 (two plain loops: each vectorises)."""
         o = out[b, p]
         for c in range(C):
-            o[c] = ((q[c] + 64) >> 7) + ZERO_POINT
+            o[c] = ((q[c] + _I64) >> _I7) + _IZP
         for c in range(C):
-            o[C + c] = q[c] - (((q[c] + 64) >> 7) << 7) + ZERO_POINT
+            o[C + c] = q[c] - (((q[c] + _I64) >> _I7) << _I7) + _IZP
 
     @njit(inline="always")
     def _store_values(out, q, b, p, C):
@@ -216,21 +218,26 @@ if numba is not None:
             o[c] = np.float64(q[c])
 
     @njit(inline="always")
-    def _identity(y):
-        return y
+    def _store(out, q, b, p, C, stacked):
+        """`_store_stacked` or `_store_values` (``stacked`` a compile-time constant)."""
+        if stacked:
+            _store_stacked(out, q, b, p, C)
+        else:
+            _store_values(out, q, b, p, C)
 
     @njit(inline="always")
     def _quantize_scalar(v, r):
+        """clamp(rint(v r), +-QMAX) in binary64, as int32."""
         a = np.rint(v * r)
         a = a if a < QMAX else np.float64(QMAX)  # NaN -> QMAX, as the torch twin
-        return np.int64(a if a > -QMAX else np.float64(-QMAX))
+        return np.int32(a if a > -QMAX else np.float64(-QMAX))
 
     @njit(inline="always")
     def _quantize32(v, r):
-        """clamp(rint(v r), +-QMAX) in binary32 (v, r binary32), as int64."""
+        """clamp(rint(v r), +-QMAX) in binary32 (v, r binary32), as int32."""
         a = np.rint(v * r)
         a = a if a < _F32(QMAX) else _F32(QMAX)
-        return np.int64(a if a > _F32(-QMAX) else _F32(-QMAX))
+        return np.int32(a if a > _F32(-QMAX) else _F32(-QMAX))
 
     @njit(inline="always")
     def _scales(m):
@@ -271,7 +278,11 @@ if numba is not None:
         _absmax_into(x, nchunk, out)
         return out
 
-    def _make_quantize_dynamic(store):
+    # The factories below close over plain constants only (bools, ints): numba's cache keys a
+    # closure by its pickled cell contents, and a compiled function pickles differently in every
+    # process, so a closure over one would be compiled afresh in each (tens of seconds).
+
+    def _make_quantize_dynamic(stacked):
         def quantize_dynamic_body(x, out, nchunk):
             """Per image: m = max |x|, (r, s) = `_scales`(m), the integers clamp(rint(x r))."""
             B, P, C = x.shape
@@ -283,27 +294,27 @@ if numba is not None:
             for job in prange(B * nchunk):
                 b, p0, p1 = _job_range(job, nchunk, P)
                 rb = r[b]
-                q = np.empty(C, np.int64)
+                q = np.empty(C, np.int32)
                 for p in range(p0, p1):
                     xp = x[b, p]
                     for c in range(C):
                         q[c] = _quantize_scalar(np.float64(xp[c]), rb)
-                    store(out, q, b, p, C)
+                    _store(out, q, b, p, C, stacked)
             return s
         return quantize_dynamic_body
 
-    def _make_quantize(store):
+    def _make_quantize(stacked):
         def quantize_body(x, r, out, nchunk):
             B, P, C = x.shape
             for job in prange(B * nchunk):
                 b, p0, p1 = _job_range(job, nchunk, P)
                 rb = r[b]
-                q = np.empty(C, np.int64)
+                q = np.empty(C, np.int32)
                 for p in range(p0, p1):
                     xp = x[b, p]
                     for c in range(C):
                         q[c] = _quantize_scalar(np.float64(xp[c]), rb)
-                    store(out, q, b, p, C)
+                    _store(out, q, b, p, C, stacked)
         return quantize_body
 
     @njit(inline="always")
@@ -393,22 +404,22 @@ if numba is not None:
             rb, s[b] = _scales(np.float64(m))
             r[b] = np.float32(rb)
 
-    def _make_apply(act, store):
+    @njit(inline="always")
+    def _apply_into(x, a, c0, r, out, nchunk, silu, stacked):
         """The loop writing the next layer's integers clamp(rint(f(x a + c) r_b)) (binary32), f =
-        ``act``, in ``store``'s form: one compiled loop per (f, form), so that each vectorises."""
-        @njit(inline="always")
-        def apply_into(x, a, c0, r, out, nchunk):
-            B, P, C = x.shape
-            for job in prange(B * nchunk):
-                b, p0, p1 = _job_range(job, nchunk, P)
-                rb, ab, cb = r[b], a[b], c0[b]
-                q = np.empty(C, np.int64)
-                for p in range(p0, p1):
-                    xp = x[b, p]
-                    for c in range(C):
-                        q[c] = _quantize32(act(xp[c] * ab[c] + cb[c]), rb)
-                    store(out, q, b, p, C)
-        return apply_into
+        SiLU or the identity, in the STACKED or VALUES form (``silu``, ``stacked``: compile-time
+        constants: one compiled loop per pair, so that each vectorises)."""
+        B, P, C = x.shape
+        for job in prange(B * nchunk):
+            b, p0, p1 = _job_range(job, nchunk, P)
+            rb, ab, cb = r[b], a[b], c0[b]
+            q = np.empty(C, np.int32)
+            for p in range(p0, p1):
+                xp = x[b, p]
+                for c in range(C):
+                    y = xp[c] * ab[c] + cb[c]
+                    q[c] = _quantize32(_silu32(y) if silu else y, rb)
+                _store(out, q, b, p, C, stacked)
 
     def _norm_coefficients_body(s1, s2, lo, hi, shift_e, n, groups, weight, bias, eps, scale, shift, has_scale,
                                 silu):
@@ -419,12 +430,12 @@ if numba is not None:
                            a, c0, r, s)
         return a, c0, r, s
 
-    def _make_norm_act(apply_into):
+    def _make_norm_act(silu, stacked):
         def norm_act_body(x, a, c0, r, out, nchunk):
-            apply_into(x, a, c0, r, out, nchunk)
+            _apply_into(x, a, c0, r, out, nchunk, silu, stacked)
         return norm_act_body
 
-    def _make_group_norm(apply_into, silu):
+    def _make_group_norm(silu, stacked):
         def group_norm_body(x, groups, bits, weight, bias, eps, scale, shift, has_scale, out, nchunk):
             """`norm_plan` then `norm_act` in one call: max |x|, the fixed-point shift, the
             exact statistics, the coefficients and the scale, the operand. Returns s [B]."""
@@ -449,19 +460,27 @@ if numba is not None:
             r, s = np.empty(B, np.float32), np.empty(B, np.float64)
             _coefficients_into(s1, s2, lo, hi, shift_e, (C // groups) * P, groups, weight, bias, eps, scale, shift,
                                has_scale, silu, a, c0, r, s)
-            apply_into(x, a, c0, r, out, nchunk)
+            _apply_into(x, a, c0, r, out, nchunk, silu, stacked)
             return s
         return group_norm_body
 
     @njit(inline="always")
-    def _combine(G, row, n, N):
-        """The dot product from the four part products G[row] = (hh, hl, lh, ll) x N
-        (binary32 integers below 2^24: exact), as an int64."""
-        hh = np.int64(G[row, n])
-        hl = np.int64(G[row, N + n])
-        lh = np.int64(G[row, 2 * N + n])
-        ll = np.int64(G[row, 3 * N + n])
-        return (hh * PART_SCALE + hl + lh) * PART_SCALE + ll
+    def _combine(g, n, N, blocks):
+        """The sum v from one output row's int8-convolution blocks g = (G0, G1[, G2]) x N
+        (binary32 integers below 2^24): 1024 G0 + 8 (G1 [+ G2]), every step exact in binary64
+        (``blocks``: 2 or 3, a compile-time constant)."""
+        if blocks == 2:
+            return np.float64(g[n]) * 1024.0 + np.float64(g[N + n]) * 8.0
+        return np.float64(g[n]) * 1024.0 + (np.float64(g[N + n]) + np.float64(g[2 * N + n])) * 8.0
+
+    @njit(inline="always")
+    def _scale_table(s_x, s_w):
+        """S[b, n] = s_x[b] s_w[n]: one binary64 product each, made once per call."""
+        S = np.empty((s_x.shape[0], s_w.shape[0]), np.float64)
+        for b in range(s_x.shape[0]):
+            for n in range(s_w.shape[0]):
+                S[b, n] = s_x[b] * s_w[n]
+        return S
 
     @njit(inline="always")
     def _finish_row(y, n, mode, add, residual, b, row):
@@ -472,31 +491,37 @@ if numba is not None:
             return residual[row, n] + y
         return y
 
-    def _epilogue_stacked_body(G, P, s_x, s_w, bias, add, residual, mode, out):
-        M, N = out.shape
-        for row in prange(M):
-            b = row // P
-            sb = s_x[b]
-            for n in range(N):
-                y = np.float32(np.float64(_combine(G, row, n, N)) * (sb * s_w[n])) + bias[n]
-                out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
+    def _make_epilogue_stacked(blocks):
+        def epilogue_stacked_body(G, P, s_x, s_w, bias, add, residual, mode, out):
+            M, N = out.shape
+            S = _scale_table(s_x, s_w)
+            for row in prange(M):
+                b = row // P
+                g, Sb = G[row], S[b]
+                for n in range(N):
+                    y = np.float32(_combine(g, n, N, blocks) * Sb[n]) + bias[n]
+                    out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
+        return epilogue_stacked_body
 
     def _epilogue_values_body(V, P, s_x, s_w, bias, add, residual, mode, out):
         M, N = out.shape
+        S = _scale_table(s_x, s_w)
         for row in prange(M):
             b = row // P
-            sb = s_x[b]
+            v, Sb = V[row], S[b]
             for n in range(N):
-                y = np.float32(V[row, n] * (sb * s_w[n])) + bias[n]
+                y = np.float32(v[n] * Sb[n]) + bias[n]
                 out[row, n] = _finish_row(y, n, mode, add, residual, b, row)
 
-    def _epilogue64_stacked_body(G, P, s_x, s_w, bias, out):
-        M, N = out.shape
-        for row in prange(M):
-            b = row // P
-            sb = s_x[b]
-            for n in range(N):
-                out[row, n] = np.float64(_combine(G, row, n, N)) * (sb * s_w[n]) + bias[n]
+    def _make_epilogue64_stacked(blocks):
+        def epilogue64_stacked_body(G, P, s_x, s_w, bias, out):
+            M, N = out.shape
+            S = _scale_table(s_x, s_w)
+            for row in prange(M):
+                g, Sb = G[row], S[row // P]
+                for n in range(N):
+                    out[row, n] = _combine(g, n, N, blocks) * Sb[n] + bias[n]
+        return epilogue64_stacked_body
 
     def _softmax_weights_body(scores, c, weight_scale):
         """scores [R, T] exact integers (binary64) -> integer weights rint(2^P e^((s - max) c_row)) in place, and
@@ -522,16 +547,15 @@ if numba is not None:
     _absmax_nb = _Kernel(_absmax_body)
     _group_stats_nb = _Kernel(_group_stats_body)
     _norm_coefficients_nb = njit(cache=True)(_norm_coefficients_body)
-    _STORES = {STACKED: _store_stacked, VALUES: _store_values}
-    _quantize_nb = {form: _Kernel(_make_quantize(store)) for form, store in _STORES.items()}
-    _quantize_dynamic_nb = {form: _Kernel(_make_quantize_dynamic(store)) for form, store in _STORES.items()}
-    _APPLY = {(silu, form): _make_apply(_silu32 if silu else _identity, store)
-              for silu in (True, False) for form, store in _STORES.items()}
-    _norm_act_nb = {key: _Kernel(_make_norm_act(apply)) for key, apply in _APPLY.items()}
-    _group_norm_nb = {key: _Kernel(_make_group_norm(apply, key[0])) for key, apply in _APPLY.items()}
-    _epilogue_stacked_nb = _Kernel(_epilogue_stacked_body)
+    _FORMS = (STACKED, VALUES)
+    _quantize_nb = {form: _Kernel(_make_quantize(form == STACKED)) for form in _FORMS}
+    _quantize_dynamic_nb = {form: _Kernel(_make_quantize_dynamic(form == STACKED)) for form in _FORMS}
+    _KEYS = [(silu, form) for silu in (True, False) for form in _FORMS]
+    _norm_act_nb = {key: _Kernel(_make_norm_act(key[0], key[1] == STACKED)) for key in _KEYS}
+    _group_norm_nb = {key: _Kernel(_make_group_norm(key[0], key[1] == STACKED)) for key in _KEYS}
+    _epilogue_stacked_nb = {blocks: _Kernel(_make_epilogue_stacked(blocks)) for blocks in (2, 3)}
     _epilogue_values_nb = _Kernel(_epilogue_values_body)
-    _epilogue64_stacked_nb = _Kernel(_epilogue64_stacked_body)
+    _epilogue64_stacked_nb = {blocks: _Kernel(_make_epilogue64_stacked(blocks)) for blocks in (2, 3)}
     _softmax_weights_nb = _Kernel(_softmax_weights_body)
 
 
@@ -741,38 +765,39 @@ def group_norm_operand(x: torch.Tensor, groups: int, weight: torch.Tensor, bias:
     return out, torch.from_numpy(s)
 
 
-def epilogue(G: torch.Tensor, stacked: bool, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
+def epilogue(G: torch.Tensor, blocks: int, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
              *, add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              float64: bool = False) -> torch.Tensor:
-    """A layer's output rows [M, N] from its products G: ``stacked``, the four part products
-    [M, 4N] (binary32 integers: hh, hl, lh, ll) whose dot product is v = 2^14 hh + 2^7 (hl +
-    lh) + ll; else the dot products v [M, N] (binary64). With b = row // pixels and the
-    binary64 scale S = s_x[b] s_w[n] (the values of one input and one weight integer):
-    y = fl32(v S) + bias[n]; then y + add[b, n] (``add``) or residual[row, n] + y
-    (``residual``), each one binary32 rounding. ``float64``: y = v S + bias[n] in binary64
-    (the output layer; no add or residual)."""
+    """A layer's output rows [M, N] from its products G (`exact2_products`): ``blocks`` = 2 or
+    3, the int8 convolution's output blocks [M, blocks N] (binary32 integers) whose sum is
+    v = 1024 G0 + 8 (G1 [+ G2]); ``blocks`` = 0, the sums v [M, N] themselves (binary64).
+    With b = row // pixels and the binary64 scale S = s_x[b] s_w[n] (the values of one input
+    and one weight integer): y = fl32(v S) + bias[n]; then y + add[b, n] (``add``) or
+    residual[row, n] + y (``residual``), each one binary32 rounding. ``float64``:
+    y = v S + bias[n] in binary64 (the output layer; no add or residual)."""
     if add is not None and residual is not None:
         raise ValueError("epilogue: add or residual, not both")
-    m, n = (G.shape[0], G.shape[1] // 4) if stacked else G.shape
+    m, n = (G.shape[0], G.shape[1] // blocks) if blocks else G.shape
     s_x, s_w = s_x.to(torch.float64), s_w.to(torch.float64)
-    if use_numba(G) and G.dtype == (torch.float32 if stacked else torch.float64):
+    if use_numba(G) and G.dtype == (torch.float32 if blocks else torch.float64):
         G = G.contiguous()
         scales = (s_x.contiguous().numpy(), s_w.contiguous().numpy())
         if float64:
             out = torch.empty((m, n), dtype=torch.float64)
-            if stacked:
-                _epilogue64_stacked_nb(G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(), out.numpy())
+            if blocks:
+                _epilogue64_stacked_nb[blocks](G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(),
+                                               out.numpy())
                 return out
         else:
             out = torch.empty((m, n), dtype=torch.float32)
             mode = 1 if add is not None else 2 if residual is not None else 0
             dummy = np.zeros((1, 1), np.float32)
-            kernel = _epilogue_stacked_nb if stacked else _epilogue_values_nb
+            kernel = _epilogue_stacked_nb[blocks] if blocks else _epilogue_values_nb
             kernel(G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(),
                    add.contiguous().numpy() if add is not None else dummy,
                    residual.contiguous().numpy() if residual is not None else dummy, mode, out.numpy())
             return out
-    v = _dot_torch(G, stacked)
+    v = _sums_torch(G, blocks)
     rows = torch.arange(m, device=G.device) // pixels
     S = s_x[rows][:, None] * s_w[None, :]
     if float64:
@@ -785,12 +810,12 @@ def epilogue(G: torch.Tensor, stacked: bool, pixels: int, s_x: torch.Tensor, s_w
     return y
 
 
-def _dot_torch(G: torch.Tensor, stacked: bool) -> torch.Tensor:
-    """The dot products v in binary64 (exact: below 2^53)."""
-    if not stacked:
+def _sums_torch(G: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The sums v in binary64 (exact: integers below 2^53)."""
+    if not blocks:
         return G.to(torch.float64)
-    hh, hl, lh, ll = G.to(torch.int64).chunk(4, dim=1)
-    return ((hh * PART_SCALE + hl + lh) * PART_SCALE + ll).to(torch.float64)
+    g = G.to(torch.float64).chunk(blocks, dim=1)
+    return g[0] * 1024.0 + (g[1] if blocks == 2 else g[1] + g[2]) * 8.0
 
 
 def softmax_weights(scores: torch.Tensor, c: torch.Tensor, weight_bits: int) -> tuple[torch.Tensor, torch.Tensor]:

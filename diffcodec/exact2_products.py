@@ -1,40 +1,58 @@
-"""The matrix products of exact-arithmetic contract 2: exact dot products of 14-bit integers.
+"""The matrix products of exact-arithmetic contract 2: exact integer sums of integer operands.
 
-Every convolution and linear layer of `exact_net2` computes v[b, y, x, n] = sum_k a_k w_nk,
-the exact integer dot product of its quantized input window (|a| <= QMAX) and its quantized
-weights (|w| <= QMAX; `IntWeights`). Two backends give those same integers, chosen per
-layer for speed (`IntConv.form`):
+Every convolution and linear layer of `exact_net2` computes, for each output, the integer
+
+    v = sum_k (a_k w_k - a_lo,k w_lo,k)
+
+of its quantized input window (14-bit a, |a| <= QMAX = 8063, in parts a = 128 a_hi + a_lo,
+a_hi in [-63, 63], a_lo in [-64, 63]: `exact2_kernels`) and its quantized weights (10-bit w,
+|w| <= `WMAX`, per output channel, in parts w = 8 w_hi + w_lo, w_hi in [-63, 63], w_lo in
+[-4, 3]: `IntWeights`). The dropped a_lo w_lo (at most 256 a term, below the rounding of
+a 14-bit a times a 10-bit w) is what lets the int8 products below carry the rest in two
+output blocks instead of four:
+
+    v = 1024 sum a_hi w_hi + 8 sum (a_hi (16 w_lo) + a_lo w_hi).
+
+Operand widths chosen by measurement (bench.exact_bits, reports/exact.md): 13-bit
+activations with 10-bit weights cost +0.004 % of the bound against float32. Two backends give
+the same integers, chosen per layer for speed (`IntConv.form`):
 
 - STACKED (the CPU, when oneDNN's int8 convolution is there and passes `qconv_verified`):
-  the operand's two int8 parts per integer (`exact2_kernels`, uint8 with zero point 64)
-  stacked along the channels, and ONE grouped (groups = 2) int8 convolution whose 4N output
-  channels are the four part products (a_hi, a_lo) x (w_hi, w_lo), written as binary32 with
-  output scale 1 and no bias. Each is an integer of magnitude at most K 64 64, below 2^24
-  for fan-ins K <= `QCONV_MAX_FAN_IN`, so binary32 holds it exactly; the epilogue combines
-  them into v = 2^14 hh + 2^7 (hl + lh) + ll. oneDNN's int8 kernels accumulate in int32
-  (VNNI, AMX) or add pairs of u8 x s8 products in int16 with saturation (vpmaddubsw: AVX2
-  and AVX-512 without VNNI); the parts, u8 in [0, 127] and s8 in [-64, 63], keep every such
-  pair below 2^15 (2 x 127 x 64), so no kernel saturates (measured: operands at +-127 do
-  saturate under those instruction sets; tests/test_exact2_kernels.py). On this project's
-  CPU (AMX) the four products take less time than the float32 network's one convolution
-  (reports/exact.md).
-- VALUES (a GPU, a CPU without the int8 convolution, fan-ins above 4096, tiny fan-ins where
-  it is faster): the integers themselves in binary64, an im2col and one binary64 matrix
-  product: every partial sum is an integer below 2^53 (K QMAX^2 < 2^53 for K < 2^26), exact
-  in any order, on any BLAS, thread count or device.
+  the operand's parts stacked along the channels as uint8 (zero point 64), and one int8
+  convolution over those 2C channels with output blocks (w_hi | 0) and (16 w_lo | w_hi)
+  (fan-in K <= 2080), or (w_hi | 0), (16 w_lo | 0) and (0 | w_hi) (K <= `QCONV_MAX_FAN_IN`),
+  written as binary32 with output scale 1 and no bias. Each output is an integer below 2^24
+  in magnitude (K 63 63; 2 K 63 64 for the joint block), so binary32 holds it exactly.
+  oneDNN's int8 kernels accumulate in int32 (VNNI, AMX) or add pairs of u8 x s8 products in
+  int16 with saturation (vpmaddubsw: AVX2 and AVX-512 without VNNI); every operand here is
+  u8 in [0, 127] or s8 in [-64, 63], so each pair stays below 2^15 (2 x 127 x 64) and no
+  kernel saturates (measured: operands at the int8 extremes do saturate under those
+  instruction sets; bench.int8_saturation).
+- VALUES (a GPU, a CPU without the int8 convolution, fan-ins above 4161, the first
+  convolution's 3 channels): the integers themselves in binary64, an im2col, and one
+  binary64 product of [a | a_lo] with [w ; -w_lo]: every partial sum an integer below 2^53,
+  exact in any order, on any BLAS, thread count or device.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
+from diffcodec import exact
 from diffcodec import exact2_kernels as K
 
-QCONV_MAX_FAN_IN = 4096
-"""Largest fan-in whose part products (|p| <= K 64 64 <= 2^24) binary32 holds exactly."""
+WMAX = 507
+"""Largest magnitude of a quantized weight: 8 w_hi + w_lo with w_hi = floor((w + 4) / 8) in
+[-63, 63] and w_lo in [-4, 3]; 10 bits."""
+W_PART_SCALE = 8
+TWO_BLOCK_MAX_FAN_IN = 2080
+"""Largest fan-in whose joint block sum (|.| <= 2 K 63 64) binary32 holds exactly."""
+QCONV_MAX_FAN_IN = 4161
+"""Largest fan-in whose block sums (|.| <= K 63 64) binary32 holds exactly."""
 QCONV_MIN_CHANNELS = 8
 """Input channels below which the VALUES product is faster (the first convolution's 3)."""
 
@@ -53,45 +71,44 @@ def _unit_scales(n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _qconv_call(packed, x_u8: torch.Tensor, n_out: int, stride: int, padding: int) -> torch.Tensor:
-    """oneDNN's int8 convolution of uint8 NCHW (channels-last) x, zero point 64, groups 2:
-    binary32 [B, n_out, Ho, Wo] (channels-last), scales 1, no bias."""
+    """oneDNN's int8 convolution of uint8 NCHW (channels-last) x, zero point 64: binary32
+    [B, n_out, Ho, Wo] (channels-last), scales 1, no bias."""
     _, conv = _onednn_qconv()
     ones, zeros = _unit_scales(n_out)
     return conv(x_u8, 1.0, K.ZERO_POINT, packed, ones, zeros, None,
-                [stride, stride], [padding, padding], [1, 1], 2, 1.0, 0, torch.float32, "none", [], "")
+                [stride, stride], [padding, padding], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
 
 
 def _qconv_pack(w8: torch.Tensor, stride: int, padding: int):
     prepack, _ = _onednn_qconv()
     return prepack(w8, torch.ones(w8.shape[0], dtype=torch.float32), 1.0, K.ZERO_POINT, [stride, stride],
-                   [padding, padding], [1, 1], 2, None)
+                   [padding, padding], [1, 1], 1, None)
 
 
 @functools.lru_cache(maxsize=1)
 def qconv_verified() -> bool:
-    """Whether oneDNN's int8 convolution is here and computes the exact part products: once
-    per process, on operands at the parts' extremes and random ones, 3x3 (stride 1 and 2)
-    and 1x1 kernels, against binary64 products of the same integers. False (the VALUES
-    path everywhere) when the op is missing, raises, or differs anywhere."""
+    """Whether oneDNN's int8 convolution is here and computes exact integer sums: once per
+    process, on operands at the ranges' extremes and random ones, 3x3 (stride 1 and 2) and
+    1x1 kernels, fan-ins up to 4032, against binary64 products of the same integers. False
+    (the VALUES path everywhere) when the op is missing, raises, or differs anywhere."""
     if _onednn_qconv() is None:
         return False
     g = torch.Generator().manual_seed(0x5EED)
     try:
         for c, n, size, k, stride in ((16, 8, 7, 3, 1), (24, 16, 9, 3, 2), (40, 24, 5, 1, 1), (448, 8, 4, 3, 1)):
             for case in range(3):
-                if case == 0:  # every part at its most negative or most positive
-                    hi = torch.where(torch.rand(2, c, size, size, generator=g) < 0.5, -63, 63)
-                    w = torch.where(torch.rand(4 * n, c, k, k, generator=g) < 0.5, -64, 63)
+                if case == 0:  # every operand at its most negative or most positive
+                    x = torch.where(torch.rand(2, c, size, size, generator=g) < 0.5, -64, 63)
+                    w = torch.where(torch.rand(n, c, k, k, generator=g) < 0.5, -64, 63)
                 else:
-                    hi = torch.randint(-63, 64, (2, c, size, size), generator=g)
-                    w = torch.randint(-64, 64, (4 * n, c, k, k), generator=g)
-                lo = torch.full_like(hi, 63 if case == 1 else -64) if case else hi.clamp(-64, 63)
-                x = torch.cat([hi, lo], dim=1)  # [B, 2C, s, s] parts
+                    x = torch.randint(-64, 64, (2, c, size, size), generator=g)
+                    w = torch.randint(-64, 64, (n, c, k, k), generator=g)
+                    x[:, : c // 2] = 63 if case == 1 else -64
                 pad = k // 2
                 got = _qconv_call(_qconv_pack(w.to(torch.int8), stride, pad),
                                   (x + K.ZERO_POINT).to(torch.uint8).contiguous(memory_format=torch.channels_last),
-                                  4 * n, stride, pad)
-                want = F.conv2d(x.to(torch.float64), w.to(torch.float64), stride=stride, padding=pad, groups=2)
+                                  n, stride, pad)
+                want = F.conv2d(x.to(torch.float64), w.to(torch.float64), stride=stride, padding=pad)
                 if got.dtype != torch.float32 or not torch.equal(got.to(torch.float64), want):
                     return False
     except (RuntimeError, TypeError, ValueError):
@@ -100,31 +117,58 @@ def qconv_verified() -> bool:
 
 
 class IntWeights(torch.nn.Module):
-    """A layer's weights [N, C, kh, kw] (or [N, K]) as 14-bit integers per output channel,
-    clamp(rint(w QMAX / max |w_n|)), with the value of one integer per channel, max |w_n| / QMAX
-    (binary64 [N]). Kept as int16 [N, K] (fan-in ordered kernel row, kernel column, channel,
-    as `im2col`), as binary64 values [K, N] for the VALUES product (`values`, made at first
-    use: 8 bytes a weight) and, for convolutions, as the int8 parts of the grouped
-    convolution, [4N, C, kh, kw] = (w_hi; w_lo; w_hi; w_lo)."""
+    """A layer's weights [N, C, kh, kw] (or [N, K]) as 10-bit integers per output channel,
+    w = clamp(rint(w_float WMAX / max |w_n|)), in parts w = 8 w_hi + w_lo (int8 [N, K] each,
+    fan-in ordered kernel row, kernel column, channel, as `im2col`), with the value of one
+    integer per channel, max |w_n| / WMAX (binary64 [N]). `values`: [w ; -w_lo] in binary64
+    [2K, N] for the VALUES product (made at first use); `blocks`: the int8 convolution's
+    weights (module docstring), made at first use."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         w = weight.detach().to("cpu", torch.float64)
+        self.kernel = tuple(w.shape[2:]) if w.dim() == 4 else None
         w2 = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
-        r, s = K.inverse_scales(w2.abs().amax(dim=1))
-        ints = K._quantize_torch(w2, r[:, None])  # [N, K]
-        self.register_buffer("ints", ints.to(torch.int16))
-        self.register_buffer("scale", s)
+        safe = torch.where(w2.abs().amax(dim=1) == 0, 1.0, w2.abs().amax(dim=1))
+        m = w2.abs().amax(dim=1)
+        r = torch.where(m == 0, 0.0, exact.divide(torch.full_like(m, float(WMAX)), safe))
+        self.register_buffer("scale", torch.where(m == 0, 0.0, exact.divide(m, float(WMAX))))
+        ints = torch.round(w2 * r[:, None]).clamp_(-WMAX, WMAX).to(torch.int64)  # [N, K]
+        hi = torch.div(ints + W_PART_SCALE // 2, W_PART_SCALE, rounding_mode="floor")
+        self.register_buffer("hi", hi.to(torch.int8))
+        self.register_buffer("lo", (ints - hi * W_PART_SCALE).to(torch.int8))
         self._values: torch.Tensor | None = None
-        if w.dim() == 4:
-            hi, lo = K.split(ints.view(w.shape[0], w.shape[2], w.shape[3], w.shape[1]).permute(0, 3, 1, 2))
-            self.register_buffer("parts", torch.cat([hi, lo, hi, lo]).to(torch.int8))
+
+    @property
+    def ints(self) -> torch.Tensor:
+        """The 10-bit integers [N, K] (int64)."""
+        return self.hi.to(torch.int64) * W_PART_SCALE + self.lo.to(torch.int64)
 
     @property
     def values(self) -> torch.Tensor:
-        if self._values is None or self._values.device != self.ints.device:
-            self._values = self.ints.to(torch.float64).T.contiguous()
+        if self._values is None or self._values.device != self.hi.device:
+            self._values = torch.cat([self.ints, -self.lo.to(torch.int64)], dim=1).to(torch.float64).T.contiguous()
         return self._values
+
+    def blocks(self, fan_in: int) -> tuple[torch.Tensor, int]:
+        """The int8 convolution's weights [nb N, 2C, kh, kw] over the stacked (a_hi | a_lo)
+        channels, and the number of output blocks nb (2 up to `TWO_BLOCK_MAX_FAN_IN`, else 3)."""
+        n = self.hi.shape[0]
+        kh, kw = self.kernel
+        as_conv = [t.view(n, kh, kw, -1).permute(0, 3, 1, 2) for t in (self.hi, self.lo)]  # [N, C, kh, kw]
+        hi, lo16 = as_conv[0], as_conv[1] * 16
+        zero = torch.zeros_like(hi)
+        if fan_in <= TWO_BLOCK_MAX_FAN_IN:
+            rows = [torch.cat([hi, zero], 1), torch.cat([lo16, hi], 1)]
+        else:
+            rows = [torch.cat([hi, zero], 1), torch.cat([lo16, zero], 1), torch.cat([zero, hi], 1)]
+        return torch.cat(rows).to(torch.int8).contiguous(), len(rows)
+
+
+def values_columns(values: torch.Tensor) -> torch.Tensor:
+    """[..., K] integers (binary64) -> [..., 2K]: (a | a_lo), the VALUES product's operand."""
+    hi = torch.div(values + 64, K.PART_SCALE, rounding_mode="floor")
+    return torch.cat([values, values - hi * K.PART_SCALE], dim=-1)
 
 
 def im2col(values: torch.Tensor, k: int, stride: int, pads: tuple[int, int, int, int]) -> torch.Tensor:
@@ -142,45 +186,53 @@ def im2col(values: torch.Tensor, k: int, stride: int, pads: tuple[int, int, int,
 
 class IntConv(torch.nn.Module):
     """The integer products of one convolution (module docstring): `products(operand)` ->
-    (G, Ho, Wo, stacked) with G the four part products [M, 4N] (binary32; stacked True) or
-    the dot products [M, N] (binary64)."""
+    (G, Ho, Wo, blocks) with G the int8 convolution's nb output blocks [M, nb N] (binary32;
+    blocks = nb) or the sums v themselves [M, N] (binary64; blocks = 0)."""
 
     def __init__(self, conv: torch.nn.Conv2d, pads: tuple[int, int, int, int]) -> None:
         super().__init__()
         self.weights = IntWeights(conv.weight)
         self.k, self.stride, self.pads = conv.kernel_size[0], conv.stride[0], pads
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self._packed: dict[int, object] = {}  # oneDNN's packed int8 weights per torch thread count
+        self.fan_in = self.in_channels * self.k * self.k
+        self._packed: tuple[int, object, int] | None = None  # (thread count, oneDNN's packed weights, blocks)
         self._qconv_refused = False  # oneDNN could not run this layer: VALUES from then on
 
     def form(self, device: torch.device) -> str:
-        fan_in = self.in_channels * self.k * self.k
-        if (device.type == "cpu" and self.in_channels >= QCONV_MIN_CHANNELS and fan_in <= QCONV_MAX_FAN_IN
-                and not self._qconv_refused and qconv_verified()):
+        """STACKED where oneDNN's int8 convolution runs (DIFFCODEC_NO_INT8=1: never, which is
+        a GPU's path on a CPU), else VALUES."""
+        if (device.type == "cpu" and self.in_channels >= QCONV_MIN_CHANNELS and self.fan_in <= QCONV_MAX_FAN_IN
+                and not self._qconv_refused and not os.environ.get("DIFFCODEC_NO_INT8") and qconv_verified()):
             return K.STACKED
         return K.VALUES
 
-    def products(self, operand: torch.Tensor, up: int = 1) -> tuple[torch.Tensor, int, int, bool]:
+    def products(self, operand: torch.Tensor, up: int = 1) -> tuple[torch.Tensor, int, int, int]:
         """operand [B, H, W, 2C] uint8 (STACKED) or [B, H, W, C] binary64 (VALUES), on the
         input grid upsampled ``up`` times (nearest)."""
-        if up > 1:
-            operand = operand.repeat_interleave(up, dim=1).repeat_interleave(up, dim=2)
-        top, left, bottom, right = self.pads
+        if up > 1:  # nearest upsampling: one copy
+            b, h, w, c = operand.shape
+            operand = operand[:, :, None, :, None, :].expand(b, h, up, w, up, c).reshape(b, h * up, w * up, c)
         if operand.dtype == torch.uint8:
             try:
-                return (*self._stacked_products(operand), True)
+                return self._stacked_products(operand)
             except RuntimeError:  # oneDNN cannot make this primitive (it happens for some channel counts)
                 self._qconv_refused = True
                 hi, lo = operand.to(torch.float64).sub_(K.ZERO_POINT).chunk(2, dim=3)
                 operand = hi.mul_(K.PART_SCALE).add_(lo)  # the same integers as VALUES
-        if operand.dtype != torch.uint8:
-            cols = im2col(operand, self.k, self.stride, self.pads)
-            out_h = (operand.shape[1] + top + bottom - self.k) // self.stride + 1
-            out_w = (operand.shape[2] + left + right - self.k) // self.stride + 1
-            return torch.mm(cols, self.weights.values), out_h, out_w, False
-        raise AssertionError("unreachable")
+        top, left, bottom, right = self.pads
+        cols = im2col(values_columns(operand), self.k, self.stride, self.pads)  # (a | a_lo) per tap
+        out_h = (operand.shape[1] + top + bottom - self.k) // self.stride + 1
+        out_w = (operand.shape[2] + left + right - self.k) // self.stride + 1
+        return torch.mm(cols, self._tap_values()), out_h, out_w, 0
 
-    def _stacked_products(self, operand: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    def _tap_values(self) -> torch.Tensor:
+        """`IntWeights.values` reordered for `im2col`'s columns of (a | a_lo): per tap, the C
+        weights then the C negated low parts."""
+        kk, c = self.k * self.k, self.in_channels
+        v = self.weights.values  # [2K, N]: w (tap, channel), then -w_lo (tap, channel)
+        return torch.cat([v[:kk * c].view(kk, c, -1), v[kk * c:].view(kk, c, -1)], dim=1).reshape(2 * kk * c, -1)
+
+    def _stacked_products(self, operand: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
         top, left, bottom, right = self.pads
         x = operand.permute(0, 3, 1, 2)  # NCHW, channels-last in memory
         if (top, left) != (bottom, right) or top != left:  # asymmetric ('end') padding: pad with the zero point
@@ -189,7 +241,9 @@ class IntConv(torch.nn.Module):
         else:
             padding = top
         threads = torch.get_num_threads()
-        if threads not in self._packed:  # oneDNN may not run weights packed for another thread count
-            self._packed[threads] = _qconv_pack(self.weights.parts, self.stride, padding)
-        y = _qconv_call(self._packed[threads], x, 4 * self.out_channels, self.stride, padding)
-        return y.permute(0, 2, 3, 1).reshape(-1, 4 * self.out_channels), y.shape[2], y.shape[3]
+        if self._packed is None or self._packed[0] != threads:  # oneDNN may not run weights packed for others
+            w8, nb = self.weights.blocks(self.fan_in)
+            self._packed = (threads, _qconv_pack(w8, self.stride, padding), nb)
+        _, packed, nb = self._packed
+        y = _qconv_call(packed, x, nb * self.out_channels, self.stride, padding)
+        return y.permute(0, 2, 3, 1).reshape(-1, nb * self.out_channels), y.shape[2], y.shape[3], nb

@@ -7,13 +7,13 @@ at least as fast as the float32 network on the CPU (reports/exact.md).
 
 What each layer computes (the kernels: `exact2_kernels`; B images, P pixels, C channels):
 
-- Every convolution and linear layer is an exact integer dot product of 14-bit operands:
-  the weights, quantized when the copy is made, clamp(rint(w QMAX / max |w_row|)) per output
-  channel; the input, per image, clamp(rint(x QMAX / m_b)) with m_b its max |x| (or, after a
-  GroupNorm, a bound computed from the group statistics: `_NormAct`). The products run as
-  one int8 convolution of the operands' two parts, or a binary64 matrix product of the
-  integers (`exact2_products`: the same integers either way). The output is
-  fl32(v S[b, n]) + bias[n], S = (m_b / QMAX)(max |w_n| / QMAX) in binary64.
+- Every convolution and linear layer is an exact integer sum v of its operands (the
+  definition: `exact2_products`): the weights, 10-bit integers per output channel,
+  clamp(rint(w WMAX / max |w_n|)), made when the copy is made; the input, 14-bit integers per
+  image, clamp(rint(x QMAX / m_b)) with m_b its max |x| (or, after a GroupNorm, a bound
+  computed from the group statistics: `_NormAct`). The sums come from one int8 convolution
+  of the operands' parts, or a binary64 matrix product (the same integers either way). The
+  output is fl32(v S[b, n]) + bias[n], S = (m_b / QMAX)(max |w_n| / WMAX) in binary64.
 - Activations between layers are binary32 [B, H, W, C] (channels-last); sums of branches
   (residuals, the timestep embedding) are binary32 additions in the float model's order.
 - GroupNorm: per image the input is put on a fixed-point grid q = rint(x 2^e) (e from the
@@ -43,7 +43,7 @@ from torch import nn
 
 from diffcodec import exact
 from diffcodec import exact2_kernels as K
-from diffcodec.exact2_products import IntConv, IntWeights
+from diffcodec.exact2_products import IntConv, IntWeights, values_columns
 from diffcodec.exact_net import ExactTimestepEmbedding
 from diffcodec.unet import AttnBlock, Downsample, ResBlock, TimestepEmbedding, UNet, Upsample
 
@@ -84,9 +84,9 @@ class ExactConv2(nn.Module):
                      float64: bool = False) -> torch.Tensor:
         """The integer operand [B, H, W, 2C or C] with per-image scales s_x [B] -> [B, Ho, Wo, N]."""
         b = operand.shape[0]
-        G, out_h, out_w, stacked = self.int_conv.products(operand, up)
+        G, out_h, out_w, blocks = self.int_conv.products(operand, up)
         res = None if residual is None else residual.reshape(b * out_h * out_w, self.out_channels)
-        y = K.epilogue(G, stacked, out_h * out_w, s_x, self.int_conv.weights.scale,
+        y = K.epilogue(G, blocks, out_h * out_w, s_x, self.int_conv.weights.scale,
                        self.bias64 if float64 else self.bias32, add=add, residual=res, float64=float64)
         return y.view(b, out_h, out_w, self.out_channels)
 
@@ -113,8 +113,8 @@ class ExactLinear2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, k = x.shape
         values, s = K.quantize_dynamic(x.reshape(b, 1, k), K.VALUES)
-        return K.epilogue(torch.mm(values.view(b, k), self.weights.values), False, 1, s, self.weights.scale,
-                          self.bias32)
+        sums = torch.mm(values_columns(values.view(b, k)), self.weights.values)  # (a | a_lo) (w ; -w_lo)
+        return K.epilogue(sums, 0, 1, s, self.weights.scale, self.bias32)
 
 
 class ExactSiLU2(nn.Module):

@@ -152,34 +152,36 @@ def test_im2col_is_the_convolution_s_column_matrix(case):
     assert torch.equal(got, want.permute(0, 2, 3, 1).reshape(-1, 3))
 
 
-def test_int_weights_recombine_to_the_integers_within_the_parts_ranges():
-    from diffcodec.exact2_products import IntWeights
+def test_int_weights_parts_blocks_and_values():
+    from diffcodec.exact2_products import TWO_BLOCK_MAX_FAN_IN, WMAX, IntWeights
 
     g = torch.Generator().manual_seed(9)
     w = torch.randn(40, 30, 3, 3, generator=g)
     w[3] = 0.0  # an all-zero output channel: scale 0
     w[5, 7, 1, 1] = 1e6  # one huge weight
     iw = IntWeights(w)
-    assert iw.values.shape == (270, 40) and iw.ints.dtype == torch.int16 and iw.parts.shape == (160, 30, 3, 3) and iw.parts.dtype == torch.int8
-    assert int(iw.parts.min()) >= -64 and int(iw.parts.max()) <= 63
-    hi, lo = iw.parts[:40].to(torch.int64), iw.parts[40:80].to(torch.int64)
-    assert torch.equal(iw.parts[:80], iw.parts[80:])  # (w_hi; w_lo) for each input part
-    ints = (hi * K.PART_SCALE + lo).permute(0, 2, 3, 1).reshape(40, -1).T
-    assert torch.equal(ints.to(torch.float64), iw.values)
-    assert int(iw.values.abs().max()) == K.QMAX and torch.all(iw.values[:, 3] == 0) and iw.scale[3] == 0
-    assert torch.all(iw.values.abs().amax(dim=0)[iw.scale > 0] == K.QMAX)  # each channel's max reaches QMAX
+    ints = iw.ints
+    assert ints.shape == (40, 270) and int(ints.abs().max()) == WMAX and torch.all(ints[3] == 0) and iw.scale[3] == 0
+    assert torch.all(ints.abs().amax(dim=1)[iw.scale > 0] == WMAX)  # each channel's max reaches WMAX
+    assert int(iw.hi.min()) >= -63 and int(iw.hi.max()) <= 63 and int(iw.lo.min()) >= -4 and int(iw.lo.max()) <= 3
+    assert torch.equal(iw.values, torch.cat([ints, -iw.lo.to(torch.int64)], 1).T.to(torch.float64))
+    blocks, nb = iw.blocks(270)
+    assert nb == 2 and blocks.shape == (80, 60, 3, 3) and int(blocks.min()) >= -64 and int(blocks.max()) <= 63
+    hi = iw.hi.view(40, 3, 3, 30).permute(0, 3, 1, 2)
+    assert torch.equal(blocks[:40, :30], hi) and not blocks[:40, 30:].any()  # (w_hi | 0)
+    lo16 = 16 * iw.lo.view(40, 3, 3, 30).permute(0, 3, 1, 2)
+    assert torch.equal(blocks[40:, 30:], hi) and torch.equal(blocks[40:, :30], lo16)  # (16 w_lo | w_hi)
+    assert iw.blocks(TWO_BLOCK_MAX_FAN_IN + 1)[1] == 3
 
 
-@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("blocks", [0, 2, 3])
 @pytest.mark.parametrize("mode", ["plain", "add", "residual", "float64"])
-def test_epilogue_equals_its_twin_and_recombines_the_part_products(twin, stacked, mode):
+def test_epilogue_equals_its_twin_and_combines_the_blocks(twin, blocks, mode):
     g = torch.Generator().manual_seed(10)
-    m, n, k, pixels = 24, 7, 50, 6
-    a_hi, a_lo = torch.randint(-63, 64, (m, k), generator=g), torch.randint(-64, 64, (m, k), generator=g)
-    w_hi, w_lo = torch.randint(-63, 64, (k, n), generator=g), torch.randint(-64, 64, (k, n), generator=g)
-    parts = [p.to(torch.float64) for p in (a_hi @ w_hi, a_hi @ w_lo, a_lo @ w_hi, a_lo @ w_lo)]
-    v = ((a_hi * 128 + a_lo) @ (w_hi * 128 + w_lo)).to(torch.float64)  # the dot products themselves
-    G = torch.cat(parts, dim=1).to(torch.float32) if stacked else v
+    m, n, pixels = 24, 7, 6
+    parts = [torch.randint(-2**23, 2**23, (m, n), generator=g).to(torch.float64) for _ in range(3)]
+    v = parts[0] * 1024 + (parts[1] + (parts[2] if blocks == 3 else 0)) * 8  # the sums the blocks stand for
+    G = torch.cat(parts[:blocks], dim=1).to(torch.float32) if blocks else v
     s_x = torch.rand(m // pixels, generator=g, dtype=torch.float64) * 1e-3
     s_w = torch.rand(n, generator=g, dtype=torch.float64) * 1e-3
     bias = torch.randn(n, generator=g)
@@ -188,10 +190,10 @@ def test_epilogue_equals_its_twin_and_recombines_the_part_products(twin, stacked
               "float64": {"float64": True}, "plain": {}}[mode]
     if mode == "float64":
         bias = bias.to(torch.float64)
-    fast, slow = twin(lambda *a: K.epilogue(*a, **kwargs), G, stacked, pixels, s_x, s_w, bias)
+    fast, slow = twin(lambda *a: K.epilogue(*a, **kwargs), G, blocks, pixels, s_x, s_w, bias)
     _same(fast, slow)
-    if stacked:  # the same output as from the dot products themselves
-        _same(fast, K.epilogue(v, False, pixels, s_x, s_w, bias, **kwargs))
+    if blocks:  # the same output as from the sums themselves
+        _same(fast, K.epilogue(v, 0, pixels, s_x, s_w, bias, **kwargs))
 
 
 def test_softmax_weights_equal_their_twin(twin):
@@ -222,22 +224,22 @@ for c, n, size, k, stride, pads, up in [(16, 8, 6, 3, 1, (1, 1, 1, 1), 1), (24, 
         x[0] = 5.0  # every integer +QMAX
         stacked, _ = K.quantize_dynamic(x.reshape(3, -1, c), K.STACKED)
         values, _ = K.quantize_dynamic(x.reshape(3, -1, c), K.VALUES)
-        G, h, w, is_stacked = layer.products(stacked.view(3, size, size, -1), up)
-        V, h2, w2, _ = layer.products(values.view(3, size, size, -1), up)
-        ok &= is_stacked
-        hh, hl, lh, ll = G.to(torch.float64).chunk(4, dim=1)
-        ok &= (h, w) == (h2, w2) and torch.equal((hh * 128 + hl + lh) * 128 + ll, V)
+        G, h, w, blocks = layer.products(stacked.view(3, size, size, -1), up)
+        V, h2, w2, none = layer.products(values.view(3, size, size, -1), up)
+        ok &= blocks in (2, 3) and none == 0
+        ok &= (h, w) == (h2, w2) and torch.equal(K._sums_torch(G, blocks), V)
 print(json.dumps({"exact": bool(ok), "verified": qconv_verified()}))
 """
 
 
 @pytest.mark.slow
 def test_int8_convolutions_give_the_exact_products_under_every_onednn_isa():
-    """oneDNN's int8 convolution (the STACKED products) equals the binary64 product of the same
-    integers, for 3x3 (strides 1 and 2, 'end' padding, upsampled input), 1x1 and the largest
-    fan-in it takes (4032), on saturated and random operands, with oneDNN capped at SSE4.1,
-    AVX2 and AVX-512 without VNNI (kernels that add u8 x s8 pairs in int16 with saturation)
-    and uncapped; `qconv_verified` passes under each."""
+    """oneDNN's int8 convolution (the STACKED products, two or three blocks) gives the same
+    sums as the binary64 product of the same integers, for 3x3 (strides 1 and 2, 'end'
+    padding, upsampled input), 1x1 and a fan-in of 4032 (three blocks), on saturated and
+    random operands, with oneDNN capped at SSE4.1, AVX2 and AVX-512 without VNNI (kernels
+    that add u8 x s8 pairs in int16 with saturation) and uncapped; `qconv_verified` passes
+    under each."""
     procs = []
     for isa in ("SSE41", "AVX2", "AVX512_CORE", None):
         env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
@@ -266,7 +268,7 @@ def test_no_kernel_is_compiled_with_a_fused_multiply_add():
     # every kernel with floating-point arithmetic (the rest move or compare values); the group
     # norm holds the statistics, the coefficients, the bound and both activations' loops
     kernels = [K._group_norm_nb[True, K.STACKED], K._group_norm_nb[False, K.VALUES], K._quantize_dynamic_nb[K.STACKED],
-               K._epilogue_stacked_nb, K._epilogue_values_nb, K._epilogue64_stacked_nb, K._softmax_weights_nb]
+               K._epilogue_stacked_nb[2], K._epilogue_values_nb, K._epilogue64_stacked_nb[2], K._softmax_weights_nb]
     for kernel in kernels:
         sigs = set(kernel.serial.signatures) | set(kernel.parallel.signatures)
         assert sigs, kernel.py_func.__name__
@@ -275,3 +277,16 @@ def test_no_kernel_is_compiled_with_a_fused_multiply_add():
         fresh.compile(sig)
         asm = fresh.inspect_asm(sig)
         assert "mul" in asm and not re.search(r"\bv?f(n)?m(add|sub)", asm), f"{kernel.py_func.__name__}: an FMA"
+
+
+def test_every_kernel_closes_over_constants_only_so_numba_s_cache_finds_it():
+    """numba keys a cached closure by its pickled cell contents; a compiled function pickles
+    differently in every process, so a kernel closing over one is recompiled in each process
+    (tens of seconds before the first exact call). Every compiled kernel here closes over
+    plain constants, and each one's cache key is the same when computed twice."""
+    kernels = [v for v in vars(K).values() if isinstance(v, K._Kernel)]
+    kernels += [k for v in vars(K).values() if isinstance(v, dict) for k in v.values() if isinstance(k, K._Kernel)]
+    assert len(kernels) >= 15
+    for kernel in kernels:
+        for cell in kernel.py_func.__closure__ or ():
+            assert isinstance(cell.cell_contents, (bool, int, str)), (kernel.py_func.__qualname__, cell.cell_contents)

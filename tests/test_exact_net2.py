@@ -1,9 +1,9 @@
 """exact_net2: the UNet under exact-arithmetic contract 2.
 
 The central check is an independent, slow re-implementation of the whole network in numpy
-(`_Reference2`), walked from the config and the state dict alone: every convolution, linear
-layer and attention product an int64 sum of 14-bit integers (no torch matmul, no int8
-parts, no numba), GroupNorm's sums int64, every rounding written out (binary32 where the
+(`_Reference2`), walked from the config and the state dict alone: every convolution and
+linear layer the int64 sum of a w - a_lo w_lo over 14-bit activations and 10-bit weights,
+every attention product an int64 sum (no torch matmul, no int8 convolution, no numba), GroupNorm's sums int64, every rounding written out (binary32 where the
 contract says binary32, and its binary32 SiLU written out in numpy). Only the binary64
 transcendentals call `diffcodec.exact` (exp, silu, sin_cos: the timestep MLP and the
 softmax), which test_exact.py checks against libm. The network must equal it bit for bit, on random inputs and on
@@ -34,6 +34,7 @@ from diffcodec import exact
 from diffcodec.checkpoint import load_checkpoint
 from diffcodec.config import ModelConfig
 from diffcodec.exact2_kernels import QMAX
+from diffcodec.exact2_products import WMAX
 from diffcodec.exact_net2 import exact_network2
 from diffcodec.unet import UNet
 
@@ -53,7 +54,7 @@ VARIANT = ModelConfig(image_size=8, ch=64, ch_mult=(1, 1), num_res_blocks=1, att
 
 # sha256 of the float64 (little-endian) output bits of the shipped model's contract-2 network
 # on `_golden_inputs()`. Changing it is changing the exact-path file format (a new contract).
-GOLDEN_DEFAULT_SHA256 = "fd8c325de23691107da98acd5a5c0eb7f7c7e2ebbcf36aec37ce5619ad3e0128"
+GOLDEN_DEFAULT_SHA256 = "2813dcfb363f605f010aac34b4850c7edd37a944d72419123ed8d1f07dd3c91f"
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> UNet:
@@ -74,9 +75,9 @@ def random_model(config: ModelConfig, seed: int = 0) -> UNet:
 
 
 def adversarial_model(config: ModelConfig, seed: int = 0) -> UNet:
-    """Every weight of magnitude exactly 1 (random signs), so each quantizes to +-QMAX: every
-    int8 weight part is -63, 63 or at the edges of the low part's range, every dot product of
-    +-QMAX activations at its largest (fan-in x QMAX^2)."""
+    """Every weight of magnitude exactly 1 (random signs), so each quantizes to +-WMAX: every
+    int8 weight part at the edge of its range, every sum of +-QMAX activations at its
+    largest (fan-in x QMAX x WMAX)."""
     model = random_model(config, seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -108,18 +109,23 @@ def _ceil_log2(n: int) -> int:
     return (n - 1).bit_length()
 
 
-def _scales(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(QMAX / m, m / QMAX) per image, 0 where m == 0."""
+def _scales(m: np.ndarray, top: int = QMAX) -> tuple[np.ndarray, np.ndarray]:
+    """(top / m, m / top) per row, 0 where m == 0."""
     m = np.asarray(m, dtype=np.float64)
     safe = np.where(m == 0, 1.0, m)
-    return np.where(m == 0, 0.0, float(QMAX) / safe), np.where(m == 0, 0.0, safe / float(QMAX))
+    return np.where(m == 0, 0.0, float(top) / safe), np.where(m == 0, 0.0, safe / float(top))
 
 
-def _to_int(v: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """clamp(rint(v r), +-QMAX) as int64 (r broadcast)."""
+def _to_int(v: np.ndarray, r: np.ndarray, top: int = QMAX) -> np.ndarray:
+    """clamp(rint(v r), +-top) as int64 (r broadcast)."""
     a = np.rint(v * r)
     assert np.all(np.isfinite(a))
-    return np.clip(a, -QMAX, QMAX).astype(np.int64)
+    return np.clip(a, -top, top).astype(np.int64)
+
+
+def _low_part(a: np.ndarray, base: int, half: int) -> np.ndarray:
+    """a - base floor((a + half) / base): an activation's (base 128) or weight's (base 8) low part."""
+    return a - base * np.floor_divide(a + half, base)
 
 
 def _silu(y: np.ndarray) -> np.ndarray:
@@ -171,10 +177,17 @@ class _Reference2:
         return _to_int(x.astype(np.float64), r.reshape(-1, *([1] * (x.ndim - 1)))), s
 
     def _weights(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """10-bit integers [N, K] (fan-in: kernel row, kernel column, channel) and their scales."""
         w = self.p[name + ".weight"].astype(np.float64)
         w2 = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1) if w.ndim == 4 else w
-        r, s = _scales(np.abs(w2).max(axis=1))
-        return _to_int(w2, r[:, None]), s
+        r, s = _scales(np.abs(w2).max(axis=1), WMAX)
+        return _to_int(w2, r[:, None], WMAX), s
+
+    @staticmethod
+    def _sums(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Contract 2's sum over the last axis of a [..., K] and w [N, K]: sum (a w - a_lo w_lo)."""
+        a_lo, w_lo = _low_part(a, 128, 64), _low_part(w, 8, 4)
+        return np.einsum("...k,nk->...n", a, w) - np.einsum("...k,nk->...n", a_lo, w_lo)
 
     def _finish(self, name: str, acc: np.ndarray, s_x: np.ndarray, add=None, residual=None, out64=False):
         """acc int64 [B, ..., N] -> fl32(acc S) + bias (then + add[b] or residual + y), or binary64."""
@@ -208,13 +221,13 @@ class _Reference2:
         for i in range(kh):
             for j in range(kw):
                 window = ap[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
-                acc += np.einsum("byxc,nc->byxn", window, w4[:, i, j])
+                acc += self._sums(window, w4[:, i, j])
         return self._finish(name, acc, s_x, add, residual, out64)
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         a, s_x = self.quantize(x)
         wq, _ = self._weights(name)
-        return self._finish(name, np.einsum("bk,nk->bn", a, wq), s_x)
+        return self._finish(name, self._sums(a, wq), s_x)
 
     def norm(self, name: str, x: np.ndarray, silu: bool, scale=None, shift=None) -> tuple[np.ndarray, np.ndarray]:
         """GroupNorm (+ SiLU) of x [B, H, W, C] float32 -> the next layer's integer operand."""
@@ -373,10 +386,10 @@ def test_exact_network2_equals_the_independent_numpy_reference_bit_for_bit(confi
 
 @pytest.mark.parametrize("config", [WIDE, VARIANT], ids=["wide", "variant"])
 def test_exact_network2_equals_the_reference_at_the_bounds(config):
-    """Every weight quantizes to +-QMAX (`adversarial_model`) and the inputs are saturated
+    """Every weight quantizes to +-WMAX (`adversarial_model`) and the inputs are saturated
     (+-1e4 and signs): each layer's operands sit at the edges of the int8 parts' ranges and
-    its dot products near fan-in x QMAX^2, where a saturating or overflowing product would
-    show. Still identical to the int64 reference."""
+    its sums near their bounds, where a saturating or overflowing product would show. Still
+    identical to the int64 reference."""
     model = adversarial_model(config, seed=5)
     g = torch.Generator().manual_seed(6)
     s = config.image_size
@@ -397,8 +410,9 @@ def _float64_network(model: UNet) -> UNet:
 
 @pytest.mark.parametrize("config", [TINY, WIDE], ids=["tiny", "wide"])
 def test_exact_network2_is_close_to_the_float64_network(config):
-    """14-bit operands: the output is within 2e-3 of the float64 network's scale per image
-    (measured: 3e-4 on the shipped model, reports/exact.md), on inputs of ordinary scale."""
+    """14-bit activations, 10-bit weights: the output is within 3e-2 of the float64 network's
+    scale per image on these random networks (measured 0.3 % to 1.2 %; 0.3 % on the shipped
+    model), on inputs of ordinary scale."""
     model = random_model(config, seed=7)
     x, t = random_inputs(config, 5, seed=8)
     keep = [0, 2, 4]  # skip the all-zero and the 1e-3 image: their outputs are all bias
@@ -406,7 +420,7 @@ def test_exact_network2_is_close_to_the_float64_network(config):
         y = exact_network2(model)(x[keep], t[keep])
         ref = _float64_network(model)(x[keep], t[keep])
     rel = (y - ref).abs().amax(dim=(1, 2, 3)) / ref.abs().amax(dim=(1, 2, 3))
-    assert torch.all(rel < 2e-3), rel
+    assert torch.all(rel < 3e-2), rel
 
 
 def test_exact_network2_leaves_the_model_alone_and_keeps_no_float_layers():
@@ -476,15 +490,15 @@ def _sha(y: torch.Tensor) -> str:
 
 
 def test_shipped_model_contract2_output_is_close_to_float64_and_matches_the_golden_hash():
-    """The shipped model's contract-2 output on the golden inputs: within 1e-3 of the float64
-    network's scale per image (measured 2.2e-4), and pinned by hash."""
+    """The shipped model's contract-2 output on the golden inputs: within 5e-3 of the float64
+    network's scale per image (measured 1.4e-3 and 2.8e-3), and pinned by hash."""
     loaded = load_checkpoint(None)
     x, t = _golden_inputs()
     with torch.no_grad():
         y = exact_network2(loaded.model)(x, t)
         ref = _float64_network(loaded.model)(x, t)
     rel = (y - ref).abs().amax(dim=(1, 2, 3)) / ref.abs().amax(dim=(1, 2, 3))
-    assert torch.all(rel < 1e-3), rel
+    assert torch.all(rel < 5e-3), rel
     assert _sha(y) == GOLDEN_DEFAULT_SHA256
 
 
@@ -492,15 +506,17 @@ def test_shipped_model_contract2_output_is_close_to_float64_and_matches_the_gold
 # at SSE4.1 / AVX2 / AVX-512 without VNNI (the int8 products then go through vpmaddubsw, which
 # saturates pairs in int16: the operand ranges make that impossible), numba compiled for a
 # generic x86-64 (SSE2) and for this machine, the torch twins instead of numba, other thread
-# counts.
+# counts; and the path a GPU takes (torch twins, binary64 products), on this CPU.
 _ENVIRONMENTS = [
     {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "NUMBA_CPU_NAME": "generic",
      "OMP_NUM_THREADS": "1"},
     {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"},
     {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "DIFFCODEC_NO_NUMBA": "1", "OMP_NUM_THREADS": "1"},
+    # a GPU's code path on this CPU: the torch twins and binary64 products everywhere
+    {"DIFFCODEC_NO_NUMBA": "1", "DIFFCODEC_NO_INT8": "1", "OMP_NUM_THREADS": "2"},
 ]
 _CLEARED = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "DIFFCODEC_NO_NUMBA",
-            "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+            "DIFFCODEC_NO_INT8", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
 
 _SUBPROCESS_SCRIPT = r"""
 import hashlib, json, sys, torch

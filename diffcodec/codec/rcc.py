@@ -14,6 +14,11 @@ truncated to N candidates as in ordered random coding (Theis & Yosri 2022):
    depends on the chunk's nominal KL (`ExponentModel`), then the m - 1 bits below the
    leading one, uniformly (`split_index`).
 
+Step 2 may use another rule (`select_many`): the decoder takes candidate n* whichever rule
+chose it. The greedy rule (`greedy_select_many`, argmax_n w(u_n)) is not a sample of q but
+delivers more log q/p per index bit from the same candidates, which is what a chain of stages
+pays for (reports/rcc_methods.md).
+
 For diagonal Gaussians the log weight is a quadratic in u, per dimension
     log w = a u^2 + b u + c,   a = (1 - var_p/var_q) / 2,   b = -(mean_p - mean_q) std_p / var_q,
     c = -(mean_p - mean_q)^2 / (2 var_q) + log(var_p / var_q) / 2,
@@ -228,6 +233,7 @@ def _search_log_weights(raw: np.ndarray, coef: np.ndarray) -> np.ndarray:
 
 
 PfrTask = tuple[LogWeight, tuple[int, ...], int]  # (log weight, key, number of candidates)
+SELECTION_RULES = ("pfr", "greedy")  # `select_many`'s rules
 
 
 def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
@@ -241,6 +247,30 @@ def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
     is the same for any number of workers. numpy releases the GIL in the generator and the
     array arithmetic.
     """
+    return select_many(tasks, rule="pfr", workers=workers)
+
+
+def greedy_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
+    """The encoder's choice n* = argmax_n log w(u_n) over n < num_candidates (the candidate
+    that delivers the most, log q/p, of those the budget allows), for several chunks, as
+    `pfr_select_many` runs them (no arrival times).
+
+    Not a sample of q: the chosen u sits near the largest projection on the mean shift
+    (reports/rcc_methods.md). What a chain of stages pays is the index bits minus the log2 q/p
+    the sent latents deliver, and for a given list of candidates and a uniform index code the
+    largest log w minimises that; the index of the largest of N i.i.d. weights is uniform on
+    0..N-1, so it costs log2 N bits. The decoder is `pfr_decode`: it takes candidate n*,
+    whichever rule chose it.
+    """
+    return select_many(tasks, rule="greedy", workers=workers)
+
+
+def select_many(tasks: Sequence[PfrTask], *, rule: str = "pfr", workers: int = 1) -> list[int]:
+    """The chosen index of each task under ``rule`` (`SELECTION_RULES`): "pfr" =
+    `pfr_select_many`, "greedy" = `greedy_select_many`. Both minimise a score over the
+    candidates, log T_n - log w(u_n) or -log w(u_n), with ties kept by the first candidate."""
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"rcc: unknown selection rule {rule!r}; known: {', '.join(SELECTION_RULES)}")
     jobs: list[tuple[int, int, int]] = []  # (task, first candidate, count)
     log_times, params = [], []
     for i, (log_weight, key, num_candidates) in enumerate(tasks):
@@ -249,7 +279,7 @@ def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
         dims = len(log_weight.a)
         block = max(1, _BLOCK_ELEMENTS // dims)
         jobs += [(i, start, min(block, num_candidates - start)) for start in range(0, num_candidates, block)]
-        log_times.append(arrival_log_times(key, num_candidates))
+        log_times.append(arrival_log_times(key, num_candidates) if rule == "pfr" else None)
         params.append((_search_coefficients(log_weight), dims))
 
     def run(job: tuple[int, int, int]) -> tuple[float, int]:
@@ -263,8 +293,9 @@ def pfr_select_many(tasks: Sequence[PfrTask], *, workers: int = 1) -> list[int]:
         best_score, best_index = math.inf, start
         for first in range(start, start + count, step):  # in candidate order: ties keep the first
             n = min(step, start + count - first)
-            # log T_n - log w(u_n) (c is a constant)
-            score = log_times[i][first : first + n] - _search_log_weights(bitgen.random_raw(n * h).reshape(n, h), coef)
+            log_w = _search_log_weights(bitgen.random_raw(n * h).reshape(n, h), coef)  # c is a constant
+            # log T_n - log w(u_n) in float64 (pfr), or -log w(u_n)
+            score = -log_w if log_times[i] is None else log_times[i][first : first + n] - log_w
             j = int(np.argmin(score))
             if score[j] < best_score:
                 best_score, best_index = float(score[j]), first + j
