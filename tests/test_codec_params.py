@@ -39,10 +39,13 @@ def test_varints_and_zigzag():
 
 
 def test_progressive_v3_default_block_is_two_bytes():
-    assert ProgressiveParams().pack() == b"\x03\x00"
-    assert ProgressiveParams(exact=True).pack() == b"\x03\x01"  # the mask bit alone
-    assert ProgressiveParams(exact=True, num_steps=10).pack() == b"\x03\x05\x0a"
-    assert ProgressiveParams.unpack(b"\x03\x01") == ProgressiveParams(exact=True)
+    """Versions 4 (what this diffcodec writes) and 3 share the compact layout."""
+    assert ProgressiveParams().pack() == b"\x04\x00"
+    assert ProgressiveParams(exact=True).pack() == b"\x04\x01"  # the mask bit alone
+    assert ProgressiveParams(exact=True, num_steps=10).pack() == b"\x04\x05\x0a"
+    assert ProgressiveParams.unpack(b"\x04\x01") == ProgressiveParams(exact=True)
+    assert ProgressiveParams(exact=True, num_steps=10, version=3).pack() == b"\x03\x05\x0a"
+    assert ProgressiveParams.unpack(b"\x03\x01") == ProgressiveParams(exact=True, version=3)
 
 
 def test_progressive_v3_every_field_round_trips_alone_and_together():
@@ -56,7 +59,9 @@ def test_progressive_v3_every_field_round_trips_alone_and_together():
         p = ProgressiveParams(**{name: value}, num_tiles=7, tile_size=16)
         block = p.pack()
         assert ProgressiveParams.unpack(block, num_tiles=7, tile_size=16) == p, name
-        assert block[0] == 3 and len(block) <= 2 + 5 + 1
+        assert block[0] == 4 and len(block) <= 2 + 5 + 1
+        v3 = dataclasses.replace(p, version=3)
+        assert ProgressiveParams.unpack(v3.pack(), num_tiles=7, tile_size=16) == v3 and v3.pack()[1:] == block[1:]
     every = ProgressiveParams(**others, num_tiles=3)
     assert ProgressiveParams.unpack(every.pack(), num_tiles=3) == every
     assert ProgressiveParams.unpack(ProgressiveParams(payload_bits=800).pack()).payload_bits == 0
@@ -71,7 +76,7 @@ def test_progressive_v3_corrupt_blocks_are_one_line_errors():
         r"num_steps must be 1..65535": b"\x03\x04\x00",  # K = 0
         "spacing code 9": b"\x03\x40\x09",
         "chunk_bits must be": b"\x03\x08\x00",  # chunk bits 0
-        "block version 4": b"\x04\x00",
+        "block version 5": b"\x05\x00",
     }
     for expected, block in cases.items():
         with pytest.raises(DiffcodecError, match=expected) as e:
@@ -91,7 +96,7 @@ def test_progressive_versions_1_and_2_keep_their_fixed_layouts():
 BB = BitsBackParams(
     resolution_bits=6, window_sigmas=5, prior_sigmas=8, snap_log2=-16, clip_denoised=True, network_float64=False,
     exact=True, threads=0, spacing="quadratic", init_seed=INIT_SEED, init_words=4864, kept_words=4864, num_tiles=6,
-    num_symbols=6 * 3072 * 101, chunks=(1,), bootstrap_tiles=5, bootstrap_block=ProgressiveParams(exact=True).pack(),
+    num_symbols=6 * 3072 * 101, chunks=(1,), bootstrap_tiles=5, bootstrap_block=ProgressiveParams(exact=True, version=3).pack(),
     num_steps=100, bootstrap_bytes=4440,
 )
 

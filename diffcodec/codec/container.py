@@ -30,7 +30,7 @@ unsigned LEB128 varint (7 bits a byte, low first); multi-byte integers little-en
     ..      4     (mode 0 only) pixel checksum: the first 4 bytes of SHA-256 over the images
                   (`pixel_checksum`)
     ..      v+n   mode parameter block: length v + bytes (mode 0: `bitsback.params` compact
-                  block, which holds K; mode 1: `progressive.params` block version 3)
+                  block, which holds K; mode 1: `progressive.params` block version 3 or 4)
     mode 0: v+n   payload: length v (below 2^64) + bytes (the ANS stack's words, uint32 LE),
             4     then a CRC-32 of every byte before it
     mode 1: v     (version 5 only) the payload's length in bytes (below 2^64)

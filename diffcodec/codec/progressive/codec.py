@@ -12,6 +12,10 @@ always called with the original timestep. Latents y_k = x at code step k of that
     stage j (1..K-1) y_{K-1-j} ~ q(. | y_{K-j}, x_0) sent using p_theta(. | y_{K-j})   Alg. 3 lines 2-4
     stage K          x_0 under the discretized Gaussian p_theta(x_0 | y_0)             Alg. 3 line 5
 
+Candidates: stream versions 1-3 draw each chunk's own (`rcc`); version 4, what this diffcodec
+writes, draws a stage's chunks from shared pools of counter-based normals (`rcc_pool`: the
+same syntax, a search that costs less than the network; `stage_plan`).
+
 Each stage's symbols are written by `syntax`. A version 3 encoder may skip a stage whose KL
 is below ``min_stage_bits`` (`CodedChain`: the next latent is then sent over the merged
 steps); measured on CIFAR-10 it does not pay (a coarser chain's KL grows more than the
@@ -52,7 +56,7 @@ import numpy as np
 import torch
 
 from diffcodec import exact
-from diffcodec.codec import rcc
+from diffcodec.codec import rcc, rcc_pool
 from diffcodec.codec.coding_params import PixelRule, pixel_params
 from diffcodec.codec.entropy import RangeEncoder
 from diffcodec.codec.progressive.layout import group_hints
@@ -178,16 +182,31 @@ def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray, exact_
     return torch.from_numpy(y.reshape(p_mean.shape)).to(p_mean.device)
 
 
+def _permutation(params: ProgressiveParams, stage: int, num_dims: int) -> np.ndarray:
+    """The stage's keyed permutation of the dimensions (int64 [D])."""
+    raw = np.random.PCG64(np.random.SeedSequence([params.seed, stage, _PERMUTATION_STREAM])).random_raw(num_dims)
+    return np.argsort(raw, kind="stable")
+
+
 def _chunks(params: ProgressiveParams, stage: int, num_dims: int, num_chunks: int) -> list[np.ndarray]:
     """The stage's keyed permutation of the dimensions, split into near-equal chunks."""
-    raw = np.random.PCG64(np.random.SeedSequence([params.seed, stage, _PERMUTATION_STREAM])).random_raw(num_dims)
-    perm = np.argsort(raw, kind="stable")
-    return np.array_split(perm, num_chunks)
+    return np.array_split(_permutation(params, stage, num_dims), num_chunks)
+
+
+def stage_plan(params: ProgressiveParams, stage: int, num_dims: int, chunking: tuple[int, float]
+               ) -> rcc_pool.StagePlan:
+    """A version 4 stage's candidate plan (`rcc_pool`) from its `Syntax.chunking` (m, kappa)."""
+    num_chunks, kappa = chunking
+    return rcc_pool.plan_stage(params.seed, stage, _permutation(params, stage, num_dims), num_chunks, kappa,
+                               params.pad_bits, params.log2_candidates)
 
 
 def _sample_stage(params: ProgressiveParams, stage: int, symbols: StageSymbols, syntax_chunks: int,
-                  num_dims: int) -> np.ndarray:
-    """The standardised sample u (float32 [D]) that a stage's symbols select."""
+                  num_dims: int, plan: rcc_pool.StagePlan | None = None) -> np.ndarray:
+    """The standardised sample u (float32 [D]) that a stage's symbols select (version 4: by
+    its candidate ``plan``)."""
+    if plan is not None:
+        return rcc_pool.samples(plan, symbols.indices)
     u = np.empty(num_dims, dtype=np.float32)
     chunks = _chunks(params, stage, num_dims, syntax_chunks)
     samples = rcc.pfr_decode_many([((params.seed, stage, 1 + c), int(symbols.indices[c]), len(idx))
@@ -339,9 +358,19 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         level = 0 if syntax.implicit() else level_of_kl(float(kl_bits[stage]))
         if params.version >= 3 and stage:
             level = max(level, 1)
-        n, _ = syntax.chunking(level)
+        n, kappa = syntax.chunking(level)
         indices = np.zeros(n, dtype=np.int64)
-        if level:
+        plan = None
+        if params.version >= 4:  # pooled candidates (`rcc_pool`)
+            with clock("candidates"):
+                plan = stage_plan(params, stage, D, (n, kappa))
+                if level:
+                    # each chunk's candidates from its own KL, as versions 1-3 (the decoder needs no count)
+                    chunk_kl = np.add.reduceat(kl_dims[plan.perm], plan.bounds[:-1])
+                    counts = rcc_pool.chunk_counts(chunk_kl, params.pad_bits, params.log2_candidates)
+                    indices[:] = rcc_pool.select(plan, *rcc_pool.log_weight_coefficients(qm, qv, pm, pv), counts,
+                                                 device=x0.device)
+        elif level:
             with clock("candidates"):
                 tasks = []
                 for c, idx in enumerate(_chunks(params, stage, D, n)):
@@ -355,7 +384,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             closes[stage] = write_stage(enc, syntax, symbols)
             size_hints[stage] = 32 * enc.num_words
         with clock("candidates"):
-            u = _sample_stage(params, stage, symbols, n, D)
+            u = _sample_stage(params, stage, symbols, n, D, plan)
         # what the sent sample delivers, log2 q(y)/p(y): the stage's KL on average if it were
         # an exact sample of q; less when the candidate budget leaves it between p and q
         sample_bits[stage] = float(rcc.LogWeight.of_gaussians(qm, qv, pm, pv)(u[None])[0]) / LN2
@@ -461,9 +490,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             step = p_mean_variance(sched, out, y, _full_step(proto, i), var_type=diffusion.var_type,
                                    clip_denoised=params.clip_denoised)
             p_mean, p_log_var = step.mean, step.log_variance
-        n, _ = syntax.chunking(symbols.level)
+        chunking = syntax.chunking(symbols.level)
         with clock("candidates"):
-            u = _sample_stage(params, stage, symbols, n, D)
+            plan = stage_plan(params, stage, D, chunking) if params.version >= 4 else None
+            u = _sample_stage(params, stage, symbols, chunking[0], D, plan)
         y = _latent(p_mean, p_log_var, u, params.exact)
         chain.keep(k)
         with clock("network"):

@@ -2,8 +2,8 @@
 
 The block sits in the container's mode-1 parameter field (`container`) and in a lossless
 file's bootstrap section (`bitsback.params`). Its byte layouts are in `ProgressiveParams.pack`:
-version 3 (what this diffcodec writes) is compact (defaults cost nothing; tile count and
-size come from the container); versions 1 and 2 are fixed layouts, read as before.
+versions 3 and 4 (4: what this diffcodec writes) are compact (defaults cost nothing; tile
+count and size come from the container); versions 1 and 2 are fixed layouts, read as before.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class ProgressiveParams:
     spacing: str = "quadratic"
     log2_candidates: int = 16  # at most 2^this candidates per chunk; the index law's range
     chunk_bits: float = 14.0  # nominal KL per chunk (quarter-bit resolution)
-    pad_bits: float = 2.0  # encoder: 2^ceil(KL_chunk + pad) candidates (recorded, not needed to decode)
+    pad_bits: float = 2.0  # 2^ceil(KL + pad) candidates per chunk (version 4: of the nominal chunk KL, needed to
+    #   decode; versions 1-3: of each chunk's own KL, the encoder's choice, recorded only)
     seed: int = 0  # the shared randomness
     snap_log2: int = -16  # pixel-stage parameters on a 2^snap_log2 grid (pixel-level units)
     clip_denoised: bool = True
@@ -43,18 +44,21 @@ class ProgressiveParams:
     check_bits: int = 16
     check_min_bits: int = 128
     check_growth: float = 0.0
-    # the stream syntax (`syntax`, `codec`): 3 = what this diffcodec writes (x_T from the
-    # shared seed, no stage-0 symbols; a closing check over every symbol, pixels included);
-    # 1 and 2 = older files (read only: stage 0 coded; 2 adds the group checks)
-    version: int = 3
+    # the stream syntax (`syntax`, `codec`): 4 = what this diffcodec writes: version 3's syntax
+    # with pooled candidates (`rcc_pool`: a stage's chunks share rows of counter-based normals;
+    # pad_bits then sets every chunk's candidate count, so the decoder needs it); 3 = x_T from
+    # the shared seed, no stage-0 symbols, a closing check over every symbol, pixels included,
+    # each chunk's own PCG64 candidates (`rcc`); 1 and 2 = older files (read only: stage 0 coded;
+    # 2 adds the group checks)
+    version: int = 4
     # version 3: the encoder skips a stage (1 .. K-2) whose KL is below this many bits, so that
     # its latent is sent merged with the next step's (`syntax`; not needed to decode)
     min_stage_bits: float = 0.0
 
     _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
     _CHECKS = struct.Struct("<BBH")  # block version 2: check bits, growth x 4, min group bits
-    BLOCK_VERSION = 3  # what this diffcodec writes
-    READ_VERSIONS = (1, 2, 3)
+    BLOCK_VERSION = 4  # what this diffcodec writes
+    READ_VERSIONS = (1, 2, 3, 4)
     MAX_CHECK_BITS = 16
 
     def __post_init__(self) -> None:
@@ -95,13 +99,13 @@ class ProgressiveParams:
     def pack(self) -> bytes:
         """The mode-1 parameter block.
 
-        Version 3 (compact, `fields`): u8 block version 3, then a varint mask of the fields
+        Versions 3 and 4 (compact, `fields`): u8 block version (3 or 4), then a varint mask of the fields
         of `COMPACT_FIELDS` that differ from the dataclass defaults (bit i: the table's
         field i), then those fields' values as varints in table order (booleans: the mask
         bit alone; chunk, pad bits and check growth x 4; snap_log2 zigzag; spacing its index
         in SPACING_CODES). Not stored: num_tiles and tile_size (the container's image table
         and model give them: `unpack`'s arguments) and payload_bits (the stream ends itself;
-        0 after reading). The default block with the exact contract is 2 bytes (03 01).
+        0 after reading). The default block with the exact contract is 2 bytes (04 01).
 
         Versions 1 and 2 (little-endian, fixed; written only when ``version`` says so):
 
@@ -134,7 +138,7 @@ class ProgressiveParams:
     def unpack(cls, block: bytes, where: str = "file", *, num_tiles: int = 1, tile_size: int = 32
                ) -> ProgressiveParams:
         """The block's parameters (one-line DiffcodecError when malformed). ``num_tiles`` and
-        ``tile_size``: what the container implies, used for a version 3 block (versions 1
+        ``tile_size``: what the container implies, used for a version 3 or 4 block (versions 1
         and 2 store their own)."""
         version = block[0] if block else 0
         if version not in cls.READ_VERSIONS:
@@ -176,7 +180,7 @@ class ProgressiveParams:
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ProgressiveParams)}
 
-# The version 3 block's fields in mask-bit order (append only: the order is in files). The
+# The version 3 and 4 blocks' fields in mask-bit order (append only: the order is in files). The
 # ones a default file sets (exact, float64) and the usual knobs first, so that their mask
 # fits one byte.
 COMPACT_FIELDS = (

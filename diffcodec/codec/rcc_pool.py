@@ -1,0 +1,639 @@
+"""Pooled candidates: the reverse channel coding search of progressive stream version 4.
+
+Stream versions 1-3 draw every chunk's candidates from its own keyed PCG64 stream through a
+libm Box-Muller transform (`rcc`): the search makes and scores 2^16 fresh normals per
+dimension of each stage, a few nanoseconds each, which costs more than the network. Version 4
+keeps the Poisson functional representation of `rcc` (each chunk's sent index n* is the argmin
+of log T_n - log w(u_n) over its candidates; both sides then use the exact sample of n*) and
+changes where the candidates come from:
+
+* Candidate count. A stage's N = 2^min(max(ceil(kappa + pad), 1), log2_candidates), kappa
+  its nominal KL per chunk (`Syntax.chunking`), is known to the decoder (unlike a chunk's own
+  KL): it sets the pools and the row offsets below. The encoder searches chunk c over its own
+  count 2^min(max(ceil(KL_c + pad), 1), log2_candidates) (`chunk_counts`, as versions 1-3
+  sized each chunk), k < count; a pool's rows run to its chunks' largest count. The decoder
+  needs no count: only the index and r_c.
+* Pools. The stage's chunks, in order, form pools of G = max(1, N >> POOL_SHIFT) chunks
+  (`chunks_per_pool`). A pool is N rows of 2h standard normals, h = ceil(d / 2), d the stage's
+  largest chunk (m chunks over D dimensions: ceil(D / m)): columns 2i and 2i + 1 of row n are
+  the pair `box_muller` makes of draw n h + i of the pool's counter-based stream (`draws`:
+  SplitMix64's output function of key + (i + 1) gamma, key = `stream_key`(seed, stage, 1,
+  pool)). Random access: the decoder makes the one row it needs.
+* A chunk's candidates. Candidate k of chunk c is row k XOR r_c of its pool, its first d_c
+  columns for the chunk's d_c dimensions (in the order of the stage's keyed permutation,
+  `progressive.codec`), r_c in [0, N) drawn per chunk (`plan_stage`). For a fixed r_c the
+  rows k XOR r_c, k = 0, 1, ..., are i.i.d. N(0, I), so each chunk's search is exactly the
+  PFR of `rcc`; the encoder's arrival times T_k (encoder only, any arithmetic) are shared by
+  the stage's chunks, and the XOR gives each chunk its own pairing of rows and arrival ranks,
+  so chunks of one pool rarely pick the same row (about G / N of them per stage).
+* Normals (`box_muller`): Box-Muller on the draw's two 24-bit uniforms, as versions 1-3, but
+  with its logarithm, sine and cosine as fixed binary32 polynomials (integer operations and
+  binary32 + - x / sqrt one at a time, no fused multiply-add): the same bits on every machine
+  from the numba kernel, its numpy reference and its torch twin, CPU or GPU. Within 5e-7 of
+  the libm transform; the tail is cut at sqrt(48 ln 2) = 5.77 as there.
+
+The cost: scoring is a float32 matrix product of the pool rows' [u^2, u] with the pool's
+chunks' coefficients (2 N D multiply-adds per stage whatever the chunking: torch's GEMM),
+and making the pools about max(2^POOL_SHIFT, N / m) x D normals per stage (N x D in versions
+1-3). `select` runs it on the CPU (numba makes the rows and picks the minima over all
+threads, torch multiplies) or on any torch device (`select_torch`: a GPU). The choice is
+the argmin of float32 scores, so two machines (or thread counts) may pick different, equally
+valid, indices where scores tie to rounding; the decoder's sample is exact either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffcodec import exact2_kernels as K
+
+POOL_SHIFT = 8  # G = N >> POOL_SHIFT chunks per pool (a format constant of stream version 4)
+ROW_ALIGN = 64  # the chunks' row offsets r_c are multiples of min(ROW_ALIGN, N) (a format constant too)
+MASK64 = (1 << 64) - 1
+GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment
+MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # its output function's multipliers
+KEY_TAG = 0x6466_6370_6F6F_6C34  # "dfcpool4": the first word of every version 4 key
+POOL_STREAM, OFFSET_STREAM, ARRIVAL_STREAM = 1, 2, 3  # key words after (seed, stage)
+
+
+# ------------------------------------------------------------------------------ normals
+# Box-Muller in binary32 (format constants: the literals' binary32 roundings). For a draw z:
+#   x = (z >> 40) + 1 in [1, 2^24], x = 2^e m with m in [sqrt(1/2), sqrt(2)] (from x's bits;
+#   m > sqrt(2): m / 2, e + 1, exact), s = (m - 1) / (m + 1),
+#   ln m = 2 s (1 + s^2/3 + s^4/5 + s^6/7 + s^8/9) (Horner from s^8/9), t = (24 - e) ln2 - ln m
+#   (= -ln(x 2^-24) >= 0), r = sqrt(2 t);
+#   k = z & (2^24 - 1): octant o = k >> 21, f = k & (2^21 - 1), g = f (o even) or 2^21 - f
+#   (o odd), phi = g C in [0, pi/4], C = pi / 2^23; sin phi, cos phi by their Taylor
+#   polynomials to phi^9 and phi^8 (Horner); the octant's symmetry swaps and negates them
+#   (bit operations); the pair is (r cos, r sin).
+_F = np.float32
+BM_ONE, BM_HALF, BM_TWO = _F(1.0), _F(0.5), _F(2.0)
+BM_LN2 = _F(math.log(2.0))
+BM_LOG = (_F(1 / 9), _F(1 / 7), _F(1 / 5), _F(1 / 3))
+BM_SIN = (_F(1 / 362880), _F(1 / 5040), _F(1 / 120), _F(1 / 6))
+BM_COS = (_F(1 / 40320), _F(1 / 720), _F(1 / 24))
+BM_ANGLE = _F(math.pi / 2**23)  # pi/4 per 2^21
+BM_SQRT2_BITS = 0x3FB504F3  # the binary32 just below sqrt(2)
+SIGN_BIT = np.int32(-(1 << 31))  # a binary32's sign bit as an int32 (0 or 1 times it: no overflow)
+
+
+def box_muller_np(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The normal pair (cos part, sin part) float32 of uint64 draws: the reference of the
+    kernels (operation for operation)."""
+    z = np.asarray(z, dtype=np.uint64)
+    x = ((z >> np.uint64(40)).astype(np.int32) + np.int32(1)).astype(np.float32)
+    bits = x.view(np.int32)
+    e = (bits >> 23) - 127
+    mb = (bits & 0x007FFFFF) | 0x3F800000
+    big = (mb > BM_SQRT2_BITS).astype(np.int32)
+    m = (mb - (big << 23)).astype(np.int32).view(np.float32)
+    e = e + big
+    s = (m - BM_ONE) / (m + BM_ONE)
+    s2 = s * s
+    p = s2 * BM_LOG[0] + BM_LOG[1]
+    p = p * s2 + BM_LOG[2]
+    p = p * s2 + BM_LOG[3]
+    p = p * s2 + BM_ONE
+    lnm = BM_TWO * s * p
+    t = (24 - e).astype(np.float32) * BM_LN2 - lnm
+    r = np.sqrt(BM_TWO * t)
+    k = (z & np.uint64(0xFFFFFF)).astype(np.int32)
+    o = k >> 21
+    f = k & 0x1FFFFF
+    g = f + (o & 1) * (0x200000 - f - f)
+    ph = g.astype(np.float32) * BM_ANGLE
+    q = ph * ph
+    sn = q * BM_SIN[0] - BM_SIN[1]
+    sn = sn * q + BM_SIN[2]
+    sn = sn * q - BM_SIN[3]
+    sn = sn * q * ph + ph
+    cs = q * BM_COS[0] - BM_COS[1]
+    cs = cs * q + BM_COS[2]
+    cs = cs * q - BM_HALF
+    cs = cs * q + BM_ONE
+    swap = -(((o + 1) >> 1) & 1)  # all ones where sine and cosine trade places
+    sb, cb = sn.view(np.int32), cs.view(np.int32)
+    c1 = ((sb & swap) | (cb & ~swap)) ^ ((((o + 2) >> 2) & 1) * SIGN_BIT)
+    s1 = ((cb & swap) | (sb & ~swap)) ^ ((o >> 2) * SIGN_BIT)
+    return r * c1.astype(np.int32).view(np.float32), r * s1.astype(np.int32).view(np.float32)
+
+
+def _sqrt32(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded binary32 square root: numpy's (the hardware's) on the CPU, where
+    torch's vectorised float32 sqrt is 1 ulp off for about 0.7% of values; CUDA's is IEEE."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
+    return torch.sqrt(x)
+
+
+def box_muller_torch(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`box_muller_np` on int64 draws in torch (any device): the same bits."""
+    dev = z.device
+    x = (((z >> 40) & 0xFFFFFF) + 1).to(torch.float32)
+    bits = x.view(torch.int32)
+    e = (bits >> 23) - 127
+    mb = (bits & 0x007FFFFF) | 0x3F800000
+    big = (mb > BM_SQRT2_BITS).to(torch.int32)
+    m = (mb - (big << 23)).view(torch.float32)
+    e = e + big
+    one, half, two = (torch.tensor(v, device=dev) for v in (BM_ONE, BM_HALF, BM_TWO))
+    s = (m - one) / (m + one)
+    s2 = s * s
+    p = s2 * BM_LOG[0].item() + BM_LOG[1].item()
+    p = p * s2 + BM_LOG[2].item()
+    p = p * s2 + BM_LOG[3].item()
+    p = p * s2 + one
+    lnm = two * s * p
+    t = (24 - e).to(torch.float32) * BM_LN2.item() - lnm
+    r = _sqrt32(two * t)
+    k = (z & 0xFFFFFF).to(torch.int32)
+    o = k >> 21
+    f = k & 0x1FFFFF
+    g = f + (o & 1) * (0x200000 - f - f)
+    ph = g.to(torch.float32) * BM_ANGLE.item()
+    q = ph * ph
+    sn = q * BM_SIN[0].item() - BM_SIN[1].item()
+    sn = sn * q + BM_SIN[2].item()
+    sn = sn * q - BM_SIN[3].item()
+    sn = sn * q * ph + ph
+    cs = q * BM_COS[0].item() - BM_COS[1].item()
+    cs = cs * q + BM_COS[2].item()
+    cs = cs * q - half
+    cs = cs * q + one
+    swap = -(((o + 1) >> 1) & 1)
+    sb, cb = sn.view(torch.int32), cs.view(torch.int32)
+    c1 = ((sb & swap) | (cb & ~swap)) ^ ((((o + 2) >> 2) & 1) * SIGN_BIT)
+    s1 = ((cb & swap) | (sb & ~swap)) ^ ((o >> 2) * SIGN_BIT)
+    return r * c1.view(torch.float32), r * s1.view(torch.float32)
+
+
+# ------------------------------------------------------------------ counter-based draws
+
+
+def mix64(z: int) -> int:
+    """SplitMix64's output function on a Python int (mod 2^64)."""
+    z &= MASK64
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(*words: int) -> int:
+    """The 64-bit key of a stream named by non-negative integers (seed, stage, stream, ...)."""
+    z = KEY_TAG
+    for w in words:
+        if int(w) < 0:
+            raise ValueError(f"rcc_pool: key words must be non-negative, got {words!r}")
+        z = mix64(z + (int(w) + 1) * GAMMA)
+    return z
+
+
+def draws_np(key: int | np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """uint64 draws i of the stream ``key``: mix64(key + (i + 1) gamma), numpy."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(key, dtype=np.uint64) + (np.asarray(counters, dtype=np.uint64) + np.uint64(1)) * np.uint64(GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
+        return z ^ (z >> np.uint64(31))
+
+
+def _signed(x: int) -> int:
+    """A 64-bit word as the int64 of the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def draws_torch(key: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """`draws_np` in int64 torch arithmetic (wrapping products, logical shifts by masking)."""
+    z = key + (counters + 1) * _signed(GAMMA)
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _signed(MIX1)
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _signed(MIX2)
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+# ---------------------------------------------------------------------------- a stage's plan
+
+
+def stage_candidates(kappa_bits: float, pad_bits: float, log2_candidates: int) -> int:
+    """N: the candidates of every chunk of a version 4 stage of nominal chunk KL kappa (bits)."""
+    return 1 << min(max(math.ceil(kappa_bits + pad_bits), 1), log2_candidates)
+
+
+def chunks_per_pool(num_candidates: int) -> int:
+    """G: chunks sharing one pool of rows."""
+    return max(1, num_candidates >> POOL_SHIFT)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What both sides derive for a version 4 stage: its chunks (a permutation of the D
+    dimensions cut in m near-equal runs, `np.array_split`'s sizes), N, G and the chunks'
+    row offsets."""
+
+    seed: int
+    stage: int
+    perm: np.ndarray  # int64 [D]: chunk c holds dims perm[bounds[c]:bounds[c+1]], in that order
+    bounds: np.ndarray  # int64 [m + 1]
+    num_candidates: int  # N
+    chunks_per_pool: int  # G
+    offsets: np.ndarray  # int64 [m]: r_c in [0, N), a multiple of min(ROW_ALIGN, N)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def draws_per_row(self) -> int:
+        """h: draws per pool row (a row is 2h normals, the largest chunk's d rounded up to even)."""
+        return (int(np.max(np.diff(self.bounds))) + 1) // 2
+
+    @property
+    def num_pools(self) -> int:
+        return -(-self.num_chunks // self.chunks_per_pool)
+
+    def pool_keys(self) -> np.ndarray:
+        """uint64 [P]: each pool's stream key."""
+        return np.array([stream_key(self.seed, self.stage, POOL_STREAM, p) for p in range(self.num_pools)],
+                        dtype=np.uint64)
+
+
+def plan_stage(seed: int, stage: int, perm: np.ndarray, num_chunks: int, kappa_bits: float, pad_bits: float,
+               log2_candidates: int) -> StagePlan:
+    """The version 4 plan of a stage whose dimensions ``perm`` are cut into ``num_chunks`` chunks."""
+    num_dims = len(perm)
+    if not 1 <= num_chunks <= num_dims:
+        raise ValueError(f"rcc_pool: {num_chunks} chunks of {num_dims} dimensions")
+    q, r = divmod(num_dims, num_chunks)
+    sizes = np.full(num_chunks, q, dtype=np.int64)
+    sizes[:r] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = stage_candidates(kappa_bits, pad_bits, log2_candidates)
+    align = min(ROW_ALIGN, n)
+    offsets = draws_np(stream_key(seed, stage, OFFSET_STREAM), np.arange(num_chunks)) & np.uint64(n - align)
+    return StagePlan(int(seed), int(stage), np.ascontiguousarray(perm, dtype=np.int64), bounds, n,
+                     chunks_per_pool(n), offsets.astype(np.int64))
+
+
+def chunk_matrix(plan: StagePlan, values: np.ndarray) -> np.ndarray:
+    """float32 [m, 2h]: row c holds ``values`` (float [D]) of chunk c's dims in its order, zero padded."""
+    m, width = plan.num_chunks, 2 * plan.draws_per_row
+    out = np.zeros((m, width), dtype=np.float32)
+    sizes = np.diff(plan.bounds)
+    v = np.asarray(values)[plan.perm].astype(np.float32)
+    for size in np.unique(sizes):  # array_split: at most two sizes, each a contiguous run of chunks
+        rows = np.flatnonzero(sizes == size)
+        start = plan.bounds[rows[0]]
+        out[rows[0] : rows[-1] + 1, :size] = v[start : start + len(rows) * size].reshape(len(rows), size)
+    return out
+
+
+def arrival_log_times(plan: StagePlan, count: int) -> np.ndarray:
+    """float32 [count]: log T_k of the stage's shared rate-1 Poisson arrivals (encoder only: libm)."""
+    key = stream_key(plan.seed, plan.stage, ARRIVAL_STREAM)
+    u = ((draws_np(key, np.arange(count)) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    return np.log(np.cumsum(-np.log(u))).astype(np.float32)
+
+
+def log_weight_coefficients(q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: np.ndarray,
+                            p_log_var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) float64 [D]: log q(z)/p(z) at z = mean_p + std_p u is sum a u^2 + b u + const
+    (`rcc.LogWeight`; the search needs no constant)."""
+    ratio = np.exp(p_log_var - q_log_var)
+    a = 0.5 * (1.0 - ratio)
+    b = -(p_mean - q_mean) * np.exp(0.5 * p_log_var - q_log_var)
+    return a, b
+
+
+# --------------------------------------------------------------------------- numba kernels
+
+if K.numba is not None:
+    from llvmlite import ir as _ir
+    from numba import prange, types as _nbt
+    from numba.core.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _f32_bits(typingctx, x):
+        """The int32 holding a binary32's bits (a bitcast)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.IntType(32))
+        return _nbt.int32(_nbt.float32), codegen
+
+    _f32_from_bits = K._f32_from_bits
+    _U64 = np.uint64
+    _GAMMA_U, _MIX1_U, _MIX2_U = _U64(GAMMA), _U64(MIX1), _U64(MIX2)
+    _L0, _L1, _L2, _L3 = BM_LOG
+    _S0, _S1, _S2, _S3 = BM_SIN
+    _C0, _C1, _C2 = BM_COS
+    _I32 = np.int32
+
+    @K.njit(inline="always")
+    def _draw(key, i):
+        z = key + (_U64(i) + _U64(1)) * _GAMMA_U
+        z = (z ^ (z >> _U64(30))) * _MIX1_U
+        z = (z ^ (z >> _U64(27))) * _MIX2_U
+        return z ^ (z >> _U64(31))
+
+    @K.njit(inline="always")
+    def _box_muller(z):
+        """`box_muller_np` of one draw, operation for operation (no fast-math: no FMA)."""
+        x = _I32(z >> _U64(40)) + _I32(1)
+        bits = _f32_bits(np.float32(x))
+        e = (bits >> _I32(23)) - _I32(127)
+        mb = (bits & _I32(0x007FFFFF)) | _I32(0x3F800000)
+        big = _I32(mb > _I32(BM_SQRT2_BITS))
+        m = _f32_from_bits(_I32(mb - (big << _I32(23))))
+        e = e + big
+        s = (m - BM_ONE) / (m + BM_ONE)
+        s2 = s * s
+        p = s2 * _L0 + _L1
+        p = p * s2 + _L2
+        p = p * s2 + _L3
+        p = p * s2 + BM_ONE
+        lnm = BM_TWO * s * p
+        t = np.float32(_I32(24) - e) * BM_LN2 - lnm
+        r = np.sqrt(BM_TWO * t)
+        k = _I32(z & _U64(0xFFFFFF))
+        o = k >> _I32(21)
+        f = k & _I32(0x1FFFFF)
+        g = f + (o & _I32(1)) * (_I32(0x200000) - f - f)
+        ph = np.float32(g) * BM_ANGLE
+        q = ph * ph
+        sn = q * _S0 - _S1
+        sn = sn * q + _S2
+        sn = sn * q - _S3
+        sn = sn * q * ph + ph
+        cs = q * _C0 - _C1
+        cs = cs * q + _C2
+        cs = cs * q - BM_HALF
+        cs = cs * q + BM_ONE
+        swap = -(((o + _I32(1)) >> _I32(1)) & _I32(1))
+        sb, cb = _f32_bits(sn), _f32_bits(cs)
+        c1 = _I32(((sb & swap) | (cb & ~swap)) ^ ((((o + _I32(2)) >> _I32(2)) & _I32(1)) * SIGN_BIT))
+        s1 = _I32(((cb & swap) | (sb & ~swap)) ^ ((o >> _I32(2)) * SIGN_BIT))
+        return r * _f32_from_bits(c1), r * _f32_from_bits(s1)
+
+    def _sample_body(keys, rows, sizes, starts, h, perm, out):
+        """out[perm[starts[c] + j]] = column j (< sizes[c]) of row rows[c] of the stream keys[c]."""
+        for c in prange(len(rows)):
+            base = rows[c] * h
+            key = keys[c]
+            s0, size = starts[c], sizes[c]
+            for i in range((size + 1) // 2):
+                lo, hi = _box_muller(_draw(key, base + i))
+                out[perm[s0 + 2 * i]] = lo
+                if 2 * i + 1 < size:
+                    out[perm[s0 + 2 * i + 1]] = hi
+
+    _sample_kernel = K._Kernel(_sample_body)
+
+    def _rows_body(keys, row0, h, out):
+        """out[p, 2i + e, n] = (u^2 of) and out[p, 2h + 2i + e, n] = column 2i + e of row
+        row0 + n of pool keys[p] (float32 [P, 4h, R]: the search's [u^2; u] columns)."""
+        P, _, R = out.shape
+        for job in prange(P * h):
+            p = job // h
+            i = job - p * h
+            key = keys[p]
+            sq0, sq1, v0, v1 = out[p, 2 * i], out[p, 2 * i + 1], out[p, 2 * h + 2 * i], out[p, 2 * h + 2 * i + 1]
+            for n in range(R):
+                lo, hi = _box_muller(_draw(key, (row0 + n) * h + i))
+                v0[n] = lo
+                v1[n] = hi
+                sq0[n] = lo * lo
+                sq1[n] = hi * hi
+
+    _rows_kernel = K._Kernel(_rows_body)
+
+    @K.numba.njit(fastmath=True, error_model="numpy", inline="always")
+    def _run_min(log_times, base, row, start, acc):
+        """min over t < ROW_ALIGN of log_times[base + t] - row[start + t] (16 lanes, then across)."""
+        lt = log_times[base : base + ROW_ALIGN]
+        rr = row[start : start + ROW_ALIGN]
+        for lane in range(16):
+            acc[lane] = lt[lane] - rr[lane]
+        for t0 in range(16, ROW_ALIGN, 16):
+            for lane in range(16):
+                x = lt[t0 + lane] - rr[t0 + lane]
+                acc[lane] = x if x < acc[lane] else acc[lane]
+        m = acc[0]
+        for lane in range(1, 16):
+            m = acc[lane] if acc[lane] < m else m
+        return m
+
+    def _pick_body(scores, row0, first, stride, offsets, counts, log_times, best_v, best_k):
+        """For chunk first + p stride + j (scores [Q, g, R]: pool p's chunk j, rows row0 ..): the
+        (score, k) minimum of log_times[k] - scores[p, j, n] over k = (row0 + n) XOR r_c below
+        the chunk's count, merged into best (ties: the smaller k). r_c and R are multiples of
+        ROW_ALIGN (or R = N < ROW_ALIGN, r_c = 0), so an aligned run of ROW_ALIGN rows is an
+        aligned run of k, all below the count or none (counts >= ROW_ALIGN), and meets a
+        contiguous run of log_times: vector loops, no gathers; a run's minimum is searched for
+        its index only where it is the chunk's."""
+        Q, g, R = scores.shape
+        runs = R // ROW_ALIGN
+        for job in prange(Q * g):
+            p = job // g
+            j = job - p * g
+            c = first + p * stride + j
+            row = scores[p, j]
+            r, nc = offsets[c], counts[c]
+            if R < ROW_ALIGN or nc < ROW_ALIGN:  # short runs: a plain loop over the valid k
+                bv, bk = best_v[c], best_k[c]
+                for n in range(R):
+                    k = (row0 + n) ^ r
+                    if k < nc:
+                        v = log_times[k] - row[n]
+                        if v < bv or (v == bv and k < bk):
+                            bv, bk = v, k
+                best_v[c], best_k[c] = bv, bk
+                continue
+            acc = np.empty(16, np.float32)
+            run_min = np.full(runs, np.inf, np.float32)
+            for b in range(runs):
+                base = (row0 + b * ROW_ALIGN) ^ r
+                if base < nc:
+                    run_min[b] = _run_min(log_times, base, row, b * ROW_ALIGN, acc)
+            vmin = run_min[0]
+            for b in range(1, runs):
+                vmin = run_min[b] if run_min[b] < vmin else vmin
+            if vmin > best_v[c] or vmin == np.inf:
+                continue
+            bk = best_k[c] if vmin == best_v[c] else np.int64(1) << 62
+            for b in range(runs):
+                if run_min[b] == vmin:
+                    base = (row0 + b * ROW_ALIGN) ^ r
+                    for t in range(ROW_ALIGN):
+                        if log_times[base + t] - row[b * ROW_ALIGN + t] == vmin:
+                            bk = min(bk, base + t)
+            best_v[c], best_k[c] = vmin, bk
+
+    _pick_kernel = K._Kernel(_pick_body)
+
+
+def _use_numba() -> bool:
+    return K.numba_available()
+
+
+# ------------------------------------------------------------------------------- decoding
+
+
+def samples(plan: StagePlan, indices: np.ndarray) -> np.ndarray:
+    """The standardised sample u (float32 [D]) that a stage's chunk indices select: chunk c's
+    dims get the first d_c columns of row indices[c] XOR r_c of its pool (exact: the same bits
+    on every machine; what the decoder makes, and the encoder after its search)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) != plan.num_chunks or (indices < 0).any():
+        raise ValueError(f"rcc_pool: {len(indices)} indices for {plan.num_chunks} chunks")
+    if not _use_numba():
+        return samples_torch(plan, indices).numpy()
+    K.sync_threads()
+    keys = plan.pool_keys()[np.arange(plan.num_chunks) // plan.chunks_per_pool]
+    out = np.empty(len(plan.perm), dtype=np.float32)
+    _sample_kernel(len(plan.perm), keys, indices ^ plan.offsets, np.diff(plan.bounds), plan.bounds[:-1],
+                   plan.draws_per_row, plan.perm, out)
+    return out
+
+
+def pool_rows_torch(keys: torch.Tensor, rows: torch.Tensor, h: int) -> torch.Tensor:
+    """float32 [..., R, 2h]: rows ``rows`` [R] of the pools ``keys`` [...] (int64 words), torch."""
+    counters = rows[:, None] * h + torch.arange(h, device=rows.device)[None]  # [R, h]
+    lo, hi = box_muller_torch(draws_torch(keys[..., None, None], counters))
+    return torch.stack([lo, hi], dim=-1).reshape(*keys.shape, len(rows), 2 * h)
+
+
+def _keys_tensor(plan: StagePlan, device: torch.device | str) -> torch.Tensor:
+    return torch.tensor([_signed(int(k)) for k in plan.pool_keys()], dtype=torch.int64, device=device)
+
+
+def samples_torch(plan: StagePlan, indices: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`samples` in torch (the twin of the numba kernel: the same bits): float32 [D] on ``device``."""
+    h, m = plan.draws_per_row, plan.num_chunks
+    keys = _keys_tensor(plan, device)[torch.arange(m, device=device) // plan.chunks_per_pool]
+    rows = torch.as_tensor(np.asarray(indices, dtype=np.int64) ^ plan.offsets, device=device)
+    counters = rows[:, None] * h + torch.arange(h, device=device)[None]  # [m, h]
+    lo, hi = box_muller_torch(draws_torch(keys[:, None], counters))
+    values = torch.stack([lo, hi], dim=2).reshape(m, 2 * h)
+    sizes = torch.as_tensor(np.diff(plan.bounds), device=device)
+    keep = torch.arange(2 * h, device=device)[None] < sizes[:, None]
+    out = torch.empty(len(plan.perm), dtype=torch.float32, device=device)
+    out[torch.as_tensor(plan.perm, device=device)] = values[keep]
+    return out
+
+
+# ------------------------------------------------------------------------------- the search
+
+SEARCH_BLOCK_ELEMENTS = 1 << 18  # float32 elements of the rows' [u^2; u] block and of its scores
+
+
+def _blocking(h: int, g: int, num_candidates: int, num_pools: int) -> tuple[int, int]:
+    """(rows R, pools Q) per block: [Q, 4h, R] rows and [Q, G, R] scores of about
+    SEARCH_BLOCK_ELEMENTS each (R a power of two, 64 .. N)."""
+    width = max(4 * h, g)
+    rows = 1 << max(6, (SEARCH_BLOCK_ELEMENTS // width).bit_length() - 1)  # >= ROW_ALIGN
+    rows = min(rows, num_candidates, 1 << 14)  # N < ROW_ALIGN: one run of N rows (r_c = 0)
+    pools = max(1, min(num_pools, SEARCH_BLOCK_ELEMENTS // (width * rows)))
+    return rows, pools
+
+
+def _coefficients(plan: StagePlan, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
+    """float32 [P, G, 4h]: each pool's chunks' [a | b] in row order (padding chunks zero)."""
+    m, g, h = plan.num_chunks, plan.chunks_per_pool, plan.draws_per_row
+    coef = torch.zeros(plan.num_pools * g, 4 * h, dtype=torch.float32)
+    coef[:m, : 2 * h] = torch.from_numpy(chunk_matrix(plan, a))
+    coef[:m, 2 * h :] = torch.from_numpy(chunk_matrix(plan, b))
+    return coef.reshape(plan.num_pools, g, 4 * h)
+
+
+def chunk_counts(kl_bits: np.ndarray, pad_bits: float, log2_candidates: int) -> np.ndarray:
+    """The encoder's candidates per chunk (int64 [m]): 2^min(max(ceil(KL_c + pad), 1), L), each
+    chunk's own KL as versions 1-3 chose them (the decoder needs no count: only r_c)."""
+    log2 = np.minimum(np.maximum(np.ceil(np.asarray(kl_bits, dtype=np.float64) + pad_bits), 1), log2_candidates)
+    return (np.int64(1) << log2.astype(np.int64)).astype(np.int64)
+
+
+def _counts_and_rows(plan: StagePlan, counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each chunk's count (N when not given) and each pool's rows: max(N, its chunks' counts)."""
+    m, G, P = plan.num_chunks, plan.chunks_per_pool, plan.num_pools
+    counts = np.full(m, plan.num_candidates, dtype=np.int64) if counts is None else np.asarray(counts, np.int64)
+    if len(counts) != m or (counts < 1).any() or (counts & (counts - 1)).any():
+        raise ValueError("rcc_pool: a count per chunk, each a power of two")
+    padded = np.full(P * G, 1, dtype=np.int64)
+    padded[:m] = counts
+    return counts, np.maximum(padded.reshape(P, G).max(axis=1), plan.num_candidates)
+
+
+def select(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | None = None, *,
+           device: torch.device | str = "cpu") -> np.ndarray:
+    """The encoder's indices (int64 [m]): for each chunk c the k < counts[c] (default N)
+    minimising log T_k - log w(u_k) (float32 scores; ties keep the smaller k). ``a``, ``b``:
+    `log_weight_coefficients` [D]. A pool's rows run to the largest count of its chunks (at
+    least N): rows k XOR r_c, k < count, lie there as r_c < N. On the CPU: blocks of rows of a
+    few pools at a time, made by numba, scored by one batched float32 matrix product (torch),
+    minima picked by numba; every thread works on each step. On another device (a GPU), or
+    without numba: `select_torch`."""
+    if torch.device(device).type != "cpu" or not _use_numba():
+        return select_torch(plan, a, b, counts, device=device)
+    K.sync_threads()
+    h, G, m, P = plan.draws_per_row, plan.chunks_per_pool, plan.num_chunks, plan.num_pools
+    counts, pool_rows = _counts_and_rows(plan, counts)
+    coef = _coefficients(plan, a, b)
+    log_times = arrival_log_times(plan, int(pool_rows.max()))
+    keys = plan.pool_keys()
+    best_v = np.full(m, np.inf, dtype=np.float32)
+    best_k = np.zeros(m, dtype=np.int64)
+    p0 = 0
+    while p0 < P:  # runs of pools of one size (g chunks, n rows): one batched product per block of rows
+        g, n = (G if p0 < P - 1 else m - p0 * G), int(pool_rows[p0])
+        rows, pools = _blocking(h, g, n, P - p0)
+        q = 1
+        while q < pools and p0 + q < P - 1 and pool_rows[p0 + q] == n:
+            q += 1
+        buf = np.empty((q, 4 * h, rows), dtype=np.float32)
+        scores = torch.empty((q, g, rows), dtype=torch.float32)
+        for row0 in range(0, n, rows):
+            _rows_kernel(q * h * rows, keys[p0 : p0 + q], row0, h, buf)
+            torch.bmm(coef[p0 : p0 + q, :g], torch.from_numpy(buf), out=scores)
+            _pick_kernel(q * g * rows, scores.numpy(), row0, p0 * G, G, plan.offsets, counts, log_times, best_v,
+                         best_k)
+        p0 += q
+    return best_k
+
+
+def select_torch(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | None = None, *,
+                 device: torch.device | str = "cpu") -> np.ndarray:
+    """`select` in torch on ``device`` (a GPU: rows made there, one batched matrix product per
+    block of rows for all pools, minima by torch). The same arithmetic as `select` up to
+    float32 summation order, so the same choice save for near ties."""
+    device = torch.device(device)
+    h, G, m, P = plan.draws_per_row, plan.chunks_per_pool, plan.num_chunks, plan.num_pools
+    counts, pool_rows = _counts_and_rows(plan, counts)
+    n_max = int(pool_rows.max())
+    coef = _coefficients(plan, a, b).to(device)
+    r = torch.zeros(P * G, dtype=torch.int64)
+    r[:m] = torch.from_numpy(plan.offsets)
+    r = r.reshape(P, G, 1).to(device)
+    nc = torch.ones(P * G, dtype=torch.int64)
+    nc[:m] = torch.from_numpy(counts)
+    nc = nc.reshape(P, G, 1).to(device)
+    log_times = torch.from_numpy(arrival_log_times(plan, n_max)).to(device)
+    keys = _keys_tensor(plan, device)
+    rows, _ = _blocking(h, G, n_max, P)
+    rows = min(n_max, max(rows, 1 << 12))
+    best_v = torch.full((P, G), math.inf, device=device)
+    best_k = torch.zeros((P, G), dtype=torch.int64, device=device)
+    for row0 in range(0, n_max, rows):
+        idx = torch.arange(row0, min(n_max, row0 + rows), device=device)
+        u = pool_rows_torch(keys, idx, h)  # [P, R, 2h]
+        scores = torch.bmm(coef, torch.cat([u * u, u], dim=2).transpose(1, 2))  # [P, G, R]
+        k = idx[None, None, :] ^ r  # [P, G, R]
+        valid = k < nc
+        v = torch.where(valid, log_times[torch.where(valid, k, 0)] - scores, math.inf)
+        vmin = v.min(dim=2, keepdim=True).values
+        kmin = torch.where((v == vmin) & valid, k, torch.full_like(k, 1 << 62)).min(dim=2).values  # ties: smaller k
+        vmin = vmin[..., 0]
+        better = (vmin < best_v) | ((vmin == best_v) & (kmin < best_k))
+        best_v = torch.where(better, vmin, best_v)
+        best_k = torch.where(better, kmin, best_k)
+    return best_k.reshape(-1)[:m].cpu().numpy().astype(np.int64)
