@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing)
     p.add_argument("--chunk-bits", type=float, default=d.chunk_bits)
     p.add_argument("--pad-bits", type=float, default=d.pad_bits)
+    p.add_argument("--stream-version", type=int, default=d.version,
+                   help=f"progressive stream version to write (default {d.version}; 3: per-chunk candidates, `rcc`)")
     p.add_argument("--log2-candidates", type=int, default=d.log2_candidates)
     p.add_argument("--min-stage-bits", type=float, default=d.min_stage_bits,
                    help=f"skip a stage whose KL is below this (default {d.min_stage_bits})")
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = ProgressiveParams(num_steps=args.steps, spacing=args.spacing, chunk_bits=args.chunk_bits,
                                       pad_bits=args.pad_bits, log2_candidates=args.log2_candidates, seed=args.seed,
-                                      min_stage_bits=args.min_stage_bits)
+                                      min_stage_bits=args.min_stage_bits, version=args.stream_version)
     except ValueError as e:
         raise DiffcodecError(str(e)) from None
     prov = provenance(args, loaded, args.seed, device=device, command=command)

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     selector = RecordingSelector(args.rule, small_stage_bits=args.small_stage_bits, small_stage_pad=args.small_stage_pad)
     out = args.out or REPORTS_DIR / f"rcc_chain_{args.rule}.json"
+    if "--stream-version" not in rest:  # the rules act on version 3's per-chunk candidates (`rcc`), not version 4's pools
+        rest += ["--stream-version", "3"]
     if "--perturb" not in rest:  # the perturbation study encodes once more, outside the per-image rows
         rest += ["--perturb", "0"]
     checks: list[int] = []

@@ -62,6 +62,11 @@ EXP32_ARG_LIMIT = _F32(87.0)
 EXP32_COEFFS = tuple(_F32(c) for c in exact._INV_FACTORIAL[:8])  # 1/n!, n = 0..7
 SILU_MIN_F32, SILU_ARGMIN_F32 = _F32(SILU_MIN), _F32(SILU_ARGMIN)
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: numba's cache goes without the lock
+    fcntl = None
+
 try:  # the CPU kernels; without numba the torch twins run instead (same bits, slower)
     import numba
     from llvmlite import ir as _llvm_ir
@@ -118,8 +123,42 @@ if numba is not None:
 
     def njit(*args, **kwargs):
         """numba.njit without Python's division-by-zero checks (IEEE results instead, as
-        torch's), which would keep LLVM from vectorising; never fast-math."""
-        return numba.njit(*args, error_model="numpy", **kwargs)
+        torch's), which would keep LLVM from vectorising; never fast-math. A cached kernel's
+        cache is read and written under an inter-process lock (`_locked_cache`)."""
+        made = numba.njit(*args, error_model="numpy", **kwargs)
+        if kwargs.get("cache") and not args:
+            return lambda fn: _locked_cache(made(fn))
+        return made
+
+    def _locked_cache(dispatcher):
+        """numba's cache files are not safe for processes compiling the same kernel at once
+        (two ranks started together on a fresh install): each picks data file numbers from the
+        index it read, so one can overwrite the other's entry and a third load another
+        signature's code (measured: "terminate called", SIGABRT, about one start in two). Its
+        loads and saves here hold an exclusive lock on a file in the cache folder, so each save
+        re-reads the index under the lock."""
+        cache = getattr(dispatcher, "_cache", None)
+        if cache is None or not hasattr(cache, "_cache_path") or fcntl is None:
+            return dispatcher
+        lock_path = os.path.join(cache._cache_path, "diffcodec-numba.lock")
+
+        def locked(method):
+            def call(*args, **kwargs):
+                try:
+                    handle = open(lock_path, "a")
+                except OSError:  # an unwritable cache folder: numba then caches nothing anyway
+                    return method(*args, **kwargs)
+                with handle:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    try:
+                        return method(*args, **kwargs)
+                    finally:
+                        fcntl.flock(handle, fcntl.LOCK_UN)
+            return call
+
+        cache.load_overload = locked(cache.load_overload)
+        cache.save_overload = locked(cache.save_overload)
+        return dispatcher
 
     class _Kernel:
         """One kernel body compiled twice (cached): serial, and with its prange loops over
