@@ -244,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        from diffcodec import distributed
+
+        distributed.finish(wait=True)  # under torchrun: the ranks leave together
+        return code
     except DiffcodecError as e:
         from diffcodec.distributed import error_line
 

@@ -135,10 +135,16 @@ def init(device: torch.device | str = "cpu") -> World:
     return _current
 
 
-def finish() -> None:
-    """Leave the process group (registered at exit by `init`)."""
+def finish(wait: bool = False) -> None:
+    """Leave the process group (registered at exit by `init`). ``wait`` (a command that ended
+    normally, `cli.main`): every rank first waits for the others, since a rank that left while
+    a peer still talked to it aborted that peer at exit ("terminate called without an active
+    exception", measured in about one run in seven on 2 ranks, none in 10 with the wait)."""
     global _current
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            with contextlib.suppress(Exception):  # a peer already gone: leave anyway
+                dist.barrier()
         dist.destroy_process_group()
     _current = SINGLE
 
