@@ -133,9 +133,10 @@ if numba is not None:
     def _locked_cache(dispatcher):
         """numba's cache files are not safe for processes compiling the same kernel at once
         (two ranks started together on a fresh install): each picks data file numbers from the
-        index it read, so one can overwrite the other's entry and a third load another
-        signature's code (measured: "terminate called", SIGABRT, about one start in two). Its
-        loads and saves here hold an exclusive lock on a file in the cache folder, so each save
+        index it read, so one can overwrite the other's entry and a later load get another
+        signature's code. (A SIGABRT first blamed on this was the gloo exit race that
+        `distributed.finish` now avoids; this race itself was not observed here.) The cache's
+        loads and saves hold an exclusive lock on a file in the cache folder, so each save
         re-reads the index under the lock."""
         cache = getattr(dispatcher, "_cache", None)
         if cache is None or not hasattr(cache, "_cache_path") or fcntl is None:

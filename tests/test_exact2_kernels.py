@@ -293,9 +293,10 @@ def test_every_kernel_closes_over_constants_only_so_numba_s_cache_finds_it():
 
 
 def test_every_cached_kernel_reads_and_writes_numba_s_cache_under_the_inter_process_lock():
-    """Two processes compiling the same kernel at once (two ranks on a fresh install) raced in
-    numba's cache files: SIGABRT in about one start in two. Every cached dispatcher's load and
-    save go through `_locked_cache`, and a load leaves the lock file in the cache folder."""
+    """Two processes compiling the same kernel at once (two ranks on a fresh install) can race
+    in numba's cache files (data file numbers taken from an index each read alone). Every
+    cached dispatcher's load and save go through `_locked_cache`, and a load leaves the lock
+    file in the cache folder."""
     kernels = [v for v in vars(K).values() if isinstance(v, K._Kernel)]
     kernels += [k for v in vars(K).values() if isinstance(v, dict) for k in v.values() if isinstance(k, K._Kernel)]
     for dispatcher in [d for k in kernels for d in (k.serial, k.parallel)] + [K._norm_coefficients_nb]:
