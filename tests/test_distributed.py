@@ -40,6 +40,12 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
+def why(done: subprocess.CompletedProcess) -> str:
+    """A failed launch's stderr: its start (each rank's own words) and its end (torchrun's)."""
+    err = done.stderr
+    return err if len(err) <= 4000 else err[:2000] + "\n[...]\n" + err[-2000:]
+
+
 def torchrun(*argv: str, procs: int = 2, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
            "-m", "diffcodec", *argv]
@@ -89,7 +95,7 @@ def test_encode_on_two_processes_writes_the_shards_of_one_and_the_set_decodes(ti
               "-q"]
     assert main(["encode", str(tmp_path / "imgs"), "-o", str(tmp_path / "one.dfcset"), "--shards", "2", *common]) == 0
     done = torchrun("encode", str(tmp_path / "imgs"), "-o", str(tmp_path / "two.dfcset"), "--json", *common)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, why(done)
     report = json.loads(done.stdout)  # printed once, by rank 0
     assert report["num_shards"] == 2 and report["num_images"] == 4
     for i in range(2):
@@ -100,7 +106,7 @@ def test_encode_on_two_processes_writes_the_shards_of_one_and_the_set_decodes(ti
     assert [s["num_images"] for s in index["shards"]] == [2, 2]
     done = torchrun("decode", str(tmp_path / "two.dfcset"), "-o", str(tmp_path / "out"), "-c", str(tiny_checkpoint),
                     "-q")  # each rank decodes one shard
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, why(done)
     assert done.stdout.count("4 image(s) from 2 shard(s)") == 1  # reported once, by rank 0
     decoded = [np.asarray(Image.open(tmp_path / "out" / f"im{i}.png")) for i in range(4)]
     assert all(np.array_equal(d, im) for d, im in zip(decoded, images))
@@ -210,7 +216,7 @@ def test_two_ddp_steps_equal_one_process_steps_on_the_whole_batch(tmp_path):
     common = ["--preset", "tiny", "--steps", "2", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu"]
     assert main(["train", str(data), "--out", str(tmp_path / "one"), *common]) == 0
     done = torchrun("train", str(data), "--out", str(tmp_path / "two"), "--json", *common)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, why(done)
     assert json.loads(done.stdout)["steps"] == 2  # printed once, by rank 0
     assert "2 processes (DDP), 4 images each per step" in done.stderr
     one, two = read_state(tmp_path / "one"), read_state(tmp_path / "two")
