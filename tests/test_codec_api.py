@@ -47,8 +47,11 @@ def test_both_modes_round_trip_through_one_api_with_progress(model):
                              float64=True)
     assert isinstance(progressive, api.ProgressiveEncoding)
     assert api.read_header(progressive.data).mode == MODE_PROGRESSIVE and progressive.header.num_steps == 3
-    full = api.decode(progressive.data, model=model, device="cpu")
+    calls.clear()
+    full = api.decode(progressive.data, model=model, device="cpu", progress=lambda *c: calls.append(c))
     assert full.verified and all(np.array_equal(x, y) for x, y in zip(full.images, images))
+    # the decode bar moves at every stage (a photo's decode takes minutes), not only at the end
+    assert [c[:2] for c in calls[:3]] == [("decode", 1), ("decode", 2), ("decode", 3)] and calls[-1][1:] == (4, 4)
     part = api.decode(progressive.data, model=model, device="cpu", upto=2)
     assert not part.verified and part.stages == 2 and [im.shape for im in part.images] == [(32, 32, 3), (20, 40, 3)]
     with pytest.raises(DiffcodecError, match="apply to progressive files"):
@@ -174,3 +177,35 @@ def test_v4_refuses_a_block_of_the_wrong_version(model):
     old_stream = _progressive_file(model, images, ProgressiveParams(num_steps=3, version=2), b"\x00" * 8)
     with pytest.raises(DiffcodecError, match=r"corrupt header \(a format 4 file with a version 2 progressive block\)"):
         api.decode(old_stream, model=model, device="cpu")
+
+
+def test_progressive_network_calls_stay_within_the_batch_and_do_not_change_the_file(monkeypatch):
+    """Issue 28, bounded memory: a stage's tiles go through the network ``batch_size`` at a
+    time (`runtime.in_batches`), at encode and at decode, so the network's memory is bounded
+    by the batch, not by the image; under the exact contract the bytes do not depend on it."""
+    small = as_loaded(*seeded_model(1, image_size=8))
+    images = synthetic_images([(64, 40)], seed=7)  # 8 x 5 = 40 tiles of 8 x 8
+    seen: list[int] = []
+    real = api.network
+
+    def recording(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def call(x_t, t):
+            seen.append(int(x_t.shape[0]))
+            return fn(x_t, t)
+
+        return call
+
+    monkeypatch.setattr(api, "network", recording)
+    params = ProgressiveParams(num_steps=3, chunk_bits=6.0, log2_candidates=10)
+    sliced = api.encode(images, model=small, mode="progressive", progressive_params=params, workers=1, batch_size=7)
+    assert len(seen) > 3 and max(seen) == 7 and sum(seen) == 1 + 3 * 40  # the probe, then 3 stages of 40 tiles
+    seen.clear()
+    whole = api.encode(images, model=small, mode="progressive", progressive_params=params, workers=1, batch_size=64)
+    assert max(seen) == 40 and whole.data == sliced.data
+    seen.clear()
+    monkeypatch.setattr(api, "DEFAULT_BATCH", 7)
+    back = api.decode(sliced.data, model=small, device="cpu")
+    assert back.verified and np.array_equal(back.images[0], images[0]) and max(seen) == 7
+

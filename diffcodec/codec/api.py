@@ -69,6 +69,7 @@ from diffcodec.runtime import (
     decode_device,
     deterministic_kernels,
     device_kind,
+    in_batches,
     network,
     pick_device,
     use_threads,
@@ -78,6 +79,7 @@ from diffcodec.timesteps import chain_schedule
 MODES = ("lossless", "progressive")
 ARITHMETICS = ("exact", "float32", "float64")  # exact: decodes anywhere; float: on the encoder's machine only
 DEFAULT_STEPS = {"lossless": LOSSLESS_STEPS, "progressive": ProgressiveParams().num_steps}
+DEFAULT_BATCH = 64  # tiles per network call (the lossless chains' batch; the progressive stages' slices)
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -308,8 +310,8 @@ def _bar(progress: Progress | None, phase: str, total: int) -> Callable[..., Non
 def encode(
     images: Sequence[np.ndarray], names: Sequence[str] | None = None, *, model: LoadedModel | None = None,
     checkpoint: str | None = None, mode: str = "lossless", steps: int | None = None, spacing: str = "quadratic",
-    device: torch.device | str = "cpu", arithmetic: str = "exact", float64: bool = False, batch_size: int = 64,
-    bootstrap: bool = True,
+    device: torch.device | str = "cpu", arithmetic: str = "exact", float64: bool = False,
+    batch_size: int = DEFAULT_BATCH, bootstrap: bool = True,
     compute_bound: bool = True, chunk_bits: float = ProgressiveParams().chunk_bits, workers: int | None = None,
     progressive_params: ProgressiveParams | None = None, grid: GridConfig = GridConfig(),
     progress: Progress | None = None, target: RateTarget | None = None, contract: int = CONTRACT_VERSION,
@@ -368,7 +370,7 @@ def encode(
                 raise DiffcodecError(f"{target}: a rate target needs a progressive stream of version 3")
             control = None if target is None else RateControl(
                 target, images, lambda n, stages: file_size(replace(header, stages=stages), n), params.num_stages)
-            enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
+            enc = progressive.encode(_stage_network(model_fn, params, batch_size), dc, to_model_input(tiles).to(device),
                                      params, progress=_stage_bar(progress, "encode", params.num_stages), workers=workers,
                                      context=image_sizes_context(entries), end=control)
             header = replace(header, stages=enc.stages, params=enc.params.pack())
@@ -392,6 +394,14 @@ def encode(
     return LosslessEncoding(data, header, code.params, len(images), len(tiles), int(dims.sum()), len(code.payload),
                             code.initial_bits, bound, code.seconds, code.bound_seconds, str(device), code.cpu_seconds,
                             code.bound_cpu_seconds, code.params.bootstrap_tiles, code.bootstrap_bits)
+
+
+def _stage_network(model_fn: ModelFn, params: ProgressiveParams, batch_size: int) -> ModelFn:
+    """The progressive codec's network call on a stage's tiles: ``batch_size`` tiles at a time
+    (`runtime.in_batches`) under the exact contract or float64, whose outputs do not depend on
+    the batch; a float32 stream's whole stage in one call (its decoder must see the encoder's
+    batch: such files decode only where the encoder's arithmetic is reproduced)."""
+    return in_batches(model_fn, batch_size) if params.exact or params.network_float64 else model_fn
 
 
 def _stage_bar(progress: Progress | None, phase: str, total: int) -> Callable[[int], None] | None:
@@ -516,10 +526,12 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
     given_all = file_bits == 8 * data_bytes  # the decoder was given every byte of the file
     try:
         with deterministic_kernels():
-            dec = progressive.decode(model_fn or network(model.model, float64=params.network_float64),
+            model_fn = model_fn or network(model.model, float64=params.network_float64)
+            dec = progressive.decode(_stage_network(model_fn, params, DEFAULT_BATCH),
                                      model.diffusion_config, container.payload, params,
                                      num_bits=file_bits - header_bits, upto=limit, reconstruction=reconstruction,
-                                     device=device, context=b"" if legacy else image_sizes_context(h.images))
+                                     device=device, context=b"" if legacy else image_sizes_context(h.images),
+                                     progress=_stage_bar(progress, "decode", min(limit, params.num_stages)))
     except DamagedFileError as e:
         raise DamagedFileError(f"{where}: {e}; nothing written") from None
     except DiffcodecError as e:

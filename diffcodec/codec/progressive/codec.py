@@ -451,11 +451,13 @@ class Decoded:
 
 def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params: ProgressiveParams, *,
            num_bits: int | None = None, upto: int | None = None, reconstruction: str = "xstart",
-           device: torch.device | str = "cpu", keep_all: bool = False, context: bytes = b"") -> Decoded:
+           device: torch.device | str = "cpu", keep_all: bool = False, context: bytes = b"",
+           progress: Callable[[int], None] | None = None) -> Decoded:
     """Algorithm 4 on the first ``num_bits`` bits of the payload (all when None), at most
     ``upto`` stages. Stops at the first stage the prefix does not deliver; the image is then
     reconstructed from the last latent (``xstart``: x^_0 predicted from it, clipped;
-    ``ddim``: deterministic DDIM, eta = 0, down the rest of the coded chain).
+    ``ddim``: deterministic DDIM, eta = 0, down the rest of the coded chain). ``progress``:
+    called with each stage's index once it is decoded.
     """
     if reconstruction not in RECONSTRUCTIONS:
         raise DiffcodecError(f"unknown reconstruction {reconstruction!r}; known: {', '.join(RECONSTRUCTIONS)}")
@@ -482,6 +484,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             if keep_all:
                 xstarts.append(xstarts[-1])
                 latents.append(latents[-1])
+            if progress is not None:
+                progress(stage)
             continue
         if stage == 0:
             p_mean, p_log_var = _prior(proto)
@@ -503,6 +507,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         if keep_all:
             xstarts.append(p.pred_xstart)
             latents.append(y)
+        if progress is not None:
+            progress(stage)
     if stages == 0:
         if run.stop == "check":
             raise DamagedFileError(f"the file is damaged (the integrity check after stage {run.at_stage} failed) "
