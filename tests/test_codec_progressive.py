@@ -197,6 +197,20 @@ def test_first_enough_finds_the_smallest_passing_prefix_from_either_end():
     assert len(near_end) <= 7  # 32 bits down, then bisect within them
 
 
+def test_padded_words_equal_the_bit_by_bit_padding():
+    """`syntax.padded_words` (word by word) = the prefix's bits, then ``fill`` bits, packed."""
+    rng = np.random.default_rng(3)
+    payload = rng.integers(0, 256, 37, dtype=np.uint8).tobytes()
+    bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))
+    for num_bits in (0, 1, 7, 8, 31, 32, 33, 64, 200, 295, 296):
+        for fill in (0, 1):
+            padded = np.full(32 * (-(-num_bits // 32) + 3 + 2), fill, dtype=np.uint8)
+            padded[:num_bits] = bits[:num_bits]
+            expected = np.packbits(padded).view(">u4").astype(np.uint32)
+            got = syntax.padded_words(payload, num_bits, 3, fill)
+            assert got.dtype == np.uint32 and np.array_equal(got, expected), (num_bits, fill)
+
+
 def test_shortest_prefixes_match_a_plain_bisection_per_stage(coded):
     """The encoder's galloping, remembered search gives what a fresh bisection over the whole
     payload gives for each stage (the pixel stage included)."""

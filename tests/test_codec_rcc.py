@@ -274,3 +274,21 @@ def test_decoding_many_samples_at_once_gives_the_one_by_one_samples():
         assert all(np.array_equal(m, o) for m, o in zip(many, one_by_one))
     fast, exact_ = (rcc.pfr_decode(*items[1], exact_contract=flag) for flag in (False, True))
     assert 0 < np.abs(fast - exact_).max() < 1e-5  # two transforms of the same draws
+
+
+def test_vectorised_index_split_join_and_exponent_counts_equal_the_scalar_ones():
+    rng = np.random.default_rng(5)
+    indices = np.concatenate([np.arange(70), [2**16 - 1, 2**16, 2**17 - 1], rng.integers(0, 2**17, 500)])
+    exps, mants = rcc.split_indices(indices)
+    assert [(int(e), int(m)) for e, m in zip(exps, mants)] == [rcc.split_index(int(i)) for i in indices]
+    assert np.array_equal(rcc.join_indices(exps, mants), indices)
+    assert rcc.mantissa_sizes(exps).tolist() == [rcc.mantissa_size(int(e)) for e in exps]
+    one, many = rcc.ExponentModel(17, exact_contract=True), rcc.ExponentModel(17, exact_contract=True)
+    for e in exps:
+        one.update(3.5, int(e))
+    many.update_many(3.5, exps)
+    assert np.array_equal(one.probs(3.5), many.probs(3.5))
+    with pytest.raises(ValueError, match="negative"):
+        rcc.split_indices(np.array([3, -1]))
+    with pytest.raises(IndexError):
+        many.update_many(3.5, np.array([18]))

@@ -358,6 +358,32 @@ def mantissa_size(exponent: int) -> int:
     return 1 << (exponent - 1) if exponent >= 2 else 1
 
 
+def split_indices(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`split_index` of every index (int64 [n] >= 0): (exponents, mantissas), int64 [n]
+    (integer operations only: a stage of a photo has thousands of chunks)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size and indices.min() < 0:
+        raise ValueError("rcc: an index is negative")
+    exponents = np.zeros(indices.shape, dtype=np.int64)
+    rest = indices.copy()
+    while rest.any():  # the bit length, one bit per pass (at most MAX_LOG2_CANDIDATES + 1 passes)
+        exponents += rest > 0
+        rest >>= 1
+    return exponents, indices - np.where(exponents >= 2, np.left_shift(1, np.maximum(exponents - 1, 0)), indices)
+
+
+def join_indices(exponents: np.ndarray, mantissas: np.ndarray) -> np.ndarray:
+    """`join_index` of every (exponent, mantissa) pair: int64 [n]."""
+    exponents, mantissas = np.asarray(exponents, dtype=np.int64), np.asarray(mantissas, dtype=np.int64)
+    return np.where(exponents == 0, 0, np.left_shift(1, np.maximum(exponents - 1, 0)) + mantissas)
+
+
+def mantissa_sizes(exponents: np.ndarray) -> np.ndarray:
+    """`mantissa_size` of every exponent: int64 [n]."""
+    exponents = np.asarray(exponents, dtype=np.int64)
+    return np.where(exponents >= 2, np.left_shift(1, np.maximum(exponents - 1, 0)), 1)
+
+
 def exponent_prior(kl_bits: float, max_exponent: int, *, exact_contract: bool = False) -> np.ndarray:
     """A prior law of the PFR index's exponent for a chunk of KL ``kl_bits``: float64 [M+1].
 
@@ -432,3 +458,11 @@ class ExponentModel:
 
     def update(self, kl_bits: float, exponent: int) -> None:
         self._table(kl_bits)[exponent] += self.increment
+
+    def update_many(self, kl_bits: float, exponents: np.ndarray) -> None:
+        """`update` for each exponent, in one step (the same integer counts)."""
+        table = self._table(kl_bits)
+        exponents = np.asarray(exponents, dtype=np.int64)
+        if exponents.size and (exponents.min() < 0 or exponents.max() >= len(table)):
+            raise IndexError(f"rcc: an exponent outside 0..{len(table) - 1}")
+        np.add.at(table, exponents, self.increment)

@@ -178,8 +178,7 @@ class Syntax:
         self.levels.append(symbols.level)
         if symbols.level:
             _, kappa = self.chunking(symbols.level)
-            for i in symbols.indices:
-                self.exponents.update(kappa, rcc.split_index(int(i))[0])
+            self.exponents.update_many(kappa, rcc.split_indices(symbols.indices)[0])
         if self.params.check_bits:
             indices = np.ascontiguousarray(symbols.indices, dtype="<i8").tobytes()
             self._digest = hashlib.sha256(self._digest + struct.pack("<IB", stage, symbols.level) + indices).digest()
@@ -233,16 +232,15 @@ def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> boo
         n, kappa = syntax.chunking(symbols.level)
         if len(symbols.indices) != n:
             raise ValueError(f"progressive: level {symbols.level} needs {n} indices, got {len(symbols.indices)}")
-        parts = [rcc.split_index(int(i)) for i in symbols.indices]
-        exps = np.array([m for m, _ in parts], dtype=np.int64)
+        exps, mants = rcc.split_indices(symbols.indices)
         if exps.max() > syntax.params.log2_candidates:
             raise ValueError("progressive: an index exceeds the candidate range")
         probs = syntax.exponents.probs(kappa)
         enc.encode_categorical(exps, np.broadcast_to(probs, (n, len(probs))))
-        sizes = np.array([rcc.mantissa_size(m) for m in exps], dtype=np.int64)
+        sizes = rcc.mantissa_sizes(exps)
         coded = sizes > 1
         if coded.any():
-            enc.encode_uniform(np.array([r for (_, r) in parts], dtype=np.int64)[coded], sizes[coded])
+            enc.encode_uniform(mants[coded], sizes[coded])
     syntax.commit(symbols)
     if not syntax.check_due():
         return False
@@ -268,13 +266,32 @@ def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
     n, kappa = syntax.chunking(level)
     probs = syntax.exponents.probs(kappa)
     exps = dec.decode_categorical(np.broadcast_to(probs, (n, len(probs)))).astype(np.int64)
-    sizes = np.array([rcc.mantissa_size(int(m)) for m in exps], dtype=np.int64)
+    sizes = rcc.mantissa_sizes(exps)
     mant = np.zeros(n, dtype=np.int64)
     coded = sizes > 1
     if coded.any():
         mant[coded] = dec.decode_uniform(sizes[coded], int(coded.sum()))
-    return StageSymbols(level, np.array([rcc.join_index(int(m), int(r)) for m, r in zip(exps, mant)], dtype=np.int64))
+    return StageSymbols(level, rcc.join_indices(exps, mant))
 
+
+
+def padded_words(payload: bytes, num_bits: int, pad_words: int, fill: int) -> np.ndarray:
+    """uint32 words (big-endian bit order) of the first ``num_bits`` bits of ``payload``, every
+    later bit set to ``fill`` (0 or 1), ``pad_words`` + 2 words past the prefix's last word.
+    Word by word: an encoder's prefix search parses hundreds of prefixes of a photo's stream."""
+    prefix_words = -(-num_bits // 32)
+    words = np.full(prefix_words + pad_words + 2, 0xFFFFFFFF if fill else 0, dtype=np.uint32)
+    if prefix_words:
+        nbytes = -(-num_bits // 8)
+        raw = np.zeros(4 * prefix_words, dtype=np.uint8)
+        raw[:nbytes] = np.frombuffer(payload, dtype=np.uint8, count=nbytes)
+        head = raw.view(">u4").astype(np.uint32)
+        tail_bits = 32 * prefix_words - num_bits  # bits of the last word past the prefix
+        if tail_bits:
+            low = np.uint32((1 << tail_bits) - 1)
+            head[-1] = (head[-1] & ~low) | (low if fill else np.uint32(0))
+        words[:prefix_words] = head
+    return words
 
 
 class TwinReader:
@@ -286,15 +303,8 @@ class TwinReader:
 
     def __init__(self, payload: bytes, num_bits: int, pad_words: int) -> None:
         num_bits = max(0, min(int(num_bits), 8 * len(payload)))
-        bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))[:num_bits]
-        total_words = -(-num_bits // 32) + pad_words + 2
         self.num_bits = num_bits
-        self._decoders = []
-        for fill in (0, 1):
-            padded = np.full(32 * total_words, fill, dtype=np.uint8)
-            padded[:num_bits] = bits
-            words = np.packbits(padded).view(">u4").astype(np.uint32)
-            self._decoders.append(RangeDecoder(words))
+        self._decoders = [RangeDecoder(padded_words(payload, num_bits, pad_words, fill)) for fill in (0, 1)]
         self.failed = False
 
     def stage(self, syntax: Syntax) -> StageSymbols | None:
