@@ -44,7 +44,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.common import REPORTS_DIR, SHARED_DATA, module_command, provenance, run_main, write_report
+from bench.common import (
+    REPORTS_DIR,
+    SHARED_DATA,
+    git_revision,
+    module_command,
+    provenance,
+    read_json,
+    run_main,
+    write_report,
+)
 from diffcodec.errors import DiffcodecError
 from diffcodec.runtime import cpu_name
 
@@ -151,7 +160,7 @@ def run_mode(mode: str, image_path: Path, work: Path, threads: int | None, model
     back = np.asarray(Image.open(decoded).convert("RGB"))
     file_bytes = coded.stat().st_size
     pixels = original.shape[0] * original.shape[1]
-    row: dict[str, Any] = {"mode": mode, "file_bytes": file_bytes, "bits_per_pixel": 8 * file_bytes / pixels,
+    row: dict[str, Any] = {"mode": mode, "commit": git_revision(), "file_bytes": file_bytes, "bits_per_pixel": 8 * file_bytes / pixels,
                            "bits_per_dim": 8 * file_bytes / (3 * pixels), "encode": enc, "decode": dec,
                            "psnr_db": psnr_db(original, back), "lossless": bool(np.array_equal(back, original))}
     if not enc["report"].get("lossless", True):  # a progressive file that ends early (the default)
@@ -175,8 +184,8 @@ def render(r: dict[str, Any]) -> str:
         "call of that command, timed where it ran (its network-bound limit); network share = network seconds / "
         "wall seconds.", "",
         "| mode | command | bits/pixel | PSNR dB | wall s | CPU s | peak MiB | network calls (max batch) | network s "
-        "| network share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| network share | encode / decode | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         for side in ("encode", "decode"):
@@ -185,7 +194,9 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"| {row['mode']} {side} | `{c['command']}` | {row['bits_per_pixel']:.4f} | {psnr} "
                          f"| {c['wall_seconds']:.1f} | {c['cpu_seconds']:.1f} | {c['peak_rss_mib']:.0f} "
                          f"| {c['network_calls']} ({c['network_max_batch']}) | {c['network_seconds']:.1f} "
-                         f"| {100 * c['network_share']:.0f}% |")
+                         f"| {100 * c['network_share']:.0f}% "
+                         f"| {row['encode']['wall_seconds'] / row['decode']['wall_seconds']:.2f} "
+                         f"| {str(row['commit']['commit'])[:10]}{' (dirty)' if row['commit']['dirty'] else ''} |")
     lines += ["", "Every decoded image was checked against the input: `lossless` rows equal it pixel for pixel, "
               "the `default` row has the PSNR its encoder reported (it decodes to the encoder's reconstruction).", ""]
     return "\n".join(lines)
@@ -200,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", "-c", help="checkpoint (default: the embedded default model)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the commands (default: the CLI's choice)")
     p.add_argument("--out", default=str(REPORTS_DIR / "photo.json"), help="output JSON (default reports/photo.json)")
+    p.add_argument("--update", action="store_true",
+                   help="keep the rows of the modes not run from an existing --out of the same image (each row "
+                        "records the commit that measured it)")
     return p
 
 
@@ -236,9 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": cpu_name(), "threads": f"OMP_NUM_THREADS={args.threads}" if args.threads else "the CLI's threads",
             "rows": [],
         }
+        kept = []
+        if args.update and (old := read_json(args.out)) is not None:
+            if (old.get("image"), old.get("width"), old.get("height")) != (result["image"], w, h):
+                raise DiffcodecError(f"--update: {args.out} holds another image ({old.get('image')})")
+            kept = [row for row in old["rows"] if row["mode"] not in modes and "commit" in row]
         for mode in modes:
             print(f"bench.photo: {mode} ...", file=sys.stderr, flush=True)
             result["rows"].append(run_mode(mode, source, work, args.threads, model_args))
+            order = list(MODES)
+            result["rows"] = sorted(kept + [r for r in result["rows"] if r not in kept], key=lambda r: order.index(r["mode"]))
             write_report(args.out, result, render)  # after each mode: a long run keeps what it measured
     return 0
 
