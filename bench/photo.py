@@ -21,9 +21,11 @@ CPU seconds and peak resident memory (``wait4``). Inside the child every call of
 is timed where it happens: the codec's own calls, at its own batch sizes, in the same run.
 Their sum is the network-bound limit of that command (a codec that did nothing but run its
 network would take that long), and ``network share`` = network seconds / wall seconds is the
-fraction of that limit the command reaches. Start-up (imports, model, the exact network's
-build) counts in the wall time, as a user waits for it. Run it on a quiet machine: one
-command at a time, nothing else busy.
+fraction of that limit the command reaches. Start-up (the interpreter, imports, reading the
+model) counts in the wall time, as a user waits for it; ``codec seconds`` (the time inside
+`api.encode` / `api.decode`: the exact network's build, the coding, the checks) and ``codec
+network share`` = network seconds / codec seconds leave it out: a few seconds that matter on
+a small image only. Run it on a quiet machine: one command at a time, nothing else busy.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ from PIL import Image
 from bench.common import (
     REPORTS_DIR,
     SHARED_DATA,
-    git_revision,
     module_command,
     provenance,
     read_json,
@@ -89,6 +90,19 @@ def _timed_network(network, calls: list[tuple[str, int, float]]):
     return make
 
 
+def _timed(fn, seconds: list[float]):
+    """``fn`` adding the seconds of each call to ``seconds``."""
+
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    return call
+
+
 def child(record: str, argv: list[str]) -> int:
     """Run ``diffcodec ARGV`` in this process with every network call timed; write what it
     printed (its --json report) and the calls to ``record``."""
@@ -99,13 +113,16 @@ def child(record: str, argv: list[str]) -> int:
     calls: list[tuple[str, int, float]] = []
     api.network = _timed_network(api.network, calls)
     bitsback_file.network = _timed_network(bitsback_file.network, calls)
+    codec: list[float] = []  # seconds inside api.encode / api.decode: the codec, without start-up
+    for name in ("encode", "decode"):
+        setattr(api, name, _timed(getattr(api, name), codec))
     out = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(out):
         code = cli.main(argv)
     wall = time.perf_counter() - start
     Path(record).write_text(json.dumps({"exit": code, "stdout": out.getvalue(), "wall_seconds_in_process": wall,
-                                        "calls": calls}))
+                                        "calls": calls, "codec_seconds": sum(codec)}))
     return code
 
 
@@ -142,6 +159,8 @@ def run_child(argv: list[str], threads: int | None) -> dict[str, Any]:
         "network_seconds": network_s,
         "network_seconds_by_arithmetic": {k: sum(c[2] for c in calls if c[0] == k) for k in {c[0] for c in calls}},
         "network_share": network_s / wall if wall > 0 else None,
+        "codec_seconds": got["codec_seconds"],
+        "codec_network_share": network_s / got["codec_seconds"] if got["codec_seconds"] > 0 else None,
     }
 
 
@@ -150,7 +169,8 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
-def run_mode(mode: str, image_path: Path, work: Path, threads: int | None, model_args: list[str]) -> dict[str, Any]:
+def run_mode(mode: str, image_path: Path, work: Path, threads: int | None, model_args: list[str],
+             revision: dict[str, Any]) -> dict[str, Any]:
     original = np.asarray(Image.open(image_path).convert("RGB"))
     coded, decoded = work / f"{mode}.dfc", work / f"{mode}.png"
     enc = run_child(["encode", str(image_path), "-o", str(coded), "--json", "-q", *MODES[mode], *model_args], threads)
@@ -160,7 +180,7 @@ def run_mode(mode: str, image_path: Path, work: Path, threads: int | None, model
     back = np.asarray(Image.open(decoded).convert("RGB"))
     file_bytes = coded.stat().st_size
     pixels = original.shape[0] * original.shape[1]
-    row: dict[str, Any] = {"mode": mode, "commit": git_revision(), "file_bytes": file_bytes, "bits_per_pixel": 8 * file_bytes / pixels,
+    row: dict[str, Any] = {"mode": mode, "commit": revision, "file_bytes": file_bytes, "bits_per_pixel": 8 * file_bytes / pixels,
                            "bits_per_dim": 8 * file_bytes / (3 * pixels), "encode": enc, "decode": dec,
                            "psnr_db": psnr_db(original, back), "lossless": bool(np.array_equal(back, original))}
     if not enc["report"].get("lossless", True):  # a progressive file that ends early (the default)
@@ -182,10 +202,11 @@ def render(r: dict[str, Any]) -> str:
         f"{' (dirty)' if p['git']['dirty'] else ''}. Each command in its own process, one after the other; wall and "
         "CPU seconds and peak resident memory from the OS (start-up included); network seconds: every network "
         "call of that command, timed where it ran (its network-bound limit); network share = network seconds / "
-        "wall seconds.", "",
+        "wall seconds; codec seconds: inside `api.encode` / `api.decode` (no start-up), codec network share = "
+        "network seconds / codec seconds (–: not recorded by that row's commit).", "",
         "| mode | command | bits/pixel | PSNR dB | wall s | CPU s | peak MiB | network calls (max batch) | network s "
-        "| network share | encode / decode | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| network share | codec s | codec network share | encode / decode | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         for side in ("encode", "decode"):
@@ -195,6 +216,8 @@ def render(r: dict[str, Any]) -> str:
                          f"| {c['wall_seconds']:.1f} | {c['cpu_seconds']:.1f} | {c['peak_rss_mib']:.0f} "
                          f"| {c['network_calls']} ({c['network_max_batch']}) | {c['network_seconds']:.1f} "
                          f"| {100 * c['network_share']:.0f}% "
+                         + (f"| {c['codec_seconds']:.1f} | {100 * c['codec_network_share']:.0f}% "
+                            if c.get("codec_seconds") else "| – | – ") +
                          f"| {row['encode']['wall_seconds'] / row['decode']['wall_seconds']:.2f} "
                          f"| {str(row['commit']['commit'])[:10]}{' (dirty)' if row['commit']['dirty'] else ''} |")
     lines += ["", "Every decoded image was checked against the input: `lossless` rows equal it pixel for pixel, "
@@ -257,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             kept = [row for row in old["rows"] if row["mode"] not in modes and "commit" in row]
         for mode in modes:
             print(f"bench.photo: {mode} ...", file=sys.stderr, flush=True)
-            result["rows"].append(run_mode(mode, source, work, args.threads, model_args))
+            # the code's revision as the run started (the reports it writes later make the tree dirty)
+            result["rows"].append(run_mode(mode, source, work, args.threads, model_args, result["provenance"]["git"]))
             order = list(MODES)
             result["rows"] = sorted(kept + [r for r in result["rows"] if r not in kept], key=lambda r: order.index(r["mode"]))
             write_report(args.out, result, render)  # after each mode: a long run keeps what it measured
