@@ -135,11 +135,13 @@ def run_child(argv: list[str], threads: int | None) -> dict[str, Any]:
         record = Path(tmp) / "record.json"
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "bench.photo", "--child", str(record), "--", *argv],
-                                env=env, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        err = proc.stderr.read()
+        with open(Path(tmp) / "stderr.txt", "w+") as stderr:  # a file, not a pipe: no limit on what it says
+            proc = subprocess.Popen([sys.executable, "-m", "bench.photo", "--child", str(record), "--", *argv],
+                                    env=env, cwd=Path(__file__).resolve().parents[1], stderr=stderr)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
+            stderr.seek(0)
+            err = stderr.read()
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0 or not record.is_file():
             raise DiffcodecError(f"`diffcodec {' '.join(argv)}` failed (exit {proc.returncode}): "

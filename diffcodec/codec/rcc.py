@@ -340,48 +340,34 @@ def pfr_decode_many(items: Sequence[tuple[tuple[int, ...], int, int]], *, exact_
 # ----------------------------------------------------------------------------- index coding
 
 
-def split_index(index: int) -> tuple[int, int]:
-    """index >= 0 -> (exponent m = bit_length(index), the m - 1 bits below the leading one)."""
-    m = int(index).bit_length()
-    return m, (int(index) - (1 << (m - 1)) if m >= 2 else 0)
-
-
-def join_index(exponent: int, mantissa: int) -> int:
-    """The inverse of `split_index`."""
-    if exponent == 0:
-        return 0
-    return (1 << (exponent - 1)) + int(mantissa)
-
-
-def mantissa_size(exponent: int) -> int:
-    """How many values the mantissa of an exponent takes (1: nothing to code)."""
-    return 1 << (exponent - 1) if exponent >= 2 else 1
-
-
-def split_indices(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`split_index` of every index (int64 [n] >= 0): (exponents, mantissas), int64 [n]
-    (integer operations only: a stage of a photo has thousands of chunks)."""
-    indices = np.asarray(indices, dtype=np.int64)
-    if indices.size and indices.min() < 0:
+def split_index(index: int | np.ndarray) -> tuple:
+    """index >= 0 -> (exponent m = bit_length(index), the m - 1 bits below the leading one).
+    Element-wise on an array of indices (int64 arrays back; integer operations only: a stage
+    of a photo has thousands of chunks), Python ints for one index."""
+    idx = np.asarray(index, dtype=np.int64)
+    if idx.size and idx.min() < 0:
         raise ValueError("rcc: an index is negative")
-    exponents = np.zeros(indices.shape, dtype=np.int64)
-    rest = indices.copy()
+    exponents = np.zeros(idx.shape, dtype=np.int64)
+    rest = idx.copy()
     while rest.any():  # the bit length, one bit per pass (at most MAX_LOG2_CANDIDATES + 1 passes)
         exponents += rest > 0
         rest >>= 1
-    return exponents, indices - np.where(exponents >= 2, np.left_shift(1, np.maximum(exponents - 1, 0)), indices)
+    mantissas = np.where(exponents >= 2, idx - mantissa_size(exponents), 0)
+    return (int(exponents), int(mantissas)) if idx.ndim == 0 else (exponents, mantissas)
 
 
-def join_indices(exponents: np.ndarray, mantissas: np.ndarray) -> np.ndarray:
-    """`join_index` of every (exponent, mantissa) pair: int64 [n]."""
-    exponents, mantissas = np.asarray(exponents, dtype=np.int64), np.asarray(mantissas, dtype=np.int64)
-    return np.where(exponents == 0, 0, np.left_shift(1, np.maximum(exponents - 1, 0)) + mantissas)
+def join_index(exponent: int | np.ndarray, mantissa: int | np.ndarray) -> int | np.ndarray:
+    """The inverse of `split_index` (element-wise on arrays)."""
+    e, m = np.asarray(exponent, dtype=np.int64), np.asarray(mantissa, dtype=np.int64)
+    out = np.where(e == 0, 0, np.left_shift(1, np.maximum(e - 1, 0)) + m)
+    return int(out) if out.ndim == 0 else out
 
 
-def mantissa_sizes(exponents: np.ndarray) -> np.ndarray:
-    """`mantissa_size` of every exponent: int64 [n]."""
-    exponents = np.asarray(exponents, dtype=np.int64)
-    return np.where(exponents >= 2, np.left_shift(1, np.maximum(exponents - 1, 0)), 1)
+def mantissa_size(exponent: int | np.ndarray) -> int | np.ndarray:
+    """How many values the mantissa of an exponent takes (1: nothing to code); element-wise on arrays."""
+    e = np.asarray(exponent, dtype=np.int64)
+    out = np.where(e >= 2, np.left_shift(1, np.maximum(e - 1, 0)), 1)
+    return int(out) if out.ndim == 0 else out
 
 
 def exponent_prior(kl_bits: float, max_exponent: int, *, exact_contract: bool = False) -> np.ndarray:
@@ -456,11 +442,8 @@ class ExponentModel:
         """Unnormalised float64 [max_exponent + 1] counts (integers) for a chunk of this KL."""
         return self._table(kl_bits).astype(np.float64)
 
-    def update(self, kl_bits: float, exponent: int) -> None:
-        self._table(kl_bits)[exponent] += self.increment
-
-    def update_many(self, kl_bits: float, exponents: np.ndarray) -> None:
-        """`update` for each exponent, in one step (the same integer counts)."""
+    def update(self, kl_bits: float, exponents: int | np.ndarray) -> None:
+        """Add ``increment`` to the count of each exponent coded (one or an array, in one step)."""
         table = self._table(kl_bits)
         exponents = np.asarray(exponents, dtype=np.int64)
         if exponents.size and (exponents.min() < 0 or exponents.max() >= len(table)):

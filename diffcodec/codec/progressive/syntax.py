@@ -178,7 +178,7 @@ class Syntax:
         self.levels.append(symbols.level)
         if symbols.level:
             _, kappa = self.chunking(symbols.level)
-            self.exponents.update_many(kappa, rcc.split_indices(symbols.indices)[0])
+            self.exponents.update(kappa, rcc.split_index(symbols.indices)[0])
         if self.params.check_bits:
             indices = np.ascontiguousarray(symbols.indices, dtype="<i8").tobytes()
             self._digest = hashlib.sha256(self._digest + struct.pack("<IB", stage, symbols.level) + indices).digest()
@@ -232,12 +232,12 @@ def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> boo
         n, kappa = syntax.chunking(symbols.level)
         if len(symbols.indices) != n:
             raise ValueError(f"progressive: level {symbols.level} needs {n} indices, got {len(symbols.indices)}")
-        exps, mants = rcc.split_indices(symbols.indices)
+        exps, mants = rcc.split_index(symbols.indices)
         if exps.max() > syntax.params.log2_candidates:
             raise ValueError("progressive: an index exceeds the candidate range")
         probs = syntax.exponents.probs(kappa)
         enc.encode_categorical(exps, np.broadcast_to(probs, (n, len(probs))))
-        sizes = rcc.mantissa_sizes(exps)
+        sizes = rcc.mantissa_size(exps)
         coded = sizes > 1
         if coded.any():
             enc.encode_uniform(mants[coded], sizes[coded])
@@ -266,12 +266,12 @@ def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
     n, kappa = syntax.chunking(level)
     probs = syntax.exponents.probs(kappa)
     exps = dec.decode_categorical(np.broadcast_to(probs, (n, len(probs)))).astype(np.int64)
-    sizes = rcc.mantissa_sizes(exps)
+    sizes = rcc.mantissa_size(exps)
     mant = np.zeros(n, dtype=np.int64)
     coded = sizes > 1
     if coded.any():
         mant[coded] = dec.decode_uniform(sizes[coded], int(coded.sum()))
-    return StageSymbols(level, rcc.join_indices(exps, mant))
+    return StageSymbols(level, rcc.join_index(exps, mant))
 
 
 
