@@ -2,7 +2,7 @@
 the distortion of every prefix.
 
     python -m bench.progressive [DATA] [--checkpoint F] [--num-images 8] [--steps 50]
-        [--chunk-bits 14] [--pad-bits 2] [--log2-candidates 16] [--crop N] [--no-baselines]
+        [--chunk-bits 14] [--pad-bits P] [--log2-candidates 16] [--crop N] [--no-baselines]
         [--threads 1] [--out reports/progressive.json]
 
     python -m bench.progressive ../shared/data/kodak -n 24 --crop 64 --steps 25 \
@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", "-k", type=int, default=d.num_steps, help=f"coded steps K (default {d.num_steps})")
     p.add_argument("--spacing", choices=SPACINGS, default=d.spacing)
     p.add_argument("--chunk-bits", type=float, default=d.chunk_bits)
-    p.add_argument("--pad-bits", type=float, default=d.pad_bits)
+    p.add_argument("--pad-bits", type=float,
+                   help="2^ceil(KL + pad) candidates per chunk (default: the stream version's, `default_pad_bits`)")
     p.add_argument("--stream-version", type=int, default=d.version,
                    help=f"progressive stream version to write (default {d.version}; 3: per-chunk candidates, `rcc`)")
     p.add_argument("--log2-candidates", type=int, default=d.log2_candidates)

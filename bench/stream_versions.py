@@ -2,7 +2,7 @@
 the file size against the bound, each version on the same images in one run.
 
     python -m bench.stream_versions [--cifar N] [--kodak NAME[,NAME]] [--crop 128]
-        [--versions 3,4] [--steps 50] [--threads T] [--out reports/stream_versions.json]
+        [--versions 4,5] [--steps 50] [--threads T] [--out reports/stream_versions.json]
 
 Images: the first ``--cifar`` CIFAR-10 test images (32x32) and the central ``--crop`` x crop
 pixels of each named Kodak image (../shared/data/kodak), each coded alone with
@@ -34,12 +34,17 @@ from bench.common import REPORTS_DIR, int_list, module_command, provenance, reso
 from bench.progressive import center_crop
 from diffcodec.checkpoint import load_checkpoint
 from diffcodec.codec import api
-from diffcodec.codec.progressive.params import ProgressiveParams
+from diffcodec.codec.progressive.params import ProgressiveParams, default_pad_bits
 from diffcodec.data import read_images
 from diffcodec.errors import DiffcodecError
 from diffcodec.runtime import cpu_name
 
 KODAK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kodak"
+
+
+def for_version(base: ProgressiveParams, version: int, **changes: Any) -> ProgressiveParams:
+    """``base`` as stream ``version`` writes it by default (its pad: `default_pad_bits`)."""
+    return dataclasses.replace(base, version=version, pad_bits=default_pad_bits(version), **changes)
 
 
 def run_one(loaded, image: np.ndarray, params: ProgressiveParams) -> dict[str, Any]:
@@ -93,13 +98,13 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"| {r['encode_seconds']:.1f} | {100 * r['candidate_share_of_encode']:.0f}% | {r['decode_seconds']:.1f} "
                 f"| {r['encode_over_decode']:.2f} | {r['file_bits_per_dim']:.4f} | {r['bound_bits_per_dim']:.4f} "
                 f"| {r['file_over_bound']:.4f} | {r['sample_over_kl']:.3f} |")
-    lines += ["", "Version 4 against version 3 on the same image:", ""]
+    lines += ["", "Each version against the first listed, on the same image (search and encode: old / new seconds):",
+              ""]
     for row in payload["rows"]:
-        c = row.get("comparison")
-        if c:
-            lines.append(f"- {row['image']}: search {c['search_speedup']:.1f}x faster, encode "
-                         f"{c['encode_speedup']:.2f}x faster, file {100 * c['size_change']:+.2f}% "
-                         f"({c['bytes'][0]} -> {c['bytes'][1]} bytes)")
+        for c in row.get("comparisons", []):
+            lines.append(f"- {row['image']}, version {c['versions'][1]} against {c['versions'][0]}: search "
+                         f"{c['search_speedup']:.2f}x, encode {c['encode_speedup']:.2f}x, file "
+                         f"{100 * c['size_change']:+.2f}% ({c['bytes'][0]} -> {c['bytes'][1]} bytes)")
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kodak", default="kodim01", help="comma-separated Kodak names ('' for none; default kodim01)")
     p.add_argument("--kodak-dir", default=str(KODAK), help="the Kodak folder (default ../shared/data/kodak)")
     p.add_argument("--crop", type=int, default=128, help="central crop of the Kodak images (default 128)")
-    p.add_argument("--versions", default="3,4", help="stream versions (default 3,4)")
+    p.add_argument("--versions", default="4,5", help="stream versions, the first the baseline (default 4,5)")
     p.add_argument("--steps", "-k", type=int, default=ProgressiveParams().num_steps)
     p.add_argument("--checkpoint", "-c", help="checkpoint (default: the embedded default model)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -135,30 +140,30 @@ def main(argv: list[str] | None = None) -> int:
     base = ProgressiveParams(num_steps=args.steps)
     tile = loaded.model_config.image_size
     for version in versions:  # warm-up: numba compiles (or loads) its kernels on first use, untimed
-        run_one(loaded, images[0][1][:tile, :tile], dataclasses.replace(base, num_steps=3, version=version))
+        run_one(loaded, images[0][1][:tile, :tile], for_version(base, version, num_steps=3))
     rows = []
     for name, image in images:
         row = {"image": name, "shape": list(image.shape),
                "tiles": -(-image.shape[0] // tile) * -(-image.shape[1] // tile), "versions": []}
         for version in versions:
-            r = run_one(loaded, image, dataclasses.replace(base, version=version))
+            r = run_one(loaded, image, for_version(base, version))
             row["versions"].append(r)
             print(f"{name} v{version}: search {r['encode_breakdown'].get('candidates', 0):.1f} s, encode "
                   f"{r['encode_seconds']:.1f} s, decode {r['decode_seconds']:.1f} s, {r['file_bytes']} bytes, "
                   f"file/bound {r['file_over_bound']:.4f}", file=sys.stderr)
-        by = {r["version"]: r for r in row["versions"]}
-        if 3 in by and 4 in by:
-            old, new = by[3], by[4]
-            row["comparison"] = {
-                "search_speedup": old["encode_breakdown"]["candidates"] / new["encode_breakdown"]["candidates"],
-                "encode_speedup": old["encode_seconds"] / new["encode_seconds"],
-                "size_change": new["file_bytes"] / old["file_bytes"] - 1.0,
-                "bytes": [old["file_bytes"], new["file_bytes"]],
-            }
+        old = row["versions"][0]
+        row["comparisons"] = [{  # each later version against the first listed
+            "versions": [old["version"], new["version"]],
+            "search_speedup": old["encode_breakdown"]["candidates"] / new["encode_breakdown"]["candidates"],
+            "encode_speedup": old["encode_seconds"] / new["encode_seconds"],
+            "size_change": new["file_bytes"] / old["file_bytes"] - 1.0,
+            "bytes": [old["file_bytes"], new["file_bytes"]],
+        } for new in row["versions"][1:]]
         rows.append(row)
     device = f"{cpu_name()}, CPU, {torch.get_num_threads()} torch threads"
     payload = {"kind": "stream_versions", "device": device, "threads": torch.get_num_threads(),
-               "params": {"num_steps": base.num_steps, "chunk_bits": base.chunk_bits, "pad_bits": base.pad_bits,
+               "params": {"num_steps": base.num_steps, "chunk_bits": base.chunk_bits,
+                          "pad_bits": {v: for_version(base, v).pad_bits for v in versions},
                           "log2_candidates": base.log2_candidates},
                "provenance": provenance(args, loaded, 0, command=command), "rows": rows}
     out = Path(args.out)

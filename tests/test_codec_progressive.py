@@ -2,6 +2,7 @@
 the real bits track the analytic KL, a perturbed decoder degrades gracefully."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -81,6 +82,13 @@ def coded():
     x0 = to_model_input(tiles)
     enc = pg.encode(fn, dc, x0, PARAMS)
     return fn, dc, tiles, x0, enc
+
+
+@pytest.fixture(scope="module")
+def coded_pfr(coded):
+    """`coded`'s image as stream version 4 writes it (PFR: each sent latent a sample of about q)."""
+    fn, dc, tiles, x0, _ = coded
+    return fn, dc, tiles, x0, pg.encode(fn, dc, x0, dataclasses.replace(PARAMS, version=4))
 
 
 def test_coded_chain_keeps_the_spaced_timesteps():
@@ -258,8 +266,8 @@ def test_truncated_payload_decodes_to_last_complete_stage(coded):
         assert dec.stages == expect >= stage + 1 and not dec.complete
 
 
-def test_real_bits_track_the_analytic_kl(coded):
-    fn, dc, tiles, x0, enc = coded
+def test_real_bits_track_the_analytic_kl(coded_pfr):
+    fn, dc, tiles, x0, enc = coded_pfr
     real = np.diff(np.append(0, enc.prefix_bits)).astype(float)
     kl = enc.kl_bits
     # the pixel stage is coded exactly: real ~ -log2 p(x_0 | y_0) (+ a few bits of coder tail;
@@ -278,11 +286,12 @@ def test_real_bits_track_the_analytic_kl(coded):
     assert big.any() and np.all((ratio > 0.5) & (ratio < 2.0))
 
 
-def test_sample_bits_measure_what_the_sent_latents_deliver(coded):
-    """log2 q/p of each sent latent: about the stage's KL with a generous candidate budget (an
-    exact sample of q delivers its KL on average), and clearly less when the budget is cut to
-    far below the chunks' KL (the sample then sits between p and q)."""
-    fn, dc, tiles, x0, enc = coded
+def test_sample_bits_measure_what_the_sent_latents_deliver(coded_pfr):
+    """log2 q/p of each sent latent (PFR, stream version 4): about the stage's KL with a
+    generous candidate budget (an exact sample of q delivers its KL on average), and clearly
+    less when the budget is cut to far below the chunks' KL (the sample then sits between p
+    and q)."""
+    fn, dc, tiles, x0, enc = coded_pfr
     K = PARAMS.num_steps
     assert enc.sample_bits.shape == (K,)
     kl = enc.kl_bits[1:K]  # stage 0 (x_T, candidate 0 of the prior) has KL ~0
@@ -293,6 +302,26 @@ def test_sample_bits_measure_what_the_sent_latents_deliver(coded):
     assert low.sample_bits[1:K].sum() < 0.6 * low.kl_bits[1:K].sum()
     # the encoder's own account of x_T: candidate 0 of N(0, I) against q(x_T | x_0), ~0 bits
     assert abs(enc.sample_bits[0]) < 1.0
+
+
+def test_version_5_pays_log2_n_bits_per_chunk_and_delivers_more_than_pfr(coded, coded_pfr):
+    """Stream version 5 (greedy): the latent stages cost each chunk's log2 N (N from the stage's
+    level, `Syntax.index_range`) plus the level symbols and checks, whatever was chosen; its
+    sent latents deliver more log q/p than version 4's PFR samples of the same image."""
+    from diffcodec.codec.progressive.syntax import Syntax, kl_of_level
+
+    enc, pfr = coded[4], coded_pfr[4]
+    K = PARAMS.num_steps
+    syntax = Syntax(enc.params, coded[3].numel())
+    index_bits = 0.0
+    for level, chunks in zip(enc.levels[1:K], enc.num_chunks[1:K]):
+        n, kappa = syntax.chunking(int(level))
+        assert n == chunks and kl_of_level(int(level)) > 0
+        index_bits += n * math.log2(syntax.index_range(kappa))
+    latent_bits = float(enc.prefix_bits[K - 1])  # the stages before the pixels, checks included
+    checks = enc.num_checks * PARAMS.check_bits
+    assert index_bits + checks < latent_bits < index_bits + checks + 8 * K + 64
+    assert enc.sample_bits[1:].sum() > 1.05 * pfr.sample_bits[1:].sum()
 
 
 def test_perturbed_decoder_degrades_gracefully(coded):

@@ -368,31 +368,39 @@ def test_format_5_golden_files_decode_and_today_s_cut_reproduces_the_lossy_one()
     assert pixel_sha256(cut.images[0]) == EXACT_V5_CUT_PIXELS
 
 
-# ------------------------ default model, progressive stream version 4 (pooled candidates)
+# ------------------ default model, progressive stream versions 4 (pooled candidates) and 5 (greedy)
 
-EXACT_S4 = HERE / "default_exact_progressive_k10_s4.dfc"  # the same progressive encode, stream version 4
-EXACT_S4_SHA256 = "ce8357a98dcb7bcfc4693488241455a13750e96761f1891ce2979d201f2e449d"
-EXACT_S4_CUT_PIXELS = "3713fb959493e7029666d87d381d686b09bdfa4a4865761c6e0133253099b6af"  # cut at stage 7
+# stream version -> (file, its SHA-256, the pixels of its cut at stage 7)
+EXACT_STREAMS = {
+    4: (HERE / "default_exact_progressive_k10_s4.dfc", "ce8357a98dcb7bcfc4693488241455a13750e96761f1891ce2979d201f2e449d",
+        "3713fb959493e7029666d87d381d686b09bdfa4a4865761c6e0133253099b6af"),
+    5: (HERE / "default_exact_progressive_k10_s5.dfc", "0427c9ea4b66318d4e75e9b8ca013836e29dc6679c791a662d4bd258b83ce2e5",
+        "51be1c219b6244344d48be57188a99a418156a014a8aac1eea8a6a528b9a7e3e"),
+}
 
 
-def test_stream_version_4_golden_file_decodes_whole_and_cut():
-    """Format 5, exact contract 2 (today's default), progressive stream version 4 (`rcc_pool`: the candidates
-    from shared pools of counter-based normals): the exact golden source's encode by the
-    recipe above (``api.encode(images, ["synthetic"], mode="progressive", steps=10)``, 9,984
-    bytes against the version 3 contract 2 file's 10,132). Whole, it decodes to the source pixels (every sampled
-    candidate reproduced bit for bit, or the closing check fails); cut at stage 7 (`cut`, no
-    network), to its pinned lossy image on every machine. The encoder's ranking is float32,
-    so the file, not the encoder, is pinned."""
+@pytest.mark.parametrize("stream_version", sorted(EXACT_STREAMS))
+def test_stream_version_golden_files_decode_whole_and_cut(stream_version):
+    """Format 5, exact contract 2, progressive stream versions 4 (`rcc_pool`: the candidates
+    from shared pools of counter-based normals, PFR's choice; 9,984 bytes against the version 3
+    contract 2 file's 10,132) and 5 (the same pools, greedy choice, uniform indices; 9,696
+    bytes): the exact golden source's encode by the recipe above
+    (``api.encode(images, ["synthetic"], mode="progressive", steps=10)`` by the diffcodec that
+    wrote each version). Whole, each decodes to the source pixels (every sampled candidate
+    reproduced bit for bit, or the closing check fails); cut at stage 7 (`cut`, no network),
+    to its pinned lossy image on every machine. The encoder's ranking is float32, so the
+    file, not the encoder, is pinned."""
     from diffcodec.codec import fileinfo
 
-    data = EXACT_S4.read_bytes()
-    assert hashlib.sha256(data).hexdigest() == EXACT_S4_SHA256, f"{EXACT_S4.name} changed"
+    path, sha, cut_pixels = EXACT_STREAMS[stream_version]
+    data = path.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == sha, f"{path.name} changed"
     c = unpack(data)
     assert (c.header.version, c.header.contract, c.header.stages) == (5, 2, 11)
-    assert ProgressiveParams.unpack(c.header.params, num_tiles=2).version == 4
+    assert ProgressiveParams.unpack(c.header.params, num_tiles=2).version == stream_version
     model = load_checkpoint(None)
     decoded = api.decode(data, model=model, device="cpu")
     assert decoded.verified and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
     cut = api.decode(fileinfo.cut(data, model, stages=7).data, model=model, device="cpu")
     assert (cut.stages, cut.file_stages, cut.truncated, cut.damage) == (7, 7, False, "")
-    assert pixel_sha256(cut.images[0]) == EXACT_S4_CUT_PIXELS
+    assert pixel_sha256(cut.images[0]) == cut_pixels

@@ -1,4 +1,4 @@
-"""Pooled candidates: the reverse channel coding search of progressive stream version 4.
+"""Pooled candidates: the reverse channel coding search of progressive stream versions 4 and 5.
 
 Stream versions 1-3 draw every chunk's candidates from its own keyed PCG64 stream through a
 libm Box-Muller transform (`rcc`): the search makes and scores 2^16 fresh normals per
@@ -31,6 +31,14 @@ changes where the candidates come from:
   binary32 + - x / sqrt one at a time, no fused multiply-add): the same bits on every machine
   from the numba kernel, its numpy reference and its torch twin, CPU or GPU. Within 5e-7 of
   the libm transform; the tail is cut at sqrt(48 ln 2) = 5.77 as there.
+
+Version 5 keeps all of the above but the choice: each chunk sends the k < N of largest
+log w(u_k) (`select`'s rule "greedy"; no arrival times), N the stage's count for every chunk,
+its index coded uniformly in log2 N bits (`progressive.syntax`). PFR's sample is a sample of q
+only with about 2^(KL + a few bits) candidates; from 2^16 it delivers 0.73 of a 14-bit chunk's
+KL and later stages pay again, where the greedy choice delivers about all of it for the same
+candidates (reports/rcc_methods.md; Ohayon et al. 2025's DDCM picks codebook noise the same
+way). The decoder is the same: it makes the one row the index names.
 
 The cost: scoring is a float32 matrix product of the pool rows' [u^2, u] with the pool's
 chunks' coefficients (2 N D multiply-adds per stage whatever the chunking: torch's GEMM),
@@ -564,22 +572,35 @@ def _counts_and_rows(plan: StagePlan, counts: np.ndarray | None) -> tuple[np.nda
     return counts, np.maximum(padded.reshape(P, G).max(axis=1), plan.num_candidates)
 
 
+SELECTION_RULES = ("pfr", "greedy")  # `select`'s rules: version 4 writes "pfr", version 5 "greedy"
+
+
+def _log_times(plan: StagePlan, count: int, rule: str) -> np.ndarray:
+    """What `select` adds to -log w(u_k): log T_k (PFR) or nothing (greedy: the largest log w)."""
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"rcc_pool: unknown selection rule {rule!r}; known: {', '.join(SELECTION_RULES)}")
+    return arrival_log_times(plan, count) if rule == "pfr" else np.zeros(count, dtype=np.float32)
+
+
 def select(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | None = None, *,
-           device: torch.device | str = "cpu") -> np.ndarray:
+           rule: str = "pfr", device: torch.device | str = "cpu") -> np.ndarray:
     """The encoder's indices (int64 [m]): for each chunk c the k < counts[c] (default N)
-    minimising log T_k - log w(u_k) (float32 scores; ties keep the smaller k). ``a``, ``b``:
+    minimising log T_k - log w(u_k) (``rule`` "pfr", the Poisson functional representation:
+    a sample of q when N is large enough) or -log w(u_k) ("greedy": the candidate that
+    delivers most, an index uniform on [0, N); reports/rcc_methods.md) (float32 scores;
+    ties keep the smaller k). ``a``, ``b``:
     `log_weight_coefficients` [D]. A pool's rows run to the largest count of its chunks (at
     least N): rows k XOR r_c, k < count, lie there as r_c < N. On the CPU: blocks of rows of a
     few pools at a time, made by numba, scored by one batched float32 matrix product (torch),
     minima picked by numba; every thread works on each step. On another device (a GPU), or
     without numba: `select_torch`."""
     if torch.device(device).type != "cpu" or not _use_numba():
-        return select_torch(plan, a, b, counts, device=device)
+        return select_torch(plan, a, b, counts, rule=rule, device=device)
     K.sync_threads()
     h, G, m, P = plan.draws_per_row, plan.chunks_per_pool, plan.num_chunks, plan.num_pools
     counts, pool_rows = _counts_and_rows(plan, counts)
     coef = _coefficients(plan, a, b)
-    log_times = arrival_log_times(plan, int(pool_rows.max()))
+    log_times = _log_times(plan, int(pool_rows.max()), rule)
     keys = plan.pool_keys()
     best_v = np.full(m, np.inf, dtype=np.float32)
     best_k = np.zeros(m, dtype=np.int64)
@@ -602,7 +623,7 @@ def select(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | N
 
 
 def select_torch(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | None = None, *,
-                 device: torch.device | str = "cpu") -> np.ndarray:
+                 rule: str = "pfr", device: torch.device | str = "cpu") -> np.ndarray:
     """`select` in torch on ``device`` (a GPU: rows made there, one batched matrix product per
     block of rows for all pools, minima by torch). The same arithmetic as `select` up to
     float32 summation order, so the same choice save for near ties."""
@@ -617,7 +638,7 @@ def select_torch(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarr
     nc = torch.ones(P * G, dtype=torch.int64)
     nc[:m] = torch.from_numpy(counts)
     nc = nc.reshape(P, G, 1).to(device)
-    log_times = torch.from_numpy(arrival_log_times(plan, n_max)).to(device)
+    log_times = torch.from_numpy(_log_times(plan, n_max, rule)).to(device)
     keys = _keys_tensor(plan, device)
     rows, _ = _blocking(h, G, n_max, P)
     rows = min(n_max, max(rows, 1 << 12))

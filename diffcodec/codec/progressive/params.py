@@ -2,7 +2,7 @@
 
 The block sits in the container's mode-1 parameter field (`container`) and in a lossless
 file's bootstrap section (`bitsback.params`). Its byte layouts are in `ProgressiveParams.pack`:
-versions 3 and 4 (4: what this diffcodec writes) are compact (defaults cost nothing; tile
+versions 3 to 5 (5: what this diffcodec writes) are compact (defaults cost nothing; tile
 count and size come from the container); versions 1 and 2 are fixed layouts, read as before.
 """
 
@@ -27,8 +27,9 @@ class ProgressiveParams:
     spacing: str = "quadratic"
     log2_candidates: int = 16  # at most 2^this candidates per chunk; the index law's range
     chunk_bits: float = 14.0  # nominal KL per chunk (quarter-bit resolution)
-    pad_bits: float = 2.0  # 2^ceil(KL + pad) candidates per chunk (version 4: of the nominal chunk KL, needed to
-    #   decode; versions 1-3: of each chunk's own KL, the encoder's choice, recorded only)
+    pad_bits: float | None = None  # 2^ceil(KL + pad) candidates per chunk (versions 4 and 5: of the nominal
+    #   chunk KL, needed to decode; versions 1-3: of each chunk's own KL, the encoder's choice, recorded
+    #   only). None: the version's default (`default_pad_bits`: 8 from version 5, 2 before)
     seed: int = 0  # the shared randomness
     snap_log2: int = -16  # pixel-stage parameters on a 2^snap_log2 grid (pixel-level units)
     clip_denoised: bool = True
@@ -44,24 +45,28 @@ class ProgressiveParams:
     check_bits: int = 16
     check_min_bits: int = 128
     check_growth: float = 0.0
-    # the stream syntax (`syntax`, `codec`): 4 = what this diffcodec writes: version 3's syntax
+    # the stream syntax (`syntax`, `codec`): 5 = what this diffcodec writes: version 4's pools with
+    # greedy selection (each chunk sends the candidate of largest log q/p among the stage's N, its
+    # index uniform on [0, N): log2 N bits; reports/rcc_methods.md); 4 = version 3's syntax
     # with pooled candidates (`rcc_pool`: a stage's chunks share rows of counter-based normals;
     # pad_bits then sets every chunk's candidate count, so the decoder needs it); 3 = x_T from
     # the shared seed, no stage-0 symbols, a closing check over every symbol, pixels included,
     # each chunk's own PCG64 candidates (`rcc`); 1 and 2 = older files (read only: stage 0 coded;
     # 2 adds the group checks)
-    version: int = 4
+    version: int = 5
     # version 3: the encoder skips a stage (1 .. K-2) whose KL is below this many bits, so that
     # its latent is sent merged with the next step's (`syntax`; not needed to decode)
     min_stage_bits: float = 0.0
 
     _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
     _CHECKS = struct.Struct("<BBH")  # block version 2: check bits, growth x 4, min group bits
-    BLOCK_VERSION = 4  # what this diffcodec writes
-    READ_VERSIONS = (1, 2, 3, 4)
+    BLOCK_VERSION = 5  # what this diffcodec writes
+    READ_VERSIONS = (1, 2, 3, 4, 5)
     MAX_CHECK_BITS = 16
 
     def __post_init__(self) -> None:
+        if self.pad_bits is None:
+            object.__setattr__(self, "pad_bits", default_pad_bits(self.version))
         if self.spacing not in SPACING_CODES:
             raise ValueError(f"progressive: unknown spacing {self.spacing!r}")
         if not 1 <= self.num_steps <= 0xFFFF:
@@ -99,13 +104,14 @@ class ProgressiveParams:
     def pack(self) -> bytes:
         """The mode-1 parameter block.
 
-        Versions 3 and 4 (compact, `fields`): u8 block version (3 or 4), then a varint mask of the fields
-        of `COMPACT_FIELDS` that differ from the dataclass defaults (bit i: the table's
+        Versions 3 to 5 (compact, `fields`): u8 block version (3, 4 or 5), then a varint mask of the
+        fields of `COMPACT_FIELDS` that differ from the version's defaults (`block_defaults`: the
+        dataclass defaults, pad_bits 2 before version 5) (bit i: the table's
         field i), then those fields' values as varints in table order (booleans: the mask
         bit alone; chunk, pad bits and check growth x 4; snap_log2 zigzag; spacing its index
         in SPACING_CODES). Not stored: num_tiles and tile_size (the container's image table
         and model give them: `unpack`'s arguments) and payload_bits (the stream ends itself;
-        0 after reading). The default block with the exact contract is 2 bytes (04 01).
+        0 after reading). The default block with the exact contract is 2 bytes (05 01).
 
         Versions 1 and 2 (little-endian, fixed; written only when ``version`` says so):
 
@@ -123,7 +129,8 @@ class ProgressiveParams:
             25 u16 smallest group of stages, in nominal KL bits
         """
         if self.version >= 3:
-            return bytes([self.version]) + pack_fields(lambda name: getattr(self, name), _DEFAULTS, COMPACT_FIELDS)
+            return bytes([self.version]) + pack_fields(lambda name: getattr(self, name),
+                                                       block_defaults(self.version), COMPACT_FIELDS)
         fixed = self._FIXED.pack(
             self.version, SPACING_CODES.index(self.spacing), self.num_steps, self.log2_candidates,
             int(self.chunk_bits * 4), int(self.pad_bits * 4), self.snap_log2,
@@ -138,7 +145,7 @@ class ProgressiveParams:
     def unpack(cls, block: bytes, where: str = "file", *, num_tiles: int = 1, tile_size: int = 32
                ) -> ProgressiveParams:
         """The block's parameters (one-line DiffcodecError when malformed). ``num_tiles`` and
-        ``tile_size``: what the container implies, used for a version 3 or 4 block (versions 1
+        ``tile_size``: what the container implies, used for a version 3 to 5 block (versions 1
         and 2 store their own)."""
         version = block[0] if block else 0
         if version not in cls.READ_VERSIONS:
@@ -147,7 +154,7 @@ class ProgressiveParams:
         if version >= 3:
             r = Reader(block, where, "progressive parameter block")
             r.pos = 1
-            values = read_fields(r, _DEFAULTS, COMPACT_FIELDS)
+            values = read_fields(r, block_defaults(version), COMPACT_FIELDS)
             if not r.at_end():
                 raise r.fail(f"{len(block) - r.pos} bytes after its fields")
             try:
@@ -180,7 +187,19 @@ class ProgressiveParams:
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ProgressiveParams)}
 
-# The version 3 and 4 blocks' fields in mask-bit order (append only: the order is in files). The
+
+def default_pad_bits(version: int) -> float:
+    """The pad a stream version's encoder uses by default (and its compact block leaves out):
+    2 before version 5 (PFR: 2^ceil(KL + 2) candidates deliver what more would), 8 from
+    version 5 (greedy: every chunk of 8 bits or more searches the full 2^log2_candidates)."""
+    return 8.0 if version >= 5 else 2.0
+
+
+def block_defaults(version: int) -> dict:
+    """The values a compact block of ``version`` leaves out (a format constant per version)."""
+    return {**_DEFAULTS, "pad_bits": default_pad_bits(version)}
+
+# The version 3 to 5 blocks' fields in mask-bit order (append only: the order is in files). The
 # ones a default file sets (exact, float64) and the usual knobs first, so that their mask
 # fits one byte.
 COMPACT_FIELDS = (

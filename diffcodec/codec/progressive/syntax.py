@@ -19,6 +19,10 @@ Stage syntax (one range-coder stream, FIFO, stage k strictly before stage k + 1)
                   each chunk's PFR index (`rcc`) is sent as its exponent under an adaptive law
                   with context kappa (`rcc.ExponentModel`, updated after each stage) ...
     mantissas     ... then the bits below the leading one, uniformly
+    (version 5: instead of exponents and mantissas, each chunk's greedy index uniformly on
+                  [0, N), N = the stage's candidates `rcc_pool.stage_candidates`(kappa): the
+                  index of the largest of N i.i.d. values is uniform, so log2 N bits is its
+                  entropy and no law needs to adapt)
     check         (block version 2, after the stage that closes a group) check_bits bits,
                   uniformly: the low bits of a running SHA-256 of every stage's symbols so far
                   (`Syntax.check_value`). A group closes once its nominal KL (the levels' KL,
@@ -64,7 +68,7 @@ import numpy as np
 import torch
 
 from diffcodec import exact
-from diffcodec.codec import rcc
+from diffcodec.codec import rcc, rcc_pool
 from diffcodec.codec.entropy import RangeDecoder, RangeEncoder
 from diffcodec.codec.progressive.params import ProgressiveParams
 
@@ -171,12 +175,21 @@ class Syntax:
         n = int(min(max(math.ceil(kl / self.params.chunk_bits), 1), self.num_dims))
         return n, kl / n
 
+    def uniform_indices(self) -> bool:
+        """Whether chunk indices are sent uniformly on [0, N) (version 5) rather than as
+        exponent and mantissa."""
+        return self.params.version >= 5
+
+    def index_range(self, kappa: float) -> int:
+        """N: a version 5 chunk's index range at nominal chunk KL ``kappa`` (its pool's rows)."""
+        return rcc_pool.stage_candidates(kappa, self.params.pad_bits, self.params.log2_candidates)
+
     def commit(self, symbols: StageSymbols) -> None:
         stage = len(self.levels)
         if self.skippable():
             self.skip_counts[self._skipped_before()][int(symbols.level == 0)] += 1
         self.levels.append(symbols.level)
-        if symbols.level:
+        if symbols.level and not self.uniform_indices():
             _, kappa = self.chunking(symbols.level)
             self.exponents.update(kappa, rcc.split_index(symbols.indices)[0])
         if self.params.check_bits:
@@ -213,6 +226,31 @@ class Syntax:
         self._group_bits = 0.0
 
 
+UNIFORM_PART_BITS = 16  # a version 5 index of more than 16 bits goes as its low 16 bits, then the rest
+
+
+def encode_index_uniform(enc: RangeEncoder, indices: np.ndarray, num_candidates: int) -> None:
+    """Version 5 chunk indices, each uniform on [0, N) (N a power of two): one uniform symbol,
+    or the low 16 bits and then the high ones where N > 2^16 (the range coder's alphabets stay
+    below 2^24; the same log2 N bits)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if (indices < 0).any() or (indices >= num_candidates).any():
+        raise ValueError(f"progressive: an index outside the stage's {num_candidates} candidates")
+    low = min(num_candidates, 1 << UNIFORM_PART_BITS)
+    enc.encode_uniform(indices & (low - 1), low)
+    if num_candidates > low:
+        enc.encode_uniform(indices >> UNIFORM_PART_BITS, num_candidates >> UNIFORM_PART_BITS)
+
+
+def decode_index_uniform(dec: RangeDecoder, num_candidates: int, count: int) -> np.ndarray:
+    """What `encode_index_uniform` wrote: int64 [count]."""
+    low = min(num_candidates, 1 << UNIFORM_PART_BITS)
+    out = dec.decode_uniform(low, count).astype(np.int64)
+    if num_candidates > low:
+        out |= dec.decode_uniform(num_candidates >> UNIFORM_PART_BITS, count).astype(np.int64) << UNIFORM_PART_BITS
+    return out
+
+
 def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> bool:
     """Encode one RCC stage's symbols, and its group's check when it closes one; advance
     ``syntax``. Returns whether a check was written."""
@@ -228,7 +266,12 @@ def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> boo
             enc.encode_categorical(np.array([0]), syntax.skip_probs()[None])
         enc.encode_categorical(np.array([symbols.level]),
                                level_probs(syntax.level_history(), exact_contract=syntax.params.exact)[None])
-    if symbols.level:
+    if symbols.level and syntax.uniform_indices():
+        n, kappa = syntax.chunking(symbols.level)
+        if len(symbols.indices) != n:
+            raise ValueError(f"progressive: level {symbols.level} needs {n} indices, got {len(symbols.indices)}")
+        encode_index_uniform(enc, symbols.indices, syntax.index_range(kappa))
+    elif symbols.level:
         n, kappa = syntax.chunking(symbols.level)
         if len(symbols.indices) != n:
             raise ValueError(f"progressive: level {symbols.level} needs {n} indices, got {len(symbols.indices)}")
@@ -264,6 +307,8 @@ def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
             raise ValueError("progressive: level 0 in a coded stage of a version 3 stream")
         return StageSymbols(0, np.zeros(1, dtype=np.int64))
     n, kappa = syntax.chunking(level)
+    if syntax.uniform_indices():
+        return StageSymbols(level, decode_index_uniform(dec, syntax.index_range(kappa), n))
     probs = syntax.exponents.probs(kappa)
     exps = dec.decode_categorical(np.broadcast_to(probs, (n, len(probs)))).astype(np.int64)
     sizes = rcc.mantissa_size(exps)
