@@ -317,7 +317,7 @@ def test_version_5_pays_log2_n_bits_per_chunk_and_delivers_more_than_pfr(coded, 
     for level, chunks in zip(enc.levels[1:K], enc.num_chunks[1:K]):
         n, kappa = syntax.chunking(int(level))
         assert n == chunks and kl_of_level(int(level)) > 0
-        index_bits += n * math.log2(syntax.index_range(kappa))
+        index_bits += n * math.log2(syntax.index_range(int(level)))
     latent_bits = float(enc.prefix_bits[K - 1])  # the stages before the pixels, checks included
     checks = enc.num_checks * PARAMS.check_bits
     assert index_bits + checks < latent_bits < index_bits + checks + 8 * K + 64

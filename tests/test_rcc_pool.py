@@ -207,6 +207,28 @@ def test_search_picks_the_reference_argmin_on_every_path(kappa, monkeypatch):
     assert np.mean(picks["select"] == picks["torch"]) >= 0.9
 
 
+def test_version_5_caps_a_pool_at_2_to_the_24_normals_and_the_syntax_agrees_with_the_plan():
+    """Version 5's N: 2^min(ceil(kappa + pad), L) as version 4's, at most 2^24 / 2h (a stage of
+    one 3072-dim chunk: 2^12; of 75 41-dim chunks: 2^16); the decoder's index range
+    (`Syntax.index_range`) is the plan's N at every level of a 32x32x3 tile."""
+    from diffcodec.codec.progressive.params import ProgressiveParams
+    from diffcodec.codec.progressive.syntax import NUM_LEVELS, Syntax
+
+    assert R.stage_candidates(10.0, 8.0, 16) == 1 << 16  # version 4's rule: no cap
+    assert R.stage_candidates(10.0, 8.0, 16, R.pool_row_width(3072, 1)) == 1 << 12
+    assert R.stage_candidates(10.0, 8.0, 16, R.pool_row_width(3072, 2)) == 1 << 13
+    assert R.stage_candidates(13.9, 8.0, 16, R.pool_row_width(3072, 75)) == 1 << 16
+    assert R.stage_candidates(1.0, 2.0, 16, R.pool_row_width(3072, 1)) == 1 << 3  # below the cap
+    assert R.pool_row_width(3072, 75) == 42 and R.pool_row_width(41, 1) == 42
+    perm = np.arange(3072)
+    syntax = Syntax(ProgressiveParams(), 3072)
+    for level in range(1, NUM_LEVELS, 3):
+        n, kappa = syntax.chunking(level)
+        plan = R.plan_stage(0, 1, perm, n, kappa, 8.0, 16, cap_pool_normals=True)
+        assert plan.num_candidates == syntax.index_range(level)
+        assert plan.num_candidates * 2 * plan.draws_per_row <= R.POOL_NORMALS
+
+
 @pytest.mark.parametrize("kappa", [3.0, 9.0])
 def test_greedy_search_picks_the_largest_log_weight_on_every_path(kappa, monkeypatch):
     """Version 5's rule: every path picks, for each chunk, an index below N whose log q/p is

@@ -33,8 +33,9 @@ changes where the candidates come from:
   the libm transform; the tail is cut at sqrt(48 ln 2) = 5.77 as there.
 
 Version 5 keeps all of the above but the choice: each chunk sends the k < N of largest
-log w(u_k) (`select`'s rule "greedy"; no arrival times), N the stage's count for every chunk,
-its index coded uniformly in log2 N bits (`progressive.syntax`). PFR's sample is a sample of q
+log w(u_k) (`select`'s rule "greedy"; no arrival times), N the stage's count for every chunk
+(capped so that a pool holds at most 2^24 normals: `stage_candidates`), its index coded
+uniformly in log2 N bits (`progressive.syntax`). PFR's sample is a sample of q
 only with about 2^(KL + a few bits) candidates; from 2^16 it delivers 0.73 of a 14-bit chunk's
 KL and later stages pay again, where the greedy choice delivers about all of it for the same
 candidates (reports/rcc_methods.md; Ohayon et al. 2025's DDCM picks codebook noise the same
@@ -225,9 +226,25 @@ def draws_torch(key: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- a stage's plan
 
 
-def stage_candidates(kappa_bits: float, pad_bits: float, log2_candidates: int) -> int:
-    """N: the candidates of every chunk of a version 4 stage of nominal chunk KL kappa (bits)."""
-    return 1 << min(max(math.ceil(kappa_bits + pad_bits), 1), log2_candidates)
+POOL_NORMALS = 1 << 24  # version 5: a pool holds at most this many normals (N x 2h; a format constant)
+
+
+def stage_candidates(kappa_bits: float, pad_bits: float, log2_candidates: int, row_width: int = 0) -> int:
+    """N: the candidates of every chunk of a version 4 or 5 stage of nominal chunk KL kappa
+    (bits): 2^min(max(ceil(kappa + pad), 1), log2_candidates); version 5 (``row_width`` = 2h,
+    `pool_row_width`) also caps N x 2h at POOL_NORMALS, so that a stage of few large chunks
+    (the first, of a few bits of KL over thousands of dimensions) neither makes 2^16 rows of
+    thousands of normals nor pays 16 index bits for them."""
+    log2_n = min(max(math.ceil(kappa_bits + pad_bits), 1), log2_candidates)
+    if row_width:
+        log2_n = min(log2_n, max(1, (POOL_NORMALS // row_width).bit_length() - 1))
+    return 1 << log2_n
+
+
+def pool_row_width(num_dims: int, num_chunks: int) -> int:
+    """2h: the normals in a pool row of a stage of ``num_chunks`` near-equal chunks of D dims
+    (the largest chunk, ceil(D / m), rounded up to even)."""
+    return 2 * ((-(-num_dims // num_chunks) + 1) // 2)
 
 
 def chunks_per_pool(num_candidates: int) -> int:
@@ -269,8 +286,9 @@ class StagePlan:
 
 
 def plan_stage(seed: int, stage: int, perm: np.ndarray, num_chunks: int, kappa_bits: float, pad_bits: float,
-               log2_candidates: int) -> StagePlan:
-    """The version 4 plan of a stage whose dimensions ``perm`` are cut into ``num_chunks`` chunks."""
+               log2_candidates: int, *, cap_pool_normals: bool = False) -> StagePlan:
+    """The version 4 plan of a stage whose dimensions ``perm`` are cut into ``num_chunks`` chunks
+    (version 5: ``cap_pool_normals``, N as `stage_candidates` caps it)."""
     num_dims = len(perm)
     if not 1 <= num_chunks <= num_dims:
         raise ValueError(f"rcc_pool: {num_chunks} chunks of {num_dims} dimensions")
@@ -278,7 +296,8 @@ def plan_stage(seed: int, stage: int, perm: np.ndarray, num_chunks: int, kappa_b
     sizes = np.full(num_chunks, q, dtype=np.int64)
     sizes[:r] += 1
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    n = stage_candidates(kappa_bits, pad_bits, log2_candidates)
+    n = stage_candidates(kappa_bits, pad_bits, log2_candidates,
+                         pool_row_width(num_dims, num_chunks) if cap_pool_normals else 0)
     align = min(ROW_ALIGN, n)
     offsets = draws_np(stream_key(seed, stage, OFFSET_STREAM), np.arange(num_chunks)) & np.uint64(n - align)
     return StagePlan(int(seed), int(stage), np.ascontiguousarray(perm, dtype=np.int64), bounds, n,

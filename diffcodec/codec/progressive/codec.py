@@ -204,7 +204,7 @@ def stage_plan(params: ProgressiveParams, stage: int, num_dims: int, chunking: t
     """A version 4 stage's candidate plan (`rcc_pool`) from its `Syntax.chunking` (m, kappa)."""
     num_chunks, kappa = chunking
     return rcc_pool.plan_stage(params.seed, stage, _permutation(params, stage, num_dims), num_chunks, kappa,
-                               params.pad_bits, params.log2_candidates)
+                               params.pad_bits, params.log2_candidates, cap_pool_normals=params.version >= 5)
 
 
 def _sample_stage(params: ProgressiveParams, stage: int, symbols: StageSymbols, syntax_chunks: int,

@@ -20,7 +20,7 @@ Stage syntax (one range-coder stream, FIFO, stage k strictly before stage k + 1)
                   with context kappa (`rcc.ExponentModel`, updated after each stage) ...
     mantissas     ... then the bits below the leading one, uniformly
     (version 5: instead of exponents and mantissas, each chunk's greedy index uniformly on
-                  [0, N), N = the stage's candidates `rcc_pool.stage_candidates`(kappa): the
+                  [0, N), N = the stage's candidates (`rcc_pool.stage_candidates`): the
                   index of the largest of N i.i.d. values is uniform, so log2 N bits is its
                   entropy and no law needs to adapt)
     check         (block version 2, after the stage that closes a group) check_bits bits,
@@ -180,9 +180,11 @@ class Syntax:
         exponent and mantissa."""
         return self.params.version >= 5
 
-    def index_range(self, kappa: float) -> int:
-        """N: a version 5 chunk's index range at nominal chunk KL ``kappa`` (its pool's rows)."""
-        return rcc_pool.stage_candidates(kappa, self.params.pad_bits, self.params.log2_candidates)
+    def index_range(self, level: int) -> int:
+        """N: a version 5 chunk's index range at a stage of ``level`` (its pools' rows)."""
+        n, kappa = self.chunking(level)
+        return rcc_pool.stage_candidates(kappa, self.params.pad_bits, self.params.log2_candidates,
+                                         rcc_pool.pool_row_width(self.num_dims, n))
 
     def commit(self, symbols: StageSymbols) -> None:
         stage = len(self.levels)
@@ -270,7 +272,7 @@ def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> boo
         n, kappa = syntax.chunking(symbols.level)
         if len(symbols.indices) != n:
             raise ValueError(f"progressive: level {symbols.level} needs {n} indices, got {len(symbols.indices)}")
-        encode_index_uniform(enc, symbols.indices, syntax.index_range(kappa))
+        encode_index_uniform(enc, symbols.indices, syntax.index_range(symbols.level))
     elif symbols.level:
         n, kappa = syntax.chunking(symbols.level)
         if len(symbols.indices) != n:
@@ -308,7 +310,7 @@ def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
         return StageSymbols(0, np.zeros(1, dtype=np.int64))
     n, kappa = syntax.chunking(level)
     if syntax.uniform_indices():
-        return StageSymbols(level, decode_index_uniform(dec, syntax.index_range(kappa), n))
+        return StageSymbols(level, decode_index_uniform(dec, syntax.index_range(level), n))
     probs = syntax.exponents.probs(kappa)
     exps = dec.decode_categorical(np.broadcast_to(probs, (n, len(probs)))).astype(np.int64)
     sizes = rcc.mantissa_size(exps)
