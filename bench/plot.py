@@ -12,8 +12,11 @@ command makes it):
     speed.json            bench/speed.py      (a table in README.md)
     train_default.json    diffcodec/trainer.py the training loss curve
     lossless.json         bench/lossless.py   lossless sizes vs PNG / WebP / JPEG-XL
-    progressive.json      bench/progressive.py real-bitstream rate vs the analytic rate, and
-                                              rate–distortion vs JPEG / WebP / JPEG-XL
+    progressive_v5.json   bench/progressive.py real-bitstream rate vs the analytic rate, and
+                                              rate–distortion vs JPEG / WebP / JPEG-XL (the
+                                              stream version this diffcodec writes; where
+                                              absent, progressive.json, an older one's)
+    progressive_kodak_v5.json  the same on Kodak crops (else progressive_kodak.json)
 
 Every figure's title names the model fingerprint and the device of the run that made it.
 """
@@ -68,6 +71,17 @@ COMMANDS = {
 }
 
 
+# The progressive reports drawn: the first of each pair that exists (stream version 5's runs, then
+# the stream version 3 runs they replaced, kept for comparison).
+PROGRESSIVE_REPORTS = ("progressive_v5.json", "progressive.json")
+PROGRESSIVE_KODAK_REPORTS = ("progressive_kodak_v5.json", "progressive_kodak.json")
+
+
+def first_present(reports: Path, names: tuple[str, ...]) -> str:
+    """The first of ``names`` present in ``reports`` (the last when none is)."""
+    return next((n for n in names if (reports / n).is_file()), names[-1])
+
+
 def recorded_command(reports: Path, name: str) -> str:
     """The command recorded in reports/NAME's provenance, else the documented default."""
     payload = read_json(reports / name)
@@ -81,8 +95,8 @@ def build_readme(reports: Path, made: dict[str, list[str]], notes: list[str]) ->
     names = ["nll.json", "nll_test_all.json", "nll_ci_reference.json", "speed.json", "lossless.json",
              "lossless_stream.json", "lossless_1000.json", "lossless_baselines.json", "coder_overhead.json",
              "lossless_kodak.json",
-             "progressive.json",
-             "progressive_kodak.json", "rcc_redundancy.json"]
+             first_present(reports, PROGRESSIVE_REPORTS),
+             first_present(reports, PROGRESSIVE_KODAK_REPORTS), "rcc_redundancy.json"]
     commands = [f"{recorded_command(reports, n)}  # -> reports/{n}" for n in names
                 if (reports / n).is_file() or n in ("nll.json", "speed.json", "nll_ci_reference.json")]
     lines = [
@@ -164,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ll_kodak = read_json(reports / "lossless_kodak.json")
     if ll_kodak is not None:
         made["lossless_kodak"] = readme_lossless_kodak(ll_kodak, "lossless_kodak.json")
-    prog = need("progressive.json")
+    prog = need(first_present(reports, PROGRESSIVE_REPORTS))
     if prog is not None:
         draw(plot_progressive_rate, prog, "progressive_rate.png")
         made["progressive"] = readme_progressive(prog)
@@ -175,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     if prog is not None or nll is not None:
         draw(lambda _, path: plot_rate_distortion(prog, nll, path), {}, "rate_distortion.png")
         made["rd"] = readme_rd(prog, nll)
-    kodak = read_json(reports / "progressive_kodak.json")
+    kodak_name = first_present(reports, PROGRESSIVE_KODAK_REPORTS)
+    kodak = read_json(reports / kodak_name)
     if kodak is not None:
         what = kodak_title(kodak)
         draw(lambda _, path: plot_rate_distortion(kodak, None, path, data=what, paper=False), {},
              "rate_distortion_kodak.png")
-        made["rd_kodak"] = readme_rd_kodak(kodak, what)
+        made["rd_kodak"] = readme_rd_kodak(kodak, what, kodak_name)
     train = need("train_default.json")
     if train is not None:
         draw(plot_loss_curve, train, "loss_curve.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from bench.nll import markdown_tables
@@ -296,13 +297,13 @@ def readme_rd(prog: dict[str, Any] | None, nll: dict[str, Any] | None) -> list[s
         "![rate-distortion](rate_distortion.png)",
         "",
         "`rate_distortion.png`: PSNR (dB) against bits per pixel. The progressive codec's real file prefixes, "
-        "header included (mean PSNR of the per-image x̂_0 and DDIM reconstructions) when `progressive.json` exists; the analytic curve "
+        "header included (mean PSNR of the per-image x̂_0 and DDIM reconstructions) when a progressive report exists; the analytic curve "
         "of the bound (rate of Figure 5, PSNR of the dataset RMSE of x̂_0) when `nll.json` exists; the paper's "
         f"Table 4; baselines from {where}.",
     ]
 
 
-def readme_rd_kodak(prog: dict[str, Any], what: str) -> list[str]:
+def readme_rd_kodak(prog: dict[str, Any], what: str, name: str = "progressive_kodak.json") -> list[str]:
     prov = prog.get("provenance") or {}
     f = prog["summary"]["full_rate"]
     p = prog["params"]
@@ -319,7 +320,7 @@ def readme_rd_kodak(prog: dict[str, Any], what: str) -> list[str]:
         f"({100 * f['overhead_vs_bound']:+.1f}%). "
         f"{' / '.join(prog.get('lossy_baselines') or {}) or 'No classical codec'} were run on the same crops; every rate "
         "counts whole files (the codec's prefixes with its header), mean bpp against mean PSNR. Per-stage "
-        "table: `progressive_kodak.md`.",
+        f"table: `{Path(name).with_suffix('.md').name}`.",
     ]
 
 

@@ -65,6 +65,9 @@ DEFAULT_FINGERPRINT = "ce449cd7be9f1a14"  # the embedded default model
 # the same crop through today's encoder (format 4, progressive stream version 3 bootstrap, no name)
 DEFAULT_V4 = HERE / "default_k100_boot_f64_v4.dfc"
 DEFAULT_V4_SHA256 = "a902362286df6c1b921a8a8247855fd1f00c400f0275b73394b0ced405f98e10"
+# and through today's encoder (format 4, progressive stream version 5 bootstrap)
+DEFAULT_S5 = HERE / "default_k100_boot_f64_s5.dfc"
+DEFAULT_S5_SHA256 = "945fba2e3e6c71f6e3d216b483eef45210b03be1b528fb2629875ddf54122e69"
 # each decoded image: name -> (shape, SHA-256 of the uint8 HWC array's bytes)
 DEFAULT_PIXELS = {
     "kodim23_crop.png": ((64, 96, 3), "c5a0a53e0b246148ab2bd659185c55fe68ee189db66a25840732fb36e806df63"),
@@ -263,11 +266,13 @@ def test_default_golden_decodes_to_its_kodak_source_crop(default_decoded):
 def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
     """Today's `diffcodec encode --lossless --float64` of the same crop, every other setting default (the
     default model, K = 100 quadratic, 5-sigma windows, bootstrap), writes the format 4 golden
-    file (pinned by SHA-256): a change to the encoder or the format shows here first (then make
-    a new golden file and keep this one as an old version that must still decode; the format 2
-    file above is one). 130-170 s on one thread; skips without ../shared."""
+    file with a stream version 5 bootstrap (pinned by SHA-256): a change to the encoder or the
+    format shows here first (then make a new golden file and keep this one as an old version
+    that must still decode; the format 2 file above is one, and `DEFAULT_V4`, the same encode
+    with a version 3 bootstrap, another). 130-170 s on one thread; skips without ../shared."""
     assert hashlib.sha256(DEFAULT_V4.read_bytes()).hexdigest() == DEFAULT_V4_SHA256, "the v4 golden file changed"
-    assert DEFAULT_V4.read_bytes()[3] == 4, "format version"
+    assert hashlib.sha256(DEFAULT_S5.read_bytes()).hexdigest() == DEFAULT_S5_SHA256, "the s5 golden file changed"
+    assert DEFAULT_S5.read_bytes()[3] == 4, "format version"
     skip_where_float64_differs()
     crop = kodak_crop()
     src = tmp_path / "kodim23_crop.png"
@@ -276,7 +281,7 @@ def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
     # --no-bound: the bound is only reported, never written; --device cpu: what the golden file says
     assert main(["encode", str(src), "-o", str(out), "--lossless", "--float64", "--no-bound", "--device", "cpu",
                  "-q"]) == 0
-    assert out.read_bytes() == DEFAULT_V4.read_bytes(), \
+    assert out.read_bytes() == DEFAULT_S5.read_bytes(), \
         "the encoder's output changed: a format or codec change needs a new golden file"
 
 
@@ -292,6 +297,9 @@ EXACT_V4_SHA256 = {HERE / "default_exact_lossless_k10_v4.dfc": "e72c2b602f6bc27e
 # progressive format 5)
 EXACT_C2_SHA256 = {HERE / "default_exact_lossless_k10_c2.dfc": "24c1af5513b0499727ec078e4015aef4d71184ff544d0e094b3a97db652daebd",
                    HERE / "default_exact_progressive_k10_c2.dfc": "62a8156d0d58eb8ea6aeb5d918334238871c04038c07c3719bf0d556e1e892ff"}
+# the lossless encode with today's default bootstrap (both tiles through progressive stream version 5)
+EXACT_BOOT_S5 = HERE / "default_exact_lossless_k10_boot_s5.dfc"
+EXACT_BOOT_S5_SHA256 = "67e1a93930440cec7dc089f4aae1355a1ce315897b811ed25b59e2c1d3b944b0"
 EXACT_SOURCE = ((32, 64), 15)  # conftest.synthetic_images([(32, 64)], seed=15): 2 tiles
 EXACT_SOURCE_SHA256 = "b5a67142a461dcc766e3b165d6fa4ca7ee83bf83094f17c47beab561eea195e4"
 
@@ -326,6 +334,26 @@ def test_exact_golden_files_decode_to_their_pixels_on_this_machine():
         decoded = api.decode(data, model=model, device="cpu")
         assert decoded.names == ["synthetic"] and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
         assert getattr(decoded, "verified", True)
+
+
+def test_lossless_golden_file_with_a_stream_version_5_bootstrap_decodes():
+    """A lossless file (format 4, contract 2) whose tiles all went through the bootstrap, now
+    progressive stream version 5 (greedy choice on pooled candidates): made with
+
+        api.encode(images, ["synthetic"], steps=10, compute_bound=False)
+
+    (6,894 bytes). It decodes to the source on every machine; its bootstrap block says version 5."""
+    from diffcodec.codec.bitsback.file import bootstrap_params
+    from diffcodec.codec.bitsback.params import BitsBackParams
+
+    data = EXACT_BOOT_S5.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == EXACT_BOOT_S5_SHA256, f"{EXACT_BOOT_S5.name} changed"
+    c = unpack(data)
+    assert (c.header.version, c.header.contract, c.header.mode) == (4, 2, MODE_BITSBACK)
+    boot = bootstrap_params(BitsBackParams.unpack(c.header.params), 32)
+    assert boot is not None and (boot.version, boot.num_tiles, boot.check_bits) == (5, 2, 0)
+    decoded = api.decode(data, model=load_checkpoint(None), device="cpu")
+    assert decoded.names == ["synthetic"] and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
 
 
 # --------------------------- default model, format 5 (progressive: length and stages recorded)
