@@ -10,6 +10,7 @@ from diffcodec.errors import DiffcodecError
 from diffcodec.runtime import (
     MAX_THREADS,
     decode_device,
+    deterministic_kernels,
     device_kind,
     in_batches,
     network,
@@ -82,3 +83,23 @@ def test_in_batches_slices_and_concatenates():
     assert torch.equal(in_batches(fn, 4)(x, t), fn(x, t)) and calls == [4, 4, 2, 10]
     with pytest.raises(ValueError, match="max_batch"):
         in_batches(fn, 0)
+
+
+def test_deterministic_kernels_run_numpy_blas_on_one_thread_and_restore_it():
+    """Inside the codecs' context numpy's BLAS has one thread (its spinning threads slowed the
+    next network call; a threaded sum's rounding depends on the thread count); after it, as before."""
+    import threadpoolctl
+
+    def numpy_blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas" and "torch" not in i["filepath"]]
+
+    before = numpy_blas_threads()
+    if not before:
+        pytest.skip("numpy reports no BLAS library that threadpoolctl controls here")
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        two = numpy_blas_threads()
+        with deterministic_kernels():
+            assert set(numpy_blas_threads()) == {1}
+        assert numpy_blas_threads() == two
+    assert numpy_blas_threads() == before
