@@ -30,16 +30,38 @@ def model():
     torch.set_num_threads(before)
 
 
+def test_a_lossless_job_is_one_progress_phase_that_ends_at_its_total():
+    """`_LosslessJob`: 5 tiles, 2 through the bootstrap (its 51 stages), 3 down a 4-step chain,
+    the bound's 4 steps on batches of 2, 2 and 1 tiles: one phase, counted in tile network
+    calls, whose last call is the total."""
+    calls = []
+    job = api._LosslessJob(lambda *c: calls.append(c), "encode", 5, 2, 4, bound_batch=2)
+    stages = api.bitsback.BOOTSTRAP_PARAMS.num_stages
+    for stage in range(stages):
+        job.bootstrap_stage(stage)
+    for _ in range(4):
+        job.chain_step(3)
+    for _ in range(3 * 4):
+        job.bound_step()
+    total = 2 * stages + 3 * 4 + 5 * 4
+    assert {c[0] for c in calls} == {"encode"} and calls[-1][1:] == (total, total)
+    assert calls[stages - 1][1] == 2 * stages and calls[stages + 3][1] == 2 * stages + 12
+    api._LosslessJob(None, "decode", 5, 2, 4).chain_step(3)  # no progress wanted: nothing to do
+
+
 def test_both_modes_round_trip_through_one_api_with_progress(model):
     images = synthetic_images([(32, 32), (20, 40)], seed=3)  # 1 + 2 tiles
     calls = []
     lossless = api.encode(images, ["a", "b"], model=model, steps=3, float64=True, bootstrap=False,
                           progress=lambda *c: calls.append(c))
     assert isinstance(lossless, api.LosslessEncoding) and api.read_header(lossless.data).mode == MODE_BITSBACK
-    phases = {phase: (done, total) for phase, done, total in calls}
-    assert phases["encode"] == (3 * 3, 3 * 3) and phases["bound"][0] == phases["bound"][1] > 0
-    back = api.decode(lossless.data, model=model, device="cpu")
+    # one bar for the whole job, in tile network calls: 3 tiles x 3 steps of the chain, then the bound's
+    assert {phase for phase, _, _ in calls} == {"encode"} and calls[-1][1:] == (18, 18)
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)
+    calls.clear()
+    back = api.decode(lossless.data, model=model, device="cpu", progress=lambda *c: calls.append(c))
     assert back.names == ["a", "b"] and all(np.array_equal(x, y) for x, y in zip(back.images, images))
+    assert {phase for phase, _, _ in calls} == {"decode"} and calls[-1][1:] == (9, 9)
     assert lossless.bound_bpd > 0 and lossless.file_bpd > 0
 
     params = ProgressiveParams(num_steps=3, chunk_bits=6.0, log2_candidates=10, network_float64=True)

@@ -17,8 +17,9 @@ a full-length file that stops before its last stage is damaged), the choice of d
 deterministic-kernel settings and the decoder's thread count (`runtime`). Each mode's
 stream is its own package: `bitsback.file`, `progressive.codec`.
 
-Progress: ``progress(phase, done, total)`` is called as work advances, with phases
-"bootstrap" and "encode"/"decode" (tile-steps, or stages in progressive mode) and "bound".
+Progress: ``progress(phase, done, total)`` is called as work advances, with one phase per job,
+"encode" or "decode": stages in progressive mode; in lossless mode tile network calls of the
+whole job (the bootstrap's stages, the chain's steps and the bound's, `_LosslessJob`).
 """
 
 from __future__ import annotations
@@ -379,13 +380,11 @@ def encode(
                                        tuple(seen.psnr) if seen is not None else None)
         schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, spacing)
         m = bitsback.bootstrap_size(schedule, len(tiles), tile, grid) if bootstrap else 0
-        batches = -(-len(tiles) // batch_size) if compute_bound else 0
+        job = _LosslessJob(progress, "encode", len(tiles), m, steps, batch_size if compute_bound else 0)
         code = bitsback.encode_stream(
             model.model, dc, schedule, tiles, spacing=spacing, config=grid, max_batch=batch_size, device=device,
             float64=float64, exact=exact, contract=contract, bootstrap=bootstrap, compute_bound=compute_bound,
-            on_step=_bar(progress, "encode", (len(tiles) - m) * steps) if len(tiles) > m else None,
-            on_bound_step=_bar(progress, "bound", batches * steps),
-            on_bootstrap_stage=_stage_bar(progress, "bootstrap", bitsback.BOOTSTRAP_PARAMS.num_stages) if m else None)
+            on_step=job.chain_step, on_bound_step=job.bound_step, on_bootstrap_stage=job.bootstrap_stage)
     header = Header(MODE_BITSBACK, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps, steps,
                     dc.var_type, tile, entries, pixel_checksum(list(images), PIXEL_CHECK_BYTES), code.params.pack(),
                     *contract_fields, version=LOSSLESS_VERSION, model_id=ident)
@@ -402,6 +401,34 @@ def _stage_network(model_fn: ModelFn, params: ProgressiveParams, batch_size: int
     the batch; a float32 stream's whole stage in one call (its decoder must see the encoder's
     batch: such files decode only where the encoder's arithmetic is reproduced)."""
     return in_batches(model_fn, batch_size) if params.exact or params.network_float64 else model_fn
+
+
+class _LosslessJob:
+    """One progress phase for a whole lossless job, counted in tile network calls: the
+    bootstrap's stages (m tiles each), the bits-back chain's steps (n tiles each) and, when
+    ``bound_batch`` > 0, the bound's steps (batches of at most that many tiles), so that one
+    bar shows the job's rate and time left."""
+
+    def __init__(self, progress: Progress | None, phase: str, num_tiles: int, boot_tiles: int, steps: int,
+                 bound_batch: int = 0) -> None:
+        boot_stages = bitsback.BOOTSTRAP_PARAMS.num_stages if boot_tiles else 0
+        self.boot_tiles = boot_tiles
+        self._bound_sizes = iter([min(bound_batch, num_tiles - i) for i in range(0, num_tiles, bound_batch or 1)
+                                  for _ in range(steps)] if bound_batch else [])
+        total = boot_tiles * boot_stages + (num_tiles - boot_tiles) * steps + (num_tiles * steps if bound_batch else 0)
+        self._step = _bar(progress, phase, total)
+
+    def chain_step(self, n: int) -> None:
+        if self._step is not None:
+            self._step(n)
+
+    def bootstrap_stage(self, _stage: int) -> None:
+        if self._step is not None:
+            self._step(self.boot_tiles)
+
+    def bound_step(self) -> None:
+        if self._step is not None:
+            self._step(next(self._bound_sizes, 0))
 
 
 def _stage_bar(progress: Progress | None, phase: str, total: int) -> Callable[[int], None] | None:
@@ -483,10 +510,10 @@ def _decode_lossless(model: LoadedModel, container: Container, counts: list[int]
     schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, params.spacing)
     with deterministic_kernels():
         start, cpu_start = time.perf_counter(), time.process_time()
-        chain_tiles = params.num_tiles - params.bootstrap_tiles
+        job = _LosslessJob(progress, "decode", params.num_tiles, params.bootstrap_tiles, steps)
         tiles, ok = bitsback.decode_stream(
             model.model, dc, schedule, params, container.payload, tile_size=h.tile_size, device=device,
-            contract=h.contract or None, on_step=_bar(progress, "decode", chain_tiles * steps) if chain_tiles else None)
+            contract=h.contract or None, on_step=job.chain_step, on_bootstrap_stage=job.bootstrap_stage)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     images = images_from_tiles(tiles, [(im.height, im.width) for im in h.images]) if ok else []
     if not ok or pixel_checksum(images, len(h.pixel_sha)) != h.pixel_sha:

@@ -130,11 +130,13 @@ def _encode_bootstrap(coder: ChainCoder, diffusion, tiles: np.ndarray, progress:
 def decode_stream(
     model: torch.nn.Module, diffusion, schedule: Schedule, params: BitsBackParams, payload: bytes, *, tile_size: int,
     device: torch.device | str = "cpu", on_step: OnStep | None = None, contract: int | None = None,
+    on_bootstrap_stage: OnStep | None = None,
 ) -> tuple[np.ndarray, bool]:
     """The stream's tiles uint8 [M, s, s, 3] and whether it decoded whole (False: the stack
     did not end as the encoder began, or the bootstrap's lossless stage failed; the tiles
     are then incomplete and must not be used). ``contract``: the file's exact arithmetic
-    contract version (the container's)."""
+    contract version (the container's). ``on_step(n)`` follows the chain's steps (n tiles),
+    ``on_bootstrap_stage(stage)`` the bootstrap's progressive decoder."""
     coder = chain_coder(model, schedule, diffusion.var_type, config=params.grid_config,
                         clip_denoised=params.clip_denoised, device=device, float64=params.network_float64,
                         exact=params.exact, contract=contract)
@@ -145,7 +147,8 @@ def decode_stream(
         kept_words=params.kept_words, init_seed=params.init_seed, on_step=on_step,
         bootstrap_bytes=bootstrap_bytes(params, boot_params))
     if boot_params is not None and ok:
-        dec = progressive.decode(coder.model_fn, diffusion, boot, boot_params, device=coder.device)
+        dec = progressive.decode(coder.model_fn, diffusion, boot, boot_params, device=coder.device,
+                                 progress=on_bootstrap_stage)
         ok = dec.complete
         tiles = np.concatenate([from_model_output(dec.x0), tiles]) if ok else tiles
     return tiles, ok
