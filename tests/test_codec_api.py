@@ -31,13 +31,13 @@ def model():
 
 
 def test_a_lossless_job_is_one_progress_phase_that_ends_at_its_total():
-    """`_LosslessJob`: 5 tiles, 2 through the bootstrap (its 51 stages), 3 down a 4-step chain,
-    the bound's 4 steps on batches of 2, 2 and 1 tiles: one phase, counted in tile network
-    calls, whose last call is the total."""
+    """`_LosslessJob`: 5 tiles, 2 through the bootstrap (50 latent stages and the pixel stage,
+    which calls no network), 3 down a 4-step chain, the bound's 4 steps on batches of 2, 2 and
+    1 tiles: one phase, counted in tile network calls, whose last call is the total."""
     calls = []
-    job = api._LosslessJob(lambda *c: calls.append(c), "encode", 5, 2, 4, bound_batch=2)
-    stages = api.bitsback.BOOTSTRAP_PARAMS.num_stages
-    for stage in range(stages):
+    stages = 50
+    job = api._LosslessJob(lambda *c: calls.append(c), "encode", 5, 2, stages, 4, bound_batch=2)
+    for stage in range(stages + 1):
         job.bootstrap_stage(stage)
     for _ in range(4):
         job.chain_step(3)
@@ -46,7 +46,7 @@ def test_a_lossless_job_is_one_progress_phase_that_ends_at_its_total():
     total = 2 * stages + 3 * 4 + 5 * 4
     assert {c[0] for c in calls} == {"encode"} and calls[-1][1:] == (total, total)
     assert calls[stages - 1][1] == 2 * stages and calls[stages + 3][1] == 2 * stages + 12
-    api._LosslessJob(None, "decode", 5, 2, 4).chain_step(3)  # no progress wanted: nothing to do
+    api._LosslessJob(None, "decode", 5, 2, stages, 4).chain_step(3)  # no progress wanted: nothing to do
 
 
 def test_both_modes_round_trip_through_one_api_with_progress(model):

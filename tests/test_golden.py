@@ -352,8 +352,11 @@ def test_lossless_golden_file_with_a_stream_version_5_bootstrap_decodes():
     assert (c.header.version, c.header.contract, c.header.mode) == (4, 2, MODE_BITSBACK)
     boot = bootstrap_params(BitsBackParams.unpack(c.header.params), 32)
     assert boot is not None and (boot.version, boot.num_tiles, boot.check_bits) == (5, 2, 0)
-    decoded = api.decode(data, model=load_checkpoint(None), device="cpu")
+    calls = []
+    decoded = api.decode(data, model=load_checkpoint(None), device="cpu", progress=lambda *c: calls.append(c))
     assert decoded.names == ["synthetic"] and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
+    # one progress phase, its bootstrap counted: 2 tiles x the file's 50 bootstrap network calls
+    assert {c[0] for c in calls} == {"decode"} and calls[-1][1:] == (2 * 50, 2 * 50)
 
 
 # --------------------------- default model, format 5 (progressive: length and stages recorded)

@@ -380,7 +380,8 @@ def encode(
                                        tuple(seen.psnr) if seen is not None else None)
         schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, spacing)
         m = bitsback.bootstrap_size(schedule, len(tiles), tile, grid) if bootstrap else 0
-        job = _LosslessJob(progress, "encode", len(tiles), m, steps, batch_size if compute_bound else 0)
+        job = _LosslessJob(progress, "encode", len(tiles), m, bitsback.BOOTSTRAP_PARAMS.num_steps, steps,
+                           batch_size if compute_bound else 0)
         code = bitsback.encode_stream(
             model.model, dc, schedule, tiles, spacing=spacing, config=grid, max_batch=batch_size, device=device,
             float64=float64, exact=exact, contract=contract, bootstrap=bootstrap, compute_bound=compute_bound,
@@ -405,15 +406,16 @@ def _stage_network(model_fn: ModelFn, params: ProgressiveParams, batch_size: int
 
 class _LosslessJob:
     """One progress phase for a whole lossless job, counted in tile network calls: the
-    bootstrap's stages (m tiles each), the bits-back chain's steps (n tiles each) and, when
-    ``bound_batch`` > 0, the bound's steps (batches of at most that many tiles), so that one
-    bar shows the job's rate and time left."""
+    bootstrap's latent stages (``boot_steps`` of them, m tiles each; its pixel stage calls no
+    network), the bits-back chain's steps (n tiles each) and, when ``bound_batch`` > 0, the
+    bound's steps (batches of at most that many tiles), so that one bar shows the job's rate
+    and time left."""
 
-    def __init__(self, progress: Progress | None, phase: str, num_tiles: int, boot_tiles: int, steps: int,
-                 bound_batch: int = 0) -> None:
-        boot_stages = bitsback.BOOTSTRAP_PARAMS.num_stages if boot_tiles else 0
-        self.boot_tiles = boot_tiles
-        self._bound_sizes = iter([min(bound_batch, num_tiles - i) for i in range(0, num_tiles, bound_batch or 1)
+    def __init__(self, progress: Progress | None, phase: str, num_tiles: int, boot_tiles: int, boot_steps: int,
+                 steps: int, bound_batch: int = 0) -> None:
+        boot_stages = boot_steps if boot_tiles else 0
+        self.boot_tiles, self.boot_steps = boot_tiles, boot_steps
+        self._bound_sizes = iter([min(bound_batch, num_tiles - i) for i in range(0, num_tiles, bound_batch)
                                   for _ in range(steps)] if bound_batch else [])
         total = boot_tiles * boot_stages + (num_tiles - boot_tiles) * steps + (num_tiles * steps if bound_batch else 0)
         self._step = _bar(progress, phase, total)
@@ -422,8 +424,8 @@ class _LosslessJob:
         if self._step is not None:
             self._step(n)
 
-    def bootstrap_stage(self, _stage: int) -> None:
-        if self._step is not None:
+    def bootstrap_stage(self, stage: int) -> None:
+        if self._step is not None and stage < self.boot_steps:
             self._step(self.boot_tiles)
 
     def bound_step(self) -> None:
@@ -510,7 +512,9 @@ def _decode_lossless(model: LoadedModel, container: Container, counts: list[int]
     schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, params.spacing)
     with deterministic_kernels():
         start, cpu_start = time.perf_counter(), time.process_time()
-        job = _LosslessJob(progress, "decode", params.num_tiles, params.bootstrap_tiles, steps)
+        boot = bitsback.bootstrap_params(params, h.tile_size, where)  # the file's bootstrap (its steps)
+        job = _LosslessJob(progress, "decode", params.num_tiles, params.bootstrap_tiles,
+                           boot.num_steps if boot is not None else 0, steps)
         tiles, ok = bitsback.decode_stream(
             model.model, dc, schedule, params, container.payload, tile_size=h.tile_size, device=device,
             contract=h.contract or None, on_step=job.chain_step, on_bootstrap_stage=job.bootstrap_stage)

@@ -201,7 +201,7 @@ def _chunks(params: ProgressiveParams, stage: int, num_dims: int, num_chunks: in
 
 def stage_plan(params: ProgressiveParams, stage: int, num_dims: int, chunking: tuple[int, float]
                ) -> rcc_pool.StagePlan:
-    """A version 4 stage's candidate plan (`rcc_pool`) from its `Syntax.chunking` (m, kappa)."""
+    """A version 4 or 5 stage's candidate plan (`rcc_pool`) from its `Syntax.chunking` (m, kappa)."""
     num_chunks, kappa = chunking
     return rcc_pool.plan_stage(params.seed, stage, _permutation(params, stage, num_dims), num_chunks, kappa,
                                params.pad_bits, params.log2_candidates, cap_pool_normals=params.version >= 5)

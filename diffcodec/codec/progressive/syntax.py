@@ -268,15 +268,13 @@ def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> boo
             enc.encode_categorical(np.array([0]), syntax.skip_probs()[None])
         enc.encode_categorical(np.array([symbols.level]),
                                level_probs(syntax.level_history(), exact_contract=syntax.params.exact)[None])
-    if symbols.level and syntax.uniform_indices():
+    if symbols.level:
         n, kappa = syntax.chunking(symbols.level)
         if len(symbols.indices) != n:
             raise ValueError(f"progressive: level {symbols.level} needs {n} indices, got {len(symbols.indices)}")
+    if symbols.level and syntax.uniform_indices():
         encode_index_uniform(enc, symbols.indices, syntax.index_range(symbols.level))
     elif symbols.level:
-        n, kappa = syntax.chunking(symbols.level)
-        if len(symbols.indices) != n:
-            raise ValueError(f"progressive: level {symbols.level} needs {n} indices, got {len(symbols.indices)}")
         exps, mants = rcc.split_index(symbols.indices)
         if exps.max() > syntax.params.log2_candidates:
             raise ValueError("progressive: an index exceeds the candidate range")
