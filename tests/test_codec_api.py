@@ -227,7 +227,6 @@ def test_progressive_network_calls_stay_within_the_batch_and_do_not_change_the_f
     whole = api.encode(images, model=small, mode="progressive", progressive_params=params, workers=1, batch_size=64)
     assert max(seen) == 40 and whole.data == sliced.data
     seen.clear()
-    monkeypatch.setattr(api, "DEFAULT_BATCH", 7)
-    back = api.decode(sliced.data, model=small, device="cpu")
+    back = api.decode(sliced.data, model=small, device="cpu", batch_size=7)
     assert back.verified and np.array_equal(back.images[0], images[0]) and max(seen) == 7
 

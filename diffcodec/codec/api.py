@@ -456,15 +456,19 @@ def _progressive_params(given: ProgressiveParams | None, steps: int, spacing: st
 def decode(
     data: bytes, *, model: LoadedModel | None = None, checkpoint: str | None = None, device: str = "auto",
     where: str = "file", num_bits: int | None = None, upto: int | None = None, reconstruction: str = "xstart",
-    progress: Progress | None = None,
+    progress: Progress | None = None, batch_size: int = DEFAULT_BATCH,
 ) -> LosslessDecoding | ProgressiveDecoding:
-    """Decode a `.dfc` file's bytes (``num_bits`` / ``upto``: a prefix, progressive files only).
+    """Decode a `.dfc` file's bytes (``num_bits`` / ``upto``: a prefix, progressive files only;
+    ``batch_size``: a progressive exact or float64 stream's tiles per network call, which bound
+    the network's memory and leave the result unchanged; a lossless file's chunks are its own).
 
     A lossless file's images come back only when their checksum matches (else
     DiffcodecError, saying why as far as this side can tell); a progressive file's images
     are the coded pixels when verified, else the reconstruction from the last latent
     received, never wrong pixels labelled as the coded ones.
     """
+    if batch_size < 1:
+        raise DiffcodecError(f"batch size must be at least 1, got {batch_size}")
     container = unpack(data, where)
     h = container.header
     if h.mode == MODE_BITSBACK and (num_bits is not None or upto is not None):
@@ -481,7 +485,7 @@ def decode(
     container = Container(resolve_header(model, h), container.payload)
     if h.mode == MODE_PROGRESSIVE:
         return _decode_progressive(model, container, len(data), counts, target, where, num_bits, upto,
-                                   reconstruction, progress)
+                                   reconstruction, progress, batch_size)
     return _decode_lossless(model, container, counts, target, where, progress)
 
 
@@ -527,7 +531,7 @@ def _decode_lossless(model: LoadedModel, container: Container, counts: list[int]
 
 def _decode_progressive(model: LoadedModel, container: Container, data_bytes: int, counts: list[int], device: torch.device,
                         where: str, num_bits: int | None, upto: int | None, reconstruction: str,
-                        progress: Progress | None) -> ProgressiveDecoding:
+                        progress: Progress | None, batch_size: int = DEFAULT_BATCH) -> ProgressiveDecoding:
     h = container.header
     legacy = h.version < 4  # the header's pixel checksum, the block's payload length
     framed = h.version >= 5  # the header records the payload's length and the stages it delivers
@@ -558,7 +562,7 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
     try:
         with deterministic_kernels():
             model_fn = model_fn or network(model.model, float64=params.network_float64)
-            dec = progressive.decode(_stage_network(model_fn, params, DEFAULT_BATCH),
+            dec = progressive.decode(_stage_network(model_fn, params, batch_size),
                                      model.diffusion_config, container.payload, params,
                                      num_bits=file_bits - header_bits, upto=limit, reconstruction=reconstruction,
                                      device=device, context=b"" if legacy else image_sizes_context(h.images),

@@ -222,6 +222,17 @@ def _sample_stage(params: ProgressiveParams, stage: int, symbols: StageSymbols, 
     return u
 
 
+def _pixel_bits(x0: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, tiles_per_slice: int = 64) -> float:
+    """-log2 p(x_0 | y_0) under the discretized Gaussian (a measurement, not coded): summed
+    over slices of tiles, so that its float64 temporaries stay a slice's, not the image's."""
+    nats = 0.0
+    for i in range(0, x0.shape[0], tiles_per_slice):
+        part = slice(i, i + tiles_per_slice)
+        nats -= float(discretized_gaussian_log_likelihood_nats(x0[part], mean=mean[part],
+                                                               log_scale=0.5 * log_var[part]).sum())
+    return nats / LN2
+
+
 def _prior(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(like), torch.zeros_like(like)
 
@@ -411,8 +422,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             return done
     # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5)
     p = p_mean_variance(s, out, y, _full_step(x0, 0), var_type=var_type, clip_denoised=params.clip_denoised)
-    log_p = discretized_gaussian_log_likelihood_nats(x0, mean=p.mean, log_scale=0.5 * p.log_variance)
-    kl_bits[K] = -float(log_p.sum()) / LN2
+    kl_bits[K] = _pixel_bits(x0, p.mean, p.log_variance)
     pixel_models = _pixel_params(p.mean, p.log_variance, params)
     symbols = np.rint((x0.double().cpu().numpy().ravel() + 1.0) * 127.5).astype(np.int64)
     with clock("entropy"):
