@@ -83,13 +83,18 @@ else:
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
+NUMBA_ON = numba is not None and os.environ.get("DIFFCODEC_NO_NUMBA", "") == ""
+"""Whether the numba kernels run: numba is installed and DIFFCODEC_NO_NUMBA was not set when
+diffcodec was imported (read once: a lookup per kernel call cost 13% of a batch-1 forward)."""
+
+
 def numba_available() -> bool:
-    return numba is not None and os.environ.get("DIFFCODEC_NO_NUMBA", "") == ""
+    return NUMBA_ON
 
 
 def use_numba(t: torch.Tensor) -> bool:
-    """The numba kernels run on CPU tensors when numba is installed (DIFFCODEC_NO_NUMBA=1: never)."""
-    return t.device.type == "cpu" and numba_available()
+    """The numba kernels run on CPU tensors when `NUMBA_ON`."""
+    return NUMBA_ON and t.device.type == "cpu"
 
 
 _pool_started = False

@@ -53,6 +53,9 @@ TWO_BLOCK_MAX_FAN_IN = 2080
 """Largest fan-in whose joint block sum (|.| <= 2 K 63 64) binary32 holds exactly."""
 QCONV_MAX_FAN_IN = 4161
 """Largest fan-in whose block sums (|.| <= K 63 64) binary32 holds exactly."""
+INT8_OFF = bool(os.environ.get("DIFFCODEC_NO_INT8"))
+"""DIFFCODEC_NO_INT8=1 when diffcodec was imported: the VALUES products everywhere (a GPU's
+path, on a CPU), read once."""
 QCONV_MIN_CHANNELS = 8
 """Input channels below which the VALUES product is faster (the first convolution's 3)."""
 
@@ -202,7 +205,7 @@ class IntConv(torch.nn.Module):
         """STACKED where oneDNN's int8 convolution runs (DIFFCODEC_NO_INT8=1: never, which is
         a GPU's path on a CPU), else VALUES."""
         if (device.type == "cpu" and self.in_channels >= QCONV_MIN_CHANNELS and self.fan_in <= QCONV_MAX_FAN_IN
-                and not self._qconv_refused and not os.environ.get("DIFFCODEC_NO_INT8") and qconv_verified()):
+                and not self._qconv_refused and not INT8_OFF and qconv_verified()):
             return K.STACKED
         return K.VALUES
 

@@ -34,9 +34,9 @@ def twin(monkeypatch):
     """Call ``fn(*args)`` once with numba and once with the torch twins; return both results."""
     def run(fn, *args):
         fast = fn(*args)
-        monkeypatch.setenv("DIFFCODEC_NO_NUMBA", "1")
+        monkeypatch.setattr(K, "NUMBA_ON", False)
         slow = fn(*args)
-        monkeypatch.delenv("DIFFCODEC_NO_NUMBA")
+        monkeypatch.setattr(K, "NUMBA_ON", True)
         return fast, slow
     return run
 
