@@ -233,6 +233,17 @@ def _pixel_bits(x0: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor, til
     return nats / LN2
 
 
+def _sample_bits(qm: np.ndarray, qv: np.ndarray, pm: np.ndarray, pv: np.ndarray, u: np.ndarray,
+                 dims_per_slice: int = 1 << 16) -> float:
+    """log2 q(y)/p(y) of the sent latent y = mean_p + std_p u (a measurement, not coded),
+    summed over slices of the dimensions, so that its temporaries stay a slice's."""
+    nats = 0.0
+    for i in range(0, len(u), dims_per_slice):
+        part = slice(i, i + dims_per_slice)
+        nats += float(rcc.LogWeight.of_gaussians(qm[part], qv[part], pm[part], pv[part])(u[None, part])[0])
+    return nats / LN2
+
+
 def _prior(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros_like(like), torch.zeros_like(like)
 
@@ -407,8 +418,11 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             u = _sample_stage(params, stage, symbols, n, D, plan)
         # what the sent sample delivers, log2 q(y)/p(y): the stage's KL on average if it were
         # an exact sample of q; less when the candidate budget leaves it between p and q
-        sample_bits[stage] = float(rcc.LogWeight.of_gaussians(qm, qv, pm, pv)(u[None])[0]) / LN2
+        sample_bits[stage] = _sample_bits(qm, qv, pm, pv, u)
         y = _latent(p_mean, p_log_var, u, params.exact)
+        # the stage's Gaussians, candidates and last network output are done with: let them go
+        # before the network call (the coding state is D values each: tests/test_codec_memory.py)
+        p = q_mean = q_log_var = p_mean = p_log_var = qm = qv = pm = pv = kl_dims = plan = u = out = None
         chain.keep(k)
         with clock("network"):
             out = model_fn(y, ts[_full_step(x0, k)]).to(dtype)
@@ -491,7 +505,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     reader = TwinReader(payload, bits, pad_words(params, D))
     syntax = Syntax(params, D, context)
     ts = torch.from_numpy(s.timesteps).to(device)
-    y, out, p, xstarts, latents, stages = None, None, None, [], [], 0
+    y, out, xstarts, latents, stages = None, None, [], [], 0
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
     proto = torch.zeros(shape, device=device, dtype=dtype)
     with clock("entropy"):
@@ -518,13 +532,13 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             plan = stage_plan(params, stage, D, chunking) if params.version >= 4 else None
             u = _sample_stage(params, stage, symbols, chunking[0], D, plan)
         y = _latent(p_mean, p_log_var, u, params.exact)
+        step = p_mean = p_log_var = plan = u = out = None  # done with: the state is D values each
         chain.keep(k)
         with clock("network"):
             out = model_fn(y, ts[_full_step(proto, k)]).to(dtype)
-        p = p_mean_variance(s, out, y, _full_step(proto, k), var_type=diffusion.var_type,
-                            clip_denoised=params.clip_denoised)
         if keep_all:
-            xstarts.append(p.pred_xstart)
+            xstarts.append(p_mean_variance(s, out, y, _full_step(proto, k), var_type=diffusion.var_type,
+                                           clip_denoised=params.clip_denoised).pred_xstart)
             latents.append(y)
         if progress is not None:
             progress(stage)
@@ -534,6 +548,9 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                                    "and holds no intact stage before the damage")
         raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
                              f"a longer prefix is needed")
+    # the last latent's reverse-process Gaussian and x^_0 (a skipped stage makes no latent)
+    p = p_mean_variance(s, out, y, _full_step(proto, chain.kept[-1]), var_type=diffusion.var_type,
+                        clip_denoised=params.clip_denoised)
     pixels_checked = None
     if stages == K and limit > K:
         pixel_models = _pixel_params(p.mean, p.log_variance, params)
