@@ -103,3 +103,26 @@ def test_deterministic_kernels_run_numpy_blas_on_one_thread_and_restore_it():
             assert set(numpy_blas_threads()) == {1}
         assert numpy_blas_threads() == two
     assert numpy_blas_threads() == before
+
+
+def test_the_exact_network_is_made_once_per_model_and_remade_when_its_weights_change(monkeypatch):
+    """A lossless job asks for the exact network twice and a program coding many files once per
+    file: it is made once while the model and its weights stay the same, and again after an
+    in-place change to a weight (an optimizer step), whose outputs then follow the new weights."""
+    import diffcodec.runtime as runtime
+    from tests.conftest import seeded_model
+
+    model, _, _ = seeded_model(2, image_size=8)
+    made = []
+    real = runtime.exact_network_of
+    monkeypatch.setattr(runtime, "exact_network_of", lambda *a, **k: made.append(1) or real(*a, **k))
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    first = runtime.network(model, exact=True)(x, t)
+    again = runtime.network(model, exact=True)(x, t)
+    assert len(made) == 1 and torch.equal(first, again)
+    with torch.no_grad():
+        model.conv_out.weight.mul_(2.0)  # in place: the version counter moves
+    changed = runtime.network(model, exact=True)(x, t)
+    assert len(made) == 2 and not torch.equal(changed, first)
+    runtime.network(model, exact=True, device="cpu")  # another device string: made for it
+    assert len(made) == 3
