@@ -273,3 +273,27 @@ def test_coder_overhead_books_every_operation(tiny_checkpoint, images_npz, tmp_p
         assert sum(v["actual"] for v in kinds.values()) == pytest.approx(row["net_bpd"], rel=1e-9)
         assert row["coder_overhead_bpd"] == pytest.approx(row["net_bpd"] - row["ideal_bpd"])
         assert row["net_bpd"] > 0 and math.isfinite(row["coder_overhead_pct"])  # a random model: any size
+
+
+def test_exact_sizes_repeats_the_arithmetics_in_turn_and_reports_medians(tiny_checkpoint, images_npz, tmp_path):
+    """`bench.exact_sizes --repeats`: every arithmetic codes the same bytes each repeat, each
+    time is the median of its repeats, the ratios come from the medians; unknown names refused."""
+    import json
+
+    from bench import exact_sizes
+
+    out = tmp_path / "sizes.json"
+    assert exact_sizes.main([str(images_npz), "-c", str(tiny_checkpoint), "--lossless-images", "1",
+                             "--progressive-images", "0", "--repeats", "2", "--arithmetics", "float32,exact2",
+                             "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["repeats"] == 2 and set(payload["runs"]) == {"lossless-float32", "lossless-exact2"}
+    for rec in payload["runs"].values():
+        assert rec["exact_round_trip"]
+        for t in ("encode_s", "decode_s", "encode_cpu_s", "decode_cpu_s"):
+            assert len(rec["repeats"][t]) == 2 and rec[t] == pytest.approx(sum(rec["repeats"][t]) / 2)
+    runs, ratio = payload["runs"], payload["contract2_vs_float32"]["lossless"]
+    assert ratio["decode_cpu"] == runs["lossless-exact2"]["decode_cpu_s"] / runs["lossless-float32"]["decode_cpu_s"]
+    with pytest.raises(DiffcodecError, match="--arithmetics"):
+        exact_sizes.main([str(images_npz), "-c", str(tiny_checkpoint), "--arithmetics", "float16",
+                          "--out", str(out)])
