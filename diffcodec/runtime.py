@@ -181,11 +181,15 @@ def in_batches(model_fn: ModelFn, max_batch: int) -> ModelFn:
 _EXACT_CACHE: dict[tuple[int, int | None, str], tuple[weakref.ref, tuple, torch.nn.Module]] = {}
 
 
-def _weights_state(model: torch.nn.Module) -> tuple:
+def _weights_state(model: torch.nn.Module) -> tuple | None:
     """Where each parameter and buffer lives and its in-place version counter: it changes when
     a weight is replaced or modified in place (an optimizer step), so a cached exact network
-    is never used for weights it was not made from."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    is never used for weights it was not made from. None when a weight keeps no counter (made
+    under torch.inference_mode): such a model's exact network is made afresh every time."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    except RuntimeError:
+        return None
 
 
 def _cached_exact_network(model: torch.nn.Module, contract: int | None,
@@ -198,11 +202,13 @@ def _cached_exact_network(model: torch.nn.Module, contract: int | None,
     key = (id(model), contract, str(device))
     state = _weights_state(model)
     hit = _EXACT_CACHE.get(key)
-    if hit is not None and hit[0]() is model and hit[1] == state:
+    if state is not None and hit is not None and hit[0]() is model and hit[1] == state:
         return hit[2]
     net = exact_network_of(model, contract)
     net = net.to(device) if device is not None else net
     _EXACT_CACHE.clear()
+    if state is None:
+        return net
     _EXACT_CACHE[key] = (weakref.ref(model, lambda _: _EXACT_CACHE.pop(key, None)), state, net)
     return net
 

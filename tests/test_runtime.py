@@ -126,3 +126,19 @@ def test_the_exact_network_is_made_once_per_model_and_remade_when_its_weights_ch
     assert len(made) == 2 and not torch.equal(changed, first)
     runtime.network(model, exact=True, device="cpu")  # another device string: made for it
     assert len(made) == 3
+
+
+def test_a_model_made_under_inference_mode_gets_a_fresh_exact_network_each_time(monkeypatch):
+    """Inference tensors keep no version counter, so nothing tells a changed weight: no cache."""
+    import diffcodec.runtime as runtime
+    from tests.conftest import seeded_model
+
+    with torch.inference_mode():
+        model, _, _ = seeded_model(3, image_size=8)
+    assert runtime._weights_state(model) is None  # its parameters were made as inference tensors
+    made = []
+    real = runtime.exact_network_of
+    monkeypatch.setattr(runtime, "exact_network_of", lambda *a, **k: made.append(1) or real(*a, **k))
+    x, t = torch.zeros(1, 3, 8, 8), torch.tensor([10])
+    assert torch.equal(runtime.network(model, exact=True)(x, t), runtime.network(model, exact=True)(x, t))
+    assert len(made) == 2
