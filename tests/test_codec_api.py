@@ -229,4 +229,6 @@ def test_progressive_network_calls_stay_within_the_batch_and_do_not_change_the_f
     seen.clear()
     back = api.decode(sliced.data, model=small, device="cpu", batch_size=7)
     assert back.verified and np.array_equal(back.images[0], images[0]) and max(seen) == 7
+    with pytest.raises(DiffcodecError, match="batch size must be at least 1"):
+        api.decode(sliced.data, model=small, device="cpu", batch_size=0)
 
