@@ -368,7 +368,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         else:
             sched, i = chain.step(k)
             p = p_mean_variance(sched, out, y, _full_step(x0, i), var_type=var_type, clip_denoised=params.clip_denoised)
-            p_mean, p_log_var = p.mean, p.log_variance
+            p_mean, p_log_var, p = p.mean, p.log_variance, None
             q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0, y, _full_step(x0, i))
         qm, qv, pm, pv = (v.double().cpu().numpy().ravel() for v in (q_mean, q_log_var, p_mean, p_log_var))
         kl_dims = rcc.gaussian_kl_bits(qm, qv, pm, pv)
@@ -422,7 +422,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         y = _latent(p_mean, p_log_var, u, params.exact)
         # the stage's Gaussians, candidates and last network output are done with: let them go
         # before the network call (the coding state is D values each: tests/test_codec_memory.py)
-        p = q_mean = q_log_var = p_mean = p_log_var = qm = qv = pm = pv = kl_dims = plan = u = out = None
+        q_mean = q_log_var = p_mean = p_log_var = qm = qv = pm = pv = kl_dims = plan = u = out = None
         chain.keep(k)
         with clock("network"):
             out = model_fn(y, ts[_full_step(x0, k)]).to(dtype)
