@@ -369,6 +369,8 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             sched, i = chain.step(k)
             p = p_mean_variance(sched, out, y, _full_step(x0, i), var_type=var_type, clip_denoised=params.clip_denoised)
             p_mean, p_log_var, p = p.mean, p.log_variance, None
+            if not params.min_stage_bits:  # no stage is skipped, whose successor would need this output
+                out = None
             q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0, y, _full_step(x0, i))
         qm, qv, pm, pv = (v.double().cpu().numpy().ravel() for v in (q_mean, q_log_var, p_mean, p_log_var))
         kl_dims = rcc.gaussian_kl_bits(qm, qv, pm, pv)
