@@ -435,10 +435,14 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reconstruction", choices=("xstart", "ddim"), default="xstart",
                    help="progressive files, partial decode: x^_0 predicted from the last latent (xstart, as the "
                         "paper's Figure 5) or deterministic DDIM down the remaining steps (ddim)")
+    p.add_argument("--batch-size", "-b", type=positive_int, metavar="TILES",
+                   help="progressive files: most tiles per network call (default 64); fewer bound the decoder's "
+                        "memory on a large photo and give the same pixels")
     p.set_defaults(run=run_decode_command)
 
 def run_decode_command(args: argparse.Namespace) -> int:
     from diffcodec.codec import api
+    from diffcodec.codec.container import MODE_PROGRESSIVE
     from diffcodec.data import read_file_bytes
     from diffcodec.distributed import launched
     from diffcodec.outputs import output_paths, write_png
@@ -449,6 +453,9 @@ def run_decode_command(args: argparse.Namespace) -> int:
         return decode_shard_set(args)
     data = read_file_bytes(args.file)
     h = api.read_header(data, args.file)
+    if args.batch_size is not None and h.mode != MODE_PROGRESSIVE:
+        raise DiffcodecError(f"{args.file}: --batch-size applies to progressive files; a lossless file's chunks "
+                             "are its own")
     names = [im.name for im in h.images]
     if names == [""]:  # one unnamed image (format 4 stores no name for one): into a directory as FILE's stem
         names = [Path(args.file).stem]
@@ -457,7 +464,8 @@ def run_decode_command(args: argparse.Namespace) -> int:
     with ProgressBars(args.quiet) as bars:
         try:
             r = api.decode(data, checkpoint=args.checkpoint, device=args.device, where=args.file, num_bits=args.bits,
-                           upto=args.upto, reconstruction=args.reconstruction, progress=bars)
+                           upto=args.upto, reconstruction=args.reconstruction, progress=bars,
+                           batch_size=args.batch_size or api.DEFAULT_BATCH)
         except DamagedFileError as e:  # damaged before any intact stage: nothing to write, but damaged (3), not 2
             print(f"diffcodec: error: {e}", file=sys.stderr)
             return EXIT_DAMAGED
@@ -586,7 +594,8 @@ def decode_shard_set(args: argparse.Namespace) -> int:
         targets = shardset.decode_set(
             shard_set, args.output, force=args.force, lossy_ok=args.upto is not None, world=world,
             decode=lambda data, where: api.decode(data, checkpoint=args.checkpoint, device=args.device, where=where,
-                                                  upto=args.upto, reconstruction=args.reconstruction, progress=bars))
+                                                  upto=args.upto, reconstruction=args.reconstruction, progress=bars,
+                                                  batch_size=args.batch_size or api.DEFAULT_BATCH))
     if targets is None:
         return 0
     lossy = [f for i, f in enumerate(shard_set.files) if is_lossy_file(shardset.read_shard(shard_set, i), f)]

@@ -171,3 +171,28 @@ def test_a_one_image_file_stores_no_name_and_decodes_into_a_folder_as_its_stem(t
                         "--device", "cpu"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["a.png", "b.png"]
+
+
+def test_decode_batch_size_sets_a_progressive_decoders_batch_and_is_refused_for_lossless(tiny_checkpoint, tmp_path,
+                                                                                        capsys):
+    """`decode --batch-size`: a progressive file decodes to the same pixels in batches of one
+    tile; a lossless file, whose chunks are its own, refuses the flag in one line (exit 2)."""
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")  # 2 tiles
+    common = ["-c", tiny_checkpoint, "-q", "--device", "cpu"]
+    code, _, err = run(["encode", tmp_path / "a.png", "-o", tmp_path / "p.dfc", "--progressive", "--steps", 2,
+                        *common], capsys)
+    assert code == 0, err
+    for batch in (None, 1):
+        out = tmp_path / f"p{batch}.png"
+        code, _, err = run(["decode", tmp_path / "p.dfc", "-o", out, *common]
+                           + ([] if batch is None else ["--batch-size", batch]), capsys)
+        assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pNone.png")), np.asarray(Image.open(tmp_path / "a.png")))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "p1.png")), np.asarray(Image.open(tmp_path / "a.png")))
+    code, _, err = run(["encode", tmp_path / "a.png", "-o", tmp_path / "l.dfc", "--lossless", "--steps", 2,
+                        "--no-bootstrap", "--no-bound", *common], capsys)
+    assert code == 0, err
+    code, _, err = run(["decode", tmp_path / "l.dfc", "-o", tmp_path / "l.png", "--batch-size", 4, *common], capsys)
+    assert code == 2 and "--batch-size applies to progressive files" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "l.png").exists()
