@@ -21,7 +21,9 @@ count: contract 1 and float32 per layer kind (forward hooks: convolution, GroupN
 attention, linear), contract 2 per kernel (its products, GroupNorm, epilogues,
 quantization, softmax weights; the rest is Python and small torch operations).
 ``--memory`` measures each network's peak resident memory in its own process (load,
-build, one call at the largest batch size), against the float32 network's.
+build, one call at the largest batch size), against the float32 network's, and where it goes
+(`memory_breakdown`: after the build, after a first batch-1 call, the batch call's own peak;
+float32 and contract 2, also with DIFFCODEC_NO_NUMBA=1 and with DIFFCODEC_NO_INT8=1).
 """
 
 from __future__ import annotations
@@ -224,20 +226,63 @@ print(json.dumps({"peak_mib": peak_mib(), "peak_mib_before_call": before}))
 """
 
 
+# Where the memory goes (Linux, glibc): resident memory after the build and after a first
+# batch-1 call, each read after malloc_trim (so that freed heap memory glibc keeps does not
+# count), then the peak of one call at the batch size over a reset peak (/proc/self/clear_refs).
+_BREAKDOWN_SCRIPT = r"""
+import ctypes, json, sys, torch
+from diffcodec.checkpoint import load_checkpoint
+from diffcodec.runtime import network
+name, batch, checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+def resident():
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return status("VmRSS:")
+loaded = load_checkpoint(checkpoint)
+fn = network(loaded.model, **({} if name == "float32" else {"exact": True, "contract": 2}))
+mc = loaded.model_config
+x = lambda b: torch.randn(b, mc.in_channels, mc.image_size, mc.image_size)
+built = resident()
+fn(x(1), torch.randint(0, 1000, (1,)))
+first = resident()
+open("/proc/self/clear_refs", "w").write("5")
+fn(x(batch), torch.randint(0, 1000, (batch,)))
+print(json.dumps({"built_mib": built, "after_first_call_mib": first, "call_peak_mib": status("VmHWM:")}))
+"""
+BREAKDOWN_RUNS = {"float32": {}, "exact2": {}, "exact2, DIFFCODEC_NO_NUMBA=1": {"DIFFCODEC_NO_NUMBA": "1"},
+                  "exact2, DIFFCODEC_NO_INT8=1": {"DIFFCODEC_NO_INT8": "1"}}
+
+
+def _run_script(script: str, args: list[str], env: dict[str, str], what: str) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        raise DiffcodecError(f"memory of {what}: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def memory(batch_size: int, checkpoint: str | None, threads: int) -> dict[str, dict[str, float]]:
     """Peak resident memory (MiB) of each network in a fresh process: load, build, one call."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO_ROOT)}
-    out = {}
-    for name in NETWORKS:
-        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, name, str(batch_size), checkpoint or ""],
-                              capture_output=True, text=True, env=env, timeout=900)
-        if proc.returncode != 0:
-            raise DiffcodecError(f"memory of {name}: {proc.stderr.strip().splitlines()[-1:]}")
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = {name: _run_script(_MEMORY_SCRIPT, [name, str(batch_size), checkpoint or ""], env, name)
+           for name in NETWORKS}
     base = out["float32"]["peak_mib"]
     for rec in out.values():
         rec["ratio_vs_float32"] = rec["peak_mib"] / base
     return out
+
+
+def memory_breakdown(batch_size: int, checkpoint: str | None, threads: int) -> dict[str, dict[str, float]]:
+    """`_BREAKDOWN_SCRIPT` for float32 and contract 2 (also without numba, and without the int8
+    products), one fresh process each; {} where /proc/self/clear_refs is missing (not Linux)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO_ROOT)}
+    return {name: _run_script(_BREAKDOWN_SCRIPT, ["float32" if name == "float32" else "exact2", str(batch_size),
+                                                  checkpoint or ""], {**env, **extra}, name)
+            for name, extra in BREAKDOWN_RUNS.items()}
 
 
 # ------------------------------------------------------------------------------- output
@@ -281,6 +326,12 @@ def markdown(payload: dict[str, Any]) -> str:
                   "| network | peak MiB | / float32 |", "|---|---|---|"]
         lines += [f"| {LABELS[n]} | {rec['peak_mib']:.0f} | {rec['ratio_vs_float32']:.2f} |"
                   for n, rec in payload["memory"].items()]
+    if payload.get("memory_breakdown"):
+        lines += ["", "Where it goes (one process each; resident MiB after glibc's malloc_trim, then the peak of "
+                      f"one batch {payload['memory_batch_size']} call):", "",
+                  "| network | after the build | after a first batch-1 call | batch call's peak |", "|---|---|---|---|"]
+        lines += [f"| {n} | {r['built_mib']:.0f} | {r['after_first_call_mib']:.0f} | {r['call_peak_mib']:.0f} |"
+                  for n, r in payload["memory_breakdown"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -332,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         payload.update(profile_batch_size=max(batch_sizes), profile_threads=threads[0],
                        profile=profile(loaded.model, max(batch_sizes), repeats=args.repeats, device=device, **shape))
     if args.memory:
-        payload.update(memory_batch_size=max(batch_sizes), memory=memory(max(batch_sizes), args.checkpoint, threads[0]))
+        payload.update(memory_batch_size=max(batch_sizes), memory=memory(max(batch_sizes), args.checkpoint, threads[0]),
+                       memory_breakdown=memory_breakdown(max(batch_sizes), args.checkpoint, threads[0]))
     payload["provenance"] = provenance(args, loaded, args.seed, device=device, command=command)
     print(format_table(rows))
     if args.profile:

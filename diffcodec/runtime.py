@@ -178,7 +178,7 @@ def in_batches(model_fn: ModelFn, max_batch: int) -> ModelFn:
     return call
 
 
-_EXACT_CACHE: dict[tuple[int, int | None, str], tuple[weakref.ref, tuple, torch.nn.Module]] = {}
+_EXACT_CACHE: dict[tuple[int, int, str], tuple[weakref.ref, tuple, torch.nn.Module]] = {}
 
 
 def _weights_state(model: torch.nn.Module) -> tuple | None:
@@ -199,7 +199,9 @@ def _cached_exact_network(model: torch.nn.Module, contract: int | None,
     bits-back chain) and a program coding many files once per file, and each build costs
     about 0.25 s (integer weights, oneDNN's packing at its first call). One network is kept:
     the last one made, let go with its model."""
-    key = (id(model), contract, str(device))
+    from diffcodec.exact import CONTRACT_VERSION
+
+    key = (id(model), CONTRACT_VERSION if contract is None else contract, str(device))
     state = _weights_state(model)
     hit = _EXACT_CACHE.get(key)
     if state is not None and hit is not None and hit[0]() is model and hit[1] == state:

@@ -17,6 +17,7 @@ memory is trimmed) is reported in MiB above the resident memory before it, as on
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import dataclasses
 import gc
@@ -66,9 +67,12 @@ def main(argv: list[str]) -> int:
     from diffcodec.codec import api
     from tests.conftest import synthetic_images
 
-    batch = int(argv[argv.index("--batch") + 1]) if "--batch" in argv else BATCH
-    argv = [a for i, a in enumerate(argv) if "--batch" not in argv[max(i - 1, 0):i + 1]]
-    mode, sides = argv[0], [int(s) for s in argv[1:]]
+    p = argparse.ArgumentParser(prog="python -m tests.memory_probe")
+    p.add_argument("mode", choices=("lossless", "progressive"))
+    p.add_argument("sides", type=int, nargs="+")
+    p.add_argument("--batch", type=int, default=BATCH)
+    args = p.parse_args(argv)
+    mode, sides, batch = args.mode, args.sides, args.batch
     torch.set_num_threads(1)
     loaded = wide_tiny_model()
     # warm-up: lazy imports, kernels and caches in before anything is measured
