@@ -95,17 +95,21 @@ def numba_available() -> bool:
 
 def use_numba(t: torch.Tensor) -> bool:
     """The numba kernels run on CPU tensors when `NUMBA_ON`."""
-    return NUMBA_ON and t.device.type == "cpu"
+    return NUMBA_ON and t.is_cpu
 
 
 _pool_started = False
+_numba_threads = 0
+"""The thread count `sync_threads` last gave numba (0: not yet; each kernel call then asks
+numba, which costs a few microseconds): it only picks a kernel's serial or threaded build,
+which give the same bits."""
 
 
 def sync_threads() -> None:
     """numba's CPU kernels use as many threads as torch's (`runtime.use_threads` sets torch's).
     numba's OpenMP layer sets the OpenMP thread count when it starts, which torch shares:
     torch's is set back once it has started."""
-    global _pool_started
+    global _pool_started, _numba_threads
     if not numba_available():
         return
     threads = torch.get_num_threads()
@@ -116,7 +120,8 @@ def sync_threads() -> None:
         _pool_started = True
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    _numba_threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(_numba_threads)
 
 
 # ------------------------------------------------------------------------ exact.exp, scalar
@@ -180,7 +185,7 @@ if numba is not None:
             self.py_func = body
 
         def __call__(self, work: int, *args):
-            threaded = work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
+            threaded = work >= PARALLEL_MIN_WORK and (_numba_threads or numba.get_num_threads()) > 1
             return (self.parallel if threaded else self.serial)(*args)
 
     @_intrinsic
@@ -582,7 +587,12 @@ if numba is not None:
             den[row] = total
         return den
 
+    def _silu64_body(x, out):
+        for i in prange(x.size):
+            out[i] = _silu64(x[i])
+
     _absmax_nb = _Kernel(_absmax_body)
+    _silu64_nb = _Kernel(_silu64_body)
     _group_stats_nb = _Kernel(_group_stats_body)
     _norm_coefficients_nb = njit(cache=True)(_norm_coefficients_body)
     _FORMS = (STACKED, VALUES)
@@ -602,6 +612,10 @@ def _chunks(total: int) -> int:
 
 
 # ------------------------------------------------------------------------- the kernels
+
+
+_NO_ARRAY = np.zeros((1, 1), np.float32)
+"""What a kernel gets for an optional array argument it is told not to read (never written)."""
 
 
 def _nchunk(pixels: int) -> int:
@@ -708,7 +722,7 @@ def norm_plan(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Te
     s1, s2, lo, hi = group_stats(x, exact.pow2(shift_e))
     has_scale = scale is not None
     if use_numba(x):
-        dummy = np.zeros((1, 1), np.float32)
+        dummy = _NO_ARRAY
         out = _norm_coefficients_nb(s1.numpy(), s2.numpy(), lo.numpy(), hi.numpy(), shift_e.numpy(), n, groups,
                                     weight.numpy(), bias.numpy(), float(eps),
                                     scale.contiguous().numpy() if has_scale else dummy,
@@ -745,6 +759,17 @@ def _norm_coefficients_torch(s1, s2, lo, hi, shift_e, n, groups, weight, bias, e
         bound = torch.where(u1 > u2, u1, u2)
     r, s = inverse_scales(bound.amax(dim=1).to(torch.float64))
     return a32, c32, r.to(torch.float32), s
+
+
+def silu64(x: torch.Tensor) -> torch.Tensor:
+    """`exact.silu` (binary64 in, binary64 out), by the numba kernel on the CPU (the timestep
+    MLP's few values: a call costs ~2 us instead of ~60)."""
+    if use_numba(x) and x.dtype == torch.float64:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        _silu64_nb(x.numel(), x.view(-1).numpy(), out.view(-1).numpy())
+        return out
+    return exact.silu(x)
 
 
 def silu32(y: torch.Tensor) -> torch.Tensor:
@@ -795,7 +820,7 @@ def group_norm_operand(x: torch.Tensor, groups: int, weight: torch.Tensor, bias:
     n = (ch // groups) * p
     out = _empty_form(tuple(x.shape), form)
     has_scale = scale is not None
-    dummy = np.zeros((1, 1), np.float32)
+    dummy = _NO_ARRAY
     s = _group_norm_nb[bool(silu), form](
         x.numel(), x.numpy(), groups, (exact.MANTISSA_LIMIT_BITS + 2 - exact.ceil_log2(n)) // 2, weight.numpy(),
         bias.numpy(), float(eps), scale.contiguous().numpy() if has_scale else dummy,
@@ -816,24 +841,22 @@ def epilogue(G: torch.Tensor, blocks: int, pixels: int, s_x: torch.Tensor, s_w: 
     if add is not None and residual is not None:
         raise ValueError("epilogue: add or residual, not both")
     m, n = (G.shape[0], G.shape[1] // blocks) if blocks else G.shape
-    s_x, s_w = s_x.to(torch.float64), s_w.to(torch.float64)
+    if s_x.dtype != torch.float64 or s_w.dtype != torch.float64:
+        s_x, s_w = s_x.to(torch.float64), s_w.to(torch.float64)
     if use_numba(G) and G.dtype == (torch.float32 if blocks else torch.float64):
-        G = G.contiguous()
-        scales = (s_x.contiguous().numpy(), s_w.contiguous().numpy())
+        args = (G.numel(), G.contiguous().numpy(), pixels, s_x.contiguous().numpy(), s_w.contiguous().numpy(),
+                bias.contiguous().numpy())
         if float64:
-            out = torch.empty((m, n), dtype=torch.float64)
             if blocks:
-                _epilogue64_stacked_nb[blocks](G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(),
-                                               out.numpy())
+                out = torch.empty((m, n), dtype=torch.float64)
+                _epilogue64_stacked_nb[blocks](*args, out.numpy())
                 return out
         else:
             out = torch.empty((m, n), dtype=torch.float32)
             mode = 1 if add is not None else 2 if residual is not None else 0
-            dummy = np.zeros((1, 1), np.float32)
             kernel = _epilogue_stacked_nb[blocks] if blocks else _epilogue_values_nb
-            kernel(G.numel(), G.numpy(), pixels, *scales, bias.contiguous().numpy(),
-                   add.contiguous().numpy() if add is not None else dummy,
-                   residual.contiguous().numpy() if residual is not None else dummy, mode, out.numpy())
+            kernel(*args, add.contiguous().numpy() if add is not None else _NO_ARRAY,
+                   residual.contiguous().numpy() if residual is not None else _NO_ARRAY, mode, out.numpy())
             return out
     v = _sums_torch(G, blocks)
     rows = torch.arange(m, device=G.device) // pixels

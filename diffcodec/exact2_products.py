@@ -56,14 +56,19 @@ QCONV_MAX_FAN_IN = 4161
 INT8_OFF = bool(os.environ.get("DIFFCODEC_NO_INT8"))
 """DIFFCODEC_NO_INT8=1 when diffcodec was imported: the VALUES products everywhere (a GPU's
 path, on a CPU), read once."""
-QCONV_MIN_CHANNELS = 8
-"""Input channels below which the VALUES product is faster (the first convolution's 3)."""
+QCONV_MIN_CHANNELS = 1
+"""Input channels below which the VALUES product would be faster: none since oneDNN's call
+is made directly (the first convolution's 3 channels: 0.14 vs 0.25 ms at batch 1, 0.9 vs 2.0
+at batch 16, 2 threads; one-off, this CPU)."""
 
 
+@functools.cache
 def _onednn_qconv():
+    """oneDNN's (prepack, convolution) ops, looked up once (None where torch lacks them); the
+    convolution's plain overload, called directly (the packet's own dispatch costs ~5 us a call)."""
     ops = getattr(torch.ops, "onednn", None)
     try:
-        return ops.qconv_prepack, ops.qconv2d_pointwise
+        return ops.qconv_prepack, ops.qconv2d_pointwise.default
     except (AttributeError, RuntimeError):
         return None
 
@@ -92,13 +97,15 @@ def _qconv_pack(w8: torch.Tensor, stride: int, padding: int):
 def qconv_verified() -> bool:
     """Whether oneDNN's int8 convolution is here and computes exact integer sums: once per
     process, on operands at the ranges' extremes and random ones, 3x3 (stride 1 and 2) and
-    1x1 kernels, fan-ins up to 4032, against binary64 products of the same integers. False
+    1x1 kernels (also on one pixel), 6 to 448 channels (3 stacked in parts: the first
+    convolution), fan-ins up to 4032, against binary64 products of the same integers. False
     (the VALUES path everywhere) when the op is missing, raises, or differs anywhere."""
     if _onednn_qconv() is None:
         return False
     g = torch.Generator().manual_seed(0x5EED)
     try:
-        for c, n, size, k, stride in ((16, 8, 7, 3, 1), (24, 16, 9, 3, 2), (40, 24, 5, 1, 1), (448, 8, 4, 3, 1)):
+        for c, n, size, k, stride in ((6, 8, 7, 3, 1), (16, 8, 7, 3, 1), (24, 16, 9, 3, 2), (40, 24, 5, 1, 1),
+                                      (448, 8, 4, 3, 1), (256, 40, 1, 1, 1)):
             for case in range(3):
                 if case == 0:  # every operand at its most negative or most positive
                     x = torch.where(torch.rand(2, c, size, size, generator=g) < 0.5, -64, 63)
@@ -199,15 +206,17 @@ class IntConv(torch.nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.fan_in = self.in_channels * self.k * self.k
         self._packed: tuple[int, object, int] | None = None  # (thread count, oneDNN's packed weights, blocks)
-        self._qconv_refused = False  # oneDNN could not run this layer: VALUES from then on
+        self._cpu_form: str | None = None  # `form` on the CPU, once known
 
     def form(self, device: torch.device) -> str:
         """STACKED where oneDNN's int8 convolution runs (DIFFCODEC_NO_INT8=1: never, which is
-        a GPU's path on a CPU), else VALUES."""
-        if (device.type == "cpu" and self.in_channels >= QCONV_MIN_CHANNELS and self.fan_in <= QCONV_MAX_FAN_IN
-                and not self._qconv_refused and not INT8_OFF and qconv_verified()):
-            return K.STACKED
-        return K.VALUES
+        a GPU's path on a CPU), else VALUES (decided once per layer for the CPU)."""
+        if device.type != "cpu":
+            return K.VALUES
+        if self._cpu_form is None:
+            self._cpu_form = K.STACKED if (self.in_channels >= QCONV_MIN_CHANNELS and self.fan_in <= QCONV_MAX_FAN_IN
+                                           and not INT8_OFF and qconv_verified()) else K.VALUES
+        return self._cpu_form
 
     def products(self, operand: torch.Tensor, up: int = 1) -> tuple[torch.Tensor, int, int, int]:
         """operand [B, H, W, 2C] uint8 (STACKED) or [B, H, W, C] binary64 (VALUES), on the
@@ -219,7 +228,7 @@ class IntConv(torch.nn.Module):
             try:
                 return self._stacked_products(operand)
             except RuntimeError:  # oneDNN cannot make this primitive (it happens for some channel counts)
-                self._qconv_refused = True
+                self._cpu_form = K.VALUES  # oneDNN could not run this layer: VALUES from then on
                 hi, lo = operand.to(torch.float64).sub_(K.ZERO_POINT).chunk(2, dim=3)
                 operand = hi.mul_(K.PART_SCALE).add_(lo)  # the same integers as VALUES
         top, left, bottom, right = self.pads

@@ -75,6 +75,7 @@ def test_silu_ports_equal_their_torch_functions_bit_for_bit():
                    torch.randn(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 7])
     port64 = K.numba.njit(lambda v: np.array([K._silu64(e) for e in v]))
     assert np.array_equal(port64(y.numpy()), exact.silu(y).numpy())
+    assert torch.equal(K.silu64(y.view(2, -1)), exact.silu(y).view(2, -1))  # the kernel the network calls
     y32 = y.clamp(-3e38, 3e38).to(torch.float32)
     port32 = K.numba.njit(lambda v: np.array([K._silu32(e) for e in v], dtype=np.float32))
     got = port32(y32.numpy())
@@ -213,7 +214,8 @@ torch.manual_seed(0)
 ok = qconv_verified()
 for c, n, size, k, stride, pads, up in [(16, 8, 6, 3, 1, (1, 1, 1, 1), 1), (24, 5, 8, 3, 2, (0, 0, 1, 1), 1),
                                         (32, 12, 4, 3, 1, (1, 1, 1, 1), 2), (448, 4, 3, 3, 1, (1, 1, 1, 1), 1),
-                                        (40, 24, 5, 1, 1, (0, 0, 0, 0), 1)]:
+                                        (40, 24, 5, 1, 1, (0, 0, 0, 0), 1), (3, 8, 6, 3, 1, (1, 1, 1, 1), 1),
+                                        (256, 40, 1, 1, 1, (0, 0, 0, 0), 1)]:
     conv = torch.nn.Conv2d(c, n, k, stride=stride)
     with torch.no_grad():  # half the weights at +-max (their integers +-QMAX), the rest random
         conv.weight.copy_(torch.where(torch.rand(conv.weight.shape) < 0.5, torch.sign(torch.randn(conv.weight.shape)),
@@ -236,7 +238,8 @@ print(json.dumps({"exact": bool(ok), "verified": qconv_verified()}))
 def test_int8_convolutions_give_the_exact_products_under_every_onednn_isa():
     """oneDNN's int8 convolution (the STACKED products, two or three blocks) gives the same
     sums as the binary64 product of the same integers, for 3x3 (strides 1 and 2, 'end'
-    padding, upsampled input), 1x1 and a fan-in of 4032 (three blocks), on saturated and
+    padding, upsampled input, 3 input channels), 1x1 (also on one pixel: a linear layer) and
+    a fan-in of 4032 (three blocks), on saturated and
     random operands, with oneDNN capped at SSE4.1, AVX2 and AVX-512 without VNNI (kernels
     that add u8 x s8 pairs in int16 with saturation) and uncapped; `qconv_verified` passes
     under each."""
@@ -268,7 +271,8 @@ def test_no_kernel_is_compiled_with_a_fused_multiply_add():
     # every kernel with floating-point arithmetic (the rest move or compare values); the group
     # norm holds the statistics, the coefficients, the bound and both activations' loops
     kernels = [K._group_norm_nb[True, K.STACKED], K._group_norm_nb[False, K.VALUES], K._quantize_dynamic_nb[K.STACKED],
-               K._epilogue_stacked_nb[2], K._epilogue_values_nb, K._epilogue64_stacked_nb[2], K._softmax_weights_nb]
+               K._epilogue_stacked_nb[2], K._epilogue_values_nb, K._epilogue64_stacked_nb[2], K._softmax_weights_nb,
+               K._silu64_nb]
     for kernel in kernels:
         sigs = set(kernel.serial.signatures) | set(kernel.parallel.signatures)
         assert sigs, kernel.py_func.__name__
