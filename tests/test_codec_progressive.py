@@ -245,6 +245,16 @@ def test_shortest_prefixes_match_a_plain_bisection_per_stage(coded):
     assert no_pixels[-1] == 0
 
 
+def test_only_the_whole_stream_s_prefix_when_asked(coded):
+    """``every_prefix=False`` (a lossless file's bootstrap): the same payload, the whole
+    stream's shortest prefix, the other stages' left at -1."""
+    fn, dc, tiles, x0, enc = coded
+    last = pg.encode(fn, dc, x0, PARAMS, every_prefix=False)
+    assert last.payload == enc.payload
+    assert last.prefix_bits[-1] == enc.prefix_bits[-1] > 0
+    assert np.all(last.prefix_bits[:-1] == -1) and len(last.prefix_bits) == len(enc.prefix_bits)
+
+
 def _pixel_step(fn, dc, enc, x0):
     """(mean, log variance) of p(x_0 | y_0) as the decoder computes it from the full stream."""
     dec = pg.decode(fn, dc, enc.payload, enc.params, keep_all=True)
