@@ -294,6 +294,9 @@ def test_exact_sizes_repeats_the_arithmetics_in_turn_and_reports_medians(tiny_ch
             assert len(rec["repeats"][t]) == 2 and rec[t] == pytest.approx(sum(rec["repeats"][t]) / 2)
     runs, ratio = payload["runs"], payload["contract2_vs_float32"]["lossless"]
     assert ratio["decode_cpu"] == runs["lossless-exact2"]["decode_cpu_s"] / runs["lossless-float32"]["decode_cpu_s"]
+    per = [a / b for a, b in zip(runs["lossless-exact2"]["repeats"]["encode_cpu_s"],
+                                 runs["lossless-float32"]["repeats"]["encode_cpu_s"])]
+    assert ratio["paired"]["encode_cpu"] == {"per_repeat": per, "median": pytest.approx(sum(per) / 2)}
     with pytest.raises(DiffcodecError, match="--arithmetics"):
         exact_sizes.main([str(images_npz), "-c", str(tiny_checkpoint), "--arithmetics", "float16",
                           "--out", str(out)])
