@@ -296,3 +296,25 @@ def test_index_split_join_and_exponent_counts_on_arrays():
         rcc.split_index(np.array([3, -1]))
     with pytest.raises(IndexError):
         many.update(3.5, np.array([18]))
+
+
+def test_kl_and_log_weight_coefficients_in_blocks_equal_the_whole_array_formulas():
+    """`gaussian_kl_bits` and `rcc_pool.log_weight_coefficients` work in blocks of
+    `rcc.KL_BLOCK` values (bounded temporaries on a photo): the same values as the formulas on
+    the whole arrays, across block edges, with scalars broadcast."""
+    import torch
+
+    from diffcodec.codec import rcc_pool
+    from diffcodec.losses import normal_kl_nats
+
+    rng = np.random.default_rng(7)
+    d = 2 * rcc.KL_BLOCK + 37
+    qm, pm = rng.normal(size=d), rng.normal(size=d)
+    qv, pv = rng.normal(size=d) - 2.0, rng.normal(size=d) - 1.0
+    whole = (normal_kl_nats(*(torch.from_numpy(v) for v in (qm, qv, pm, pv))) / rcc.LN2).numpy()
+    np.testing.assert_array_max_ulp(rcc.gaussian_kl_bits(qm, qv, pm, pv), whole, maxulp=1)
+    a, b = rcc_pool.log_weight_coefficients(qm, qv, pm, pv)
+    np.testing.assert_array_max_ulp(a, 0.5 * (1.0 - np.exp(pv - qv)), maxulp=1)
+    np.testing.assert_array_max_ulp(b, -(pm - qm) * np.exp(0.5 * pv - qv), maxulp=1)
+    np.testing.assert_array_max_ulp(rcc.gaussian_kl_bits(qm, qv, 0.0, 0.0),
+                                    rcc.gaussian_kl_bits(qm, qv, np.zeros(d), np.zeros(d)), maxulp=0)

@@ -166,14 +166,24 @@ class LogWeight:
         return (u * u) @ self.a + u @ self.b + self.c
 
 
+KL_BLOCK = 1 << 16
+"""Values per block of `gaussian_kl_bits` (a multiple of torch's elementwise grain, 32768)."""
+
+
 def gaussian_kl_bits(
     q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: np.ndarray, p_log_var: np.ndarray
 ) -> np.ndarray:
     """Elementwise KL(q || p) of diagonal Gaussians in bits (float64, same shape): the
-    bound's `losses.normal_kl_nats` on numpy arrays."""
-    q_mean, q_log_var, p_mean, p_log_var = (torch.from_numpy(np.asarray(v, dtype=np.float64))
-                                            for v in (q_mean, q_log_var, p_mean, p_log_var))
-    return (normal_kl_nats(q_mean, q_log_var, p_mean, p_log_var) / LN2).numpy()
+    bound's `losses.normal_kl_nats` on numpy arrays, computed in blocks of `KL_BLOCK` values
+    (its temporaries stay a block long: a photo's stage holds millions of dimensions)."""
+    arrays = [np.asarray(v, dtype=np.float64) for v in (q_mean, q_log_var, p_mean, p_log_var)]
+    shape = np.broadcast_shapes(*(a.shape for a in arrays))
+    flat = [torch.from_numpy(np.ascontiguousarray(a if a.shape == shape else np.broadcast_to(a, shape).copy())
+                             .reshape(-1)) for a in arrays]
+    out = np.empty(int(np.prod(shape)), dtype=np.float64)
+    for i in range(0, out.size, KL_BLOCK):
+        out[i : i + KL_BLOCK] = (normal_kl_nats(*(v[i : i + KL_BLOCK] for v in flat)) / LN2).numpy()
+    return out.reshape(shape)
 
 
 def _search_coefficients(log_weight: LogWeight) -> np.ndarray:

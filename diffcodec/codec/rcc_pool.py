@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from diffcodec import exact2_kernels as K
+from diffcodec.codec import rcc
 
 POOL_SHIFT = 8  # G = N >> POOL_SHIFT chunks per pool (a format constant of stream version 4)
 ROW_ALIGN = 64  # the chunks' row offsets r_c are multiples of min(ROW_ALIGN, N) (a format constant too)
@@ -309,7 +310,7 @@ def chunk_matrix(plan: StagePlan, values: np.ndarray) -> np.ndarray:
     m, width = plan.num_chunks, 2 * plan.draws_per_row
     out = np.zeros((m, width), dtype=np.float32)
     sizes = np.diff(plan.bounds)
-    v = np.asarray(values)[plan.perm].astype(np.float32)
+    v = np.asarray(values).astype(np.float32)[plan.perm]  # rounded, then permuted: a float32 copy less
     for size in np.unique(sizes):  # array_split: at most two sizes, each a contiguous run of chunks
         rows = np.flatnonzero(sizes == size)
         start = plan.bounds[rows[0]]
@@ -327,10 +328,16 @@ def arrival_log_times(plan: StagePlan, count: int) -> np.ndarray:
 def log_weight_coefficients(q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: np.ndarray,
                             p_log_var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) float64 [D]: log q(z)/p(z) at z = mean_p + std_p u is sum a u^2 + b u + const
-    (`rcc.LogWeight`; the search needs no constant)."""
-    ratio = np.exp(p_log_var - q_log_var)
-    a = 0.5 * (1.0 - ratio)
-    b = -(p_mean - q_mean) * np.exp(0.5 * p_log_var - q_log_var)
+    (`rcc.LogWeight`; the search needs no constant). Computed in blocks of `rcc.KL_BLOCK`
+    values, so that the temporaries stay a block long."""
+    q_mean, q_log_var, p_mean, p_log_var = np.broadcast_arrays(
+        *(np.asarray(v, dtype=np.float64) for v in (q_mean, q_log_var, p_mean, p_log_var)))
+    a, b = np.empty(q_mean.shape), np.empty(q_mean.shape)
+    flat = [v.reshape(-1) for v in (q_mean, q_log_var, p_mean, p_log_var, a, b)]
+    for i in range(0, flat[0].size, rcc.KL_BLOCK):
+        qm, qv, pm, pv, ab, bb = (v[i : i + rcc.KL_BLOCK] for v in flat)
+        ab[:] = 0.5 * (1.0 - np.exp(pv - qv))
+        bb[:] = -(pm - qm) * np.exp(0.5 * pv - qv)
     return a, b
 
 
