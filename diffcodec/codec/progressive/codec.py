@@ -376,9 +376,13 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             if not params.min_stage_bits:  # no stage is skipped, whose successor would need this output
                 out = None
             q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0, y, _full_step(x0, i))
+            if not params.min_stage_bits:  # no stage is skipped, which would keep the latent and its x^_0
+                y = xstart = None  # this stage makes its own
         qm, qv, pm, pv = (v.double().cpu().numpy().ravel() for v in (q_mean, q_log_var, p_mean, p_log_var))
         kl_dims = rcc.gaussian_kl_bits(qm, qv, pm, pv)
         kl_bits[stage] = kl_dims.sum()
+        if params.version >= 5:  # its chunks need no per-dimension KL (version 4's counts, versions 1-3's do)
+            kl_dims = None
         if syntax.skippable() and kl_bits[stage] < params.min_stage_bits:
             with clock("entropy"):
                 closes[stage] = write_stage(enc, syntax, StageSymbols(0, np.zeros(0, dtype=np.int64)))
