@@ -183,8 +183,12 @@ def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray, exact_
     (``exact_contract``: std by `exact.exp`, else numpy's exp)."""
     mean = p_mean.double().cpu().numpy().ravel()
     half_log_var = 0.5 * p_log_var.double().cpu().ravel()
-    std = exact.exp(half_log_var).numpy() if exact_contract else np.exp(half_log_var.numpy())
-    y = (mean + std * u.astype(np.float64)).astype(np.float64 if p_mean.dtype == torch.float64 else np.float32)
+    y = exact.exp(half_log_var).numpy() if exact_contract else np.exp(half_log_var.numpy())  # std_p
+    half_log_var = None
+    y *= u.astype(np.float64, copy=False)  # in place: one array of D values at a time
+    y += mean  # mean + std u (IEEE addition commutes: the same bits)
+    if p_mean.dtype != torch.float64:
+        y = y.astype(np.float32)
     return torch.from_numpy(y.reshape(p_mean.shape)).to(p_mean.device)
 
 
@@ -541,6 +545,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             step = p_mean_variance(sched, out, y, _full_step(proto, i), var_type=diffusion.var_type,
                                    clip_denoised=params.clip_denoised)
             p_mean, p_log_var = step.mean, step.log_variance
+            step = out = y = None  # the rest of the step, the last output and latent: done with
         chunking = syntax.chunking(symbols.level)
         with clock("candidates"):
             plan = stage_plan(params, stage, D, chunking) if params.version >= 4 else None
@@ -565,9 +570,11 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     # the last latent's reverse-process Gaussian and x^_0 (a skipped stage makes no latent)
     p = p_mean_variance(s, out, y, _full_step(proto, chain.kept[-1]), var_type=diffusion.var_type,
                         clip_denoised=params.clip_denoised)
+    p_mean, p_log_var, last_xstart = p.mean, p.log_variance, p.pred_xstart
+    p = out = None  # its variance and the network output: not needed for the pixels
     pixels_checked = None
     if stages == K and limit > K:
-        pixel_models = _pixel_params(p.mean, p.log_variance, params)
+        pixel_models = _pixel_params(p_mean, p_log_var, params)
         with clock("entropy"):
             pixels = reader.pixels(*pixel_models)
             if pixels is not None and syntax.closes():
@@ -577,7 +584,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             with clock("entropy"):
                 used = shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
             x0 = torch.from_numpy((pixels.astype(np.float32) / 127.5 - 1.0).reshape(shape)).to(device, dtype)
-            return Decoded(x0, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, p.pred_xstart,
+            return Decoded(x0, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, last_xstart,
                            xstarts, latents, dict(clock.seconds), pixels_checked)
     # A complete stream whose last stage does not decode: the network's arithmetic differs
     # from the encoder's (another device, thread count or library version), or the file is
@@ -586,10 +593,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     k = chain.kept[-1]
     with clock("reconstruction"):
         if reconstruction == "xstart":
-            x0 = p.pred_xstart
+            x0 = last_xstart
         else:
             x0 = ddim_reconstruct(model_fn, s, y, k, var_type=diffusion.var_type,
-                                  clip_denoised=params.clip_denoised, first_xstart=p.pred_xstart)
+                                  clip_denoised=params.clip_denoised, first_xstart=last_xstart)
     with clock("entropy"):
         used = shortest_prefix(payload, bits, params, D, stages, None)
     return Decoded(x0, stages, False, int(s.timesteps[k]), bits, used, diverged, run.stop, run.at_stage, None,
