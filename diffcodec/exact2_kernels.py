@@ -587,12 +587,33 @@ if numba is not None:
             den[row] = total
         return den
 
+    def _quantize_heads_body(qkv, out, s):
+        """qkv [B, T, P, H, d] binary32 -> out [P, B, H, T, d] binary64, s [P, B]: each part p
+        quantized per image by its max |value|, as `quantize_dynamic` (VALUES) quantizes
+        qkv[:, :, p] laid out [B, H T, d]."""
+        B, T, P, H, d = qkv.shape
+        for job in prange(P * B):
+            p = job // B
+            b = job - p * B
+            m = np.float32(0.0)
+            for t in range(T):
+                for h in range(H):
+                    for c in range(d):
+                        v = abs(qkv[b, t, p, h, c])
+                        m = v if v > m else m
+            r, s[p, b] = _scales(np.float64(m))
+            for h in range(H):
+                for t in range(T):
+                    for c in range(d):
+                        out[p, b, h, t, c] = np.float64(_quantize_scalar(np.float64(qkv[b, t, p, h, c]), r))
+
     def _silu64_body(x, out):
         for i in prange(x.size):
             out[i] = _silu64(x[i])
 
     _absmax_nb = _Kernel(_absmax_body)
     _silu64_nb = _Kernel(_silu64_body)
+    _quantize_heads_nb = _Kernel(_quantize_heads_body)
     _group_stats_nb = _Kernel(_group_stats_body)
     _norm_coefficients_nb = njit(cache=True)(_norm_coefficients_body)
     _FORMS = (STACKED, VALUES)
@@ -688,6 +709,22 @@ def quantize_dynamic(x: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Te
         return out, torch.from_numpy(s)
     r, s = inverse_scales(absmax(x))
     return quantize(x, r, form), s
+
+
+def quantize_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention's q, k and v from qkv [B, T, P, H, d] (binary32; P = 3 parts, H heads, T
+    tokens): each part quantized per image by its max |value| as `quantize_dynamic` in the
+    VALUES form quantizes qkv[:, :, p] laid out [B, H, T, d]: (the integers in binary64
+    [P, B, H, T, d], s [P, B]). One numba pass on the CPU; else one `quantize_dynamic` per part."""
+    b, t, parts, h, d = qkv.shape
+    if use_numba(qkv) and qkv.dtype == torch.float32:
+        qkv = qkv.contiguous()
+        out = torch.empty((parts, b, h, t, d), dtype=torch.float64)
+        s = torch.empty((parts, b), dtype=torch.float64)
+        _quantize_heads_nb(qkv.numel(), qkv.numpy(), out.numpy(), s.numpy())
+        return out, s
+    pieces = [quantize_dynamic(qkv[:, :, i].permute(0, 2, 1, 3).reshape(b, h * t, d), VALUES) for i in range(parts)]
+    return (torch.stack([v.view(b, h, t, d) for v, _ in pieces]), torch.stack([s_i for _, s_i in pieces]))
 
 
 def group_stats(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:

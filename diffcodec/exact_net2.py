@@ -208,13 +208,6 @@ class ExactAttnBlock2(nn.Module):
         self.norm = _NormAct(block.norm, silu=False)
         self.qkv, self.proj = ExactConv2(block.qkv), ExactConv2(block.proj)
 
-    @staticmethod
-    def _integers(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """v [B, heads, tokens, d] binary32 -> (exact integers clamp(rint(v QMAX / m_b)) in binary64, s_b [B])."""
-        b, heads, tokens, d = v.shape
-        values, s = K.quantize_dynamic(v.reshape(b, heads * tokens, d), K.VALUES)
-        return values.view(b, heads, tokens, d), s
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = _channels_last(x)
         b, h, w, c = xc.shape
@@ -222,7 +215,7 @@ class ExactAttnBlock2(nn.Module):
         d = c // heads
         op, s = self.norm.operand(xc.view(b, tokens, c), self.qkv.form(x.device))
         qkv = self.qkv.from_operand(op.view(b, h, w, -1), s).view(b, tokens, 3, heads, d)
-        (q, sq), (k, sk), (v, sv) = (self._integers(qkv[:, :, i].permute(0, 2, 1, 3)) for i in range(3))
+        (q, k, v), (sq, sk, sv) = K.quantize_heads(qkv)  # each [B, heads, tokens, d] and [B]
         scores = torch.matmul(q, k.transpose(-1, -2))  # exact: d QMAX^2 < 2^53
         c_rows = ((sq * sk) * (1.0 / math.sqrt(d))).repeat_interleave(heads * tokens)
         weight_bits = min(30, exact.MANTISSA_LIMIT_BITS - 14 - exact.ceil_log2(tokens))  # tokens 2^P QMAX < 2^53

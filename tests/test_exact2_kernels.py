@@ -85,6 +85,21 @@ def test_silu_ports_equal_their_torch_functions_bit_for_bit():
     assert np.all(np.abs(got[ordinary] - want[ordinary]) <= 2 * np.spacing(np.abs(want[ordinary]).astype(np.float32)))
 
 
+def test_quantize_heads_equals_its_twin_and_quantize_dynamic_per_part(twin):
+    """Attention's fused q/k/v quantization = its torch twin = `quantize_dynamic` (VALUES) of
+    each part laid out [B, heads tokens, d], including an all-zero part and a huge one."""
+    b, tokens, heads, d = 3, 17, 2, 5
+    qkv = torch.randn(b, tokens, 3, heads, d, generator=torch.Generator().manual_seed(4))
+    qkv[1, :, 0] = 0.0
+    qkv[2, :, 2] *= 1e30
+    fast, slow = twin(K.quantize_heads, qkv)
+    _same(fast, slow)
+    for i in range(3):
+        values, s = K.quantize_dynamic(qkv[:, :, i].permute(0, 2, 1, 3).reshape(b, heads * tokens, d), K.VALUES)
+        _same((fast[0][i], fast[1][i]), (values.view(b, heads, tokens, d), s))
+    assert torch.all(fast[0][0, 1] == 0) and fast[1][0, 1] == 0
+
+
 @pytest.mark.parametrize("form", [K.STACKED, K.VALUES])
 def test_quantize_equals_its_twin(twin, form):
     for dtype in (torch.float32, torch.float64):
@@ -272,7 +287,7 @@ def test_no_kernel_is_compiled_with_a_fused_multiply_add():
     # norm holds the statistics, the coefficients, the bound and both activations' loops
     kernels = [K._group_norm_nb[True, K.STACKED], K._group_norm_nb[False, K.VALUES], K._quantize_dynamic_nb[K.STACKED],
                K._epilogue_stacked_nb[2], K._epilogue_values_nb, K._epilogue64_stacked_nb[2], K._softmax_weights_nb,
-               K._silu64_nb]
+               K._silu64_nb, K._quantize_heads_nb]
     for kernel in kernels:
         sigs = set(kernel.serial.signatures) | set(kernel.parallel.signatures)
         assert sigs, kernel.py_func.__name__
