@@ -255,6 +255,38 @@ def test_only_the_whole_stream_s_prefix_when_asked(coded):
     assert np.all(last.prefix_bits[:-1] == -1) and len(last.prefix_bits) == len(enc.prefix_bits)
 
 
+@pytest.mark.parametrize("changes", [dict(version=4), dict(check_bits=0, version=1),
+                                     dict(check_bits=0, num_steps=8), dict(min_stage_bits=2.0, num_steps=8)],
+                         ids=["version 4", "no checks, version 1", "no checks, version 5", "version 5, skips"])
+def test_checkpointed_prefix_search_equals_parsing_every_prefix_from_the_start(changes):
+    """`shortest_prefixes` parses each prefix from the last group start before the stage it
+    seeks (`group_checkpoints`): for streams with and without checks, with skipped stages and
+    the pixel stage, its answers equal a bisection that parses every prefix from the start."""
+    model, dc = seeded_tiny(0)
+    fn = denoiser(model)
+    x0 = to_model_input(test_image(1, seed=5))
+    enc = pg.encode(fn, dc, x0, dataclasses.replace(PARAMS, num_tiles=1, **changes))
+    D = x0.numel()
+    models = pg._pixel_params(*_pixel_step(fn, dc, enc, x0), enc.params)
+
+    def plain(k: int) -> int:
+        lo, hi = 0, 8 * len(enc.payload)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if syntax.count_stages(enc.payload, mid, enc.params, D, models) >= k + 1:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    expected = [plain(k) for k in range(enc.params.num_stages)]
+    np.testing.assert_array_equal(enc.prefix_bits, expected)
+    np.testing.assert_array_equal(syntax.shortest_prefixes(enc.payload, enc.params, D, models), expected)
+    points = syntax.group_checkpoints(enc.payload, enc.params, D)
+    assert points[0].stage == 0 and points[-1].stage == enc.params.num_steps
+    assert len(points) == (enc.params.num_steps + 1 if not enc.params.check_bits else enc.num_checks + 1)
+
+
 def _pixel_step(fn, dc, enc, x0):
     """(mean, log variance) of p(x_0 | y_0) as the decoder computes it from the full stream."""
     dec = pg.decode(fn, dc, enc.payload, enc.params, keep_all=True)

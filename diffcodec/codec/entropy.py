@@ -382,6 +382,12 @@ class RangeEncoder:
         """A copy of the compressed data so far, uint32 [num_words]."""
         return np.asarray(self._coder.get_compressed(), dtype=np.uint32).copy()
 
+    def pos(self) -> tuple[int, tuple[int, int]]:
+        """A checkpoint here: a `RangeDecoder` on these words (or on any stream that agrees
+        with them up to where it is read) `seek`s to it and decodes what follows."""
+        position, state = self._coder.pos()
+        return int(position), (int(state[0]), int(state[1]))
+
     def encode_gaussian(self, symbols: np.ndarray, mean: np.ndarray, std: np.ndarray, lo: int, hi: int) -> None:
         m, s = check_gaussian(mean, std, lo, hi, np.asarray(symbols).size)
         sym = _check_symbols(symbols, lo, hi, "encode_gaussian")
@@ -417,6 +423,11 @@ class RangeDecoder:
         if arr.ndim != 1 or (arr.size and arr.dtype != np.uint32):
             raise ValueError(f"RangeDecoder: words must be a 1-D uint32 array, got {arr.dtype} {list(arr.shape)}")
         self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(arr, dtype=np.uint32))
+
+    def seek(self, checkpoint: tuple[int, tuple[int, int]]) -> None:
+        """Continue from a `RangeEncoder.pos` checkpoint (its position must lie in the words)."""
+        position, state = checkpoint
+        self._coder.seek(position, state)
 
     def decode_gaussian(self, mean: np.ndarray, std: np.ndarray, lo: int, hi: int) -> np.ndarray:
         m, s = check_gaussian(mean, std, lo, hi)

@@ -57,6 +57,8 @@ before its first failed check.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import functools
 import hashlib
 import math
@@ -352,6 +354,11 @@ class TwinReader:
         self._decoders = [RangeDecoder(padded_words(payload, num_bits, pad_words, fill)) for fill in (0, 1)]
         self.failed = False
 
+    def seek(self, position: tuple[int, tuple[int, int]]) -> None:
+        """Both decoders to a `RangeEncoder.pos` checkpoint of the stream (`Checkpoint`)."""
+        for d in self._decoders:
+            d.seek(position)
+
     def stage(self, syntax: Syntax) -> StageSymbols | None:
         """The next RCC stage's symbols (and advance ``syntax``), or None once the prefix ends."""
         if self.failed:
@@ -420,16 +427,19 @@ class StageRun:
 
 
 def read_stages(reader: TwinReader, syntax: Syntax, limit: int) -> StageRun:
-    """Stages 0 .. limit - 1 (at most K) as far as the prefix delivers them with their checks.
+    """Stages 0 .. limit - 1 (at most K) as far as the prefix delivers them with their checks,
+    from the stage ``syntax`` is at (0 for a fresh one; a later one after a `Checkpoint`: the
+    run then holds the stages from there).
 
     Reads up to the check that closes the group of stage limit - 1. Without checks (block
     version 1) each stage counts once both decoders agree on it.
     """
     limit = min(limit, syntax.params.num_steps)
+    first = syntax.stage
     verified: list[StageSymbols] = []
     pending: list[StageSymbols] = []
-    for stage in range(syntax.params.num_steps):
-        if len(verified) >= limit:
+    for stage in range(first, syntax.params.num_steps):
+        if first + len(verified) >= limit:
             break
         symbols = reader.stage(syntax)
         if symbols is None:
@@ -445,8 +455,36 @@ def read_stages(reader: TwinReader, syntax: Syntax, limit: int) -> StageRun:
                 return StageRun(verified, "check", stage)
         verified += pending
         pending = []
-    verified = verified[:limit]
-    return StageRun(verified, "complete" if len(verified) == syntax.params.num_steps else "limit")
+    verified = verified[: max(0, limit - first)]
+    return StageRun(verified, "complete" if first + len(verified) == syntax.params.num_steps else "limit")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a checked group starts in a stream: its first stage, the coder's position there
+    (`RangeEncoder.pos`) and the syntax's state before it (a reader's, once it has read the
+    stages before)."""
+
+    stage: int
+    position: tuple[int, tuple[int, int]]
+    syntax: Syntax
+
+
+def group_checkpoints(payload: bytes, params: ProgressiveParams, num_dims: int) -> list[Checkpoint]:
+    """Where each group of the stages ``payload`` delivers starts, and where the last one ends
+    (every stage's start, without checks): its stages read once and coded again
+    (`write_stage`, which writes the same words). A reader that seeks to one carries on as one
+    that read every stage before it: the range coder's state and the syntax's are the same and
+    the words it reads next are the prefix's own. So a prefix known to deliver those stages is
+    parsed from there (`count_stages(start=)`)."""
+    run = read_stages(TwinReader(payload, 8 * len(payload), pad_words(params, num_dims)), Syntax(params, num_dims),
+                      params.num_steps)
+    enc, syntax = RangeEncoder(), Syntax(params, num_dims)
+    points = [Checkpoint(0, enc.pos(), copy.deepcopy(syntax))]
+    for symbols in run.stages:
+        if write_stage(enc, syntax, symbols) or not params.check_bits:
+            points.append(Checkpoint(syntax.stage, enc.pos(), copy.deepcopy(syntax)))
+    return points
 
 
 def pad_words(params: ProgressiveParams, num_dims: int) -> int:
@@ -455,17 +493,25 @@ def pad_words(params: ProgressiveParams, num_dims: int) -> int:
 
 
 def count_stages(payload: bytes, num_bits: int, params: ProgressiveParams, num_dims: int,
-                 pixel_models: tuple[np.ndarray, np.ndarray] | None = None, *, limit: int | None = None) -> int:
+                 pixel_models: tuple[np.ndarray, np.ndarray] | None = None, *, limit: int | None = None,
+                 start: Checkpoint | None = None) -> int:
     """How many stages a bit prefix delivers, parsing symbols only (no network).
 
-    The pixel stage is checked only when its models (mean, std) are given.
+    The pixel stage is checked only when its models (mean, std) are given. ``start``: a
+    `Checkpoint` of this payload whose stages the prefix is known to deliver (parsing starts
+    there; the answer is the same).
     """
     reader = TwinReader(payload, num_bits, pad_words(params, num_dims))
-    syntax = Syntax(params, num_dims)
+    if start is None:
+        syntax = Syntax(params, num_dims)
+    else:
+        reader.seek(start.position)
+        syntax = copy.deepcopy(start.syntax)
     limit = params.num_stages if limit is None else limit
     run = read_stages(reader, syntax, limit)
+    first = 0 if start is None else start.stage
     if run.stop != "complete":
-        return len(run.stages)
+        return first + len(run.stages)
     if limit > params.num_steps and pixel_models is not None:
         pixels = reader.pixels(*pixel_models)
         if pixels is not None and (not syntax.closes() or reader.closing(syntax, pixels) is not None):
@@ -523,16 +569,20 @@ def shortest_prefixes(payload: bytes, params: ProgressiveParams, num_dims: int,
     num = params.num_stages if pixel_models is not None else params.num_steps
     num = num if num_stages is None else min(num, num_stages)
     delivered: dict[int, int] = {}  # P -> n(P), the stages the first P bits deliver
+    points = group_checkpoints(payload, params, num_dims)
+    firsts = [p.stage for p in points]
+    sought = 0  # the stage being sought: every P asked about delivers the stages before it
 
     def stages_in(bits: int) -> int:
-        if bits not in delivered:
-            delivered[bits] = count_stages(payload, bits, params, num_dims, pixel_models)
+        if bits not in delivered:  # parsed from the last group start at or before the stage sought
+            start = points[bisect.bisect_right(firsts, sought) - 1]
+            delivered[bits] = count_stages(payload, bits, params, num_dims, pixel_models, start=start)
         return delivered[bits]
 
     out = np.zeros(params.num_stages, dtype=np.int64)
     lo = 0
     for k in range(num):
-        need = k + 1
+        need, sought = k + 1, k
         # the answer lies in [lo, hi]: lo = the previous answer, raised past prefixes known to
         # deliver too little; hi = the shortest prefix known to deliver enough (or all of it)
         lo = max([lo] + [p + 1 for p, n in delivered.items() if n < need])
