@@ -219,24 +219,28 @@ def test_padded_words_equal_the_bit_by_bit_padding():
             assert got.dtype == np.uint32 and np.array_equal(got, expected), (num_bits, fill)
 
 
+def _bisected_prefixes(enc, num_dims: int, models) -> list[int]:
+    """Each stage's shortest prefix by a plain bisection, every prefix parsed from the start."""
+    def plain(k: int) -> int:
+        lo, hi = 0, 8 * len(enc.payload)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if syntax.count_stages(enc.payload, mid, enc.params, num_dims, models, limit=k + 1) >= k + 1:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    return [plain(k) for k in range(enc.params.num_stages)]
+
+
 def test_shortest_prefixes_match_a_plain_bisection_per_stage(coded):
     """The encoder's galloping, remembered search gives what a fresh bisection over the whole
     payload gives for each stage (the pixel stage included)."""
     fn, dc, tiles, x0, enc = coded
     D = x0.numel()
     models = pg._pixel_params(*_pixel_step(fn, dc, enc, x0), enc.params)
-
-    def plain(k: int) -> int:
-        lo, hi = 0, 8 * len(enc.payload)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if syntax.count_stages(enc.payload, mid, enc.params, D, models, limit=k + 1) >= k + 1:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    expected = [plain(k) for k in range(enc.params.num_stages)]
+    expected = _bisected_prefixes(enc, D, models)
     np.testing.assert_array_equal(syntax.shortest_prefixes(enc.payload, enc.params, D, models), expected)
     np.testing.assert_array_equal(enc.prefix_bits, expected)
     # without the pixel models the last entry stays 0 and the rest are unchanged
@@ -268,18 +272,7 @@ def test_checkpointed_prefix_search_equals_parsing_every_prefix_from_the_start(c
     enc = pg.encode(fn, dc, x0, dataclasses.replace(PARAMS, num_tiles=1, **changes))
     D = x0.numel()
     models = pg._pixel_params(*_pixel_step(fn, dc, enc, x0), enc.params)
-
-    def plain(k: int) -> int:
-        lo, hi = 0, 8 * len(enc.payload)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if syntax.count_stages(enc.payload, mid, enc.params, D, models) >= k + 1:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    expected = [plain(k) for k in range(enc.params.num_stages)]
+    expected = _bisected_prefixes(enc, D, models)
     np.testing.assert_array_equal(enc.prefix_bits, expected)
     np.testing.assert_array_equal(syntax.shortest_prefixes(enc.payload, enc.params, D, models), expected)
     points = syntax.group_checkpoints(enc.payload, enc.params, D)
