@@ -28,8 +28,7 @@ the same integers, chosen per layer for speed (`IntConv.form`):
   u8 in [0, 127] or s8 in [-64, 63], so each pair stays below 2^15 (2 x 127 x 64) and no
   kernel saturates (measured: operands at the int8 extremes do saturate under those
   instruction sets; bench.int8_saturation).
-- VALUES (a GPU, a CPU without the int8 convolution, fan-ins above 4161, the first
-  convolution's 3 channels): the integers themselves in binary64, an im2col, and one
+- VALUES (a GPU, a CPU without the int8 convolution, fan-ins above 4161): the integers themselves in binary64, an im2col, and one
   binary64 product of [a | a_lo] with [w ; -w_lo]: every partial sum an integer below 2^53,
   exact in any order, on any BLAS, thread count or device.
 """
@@ -56,10 +55,6 @@ QCONV_MAX_FAN_IN = 4161
 INT8_OFF = bool(os.environ.get("DIFFCODEC_NO_INT8"))
 """DIFFCODEC_NO_INT8=1 when diffcodec was imported: the VALUES products everywhere (a GPU's
 path, on a CPU), read once."""
-QCONV_MIN_CHANNELS = 1
-"""Input channels below which the VALUES product would be faster: none since oneDNN's call
-is made directly (the first convolution's 3 channels: 0.14 vs 0.25 ms at batch 1, 0.9 vs 2.0
-at batch 16, 2 threads; one-off, this CPU)."""
 
 
 @functools.cache
@@ -214,8 +209,9 @@ class IntConv(torch.nn.Module):
         if device.type != "cpu":
             return K.VALUES
         if self._cpu_form is None:
-            self._cpu_form = K.STACKED if (self.in_channels >= QCONV_MIN_CHANNELS and self.fan_in <= QCONV_MAX_FAN_IN
-                                           and not INT8_OFF and qconv_verified()) else K.VALUES
+            # every channel count, the first convolution's 3 too (0.14 vs 0.25 ms at batch 1 on this CPU)
+            self._cpu_form = (K.STACKED if self.fan_in <= QCONV_MAX_FAN_IN and not INT8_OFF and qconv_verified()
+                              else K.VALUES)
         return self._cpu_form
 
     def products(self, operand: torch.Tensor, up: int = 1) -> tuple[torch.Tensor, int, int, int]:

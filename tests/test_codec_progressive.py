@@ -249,16 +249,6 @@ def test_shortest_prefixes_match_a_plain_bisection_per_stage(coded):
     assert no_pixels[-1] == 0
 
 
-def test_only_the_whole_stream_s_prefix_when_asked(coded):
-    """``every_prefix=False`` (a lossless file's bootstrap): the same payload, the whole
-    stream's shortest prefix, the other stages' left at -1."""
-    fn, dc, tiles, x0, enc = coded
-    last = pg.encode(fn, dc, x0, PARAMS, every_prefix=False)
-    assert last.payload == enc.payload
-    assert last.prefix_bits[-1] == enc.prefix_bits[-1] > 0
-    assert np.all(last.prefix_bits[:-1] == -1) and len(last.prefix_bits) == len(enc.prefix_bits)
-
-
 @pytest.mark.parametrize("changes", [dict(version=4), dict(check_bits=0, version=1),
                                      dict(check_bits=0, num_steps=8), dict(min_stage_bits=2.0, num_steps=8)],
                          ids=["version 4", "no checks, version 1", "no checks, version 5", "version 5, skips"])

@@ -167,7 +167,8 @@ class LogWeight:
 
 
 KL_BLOCK = 1 << 16
-"""Values per block of `gaussian_kl_bits` (a multiple of torch's elementwise grain, 32768)."""
+"""Values per block of `gaussian_kl_bits` and `rcc_pool.log_weight_coefficients` (a multiple
+of torch's elementwise grain, 32768)."""
 
 
 def gaussian_kl_bits(
@@ -176,14 +177,22 @@ def gaussian_kl_bits(
     """Elementwise KL(q || p) of diagonal Gaussians in bits (float64, same shape): the
     bound's `losses.normal_kl_nats` on numpy arrays, computed in blocks of `KL_BLOCK` values
     (its temporaries stay a block long: a photo's stage holds millions of dimensions)."""
-    arrays = [np.asarray(v, dtype=np.float64) for v in (q_mean, q_log_var, p_mean, p_log_var)]
-    shape = np.broadcast_shapes(*(a.shape for a in arrays))
-    flat = [torch.from_numpy(np.ascontiguousarray(a if a.shape == shape else np.broadcast_to(a, shape).copy())
-                             .reshape(-1)) for a in arrays]
+    shape, arrays = flat_float64(q_mean, q_log_var, p_mean, p_log_var)
+    flat = [torch.from_numpy(a) for a in arrays]
     out = np.empty(int(np.prod(shape)), dtype=np.float64)
     for i in range(0, out.size, KL_BLOCK):
         out[i : i + KL_BLOCK] = (normal_kl_nats(*(v[i : i + KL_BLOCK] for v in flat)) / LN2).numpy()
     return out.reshape(shape)
+
+
+def flat_float64(*values) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """``values`` broadcast together: their shape, and each as a flat contiguous float64
+    array (the array itself where it already has that shape and type; a copy where it is
+    broadcast), for elementwise work in blocks of `KL_BLOCK`."""
+    arrays = [np.asarray(v, dtype=np.float64) for v in values]
+    shape = np.broadcast_shapes(*(a.shape for a in arrays))
+    return shape, [np.ascontiguousarray(a if a.shape == shape else np.broadcast_to(a, shape).copy()).reshape(-1)
+                   for a in arrays]
 
 
 def _search_coefficients(log_weight: LogWeight) -> np.ndarray:

@@ -330,12 +330,10 @@ def log_weight_coefficients(q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: n
     """(a, b) float64 [D]: log q(z)/p(z) at z = mean_p + std_p u is sum a u^2 + b u + const
     (`rcc.LogWeight`; the search needs no constant). Computed in blocks of `rcc.KL_BLOCK`
     values, so that the temporaries stay a block long."""
-    q_mean, q_log_var, p_mean, p_log_var = np.broadcast_arrays(
-        *(np.asarray(v, dtype=np.float64) for v in (q_mean, q_log_var, p_mean, p_log_var)))
-    a, b = np.empty(q_mean.shape), np.empty(q_mean.shape)
-    flat = [v.reshape(-1) for v in (q_mean, q_log_var, p_mean, p_log_var, a, b)]
-    for i in range(0, flat[0].size, rcc.KL_BLOCK):
-        qm, qv, pm, pv, ab, bb = (v[i : i + rcc.KL_BLOCK] for v in flat)
+    shape, flat = rcc.flat_float64(q_mean, q_log_var, p_mean, p_log_var)
+    a, b = np.empty(shape), np.empty(shape)
+    for i in range(0, a.size, rcc.KL_BLOCK):
+        qm, qv, pm, pv, ab, bb = (v[i : i + rcc.KL_BLOCK] for v in (*flat, a.reshape(-1), b.reshape(-1)))
         ab[:] = 0.5 * (1.0 - np.exp(pv - qv))
         bb[:] = -(pm - qm) * np.exp(0.5 * pv - qv)
     return a, b

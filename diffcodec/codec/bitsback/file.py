@@ -124,7 +124,7 @@ def _encode_bootstrap(coder: ChainCoder, diffusion, tiles: np.ndarray, progress:
     params = replace(BOOTSTRAP_PARAMS, num_tiles=len(tiles), tile_size=tiles.shape[1],
                      network_float64=coder.network_dtype == torch.float64 and not coder.exact, exact=coder.exact)
     x0 = to_model_input(tiles).to(coder.device)
-    return progressive.encode(coder.model_fn, diffusion, x0, params, progress=progress, every_prefix=False)
+    return progressive.encode(coder.model_fn, diffusion, x0, params, progress=progress)
 
 
 def decode_stream(

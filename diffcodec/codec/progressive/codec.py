@@ -129,7 +129,7 @@ class Encoded:
 
     params: ProgressiveParams  # with payload_bits set
     payload: bytes
-    prefix_bits: np.ndarray  # int64 [S]: shortest payload prefix that delivers stages 0..k (-1: not sought)
+    prefix_bits: np.ndarray  # int64 [S]: shortest payload prefix that delivers stages 0..k
     kl_bits: np.ndarray  # float64 [S]: the analytic cost of each stage on this trajectory
     #   (prior KL, the KL terms L_{t}, and -log2 p(x_0 | y_0) with the exact normal CDF)
     timesteps: np.ndarray  # int64 [S]: original timestep of each stage's latent (-1: x_0)
@@ -290,8 +290,7 @@ def _full_step(like: torch.Tensor, index: int) -> torch.Tensor:
 
 def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, params: ProgressiveParams,
            *, progress: Callable[[int], None] | None = None, workers: int | None = None,
-           context: bytes = b"", end: Callable[[Boundary], str] | None = None,
-           every_prefix: bool = True) -> Encoded:
+           context: bytes = b"", end: Callable[[Boundary], str] | None = None) -> Encoded:
     """Algorithm 3 for a batch of tiles x0 [B, C, s, s] (exact pixel values in [-1, 1]).
 
     The candidate search runs on ``workers`` threads (default: the usable CPU cores); the
@@ -300,10 +299,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     ``params.min_stage_bits`` (never the last latent, y_0). ``end``: called at each checked
     stage boundary (`Boundary`, in order, the lossless end last) with GO_ON, END_HERE or
     END_BEFORE (never at the first boundary) as its answer; the payload then ends there (or at
-    the boundary before) and nothing after it is computed. ``every_prefix`` False: of the
-    shortest prefixes (`Encoded.prefix_bits`) only the whole stream's is found, the others
-    are -1 (a lossless file's bootstrap needs no more; finding each stage's takes hundreds of
-    parses of the stream).
+    the boundary before) and nothing after it is computed.
 
     Returns the payload (complete stream) and per-stage measurements. With
     ``params.network_float64`` the latents are float64 and ``model_fn`` must take and return
@@ -465,11 +461,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     with clock("entropy"):
         full = words.astype(">u4").tobytes()
         size_hints[K] = 8 * len(full)
-        if every_prefix:
-            prefix = shortest_prefixes(full, params, D, pixel_models, group_hints(size_hints, closes, params))
-        else:
-            prefix = np.full(params.num_stages, -1, dtype=np.int64)
-            prefix[-1] = shortest_prefix(full, 8 * len(full), params, D, K + 1, pixel_models)
+        prefix = shortest_prefixes(full, params, D, pixel_models, group_hints(size_hints, closes, params))
     if progress is not None:
         progress(K)
     payload = full[: -(-int(prefix[-1]) // 8)]
