@@ -2,7 +2,7 @@
 the file size against the bound, each version on the same images in one run.
 
     python -m bench.stream_versions [--cifar N] [--kodak NAME[,NAME]] [--crop 128]
-        [--versions 4,5] [--steps 50] [--threads T] [--out reports/stream_versions.json]
+        [--versions 5,6] [--steps 50] [--threads T] [--out reports/stream_versions.json]
 
 Images: the first ``--cifar`` CIFAR-10 test images (32x32) and the central ``--crop`` x crop
 pixels of each named Kodak image (../shared/data/kodak), each coded alone with
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kodak", default="kodim01", help="comma-separated Kodak names ('' for none; default kodim01)")
     p.add_argument("--kodak-dir", default=str(KODAK), help="the Kodak folder (default ../shared/data/kodak)")
     p.add_argument("--crop", type=int, default=128, help="central crop of the Kodak images (default 128)")
-    p.add_argument("--versions", default="4,5", help="stream versions, the first the baseline (default 4,5)")
+    p.add_argument("--versions", default="5,6", help="stream versions, the first the baseline (default 5,6)")
     p.add_argument("--steps", "-k", type=int, default=ProgressiveParams().num_steps)
     p.add_argument("--checkpoint", "-c", help="checkpoint (default: the embedded default model)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

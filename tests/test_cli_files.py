@@ -52,7 +52,7 @@ def info(path, ckpt, capsys) -> dict:
 def test_info_lists_versions_model_images_and_cut_points(setup, capsys):
     tmp, ckpt, img = setup
     r = info(tmp / "full.dfc", ckpt, capsys)
-    assert (r["mode"], r["version"], r["contract"], r["stream_version"]) == ("progressive", 5, CONTRACT_VERSION, 5)
+    assert (r["mode"], r["version"], r["contract"], r["stream_version"]) == ("progressive", 5, CONTRACT_VERSION, 6)
     assert r["model_matches"] and len(r["model_id"]) == 8 and len(r["probe"]) == 8
     assert r["images"] == [{"name": "", "height": 24, "width": 20}] and r["pixels"] == 480
     assert (r["num_steps"], r["num_stages"], r["file_stages"], r["cut_short"]) == (6, 7, 7, False)

@@ -122,7 +122,7 @@ def test_v4_progressive_one_image_header_sizes():
     data = pack(exact)
     assert len(data) - len(b"payload") == 22
     assert data[4] == MODE_PROGRESSIVE | 1 << 2 and data[13:15] == bytes([32, 32])  # no count, no names
-    assert data[15:18] == bytes([2, 5, 1])  # block: length 2, stream version 5, mask {exact}
+    assert data[15:18] == bytes([2, 6, 1])  # block: length 2, stream version 6, mask {exact}
     assert struct.unpack_from("<I", data, 18)[0] == zlib.crc32(data[:18]) and data[22:] == b"payload"
     float32 = v4_container(b"payload", mode=MODE_PROGRESSIVE, images=one, contract=0)
     assert len(pack(float32)) - len(b"payload") == 18
@@ -282,7 +282,7 @@ def test_v5_progressive_header_records_the_payload_length_and_stage_count():
     c = v5_progressive(b"payload", 51, images=one)
     data = pack(c)
     assert data[3] == 5 and len(data) - len(b"payload") == 24
-    assert data[15:18] == bytes([2, 5, 1])  # block as in format 4
+    assert data[15:18] == bytes([2, 6, 1])  # block as in format 4
     assert data[18:20] == bytes([7, 51])  # payload length 7, stages 51
     assert struct.unpack_from("<I", data, 20)[0] == zlib.crc32(data[:20]) and data[24:] == b"payload"
     back = unpack(data).header

@@ -41,16 +41,17 @@ def test_varints_and_zigzag():
 def test_progressive_v3_default_block_is_two_bytes():
     """Versions 5 (what this diffcodec writes), 4 and 3 share the compact layout; each version's
     default pad (8 from version 5, 2 before) costs nothing, the other one two bytes."""
-    assert ProgressiveParams().pack() == b"\x05\x00"
-    assert ProgressiveParams(exact=True).pack() == b"\x05\x01"  # the mask bit alone
-    assert ProgressiveParams(exact=True, num_steps=10).pack() == b"\x05\x05\x0a"
-    assert ProgressiveParams.unpack(b"\x05\x01") == ProgressiveParams(exact=True)
+    assert ProgressiveParams().pack() == b"\x06\x00"
+    assert ProgressiveParams(exact=True).pack() == b"\x06\x01"  # the mask bit alone
+    assert ProgressiveParams(exact=True, num_steps=10).pack() == b"\x06\x05\x0a"
+    assert ProgressiveParams.unpack(b"\x06\x01") == ProgressiveParams(exact=True)
+    assert ProgressiveParams.unpack(b"\x05\x01") == ProgressiveParams(exact=True, version=5)
     assert ProgressiveParams().pad_bits == 8.0 and ProgressiveParams(version=4).pad_bits == 2.0
     assert ProgressiveParams(exact=True, num_steps=10, version=3).pack() == b"\x03\x05\x0a"
     assert ProgressiveParams.unpack(b"\x03\x01") == ProgressiveParams(exact=True, version=3)
     assert ProgressiveParams.unpack(b"\x04\x01") == ProgressiveParams(exact=True, version=4)
     assert ProgressiveParams.unpack(b"\x04\x01").pad_bits == 2.0  # a version 4 file's pad, as written
-    assert ProgressiveParams(exact=True, pad_bits=2.0).pack() == b"\x05\x81\x01\x08"  # mask bits 0 and 7, 2 x 4
+    assert ProgressiveParams(exact=True, pad_bits=2.0).pack() == b"\x06\x81\x01\x08"  # mask bits 0 and 7, 2 x 4
     assert ProgressiveParams(exact=True, version=4, pad_bits=8.0).pack() == b"\x04\x81\x01\x20"
 
 
@@ -65,7 +66,7 @@ def test_progressive_v3_every_field_round_trips_alone_and_together():
         p = ProgressiveParams(**{name: value}, num_tiles=7, tile_size=16)
         block = p.pack()
         assert ProgressiveParams.unpack(block, num_tiles=7, tile_size=16) == p, name
-        assert block[0] == 5 and len(block) <= 2 + 5 + 1
+        assert block[0] == 6 and len(block) <= 2 + 5 + 1
         for version in (3, 4):  # the same layout (the pad's default aside)
             old = dataclasses.replace(p, version=version, pad_bits=p.pad_bits if name == "pad_bits" else 2.0)
             assert ProgressiveParams.unpack(old.pack(), num_tiles=7, tile_size=16) == old
@@ -84,7 +85,7 @@ def test_progressive_v3_corrupt_blocks_are_one_line_errors():
         r"num_steps must be 1..65535": b"\x03\x04\x00",  # K = 0
         "spacing code 9": b"\x03\x40\x09",
         "chunk_bits must be": b"\x03\x08\x00",  # chunk bits 0
-        "block version 6": b"\x06\x00",
+        "block version 7": b"\x07\x00",
     }
     for expected, block in cases.items():
         with pytest.raises(DiffcodecError, match=expected) as e:

@@ -65,9 +65,13 @@ DEFAULT_FINGERPRINT = "ce449cd7be9f1a14"  # the embedded default model
 # the same crop through today's encoder (format 4, progressive stream version 3 bootstrap, no name)
 DEFAULT_V4 = HERE / "default_k100_boot_f64_v4.dfc"
 DEFAULT_V4_SHA256 = "a902362286df6c1b921a8a8247855fd1f00c400f0275b73394b0ced405f98e10"
-# and through today's encoder (format 4, progressive stream version 5 bootstrap)
+# and through the encoder of progressive stream version 5 (format 4, a version 5 bootstrap; an
+# old version now: version 5 bootstraps' decoding is pinned by EXACT_BOOT[5] below)
 DEFAULT_S5 = HERE / "default_k100_boot_f64_s5.dfc"
 DEFAULT_S5_SHA256 = "945fba2e3e6c71f6e3d216b483eef45210b03be1b528fb2629875ddf54122e69"
+# and through today's encoder (format 4, progressive stream version 6 bootstrap)
+DEFAULT_S6 = HERE / "default_k100_boot_f64_s6.dfc"
+DEFAULT_S6_SHA256 = "278631899789439039e3ac958564e6516f4a9f1431f1695d2fe18aacfcfc8446"
 # each decoded image: name -> (shape, SHA-256 of the uint8 HWC array's bytes)
 DEFAULT_PIXELS = {
     "kodim23_crop.png": ((64, 96, 3), "c5a0a53e0b246148ab2bd659185c55fe68ee189db66a25840732fb36e806df63"),
@@ -266,13 +270,15 @@ def test_default_golden_decodes_to_its_kodak_source_crop(default_decoded):
 def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
     """Today's `diffcodec encode --lossless --float64` of the same crop, every other setting default (the
     default model, K = 100 quadratic, 5-sigma windows, bootstrap), writes the format 4 golden
-    file with a stream version 5 bootstrap (pinned by SHA-256): a change to the encoder or the
+    file with a stream version 6 bootstrap (pinned by SHA-256): a change to the encoder or the
     format shows here first (then make a new golden file and keep this one as an old version
-    that must still decode; the format 2 file above is one, and `DEFAULT_V4`, the same encode
-    with a version 3 bootstrap, another). 130-170 s on one thread; skips without ../shared."""
+    that must still decode; the format 2 file above is one, `DEFAULT_V4`, the same encode
+    with a version 3 bootstrap, another, and `DEFAULT_S5`, with a version 5 one, a third).
+    25-170 s on one thread; skips without ../shared."""
     assert hashlib.sha256(DEFAULT_V4.read_bytes()).hexdigest() == DEFAULT_V4_SHA256, "the v4 golden file changed"
     assert hashlib.sha256(DEFAULT_S5.read_bytes()).hexdigest() == DEFAULT_S5_SHA256, "the s5 golden file changed"
-    assert DEFAULT_S5.read_bytes()[3] == 4, "format version"
+    assert hashlib.sha256(DEFAULT_S6.read_bytes()).hexdigest() == DEFAULT_S6_SHA256, "the s6 golden file changed"
+    assert DEFAULT_S6.read_bytes()[3] == 4, "format version"
     skip_where_float64_differs()
     crop = kodak_crop()
     src = tmp_path / "kodim23_crop.png"
@@ -281,7 +287,7 @@ def test_default_encoder_reproduces_the_default_golden_bytes(tmp_path):
     # --no-bound: the bound is only reported, never written; --device cpu: what the golden file says
     assert main(["encode", str(src), "-o", str(out), "--lossless", "--float64", "--no-bound", "--device", "cpu",
                  "-q"]) == 0
-    assert out.read_bytes() == DEFAULT_S5.read_bytes(), \
+    assert out.read_bytes() == DEFAULT_S6.read_bytes(), \
         "the encoder's output changed: a format or codec change needs a new golden file"
 
 
@@ -297,9 +303,12 @@ EXACT_V4_SHA256 = {HERE / "default_exact_lossless_k10_v4.dfc": "e72c2b602f6bc27e
 # progressive format 5)
 EXACT_C2_SHA256 = {HERE / "default_exact_lossless_k10_c2.dfc": "24c1af5513b0499727ec078e4015aef4d71184ff544d0e094b3a97db652daebd",
                    HERE / "default_exact_progressive_k10_c2.dfc": "62a8156d0d58eb8ea6aeb5d918334238871c04038c07c3719bf0d556e1e892ff"}
-# the lossless encode with today's default bootstrap (both tiles through progressive stream version 5)
-EXACT_BOOT_S5 = HERE / "default_exact_lossless_k10_boot_s5.dfc"
-EXACT_BOOT_S5_SHA256 = "67e1a93930440cec7dc089f4aae1355a1ce315897b811ed25b59e2c1d3b944b0"
+# the lossless encode with the default bootstrap (both tiles through progressive stream version 5,
+# then, today's, version 6)
+EXACT_BOOT = {5: (HERE / "default_exact_lossless_k10_boot_s5.dfc",
+                  "67e1a93930440cec7dc089f4aae1355a1ce315897b811ed25b59e2c1d3b944b0"),
+              6: (HERE / "default_exact_lossless_k10_boot_s6.dfc",
+                  "c64dcb7b27f23813d8e822c957126ab34157dbeba7ffd22c209bbde379017f11")}
 EXACT_SOURCE = ((32, 64), 15)  # conftest.synthetic_images([(32, 64)], seed=15): 2 tiles
 EXACT_SOURCE_SHA256 = "b5a67142a461dcc766e3b165d6fa4ca7ee83bf83094f17c47beab561eea195e4"
 
@@ -336,22 +345,26 @@ def test_exact_golden_files_decode_to_their_pixels_on_this_machine():
         assert getattr(decoded, "verified", True)
 
 
-def test_lossless_golden_file_with_a_stream_version_5_bootstrap_decodes():
-    """A lossless file (format 4, contract 2) whose tiles all went through the bootstrap, now
-    progressive stream version 5 (greedy choice on pooled candidates): made with
+@pytest.mark.parametrize("stream_version", sorted(EXACT_BOOT))
+def test_lossless_golden_files_with_a_stream_version_5_or_6_bootstrap_decode(stream_version):
+    """A lossless file (format 4, contract 2) whose tiles all went through the bootstrap,
+    progressive stream version 5 (greedy choice on pooled candidates; 6,894 bytes) or 6 (the
+    same with table normals; 6,886 bytes): made with
 
         api.encode(images, ["synthetic"], steps=10, compute_bound=False)
 
-    (6,894 bytes). It decodes to the source on every machine; its bootstrap block says version 5."""
+    by the diffcodec that wrote each version. It decodes to the source on every machine; its
+    bootstrap block says its version."""
     from diffcodec.codec.bitsback.file import bootstrap_params
     from diffcodec.codec.bitsback.params import BitsBackParams
 
-    data = EXACT_BOOT_S5.read_bytes()
-    assert hashlib.sha256(data).hexdigest() == EXACT_BOOT_S5_SHA256, f"{EXACT_BOOT_S5.name} changed"
+    path, sha = EXACT_BOOT[stream_version]
+    data = path.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == sha, f"{path.name} changed"
     c = unpack(data)
     assert (c.header.version, c.header.contract, c.header.mode) == (4, 2, MODE_BITSBACK)
     boot = bootstrap_params(BitsBackParams.unpack(c.header.params), 32)
-    assert boot is not None and (boot.version, boot.num_tiles, boot.check_bits) == (5, 2, 0)
+    assert boot is not None and (boot.version, boot.num_tiles, boot.check_bits) == (stream_version, 2, 0)
     calls = []
     decoded = api.decode(data, model=load_checkpoint(None), device="cpu", progress=lambda *c: calls.append(c))
     assert decoded.names == ["synthetic"] and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
@@ -399,7 +412,7 @@ def test_format_5_golden_files_decode_and_today_s_cut_reproduces_the_lossy_one()
     assert pixel_sha256(cut.images[0]) == EXACT_V5_CUT_PIXELS
 
 
-# ------------------ default model, progressive stream versions 4 (pooled candidates) and 5 (greedy)
+# ---- default model, progressive stream versions 4 (pooled candidates), 5 (greedy), 6 (table normals)
 
 # stream version -> (file, its SHA-256, the pixels of its cut at stage 7)
 EXACT_STREAMS = {
@@ -407,6 +420,8 @@ EXACT_STREAMS = {
         "3713fb959493e7029666d87d381d686b09bdfa4a4865761c6e0133253099b6af"),
     5: (HERE / "default_exact_progressive_k10_s5.dfc", "47a52c60c5e0509999a63662c545a324d58e96a3c6b27daa1acb453bbcd32455",
         "43901dfb24d84a41a1a9c8be729e0d77b6ddd03f7c4a2130a31c211deb31b235"),
+    6: (HERE / "default_exact_progressive_k10_s6.dfc", "684de1a6c171a18bcf029490c99affb5848c9b6042ca7ecd92f839438f96082a",
+        "5dc796cc0f6d736353c254e0bf7f616b48b1934c8d659c9a102afa814b37896b"),
 }
 
 
@@ -414,8 +429,8 @@ EXACT_STREAMS = {
 def test_stream_version_golden_files_decode_whole_and_cut(stream_version):
     """Format 5, exact contract 2, progressive stream versions 4 (`rcc_pool`: the candidates
     from shared pools of counter-based normals, PFR's choice; 9,984 bytes against the version 3
-    contract 2 file's 10,132) and 5 (the same pools, greedy choice, uniform indices; 8,704
-    bytes): the exact golden source's encode by the recipe above
+    contract 2 file's 10,132), 5 (the same pools, greedy choice, uniform indices; 8,704
+    bytes) and 6 (version 5 with table normals; 8,588 bytes): the exact golden source's encode by the recipe above
     (``api.encode(images, ["synthetic"], mode="progressive", steps=10)`` by the diffcodec that
     wrote each version). Whole, each decodes to the source pixels (every sampled candidate
     reproduced bit for bit, or the closing check fails); cut at stage 7 (`cut`, no network),

@@ -41,6 +41,15 @@ KL and later stages pay again, where the greedy choice delivers about all of it 
 candidates (reports/rcc_methods.md; Ohayon et al. 2025's DDCM picks codebook noise the same
 way). The decoder is the same: it makes the one row the index names.
 
+Version 6 keeps version 5 but the normals (`NORMALS` "table"): each draw gives four, one
+per 16-bit quarter (bits 16j .. 16j + 15 make column 4i + j of a row of h = ceil(d / 4)
+draws), through a fixed table of the 2^16 mid-quantiles of N(0, 1) (`normal_table`: shipped
+as normal_quantiles.f32, pinned by its SHA-256): integer operations and one table read per
+normal, the same bits everywhere by construction, 2.5-2.9x cheaper to make than the
+Box-Muller pair (measured in `bench.stream_versions`'s run, reports/stream_versions_v6.md).
+Its candidates are a 2^16-level quantization of N(0, I) (variance 0.99998, cut at 4.32):
+what the greedy choice needs; a lone 32x32 image's search makes millions of them per stage.
+
 The cost: scoring is a float32 matrix product of the pool rows' [u^2, u] with the pool's
 chunks' coefficients (2 N D multiply-adds per stage whatever the chunking: torch's GEMM),
 and making the pools about max(2^POOL_SHIFT, N / m) x D normals per stage (N x D in versions
@@ -52,14 +61,18 @@ valid, indices where scores tie to rounding; the decoder's sample is exact eithe
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffcodec import exact2_kernels as K
 from diffcodec.codec import rcc
+from diffcodec.errors import DiffcodecError
 
 POOL_SHIFT = 8  # G = N >> POOL_SHIFT chunks per pool (a format constant of stream version 4)
 ROW_ALIGN = 64  # the chunks' row offsets r_c are multiples of min(ROW_ALIGN, N) (a format constant too)
@@ -181,6 +194,49 @@ def box_muller_torch(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return r * c1.view(torch.float32), r * s1.view(torch.float32)
 
 
+# ------------------------------------------------------------------- version 6: a table
+
+NORMALS = ("box_muller", "table")  # a plan's normals: versions 4 and 5, version 6
+TABLE_BITS = 16  # version 6: a normal per 16 bits of a draw (a format constant)
+TABLE_PATH = Path(__file__).with_name("normal_quantiles.f32")
+# t[k] = float32(Phi^-1((k + 1/2) / 2^16)) for k < 2^15 (scipy.special.ndtri in binary64, then
+# rounded), t[2^16 - 1 - k] = -t[k]: 65,536 little-endian binary32 (a format constant: its hash)
+TABLE_SHA256 = "1cfbba1e07e34386a57626f82aeb43e6ed54ba70a3ea6b7d964dc66a841074a8"
+
+
+@functools.cache
+def normal_table() -> np.ndarray:
+    """float32 [2^16]: version 6's normals, each index's mid-quantile of N(0, 1) (read-only).
+    A file that is missing or not the pinned one is refused: no stream is coded from it."""
+    try:
+        data = TABLE_PATH.read_bytes()
+    except OSError as e:
+        raise DiffcodecError(f"the normal table {TABLE_PATH} is missing ({e.strerror}); reinstall diffcodec") from None
+    if hashlib.sha256(data).hexdigest() != TABLE_SHA256:
+        raise DiffcodecError(f"the normal table {TABLE_PATH} is damaged (its SHA-256 differs); reinstall diffcodec")
+    table = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+@functools.cache
+def _table_tensor(device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(normal_table().copy()).to(device)
+
+
+def table_normals_np(z: np.ndarray) -> np.ndarray:
+    """float32 [..., 4]: the four normals of uint64 draws (version 6; the reference)."""
+    z = np.asarray(z, dtype=np.uint64)
+    shifts = np.arange(4, dtype=np.uint64) * np.uint64(TABLE_BITS)
+    return normal_table()[((z[..., None] >> shifts) & np.uint64(0xFFFF)).astype(np.int64)]
+
+
+def table_normals_torch(z: torch.Tensor) -> torch.Tensor:
+    """`table_normals_np` on int64 draws in torch (any device): the same bits."""
+    idx = torch.stack([(z >> (TABLE_BITS * j)) & 0xFFFF for j in range(4)], dim=-1)
+    return _table_tensor(z.device)[idx]
+
+
 # ------------------------------------------------------------------ counter-based draws
 
 
@@ -266,15 +322,26 @@ class StagePlan:
     num_candidates: int  # N
     chunks_per_pool: int  # G
     offsets: np.ndarray  # int64 [m]: r_c in [0, N), a multiple of min(ROW_ALIGN, N)
+    normals: str = "box_muller"  # in NORMALS: how a draw becomes normals (version 6: "table")
 
     @property
     def num_chunks(self) -> int:
         return len(self.bounds) - 1
 
     @property
+    def per_draw(self) -> int:
+        """Normals per draw: a Box-Muller pair, or four table normals (version 6)."""
+        return 2 if self.normals == "box_muller" else 64 // TABLE_BITS
+
+    @property
     def draws_per_row(self) -> int:
-        """h: draws per pool row (a row is 2h normals, the largest chunk's d rounded up to even)."""
-        return (int(np.max(np.diff(self.bounds))) + 1) // 2
+        """h: draws per pool row (the largest chunk's d normals, rounded up to whole draws)."""
+        return -(-int(np.max(np.diff(self.bounds))) // self.per_draw)
+
+    @property
+    def row_width(self) -> int:
+        """Normals per pool row: h x `per_draw`."""
+        return self.draws_per_row * self.per_draw
 
     @property
     def num_pools(self) -> int:
@@ -287,12 +354,15 @@ class StagePlan:
 
 
 def plan_stage(seed: int, stage: int, perm: np.ndarray, num_chunks: int, kappa_bits: float, pad_bits: float,
-               log2_candidates: int, *, cap_pool_normals: bool = False) -> StagePlan:
+               log2_candidates: int, *, cap_pool_normals: bool = False, normals: str = "box_muller") -> StagePlan:
     """The version 4 plan of a stage whose dimensions ``perm`` are cut into ``num_chunks`` chunks
-    (version 5: ``cap_pool_normals``, N as `stage_candidates` caps it)."""
+    (version 5: ``cap_pool_normals``, N as `stage_candidates` caps it; version 6 also
+    ``normals`` "table", under version 5's cap)."""
     num_dims = len(perm)
     if not 1 <= num_chunks <= num_dims:
         raise ValueError(f"rcc_pool: {num_chunks} chunks of {num_dims} dimensions")
+    if normals not in NORMALS:
+        raise ValueError(f"rcc_pool: unknown normals {normals!r}; known: {', '.join(NORMALS)}")
     q, r = divmod(num_dims, num_chunks)
     sizes = np.full(num_chunks, q, dtype=np.int64)
     sizes[:r] += 1
@@ -302,12 +372,12 @@ def plan_stage(seed: int, stage: int, perm: np.ndarray, num_chunks: int, kappa_b
     align = min(ROW_ALIGN, n)
     offsets = draws_np(stream_key(seed, stage, OFFSET_STREAM), np.arange(num_chunks)) & np.uint64(n - align)
     return StagePlan(int(seed), int(stage), np.ascontiguousarray(perm, dtype=np.int64), bounds, n,
-                     chunks_per_pool(n), offsets.astype(np.int64))
+                     chunks_per_pool(n), offsets.astype(np.int64), normals)
 
 
 def chunk_matrix(plan: StagePlan, values: np.ndarray) -> np.ndarray:
-    """float32 [m, 2h]: row c holds ``values`` (float [D]) of chunk c's dims in its order, zero padded."""
-    m, width = plan.num_chunks, 2 * plan.draws_per_row
+    """float32 [m, width]: row c holds ``values`` (float [D]) of chunk c's dims in its order, zero padded."""
+    m, width = plan.num_chunks, plan.row_width
     out = np.zeros((m, width), dtype=np.float32)
     sizes = np.diff(plan.bounds)
     v = np.asarray(values).astype(np.float32)[plan.perm]  # rounded, then permuted: a float32 copy less
@@ -439,6 +509,39 @@ if K.numba is not None:
 
     _rows_kernel = K._Kernel(_rows_body)
 
+    _TABLE_MASK = _U64(0xFFFF)
+
+    def _table_sample_body(keys, rows, sizes, starts, h, perm, table, out):
+        """`_sample_body` of version 6: column 4i + j of a row is table[bits 16j.. of its draw i]."""
+        for c in prange(len(rows)):
+            base = rows[c] * h
+            key = keys[c]
+            s0, size = starts[c], sizes[c]
+            for i in range((size + 3) // 4):
+                z = _draw(key, base + i)
+                for j in range(min(4, size - 4 * i)):
+                    out[perm[s0 + 4 * i + j]] = table[np.int64((z >> _U64(16 * j)) & _TABLE_MASK)]
+
+    _table_sample_kernel = K._Kernel(_table_sample_body)
+
+    def _table_rows_body(keys, row0, h, table, out):
+        """`_rows_body` of version 6: out[p, c, n] = u^2 and out[p, 4h + c, n] = u, u column
+        c = 4i + j of row row0 + n of pool keys[p] (float32 [P, 8h, R])."""
+        P, _, R = out.shape
+        w = 4 * h
+        for job in prange(P * h):
+            p = job // h
+            i = job - p * h
+            key = keys[p]
+            for n in range(R):
+                z = _draw(key, (row0 + n) * h + i)
+                for j in range(4):
+                    v = table[np.int64((z >> _U64(16 * j)) & _TABLE_MASK)]
+                    out[p, 4 * i + j, n] = v * v
+                    out[p, w + 4 * i + j, n] = v
+
+    _table_rows_kernel = K._Kernel(_table_rows_body)
+
     @K.numba.njit(fastmath=True, error_model="numpy", inline="always")
     def _run_min(log_times, base, row, start, acc):
         """min over t < ROW_ALIGN of log_times[base + t] - row[start + t] (16 lanes, then across)."""
@@ -523,16 +626,27 @@ def samples(plan: StagePlan, indices: np.ndarray) -> np.ndarray:
     K.sync_threads()
     keys = plan.pool_keys()[np.arange(plan.num_chunks) // plan.chunks_per_pool]
     out = np.empty(len(plan.perm), dtype=np.float32)
-    _sample_kernel(len(plan.perm), keys, indices ^ plan.offsets, np.diff(plan.bounds), plan.bounds[:-1],
-                   plan.draws_per_row, plan.perm, out)
+    args = (keys, indices ^ plan.offsets, np.diff(plan.bounds), plan.bounds[:-1], plan.draws_per_row, plan.perm)
+    if plan.normals == "table":
+        _table_sample_kernel(len(plan.perm), *args, normal_table(), out)
+    else:
+        _sample_kernel(len(plan.perm), *args, out)
     return out
 
 
-def pool_rows_torch(keys: torch.Tensor, rows: torch.Tensor, h: int) -> torch.Tensor:
-    """float32 [..., R, 2h]: rows ``rows`` [R] of the pools ``keys`` [...] (int64 words), torch."""
+def normals_torch(z: torch.Tensor, normals: str) -> torch.Tensor:
+    """float32 [..., per_draw]: the normals of int64 draws z [...] (`NORMALS`), torch."""
+    if normals == "table":
+        return table_normals_torch(z)
+    return torch.stack(box_muller_torch(z), dim=-1)
+
+
+def pool_rows_torch(keys: torch.Tensor, rows: torch.Tensor, h: int, normals: str = "box_muller") -> torch.Tensor:
+    """float32 [..., R, h x per_draw]: rows ``rows`` [R] of the pools ``keys`` [...] (int64
+    words), torch."""
     counters = rows[:, None] * h + torch.arange(h, device=rows.device)[None]  # [R, h]
-    lo, hi = box_muller_torch(draws_torch(keys[..., None, None], counters))
-    return torch.stack([lo, hi], dim=-1).reshape(*keys.shape, len(rows), 2 * h)
+    u = normals_torch(draws_torch(keys[..., None, None], counters), normals)
+    return u.reshape(*keys.shape, len(rows), -1)
 
 
 def _keys_tensor(plan: StagePlan, device: torch.device | str) -> torch.Tensor:
@@ -545,10 +659,9 @@ def samples_torch(plan: StagePlan, indices: np.ndarray, device: torch.device | s
     keys = _keys_tensor(plan, device)[torch.arange(m, device=device) // plan.chunks_per_pool]
     rows = torch.as_tensor(np.asarray(indices, dtype=np.int64) ^ plan.offsets, device=device)
     counters = rows[:, None] * h + torch.arange(h, device=device)[None]  # [m, h]
-    lo, hi = box_muller_torch(draws_torch(keys[:, None], counters))
-    values = torch.stack([lo, hi], dim=2).reshape(m, 2 * h)
+    values = normals_torch(draws_torch(keys[:, None], counters), plan.normals).reshape(m, plan.row_width)
     sizes = torch.as_tensor(np.diff(plan.bounds), device=device)
-    keep = torch.arange(2 * h, device=device)[None] < sizes[:, None]
+    keep = torch.arange(plan.row_width, device=device)[None] < sizes[:, None]
     out = torch.empty(len(plan.perm), dtype=torch.float32, device=device)
     out[torch.as_tensor(plan.perm, device=device)] = values[keep]
     return out
@@ -559,10 +672,10 @@ def samples_torch(plan: StagePlan, indices: np.ndarray, device: torch.device | s
 SEARCH_BLOCK_ELEMENTS = 1 << 18  # float32 elements of the rows' [u^2; u] block and of its scores
 
 
-def _blocking(h: int, g: int, num_candidates: int, num_pools: int) -> tuple[int, int]:
-    """(rows R, pools Q) per block: [Q, 4h, R] rows and [Q, G, R] scores of about
+def _blocking(row_width: int, g: int, num_candidates: int, num_pools: int) -> tuple[int, int]:
+    """(rows R, pools Q) per block: [Q, 2 x row_width, R] rows and [Q, G, R] scores of about
     SEARCH_BLOCK_ELEMENTS each (R a power of two, 64 .. N)."""
-    width = max(4 * h, g)
+    width = max(2 * row_width, g)
     rows = 1 << max(6, (SEARCH_BLOCK_ELEMENTS // width).bit_length() - 1)  # >= ROW_ALIGN
     rows = min(rows, num_candidates, 1 << 14)  # N < ROW_ALIGN: one run of N rows (r_c = 0)
     pools = max(1, min(num_pools, SEARCH_BLOCK_ELEMENTS // (width * rows)))
@@ -570,12 +683,12 @@ def _blocking(h: int, g: int, num_candidates: int, num_pools: int) -> tuple[int,
 
 
 def _coefficients(plan: StagePlan, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-    """float32 [P, G, 4h]: each pool's chunks' [a | b] in row order (padding chunks zero)."""
-    m, g, h = plan.num_chunks, plan.chunks_per_pool, plan.draws_per_row
-    coef = torch.zeros(plan.num_pools * g, 4 * h, dtype=torch.float32)
-    coef[:m, : 2 * h] = torch.from_numpy(chunk_matrix(plan, a))
-    coef[:m, 2 * h :] = torch.from_numpy(chunk_matrix(plan, b))
-    return coef.reshape(plan.num_pools, g, 4 * h)
+    """float32 [P, G, 2 x row_width]: each pool's chunks' [a | b] in row order (padding chunks zero)."""
+    m, g, w = plan.num_chunks, plan.chunks_per_pool, plan.row_width
+    coef = torch.zeros(plan.num_pools * g, 2 * w, dtype=torch.float32)
+    coef[:m, :w] = torch.from_numpy(chunk_matrix(plan, a))
+    coef[:m, w:] = torch.from_numpy(chunk_matrix(plan, b))
+    return coef.reshape(plan.num_pools, g, 2 * w)
 
 
 def chunk_counts(kl_bits: np.ndarray, pad_bits: float, log2_candidates: int) -> np.ndarray:
@@ -631,14 +744,18 @@ def select(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | N
     p0 = 0
     while p0 < P:  # runs of pools of one size (g chunks, n rows): one batched product per block of rows
         g, n = (G if p0 < P - 1 else m - p0 * G), int(pool_rows[p0])
-        rows, pools = _blocking(h, g, n, P - p0)
+        rows, pools = _blocking(plan.row_width, g, n, P - p0)
         q = 1
         while q < pools and p0 + q < P - 1 and pool_rows[p0 + q] == n:
             q += 1
-        buf = np.empty((q, 4 * h, rows), dtype=np.float32)
+        buf = np.empty((q, 2 * plan.row_width, rows), dtype=np.float32)
         scores = torch.empty((q, g, rows), dtype=torch.float32)
         for row0 in range(0, n, rows):
-            _rows_kernel(q * h * rows, keys[p0 : p0 + q], row0, h, buf)
+            work = q * plan.row_width * rows  # normals
+            if plan.normals == "table":
+                _table_rows_kernel(work, keys[p0 : p0 + q], row0, h, normal_table(), buf)
+            else:
+                _rows_kernel(work, keys[p0 : p0 + q], row0, h, buf)
             torch.bmm(coef[p0 : p0 + q, :g], torch.from_numpy(buf), out=scores)
             _pick_kernel(q * g * rows, scores.numpy(), row0, p0 * G, G, plan.offsets, counts, log_times, best_v,
                          best_k)
@@ -664,13 +781,13 @@ def select_torch(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarr
     nc = nc.reshape(P, G, 1).to(device)
     log_times = torch.from_numpy(_log_times(plan, n_max, rule)).to(device)
     keys = _keys_tensor(plan, device)
-    rows, _ = _blocking(h, G, n_max, P)
+    rows, _ = _blocking(plan.row_width, G, n_max, P)
     rows = min(n_max, max(rows, 1 << 12))
     best_v = torch.full((P, G), math.inf, device=device)
     best_k = torch.zeros((P, G), dtype=torch.int64, device=device)
     for row0 in range(0, n_max, rows):
         idx = torch.arange(row0, min(n_max, row0 + rows), device=device)
-        u = pool_rows_torch(keys, idx, h)  # [P, R, 2h]
+        u = pool_rows_torch(keys, idx, h, plan.normals)  # [P, R, row_width]
         scores = torch.bmm(coef, torch.cat([u * u, u], dim=2).transpose(1, 2))  # [P, G, R]
         k = idx[None, None, :] ^ r  # [P, G, R]
         valid = k < nc

@@ -12,13 +12,14 @@ always called with the original timestep. Latents y_k = x at code step k of that
     stage j (1..K-1) y_{K-1-j} ~ q(. | y_{K-j}, x_0) sent using p_theta(. | y_{K-j})   Alg. 3 lines 2-4
     stage K          x_0 under the discretized Gaussian p_theta(x_0 | y_0)             Alg. 3 line 5
 
-Candidates: stream versions 1-3 draw each chunk's own (`rcc`); versions 4 and 5 draw a stage's
+Candidates: stream versions 1-3 draw each chunk's own (`rcc`); versions 4 to 6 draw a stage's
 chunks from shared pools of counter-based normals (`rcc_pool`: a search that costs less than
 the network; `stage_plan`). Versions 1-4 choose by the Poisson functional representation (a
-sample of q, given enough candidates); version 5, what this diffcodec writes, sends each
-chunk's candidate of largest log q/p among the stage's N (greedy: its sample delivers about
-the chunk's KL from 2^16 candidates where PFR's delivers 0.73 of it, and the stream is about
-6% smaller: reports/rcc_methods.md), its index coded uniformly.
+sample of q, given enough candidates); versions 5 and 6 send each chunk's candidate of
+largest log q/p among the stage's N (greedy: its sample delivers about the chunk's KL from
+2^16 candidates where PFR's delivers 0.73 of it, and the stream is about 6% smaller:
+reports/rcc_methods.md), its index coded uniformly. Version 6, what this diffcodec writes,
+makes the normals from a table instead of Box-Muller (`rcc_pool.NORMALS`: a cheaper search).
 
 Each stage's symbols are written by `syntax`. A version 3 encoder may skip a stage whose KL
 is below ``min_stage_bits`` (`CodedChain`: the next latent is then sent over the merged
@@ -205,10 +206,11 @@ def _chunks(params: ProgressiveParams, stage: int, num_dims: int, num_chunks: in
 
 def stage_plan(params: ProgressiveParams, stage: int, num_dims: int, chunking: tuple[int, float]
                ) -> rcc_pool.StagePlan:
-    """A version 4 or 5 stage's candidate plan (`rcc_pool`) from its `Syntax.chunking` (m, kappa)."""
+    """A version 4 to 6 stage's candidate plan (`rcc_pool`) from its `Syntax.chunking` (m, kappa)."""
     num_chunks, kappa = chunking
     return rcc_pool.plan_stage(params.seed, stage, _permutation(params, stage, num_dims), num_chunks, kappa,
-                               params.pad_bits, params.log2_candidates, cap_pool_normals=params.version >= 5)
+                               params.pad_bits, params.log2_candidates, cap_pool_normals=params.version >= 5,
+                               normals="table" if params.version >= 6 else "box_muller")
 
 
 def _sample_stage(params: ProgressiveParams, stage: int, symbols: StageSymbols, syntax_chunks: int,

@@ -2,7 +2,7 @@
 
 The block sits in the container's mode-1 parameter field (`container`) and in a lossless
 file's bootstrap section (`bitsback.params`). Its byte layouts are in `ProgressiveParams.pack`:
-versions 3 to 5 (5: what this diffcodec writes) are compact (defaults cost nothing; tile
+versions 3 to 6 (6: what this diffcodec writes) are compact (defaults cost nothing; tile
 count and size come from the container); versions 1 and 2 are fixed layouts, read as before.
 """
 
@@ -45,7 +45,9 @@ class ProgressiveParams:
     check_bits: int = 16
     check_min_bits: int = 128
     check_growth: float = 0.0
-    # the stream syntax (`syntax`, `codec`): 5 = what this diffcodec writes: version 4's pools with
+    # the stream syntax (`syntax`, `codec`): 6 = what this diffcodec writes: version 5 with table
+    # normals (`rcc_pool.NORMALS`: four normals per draw from a table of N(0, 1)'s 2^16
+    # mid-quantiles instead of Box-Muller pairs; a cheaper search); 5 = version 4's pools with
     # greedy selection (each chunk sends the candidate of largest log q/p among the stage's N, its
     # index uniform on [0, N): log2 N bits; reports/rcc_methods.md); 4 = version 3's syntax
     # with pooled candidates (`rcc_pool`: a stage's chunks share rows of counter-based normals;
@@ -53,15 +55,15 @@ class ProgressiveParams:
     # the shared seed, no stage-0 symbols, a closing check over every symbol, pixels included,
     # each chunk's own PCG64 candidates (`rcc`); 1 and 2 = older files (read only: stage 0 coded;
     # 2 adds the group checks)
-    version: int = 5
+    version: int = 6
     # version 3: the encoder skips a stage (1 .. K-2) whose KL is below this many bits, so that
     # its latent is sent merged with the next step's (`syntax`; not needed to decode)
     min_stage_bits: float = 0.0
 
     _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
     _CHECKS = struct.Struct("<BBH")  # block version 2: check bits, growth x 4, min group bits
-    BLOCK_VERSION = 5  # what this diffcodec writes
-    READ_VERSIONS = (1, 2, 3, 4, 5)
+    BLOCK_VERSION = 6  # what this diffcodec writes
+    READ_VERSIONS = (1, 2, 3, 4, 5, 6)
     MAX_CHECK_BITS = 16
 
     def __post_init__(self) -> None:
@@ -104,7 +106,7 @@ class ProgressiveParams:
     def pack(self) -> bytes:
         """The mode-1 parameter block.
 
-        Versions 3 to 5 (compact, `fields`): u8 block version (3, 4 or 5), then a varint mask of the
+        Versions 3 to 6 (compact, `fields`): u8 block version (3 to 6), then a varint mask of the
         fields of `COMPACT_FIELDS` that differ from the version's defaults (`block_defaults`: the
         dataclass defaults, pad_bits 2 before version 5) (bit i: the table's
         field i), then those fields' values as varints in table order (booleans: the mask
@@ -199,7 +201,7 @@ def block_defaults(version: int) -> dict:
     """The values a compact block of ``version`` leaves out (a format constant per version)."""
     return {**_DEFAULTS, "pad_bits": default_pad_bits(version)}
 
-# The version 3 to 5 blocks' fields in mask-bit order (append only: the order is in files). The
+# The version 3 to 6 blocks' fields in mask-bit order (append only: the order is in files). The
 # ones a default file sets (exact, float64) and the usual knobs first, so that their mask
 # fits one byte.
 COMPACT_FIELDS = (
