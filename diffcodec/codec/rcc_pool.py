@@ -1,4 +1,4 @@
-"""Pooled candidates: the reverse channel coding search of progressive stream versions 4 and 5.
+"""Pooled candidates: the reverse channel coding search of progressive stream versions 4 to 6.
 
 Stream versions 1-3 draw every chunk's candidates from its own keyed PCG64 stream through a
 libm Box-Muller transform (`rcc`): the search makes and scores 2^16 fresh normals per
@@ -45,8 +45,9 @@ Version 6 keeps version 5 but the normals (`NORMALS` "table"): each draw gives f
 per 16-bit quarter (bits 16j .. 16j + 15 make column 4i + j of a row of h = ceil(d / 4)
 draws), through a fixed table of the 2^16 mid-quantiles of N(0, 1) (`normal_table`: shipped
 as normal_quantiles.f32, pinned by its SHA-256): integer operations and one table read per
-normal, the same bits everywhere by construction, 2.5-2.9x cheaper to make than the
-Box-Muller pair (measured in `bench.stream_versions`'s run, reports/stream_versions_v6.md).
+normal, the same bits everywhere by construction; the rows kernel makes them 2-2.9x faster
+than Box-Muller pairs (one-off timing of both kernels), a lone CIFAR-10 image's search runs
+1.5-1.6x faster, and files are the same size within noise (reports/stream_versions_v6.md).
 Its candidates are a 2^16-level quantization of N(0, I) (variance 0.99998, cut at 4.32):
 what the greedy choice needs; a lone 32x32 image's search makes millions of them per stage.
 
@@ -287,8 +288,8 @@ POOL_NORMALS = 1 << 24  # version 5: a pool holds at most this many normals (N x
 
 
 def stage_candidates(kappa_bits: float, pad_bits: float, log2_candidates: int, row_width: int = 0) -> int:
-    """N: the candidates of every chunk of a version 4 or 5 stage of nominal chunk KL kappa
-    (bits): 2^min(max(ceil(kappa + pad), 1), log2_candidates); version 5 (``row_width`` = 2h,
+    """N: the candidates of every chunk of a version 4 to 6 stage of nominal chunk KL kappa
+    (bits): 2^min(max(ceil(kappa + pad), 1), log2_candidates); versions 5 and 6 (``row_width`` = 2h,
     `pool_row_width`) also caps N x 2h at POOL_NORMALS, so that a stage of few large chunks
     (the first, of a few bits of KL over thousands of dimensions) neither makes 2^16 rows of
     thousands of normals nor pays 16 index bits for them."""

@@ -27,7 +27,7 @@ class ProgressiveParams:
     spacing: str = "quadratic"
     log2_candidates: int = 16  # at most 2^this candidates per chunk; the index law's range
     chunk_bits: float = 14.0  # nominal KL per chunk (quarter-bit resolution)
-    pad_bits: float | None = None  # 2^ceil(KL + pad) candidates per chunk (versions 4 and 5: of the nominal
+    pad_bits: float | None = None  # 2^ceil(KL + pad) candidates per chunk (versions 4 to 6: of the nominal
     #   chunk KL, needed to decode; versions 1-3: of each chunk's own KL, the encoder's choice, recorded
     #   only). None: the version's default (`default_pad_bits`: 8 from version 5, 2 before)
     seed: int = 0  # the shared randomness
