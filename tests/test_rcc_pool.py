@@ -312,11 +312,18 @@ def test_greedy_search_picks_the_largest_log_weight_on_every_path(kappa, normals
         R.select(plan, a, b, rule="best")
 
 
-def test_search_blocks_of_several_pools_and_a_short_last_pool():
-    """N = 2^10 (G = 4 chunks a pool), 10 chunks: pools of 4, 4 and 2, blocks of rows; the
-    numba search and the torch one choose alike (up to near ties) and each choice is the
-    reference argmin."""
-    gaussians, plan = stage_problem(400, 10, 8.0, seed=3)
+@pytest.mark.parametrize("normals", R.NORMALS)
+@pytest.mark.parametrize("block", [None, 1 << 14])
+def test_search_blocks_of_several_pools_and_a_short_last_pool(block, normals, monkeypatch):
+    """N = 2^10 (G = 4 chunks a pool), 10 chunks: pools of 4, 4 and 2, in one block of rows
+    and several pools (the default block) or 8 blocks of 128 rows, a pool each (a 2^14-element
+    block); the numba search and the torch one choose alike (up to near ties) and each choice
+    is the reference argmin."""
+    if block is not None:
+        monkeypatch.setattr(R, "SEARCH_BLOCK_ELEMENTS", block)
+    gaussians, plan = stage_problem(400, 10, 8.0, seed=3, normals=normals)
+    rows, pools = R._blocking(plan.row_width, plan.chunks_per_pool, plan.num_candidates, plan.num_pools)
+    assert (rows, pools) == ((1024, 3) if block is None else (128, 1))
     assert (plan.num_candidates, plan.chunks_per_pool, plan.num_pools) == (1024, 4, 3)
     a, b = R.log_weight_coefficients(*gaussians)
     counts = np.full(plan.num_chunks, plan.num_candidates, dtype=np.int64)

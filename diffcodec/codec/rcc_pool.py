@@ -670,7 +670,7 @@ def samples_torch(plan: StagePlan, indices: np.ndarray, device: torch.device | s
 
 # ------------------------------------------------------------------------------- the search
 
-SEARCH_BLOCK_ELEMENTS = 1 << 18  # float32 elements of the rows' [u^2; u] block and of its scores
+SEARCH_BLOCK_ELEMENTS = 1 << 20  # float32 elements of the rows' [u^2; u] block and of its scores (4 MiB)
 
 
 def _blocking(row_width: int, g: int, num_candidates: int, num_pools: int) -> tuple[int, int]:
