@@ -137,6 +137,15 @@ class PMeanVariance:
     eps: torch.Tensor
 
 
+def p_xstart(s: Schedule, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *, var_type: str,
+             clip_denoised: bool = True) -> torch.Tensor:
+    """x^_0 from the network's output, clipped to [-1, 1] when ``clip_denoised``: `p_mean_variance`'s
+    pred_xstart alone (what a reconstruction needs; none of the step's other D-value arrays)."""
+    eps, _ = split_model_output(output, var_type, x_t.shape[1])
+    pred_xstart = predict_xstart_from_eps(s, x_t, t, eps)
+    return pred_xstart.clamp(-1.0, 1.0) if clip_denoised else pred_xstart
+
+
 def p_mean_variance(
     s: Schedule,
     output: torch.Tensor,
@@ -155,8 +164,6 @@ def p_mean_variance(
         log_variance = frac * max_log + (1.0 - frac) * min_log
     else:
         log_variance = extract(fixed_log_variance(s, var_type), t, x_t).expand_as(x_t)
-    pred_xstart = predict_xstart_from_eps(s, x_t, t, eps)
-    if clip_denoised:
-        pred_xstart = pred_xstart.clamp(-1.0, 1.0)
+    pred_xstart = p_xstart(s, output, x_t, t, var_type=var_type, clip_denoised=clip_denoised)
     mean, _, _ = q_posterior_mean_variance(s, pred_xstart, x_t, t)
     return PMeanVariance(mean=mean, log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)

@@ -313,8 +313,9 @@ def test_kl_and_log_weight_coefficients_in_blocks_equal_the_whole_array_formulas
     qv, pv = rng.normal(size=d) - 2.0, rng.normal(size=d) - 1.0
     whole = (normal_kl_nats(*(torch.from_numpy(v) for v in (qm, qv, pm, pv))) / rcc.LN2).numpy()
     np.testing.assert_array_max_ulp(rcc.gaussian_kl_bits(qm, qv, pm, pv), whole, maxulp=1)
-    a, b = rcc_pool.log_weight_coefficients(qm, qv, pm, pv)
-    np.testing.assert_array_max_ulp(a, 0.5 * (1.0 - np.exp(pv - qv)), maxulp=1)
-    np.testing.assert_array_max_ulp(b, -(pm - qm) * np.exp(0.5 * pv - qv), maxulp=1)
+    a, b = rcc_pool.log_weight_coefficients(qm, qv, pm, pv)  # float32: the search's ranking
+    assert a.dtype == b.dtype == np.float32
+    np.testing.assert_array_max_ulp(a, (0.5 * (1.0 - np.exp(pv - qv))).astype(np.float32), maxulp=1)
+    np.testing.assert_array_max_ulp(b, (-(pm - qm) * np.exp(0.5 * pv - qv)).astype(np.float32), maxulp=1)
     np.testing.assert_array_max_ulp(rcc.gaussian_kl_bits(qm, qv, 0.0, 0.0),
                                     rcc.gaussian_kl_bits(qm, qv, np.zeros(d), np.zeros(d)), maxulp=0)

@@ -376,12 +376,13 @@ def plan_stage(seed: int, stage: int, perm: np.ndarray, num_chunks: int, kappa_b
                      chunks_per_pool(n), offsets.astype(np.int64), normals)
 
 
-def chunk_matrix(plan: StagePlan, values: np.ndarray) -> np.ndarray:
-    """float32 [m, width]: row c holds ``values`` (float [D]) of chunk c's dims in its order, zero padded."""
+def chunk_matrix(plan: StagePlan, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 [m, width]: row c holds ``values`` (float [D]) of chunk c's dims in its order, zero
+    padded (``out``: written there, its padding left as it is: zeros)."""
     m, width = plan.num_chunks, plan.row_width
-    out = np.zeros((m, width), dtype=np.float32)
+    out = np.zeros((m, width), dtype=np.float32) if out is None else out
     sizes = np.diff(plan.bounds)
-    v = np.asarray(values).astype(np.float32)[plan.perm]  # rounded, then permuted: a float32 copy less
+    v = np.asarray(values, dtype=np.float32)[plan.perm]  # rounded (a float32 input: as it is), then permuted
     for size in np.unique(sizes):  # array_split: at most two sizes, each a contiguous run of chunks
         rows = np.flatnonzero(sizes == size)
         start = plan.bounds[rows[0]]
@@ -398,11 +399,12 @@ def arrival_log_times(plan: StagePlan, count: int) -> np.ndarray:
 
 def log_weight_coefficients(q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: np.ndarray,
                             p_log_var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) float64 [D]: log q(z)/p(z) at z = mean_p + std_p u is sum a u^2 + b u + const
-    (`rcc.LogWeight`; the search needs no constant). Computed in blocks of `rcc.KL_BLOCK`
-    values, so that the temporaries stay a block long."""
+    """(a, b) float32 [D]: log q(z)/p(z) at z = mean_p + std_p u is sum a u^2 + b u + const
+    (`rcc.LogWeight`; the search needs no constant, and ranks in float32: each value is its
+    binary64 formula rounded once). Computed in blocks of `rcc.KL_BLOCK` values, so that the
+    temporaries stay a block long."""
     shape, flat = rcc.flat_float64(q_mean, q_log_var, p_mean, p_log_var)
-    a, b = np.empty(shape), np.empty(shape)
+    a, b = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
     for i in range(0, a.size, rcc.KL_BLOCK):
         qm, qv, pm, pv, ab, bb = (v[i : i + rcc.KL_BLOCK] for v in (*flat, a.reshape(-1), b.reshape(-1)))
         ab[:] = 0.5 * (1.0 - np.exp(pv - qv))
@@ -687,8 +689,8 @@ def _coefficients(plan: StagePlan, a: np.ndarray, b: np.ndarray) -> torch.Tensor
     """float32 [P, G, 2 x row_width]: each pool's chunks' [a | b] in row order (padding chunks zero)."""
     m, g, w = plan.num_chunks, plan.chunks_per_pool, plan.row_width
     coef = torch.zeros(plan.num_pools * g, 2 * w, dtype=torch.float32)
-    coef[:m, :w] = torch.from_numpy(chunk_matrix(plan, a))
-    coef[:m, w:] = torch.from_numpy(chunk_matrix(plan, b))
+    chunk_matrix(plan, a, out=coef.numpy()[:m, :w])  # in place: no D-value copies
+    chunk_matrix(plan, b, out=coef.numpy()[:m, w:])
     return coef.reshape(plan.num_pools, g, 2 * w)
 
 

@@ -84,7 +84,13 @@ from diffcodec.codec.progressive.syntax import (
     write_stage,
 )
 from diffcodec.config import DiffusionConfig
-from diffcodec.diffusion import p_mean_variance, predict_eps_from_xstart, q_mean_variance, q_posterior_mean_variance
+from diffcodec.diffusion import (
+    p_mean_variance,
+    p_xstart,
+    predict_eps_from_xstart,
+    q_mean_variance,
+    q_posterior_mean_variance,
+)
 from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats
 from diffcodec.runtime import ModelFn, usable_cores
@@ -438,8 +444,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         chain.keep(k)
         with clock("network"):
             out = model_fn(y, ts[_full_step(x0, k)]).to(dtype)
-        xstart = p_mean_variance(s, out, y, _full_step(x0, k), var_type=var_type,
-                                 clip_denoised=params.clip_denoised).pred_xstart
+        xstart = p_xstart(s, out, y, _full_step(x0, k), var_type=var_type, clip_denoised=params.clip_denoised)
         mse[stage] = float((((xstart - x0) * 127.5) ** 2).mean())
         levels[stage], chunks_per_stage[stage] = level, (n if level else 0)
         if progress is not None:
@@ -448,9 +453,15 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             return done
     # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5)
     p = p_mean_variance(s, out, y, _full_step(x0, 0), var_type=var_type, clip_denoised=params.clip_denoised)
-    kl_bits[K] = _pixel_bits(x0, p.mean, p.log_variance)
-    pixel_models = _pixel_params(p.mean, p.log_variance, params)
-    symbols = np.rint((x0.double().cpu().numpy().ravel() + 1.0) * 127.5).astype(np.int64)
+    p_mean, p_log_var = p.mean, p.log_variance
+    p = out = y = xstart = None  # the last step's rest, output, latent and x^_0: not needed for the pixels
+    kl_bits[K] = _pixel_bits(x0, p_mean, p_log_var)
+    pixel_models = _pixel_params(p_mean, p_log_var, params)
+    p_mean = p_log_var = None
+    levels_f = x0.double().cpu().numpy().ravel() + 1.0  # the pixels' levels 0..255, one array in place
+    levels_f *= 127.5
+    symbols = np.rint(levels_f, out=levels_f).astype(np.int64)
+    levels_f = None
     with clock("entropy"):
         enc.encode_gaussian(symbols, *pixel_models, PIXEL_LO, PIXEL_HI)
         write_closing(enc, syntax, symbols)
@@ -550,8 +561,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         with clock("network"):
             out = model_fn(y, ts[_full_step(proto, k)]).to(dtype)
         if keep_all:
-            xstarts.append(p_mean_variance(s, out, y, _full_step(proto, k), var_type=diffusion.var_type,
-                                           clip_denoised=params.clip_denoised).pred_xstart)
+            xstarts.append(p_xstart(s, out, y, _full_step(proto, k), var_type=diffusion.var_type,
+                                    clip_denoised=params.clip_denoised))
             latents.append(y)
         if progress is not None:
             progress(stage)
@@ -611,7 +622,7 @@ def ddim_reconstruct(model_fn: ModelFn, s: Schedule, y: torch.Tensor, k: int, *,
         t = torch.full((y.shape[0],), j, dtype=torch.long, device=y.device)
         if xstart is None:
             out = model_fn(y, ts[t]).to(y.dtype)
-            xstart = p_mean_variance(s, out, y, t, var_type=var_type, clip_denoised=clip_denoised).pred_xstart
+            xstart = p_xstart(s, out, y, t, var_type=var_type, clip_denoised=clip_denoised)
         if j == 0:
             break
         eps = predict_eps_from_xstart(s, y, t, xstart)
