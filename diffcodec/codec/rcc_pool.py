@@ -47,7 +47,7 @@ draws), through a fixed table of the 2^16 mid-quantiles of N(0, 1) (`normal_tabl
 as normal_quantiles.f32, pinned by its SHA-256): integer operations and one table read per
 normal, the same bits everywhere by construction; the rows kernel makes them 2-2.9x faster
 than Box-Muller pairs (one-off timing of both kernels), a lone CIFAR-10 image's search runs
-1.5-1.6x faster, and files are the same size within noise (reports/stream_versions_v6.md).
+1.6-1.7x faster, and files are the same size within noise (reports/stream_versions_v6.md).
 Its candidates are a 2^16-level quantization of N(0, I) (variance 0.99998, cut at 4.32):
 what the greedy choice needs; a lone 32x32 image's search makes millions of them per stage.
 
