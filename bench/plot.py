@@ -12,11 +12,12 @@ command makes it):
     speed.json            bench/speed.py      (a table in README.md)
     train_default.json    diffcodec/trainer.py the training loss curve
     lossless.json         bench/lossless.py   lossless sizes vs PNG / WebP / JPEG-XL
-    progressive_v5.json   bench/progressive.py real-bitstream rate vs the analytic rate, and
+    progressive_v6.json   bench/progressive.py real-bitstream rate vs the analytic rate, and
                                               rate–distortion vs JPEG / WebP / JPEG-XL (the
                                               stream version this diffcodec writes; where
-                                              absent, progressive.json, an older one's)
-    progressive_kodak_v5.json  the same on Kodak crops (else progressive_kodak.json)
+                                              absent, progressive_v5.json or progressive.json,
+                                              older ones')
+    progressive_kodak_v6.json  the same on Kodak crops (else the _v5 one, else progressive_kodak.json)
 
 Every figure's title names the model fingerprint and the device of the run that made it.
 """
@@ -71,10 +72,10 @@ COMMANDS = {
 }
 
 
-# The progressive reports drawn: the first of each pair that exists (stream version 5's runs, then
-# the stream version 3 runs they replaced, kept for comparison).
-PROGRESSIVE_REPORTS = ("progressive_v5.json", "progressive.json")
-PROGRESSIVE_KODAK_REPORTS = ("progressive_kodak_v5.json", "progressive_kodak.json")
+# The progressive reports drawn: the first of each that exists (stream version 6's runs, then the
+# version 5 and version 3 runs they replaced, kept for comparison).
+PROGRESSIVE_REPORTS = ("progressive_v6.json", "progressive_v5.json", "progressive.json")
+PROGRESSIVE_KODAK_REPORTS = ("progressive_kodak_v6.json", "progressive_kodak_v5.json", "progressive_kodak.json")
 
 
 def first_present(reports: Path, names: tuple[str, ...]) -> str:
