@@ -168,9 +168,10 @@ def test_a_damaged_or_missing_normal_table_is_refused(tmp_path, monkeypatch):
     assert R.normal_table().shape == (1 << 16,)
 
 
-def test_table_normals_are_the_same_bits_from_numpy_torch_and_the_numba_kernels():
+def test_table_normals_are_the_same_bits_from_numpy_and_torch():
     """2^18 draws and the edges (every field 0 or 0xFFFF): the reference and the torch twin
-    agree bit for bit; the rows kernel (serial, over threads) and the samples kernel too."""
+    agree bit for bit (the numba kernels against the reference: the rows and samples tests
+    below, parametrized over both kinds of normals)."""
     z = np.concatenate([np.array([0, 2**64 - 1, 0xFFFF, 0xFFFF << 48], dtype=np.uint64),
                         R.draws_np(R.stream_key(1, 2, 3), np.arange(1 << 18))])
     ref = R.table_normals_np(z)

@@ -199,6 +199,7 @@ def box_muller_torch(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 NORMALS = ("box_muller", "table")  # a plan's normals: versions 4 and 5, version 6
 TABLE_BITS = 16  # version 6: a normal per 16 bits of a draw (a format constant)
+TABLE_MASK = (1 << TABLE_BITS) - 1
 TABLE_PATH = Path(__file__).with_name("normal_quantiles.f32")
 # t[k] = float32(Phi^-1((k + 1/2) / 2^16)) for k < 2^15 (scipy.special.ndtri in binary64, then
 # rounded), t[2^16 - 1 - k] = -t[k]: 65,536 little-endian binary32 (a format constant: its hash)
@@ -229,12 +230,12 @@ def table_normals_np(z: np.ndarray) -> np.ndarray:
     """float32 [..., 4]: the four normals of uint64 draws (version 6; the reference)."""
     z = np.asarray(z, dtype=np.uint64)
     shifts = np.arange(4, dtype=np.uint64) * np.uint64(TABLE_BITS)
-    return normal_table()[((z[..., None] >> shifts) & np.uint64(0xFFFF)).astype(np.int64)]
+    return normal_table()[((z[..., None] >> shifts) & np.uint64(TABLE_MASK)).astype(np.int64)]
 
 
 def table_normals_torch(z: torch.Tensor) -> torch.Tensor:
     """`table_normals_np` on int64 draws in torch (any device): the same bits."""
-    idx = torch.stack([(z >> (TABLE_BITS * j)) & 0xFFFF for j in range(4)], dim=-1)
+    idx = torch.stack([(z >> (TABLE_BITS * j)) & TABLE_MASK for j in range(4)], dim=-1)
     return _table_tensor(z.device)[idx]
 
 
@@ -512,7 +513,7 @@ if K.numba is not None:
 
     _rows_kernel = K._Kernel(_rows_body)
 
-    _TABLE_MASK = _U64(0xFFFF)
+    _TABLE_MASK = _U64(TABLE_MASK)
 
     def _table_sample_body(keys, rows, sizes, starts, h, perm, table, out):
         """`_sample_body` of version 6: column 4i + j of a row is table[bits 16j.. of its draw i]."""

@@ -458,10 +458,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     kl_bits[K] = _pixel_bits(x0, p_mean, p_log_var)
     pixel_models = _pixel_params(p_mean, p_log_var, params)
     p_mean = p_log_var = None
-    levels_f = x0.double().cpu().numpy().ravel() + 1.0  # the pixels' levels 0..255, one array in place
-    levels_f *= 127.5
-    symbols = np.rint(levels_f, out=levels_f).astype(np.int64)
-    levels_f = None
+    symbols = np.rint((x0.double().cpu().numpy().ravel() + 1.0) * 127.5).astype(np.int64)
     with clock("entropy"):
         enc.encode_gaussian(symbols, *pixel_models, PIXEL_LO, PIXEL_HI)
         write_closing(enc, syntax, symbols)
