@@ -159,25 +159,6 @@ def network(model: torch.nn.Module, *, float64: bool = False, bf16: bool = False
     return call
 
 
-def in_batches(model_fn: ModelFn, max_batch: int) -> ModelFn:
-    """``model_fn`` taking at most ``max_batch`` inputs per call: a larger batch goes through in
-    consecutive slices whose outputs are concatenated. The progressive codec forms its network
-    batch here (`codec.api`): every tile of every image at each stage, ``max_batch`` at a time,
-    so the network's memory is bounded by the batch, not by the number of tiles. Only for
-    arithmetic whose outputs do not depend on the batch (the exact contract, float64): a
-    float32 network's outputs may change with the slicing."""
-    if max_batch < 1:
-        raise ValueError(f"in_batches: max_batch must be >= 1, got {max_batch}")
-
-    def call(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x_t.shape[0] <= max_batch:
-            return model_fn(x_t, t)
-        return torch.cat([model_fn(x_t[i : i + max_batch], t[i : i + max_batch])
-                          for i in range(0, x_t.shape[0], max_batch)])
-
-    return call
-
-
 _EXACT_CACHE: dict[tuple[int, int, str], tuple[weakref.ref, tuple, torch.nn.Module]] = {}
 
 

@@ -203,7 +203,7 @@ def test_v4_refuses_a_block_of_the_wrong_version(model):
 
 def test_progressive_network_calls_stay_within_the_batch_and_do_not_change_the_file(monkeypatch):
     """Issue 28, bounded memory: a stage's tiles go through the network ``batch_size`` at a
-    time (`runtime.in_batches`), at encode and at decode, so the network's memory is bounded
+    time (`progressive.codec.tile_slices`), at encode and at decode, so the network's memory is bounded
     by the batch, not by the image; under the exact contract the bytes do not depend on it."""
     small = as_loaded(*seeded_model(1, image_size=8))
     images = synthetic_images([(64, 40)], seed=7)  # 8 x 5 = 40 tiles of 8 x 8

@@ -403,6 +403,60 @@ def test_float64_stream_survives_another_thread_count():
     np.testing.assert_array_equal(from_model_output(dec.x0), tiles)
 
 
+
+@pytest.mark.parametrize("skips", [False, True], ids=["version 6", "version 3, skips"])
+def test_network_slices_change_neither_the_stream_nor_the_decoding(skips):
+    """The codec forms its network batch in slices of tiles (`pg.tile_slices`, issue 28): under
+    the exact contract the payload, the decoded pixels, every partial reconstruction (x^_0 and
+    DDIM) and every boundary's reconstruction are the same whatever the slice, and a call never
+    sees more tiles than the slice."""
+    model, dc = seeded_tiny(2)
+    exact_fn = network(model, exact=True)
+    fn64 = lambda x, t: 0.1 * exact_fn(x, t)  # noqa: E731 (`denoiser` under the exact contract)
+    x0 = to_model_input(test_image(5, seed=6))
+    params = dataclasses.replace(PARAMS, num_tiles=5, num_steps=6, exact=True)
+    if skips:  # stage 1 carries about 60 bits here
+        params = dataclasses.replace(params, version=3, min_stage_bits=100.0)
+    calls: dict = {}
+
+    def counting(n):
+        def call(x, t):
+            calls.setdefault(n, []).append(x.shape[0])
+            return fn64(x, t)
+        return call
+
+    seen: list = []
+
+    def end(b):
+        seen.append(b)
+        return pg.GO_ON
+
+    encs = {n: pg.encode(counting(n), dc, x0, params, tiles_per_call=n, end=end if n == 2 else None)
+            for n in (None, 2, 1)}
+    assert set(calls[None]) == {5} and max(calls[2]) == 2 and set(calls[1]) == {1}
+    ref = encs[None]
+    assert not skips or (ref.levels[1:-1] == 0).any()
+    for e in encs.values():
+        assert e.payload == ref.payload
+        np.testing.assert_array_equal(e.prefix_bits, ref.prefix_bits)
+        np.testing.assert_allclose(e.kl_bits, ref.kl_bits, rtol=1e-12)
+        np.testing.assert_allclose(e.xstart_mse, ref.xstart_mse, rtol=1e-9)
+    assert seen[-1].stages == params.num_stages and seen[-1].tiles is None and len(seen) >= 3
+    for b in seen[:-1]:  # what `end` is shown is what a decoder makes of such a file
+        dec = pg.decode(fn64, dc, b.payload(), ref.params, tiles_per_call=3)
+        assert dec.stages == b.stages and np.array_equal(from_model_output(dec.x0), b.tiles)
+    mid = int(ref.prefix_bits[3])
+    for reconstruction in ("xstart", "ddim"):
+        a, b = (pg.decode(fn64, dc, ref.payload, ref.params, num_bits=mid, reconstruction=reconstruction,
+                          keep_all=True, tiles_per_call=n) for n in (None, 2))
+        assert a.stages == b.stages == 4 and not a.complete and torch.equal(a.x0, b.x0)
+        assert len(a.xstart) == len(a.latents) == a.stages == len(b.xstart)
+        assert all(torch.equal(u, v) for u, v in zip(a.xstart, b.xstart))
+        assert all(torch.equal(u, v) for u, v in zip(a.latents, b.latents))
+    full = pg.decode(fn64, dc, ref.payload, ref.params, tiles_per_call=1)
+    assert full.complete and torch.equal(full.x0, x0.double())
+
+
 # ------------------------------------------------------------------------------- CLI
 
 

@@ -12,7 +12,6 @@ from diffcodec.runtime import (
     decode_device,
     deterministic_kernels,
     device_kind,
-    in_batches,
     network,
     pick_device,
     recorded_threads,
@@ -70,19 +69,6 @@ def test_network_runs_without_autograd_and_float64_is_a_copy():
     assert out64.dtype == torch.float64 and m.conv.weight.dtype == torch.float32
     with pytest.raises(ValueError):
         network(m, float64=True, bf16=True)
-
-
-def test_in_batches_slices_and_concatenates():
-    calls = []
-
-    def fn(x, t):
-        calls.append(x.shape[0])
-        return x * 2 + t[:, None, None, None]
-
-    x, t = torch.arange(10 * 3 * 2 * 2, dtype=torch.float64).reshape(10, 3, 2, 2), torch.arange(10)
-    assert torch.equal(in_batches(fn, 4)(x, t), fn(x, t)) and calls == [4, 4, 2, 10]
-    with pytest.raises(ValueError, match="max_batch"):
-        in_batches(fn, 0)
 
 
 def test_deterministic_kernels_run_numpy_blas_on_one_thread_and_restore_it():

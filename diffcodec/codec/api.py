@@ -70,7 +70,6 @@ from diffcodec.runtime import (
     decode_device,
     deterministic_kernels,
     device_kind,
-    in_batches,
     network,
     pick_device,
     use_threads,
@@ -371,9 +370,10 @@ def encode(
                 raise DiffcodecError(f"{target}: a rate target needs a progressive stream of version 3")
             control = None if target is None else RateControl(
                 target, images, lambda n, stages: file_size(replace(header, stages=stages), n), params.num_stages)
-            enc = progressive.encode(_stage_network(model_fn, params, batch_size), dc, to_model_input(tiles).to(device),
+            enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
                                      params, progress=_stage_bar(progress, "encode", params.num_stages), workers=workers,
-                                     context=image_sizes_context(entries), end=control)
+                                     context=image_sizes_context(entries), end=control,
+                                     tiles_per_call=_tiles_per_call(params, batch_size))
             header = replace(header, stages=enc.stages, params=enc.params.pack())
             seen = control.at(enc.stages) if control is not None else None
             return ProgressiveEncoding(pack(Container(header, enc.payload)), header, enc, int(dims.sum()), target,
@@ -396,12 +396,12 @@ def encode(
                             code.bound_cpu_seconds, code.params.bootstrap_tiles, code.bootstrap_bits)
 
 
-def _stage_network(model_fn: ModelFn, params: ProgressiveParams, batch_size: int) -> ModelFn:
-    """The progressive codec's network call on a stage's tiles: ``batch_size`` tiles at a time
-    (`runtime.in_batches`) under the exact contract or float64, whose outputs do not depend on
-    the batch; a float32 stream's whole stage in one call (its decoder must see the encoder's
-    batch: such files decode only where the encoder's arithmetic is reproduced)."""
-    return in_batches(model_fn, batch_size) if params.exact or params.network_float64 else model_fn
+def _tiles_per_call(params: ProgressiveParams, batch_size: int) -> int | None:
+    """The progressive codec's network batch (`progressive.tile_slices`): ``batch_size`` tiles
+    at a time under the exact contract or float64, whose outputs do not depend on the batch; a
+    float32 stream's whole stage in one call (its decoder must see the encoder's batch: such
+    files decode only where the encoder's arithmetic is reproduced)."""
+    return batch_size if params.exact or params.network_float64 else None
 
 
 class _LosslessJob:
@@ -562,11 +562,12 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
     try:
         with deterministic_kernels():
             model_fn = model_fn or network(model.model, float64=params.network_float64)
-            dec = progressive.decode(_stage_network(model_fn, params, batch_size),
+            dec = progressive.decode(model_fn,
                                      model.diffusion_config, container.payload, params,
                                      num_bits=file_bits - header_bits, upto=limit, reconstruction=reconstruction,
                                      device=device, context=b"" if legacy else image_sizes_context(h.images),
-                                     progress=_stage_bar(progress, "decode", min(limit, params.num_stages)))
+                                     progress=_stage_bar(progress, "decode", min(limit, params.num_stages)),
+                                     tiles_per_call=_tiles_per_call(params, batch_size))
     except DamagedFileError as e:
         raise DamagedFileError(f"{where}: {e}; nothing written") from None
     except DiffcodecError as e:

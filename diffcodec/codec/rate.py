@@ -26,7 +26,7 @@ import numpy as np
 
 from diffcodec.codec.progressive.codec import END_BEFORE, END_HERE, GO_ON, Boundary
 from diffcodec.errors import DiffcodecError
-from diffcodec.images import from_model_output, images_from_tiles
+from diffcodec.images import images_from_tiles
 
 KINDS = ("psnr", "bpp", "size")
 UNITS = {"psnr": "dB", "bpp": "bits per pixel", "size": "bytes"}
@@ -87,10 +87,9 @@ class RateControl:
             self.budget = int(math.floor(target.value * self.pixels / 8.0))
 
     def psnr(self, b: Boundary) -> list[float]:
-        if b.xstart is None:
+        if b.tiles is None:
             return [math.inf] * len(self.images)
-        tiles = from_model_output(b.xstart)
-        decoded = images_from_tiles(tiles, [(int(im.shape[0]), int(im.shape[1])) for im in self.images])
+        decoded = images_from_tiles(b.tiles, [(int(im.shape[0]), int(im.shape[1])) for im in self.images])
         return [psnr_db(x, y) for x, y in zip(decoded, self.images)]
 
     def bpp(self, file_bytes: int) -> float:

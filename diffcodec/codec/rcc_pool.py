@@ -399,13 +399,14 @@ def arrival_log_times(plan: StagePlan, count: int) -> np.ndarray:
 
 
 def log_weight_coefficients(q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: np.ndarray,
-                            p_log_var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                            p_log_var: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) float32 [D]: log q(z)/p(z) at z = mean_p + std_p u is sum a u^2 + b u + const
     (`rcc.LogWeight`; the search needs no constant, and ranks in float32: each value is its
     binary64 formula rounded once). Computed in blocks of `rcc.KL_BLOCK` values, so that the
-    temporaries stay a block long."""
+    temporaries stay a block long. ``out``: two contiguous float32 arrays of that shape to fill."""
     shape, flat = rcc.flat_float64(q_mean, q_log_var, p_mean, p_log_var)
-    a, b = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+    a, b = (np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)) if out is None else out
     for i in range(0, a.size, rcc.KL_BLOCK):
         qm, qv, pm, pv, ab, bb = (v[i : i + rcc.KL_BLOCK] for v in (*flat, a.reshape(-1), b.reshape(-1)))
         ab[:] = 0.5 * (1.0 - np.exp(pv - qv))

@@ -92,6 +92,7 @@ from diffcodec.diffusion import (
     q_posterior_mean_variance,
 )
 from diffcodec.errors import DamagedFileError, DiffcodecError
+from diffcodec.images import from_model_output
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats
 from diffcodec.runtime import ModelFn, usable_cores
 from diffcodec.schedule import Schedule
@@ -162,15 +163,15 @@ class Boundary:
     """A checked stage boundary the encoder has reached: a file may end here.
 
     ``stages``: the stages such a file delivers (K + 1: the whole stream); ``timestep``: the
-    original timestep of its last latent (-1: the pixels); ``xstart``: the reconstruction a
-    decoder makes from it (x^_0 predicted from that latent, [B, C, s, s] on [-1, 1]; None at
-    the lossless end); ``max_payload_bits``: the coder's sealed output so far, which such a
-    file never exceeds; `payload_bits()`: its exact payload (the shortest prefix of that
-    output that delivers the stages; parsed on first use)."""
+    original timestep of its last latent (-1: the pixels); ``tiles``: the reconstruction a
+    decoder makes from it (x^_0 predicted from that latent, as pixels: uint8 [B, s, s, C],
+    `images.from_model_output`; None at the lossless end); ``max_payload_bits``: the coder's
+    sealed output so far, which such a file never exceeds; `payload_bits()`: its exact payload
+    (the shortest prefix of that output that delivers the stages; parsed on first use)."""
 
-    def __init__(self, stages: int, timestep: int, xstart: torch.Tensor | None, words: np.ndarray,
+    def __init__(self, stages: int, timestep: int, tiles: np.ndarray | None, words: np.ndarray,
                  exact_bits: Callable[[bytes], int]) -> None:
-        self.stages, self.timestep, self.xstart = stages, timestep, xstart
+        self.stages, self.timestep, self.tiles = stages, timestep, tiles
         self.data = words.astype(">u4").tobytes()
         self.max_payload_bits = 8 * len(self.data)
         self._exact_bits, self._bits = exact_bits, None
@@ -185,18 +186,16 @@ class Boundary:
         return self.data[: -(-self.payload_bits() // 8)]
 
 
-def _latent(p_mean: torch.Tensor, p_log_var: torch.Tensor, u: np.ndarray, exact_contract: bool) -> torch.Tensor:
-    """y = mean_p + std_p * u, computed in float64, returned in p_mean's dtype [like p_mean]
-    (``exact_contract``: std by `exact.exp`, else numpy's exp)."""
-    mean = p_mean.double().cpu().numpy().ravel()
-    half_log_var = 0.5 * p_log_var.double().cpu().ravel()
-    y = exact.exp(half_log_var).numpy() if exact_contract else np.exp(half_log_var.numpy())  # std_p
+def _latent(p_mean: np.ndarray, p_log_var: np.ndarray, u: np.ndarray, exact_contract: bool,
+            dtype: torch.dtype) -> np.ndarray:
+    """y = mean_p + std_p * u (float64 [n], u float32 [n]), computed in float64, returned in
+    ``dtype`` (``exact_contract``: std by `exact.exp`, else numpy's exp)."""
+    half_log_var = 0.5 * p_log_var
+    y = exact.exp(torch.from_numpy(half_log_var)).numpy() if exact_contract else np.exp(half_log_var)  # std_p
     half_log_var = None
-    y *= u.astype(np.float64, copy=False)  # in place: one array of D values at a time
-    y += mean  # mean + std u (IEEE addition commutes: the same bits)
-    if p_mean.dtype != torch.float64:
-        y = y.astype(np.float32)
-    return torch.from_numpy(y.reshape(p_mean.shape)).to(p_mean.device)
+    y *= u.astype(np.float64, copy=False)  # in place: one array of n values at a time
+    y += p_mean  # mean + std u (IEEE addition commutes: the same bits)
+    return y if dtype == torch.float64 else y.astype(np.float32)
 
 
 def _permutation(params: ProgressiveParams, stage: int, num_dims: int) -> np.ndarray:
@@ -296,18 +295,46 @@ def _full_step(like: torch.Tensor, index: int) -> torch.Tensor:
     return torch.full((like.shape[0],), index, dtype=torch.long, device=like.device)
 
 
+def tile_slices(num_tiles: int, tiles_per_call: int | None) -> list[slice]:
+    """Where the progressive codec forms its network batch: the tiles in consecutive slices of
+    ``tiles_per_call`` (None: all of them in one call, which a float32 stream needs, its outputs
+    changing with the batch). Each stage runs the network, its Gaussians and the search's
+    coefficients slice by slice, so that what a stage holds for the whole image is a few values
+    per dimension (the latent, p's mean and log-variance, the search's coefficients)."""
+    step = num_tiles if tiles_per_call is None else max(1, int(tiles_per_call))
+    return [slice(i, min(i + step, num_tiles)) for i in range(0, num_tiles, step)]
+
+
+def _flat64(t: torch.Tensor) -> np.ndarray:
+    return t.double().cpu().numpy().ravel()
+
+
+def _per_tile_squared_error(xstart: torch.Tensor, x0: torch.Tensor) -> np.ndarray:
+    """float64 [n]: each tile's sum of squared errors on [0, 255] (`Encoded.xstart_mse`)."""
+    return (((xstart - x0) * 127.5) ** 2).flatten(1).sum(1).double().cpu().numpy()
+
+
 def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, params: ProgressiveParams,
            *, progress: Callable[[int], None] | None = None, workers: int | None = None,
-           context: bytes = b"", end: Callable[[Boundary], str] | None = None) -> Encoded:
+           context: bytes = b"", end: Callable[[Boundary], str] | None = None,
+           tiles_per_call: int | None = None) -> Encoded:
     """Algorithm 3 for a batch of tiles x0 [B, C, s, s] (exact pixel values in [-1, 1]).
 
     The candidate search runs on ``workers`` threads (default: the usable CPU cores); the
-    stream does not depend on it. ``context``: bytes the closing check also covers (the decoder
-    must pass the same). A version 3 stream skips a stage whose KL is below
-    ``params.min_stage_bits`` (never the last latent, y_0). ``end``: called at each checked
-    stage boundary (`Boundary`, in order, the lossless end last) with GO_ON, END_HERE or
-    END_BEFORE (never at the first boundary) as its answer; the payload then ends there (or at
-    the boundary before) and nothing after it is computed.
+    stream does not depend on it. ``tiles_per_call``: the network's batch (`tile_slices`; None:
+    every tile in one call); the stream does not depend on it where the network's outputs do
+    not (the exact contract, float64). ``context``: bytes the closing check also covers (the
+    decoder must pass the same). A version 3 stream skips a stage whose KL is below
+    ``params.min_stage_bits`` (never the last latent, y_0; the next stage runs the network on
+    the last latent made again). ``end``: called at each checked stage boundary (`Boundary`, in
+    order, the lossless end last) with GO_ON, END_HERE or END_BEFORE (never at the first
+    boundary) as its answer; the payload then ends there (or at the boundary before) and nothing
+    after it is computed.
+
+    Each stage works in two passes over the tiles (`tile_slices`): the first runs the network
+    on the last latent (scoring its x^_0) and makes the stage's Gaussians, the second, after the
+    search, makes the stage's latent; between them the stage holds p's mean and log-variance,
+    the search's coefficients and the latent for the whole image (tests/test_codec_memory.py).
 
     Returns the payload (complete stream) and per-stage measurements. With
     ``params.network_float64`` the latents are float64 and ``model_fn`` must take and return
@@ -320,10 +347,10 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     clock = StageClock()
     workers = usable_cores() if workers is None else max(1, int(workers))
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
-    x0 = x0.to(dtype)
     chain = CodedChain(diffusion, params)
     s = chain.full
-    K, D, var_type = s.num_steps, x0.numel(), diffusion.var_type
+    B, K, D, var_type = x0.shape[0], s.num_steps, x0.numel(), diffusion.var_type
+    per_tile, slices = D // B, tile_slices(B, tiles_per_call)
     ts = torch.from_numpy(s.timesteps).to(x0.device)
     enc, syntax = RangeEncoder(), Syntax(params, D, context)
     kl_bits = np.zeros(K + 1)
@@ -331,7 +358,14 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     closes = np.zeros(K, dtype=bool)  # the stage closed a checked group
     sample_bits = np.zeros(K)
     levels, chunks_per_stage, mse = np.zeros(K, dtype=np.int64), np.zeros(K, dtype=np.int64), np.zeros(K)
-    y, out, xstart = None, None, None
+    # what a stage keeps for the whole image between its two passes
+    y: torch.Tensor | None = None  # the last latent made [B, C, s, s]
+    p_mean, p_log_var = np.empty(D), np.empty(D)  # float64: the stage's p
+    coef = (np.empty(D, np.float32), np.empty(D, np.float32)) if params.version >= 4 else None  # the search's a, b
+    q_all = (np.empty(D), np.empty(D)) if params.version <= 3 else None  # versions 1-3: each chunk's own weights
+    kl_dims = np.empty(D) if params.version <= 4 else None  # versions 1-4: candidates from each chunk's own KL
+    recon = np.empty((B, *x0.shape[2:], x0.shape[1]), dtype=np.uint8) if end is not None else None  # pixels of x^_0
+    pending: int | None = None  # the stage whose latent y holds, its x^_0 not yet scored
     previous: Boundary | None = None  # the last boundary `end` let the encoder pass
     start = time.perf_counter()
 
@@ -365,40 +399,67 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         previous = here
         return None
 
-    def boundary(stage: int) -> Encoded | None:
-        """After stage ``stage`` (its group's check written, its latent made)."""
+    def reached(stage: int) -> Encoded | None:
+        """After stage ``stage`` (its group's check written, its latent made and x^_0 scored)."""
+        if progress is not None:
+            progress(stage)
         if end is None or not (closes[stage] or not params.check_bits):
             return None
-        return decide(Boundary(stage + 1, int(s.timesteps[K - 1 - stage]), xstart, enc.words(),
+        return decide(Boundary(stage + 1, int(s.timesteps[K - 1 - stage]), recon.copy(), enc.words(),
                                lambda data: shortest_prefix(data, 8 * len(data), params, D, stage + 1, None)))
 
+    def network(sl: slice, x0_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last latent's slice and the network's output on it, its x^_0 scored for ``pending``."""
+        y_b, last = y[sl], chain.kept[-1]
+        with clock("network"):
+            out = model_fn(y_b, ts[_full_step(y_b, last)]).to(dtype)
+        if pending is not None:
+            xstart = p_xstart(s, out, y_b, _full_step(y_b, last), var_type=var_type, clip_denoised=params.clip_denoised)
+            sse[sl] = _per_tile_squared_error(xstart, x0_b)
+            if recon is not None:
+                recon[sl] = from_model_output(xstart)
+        return y_b, out
+
+    sse = np.zeros(B)  # per tile, of the pending latent's x^_0
+    kl_tiles = np.zeros(B)  # per tile, of the stage's KL: added in tile order, the same sum for any slicing
     for stage in range(K):
         k = K - 1 - stage  # the code step of the latent this stage sends
-        if stage == 0:
-            q_mean, _, q_log_var = q_mean_variance(s, x0, _full_step(x0, k))
-            p_mean, p_log_var = _prior(x0)
-        else:
-            sched, i = chain.step(k)
-            p = p_mean_variance(sched, out, y, _full_step(x0, i), var_type=var_type, clip_denoised=params.clip_denoised)
-            p_mean, p_log_var, p = p.mean, p.log_variance, None
-            if not params.min_stage_bits:  # no stage is skipped, whose successor would need this output
-                out = None
-            q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0, y, _full_step(x0, i))
-            if not params.min_stage_bits:  # no stage is skipped, which would keep the latent and its x^_0
-                y = xstart = None  # this stage makes its own
-        qm, qv, pm, pv = (v.double().cpu().numpy().ravel() for v in (q_mean, q_log_var, p_mean, p_log_var))
-        kl_dims = rcc.gaussian_kl_bits(qm, qv, pm, pv)
-        kl_bits[stage] = kl_dims.sum()
-        if params.version >= 5:  # its chunks need no per-dimension KL (version 4's counts, versions 1-3's do)
-            kl_dims = None
+        for sl in slices:  # first pass: the stage's Gaussians
+            dims = slice(sl.start * per_tile, sl.stop * per_tile)
+            x0_b = x0[sl].to(dtype)
+            if stage == 0:
+                q_mean, _, q_log_var = q_mean_variance(s, x0_b, _full_step(x0_b, k))
+                p_mean[dims], p_log_var[dims] = 0.0, 0.0
+            else:
+                y_b, out = network(sl, x0_b)
+                sched, i = chain.step(k)
+                p = p_mean_variance(sched, out, y_b, _full_step(y_b, i), var_type=var_type,
+                                    clip_denoised=params.clip_denoised)
+                p_mean[dims], p_log_var[dims] = _flat64(p.mean), _flat64(p.log_variance)
+                q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0_b, y_b, _full_step(y_b, i))
+                p = out = y_b = None
+            qm, qv, pm, pv = _flat64(q_mean), _flat64(q_log_var), p_mean[dims], p_log_var[dims]
+            kl_b = rcc.gaussian_kl_bits(qm, qv, pm, pv)
+            kl_tiles[sl] = kl_b.reshape(-1, per_tile).sum(axis=1)
+            if coef is not None:
+                rcc_pool.log_weight_coefficients(qm, qv, pm, pv, out=(coef[0][dims], coef[1][dims]))
+            if q_all is not None:
+                q_all[0][dims], q_all[1][dims] = qm, qv
+            if kl_dims is not None:
+                kl_dims[dims] = kl_b
+            q_mean = q_log_var = qm = qv = pm = pv = kl_b = x0_b = None
+        kl_bits[stage] = kl_tiles.sum()
+        if pending is not None:
+            mse[pending] = sse.sum() / D
+            if (done := reached(pending)) is not None:
+                return done
+            pending = None
         if syntax.skippable() and kl_bits[stage] < params.min_stage_bits:
             with clock("entropy"):
                 closes[stage] = write_stage(enc, syntax, StageSymbols(0, np.zeros(0, dtype=np.int64)))
                 size_hints[stage] = 32 * enc.num_words
             mse[stage] = mse[stage - 1]
-            if progress is not None:
-                progress(stage)
-            if (done := boundary(stage)) is not None:
+            if (done := reached(stage)) is not None:
                 return done
             continue
         level = 0 if syntax.implicit() else level_of_kl(float(kl_bits[stage]))
@@ -417,13 +478,12 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
                         chunk_kl = np.add.reduceat(kl_dims[plan.perm], plan.bounds[:-1])
                         counts = rcc_pool.chunk_counts(chunk_kl, params.pad_bits, params.log2_candidates)
                         rule = "pfr"
-                    indices[:] = rcc_pool.select(plan, *rcc_pool.log_weight_coefficients(qm, qv, pm, pv), counts,
-                                                 rule=rule, device=x0.device)
+                    indices[:] = rcc_pool.select(plan, *coef, counts, rule=rule, device=x0.device)
         elif level:
             with clock("candidates"):
                 tasks = []
                 for c, idx in enumerate(_chunks(params, stage, D, n)):
-                    lw = rcc.LogWeight.of_gaussians(qm[idx], qv[idx], pm[idx], pv[idx])
+                    lw = rcc.LogWeight.of_gaussians(q_all[0][idx], q_all[1][idx], p_mean[idx], p_log_var[idx])
                     kl_c = float(kl_dims[idx].sum())
                     log2_n = min(max(math.ceil(kl_c + params.pad_bits), 1), params.log2_candidates)
                     tasks.append((lw, (params.seed, stage, 1 + c), 1 << log2_n))
@@ -434,35 +494,51 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             size_hints[stage] = 32 * enc.num_words
         with clock("candidates"):
             u = _sample_stage(params, stage, symbols, n, D, plan)
-        # what the sent sample delivers, log2 q(y)/p(y): the stage's KL on average if it were
-        # an exact sample of q; less when the candidate budget leaves it between p and q
-        sample_bits[stage] = _sample_bits(qm, qv, pm, pv, u)
-        y = _latent(p_mean, p_log_var, u, params.exact)
-        # the stage's Gaussians, candidates and last network output are done with: let them go
-        # before the network call (the coding state is D values each: tests/test_codec_memory.py)
-        q_mean = q_log_var = p_mean = p_log_var = qm = qv = pm = pv = kl_dims = plan = u = out = None
+        plan = None
+        if y is None:
+            y = torch.empty(x0.shape, dtype=dtype, device=x0.device)
+        for sl in slices:  # second pass: the stage's latent, over the last one
+            dims = slice(sl.start * per_tile, sl.stop * per_tile)
+            x0_b = x0[sl].to(dtype)
+            if stage == 0:
+                q_mean, _, q_log_var = q_mean_variance(s, x0_b, _full_step(x0_b, k))
+            else:
+                sched, i = chain.step(k)
+                q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0_b, y[sl], _full_step(x0_b, i))
+            # what the sent sample delivers, log2 q(y)/p(y): the stage's KL on average if it were
+            # an exact sample of q; less when the candidate budget leaves it between p and q
+            sample_bits[stage] += _sample_bits(_flat64(q_mean), _flat64(q_log_var), p_mean[dims], p_log_var[dims],
+                                               u[dims])
+            y_b = _latent(p_mean[dims], p_log_var[dims], u[dims], params.exact, dtype)
+            y[sl] = torch.from_numpy(y_b.reshape(y[sl].shape)).to(x0.device)
+            q_mean = q_log_var = y_b = x0_b = None
+        u = None
         chain.keep(k)
-        with clock("network"):
-            out = model_fn(y, ts[_full_step(x0, k)]).to(dtype)
-        xstart = p_xstart(s, out, y, _full_step(x0, k), var_type=var_type, clip_denoised=params.clip_denoised)
-        mse[stage] = float((((xstart - x0) * 127.5) ** 2).mean())
         levels[stage], chunks_per_stage[stage] = level, (n if level else 0)
-        if progress is not None:
-            progress(stage)
-        if (done := boundary(stage)) is not None:
-            return done
-    # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5)
-    p = p_mean_variance(s, out, y, _full_step(x0, 0), var_type=var_type, clip_denoised=params.clip_denoised)
-    p_mean, p_log_var = p.mean, p.log_variance
-    p = out = y = xstart = None  # the last step's rest, output, latent and x^_0: not needed for the pixels
-    kl_bits[K] = _pixel_bits(x0, p_mean, p_log_var)
-    pixel_models = _pixel_params(p_mean, p_log_var, params)
-    p_mean = p_log_var = None
-    symbols = np.rint((x0.double().cpu().numpy().ravel() + 1.0) * 127.5).astype(np.int64)
+        pending = stage
+    # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5), slice by slice
+    coef = q_all = kl_dims = None
+    pixel_mean, pixel_std = p_mean, p_log_var  # reused: the pixel stage's models, level units
+    symbols = np.empty(D, dtype=np.int32)
+    for sl in slices:
+        dims = slice(sl.start * per_tile, sl.stop * per_tile)
+        x0_b = x0[sl].to(dtype)
+        y_b, out = network(sl, x0_b)
+        p = p_mean_variance(s, out, y_b, _full_step(y_b, 0), var_type=var_type, clip_denoised=params.clip_denoised)
+        kl_bits[K] += _pixel_bits(x0_b, p.mean, p.log_variance)
+        pixel_mean[dims], pixel_std[dims] = _pixel_params(p.mean, p.log_variance, params)
+        symbols[dims] = np.rint((_flat64(x0_b) + 1.0) * 127.5)
+        p = out = y_b = x0_b = None
+    y = None
+    mse[K - 1] = sse.sum() / D
+    if (done := reached(K - 1)) is not None:
+        return done
+    pixel_models = pixel_mean, pixel_std
     with clock("entropy"):
         enc.encode_gaussian(symbols, *pixel_models, PIXEL_LO, PIXEL_HI)
         write_closing(enc, syntax, symbols)
         words = enc.words()
+    symbols = None
     if end is not None:  # the lossless end is the last boundary
         done = decide(Boundary(K + 1, -1, None, words,
                                lambda data: shortest_prefix(data, 8 * len(data), params, D, K + 1, pixel_models)))
@@ -505,29 +581,55 @@ class Decoded:
 def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params: ProgressiveParams, *,
            num_bits: int | None = None, upto: int | None = None, reconstruction: str = "xstart",
            device: torch.device | str = "cpu", keep_all: bool = False, context: bytes = b"",
-           progress: Callable[[int], None] | None = None) -> Decoded:
+           progress: Callable[[int], None] | None = None, tiles_per_call: int | None = None) -> Decoded:
     """Algorithm 4 on the first ``num_bits`` bits of the payload (all when None), at most
     ``upto`` stages. Stops at the first stage the prefix does not deliver; the image is then
     reconstructed from the last latent (``xstart``: x^_0 predicted from it, clipped;
     ``ddim``: deterministic DDIM, eta = 0, down the rest of the coded chain). ``progress``:
-    called with each stage's index once it is decoded.
+    called with each stage's index once it is decoded. ``tiles_per_call``: the network's batch
+    (`tile_slices`; None: every tile in one call, as a float32 stream's encoder made them).
+    Each stage makes its latent slice by slice over the last one, after the network's call on
+    it: between stages the decoder holds the latent for the whole image.
     """
     if reconstruction not in RECONSTRUCTIONS:
         raise DiffcodecError(f"unknown reconstruction {reconstruction!r}; known: {', '.join(RECONSTRUCTIONS)}")
     clock = StageClock()
     chain = CodedChain(diffusion, params)
     s = chain.full
-    K = s.num_steps
+    K, var_type = s.num_steps, diffusion.var_type
     shape = (params.num_tiles, 3, params.tile_size, params.tile_size)
     D = int(np.prod(shape))
+    per_tile, slices = D // params.num_tiles, tile_slices(params.num_tiles, tiles_per_call)
     bits = 8 * len(payload) if num_bits is None else max(0, min(int(num_bits), 8 * len(payload)))
     limit = params.num_stages if upto is None else max(0, min(int(upto), params.num_stages))
     reader = TwinReader(payload, bits, pad_words(params, D))
     syntax = Syntax(params, D, context)
     ts = torch.from_numpy(s.timesteps).to(device)
-    y, out, xstarts, latents, stages = None, None, [], [], 0
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
-    proto = torch.zeros(shape, device=device, dtype=dtype)
+    y: torch.Tensor | None = None  # the last latent made
+    xstarts, latents, stages = [], [], 0
+    pending: int | None = None  # the stage that made y, until the network has run on it
+    owed = 0  # keep_all: x^_0 entries owed to y (its stage's and the skipped stages' after it)
+
+    def network(sl: slice, xstart: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last latent's slice and the network's output on it (its x^_0 into ``xstart``)."""
+        y_b, last = y[sl], chain.kept[-1]
+        with clock("network"):
+            out = model_fn(y_b, ts[_full_step(y_b, last)]).to(dtype)
+        if xstart is not None:
+            xstart[sl] = p_xstart(s, out, y_b, _full_step(y_b, last), var_type=var_type,
+                                  clip_denoised=params.clip_denoised)
+        return y_b, out
+
+    def ran(xstart: torch.Tensor | None) -> None:
+        """After a pass of the network over y: its stage is done."""
+        nonlocal pending, owed
+        xstarts.extend([xstart] * owed)
+        owed = 0
+        if progress is not None and pending is not None:
+            progress(pending)
+        pending = None
+
     with clock("entropy"):
         run: StageRun = read_stages(reader, syntax, limit)  # symbols only: verified before any network call
     for stage, symbols in enumerate(run.stages):
@@ -535,34 +637,40 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         stages = stage + 1
         if stage and symbols.level == 0 and params.version >= 3:  # skipped: no latent at this step
             if keep_all:
-                xstarts.append(xstarts[-1])
+                owed += 1
                 latents.append(latents[-1])
             if progress is not None:
                 progress(stage)
             continue
-        if stage == 0:
-            p_mean, p_log_var = _prior(proto)
-        else:
-            sched, i = chain.step(k)
-            step = p_mean_variance(sched, out, y, _full_step(proto, i), var_type=diffusion.var_type,
-                                   clip_denoised=params.clip_denoised)
-            p_mean, p_log_var = step.mean, step.log_variance
-            step = out = y = None  # the rest of the step, the last output and latent: done with
         chunking = syntax.chunking(symbols.level)
         with clock("candidates"):
             plan = stage_plan(params, stage, D, chunking) if params.version >= 4 else None
             u = _sample_stage(params, stage, symbols, chunking[0], D, plan)
-        y = _latent(p_mean, p_log_var, u, params.exact)
-        step = p_mean = p_log_var = plan = u = out = None  # done with: the state is D values each
+        plan = None
+        xstart = torch.empty(shape, dtype=dtype, device=device) if keep_all and y is not None else None
+        if y is None:
+            y = torch.empty(shape, dtype=dtype, device=device)
+        sched, i = chain.step(k) if stage else (None, 0)
+        for sl in slices:
+            dims = slice(sl.start * per_tile, sl.stop * per_tile)
+            if stage == 0:  # p = N(0, I)
+                p_mean = p_log_var = np.zeros(dims.stop - dims.start)
+            else:
+                y_b, out = network(sl, xstart)
+                step = p_mean_variance(sched, out, y_b, _full_step(y_b, i), var_type=var_type,
+                                       clip_denoised=params.clip_denoised)
+                p_mean, p_log_var = _flat64(step.mean), _flat64(step.log_variance)
+                step = out = y_b = None
+            y[sl] = torch.from_numpy(_latent(p_mean, p_log_var, u[dims], params.exact, dtype).reshape(y[sl].shape)
+                                     ).to(device)
+            p_mean = p_log_var = None
+        u = None
+        ran(xstart)
         chain.keep(k)
-        with clock("network"):
-            out = model_fn(y, ts[_full_step(proto, k)]).to(dtype)
+        pending = stage
         if keep_all:
-            xstarts.append(p_xstart(s, out, y, _full_step(proto, k), var_type=diffusion.var_type,
-                                    clip_denoised=params.clip_denoised))
-            latents.append(y)
-        if progress is not None:
-            progress(stage)
+            owed += 1
+            latents.append(y.clone())
     if stages == 0:
         if run.stop == "check":
             raise DamagedFileError(f"the file is damaged (the integrity check after stage {run.at_stage} failed) "
@@ -570,13 +678,22 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
                              f"a longer prefix is needed")
     # the last latent's reverse-process Gaussian and x^_0 (a skipped stage makes no latent)
-    p = p_mean_variance(s, out, y, _full_step(proto, chain.kept[-1]), var_type=diffusion.var_type,
-                        clip_denoised=params.clip_denoised)
-    p_mean, p_log_var, last_xstart = p.mean, p.log_variance, p.pred_xstart
-    p = out = None  # its variance and the network output: not needed for the pixels
+    pixel_stage = stages == K and limit > K
+    last_xstart = torch.empty(shape, dtype=dtype, device=device)
+    pixel_models = (np.empty(D), np.empty(D)) if pixel_stage else None
+    for sl in slices:
+        dims = slice(sl.start * per_tile, sl.stop * per_tile)
+        y_b, out = network(sl, last_xstart)
+        if pixel_models is not None:
+            p = p_mean_variance(s, out, y_b, _full_step(y_b, chain.kept[-1]), var_type=var_type,
+                                clip_denoised=params.clip_denoised)
+            pixel_models[0][dims], pixel_models[1][dims] = _pixel_params(p.mean, p.log_variance, params)
+        p = out = y_b = None
+    ran(last_xstart)
+    if reconstruction == "xstart":  # the latent is done with (DDIM would start from it)
+        y = None
     pixels_checked = None
-    if stages == K and limit > K:
-        pixel_models = _pixel_params(p_mean, p_log_var, params)
+    if pixel_models is not None:
         with clock("entropy"):
             pixels = reader.pixels(*pixel_models)
             if pixels is not None and syntax.closes():
@@ -585,9 +702,15 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         if pixels is not None:
             with clock("entropy"):
                 used = shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
-            x0 = torch.from_numpy((pixels.astype(np.float32) / 127.5 - 1.0).reshape(shape)).to(device, dtype)
+            pixel_models = None
+            x0 = pixels.astype(np.float32)
+            pixels = None
+            x0 /= 127.5  # in place, in float32: level / 127.5 - 1
+            x0 -= 1.0
+            x0 = torch.from_numpy(x0.reshape(shape)).to(device, dtype)
             return Decoded(x0, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, last_xstart,
                            xstarts, latents, dict(clock.seconds), pixels_checked)
+    pixel_models = None
     # A complete stream whose last stage does not decode: the network's arithmetic differs
     # from the encoder's (another device, thread count or library version), or the file is
     # damaged (the caller tells which). Version 3 streams say so by their closing check.
@@ -597,8 +720,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         if reconstruction == "xstart":
             x0 = last_xstart
         else:
-            x0 = ddim_reconstruct(model_fn, s, y, k, var_type=diffusion.var_type,
-                                  clip_denoised=params.clip_denoised, first_xstart=last_xstart)
+            x0 = torch.empty_like(last_xstart)
+            for sl in slices:  # each slice's DDIM chain is its own
+                x0[sl] = ddim_reconstruct(model_fn, s, y[sl], k, var_type=var_type,
+                                          clip_denoised=params.clip_denoised, first_xstart=last_xstart[sl])
     with clock("entropy"):
         used = shortest_prefix(payload, bits, params, D, stages, None)
     return Decoded(x0, stages, False, int(s.timesteps[k]), bits, used, diverged, run.stop, run.at_stage, None,
