@@ -19,7 +19,7 @@ SIDES = (96, 192)  # 36 and 144 tiles of 16x16, batches of 16
 # +2 / +7 MiB (encode / decode), progressive +11 / +7 MiB (136 / 86 bytes per added dimension);
 # since the stages let go of more (2026-12-07) -17 to -1 / +20 to +42 bytes per added dimension
 # at these sizes, where the heap's layout moves the peak by a few MiB (at 192 and 384 pixels:
-# 86-99 / 76-87, reports/results.md).
+# 86-99 / 76-87; since the stages work in slices of tiles, 52-87 / 50-68, reports/results.md).
 LOSSLESS_MAX_GROWTH_MIB = 24
 PROGRESSIVE_MAX_BYTES_PER_DIM = 320
 
