@@ -149,8 +149,10 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
                         f"{LOSSLESS_STEPS}, quadratic spacing: on the default model its bound is within 1%% of the "
                         "full T = 1000 chain's at a tenth of the network calls; -k 1000 for the full chain)")
     p.add_argument("--num-images", "-n", type=positive_int, help="encode only the first N images")
-    p.add_argument("--batch-size", "-b", type=positive_int,
-                   help="--lossless: most tiles coded together in one chunk (default 64)")
+    p.add_argument("--batch-size", "-b", type=positive_int, metavar="TILES",
+                   help="most tiles per network call (default 64): fewer bound the network's memory on a large "
+                        "photo; a progressive file is the same whatever it is (with --float32 every tile goes in "
+                        "one call), a --lossless one codes that many tiles together in one chunk")
     arith = p.add_mutually_exclusive_group()
     arith.add_argument("--float32", dest="arithmetic", action="store_const", const="float32",
                        help="SAME-MACHINE file: the float32 network instead of the exact one (faster on a CPU), "
@@ -190,8 +192,7 @@ def encode_mode(args: argparse.Namespace) -> tuple[str, RateTarget | None]:
         if given:
             raise DiffcodecError(f"--{given[0][0]} is a progressive file's rate target; --lossless files are whole")
         return "lossless", None
-    for flag, value in (("--no-bootstrap", args.no_bootstrap), ("--no-bound", args.no_bound),
-                        ("--batch-size", args.batch_size is not None)):
+    for flag, value in (("--no-bootstrap", args.no_bootstrap), ("--no-bound", args.no_bound)):
         if value:
             raise DiffcodecError(f"{flag} applies to --lossless (bits-back) files")
     if given:

@@ -173,16 +173,20 @@ def test_a_one_image_file_stores_no_name_and_decodes_into_a_folder_as_its_stem(t
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["a.png", "b.png"]
 
 
-def test_decode_batch_size_sets_a_progressive_decoders_batch_and_is_refused_for_lossless(tiny_checkpoint, tmp_path,
+def test_batch_size_sets_a_progressive_codecs_batch_and_decode_refuses_it_for_lossless(tiny_checkpoint, tmp_path,
                                                                                         capsys):
     """`decode --batch-size`: a progressive file decodes to the same pixels in batches of one
-    tile; a lossless file, whose chunks are its own, refuses the flag in one line (exit 2)."""
+    tile (and `encode --batch-size 1` writes the same file); a lossless file, whose chunks are
+    its own, refuses the flag in one line (exit 2)."""
     rng = np.random.default_rng(5)
     Image.fromarray(rng.integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")  # 2 tiles
     common = ["-c", tiny_checkpoint, "-q", "--device", "cpu"]
     code, _, err = run(["encode", tmp_path / "a.png", "-o", tmp_path / "p.dfc", "--progressive", "--steps", 2,
                         *common], capsys)
     assert code == 0, err
+    code, _, err = run(["encode", tmp_path / "a.png", "-o", tmp_path / "p1.dfc", "--progressive", "--steps", 2,
+                        "--batch-size", 1, *common], capsys)
+    assert code == 0 and (tmp_path / "p1.dfc").read_bytes() == (tmp_path / "p.dfc").read_bytes(), err
     for batch in (None, 1):
         out = tmp_path / f"p{batch}.png"
         code, _, err = run(["decode", tmp_path / "p.dfc", "-o", out, *common]
