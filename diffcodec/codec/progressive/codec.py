@@ -48,6 +48,15 @@ and the pixel stage): it then delivers the stages up to there. `encode`'s ``end`
 (`codec.rate`) sees each boundary as it is reached (`Boundary`: the reconstruction a decoder
 makes from a file that ends there, and that file's payload) and says whether to go on, to end
 the file there, or to end it at the boundary before; the encoder then stops computing.
+
+Memory. The network sees the tiles in slices (`tile_slices`: where the batch is formed), and
+each stage works slice by slice: the encoder in two passes (the network on the last latent and
+the stage's Gaussians; after the search, the new latent), the decoder in one. What spans the
+whole image: the latent, and while the encoder searches p's mean and log-variance, the
+search's coefficients and the stage's permutation (about 50-90 bytes per image dimension to
+encode, 50-70 to decode: tests/test_codec_memory.py, reports/results.md). A stage's chunks
+span every tile through its one permutation, so these stream versions cannot bound that part
+by the batch.
 """
 
 from __future__ import annotations
@@ -253,10 +262,6 @@ def _sample_bits(qm: np.ndarray, qv: np.ndarray, pm: np.ndarray, pv: np.ndarray,
         part = slice(i, i + dims_per_slice)
         nats += float(rcc.LogWeight.of_gaussians(qm[part], qv[part], pm[part], pv[part])(u[None, part])[0])
     return nats / LN2
-
-
-def _prior(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros_like(like), torch.zeros_like(like)
 
 
 class CodedChain:
