@@ -119,6 +119,47 @@ def test_float64_network_round_trip_and_determinism(sane):
     assert all(np.array_equal(a, b) for a, b in zip(decoded.images, images))
 
 
+def test_a_chunk_goes_through_the_network_in_slices_and_the_file_does_not_change(sane, monkeypatch):
+    """A chunk's tiles go through the network at most `runtime.network_batch(device)` at a
+    time (32 on a CPU) under float64 and the exact contract, whose outputs do not depend on
+    the batch: the same file and the same decoded tiles whatever the slice; a float32 chunk,
+    whose outputs may, goes in one call as before."""
+    from diffcodec.codec.bitsback import file as bb_file
+
+    images = synthetic_images([(96, 128)], seed=3)  # 12 tiles: chunks of 1, 1, 2, 3 and 5
+    seen: list[int] = []
+    real = bb_file.network
+
+    def recording(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def call(x, t):
+            seen.append(len(x))
+            return fn(x, t)
+
+        return call
+
+    monkeypatch.setattr(bb_file, "network", recording)
+    files = {}
+    for per_call in (2, 32):
+        monkeypatch.setattr(api, "network_batch", lambda device, n=per_call: n)
+        for arithmetic in ("float64", "exact"):
+            seen.clear()
+            enc = encode_images(sane, images, steps=3, compute_bound=False, bootstrap=False, max_batch=None,
+                                arithmetic=arithmetic)
+            files[per_call, arithmetic] = enc.data
+            assert max(enc.params.chunks) == 5 and max(seen) == min(per_call, 5), (per_call, arithmetic, seen)
+        seen.clear()
+        decoded = api.decode(files[per_call, "exact"], model=sane, device="cpu")
+        assert max(seen) == min(per_call, 5) and np.array_equal(decoded.images[0], images[0])
+    for arithmetic in ("float64", "exact"):
+        assert files[2, arithmetic] == files[32, arithmetic]
+    monkeypatch.setattr(api, "network_batch", lambda device: 2)
+    seen.clear()
+    encode_images(sane, images, steps=3, compute_bound=False, bootstrap=False, max_batch=None, float64=False)
+    assert max(seen) == 5  # float32: each chunk in one call
+
+
 # ---------------------------------------------------------------------- size vs bound
 
 

@@ -128,3 +128,12 @@ def test_a_model_made_under_inference_mode_gets_a_fresh_exact_network_each_time(
     x, t = torch.zeros(1, 3, 8, 8), torch.tensor([10])
     assert torch.equal(runtime.network(model, exact=True)(x, t), runtime.network(model, exact=True)(x, t))
     assert len(made) == 2
+
+
+def test_network_batch_is_the_measured_cpu_default_and_the_old_one_elsewhere():
+    """`runtime.network_batch`: 32 tiles per call on a CPU (the fastest measured there), 64 on
+    another device (not measured yet: the batch it had)."""
+    from diffcodec.runtime import CPU_NETWORK_BATCH, GPU_NETWORK_BATCH, network_batch
+
+    assert network_batch("cpu") == network_batch(torch.device("cpu")) == CPU_NETWORK_BATCH == 32
+    assert network_batch("cuda") == network_batch("cuda:1") == GPU_NETWORK_BATCH == 64

@@ -71,6 +71,7 @@ from diffcodec.runtime import (
     deterministic_kernels,
     device_kind,
     network,
+    network_batch,
     pick_device,
     use_threads,
 )
@@ -79,7 +80,8 @@ from diffcodec.timesteps import chain_schedule
 MODES = ("lossless", "progressive")
 ARITHMETICS = ("exact", "float32", "float64")  # exact: decodes anywhere; float: on the encoder's machine only
 DEFAULT_STEPS = {"lossless": LOSSLESS_STEPS, "progressive": ProgressiveParams().num_steps}
-DEFAULT_BATCH = 64  # tiles per network call (the lossless chains' batch; the progressive stages' slices)
+DEFAULT_BATCH = 64  # a lossless stream's tiles per chunk (its file's layout); the network's batch is
+#   `runtime.network_batch(device)` (32 on a CPU) unless the caller's batch_size is smaller
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -311,7 +313,7 @@ def encode(
     images: Sequence[np.ndarray], names: Sequence[str] | None = None, *, model: LoadedModel | None = None,
     checkpoint: str | None = None, mode: str = "lossless", steps: int | None = None, spacing: str = "quadratic",
     device: torch.device | str = "cpu", arithmetic: str = "exact", float64: bool = False,
-    batch_size: int = DEFAULT_BATCH, bootstrap: bool = True,
+    batch_size: int | None = None, bootstrap: bool = True,
     compute_bound: bool = True, chunk_bits: float = ProgressiveParams().chunk_bits, workers: int | None = None,
     progressive_params: ProgressiveParams | None = None, grid: GridConfig = GridConfig(),
     progress: Progress | None = None, target: RateTarget | None = None, contract: int = CONTRACT_VERSION,
@@ -325,6 +327,10 @@ def encode(
     spacing, candidates, seed, ...; the benchmarks' knobs; its arithmetic flags are set from
     ``arithmetic``), instead of steps / spacing / chunk_bits;
     ``workers``: threads of the progressive candidate search (default: all cores);
+    ``batch_size``: the most tiles per network call (default `runtime.network_batch(device)`)
+    and, lossless, per chunk (default DEFAULT_BATCH); the file does not depend on it but for a
+    lossless file's chunks and a float32 file (whose network sees every tile of a stage or
+    chunk in one call);
     ``grid``: how bits-back discretises its latents (stored in the file); ``target``: a
     progressive file's rate target (`codec.rate`: the file ends at the checked stage boundary
     it picks, and the encoder stops there); ``contract``: the exact arithmetic contract's
@@ -338,8 +344,12 @@ def encode(
     arithmetic = "float64" if float64 else arithmetic
     exact, float64 = arithmetic == "exact", arithmetic == "float64"
     check_images(images)
+    if batch_size is not None and batch_size < 1:
+        raise DiffcodecError(f"batch size must be at least 1, got {batch_size}")
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
     model = _model(model, checkpoint, device)
+    per_call = batch_size or network_batch(device)  # tiles per network call
+    chunk = batch_size or DEFAULT_BATCH  # a lossless stream's tiles per chunk
     T = model.diffusion_config.num_timesteps
     if progressive_params is not None:
         steps = progressive_params.num_steps
@@ -373,7 +383,7 @@ def encode(
             enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
                                      params, progress=_stage_bar(progress, "encode", params.num_stages), workers=workers,
                                      context=image_sizes_context(entries), end=control,
-                                     tiles_per_call=_tiles_per_call(params, batch_size))
+                                     tiles_per_call=_tiles_per_call(params, per_call))
             header = replace(header, stages=enc.stages, params=enc.params.pack())
             seen = control.at(enc.stages) if control is not None else None
             return ProgressiveEncoding(pack(Container(header, enc.payload)), header, enc, int(dims.sum()), target,
@@ -381,11 +391,12 @@ def encode(
         schedule = chain_schedule(dc.schedule, dc.num_timesteps, steps, spacing)
         m = bitsback.bootstrap_size(schedule, len(tiles), tile, grid) if bootstrap else 0
         job = _LosslessJob(progress, "encode", len(tiles), m, bitsback.BOOTSTRAP_PARAMS.num_steps, steps,
-                           batch_size if compute_bound else 0)
+                           chunk if compute_bound else 0)
         code = bitsback.encode_stream(
-            model.model, dc, schedule, tiles, spacing=spacing, config=grid, max_batch=batch_size, device=device,
+            model.model, dc, schedule, tiles, spacing=spacing, config=grid, max_batch=chunk, device=device,
             float64=float64, exact=exact, contract=contract, bootstrap=bootstrap, compute_bound=compute_bound,
-            on_step=job.chain_step, on_bound_step=job.bound_step, on_bootstrap_stage=job.bootstrap_stage)
+            network_batch=min(per_call, chunk), on_step=job.chain_step, on_bound_step=job.bound_step,
+            on_bootstrap_stage=job.bootstrap_stage)
     header = Header(MODE_BITSBACK, device_kind(device), model.fingerprint, dc.schedule, dc.num_timesteps, steps,
                     dc.var_type, tile, entries, pixel_checksum(list(images), PIXEL_CHECK_BYTES), code.params.pack(),
                     *contract_fields, version=LOSSLESS_VERSION, model_id=ident)
@@ -456,18 +467,20 @@ def _progressive_params(given: ProgressiveParams | None, steps: int, spacing: st
 def decode(
     data: bytes, *, model: LoadedModel | None = None, checkpoint: str | None = None, device: str = "auto",
     where: str = "file", num_bits: int | None = None, upto: int | None = None, reconstruction: str = "xstart",
-    progress: Progress | None = None, batch_size: int = DEFAULT_BATCH,
+    progress: Progress | None = None, batch_size: int | None = None,
 ) -> LosslessDecoding | ProgressiveDecoding:
     """Decode a `.dfc` file's bytes (``num_bits`` / ``upto``: a prefix, progressive files only;
-    ``batch_size``: a progressive exact or float64 stream's tiles per network call, which bound
-    the network's memory and leave the result unchanged; a lossless file's chunks are its own).
+    ``batch_size``: a progressive exact or float64 stream's tiles per network call (default
+    `runtime.network_batch(device)`), which bound the network's memory and leave the result
+    unchanged; a lossless file's chunks are its own, each through the network at most
+    `runtime.network_batch(device)` tiles at a time where its arithmetic allows).
 
     A lossless file's images come back only when their checksum matches (else
     DiffcodecError, saying why as far as this side can tell); a progressive file's images
     are the coded pixels when verified, else the reconstruction from the last latent
     received, never wrong pixels labelled as the coded ones.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise DiffcodecError(f"batch size must be at least 1, got {batch_size}")
     container = unpack(data, where)
     h = container.header
@@ -485,7 +498,7 @@ def decode(
     container = Container(resolve_header(model, h), container.payload)
     if h.mode == MODE_PROGRESSIVE:
         return _decode_progressive(model, container, len(data), counts, target, where, num_bits, upto,
-                                   reconstruction, progress, batch_size)
+                                   reconstruction, progress, batch_size or network_batch(target))
     return _decode_lossless(model, container, counts, target, where, progress)
 
 
@@ -521,7 +534,8 @@ def _decode_lossless(model: LoadedModel, container: Container, counts: list[int]
                            boot.num_steps if boot is not None else 0, steps)
         tiles, ok = bitsback.decode_stream(
             model.model, dc, schedule, params, container.payload, tile_size=h.tile_size, device=device,
-            contract=h.contract or None, on_step=job.chain_step, on_bootstrap_stage=job.bootstrap_stage)
+            contract=h.contract or None, on_step=job.chain_step, on_bootstrap_stage=job.bootstrap_stage,
+            network_batch=network_batch(device))
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     images = images_from_tiles(tiles, [(im.height, im.width) for im in h.images]) if ok else []
     if not ok or pixel_checksum(images, len(h.pixel_sha)) != h.pixel_sha:
@@ -531,7 +545,7 @@ def _decode_lossless(model: LoadedModel, container: Container, counts: list[int]
 
 def _decode_progressive(model: LoadedModel, container: Container, data_bytes: int, counts: list[int], device: torch.device,
                         where: str, num_bits: int | None, upto: int | None, reconstruction: str,
-                        progress: Progress | None, batch_size: int = DEFAULT_BATCH) -> ProgressiveDecoding:
+                        progress: Progress | None, batch_size: int) -> ProgressiveDecoding:
     h = container.header
     legacy = h.version < 4  # the header's pixel checksum, the block's payload length
     framed = h.version >= 5  # the header records the payload's length and the stages it delivers

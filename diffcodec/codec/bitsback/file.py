@@ -57,13 +57,16 @@ class StreamCode:
 
 def chain_coder(model: torch.nn.Module, schedule: Schedule, var_type: str, *, config: GridConfig = GridConfig(),
                 clip_denoised: bool = True, device: torch.device | str = "cpu", float64: bool = False,
-                exact: bool = False, contract: int | None = None) -> ChainCoder:
+                exact: bool = False, contract: int | None = None, network_batch: int | None = None) -> ChainCoder:
     """The bits-back chain coder of a model on a (respaced) schedule (``exact``: under the
-    exact arithmetic contract of version ``contract``, default the current one)."""
+    exact arithmetic contract of version ``contract``, default the current one;
+    ``network_batch``: the most tiles per network call, used only under the exact contract or
+    float64, whose outputs do not depend on the batch: a float32 chunk goes in one call)."""
     net = network(model, float64=float64 and not exact, exact=exact, contract=contract if exact else None,
                   device=device)
-    return ChainCoder(net, schedule, var_type,
-                      config, clip_denoised, device, torch.float64 if float64 or exact else torch.float32, exact)
+    return ChainCoder(net, schedule, var_type, config, clip_denoised, device,
+                      torch.float64 if float64 or exact else torch.float32, exact,
+                      network_batch if exact or float64 else None)
 
 
 def bootstrap_size(schedule: Schedule, num_tiles: int, tile: int, config: GridConfig = GridConfig()) -> int:
@@ -75,18 +78,19 @@ def encode_stream(
     model: torch.nn.Module, diffusion, schedule: Schedule, tiles: np.ndarray, *, spacing: str,
     config: GridConfig = GridConfig(), max_batch: int = 64, device: torch.device | str = "cpu", float64: bool = False,
     exact: bool = False, contract: int | None = None, bootstrap: bool = True, compute_bound: bool = True,
-    bound_seed: int = 0,
+    bound_seed: int = 0, network_batch: int | None = None,
     on_step: OnStep | None = None, on_bound_step: Callable[[], None] | None = None,
     on_bootstrap_stage: OnStep | None = None,
 ) -> StreamCode:
-    """Code uint8 tiles [M, s, s, 3] as one lossless stream (module docstring).
+    """Code uint8 tiles [M, s, s, 3] as one lossless stream (module docstring): chunks of
+    ``max_batch`` tiles, each through the network ``network_batch`` at a time (`chain_coder`).
 
     ``on_step(n)`` follows the bits-back chunks (n tiles per code step), ``on_bound_step``
     the bound's batches, ``on_bootstrap_stage(stage)`` the bootstrap's progressive encoder.
     """
     tile = tiles.shape[1]
     coder = chain_coder(model, schedule, diffusion.var_type, config=config, device=device, float64=float64,
-                        exact=exact, contract=contract)
+                        exact=exact, contract=contract, network_batch=network_batch)
     m = bootstrap_size(schedule, len(tiles), tile, config) if bootstrap else 0
     start, cpu_start = time.perf_counter(), time.process_time()
     boot = _encode_bootstrap(coder, diffusion, tiles[:m], on_bootstrap_stage) if m else None
@@ -130,16 +134,17 @@ def _encode_bootstrap(coder: ChainCoder, diffusion, tiles: np.ndarray, progress:
 def decode_stream(
     model: torch.nn.Module, diffusion, schedule: Schedule, params: BitsBackParams, payload: bytes, *, tile_size: int,
     device: torch.device | str = "cpu", on_step: OnStep | None = None, contract: int | None = None,
-    on_bootstrap_stage: OnStep | None = None,
+    on_bootstrap_stage: OnStep | None = None, network_batch: int | None = None,
 ) -> tuple[np.ndarray, bool]:
     """The stream's tiles uint8 [M, s, s, 3] and whether it decoded whole (False: the stack
     did not end as the encoder began, or the bootstrap's lossless stage failed; the tiles
     are then incomplete and must not be used). ``contract``: the file's exact arithmetic
     contract version (the container's). ``on_step(n)`` follows the chain's steps (n tiles),
-    ``on_bootstrap_stage(stage)`` the bootstrap's progressive decoder."""
+    ``on_bootstrap_stage(stage)`` the bootstrap's progressive decoder; ``network_batch``: the
+    most tiles per network call (`chain_coder`; the tiles do not depend on it)."""
     coder = chain_coder(model, schedule, diffusion.var_type, config=params.grid_config,
                         clip_denoised=params.clip_denoised, device=device, float64=params.network_float64,
-                        exact=params.exact, contract=contract)
+                        exact=params.exact, contract=contract, network_batch=network_batch)
     words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
     boot_params = bootstrap_params(params, tile_size)
     tiles, ok, boot = decode_tiles(
