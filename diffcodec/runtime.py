@@ -159,6 +159,23 @@ def network(model: torch.nn.Module, *, float64: bool = False, bf16: bool = False
     return call
 
 
+def in_batches(model_fn: ModelFn, max_batch: int) -> ModelFn:
+    """``model_fn`` taking at most ``max_batch`` inputs per call: a larger batch goes through in
+    consecutive slices whose outputs are concatenated (the lossless chain's chunks; the
+    progressive codec slices its stages itself, `progressive.codec.tile_slices`). Only for
+    arithmetic whose outputs do not depend on the batch (the exact contract, float64): a
+    float32 network's outputs may change with the slicing."""
+    if max_batch < 1:
+        raise ValueError(f"in_batches: max_batch must be >= 1, got {max_batch}")
+
+    def call(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x_t.shape[0] <= max_batch:
+            return model_fn(x_t, t)
+        return torch.cat([model_fn(x_t[i : i + max_batch], t[i : i + max_batch])
+                          for i in range(0, x_t.shape[0], max_batch)])
+
+    return call
+
 
 CPU_NETWORK_BATCH = 32
 """Tiles per network call on a CPU by default. Measured on this project's 2-core Intel Xeon (the
@@ -174,6 +191,7 @@ is not yet)."""
 def network_batch(device: torch.device | str) -> int:
     """The codecs' default tiles per network call on ``device`` (a user's batch size overrides it)."""
     return CPU_NETWORK_BATCH if torch.device(device).type == "cpu" else GPU_NETWORK_BATCH
+
 
 _EXACT_CACHE: dict[tuple[int, int, str], tuple[weakref.ref, tuple, torch.nn.Module]] = {}
 

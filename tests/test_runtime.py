@@ -12,6 +12,7 @@ from diffcodec.runtime import (
     decode_device,
     deterministic_kernels,
     device_kind,
+    in_batches,
     network,
     pick_device,
     recorded_threads,
@@ -137,3 +138,16 @@ def test_network_batch_is_the_measured_cpu_default_and_the_old_one_elsewhere():
 
     assert network_batch("cpu") == network_batch(torch.device("cpu")) == CPU_NETWORK_BATCH == 32
     assert network_batch("cuda") == network_batch("cuda:1") == GPU_NETWORK_BATCH == 64
+
+
+def test_in_batches_slices_and_concatenates():
+    calls = []
+
+    def fn(x, t):
+        calls.append(x.shape[0])
+        return x * 2 + t[:, None, None, None]
+
+    x, t = torch.arange(10 * 3 * 2 * 2, dtype=torch.float64).reshape(10, 3, 2, 2), torch.arange(10)
+    assert torch.equal(in_batches(fn, 4)(x, t), fn(x, t)) and calls == [4, 4, 2, 10]
+    with pytest.raises(ValueError, match="max_batch"):
+        in_batches(fn, 0)

@@ -178,8 +178,6 @@ class ChainCoder:
     device: torch.device | str = "cpu"
     network_dtype: torch.dtype = torch.float32
     exact: bool = False  # the exact contract: model_fn is the exact network, std by `exact.exp`
-    network_batch: int | None = None  # most tiles per network call (None: a chunk's tiles in one call); only
-    #   where the outputs do not depend on the batch (the exact contract, float64)
 
     @property
     def grid(self) -> ChainGrid:
@@ -189,9 +187,7 @@ class ChainCoder:
         """Network at code step j on x_{j+1}'s symbols [B,C,H,W]: (output, x_{j+1}), float64 CPU."""
         x = torch.from_numpy(sym.astype(np.float64) * grid.delta(j + 1))
         t = torch.full((sym.shape[0],), int(self.schedule.timesteps[j]), dtype=torch.long, device=self.device)
-        x_in = x.to(device=self.device, dtype=self.network_dtype)
-        n = len(x_in) if self.network_batch is None else self.network_batch
-        output = torch.cat([self.model_fn(x_in[i : i + n], t[i : i + n]) for i in range(0, len(x_in), n)])
+        output = self.model_fn(x.to(device=self.device, dtype=self.network_dtype), t)
         return output.detach().to(device="cpu", dtype=torch.float64), x
 
     def _p(self, grid: ChainGrid, sym: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.errors import DiffcodecError
 from diffcodec.images import from_model_output, to_model_input
 from diffcodec.likelihood import BoundResult, evaluate_bound
-from diffcodec.runtime import device_kind, network, recorded_threads
+from diffcodec.runtime import device_kind, in_batches, network, recorded_threads
 from diffcodec.schedule import Schedule
 from diffcodec.timesteps import kept_timesteps
 
@@ -64,9 +64,10 @@ def chain_coder(model: torch.nn.Module, schedule: Schedule, var_type: str, *, co
     float64, whose outputs do not depend on the batch: a float32 chunk goes in one call)."""
     net = network(model, float64=float64 and not exact, exact=exact, contract=contract if exact else None,
                   device=device)
-    return ChainCoder(net, schedule, var_type, config, clip_denoised, device,
-                      torch.float64 if float64 or exact else torch.float32, exact,
-                      network_batch if exact or float64 else None)
+    if network_batch is not None and (exact or float64):
+        net = in_batches(net, network_batch)
+    return ChainCoder(net, schedule, var_type,
+                      config, clip_denoised, device, torch.float64 if float64 or exact else torch.float32, exact)
 
 
 def bootstrap_size(schedule: Schedule, num_tiles: int, tile: int, config: GridConfig = GridConfig()) -> int:
