@@ -182,7 +182,8 @@ CPU_NETWORK_BATCH = 32
 exact network, 32x32 tiles, 2 threads, one process): 132 / 134 image-forwards per second at 32
 / 40 tiles, 119 at 16, 103 at 48, 93 at 64, 73 at 128 (larger batches fall out of the caches);
 kodim01's progressive decode took 168 s at 32 tiles a call, 164 at 40, 174 at 16 and 191 at
-64, with 120 MiB less memory at 32 (reports/results.md)."""
+64, with 120 MiB less memory at 32 (reports/results.md; `python -m bench.exact_speed --threads 2
+--batch-sizes 16,32,40,64`: reports/exact_speed_batch.md)."""
 GPU_NETWORK_BATCH = 64
 """Tiles per network call on a GPU by default: the batch before the CPU's was measured (a GPU's
 is not yet)."""
