@@ -7,7 +7,7 @@
 Four networks from one checkpoint, each called as the codecs call it (`runtime.network`,
 inference mode): the float32 model, its float64 copy, contract 1's exact network
 (`exact_net`, binary64 products of up to 27-bit integers) and contract 2's (`exact_net2`,
-the default: int8 convolutions of the two parts of 14-bit integers, numba kernels). Each is
+the default: int8 convolutions of the two parts of 14-bit integers, C kernels). Each is
 timed on seeded [B, C, S, S] inputs at the model's tile size and random timesteps,
 ``--repeats`` calls per batch size and thread count after two warm-up calls; the networks
 are called in turn within each repeat, so a neighbour's burst on a shared CPU hits all of
@@ -23,7 +23,7 @@ quantization, softmax weights; the rest is Python and small torch operations).
 ``--memory`` measures each network's peak resident memory in its own process (load,
 build, one call at the largest batch size), against the float32 network's, and where it goes
 (`memory_breakdown`: after the build, after a first batch-1 call, the batch call's own peak;
-float32 and contract 2, also with DIFFCODEC_NO_NUMBA=1 and with DIFFCODEC_NO_INT8=1).
+float32 and contract 2, also with DIFFCODEC_NO_NATIVE=1 and with DIFFCODEC_NO_INT8=1).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def time_networks(fns: dict[str, ModelFn], batch_size: int, *, in_channels: int,
     x32, t = _inputs(batch_size, in_channels, image_size, num_timesteps, device, seed)
     inputs = {name: x32.double() if name == "float64" else x32 for name in fns}
     for name, fn in fns.items():
-        for _ in range(2):  # warm-up: allocations, kernel selection (and numba's cache load) for this shape
+        for _ in range(2):  # warm-up: allocations, kernel selection for this shape
             fn(inputs[name], t)
     _sync(device)
     calls: dict[str, list[float]] = {name: [] for name in fns}
@@ -252,7 +252,7 @@ open("/proc/self/clear_refs", "w").write("5")
 fn(x(batch), torch.randint(0, 1000, (batch,)))
 print(json.dumps({"built_mib": built, "after_first_call_mib": first, "call_peak_mib": status("VmHWM:")}))
 """
-BREAKDOWN_RUNS = {"float32": {}, "exact2": {}, "exact2, DIFFCODEC_NO_NUMBA=1": {"DIFFCODEC_NO_NUMBA": "1"},
+BREAKDOWN_RUNS = {"float32": {}, "exact2": {}, "exact2, DIFFCODEC_NO_NATIVE=1": {"DIFFCODEC_NO_NATIVE": "1"},
                   "exact2, DIFFCODEC_NO_INT8=1": {"DIFFCODEC_NO_INT8": "1"}}
 
 
@@ -275,7 +275,7 @@ def memory(batch_size: int, checkpoint: str | None, threads: int) -> dict[str, d
 
 
 def memory_breakdown(batch_size: int, checkpoint: str | None, threads: int) -> dict[str, dict[str, float]]:
-    """`_BREAKDOWN_SCRIPT` for float32 and contract 2 (also without numba, and without the int8
+    """`_BREAKDOWN_SCRIPT` for float32 and contract 2 (also without the C kernels, and without the int8
     products), one fresh process each; {} where /proc/self/clear_refs is missing (not Linux)."""
     if not Path("/proc/self/clear_refs").exists():
         return {}

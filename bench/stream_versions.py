@@ -13,7 +13,7 @@ candidate search and the sent samples; ``network``; ``entropy``), the decoder's,
 bytes (header included) and the bound of the same stages along the encoder's trajectory
 (`Encoded.kl_bits`: the prior KL, the KL terms, -log2 p(x_0 | y_0)), and what the sent
 latents deliver (log2 q/p over the KL). One untimed warm-up (a tile, K = 3, each version)
-loads numba's kernels first. Versions run one after the other on each image, so a
+loads the network and its kernels first. Versions run one after the other on each image, so a
 neighbour's burst on a shared CPU hits both alike as far as it can; run it on a quiet machine.
 """
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         images.append((f"{name} central {args.crop}x{args.crop}", center_crop(im, args.crop)))
     base = ProgressiveParams(num_steps=args.steps)
     tile = loaded.model_config.image_size
-    for version in versions:  # warm-up: numba compiles (or loads) its kernels on first use, untimed
+    for version in versions:  # warm-up: the first calls set up the kernels, untimed
         run_one(loaded, images[0][1][:tile, :tile], for_version(base, version, num_steps=3))
     rows = []
     for name, image in images:

@@ -7,7 +7,7 @@ version it knows. The versions differ only in the network (`network_for_contract
 - version 1: `exact_net` (binary64 matrix products of up to 27-bit integers, the layers in
   binary64; about 5x slower than the float32 network on a CPU);
 - version 2: `exact_net2` (int8 matrix products of the two parts of 14-bit integers, fused
-  numba kernels, activations in binary32 between layers; as fast as the float32 network or
+  C kernels, activations in binary32 between layers; as fast as the float32 network or
   faster, reports/exact.md). Its rules are the same five below, with binary32 allowed
   beside binary64 and int8 -> int32 products counted as integer sums (exact: each operand
   part in [-64, 63], so no kernel of any instruction set can saturate).

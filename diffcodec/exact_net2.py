@@ -41,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from diffcodec import exact
+from diffcodec import exact, native
 from diffcodec import exact2_kernels as K
 from diffcodec.exact2_products import IntConv
 from diffcodec.exact_net import ExactTimestepEmbedding
@@ -280,8 +280,8 @@ def _swap(parent: nn.Module) -> None:
 
 def _prepare(module: nn.Module, args: tuple) -> tuple:
     """Inputs as float64 (exact for float32 and float64 x_t; the timestep embedding is never
-    rounded to a narrower type), and numba's CPU kernels on torch's thread count."""
-    K.sync_threads()
+    rounded to a narrower type), and the C kernels on torch's thread count."""
+    native.sync_threads()
     x, *rest = args
     return (x.to(torch.float64), *rest)
 

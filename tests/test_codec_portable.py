@@ -1,9 +1,9 @@
 """Exact-contract files across machines: encode here, decode in a subprocess whose vector units
 and thread count differ (standing in for another CPU), refuse early what would diverge.
 
-The subprocess caps ATen's kernels (ATEN_CPU_CAPABILITY), oneDNN's (ONEDNN_MAX_CPU_ISA: for
-contract 2's int8 products, kernels without VNNI), MKL's (MKL_ENABLE_INSTRUCTIONS) and
-numba's (NUMBA_CPU_NAME=generic: SSE2 code for contract 2's kernels) instruction sets and
+The subprocess caps ATen's kernels (ATEN_CPU_CAPABILITY, which also makes `native` load the
+SSE2 build of diffcodec's C kernels), oneDNN's (ONEDNN_MAX_CPU_ISA: for contract 2's int8
+products, kernels without VNNI) and MKL's (MKL_ENABLE_INSTRUCTIONS) instruction sets and
 runs another torch thread count than the encoder: what a laptop without AVX-512 would do. A float32 file of the same images does not
 survive this (issue 15's report: "pixel checksum mismatch after decoding"); an exact one must
 decode to the same bits, every progressive prefix included.
@@ -35,7 +35,7 @@ from conftest import as_loaded, seeded_model, synthetic_images
 
 REPO = Path(__file__).resolve().parents[1]
 OTHER_CPU = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
-             "NUMBA_CPU_NAME": "generic", "OMP_NUM_THREADS": "1"}
+             "OMP_NUM_THREADS": "1"}
 PARAMS = ProgressiveParams(num_steps=4, chunk_bits=6.0, log2_candidates=10)
 
 # The subprocess: decode every file at the given bit counts, print what came out as JSON.

@@ -1,17 +1,21 @@
-"""exact2_kernels: contract 2's kernels, each numba kernel against its torch twin, bit for bit.
+"""exact2_kernels: contract 2's kernels, each C kernel against its torch twin, bit for bit.
 
-The numba kernels run on the CPU, the torch twins on a GPU (and on a CPU without numba): a
-file encoded on one must decode on the other, so every kernel is checked against its twin
-on random and edge inputs (zeros, constants, huge and tiny magnitudes, values at the
-clamps). Also: SiLU's scalar port equals `exact.silu`, the int8 parts recombine to the
-integers and stay in [-64, 63], the int8 products are exact at the parts' extremes under
-every oneDNN ISA (subprocesses), and no kernel's machine code holds a fused multiply-add.
+The C kernels (diffcodec/csrc/exact2.c) run on the CPU, the torch twins on a GPU (and on a CPU
+without the compiled library): a file encoded on one must decode on the other, so every
+kernel is checked against its twin on random and edge inputs (zeros, constants, huge and tiny
+magnitudes, values at the clamps), on one thread and on two. Also: the C SiLUs equal
+`exact.silu` and `silu32`, the C constants equal the Python ones, every instruction-set level
+of the library computes the same bits, no level's machine code holds a fused multiply-add,
+the int8 parts recombine to the integers and stay in [-64, 63], and the int8 products are
+exact at the parts' extremes under every oneDNN ISA (subprocesses).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,24 +24,31 @@ import numpy as np
 import pytest
 import torch
 
-from diffcodec import exact
+from diffcodec import exact, native
 from diffcodec import exact2_kernels as K
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
-              pytest.mark.skipif(not K.numba_available(), reason="numba is not installed: only the twins run")]
+              pytest.mark.skipif(not K.NATIVE_ON, reason="the C kernels are not built here: only the twins run")]
 
 
 @pytest.fixture
 def twin(monkeypatch):
-    """Call ``fn(*args)`` once with numba and once with the torch twins; return both results."""
+    """Call ``fn(*args)`` with the C kernels on one thread and on two (every kernel threaded,
+    however small), then with the torch twins; check both C results equal and return (C,
+    twin)."""
     def run(fn, *args):
-        fast = fn(*args)
-        monkeypatch.setattr(K, "NUMBA_ON", False)
+        monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 1 << 62)
+        serial = fn(*args)
+        monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 0)
+        monkeypatch.setattr(native, "_threads", 2)
+        threaded = fn(*args)
+        _same(serial, threaded)
+        monkeypatch.setattr(K, "NATIVE_ON", False)
         slow = fn(*args)
-        monkeypatch.setattr(K, "NUMBA_ON", True)
-        return fast, slow
+        monkeypatch.setattr(K, "NATIVE_ON", True)
+        return serial, slow
     return run
 
 
@@ -65,24 +76,58 @@ def _activations(b: int, p: int, c: int, seed: int) -> torch.Tensor:
     return x.contiguous()
 
 
-def test_silu_ports_equal_their_torch_functions_bit_for_bit():
-    """The binary64 SiLU (the softmax's exponential is the same code) equals `exact.silu`; the
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same bits (NaN payloads and signed zeros included)."""
+    view = {torch.float64: np.int64, torch.float32: np.int32}[a.dtype]
+    return a.dtype == b.dtype and np.array_equal(a.contiguous().numpy().view(view), b.contiguous().numpy().view(view))
+
+
+def _silu_inputs() -> torch.Tensor:
+    return torch.cat([torch.linspace(-800.0, 800.0, 20001, dtype=torch.float64),
+                      torch.tensor([0.0, -0.0, 1e-300, -1e-300, 5e-324, -5e-324, 700.0, -700.0, 709.0, -745.0,
+                                    K.SILU_ARGMIN, 1e308, -1e308, 87.0, -87.0, 88.5, -88.5, 1e-40, -1e-40,
+                                    float("inf"), -float("inf")], dtype=torch.float64),
+                      torch.randn(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 7])
+
+
+def _silu32_native(y: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    out = torch.empty_like(y)
+    K._C.silu32(native.address(y), native.address(out), y.numel(), threads)
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_c_silus_equal_their_torch_functions_bit_for_bit(monkeypatch, threads):
+    """The binary64 SiLU (the softmax's exponential is the same code) equals `exact.silu`, on
+    ordinary values and at the extremes (+-0, subnormals, the clamps, +-1e308, +-inf); the
     binary32 SiLU of GroupNorm's kernels equals `silu32`, and stays within 2 binary32 ulps of
-    libm's y sigmoid(y) where it is not tiny."""
-    y = torch.cat([torch.linspace(-800.0, 800.0, 20001, dtype=torch.float64),
-                   torch.tensor([0.0, -0.0, 1e-300, -1e-300, 700.0, -700.0, 709.0, -745.0, K.SILU_ARGMIN, 1e308,
-                                 -1e308, 87.0, -87.0, 88.5, -88.5], dtype=torch.float64),
-                   torch.randn(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 7])
-    port64 = K.numba.njit(lambda v: np.array([K._silu64(e) for e in v]))
-    assert np.array_equal(port64(y.numpy()), exact.silu(y).numpy())
-    assert torch.equal(K.silu64(y.view(2, -1)), exact.silu(y).view(2, -1))  # the kernel the network calls
+    libm's y sigmoid(y) where it is not tiny. A NaN gives a NaN."""
+    monkeypatch.setattr(native, "_threads", threads)
+    monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 0 if threads > 1 else 1 << 62)
+    y = _silu_inputs()
+    assert _bits_equal(K.silu64(y.view(-1, 2)), exact.silu(y).view(-1, 2))  # the kernel the network calls
+    assert torch.isnan(K.silu64(torch.tensor([float("nan")], dtype=torch.float64))).all()
     y32 = y.clamp(-3e38, 3e38).to(torch.float32)
-    port32 = K.numba.njit(lambda v: np.array([K._silu32(e) for e in v], dtype=np.float32))
-    got = port32(y32.numpy())
-    assert np.array_equal(got, K.silu32(y32).numpy())
+    got = _silu32_native(y32, threads)
+    assert _bits_equal(got, K.silu32(y32))
+    assert torch.isnan(_silu32_native(torch.tensor([float("nan")]))).all()
     want = (y32.double() * torch.sigmoid(y32.double())).numpy()
+    got = got.numpy()
     ordinary = np.abs(want) > 1e-30
     assert np.all(np.abs(got[ordinary] - want[ordinary]) <= 2 * np.spacing(np.abs(want[ordinary]).astype(np.float32)))
+
+
+def test_the_c_constants_are_the_python_ones():
+    """csrc/exact2.c writes its constants as hex literals: each equals the Python value it
+    stands for (binary64, or binary32 widened exactly)."""
+    out = np.zeros(64)
+    n = K._C.constants(out.ctypes.data)
+    f32 = [K.LN2_HI_F32, K.LN2_LO_F32, K.INV_LN2_F32, K.EXP32_ARG_LIMIT, *K.EXP32_COEFFS, K.SILU_MIN_F32,
+           K.SILU_ARGMIN_F32]
+    want = [K.QMAX, exact.INV_LN2, exact.LN2_HI, exact.LN2_LO, exact.EXP_ARG_LIMIT, *exact._INV_FACTORIAL,
+            *(float(v) for v in f32)]
+    assert n == len(want) == 33
+    assert [v.hex() for v in out[:n].tolist()] == [float(v).hex() for v in want]
 
 
 def test_quantize_heads_equals_its_twin_and_quantize_dynamic_per_part(twin):
@@ -213,12 +258,19 @@ def test_epilogue_equals_its_twin_and_combines_the_blocks(twin, blocks, mode):
 
 
 def test_softmax_weights_equal_their_twin(twin):
+    """Including rows of one token and a negative c (the exponent's argument then clamped at
+    +700 as `exact.exp` clamps it; numba's kernel did not)."""
     g = torch.Generator().manual_seed(11)
     scores = torch.randint(-2**30, 2**30, (12, 33), generator=g).to(torch.float64)
     c = torch.tensor([1e-9, 1e-7, 3e-8, 0.0, 1.0, 1e-6] * 2, dtype=torch.float64)
     fast, slow = twin(lambda s: K.softmax_weights(s.clone(), c, 24), scores)
     _same(fast, slow)
     assert torch.all(fast[0].amax(dim=1) == 2**24) and torch.all(fast[1] == fast[0].sum(dim=1))
+    _same(*twin(lambda s: K.softmax_weights(s.clone(), c, 12), scores[:, :1]))
+    small = torch.randint(-2**10, 2**10, (4, 9), generator=g).to(torch.float64)
+    c_neg = torch.tensor([-1e-3, -1.0, -1e300, 0.5], dtype=torch.float64)
+    fast, slow = twin(lambda s: K.softmax_weights(s.clone(), c_neg, 3), small)
+    _same(fast[0], slow[0])  # (weights up to 8 e^700: their sums are not exact, so their order shows)
 
 
 _PRODUCT_SCRIPT = r"""
@@ -272,55 +324,83 @@ def test_int8_convolutions_give_the_exact_products_under_every_onednn_isa():
         assert '"exact": true' in out and '"verified": true' in out, (isa, out)
 
 
-def test_no_kernel_is_compiled_with_a_fused_multiply_add():
-    """numba compiles without fast-math, so LLVM may not contract a * b + c: after a forward
-    of a small network (every kernel and form runs), each kernel body is compiled afresh
-    (uncached, so its machine code can be read) for every signature it ran with, and no
-    fused multiply-add instruction appears."""
-    from tests.test_exact_net2 import VARIANT, random_inputs, random_model
-    from diffcodec.exact_net2 import exact_network2
-
-    x, t = random_inputs(VARIANT, 2)
-    with torch.no_grad():
-        exact_network2(random_model(VARIANT))(x, t)
-    # every kernel with floating-point arithmetic (the rest move or compare values); the group
-    # norm holds the statistics, the coefficients, the bound and both activations' loops
-    kernels = [K._group_norm_nb[True, K.STACKED], K._group_norm_nb[False, K.VALUES], K._quantize_dynamic_nb[K.STACKED],
-               K._epilogue_stacked_nb[2], K._epilogue_values_nb, K._epilogue64_stacked_nb[2], K._softmax_weights_nb,
-               K._silu64_nb, K._quantize_heads_nb]
-    for kernel in kernels:
-        sigs = set(kernel.serial.signatures) | set(kernel.parallel.signatures)
-        assert sigs, kernel.py_func.__name__
-        fresh = K.numba.njit(kernel.py_func, error_model="numpy")
-        sig = sorted(sigs, key=str)[0]
-        fresh.compile(sig)
-        asm = fresh.inspect_asm(sig)
-        assert "mul" in asm and not re.search(r"\bv?f(n)?m(add|sub)", asm), f"{kernel.py_func.__name__}: an FMA"
+_LEVELS = {"v4": 4, "v3": 3, "base": 1, "generic": 1}
 
 
-def test_every_kernel_closes_over_constants_only_so_numba_s_cache_finds_it():
-    """numba keys a cached closure by its pickled cell contents; a compiled function pickles
-    differently in every process, so a kernel closing over one is recompiled in each process
-    (tens of seconds before the first exact call). Every compiled kernel here closes over
-    plain constants, and each one's cache key is the same when computed twice."""
-    kernels = [v for v in vars(K).values() if isinstance(v, K._Kernel)]
-    kernels += [k for v in vars(K).values() if isinstance(v, dict) for k in v.values() if isinstance(k, K._Kernel)]
-    assert len(kernels) >= 15
-    for kernel in kernels:
-        for cell in kernel.py_func.__closure__ or ():
-            assert isinstance(cell.cell_contents, (bool, int, str)), (kernel.py_func.__qualname__, cell.cell_contents)
+def _libraries() -> dict[str, str]:
+    """The built exact2 libraries this CPU can run, by level."""
+    found = {level: native._path("exact2", level) for level in _LEVELS}
+    return {level: path for level, path in found.items() if path and _LEVELS[level] <= native.cpu_level()}
 
 
-def test_every_cached_kernel_reads_and_writes_numba_s_cache_under_the_inter_process_lock():
-    """Two processes compiling the same kernel at once (two ranks on a fresh install) can race
-    in numba's cache files (data file numbers taken from an index each read alone). Every
-    cached dispatcher's load and save go through `_locked_cache`, and a load leaves the lock
-    file in the cache folder."""
-    kernels = [v for v in vars(K).values() if isinstance(v, K._Kernel)]
-    kernels += [k for v in vars(K).values() if isinstance(v, dict) for k in v.values() if isinstance(k, K._Kernel)]
-    for dispatcher in [d for k in kernels for d in (k.serial, k.parallel)] + [K._norm_coefficients_nb]:
-        for name in ("load_overload", "save_overload"):
-            assert getattr(dispatcher._cache, name).__qualname__.endswith("locked.<locals>.call"), name
-    x = np.ones((2, 3, 4), np.float32)
-    K._absmax_nb.serial(x, 1)
-    assert (Path(K._absmax_nb.serial._cache._cache_path) / "diffcodec-numba.lock").is_file()
+@pytest.mark.parametrize("level", ["v4", "v3", "base"])
+def test_no_level_of_the_library_holds_a_fused_multiply_add(level):
+    """-ffp-contract=off: the compiler forms no a * b + c with one rounding, at any level (the
+    AVX2 and AVX-512 builds may use every other instruction of theirs)."""
+    objdump = shutil.which("objdump")
+    path = native._path("exact2", level)
+    if objdump is None or path is None:
+        pytest.skip("no objdump, or no library of this level")
+    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
+                         check=True).stdout
+    assert "mulp" in asm or "mulsd" in asm
+    assert not re.search(r"\bv?f(n)?m(add|sub)", asm), "a fused multiply-add"
+
+
+def _battery() -> list:
+    """Every kernel on seeded inputs (edge values included), large enough for several threads."""
+    out = []
+    g = torch.Generator().manual_seed(21)
+    for b, p, c in [(6, 300, 24), (3, 9, 5)]:
+        x = _activations(b, p, c, seed=22)
+        x.view(-1)[::97] = 0.0
+        out.append(K.absmax(x))
+        for form in (K.STACKED, K.VALUES):
+            out.append(K.quantize_dynamic(x, form))
+            out.append(K.quantize_dynamic(x.double(), form))
+            r = torch.rand(b, generator=g, dtype=torch.float64) * 1e4
+            out.append(K.quantize(x, r, form))
+        out.append(K.group_stats(x, exact.pow2(torch.randint(-20, 20, (b,), generator=g))))
+        groups = 4 if c % 4 == 0 else 1
+        weight = 1.0 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64)
+        bias = 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
+        scale, shift = torch.randn(b, c, generator=g), torch.randn(b, c, generator=g)
+        for silu in (True, False):
+            out.append(K.norm_plan(x, groups, weight, bias, 1e-5, silu, scale, shift))
+            for form in (K.STACKED, K.VALUES):
+                out.append(K.group_norm_operand(x, groups, weight, bias, 1e-5, silu, form))
+                out.append(K.group_norm_operand(x, groups, weight, bias, 1e-6, silu, form, scale, shift))
+    m, n, pixels = 600, 40, 100
+    parts = [torch.randint(-2**23, 2**23, (m, n), generator=g).to(torch.float32) for _ in range(3)]
+    s_x, s_w = torch.rand(m // pixels, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+    bias32, add = torch.randn(n, generator=g), torch.randn(m // pixels, n, generator=g)
+    residual = torch.randn(m, n, generator=g)
+    for blocks in (0, 2, 3):
+        G = torch.cat(parts[:blocks], 1) if blocks else parts[0].double() * 1024
+        out += [K.epilogue(G, blocks, pixels, s_x, s_w, bias32), K.epilogue(G, blocks, pixels, s_x, s_w, bias32, add=add),
+                K.epilogue(G, blocks, pixels, s_x, s_w, bias32, residual=residual),
+                K.epilogue(G, blocks, pixels, s_x, s_w, bias32.double(), float64=True)]
+    scores = torch.randint(-2**30, 2**30, (96, 40), generator=g).to(torch.float64)
+    out.append(K.softmax_weights(scores, torch.rand(96, generator=g, dtype=torch.float64) * 1e-8, 20))
+    out.append(K.quantize_heads(torch.randn(3, 40, 3, 2, 24, generator=g) * 5))
+    y = _silu_inputs()
+    out += [K.silu64(y), _silu32_native(y.clamp(-3e38, 3e38).float())]
+    return out
+
+
+def test_every_level_of_the_library_computes_the_same_bits(monkeypatch):
+    """The AVX-512, AVX2 and SSE2 builds (each this CPU can run, loaded side by side) give the
+    same bits for every kernel, on one thread and on two."""
+    libraries = _libraries()
+    if len(libraries) < 2:
+        pytest.skip("one library level only on this machine")
+    results = {}
+    for level, path in libraries.items():
+        monkeypatch.setattr(K, "_C", K._Lib(ctypes.CDLL(path)))
+        for threads in (1, 2):
+            monkeypatch.setattr(native, "_threads", threads)
+            monkeypatch.setattr(native, "PARALLEL_MIN_WORK", 0 if threads > 1 else 1 << 62)
+            results[level, threads] = _battery()
+    first, *others = results
+    for key in others:
+        _same(tuple(results[first]), tuple(results[key]))

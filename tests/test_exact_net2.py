@@ -3,14 +3,14 @@
 The central check is an independent, slow re-implementation of the whole network in numpy
 (`_Reference2`), walked from the config and the state dict alone: every convolution and
 linear layer the int64 sum of a w - a_lo w_lo over 14-bit activations and 10-bit weights,
-every attention product an int64 sum (no torch matmul, no int8 convolution, no numba), GroupNorm's sums int64, every rounding written out (binary32 where the
+every attention product an int64 sum (no torch matmul, no int8 convolution, no C kernel), GroupNorm's sums int64, every rounding written out (binary32 where the
 contract says binary32, and its binary32 SiLU written out in numpy). Only the binary64
 transcendentals call `diffcodec.exact` (exp, silu, sin_cos: the timestep MLP and the
 softmax), which test_exact.py checks against libm. The network must equal it bit for bit, on random inputs and on
 adversarial ones at the contract's bounds (every weight and activation at +-QMAX, so every
 int8 part at the edge of its range and every dot product at its largest). Then: invariance
-to thread count, batch size and order, input dtype, the CPU kernels torch, oneDNN and numba
-pick (subprocesses), the torch twins (no numba), and a golden hash of the shipped model's
+to thread count, batch size and order, input dtype, the CPU kernels torch, oneDNN and diffcodec's
+C kernels pick (subprocesses), the torch twins (no C kernels), and a golden hash of the shipped model's
 output, so that any change to contract 2's arithmetic is caught.
 """
 
@@ -30,7 +30,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffcodec import exact
+from diffcodec import exact, native
 from diffcodec.checkpoint import load_checkpoint
 from diffcodec.config import ModelConfig
 from diffcodec.exact2_kernels import QMAX
@@ -370,7 +370,7 @@ def _run(model: UNet, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("config", [TINY, WIDE, VARIANT], ids=["tiny", "wide", "variant"])
 def test_exact_network2_equals_the_independent_numpy_reference_bit_for_bit(config):
-    """The fast network (int8 parts through oneDNN, binary64 products, numba kernels) and the
+    """The fast network (int8 parts through oneDNN, binary64 products, C kernels) and the
     numpy reference (int64 sums of the 14-bit integers everywhere) give identical float64
     bits on inputs of mixed scales (an all-zero and a constant image included), timesteps
     0..999, and the scale-shift / 'end'-padding / improved-embedding variants."""
@@ -504,18 +504,18 @@ def test_shipped_model_contract2_output_is_close_to_float64_and_matches_the_gold
 
 # (environment, what the subprocess must report): ATen's scalar / AVX2 kernels, oneDNN capped
 # at SSE4.1 / AVX2 / AVX-512 without VNNI (the int8 products then go through vpmaddubsw, which
-# saturates pairs in int16: the operand ranges make that impossible), numba compiled for a
-# generic x86-64 (SSE2) and for this machine, the torch twins instead of numba, other thread
-# counts; and the path a GPU takes (torch twins, binary64 products), on this CPU.
+# saturates pairs in int16: the operand ranges make that impossible), the C kernels' SSE2 and
+# AVX2 libraries (ATEN_CPU_CAPABILITY caps their level too) and this machine's, the torch twins
+# instead of them, other thread counts; and the path a GPU takes (torch twins, binary64
+# products), on this CPU.
 _ENVIRONMENTS = [
-    {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "NUMBA_CPU_NAME": "generic",
-     "OMP_NUM_THREADS": "1"},
+    {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "OMP_NUM_THREADS": "1"},
     {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"},
-    {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "DIFFCODEC_NO_NUMBA": "1", "OMP_NUM_THREADS": "1"},
+    {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "DIFFCODEC_NO_NATIVE": "1", "OMP_NUM_THREADS": "1"},
     # a GPU's code path on this CPU: the torch twins and binary64 products everywhere
-    {"DIFFCODEC_NO_NUMBA": "1", "DIFFCODEC_NO_INT8": "1", "OMP_NUM_THREADS": "2"},
+    {"DIFFCODEC_NO_NATIVE": "1", "DIFFCODEC_NO_INT8": "1", "OMP_NUM_THREADS": "2"},
 ]
-_CLEARED = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "DIFFCODEC_NO_NUMBA",
+_CLEARED = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DIFFCODEC_NO_NATIVE",
             "DIFFCODEC_NO_INT8", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
 
 _SUBPROCESS_SCRIPT = r"""
@@ -532,14 +532,15 @@ def sha(y):
 with torch.no_grad():
     small = sha(exact_network2(model)(saved["x"], saved["t"]))
     default = sha(exact_network2(load_checkpoint(None).model)(saved["gx"], saved["gt"]))
+from diffcodec import native
 print(json.dumps({"small": small, "default": default, "threads": torch.get_num_threads(),
-                  "capability": torch.backends.cpu.get_cpu_capability()}))
+                  "capability": torch.backends.cpu.get_cpu_capability(), "native": native.level("exact2")}))
 """
 
 
 @pytest.mark.slow
 def test_contract2_output_is_the_same_bits_under_other_cpu_kernels_and_thread_counts(tmp_path):
-    """Fresh processes with other ATen, oneDNN and numba code paths (module comment), the
+    """Fresh processes with other ATen, oneDNN and C kernel code paths (module comment), the
     torch twins, and other thread counts compute the adversarial variant network's and the
     shipped model's outputs (on 16x16 crops of the golden inputs) with this process's bits."""
     model = adversarial_model(VARIANT, seed=12)
@@ -565,5 +566,11 @@ def test_contract2_output_is_the_same_bits_under_other_cpu_kernels_and_thread_co
         assert got["threads"] == int(extra["OMP_NUM_THREADS"]), (extra, got)
         if "ATEN_CPU_CAPABILITY" in extra:
             assert got["capability"] == extra["ATEN_CPU_CAPABILITY"].upper(), (extra, got)
+        if "DIFFCODEC_NO_NATIVE" in extra:
+            assert got["native"] is None, (extra, got)
+        elif native.level("exact2") not in (None, "generic"):  # the C kernels at the level the cap allows
+            cap = {"default": 1, "avx2": 3}.get(extra.get("ATEN_CPU_CAPABILITY"), 4)
+            want = {4: "v4", 3: "v3", 1: "base"}[min(cap, native.cpu_level())]
+            assert got["native"] == want, (extra, got)
         assert got["small"] == expected["small"], extra
         assert got["default"] == expected["default"], extra

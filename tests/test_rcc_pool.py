@@ -1,14 +1,18 @@
 """Pooled candidates (progressive stream versions 4 to 6): the normals (Box-Muller pairs;
-version 6: the table) are the same bits from the numba kernels, the numpy reference and the
-torch twin (any thread count, another process); the search picks the PFR argmin (version 4)
-or the largest log q/p (versions 5 and 6, greedy); the sent sample delivers about the chunk
-KL (greedy: more); streams of versions 3 to 6 round trip."""
+version 6: the table) are the same bits from the C kernels (csrc/rcc_pool.c, every library
+level), the numpy reference and the torch twin (any thread count, another process); the
+search picks the PFR argmin (version 4) or the largest log q/p (versions 5 and 6, greedy),
+the C minima exactly the rule's (ties to the smaller index); the sent sample delivers about
+the chunk KL (greedy: more); streams of versions 3 to 6 round trip."""
 
+import ctypes
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +21,24 @@ import numpy as np
 import pytest
 import torch
 
+from diffcodec import native
 from diffcodec.codec import rcc, rcc_pool as R
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
+needs_native = pytest.mark.skipif(not R._use_native(), reason="no rcc_pool C library (the torch twins run)")
+
+
+def native_levels() -> list[tuple[str, str]]:
+    """(level, path) of each built rcc_pool library this CPU can run (v4, v3, base)."""
+    cpu = native.cpu_level()
+    found = []
+    for level, rank in native.LEVELS:
+        path = native._path("rcc_pool", level)
+        if path is not None and rank <= cpu:
+            found.append((level, path))
+    return found
 
 
 def bits(x) -> np.ndarray:
@@ -115,9 +132,9 @@ def test_draws_are_splitmix64_in_numpy_torch_and_python():
         R.stream_key(0, -1)
 
 
-def test_box_muller_is_the_same_bits_from_numpy_torch_and_the_numba_kernel():
+def test_box_muller_is_the_same_bits_from_numpy_torch_and_the_c_kernel():
     """2^18 draws and the edge cases (the largest radius, radius 0, each octant's ends): the
-    reference, the torch twin and the numba kernel (`_box_muller`, serial and over threads)
+    reference, the torch twin and the C kernel (`dc_rcc_box_muller`, serial and over threads)
     agree bit for bit, and stay within 6e-7 of libm's Box-Muller."""
     edges = [0, 2**64 - 1, 0xFFFFFF << 40, 0xFFFFFF] + [o << 21 for o in range(8)] + [(o << 21) - 1 for o in
                                                                                       range(1, 9)]
@@ -125,14 +142,33 @@ def test_box_muller_is_the_same_bits_from_numpy_torch_and_the_numba_kernel():
     c, s = R.box_muller_np(z)
     ct, st = R.box_muller_torch(torch.from_numpy(z.view(np.int64)))
     assert np.array_equal(bits(c), bits(ct)) and np.array_equal(bits(s), bits(st))
-    if R._use_numba():
-        for i in range(len(edges)):
-            assert np.array_equal(bits(np.array(R._box_muller(z[i]), dtype=np.float32)), bits([c[i], s[i]]))
+    if R._use_native():
+        for threads in (1, 2):
+            cn, sn = R.native_box_muller(z, threads)
+            assert np.array_equal(bits(cn), bits(c)) and np.array_equal(bits(sn), bits(s))
     u1 = ((z >> np.uint64(40)).astype(np.float64) + 1) * 2.0**-24
     angle = (z & np.uint64(0xFFFFFF)).astype(np.float64) * (2 * math.pi / 2**24)
     radius = np.sqrt(-2 * np.log(u1))
     assert np.abs(c - radius * np.cos(angle)).max() < 6e-7 and np.abs(s - radius * np.sin(angle)).max() < 6e-7
     assert c.max() == pytest.approx(math.sqrt(48 * math.log(2)), rel=1e-6)
+
+
+@needs_native
+def test_the_c_kernels_constants_and_draws_are_this_modules():
+    """csrc/rcc_pool.c writes the format constants as literals: each is the bits of this
+    module's (binary32 roundings, SplitMix64's words, the table's field, the row alignment),
+    and its draws are `draws_np`'s (counters at 0, large, wrapping)."""
+    f, n = R.native_constants()
+    assert np.array_equal(bits(f), bits(np.array(R.NATIVE_FLOAT_CONSTANTS, dtype=np.float32)))
+    assert [int(v) for v in n] == [int(v) for v in R.NATIVE_INT_CONSTANTS]
+    assert R.NATIVE_INT_CONSTANTS[:3] == (R._signed(R.GAMMA), R._signed(R.MIX1), R._signed(R.MIX2))
+    assert R.NATIVE_INT_CONSTANTS[3:] == (R.TABLE_BITS, R.TABLE_MASK, R.ROW_ALIGN, R.BM_SQRT2_BITS, -(1 << 31))
+    assert R.NATIVE_FLOAT_CONSTANTS == (R.BM_ONE, R.BM_HALF, R.BM_TWO, R.BM_LN2, R.BM_ANGLE, *R.BM_LOG, *R.BM_SIN,
+                                        *R.BM_COS)
+    counters = np.concatenate([np.array([0, 1, 2**40 + 5, 2**63, 2**64 - 2, 2**64 - 1], dtype=np.uint64),
+                               np.arange(1000, dtype=np.uint64) * np.uint64(0x123456789)])
+    for key in (0, 2**64 - 1, R.stream_key(7, 3, R.POOL_STREAM, 2)):
+        assert np.array_equal(R.native_draws(key, counters), R.draws_np(key, counters))
 
 
 def test_the_normal_table_is_the_pinned_mid_quantiles_of_a_standard_normal():
@@ -170,7 +206,7 @@ def test_a_damaged_or_missing_normal_table_is_refused(tmp_path, monkeypatch):
 
 def test_table_normals_are_the_same_bits_from_numpy_and_torch():
     """2^18 draws and the edges (every field 0 or 0xFFFF): the reference and the torch twin
-    agree bit for bit (the numba kernels against the reference: the rows and samples tests
+    agree bit for bit (the C kernels against the reference: the rows and samples tests
     below, parametrized over both kinds of normals)."""
     z = np.concatenate([np.array([0, 2**64 - 1, 0xFFFF, 0xFFFF << 48], dtype=np.uint64),
                         R.draws_np(R.stream_key(1, 2, 3), np.arange(1 << 18))])
@@ -178,22 +214,23 @@ def test_table_normals_are_the_same_bits_from_numpy_and_torch():
     assert np.array_equal(bits(R.table_normals_torch(torch.from_numpy(z.view(np.int64)))), bits(ref))
 
 
-@pytest.mark.skipif(not R._use_numba(), reason="numba not installed")
+@needs_native
 @pytest.mark.parametrize("normals", R.NORMALS)
 def test_pool_rows_kernel_serial_parallel_numpy_and_torch_agree(normals):
+    """The search's rows (`native_rows`: [u^2; u] columns) on one thread and two: the
+    reference's bits, for whole vectors and tails of rows (37: not a multiple of any vector
+    width; 300: more than a block of table reads), far rows too; the torch twin's as well."""
     keys = np.array([R.stream_key(0, 1, R.POOL_STREAM, p) for p in range(3)], dtype=np.uint64)
-    h, rows, row0 = 5, 128, 192
-    ref = np.stack([reference_rows(int(k), row0 + np.arange(rows), h, normals) for k in keys])  # [P, R, w]
-    w = ref.shape[-1]
-    kernel = R._table_rows_kernel if normals == "table" else R._rows_kernel
-    extra = (R.normal_table(),) if normals == "table" else ()
-    for run in (kernel.serial, kernel.parallel):
-        buf = np.empty((3, 2 * w, rows), dtype=np.float32)
-        run(keys, row0, h, *extra, buf)
-        assert np.array_equal(bits(buf[:, w:]), bits(ref.transpose(0, 2, 1)))
-        assert np.array_equal(bits(buf[:, :w]), bits((ref * ref).transpose(0, 2, 1)))
-    twin = R.pool_rows_torch(torch.from_numpy(keys.view(np.int64)), torch.arange(row0, row0 + rows), h, normals)
-    assert np.array_equal(bits(twin), bits(ref))
+    for h, rows, row0 in ((5, 128, 192), (3, 37, 2**40 + 7), (2, 300, 64)):
+        ref = np.stack([reference_rows(int(k), row0 + np.arange(rows), h, normals) for k in keys])  # [P, R, w]
+        w = ref.shape[-1]
+        for threads in (1, 2):
+            buf = R.native_rows(keys, row0, h, rows, normals, threads)
+            assert buf.shape == (3, 2 * w, rows)
+            assert np.array_equal(bits(buf[:, w:]), bits(ref.transpose(0, 2, 1)))
+            assert np.array_equal(bits(buf[:, :w]), bits((ref * ref).transpose(0, 2, 1)))
+        twin = R.pool_rows_torch(torch.from_numpy(keys.view(np.int64)), torch.arange(row0, row0 + rows), h, normals)
+        assert np.array_equal(bits(twin), bits(ref))
 
 
 @pytest.mark.parametrize("normals", R.NORMALS)
@@ -209,28 +246,39 @@ def test_samples_are_the_same_bits_from_the_kernel_the_reference_and_the_twin(no
         ref = reference_samples(plan, indices)
         assert np.array_equal(bits(R.samples(plan, indices)), bits(ref))
         assert np.array_equal(bits(R.samples_torch(plan, indices)), bits(ref))
-        monkeypatch.setattr(R, "_use_numba", lambda: False)
-        assert np.array_equal(bits(R.samples(plan, indices)), bits(ref))
-        monkeypatch.undo()
+        again = pickle.loads(pickle.dumps(plan))  # what the plan caches (addresses) is not pickled
+        assert "_sample_args" in plan.__dict__ or not R._use_native()
+        assert "_sample_args" not in again.__dict__ and np.array_equal(bits(R.samples(again, indices)), bits(ref))
+        with monkeypatch.context() as m:  # the C kernel over two threads (whatever the size)
+            m.setattr(native, "PARALLEL_MIN_WORK", 1)
+            torch.set_num_threads(2)
+            assert np.array_equal(bits(R.samples(plan, indices)), bits(ref))
+            torch.set_num_threads(1)
+        with monkeypatch.context() as m:  # without the C library: the torch twin
+            m.setattr(R, "_use_native", lambda: False)
+            assert np.array_equal(bits(R.samples(plan, indices)), bits(ref))
 
 
 _CHILD = """
 import hashlib, json, numpy as np, torch
 torch.set_num_threads(1)
+from diffcodec import native
 from diffcodec.codec import rcc_pool as R
 digests = []
 for normals in R.NORMALS:
     rng = np.random.default_rng(1)
     plan = R.plan_stage(3, 2, rng.permutation(3072), 40, 12.0, 2.0, 16, normals=normals)
     digests.append(hashlib.sha256(R.samples(plan, rng.integers(0, 1 << 16, 40)).tobytes()).hexdigest())
-print(json.dumps({"numba": R._use_numba(), "digest": digests}))
+print(json.dumps({"native": R._use_native(), "level": native.level("rcc_pool"), "digest": digests}))
 """
 
 
-@pytest.mark.parametrize("env", [{"NUMBA_NUM_THREADS": "1"}, {"DIFFCODEC_NO_NUMBA": "1"}])
+@pytest.mark.parametrize("env", [{"OMP_NUM_THREADS": "1"}, {"DIFFCODEC_NO_NATIVE": "1"},
+                                 {"ATEN_CPU_CAPABILITY": "avx2"}, {"ATEN_CPU_CAPABILITY": "default"}])
 def test_samples_are_the_same_bits_in_another_process(env):
-    """Another process with one numba thread, or without numba (the torch twin): the same
-    digests, both kinds of normals."""
+    """Another process with one OpenMP thread, without the C kernels (the torch twin), or
+    with torch's vector units capped at AVX2 or at none (the loader then picks the v3 or the
+    base library): the same digests, both kinds of normals."""
     here = []
     for normals in R.NORMALS:
         rng = np.random.default_rng(1)
@@ -242,24 +290,138 @@ def test_samples_are_the_same_bits_in_another_process(env):
     assert out.returncode == 0, out.stderr
     child = json.loads(out.stdout.strip().splitlines()[-1])
     assert child["digest"] == here
-    assert child["numba"] == ("DIFFCODEC_NO_NUMBA" not in env and R._use_numba())
+    assert child["native"] == ("DIFFCODEC_NO_NATIVE" not in env and R._use_native())
+    if child["native"] and env.get("ATEN_CPU_CAPABILITY") == "default":
+        assert child["level"] == "base"
+    elif child["native"] and env.get("ATEN_CPU_CAPABILITY") == "avx2":
+        assert child["level"] == ("v3" if native.cpu_level() >= 3 else "base")
+
+
+@needs_native
+@pytest.mark.parametrize("normals", R.NORMALS)
+def test_every_library_level_makes_the_same_bits(normals, monkeypatch):
+    """Each built level of the rcc_pool library that this CPU runs (AVX-512, AVX2, SSE2: other
+    vector widths and gathers), loaded directly: the reference's normals, rows and samples
+    and the same search choices as the level `native` picks, bit for bit."""
+    z = R.draws_np(R.stream_key(1, 2, 3), np.arange(1 << 12))
+    c, s = R.box_muller_np(z)
+    keys = np.array([R.stream_key(0, 1, R.POOL_STREAM, p) for p in range(2)], dtype=np.uint64)
+    rows = np.stack([reference_rows(int(k), 64 + np.arange(100), 7, normals) for k in keys])
+    w = rows.shape[-1]
+    rng = np.random.default_rng(4)
+    plan = R.plan_stage(3, 2, rng.permutation(1003), 7, 9.0, 2.0, 16, normals=normals)
+    indices = rng.integers(0, plan.num_candidates, plan.num_chunks)
+    ref = reference_samples(plan, indices)
+    gaussians, search = stage_problem(400, 10, 8.0, seed=3, normals=normals)
+    a, b = R.log_weight_coefficients(*gaussians)
+    chosen = R.select(search, a, b)
+    levels = native_levels()
+    assert native.level("rcc_pool") in [level for level, _ in levels]
+    for level, path in levels:
+        kernels = R._Native(ctypes.CDLL(path))
+        monkeypatch.setattr(R, "_native", lambda kernels=kernels: kernels)
+        for threads in (1, 2):
+            cn, sn = R.native_box_muller(z, threads)
+            assert np.array_equal(bits(cn), bits(c)) and np.array_equal(bits(sn), bits(s)), level
+            buf = R.native_rows(keys, 64, 7, 100, normals, threads)
+            assert np.array_equal(bits(buf[:, w:]), bits(rows.transpose(0, 2, 1))), level
+            assert np.array_equal(bits(buf[:, :w]), bits((rows * rows).transpose(0, 2, 1))), level
+        assert np.array_equal(bits(R.samples(plan, indices)), bits(ref)), level
+        assert np.array_equal(R.select(search, a, b), chosen), level
+
+
+def test_the_avx_libraries_have_no_fused_multiply_add():
+    """-ffp-contract=off: no FMA instruction in the v3 / v4 rcc_pool libraries (one would round
+    a product and a sum once, other bits than the reference's)."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump not installed")
+    paths = [p for p in (native._path("rcc_pool", level) for level in ("v4", "v3")) if p is not None]
+    if not paths:
+        pytest.skip("no AVX rcc_pool library built")
+    for path in paths:
+        text = subprocess.run([objdump, "-d", path], capture_output=True, text=True, check=True).stdout
+        assert "vcvt" in text or "vmul" in text  # a disassembly of vector code
+        for fma in ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub"):
+            assert fma not in text, (path, fma)
 
 
 # ------------------------------------------------------------------------------ the search
 
 
+def reference_pick(scores, row0, first, stride, offsets, counts, log_times, best_v, best_k):
+    """`native_pick`'s rule in numpy: each chunk's (value, k) minimum of log_times[k] -
+    scores[p, j, n] over k = (row0 + n) XOR r_c below its count and its previous best
+    (float32 differences; ties: the smaller k)."""
+    best_v, best_k = best_v.copy(), best_k.copy()
+    Q, g, R_ = scores.shape
+    for p in range(Q):
+        for j in range(g):
+            c = first + p * stride + j
+            k = (row0 + np.arange(R_)) ^ offsets[c]
+            ok = k < counts[c]
+            if not ok.any():
+                continue
+            v = log_times[k[ok]] - scores[p, j][ok]  # float32
+            cand_v = np.concatenate([v, [best_v[c]]])
+            cand_k = np.concatenate([k[ok], [best_k[c]]])
+            vmin = cand_v.min()
+            best_v[c], best_k[c] = vmin, cand_k[cand_v == vmin].min()
+    return best_v, best_k
+
+
+@needs_native
+def test_the_pick_kernel_is_the_rules_minimum_with_ties_to_the_smaller_index():
+    """The C minima (`native_pick`, one thread and two) on scores full of ties (multiples of
+    a power of two), counts below, at and above ROW_ALIGN, previous bests that tie, beat or
+    lose, short blocks (R = N < ROW_ALIGN): the reference rule's value and index exactly
+    (the kernel that it replaced, numba's, gave the same on these, checked once)."""
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        n = int(rng.choice([16, 32, 64, 1024, 4096]))
+        rows = min(n, int(rng.choice([64, 256, 1024])))
+        row0 = int(rng.integers(0, n // rows)) * rows
+        q, g = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        stride = g + int(rng.integers(0, 2))
+        first = int(rng.integers(0, 3))
+        m = first + (q - 1) * stride + g + int(rng.integers(0, 3))
+        align = min(R.ROW_ALIGN, n)
+        offsets = (rng.integers(0, n // align, m) * align).astype(np.int64)
+        counts = (np.int64(1) << rng.integers(0, int(np.log2(n)) + 2, m)).astype(np.int64)
+        quant = float(rng.choice([0.25, 1.0, 4.0]))
+        scores = (np.round(rng.normal(size=(q, g, rows)) * 3 / quant) * quant).astype(np.float32)
+        log_times = np.zeros(2 * n, np.float32)
+        if trial % 2:
+            log_times[:] = np.round(rng.normal(size=2 * n) / quant) * quant
+        best_v = (np.round(rng.normal(size=m) * 3 / quant) * quant - 3).astype(np.float32)
+        best_v[rng.random(m) < 0.3] = np.inf
+        best_k = rng.integers(0, 2 * n, m).astype(np.int64)
+        want_v, want_k = reference_pick(scores, row0, first, stride, offsets, counts, log_times, best_v, best_k)
+        for threads in (1, 2):
+            got_v, got_k = best_v.copy(), best_k.copy()
+            R.native_pick(scores, row0, first, stride, offsets, counts, log_times, got_v, got_k, threads)
+            # values equal as numbers (a minimum 0 may be either zero), indices exactly
+            assert np.array_equal(got_v, want_v) and np.array_equal(got_k, want_k), (trial, threads)
+
+
 @pytest.mark.parametrize("kappa", [3.0, 9.0])
 def test_search_picks_the_reference_argmin_on_every_path(kappa, monkeypatch):
-    """`select` (numba rows, one batched product, numba minima), `select_torch` and the pure
-    torch fallback all pick, for every chunk, an index whose float64 score is the reference
-    minimum over k < the chunk's count (up to float32 rounding), counts chunk by chunk."""
+    """`select` (C rows, one batched product, C minima; one thread and two: the same choice),
+    `select_torch` and the pure torch fallback all pick, for every chunk, an index whose
+    float64 score is the reference minimum over k < the chunk's count (up to float32
+    rounding), counts chunk by chunk."""
     gaussians, plan = stage_problem(600, 24, kappa, seed=int(kappa))
     counts = R.chunk_counts(chunk_kl_bits(plan, gaussians), 2.0, 16)
     counts[::5] = plan.num_candidates  # some chunks at N, some below or above it
     scores = reference_select(plan, gaussians, counts)
     a, b = R.log_weight_coefficients(*gaussians)
     picks = {"select": R.select(plan, a, b, counts), "torch": R.select_torch(plan, a, b, counts)}
-    monkeypatch.setattr(R, "_use_numba", lambda: False)
+    with monkeypatch.context() as m:
+        m.setattr(native, "PARALLEL_MIN_WORK", 1)
+        torch.set_num_threads(2)
+        assert np.array_equal(R.select(plan, a, b, counts), picks["select"])
+        torch.set_num_threads(1)
+    monkeypatch.setattr(R, "_use_native", lambda: False)
     picks["fallback"] = R.select(plan, a, b, counts)
     for name, idx in picks.items():
         assert np.all(idx < counts), name
@@ -300,7 +462,12 @@ def test_greedy_search_picks_the_largest_log_weight_on_every_path(kappa, normals
     scores = reference_select(plan, gaussians, counts, "greedy")
     a, b = R.log_weight_coefficients(*gaussians)
     picks = {"select": R.select(plan, a, b, rule="greedy"), "torch": R.select_torch(plan, a, b, rule="greedy")}
-    monkeypatch.setattr(R, "_use_numba", lambda: False)
+    with monkeypatch.context() as m:
+        m.setattr(native, "PARALLEL_MIN_WORK", 1)
+        torch.set_num_threads(2)
+        assert np.array_equal(R.select(plan, a, b, rule="greedy"), picks["select"])
+        torch.set_num_threads(1)
+    monkeypatch.setattr(R, "_use_native", lambda: False)
     picks["fallback"] = R.select(plan, a, b, rule="greedy")
     pfr = R.select(plan, a, b)
     for name, idx in picks.items():
@@ -318,7 +485,7 @@ def test_greedy_search_picks_the_largest_log_weight_on_every_path(kappa, normals
 def test_search_blocks_of_several_pools_and_a_short_last_pool(block, normals, monkeypatch):
     """N = 2^10 (G = 4 chunks a pool), 10 chunks: pools of 4, 4 and 2, in one block of rows
     and several pools (the default block) or 8 blocks of 128 rows, a pool each (a 2^14-element
-    block); the numba search and the torch one choose alike (up to near ties) and each choice
+    block); the C search and the torch one choose alike (up to near ties) and each choice
     is the reference argmin."""
     if block is not None:
         monkeypatch.setattr(R, "SEARCH_BLOCK_ELEMENTS", block)

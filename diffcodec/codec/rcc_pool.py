@@ -29,8 +29,8 @@ changes where the candidates come from:
 * Normals (`box_muller`): Box-Muller on the draw's two 24-bit uniforms, as versions 1-3, but
   with its logarithm, sine and cosine as fixed binary32 polynomials (integer operations and
   binary32 + - x / sqrt one at a time, no fused multiply-add): the same bits on every machine
-  from the numba kernel, its numpy reference and its torch twin, CPU or GPU. Within 5e-7 of
-  the libm transform; the tail is cut at sqrt(48 ln 2) = 5.77 as there.
+  from the C kernel (csrc/rcc_pool.c), its numpy reference and its torch twin, CPU or GPU.
+  Within 5e-7 of the libm transform; the tail is cut at sqrt(48 ln 2) = 5.77 as there.
 
 Version 5 keeps all of the above but the choice: each chunk sends the k < N of largest
 log w(u_k) (`select`'s rule "greedy"; no arrival times), N the stage's count for every chunk
@@ -54,7 +54,7 @@ what the greedy choice needs; a lone 32x32 image's search makes millions of them
 The cost: scoring is a float32 matrix product of the pool rows' [u^2, u] with the pool's
 chunks' coefficients (2 N D multiply-adds per stage whatever the chunking: torch's GEMM),
 and making the pools about max(2^POOL_SHIFT, N / m) x D normals per stage (N x D in versions
-1-3). `select` runs it on the CPU (numba makes the rows and picks the minima over all
+1-3). `select` runs it on the CPU (C kernels make the rows and pick the minima over all
 threads, torch multiplies) or on any torch device (`select_torch`: a GPU). The choice is
 the argmin of float32 scores, so two machines (or thread counts) may pick different, equally
 valid, indices where scores tie to rounding; the decoder's sample is exact either way.
@@ -62,6 +62,7 @@ valid, indices where scores tie to rounding; the decoder's sample is exact eithe
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import math
@@ -71,7 +72,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffcodec import exact2_kernels as K
+from diffcodec import native
 from diffcodec.codec import rcc
 from diffcodec.errors import DiffcodecError
 
@@ -222,6 +223,12 @@ def normal_table() -> np.ndarray:
 
 
 @functools.cache
+def _table_address() -> int:
+    """The address of `normal_table`'s data (the C kernels read it; the array is cached)."""
+    return native.address(normal_table())
+
+
+@functools.cache
 def _table_tensor(device: torch.device) -> torch.Tensor:
     return torch.from_numpy(normal_table().copy()).to(device)
 
@@ -354,6 +361,32 @@ class StagePlan:
         return np.array([stream_key(self.seed, self.stage, POOL_STREAM, p) for p in range(self.num_pools)],
                         dtype=np.uint64)
 
+    @functools.cached_property
+    def _keys(self) -> np.ndarray:
+        """`pool_keys`, made once per plan (read-only): the search and the samples read them."""
+        keys = self.pool_keys()
+        keys.flags.writeable = False
+        return keys
+
+    @functools.cached_property
+    def _sample_args(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[int, ...]]:
+        """What the C sample kernels read of the plan, made once: one int64 array of its pool
+        keys' bits, offsets and bounds, and its perm (int64, contiguous; both kept alive here),
+        and (their addresses, G, m)."""
+        m, D = len(self.bounds) - 1, len(self.perm)
+        if len(self.offsets) != m or self.bounds[0] != 0 or self.bounds[-1] != D:
+            raise ValueError("rcc_pool: a plan whose chunks do not cover its dimensions")
+        keys = self._keys.view(np.int64)
+        words = np.concatenate([keys, self.offsets, self.bounds]).astype(np.int64, copy=False)
+        perm = _i64(self.perm)
+        keys_at = native.address(words)
+        offsets_at = keys_at + 8 * len(keys)
+        return (words, perm), (keys_at, offsets_at, offsets_at + 8 * m, native.address(perm), self.chunks_per_pool, m)
+
+    def __getstate__(self) -> dict:
+        """A pickle or copy leaves out what is cached (`_sample_args` holds addresses)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_keys", "_sample_args")}
+
 
 def plan_stage(seed: int, stage: int, perm: np.ndarray, num_chunks: int, kappa_bits: float, pad_bits: float,
                log2_candidates: int, *, cap_pool_normals: bool = False, normals: str = "box_muller") -> StagePlan:
@@ -414,206 +447,128 @@ def log_weight_coefficients(q_mean: np.ndarray, q_log_var: np.ndarray, p_mean: n
     return a, b
 
 
-# --------------------------------------------------------------------------- numba kernels
+# ------------------------------------------------------------------------- the C kernels
+# diffcodec/csrc/rcc_pool.c (`native`): the draws, both kinds of normals, the search's rows and
+# minima and the decoder's samples, each the bits of the numpy references above; without its
+# library (no compiler at install time, DIFFCODEC_NO_NATIVE) the torch twins run.
 
-if K.numba is not None:
-    from llvmlite import ir as _ir
-    from numba import prange, types as _nbt
-    from numba.core.extending import intrinsic as _intrinsic
-
-    @_intrinsic
-    def _f32_bits(typingctx, x):
-        """The int32 holding a binary32's bits (a bitcast)."""
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], _ir.IntType(32))
-        return _nbt.int32(_nbt.float32), codegen
-
-    _f32_from_bits = K._f32_from_bits
-    _U64 = np.uint64
-    _GAMMA_U, _MIX1_U, _MIX2_U = _U64(GAMMA), _U64(MIX1), _U64(MIX2)
-    _L0, _L1, _L2, _L3 = BM_LOG
-    _S0, _S1, _S2, _S3 = BM_SIN
-    _C0, _C1, _C2 = BM_COS
-    _I32 = np.int32
-
-    @K.njit(inline="always")
-    def _draw(key, i):
-        z = key + (_U64(i) + _U64(1)) * _GAMMA_U
-        z = (z ^ (z >> _U64(30))) * _MIX1_U
-        z = (z ^ (z >> _U64(27))) * _MIX2_U
-        return z ^ (z >> _U64(31))
-
-    @K.njit(inline="always")
-    def _box_muller(z):
-        """`box_muller_np` of one draw, operation for operation (no fast-math: no FMA)."""
-        x = _I32(z >> _U64(40)) + _I32(1)
-        bits = _f32_bits(np.float32(x))
-        e = (bits >> _I32(23)) - _I32(127)
-        mb = (bits & _I32(0x007FFFFF)) | _I32(0x3F800000)
-        big = _I32(mb > _I32(BM_SQRT2_BITS))
-        m = _f32_from_bits(_I32(mb - (big << _I32(23))))
-        e = e + big
-        s = (m - BM_ONE) / (m + BM_ONE)
-        s2 = s * s
-        p = s2 * _L0 + _L1
-        p = p * s2 + _L2
-        p = p * s2 + _L3
-        p = p * s2 + BM_ONE
-        lnm = BM_TWO * s * p
-        t = np.float32(_I32(24) - e) * BM_LN2 - lnm
-        r = np.sqrt(BM_TWO * t)
-        k = _I32(z & _U64(0xFFFFFF))
-        o = k >> _I32(21)
-        f = k & _I32(0x1FFFFF)
-        g = f + (o & _I32(1)) * (_I32(0x200000) - f - f)
-        ph = np.float32(g) * BM_ANGLE
-        q = ph * ph
-        sn = q * _S0 - _S1
-        sn = sn * q + _S2
-        sn = sn * q - _S3
-        sn = sn * q * ph + ph
-        cs = q * _C0 - _C1
-        cs = cs * q + _C2
-        cs = cs * q - BM_HALF
-        cs = cs * q + BM_ONE
-        swap = -(((o + _I32(1)) >> _I32(1)) & _I32(1))
-        sb, cb = _f32_bits(sn), _f32_bits(cs)
-        c1 = _I32(((sb & swap) | (cb & ~swap)) ^ ((((o + _I32(2)) >> _I32(2)) & _I32(1)) * SIGN_BIT))
-        s1 = _I32(((cb & swap) | (sb & ~swap)) ^ ((o >> _I32(2)) * SIGN_BIT))
-        return r * _f32_from_bits(c1), r * _f32_from_bits(s1)
-
-    def _sample_body(keys, rows, sizes, starts, h, perm, out):
-        """out[perm[starts[c] + j]] = column j (< sizes[c]) of row rows[c] of the stream keys[c]."""
-        for c in prange(len(rows)):
-            base = rows[c] * h
-            key = keys[c]
-            s0, size = starts[c], sizes[c]
-            for i in range((size + 1) // 2):
-                lo, hi = _box_muller(_draw(key, base + i))
-                out[perm[s0 + 2 * i]] = lo
-                if 2 * i + 1 < size:
-                    out[perm[s0 + 2 * i + 1]] = hi
-
-    _sample_kernel = K._Kernel(_sample_body)
-
-    def _rows_body(keys, row0, h, out):
-        """out[p, 2i + e, n] = (u^2 of) and out[p, 2h + 2i + e, n] = column 2i + e of row
-        row0 + n of pool keys[p] (float32 [P, 4h, R]: the search's [u^2; u] columns)."""
-        P, _, R = out.shape
-        for job in prange(P * h):
-            p = job // h
-            i = job - p * h
-            key = keys[p]
-            sq0, sq1, v0, v1 = out[p, 2 * i], out[p, 2 * i + 1], out[p, 2 * h + 2 * i], out[p, 2 * h + 2 * i + 1]
-            for n in range(R):
-                lo, hi = _box_muller(_draw(key, (row0 + n) * h + i))
-                v0[n] = lo
-                v1[n] = hi
-                sq0[n] = lo * lo
-                sq1[n] = hi * hi
-
-    _rows_kernel = K._Kernel(_rows_body)
-
-    _TABLE_MASK = _U64(TABLE_MASK)
-
-    def _table_sample_body(keys, rows, sizes, starts, h, perm, table, out):
-        """`_sample_body` of version 6: column 4i + j of a row is table[bits 16j.. of its draw i]."""
-        for c in prange(len(rows)):
-            base = rows[c] * h
-            key = keys[c]
-            s0, size = starts[c], sizes[c]
-            for i in range((size + 3) // 4):
-                z = _draw(key, base + i)
-                for j in range(min(4, size - 4 * i)):
-                    out[perm[s0 + 4 * i + j]] = table[np.int64((z >> _U64(16 * j)) & _TABLE_MASK)]
-
-    _table_sample_kernel = K._Kernel(_table_sample_body)
-
-    def _table_rows_body(keys, row0, h, table, out):
-        """`_rows_body` of version 6: out[p, c, n] = u^2 and out[p, 4h + c, n] = u, u column
-        c = 4i + j of row row0 + n of pool keys[p] (float32 [P, 8h, R])."""
-        P, _, R = out.shape
-        w = 4 * h
-        for job in prange(P * h):
-            p = job // h
-            i = job - p * h
-            key = keys[p]
-            for n in range(R):
-                z = _draw(key, (row0 + n) * h + i)
-                for j in range(4):
-                    v = table[np.int64((z >> _U64(16 * j)) & _TABLE_MASK)]
-                    out[p, 4 * i + j, n] = v * v
-                    out[p, w + 4 * i + j, n] = v
-
-    _table_rows_kernel = K._Kernel(_table_rows_body)
-
-    @K.numba.njit(fastmath=True, error_model="numpy", inline="always")
-    def _run_min(log_times, base, row, start, acc):
-        """min over t < ROW_ALIGN of log_times[base + t] - row[start + t] (16 lanes, then across)."""
-        lt = log_times[base : base + ROW_ALIGN]
-        rr = row[start : start + ROW_ALIGN]
-        for lane in range(16):
-            acc[lane] = lt[lane] - rr[lane]
-        for t0 in range(16, ROW_ALIGN, 16):
-            for lane in range(16):
-                x = lt[t0 + lane] - rr[t0 + lane]
-                acc[lane] = x if x < acc[lane] else acc[lane]
-        m = acc[0]
-        for lane in range(1, 16):
-            m = acc[lane] if acc[lane] < m else m
-        return m
-
-    def _pick_body(scores, row0, first, stride, offsets, counts, log_times, best_v, best_k):
-        """For chunk first + p stride + j (scores [Q, g, R]: pool p's chunk j, rows row0 ..): the
-        (score, k) minimum of log_times[k] - scores[p, j, n] over k = (row0 + n) XOR r_c below
-        the chunk's count, merged into best (ties: the smaller k). r_c and R are multiples of
-        ROW_ALIGN (or R = N < ROW_ALIGN, r_c = 0), so an aligned run of ROW_ALIGN rows is an
-        aligned run of k, all below the count or none (counts >= ROW_ALIGN), and meets a
-        contiguous run of log_times: vector loops, no gathers; a run's minimum is searched for
-        its index only where it is the chunk's."""
-        Q, g, R = scores.shape
-        runs = R // ROW_ALIGN
-        for job in prange(Q * g):
-            p = job // g
-            j = job - p * g
-            c = first + p * stride + j
-            row = scores[p, j]
-            r, nc = offsets[c], counts[c]
-            if R < ROW_ALIGN or nc < ROW_ALIGN:  # short runs: a plain loop over the valid k
-                bv, bk = best_v[c], best_k[c]
-                for n in range(R):
-                    k = (row0 + n) ^ r
-                    if k < nc:
-                        v = log_times[k] - row[n]
-                        if v < bv or (v == bv and k < bk):
-                            bv, bk = v, k
-                best_v[c], best_k[c] = bv, bk
-                continue
-            acc = np.empty(16, np.float32)
-            run_min = np.full(runs, np.inf, np.float32)
-            for b in range(runs):
-                base = (row0 + b * ROW_ALIGN) ^ r
-                if base < nc:
-                    run_min[b] = _run_min(log_times, base, row, b * ROW_ALIGN, acc)
-            vmin = run_min[0]
-            for b in range(1, runs):
-                vmin = run_min[b] if run_min[b] < vmin else vmin
-            if vmin > best_v[c] or vmin == np.inf:
-                continue
-            bk = best_k[c] if vmin == best_v[c] else np.int64(1) << 62
-            for b in range(runs):
-                if run_min[b] == vmin:
-                    base = (row0 + b * ROW_ALIGN) ^ r
-                    for t in range(ROW_ALIGN):
-                        if log_times[base + t] - row[b * ROW_ALIGN + t] == vmin:
-                            bk = min(bk, base + t)
-            best_v[c], best_k[c] = vmin, bk
-
-    _pick_kernel = K._Kernel(_pick_body)
+NATIVE_FLOAT_CONSTANTS = (BM_ONE, BM_HALF, BM_TWO, BM_LN2, BM_ANGLE, *BM_LOG, *BM_SIN, *BM_COS)
+"""`dc_rcc_constants`' binary32 constants, in its order (the C file writes them as literals)."""
+NATIVE_INT_CONSTANTS = (_signed(GAMMA), _signed(MIX1), _signed(MIX2), TABLE_BITS, TABLE_MASK, ROW_ALIGN,
+                        BM_SQRT2_BITS, int(SIGN_BIT))
+"""`dc_rcc_constants`' integer constants, in its order."""
 
 
-def _use_numba() -> bool:
-    return K.numba_available()
+class _Native:
+    """The kernels of one rcc_pool library (`native.library`'s, or a test's level), typed."""
+
+    def __init__(self, lib) -> None:
+        p, i = native.ptr, native.i64
+
+        def fn(name, *argtypes):
+            f = getattr(lib, name)
+            f.argtypes, f.restype = list(argtypes), None
+            return f
+
+        self.constants = fn("dc_rcc_constants", p, p)
+        self.draws = fn("dc_rcc_draws", ctypes.c_uint64, p, i, p)  # key, counters, n, out
+        self.box_muller = fn("dc_rcc_box_muller", p, i, p, p, i)  # z, n, lo, hi, threads
+        # pool keys, G, indices, offsets, bounds, m, perm, (table,) out, threads
+        self.samples = fn("dc_rcc_samples", p, i, p, p, p, i, p, p, i)
+        self.table_samples = fn("dc_rcc_table_samples", p, i, p, p, p, i, p, p, p, i)
+        self.rows = fn("dc_rcc_rows", p, i, i, i, i, p, i)  # keys, P, row0, h, R, out, threads
+        self.table_rows = fn("dc_rcc_table_rows", p, i, i, i, i, p, p, i)  # keys, P, row0, h, R, table, out
+        # scores, Q, g, R, row0, first, stride, offsets, counts, log_times, best_v, best_k, threads
+        self.pick = fn("dc_rcc_pick", p, i, i, i, i, i, i, p, p, p, p, p, i)
+
+
+@functools.cache
+def _bound() -> _Native | None:
+    lib = native.library("rcc_pool")
+    return None if lib is None else _Native(lib)
+
+
+def _native() -> _Native:
+    """The kernels `samples` and `select` run (tests put another level's here)."""
+    return _bound()
+
+
+def _use_native() -> bool:
+    """Whether `samples` and `select` run the C kernels (else their torch twins)."""
+    return _bound() is not None
+
+
+def _u64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.uint64)
+
+
+def _i64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def native_constants() -> tuple[np.ndarray, np.ndarray]:
+    """The C kernels' constants (float32 [16], int64 [8]: `NATIVE_FLOAT_CONSTANTS`,
+    `NATIVE_INT_CONSTANTS`' order), what the tests compare with this module's."""
+    f, n = np.empty(16, dtype=np.float32), np.empty(8, dtype=np.int64)
+    _native().constants(native.address(f), native.address(n))
+    return f, n
+
+
+def native_draws(key: int, counters: np.ndarray) -> np.ndarray:
+    """`draws_np` by the C kernel (uint64)."""
+    counters = _u64(counters)
+    out = np.empty(counters.shape, dtype=np.uint64)
+    _native().draws(int(key), native.address(counters), counters.size, native.address(out))
+    return out
+
+
+def native_box_muller(z: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """`box_muller_np` by the C kernel (what the tests compare)."""
+    z = _u64(z)
+    lo, hi = np.empty(z.shape, dtype=np.float32), np.empty(z.shape, dtype=np.float32)
+    _native().box_muller(native.address(z), z.size, native.address(lo), native.address(hi), threads)
+    return lo, hi
+
+
+def native_rows(keys: np.ndarray, row0: int, h: int, rows: int, normals: str = "box_muller",
+                threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 [P, 2 x row_width, rows]: out[p, c, n] = u^2, out[p, row_width + c, n] = u, u
+    column c of row row0 + n of pool keys[p] (the search's [u^2; u] columns), by the C kernels."""
+    keys = _u64(keys)
+    per_draw = 4 if normals == "table" else 2
+    shape = (len(keys), 2 * per_draw * h, rows)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"rcc_pool: rows of shape {shape} into {out.dtype} {out.shape}")
+    kernels = _native()
+    if normals == "table":
+        kernels.table_rows(native.address(keys), len(keys), row0, h, rows, _table_address(), native.address(out),
+                           threads)
+    else:
+        kernels.rows(native.address(keys), len(keys), row0, h, rows, native.address(out), threads)
+    return out
+
+
+def native_pick(scores: np.ndarray, row0: int, first: int, stride: int, offsets: np.ndarray, counts: np.ndarray,
+                log_times: np.ndarray, best_v: np.ndarray, best_k: np.ndarray, threads: int = 1) -> None:
+    """For chunk first + p stride + j (scores float32 [Q, g, R]: pool p's chunk j, rows row0 ..):
+    the (score, k) minimum of log_times[k] - scores[p, j, n] over k = (row0 + n) XOR r_c below
+    the chunk's count, merged into best_v, best_k in place (ties: the smaller k); the C kernel."""
+    Q, g, R = scores.shape
+    for a, dtype in ((scores, np.float32), (log_times, np.float32), (best_v, np.float32), (best_k, np.int64),
+                     (offsets, np.int64), (counts, np.int64)):
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            raise ValueError("rcc_pool: the pick's arrays are contiguous float32 / int64")
+    if first + (Q - 1) * stride + g > min(len(best_v), len(best_k), len(offsets), len(counts)):
+        raise ValueError("rcc_pool: the pick's chunks run past its arrays")
+    if R >= ROW_ALIGN and (R % ROW_ALIGN or row0 % ROW_ALIGN):
+        raise ValueError(f"rcc_pool: the pick's rows are runs of {ROW_ALIGN} (or fewer than {ROW_ALIGN} from 0)")
+    if counts[first : first + (Q - 1) * stride + g].max() > len(log_times):
+        raise ValueError("rcc_pool: a count beyond the arrival times")
+    _native().pick(native.address(scores), Q, g, R, row0, first, stride, native.address(offsets),
+                   native.address(counts), native.address(log_times), native.address(best_v),
+                   native.address(best_k), threads)
 
 
 # ------------------------------------------------------------------------------- decoding
@@ -623,19 +578,20 @@ def samples(plan: StagePlan, indices: np.ndarray) -> np.ndarray:
     """The standardised sample u (float32 [D]) that a stage's chunk indices select: chunk c's
     dims get the first d_c columns of row indices[c] XOR r_c of its pool (exact: the same bits
     on every machine; what the decoder makes, and the encoder after its search)."""
-    indices = np.asarray(indices, dtype=np.int64)
+    indices = np.ascontiguousarray(indices, dtype=np.int64)
     if len(indices) != plan.num_chunks or (indices < 0).any():
         raise ValueError(f"rcc_pool: {len(indices)} indices for {plan.num_chunks} chunks")
-    if not _use_numba():
+    if not _use_native():
         return samples_torch(plan, indices).numpy()
-    K.sync_threads()
-    keys = plan.pool_keys()[np.arange(plan.num_chunks) // plan.chunks_per_pool]
+    native.sync_threads()
+    keys, offsets, bounds, perm, G, m = plan._sample_args[1]
     out = np.empty(len(plan.perm), dtype=np.float32)
-    args = (keys, indices ^ plan.offsets, np.diff(plan.bounds), plan.bounds[:-1], plan.draws_per_row, plan.perm)
+    args = (keys, G, native.address(indices), offsets, bounds, m, perm)
+    kernels, threads = _native(), native.threads(len(out))
     if plan.normals == "table":
-        _table_sample_kernel(len(plan.perm), *args, normal_table(), out)
+        kernels.table_samples(*args, _table_address(), native.address(out), threads)
     else:
-        _sample_kernel(len(plan.perm), *args, out)
+        kernels.samples(*args, native.address(out), threads)
     return out
 
 
@@ -655,11 +611,11 @@ def pool_rows_torch(keys: torch.Tensor, rows: torch.Tensor, h: int, normals: str
 
 
 def _keys_tensor(plan: StagePlan, device: torch.device | str) -> torch.Tensor:
-    return torch.tensor([_signed(int(k)) for k in plan.pool_keys()], dtype=torch.int64, device=device)
+    return torch.tensor([_signed(int(k)) for k in plan._keys], dtype=torch.int64, device=device)
 
 
 def samples_torch(plan: StagePlan, indices: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`samples` in torch (the twin of the numba kernel: the same bits): float32 [D] on ``device``."""
+    """`samples` in torch (the twin of the C kernel: the same bits): float32 [D] on ``device``."""
     h, m = plan.draws_per_row, plan.num_chunks
     keys = _keys_tensor(plan, device)[torch.arange(m, device=device) // plan.chunks_per_pool]
     rows = torch.as_tensor(np.asarray(indices, dtype=np.int64) ^ plan.offsets, device=device)
@@ -733,17 +689,18 @@ def select(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | N
     ties keep the smaller k). ``a``, ``b``:
     `log_weight_coefficients` [D]. A pool's rows run to the largest count of its chunks (at
     least N): rows k XOR r_c, k < count, lie there as r_c < N. On the CPU: blocks of rows of a
-    few pools at a time, made by numba, scored by one batched float32 matrix product (torch),
-    minima picked by numba; every thread works on each step. On another device (a GPU), or
-    without numba: `select_torch`."""
-    if torch.device(device).type != "cpu" or not _use_numba():
+    few pools at a time, made by the C kernels, scored by one batched float32 matrix product
+    (torch), minima picked by the C kernels; every thread works on each step. On another
+    device (a GPU), or without the C kernels' library: `select_torch`."""
+    if torch.device(device).type != "cpu" or not _use_native():
         return select_torch(plan, a, b, counts, rule=rule, device=device)
-    K.sync_threads()
+    native.sync_threads()
     h, G, m, P = plan.draws_per_row, plan.chunks_per_pool, plan.num_chunks, plan.num_pools
     counts, pool_rows = _counts_and_rows(plan, counts)
+    counts, offsets = _i64(counts), _i64(plan.offsets)
     coef = _coefficients(plan, a, b)
-    log_times = _log_times(plan, int(pool_rows.max()), rule)
-    keys = plan.pool_keys()
+    log_times = np.ascontiguousarray(_log_times(plan, int(pool_rows.max()), rule), dtype=np.float32)
+    keys = plan._keys
     best_v = np.full(m, np.inf, dtype=np.float32)
     best_k = np.zeros(m, dtype=np.int64)
     p0 = 0
@@ -756,14 +713,11 @@ def select(plan: StagePlan, a: np.ndarray, b: np.ndarray, counts: np.ndarray | N
         buf = np.empty((q, 2 * plan.row_width, rows), dtype=np.float32)
         scores = torch.empty((q, g, rows), dtype=torch.float32)
         for row0 in range(0, n, rows):
-            work = q * plan.row_width * rows  # normals
-            if plan.normals == "table":
-                _table_rows_kernel(work, keys[p0 : p0 + q], row0, h, normal_table(), buf)
-            else:
-                _rows_kernel(work, keys[p0 : p0 + q], row0, h, buf)
+            native_rows(keys[p0 : p0 + q], row0, h, rows, plan.normals, native.threads(q * plan.row_width * rows),
+                        buf)
             torch.bmm(coef[p0 : p0 + q, :g], torch.from_numpy(buf), out=scores)
-            _pick_kernel(q * g * rows, scores.numpy(), row0, p0 * G, G, plan.offsets, counts, log_times, best_v,
-                         best_k)
+            native_pick(scores.numpy(), row0, p0 * G, G, offsets, counts, log_times, best_v, best_k,
+                        native.threads(q * g * rows))
         p0 += q
     return best_k
 
