@@ -55,7 +55,7 @@ class _ExactAffine(nn.Module):
         w_int, w_shift = exact.quantize(weight.detach().reshape(out_features, fan_in), self.weight_bits, dims=(1,))
         self.register_buffer("w_int", w_int)
         self.register_buffer("w_scale", exact.pow2(-w_shift).reshape(out_features))
-        b = torch.zeros(out_features, dtype=exact.F64) if bias is None else bias.detach().to(exact.F64)
+        b = torch.zeros(out_features, dtype=exact.F64) if bias is None else bias.detach().to(exact.F64, copy=True)
         self.register_buffer("bias", b)
 
     def _finish(self, acc: torch.Tensor, x_shift: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -171,8 +171,8 @@ class ExactGroupNorm(nn.Module):
     def __init__(self, norm: nn.GroupNorm) -> None:
         super().__init__()
         self.num_groups, self.eps = norm.num_groups, float(norm.eps)
-        self.register_buffer("weight", norm.weight.detach().to(exact.F64))
-        self.register_buffer("bias", norm.bias.detach().to(exact.F64))
+        self.register_buffer("weight", norm.weight.detach().to(exact.F64, copy=True))
+        self.register_buffer("bias", norm.bias.detach().to(exact.F64, copy=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = exact.as_f64(x)
@@ -282,12 +282,25 @@ def _float64_input(module: nn.Module, args: tuple) -> tuple:
     return (x.to(exact.F64), *rest)
 
 
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree on the CPU, in eval mode, for the exact networks to
+    swap their layers into. A CPU model's copy holds the original's parameters and buffers
+    themselves, not copies: the swaps read the weights into integer or binary64 layers and
+    drop the float layers, so a copy of the weights would only raise the build's peak memory
+    (by the weights' size: 34 MiB for the default model). A model elsewhere (a GPU) is copied
+    whole and moved, leaving the original where it is."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.device.type != "cpu" for t in tensors):
+        return copy.deepcopy(model).to("cpu").eval()
+    return copy.deepcopy(model, {id(t): t for t in tensors}).eval()
+
+
 def exact_network(model: UNet) -> UNet:
     """A copy of ``model`` (left untouched) computing under the exact contract, on the CPU,
     in eval mode; move it with ``.to(device)``. Inputs may be any float dtype; outputs float64."""
     if not isinstance(model, UNet):
         raise TypeError(f"exact_network: expected a diffcodec UNet, got {type(model).__name__}")
-    net = copy.deepcopy(model).to("cpu").eval()
+    net = cpu_copy(model)
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             swap = _SWAPS.get(type(child))

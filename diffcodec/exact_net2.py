@@ -35,7 +35,6 @@ GroupNorm, SiLU and convolution after it fuse), the rest leaf by leaf. Output: f
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -44,7 +43,7 @@ from torch import nn
 from diffcodec import exact, native
 from diffcodec import exact2_kernels as K
 from diffcodec.exact2_products import IntConv
-from diffcodec.exact_net import ExactTimestepEmbedding
+from diffcodec.exact_net import ExactTimestepEmbedding, cpu_copy
 from diffcodec.unet import AttnBlock, Downsample, ResBlock, TimestepEmbedding, UNet, Upsample
 
 
@@ -71,7 +70,7 @@ class ExactConv2(nn.Module):
         ph, pw = conv.padding
         self.int_conv = IntConv(conv, pads if pads is not None else (ph, pw, ph, pw))
         self.out_channels = conv.out_channels
-        b = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach().to("cpu", torch.float32)
+        b = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach().to("cpu", torch.float32, copy=True)
         self.register_buffer("bias32", b)
         self.register_buffer("bias64", b.to(torch.float64))
 
@@ -135,8 +134,8 @@ class _NormAct(nn.Module):
     def __init__(self, norm: nn.GroupNorm, silu: bool) -> None:
         super().__init__()
         self.groups, self.eps, self.silu = norm.num_groups, float(norm.eps), silu
-        self.register_buffer("weight", norm.weight.detach().to("cpu", torch.float64))
-        self.register_buffer("bias", norm.bias.detach().to("cpu", torch.float64))
+        self.register_buffer("weight", norm.weight.detach().to("cpu", torch.float64, copy=True))
+        self.register_buffer("bias", norm.bias.detach().to("cpu", torch.float64, copy=True))
 
     def operand(self, x: torch.Tensor, form: str, scale: torch.Tensor | None = None,
                 shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +294,7 @@ def exact_network2(model: UNet) -> UNet:
     mode; move it with ``.to(device)``. Inputs may be any float dtype; outputs float64."""
     if not isinstance(model, UNet):
         raise TypeError(f"exact_network2: expected a diffcodec UNet, got {type(model).__name__}")
-    net = copy.deepcopy(model).to("cpu").eval()
+    net = cpu_copy(model)
     net.norm_out = ExactHead2(net.norm_out, net.conv_out)
     net.act_out, net.conv_out = nn.Identity(), nn.Identity()
     blocks = [m for m in net.modules() if isinstance(m, ResBlock)]

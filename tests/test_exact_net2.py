@@ -426,9 +426,14 @@ def test_exact_network2_is_close_to_the_float64_network(config):
 def test_exact_network2_leaves_the_model_alone_and_keeps_no_float_layers():
     model = random_model(TINY, seed=1)
     before = copy.deepcopy(model.state_dict())
+    tensors = [*model.parameters(), *model.buffers()]
     net = exact_network2(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(p.numel() for p in net.parameters())
+    # built from the model's own tensors (`exact_net.cpu_copy`: no copy of the weights), none kept
+    assert [*model.parameters(), *model.buffers()] == tensors
+    addresses = {t.data_ptr() for t in tensors}
+    assert not any(b.data_ptr() in addresses for b in net.buffers())
     kinds = {type(m).__name__ for m in net.modules()}
     assert not kinds & {"Conv2d", "Linear", "GroupNorm", "ResBlock", "AttnBlock", "Downsample", "Upsample", "SiLU"}
     with pytest.raises(TypeError):
