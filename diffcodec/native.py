@@ -45,8 +45,11 @@ def _path(name: str, level: str) -> str | None:
 
 
 def _stale(path: str, name: str, folder: Path = Path(__file__).with_name("csrc")) -> bool:
-    """A library older than its sources (an editable install whose C changed since its build;
-    an installed package has no sources beside it)."""
+    """A library older than its sources: a source checkout (setup.py beside the package: an
+    editable install, or a build in place) whose C changed since its build. An installed
+    package is never stale (its files' times are the installer's)."""
+    if not (folder.parent.parent / "setup.py").is_file():
+        return False
     built = os.path.getmtime(path)
     sources = [folder / f"{name}.c", folder / "kernels.h", folder / "module.c"]
     return any(s.is_file() and s.stat().st_mtime > built for s in sources)

@@ -54,13 +54,17 @@ def test_switched_off_every_kernel_runs_its_twin():
 
 
 @built
-def test_a_library_older_than_its_sources_is_stale(tmp_path):
+def test_a_library_older_than_its_sources_is_stale_in_a_source_checkout_only(tmp_path):
     path = native._path("exact2", native.level("exact2"))
-    (tmp_path / "exact2.c").write_text("/* newer */")
+    sources = tmp_path / "diffcodec" / "csrc"
+    sources.mkdir(parents=True)
+    (sources / "exact2.c").write_text("/* newer */")
+    assert not native._stale(path, "exact2", sources)  # no setup.py: an installed package
+    (tmp_path / "setup.py").write_text("")
     assert not native._stale(path, "exact2", tmp_path / "missing")
-    assert native._stale(path, "exact2", tmp_path)
-    os.utime(tmp_path / "exact2.c", (time.time() - 1e8, time.time() - 1e8))
-    assert not native._stale(path, "exact2", tmp_path)
+    assert native._stale(path, "exact2", sources)
+    os.utime(sources / "exact2.c", (time.time() - 1e8, time.time() - 1e8))
+    assert not native._stale(path, "exact2", sources)
 
 
 def test_threads_follow_torch_for_large_work_only(monkeypatch):
