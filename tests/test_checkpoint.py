@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffcodec.checkpoint import fingerprint, load_checkpoint, read_checkpoint, save_checkpoint
+from diffcodec.checkpoint import build_model, fingerprint, load_checkpoint, read_checkpoint, save_checkpoint
 from diffcodec.cli import main
 from diffcodec.config import ModelConfig, model_config_problem, show
 from diffcodec.errors import DiffcodecError
@@ -24,6 +24,21 @@ def test_round_trip_keeps_weights_config_and_fingerprint(tmp_path):
         assert p.dtype == torch.float32
         assert torch.equal(p, model.state_dict()[name].half().float())
     assert not loaded.model.training
+
+
+def test_a_model_is_built_on_its_weights_without_a_copy_or_an_initialisation():
+    """`build_model` makes the UNet on the meta device and takes the state's float32 tensors
+    themselves; every parameter is real, trainable, and the model computes as one built the
+    usual way."""
+    model, mc, _ = tiny_model(seed=5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    built = build_model(mc, state, "<test>")
+    params = dict(built.named_parameters())
+    assert all(params[k].data_ptr() == state[k].data_ptr() for k in params)
+    assert all(not t.is_meta and t.requires_grad for t in params.values()) and not built.training
+    x, t = torch.randn(2, mc.in_channels, mc.image_size, mc.image_size), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(built(x, t), model(x, t))
 
 
 def test_fingerprint_changes_with_any_weight():
