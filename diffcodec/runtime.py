@@ -208,6 +208,29 @@ def _weights_state(model: torch.nn.Module) -> tuple | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not platform.system() == "Linux":
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+    Building an exact network frees a float64 and an int64 copy of every weight between the
+    integer weights it keeps, and glibc keeps such freed pages resident: after the default
+    model's build about 120 MiB of them, which raised the process's peak by as much (measured:
+    resident 407 MiB after the build, 286 after a trim)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _cached_exact_network(model: torch.nn.Module, contract: int | None,
                           device: torch.device | str | None) -> torch.nn.Module:
     """`exact_network_of` ``model`` on ``device``, made once for as long as ``model`` and its
@@ -224,6 +247,7 @@ def _cached_exact_network(model: torch.nn.Module, contract: int | None,
         return hit[2]
     net = exact_network_of(model, contract)
     net = net.to(device) if device is not None else net
+    release_freed_memory()
     _EXACT_CACHE.clear()
     if state is None:
         return net
