@@ -80,8 +80,7 @@ class _Lib:
         P, I, F = native.ptr, native.i64, native.f64
 
         def fn(symbol: str, *argtypes):
-            f = getattr(lib, symbol)
-            f.argtypes, f.restype = list(argtypes), ctypes.c_int
+            f = native.bind(lib, symbol, *argtypes, restype=ctypes.c_int)
 
             def call(*args) -> None:
                 if f(*args) != 0:
@@ -111,9 +110,7 @@ class _Lib:
         self.quantize_heads = fn("dc_quantize_heads", P, I, I, I, I, I, P, P, I)
         self.silu64 = fn("dc_silu64", P, P, I, I)
         self.silu32 = fn("dc_silu32", P, P, I, I)
-        constants = lib.dc_exact2_constants
-        constants.argtypes, constants.restype = [P], native.i64
-        self.constants = constants
+        self.constants = native.bind(lib, "dc_exact2_constants", P, restype=native.i64)
 
 
 _C = _Lib(native.library("exact2")) if NATIVE_ON else None

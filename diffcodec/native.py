@@ -29,7 +29,7 @@ _TORCH_LEVELS = {"AVX512": 4, "AVX2": 3}  # torch.backends.cpu.get_cpu_capabilit
 OFF = os.environ.get("DIFFCODEC_NO_NATIVE", "") != ""
 """DIFFCODEC_NO_NATIVE was set when diffcodec was imported: only the torch twins run."""
 
-i64, f64, f32, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_float, ctypes.c_void_p
+i64, f64, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 
 
 def _torch_level() -> int:
@@ -96,17 +96,8 @@ def level(name: str) -> str | None:
     return None if lib is None else Path(lib._name).name.split(".")[0].rsplit("_", 1)[1]
 
 
-def openmp(name: str) -> bool:
-    """Whether `library(name)` can run on several threads (built with OpenMP)."""
-    lib = library(name)
-    return lib is not None and bool(lib.dc_openmp())
-
-
-def function(name: str, symbol: str, *argtypes, restype=None):
-    """The function ``symbol`` of `library(name)` with its C argument types, or None without a library."""
-    lib = library(name)
-    if lib is None:
-        return None
+def bind(lib: ctypes.CDLL, symbol: str, *argtypes, restype=None):
+    """``lib``'s function ``symbol`` with its C argument and result types (ctypes)."""
     fn = getattr(lib, symbol)
     fn.argtypes, fn.restype = list(argtypes), restype
     return fn

@@ -210,7 +210,7 @@ def _weights_state(model: torch.nn.Module) -> tuple | None:
 
 @functools.lru_cache(maxsize=1)
 def _malloc_trim() -> Callable[[int], int] | None:
-    if not platform.system() == "Linux":
+    if platform.system() != "Linux":
         return None
     try:
         import ctypes

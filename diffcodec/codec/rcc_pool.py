@@ -465,11 +465,7 @@ class _Native:
     def __init__(self, lib) -> None:
         p, i = native.ptr, native.i64
 
-        def fn(name, *argtypes):
-            f = getattr(lib, name)
-            f.argtypes, f.restype = list(argtypes), None
-            return f
-
+        fn = functools.partial(native.bind, lib)
         self.constants = fn("dc_rcc_constants", p, p)
         self.draws = fn("dc_rcc_draws", ctypes.c_uint64, p, i, p)  # key, counters, n, out
         self.box_muller = fn("dc_rcc_box_muller", p, i, p, p, i)  # z, n, lo, hi, threads

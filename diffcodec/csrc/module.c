@@ -25,12 +25,3 @@ __attribute__((visibility("default"))) int dc_cpu_level(void) {
     return 1;
 #endif
 }
-
-/* 1 where the kernels were built with OpenMP (threads), else 0. */
-__attribute__((visibility("default"))) int dc_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
