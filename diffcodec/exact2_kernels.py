@@ -20,9 +20,9 @@ twins give the same bits.
 An integer operand comes in one of two forms (`exact2_products` picks one per layer for
 speed; the integers, hence the results, are the same):
 
-- STACKED, uint8 [B, P, 2C]: each integer as two parts a = 128 a_hi + a_lo with a_hi in
-  [-63, 63] and a_lo in [-64, 63], stored as a_hi + 64 (channels 0..C-1) and a_lo + 64
-  (channels C..2C-1): the input of oneDNN's int8 convolution (zero point 64);
+- PLANES, uint8 [2, B, P, C]: each integer as two parts a = 128 a_hi + a_lo with a_hi in
+  [-63, 63] and a_lo in [-64, 63], stored as a_hi + 64 (plane 0) and a_lo + 64 (plane 1):
+  each plane an input of oneDNN's int8 convolution (zero point 64);
 - VALUES, binary64 [B, P, C]: the integers themselves, for a binary64 matrix product.
 
 Tensors: activations are binary32 [B, P, C] (channels-last: P pixels, C channels); per-image
@@ -44,8 +44,8 @@ QMAX = 8063
 a_hi = floor((a + 64) / 128) within [-63, 63] for every |a| <= QMAX."""
 PART_BITS = 7
 PART_SCALE = 1 << PART_BITS  # a = PART_SCALE a_hi + a_lo
-ZERO_POINT = 64  # a STACKED part p is stored as the uint8 p + 64, in [1, 127]
-STACKED, VALUES = "stacked", "values"
+ZERO_POINT = 64  # a PLANES part p is stored as the uint8 p + 64, in [1, 127]
+PLANES, VALUES = "planes", "values"
 SILU_MIN = -0.27846454276107380  # min over y of y sigmoid(y) (at y = -1.27846454276...), a literal
 SILU_ARGMIN = -1.2784645427610738
 
@@ -87,7 +87,7 @@ class _Lib:
                     raise MemoryError(f"exact2 kernel {symbol}: out of memory for its scratch arrays")
             return call
 
-        forms = (STACKED, VALUES)
+        forms = (PLANES, VALUES)
         self.absmax_f32 = fn("dc_absmax_f32", P, I, I, I, I, P, I)
         self.quantize = {(dt, form): fn(f"dc_quantize_{dt}_{form}", P, P, P, I, I, I, I, I)
                          for dt in ("f32", "f64") for form in forms}
@@ -101,11 +101,8 @@ class _Lib:
         self.group_norm = {(silu, form): fn(f"dc_group_norm{'_silu' if silu else ''}_{form}", P, I, I, P, P, F, P, P,
                                             I, P, P, I, I, I, I, I)
                            for silu in (True, False) for form in forms}
-        names = {0: "values", 2: "blocks2", 3: "blocks3"}
-        self.epilogue = {blocks: fn(f"dc_epilogue_{name}", P, I, I, I, P, I, P, P, P, P, I, P, I)
-                         for blocks, name in names.items()}
-        self.epilogue64 = {blocks: fn(f"dc_epilogue_{name}_f64", P, I, I, I, P, I, P, P, P, I)
-                           for blocks, name in names.items()}
+        self.epilogue = fn("dc_epilogue", P, P, P, I, I, I, P, I, P, P, P, P, I, P, I)
+        self.epilogue64 = fn("dc_epilogue_f64", P, P, P, I, I, I, P, I, P, P, P, I)
         self.softmax_weights = fn("dc_softmax_weights", P, P, I, I, F, P, I)
         self.quantize_heads = fn("dc_quantize_heads", P, I, I, I, I, I, P, P, I)
         self.silu64 = fn("dc_silu64", P, P, I, I)
@@ -171,13 +168,17 @@ def _quantize_torch(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def _as_form(a: torch.Tensor, form: str) -> torch.Tensor:
     if form == VALUES:
         return a.to(torch.float64)
-    hi, lo = split(a)
-    return torch.cat([hi, lo], dim=-1).add_(ZERO_POINT).to(torch.uint8)
+    return torch.stack(split(a)).add_(ZERO_POINT).to(torch.uint8)
 
 
 def _empty_form(shape: tuple[int, int, int], form: str) -> torch.Tensor:
     b, p, c = shape
-    return torch.empty((b, p, 2 * c), dtype=torch.uint8) if form == STACKED else torch.empty(shape, dtype=torch.float64)
+    return torch.empty((2, b, p, c), dtype=torch.uint8) if form == PLANES else torch.empty(shape, dtype=torch.float64)
+
+
+def grid(operand: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """An operand [..., P, C] in either form (P = h w pixels) viewed as [..., h, w, C]."""
+    return operand.view(*operand.shape[:-2], h, w, operand.shape[-1])
 
 
 def quantize(x: torch.Tensor, r: torch.Tensor, form: str) -> torch.Tensor:
@@ -379,22 +380,31 @@ def group_norm_operand(x: torch.Tensor, groups: int, weight: torch.Tensor, bias:
     return out, s
 
 
-def epilogue(G: torch.Tensor, blocks: int, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
+Sums = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""A layer's integer sums as `epilogue` takes them: the sums v themselves, or two int8 products."""
+
+
+def epilogue(G: Sums, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
              *, add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              float64: bool = False) -> torch.Tensor:
-    """A layer's output rows [M, N] from its products G (`exact2_products`): ``blocks`` = 2 or
-    3, the int8 convolution's output blocks [M, blocks N] (binary32 integers) whose sum is
-    v = 1024 G0 + 8 (G1 [+ G2]); ``blocks`` = 0, the sums v [M, N] themselves (binary64).
-    With b = row // pixels and the binary64 scale S = s_x[b] s_w[n] (the values of one input
-    and one weight integer): y = fl32(v S) + bias[n]; then y + add[b, n] (``add``) or
-    residual[row, n] + y (``residual``), each one binary32 rounding. ``float64``:
-    y = v S + bias[n] in binary64 (the output layer; no add or residual)."""
+    """A layer's output rows [M, N] from its products G (`exact2_products`): the sums v
+    [M, N] themselves (binary64), or the int8 products (Gh [M, 2N], Gl [M, N]) (binary32
+    integers: a_hi's with w_hi and with 16 w_lo, a_lo's with w_hi) whose sum is
+    v = 1024 Gh[:, :N] + 8 (Gh[:, N:] + Gl). With b = row // pixels and the binary64 scale
+    S = s_x[b] s_w[n] (the values of one input and one weight integer): y = fl32(v S) +
+    bias[n]; then y + add[b, n] (``add``) or residual[row, n] + y (``residual``), each one
+    binary32 rounding. ``float64``: y = v S + bias[n] in binary64 (the output layer; no add
+    or residual)."""
     if add is not None and residual is not None:
         raise ValueError("epilogue: add or residual, not both")
-    m, n = (G.shape[0], G.shape[1] // blocks) if blocks else G.shape
+    parts = isinstance(G, tuple)
+    m, n = G[1].shape if parts else G.shape
+    if parts and G[0].shape != (m, 2 * n):
+        raise ValueError(f"epilogue: products {tuple(G[0].shape)} and {tuple(G[1].shape)} do not match")
     if s_x.dtype != torch.float64 or s_w.dtype != torch.float64:
         s_x, s_w = s_x.to(torch.float64), s_w.to(torch.float64)
-    if (use_native(G) and G.dtype == (torch.float32 if blocks else torch.float64)
+    first = G[0] if parts else G
+    if (use_native(first) and all(g.dtype == (torch.float32 if parts else torch.float64) for g in (G if parts else [G]))
             and (float64 or all(t is None or t.dtype == torch.float32 for t in (bias, add, residual)))):
         nb = s_x.shape[0]
         if m > nb * pixels or (add is not None and add.shape != (nb, n)) or (
@@ -402,23 +412,25 @@ def epilogue(G: torch.Tensor, blocks: int, pixels: int, s_x: torch.Tensor, s_w: 
             raise ValueError(f"epilogue: {m} rows of {pixels} pixels, {nb} scales, add "
                              f"{None if add is None else tuple(add.shape)}, residual "
                              f"{None if residual is None else tuple(residual.shape)}")
-        G, s_x, s_w = G.contiguous(), s_x.contiguous(), s_w.contiguous()
-        threads = native.threads(G.numel())
+        gv, gh, gl = (None, G[0].contiguous(), G[1].contiguous()) if parts else (G.contiguous(), None, None)
+        s_x, s_w = s_x.contiguous(), s_w.contiguous()
+        threads = native.threads(m * n * (3 if parts else 1))
         if float64:
             out = torch.empty((m, n), dtype=torch.float64)
             bias = bias.to(torch.float64).contiguous()
-            _C.epilogue64[blocks](_ptr(G), m, n, pixels, _ptr(s_x), nb, _ptr(s_w), _ptr(bias), _ptr(out), threads)
+            _C.epilogue64(_opt_ptr(gv), _opt_ptr(gh), _opt_ptr(gl), m, n, pixels, _ptr(s_x), nb, _ptr(s_w),
+                          _ptr(bias), _ptr(out), threads)
             return out
         out = torch.empty((m, n), dtype=torch.float32)
         mode = 1 if add is not None else 2 if residual is not None else 0
         bias = bias.contiguous()  # (each argument held by a name until the call returns)
         add = None if add is None else add.contiguous()
         residual = None if residual is None else residual.contiguous()
-        _C.epilogue[blocks](_ptr(G), m, n, pixels, _ptr(s_x), nb, _ptr(s_w), _ptr(bias),
-                            _opt_ptr(add), _opt_ptr(residual), mode, _ptr(out), threads)
+        _C.epilogue(_opt_ptr(gv), _opt_ptr(gh), _opt_ptr(gl), m, n, pixels, _ptr(s_x), nb, _ptr(s_w), _ptr(bias),
+                    _opt_ptr(add), _opt_ptr(residual), mode, _ptr(out), threads)
         return out
-    v = _sums_torch(G, blocks)
-    rows = torch.arange(m, device=G.device) // pixels
+    v = sums(G)
+    rows = torch.arange(m, device=first.device) // pixels
     S = s_x[rows][:, None] * s_w[None, :]
     if float64:
         return v * S + bias
@@ -430,12 +442,13 @@ def epilogue(G: torch.Tensor, blocks: int, pixels: int, s_x: torch.Tensor, s_w: 
     return y
 
 
-def _sums_torch(G: torch.Tensor, blocks: int) -> torch.Tensor:
-    """The sums v in binary64 (exact: integers below 2^53)."""
-    if not blocks:
+def sums(G: Sums) -> torch.Tensor:
+    """The sums v [M, N] of `epilogue`'s products, in binary64 (exact: integers below 2^53)."""
+    if not isinstance(G, tuple):
         return G.to(torch.float64)
-    g = G.to(torch.float64).chunk(blocks, dim=1)
-    return g[0] * 1024.0 + (g[1] if blocks == 2 else g[1] + g[2]) * 8.0
+    hi, lo = G[0].to(torch.float64), G[1].to(torch.float64)
+    n = lo.shape[1]
+    return hi[:, :n] * 1024.0 + (hi[:, n:] + lo) * 8.0
 
 
 def softmax_weights(scores: torch.Tensor, c: torch.Tensor, weight_bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,26 +8,28 @@ of its quantized input window (14-bit a, |a| <= QMAX = 8063, in parts a = 128 a_
 a_hi in [-63, 63], a_lo in [-64, 63]: `exact2_kernels`) and its quantized weights (10-bit w,
 |w| <= `WMAX`, per output channel, in parts w = 8 w_hi + w_lo, w_hi in [-63, 63], w_lo in
 [-4, 3]: `IntWeights`). The dropped a_lo w_lo (at most 256 a term, below the rounding of
-a 14-bit a times a 10-bit w) is what lets the int8 products below carry the rest in two
-output blocks instead of four:
+a 14-bit a times a 10-bit w) is what lets the int8 products below carry the rest in three
+products of the layer's size instead of four:
 
-    v = 1024 sum a_hi w_hi + 8 sum (a_hi (16 w_lo) + a_lo w_hi).
+    v = 1024 sum a_hi w_hi + 8 (sum a_hi (16 w_lo) + sum a_lo w_hi).
 
 Operand widths chosen by measurement (bench.exact_bits, reports/exact.md): 13-bit
 activations with 10-bit weights cost +0.004 % of the bound against float32. Two backends give
 the same integers, chosen per layer for speed (`IntConv.form`):
 
-- STACKED (the CPU, when oneDNN's int8 convolution is there and passes `qconv_verified`):
-  the operand's parts stacked along the channels as uint8 (zero point 64), and one int8
-  convolution over those 2C channels with output blocks (w_hi | 0) and (16 w_lo | w_hi)
-  (fan-in K <= 2080), or (w_hi | 0), (16 w_lo | 0) and (0 | w_hi) (K <= `QCONV_MAX_FAN_IN`),
-  written as binary32 with output scale 1 and no bias. Each output is an integer below 2^24
-  in magnitude (K 63 63; 2 K 63 64 for the joint block), so binary32 holds it exactly.
-  oneDNN's int8 kernels accumulate in int32 (VNNI, AMX) or add pairs of u8 x s8 products in
-  int16 with saturation (vpmaddubsw: AVX2 and AVX-512 without VNNI); every operand here is
-  u8 in [0, 127] or s8 in [-64, 63], so each pair stays below 2^15 (2 x 127 x 64) and no
-  kernel saturates (measured: operands at the int8 extremes do saturate under those
-  instruction sets; bench.int8_saturation).
+- PLANES (the CPU, when oneDNN's int8 convolution is there and passes `qconv_verified`):
+  the operand's parts as two uint8 planes (zero point 64: `exact2_kernels.PLANES`) and two
+  int8 convolutions, a_hi's with the 2N output channels (w_hi ; 16 w_lo) and a_lo's with
+  w_hi, written as binary32 with output scale 1 and no bias. Each output sums K products of
+  magnitude at most 63 x 64, an integer below 2^24 for fan-ins K <= `QCONV_MAX_FAN_IN`, so
+  binary32 holds it exactly. oneDNN's int8 kernels accumulate in int32 (VNNI, AMX) or add
+  pairs of u8 x s8 products in int16 with saturation (vpmaddubsw: AVX2 and AVX-512 without
+  VNNI); every operand here is u8 in [0, 127] or s8 in [-64, 63], so each pair stays below
+  2^15 (2 x 127 x 64) and no kernel saturates (measured: operands at the int8 extremes do
+  saturate under those instruction sets; bench.int8_saturation). (Until 2026-12-07 the
+  parts were stacked along the channels into one convolution over 2C channels, with a
+  block of zero weights (2 or 3 output blocks); the same integers, 1.2-2x more work:
+  reports/exact.md.)
 - VALUES (a GPU, a CPU without the int8 convolution, fan-ins above 4161): the integers themselves in binary64, an im2col, and one
   binary64 product of [a | a_lo] with [w ; -w_lo]: every partial sum an integer below 2^53,
   exact in any order, on any BLAS, thread count or device.
@@ -48,10 +50,8 @@ WMAX = 507
 """Largest magnitude of a quantized weight: 8 w_hi + w_lo with w_hi = floor((w + 4) / 8) in
 [-63, 63] and w_lo in [-4, 3]; 10 bits."""
 W_PART_SCALE = 8
-TWO_BLOCK_MAX_FAN_IN = 2080
-"""Largest fan-in whose joint block sum (|.| <= 2 K 63 64) binary32 holds exactly."""
 QCONV_MAX_FAN_IN = 4161
-"""Largest fan-in whose block sums (|.| <= K 63 64) binary32 holds exactly."""
+"""Largest fan-in whose int8 products (|.| <= K 63 64) binary32 holds exactly."""
 INT8_OFF = bool(os.environ.get("DIFFCODEC_NO_INT8"))
 """DIFFCODEC_NO_INT8=1 when diffcodec was imported: the VALUES products everywhere (a GPU's
 path, on a CPU), read once."""
@@ -92,14 +92,13 @@ def _qconv_pack(w8: torch.Tensor, stride: int, padding: int):
 def qconv_verified() -> bool:
     """Whether oneDNN's int8 convolution is here and computes exact integer sums: once per
     process, on operands at the ranges' extremes and random ones, 3x3 (stride 1 and 2) and
-    1x1 kernels (also on one pixel), 6 to 448 channels (3 stacked in parts: the first
-    convolution), fan-ins up to 4032, against binary64 products of the same integers. False
+    1x1 kernels (also on one pixel), 3 to 448 channels, fan-ins up to 4032, against binary64 products of the same integers. False
     (the VALUES path everywhere) when the op is missing, raises, or differs anywhere."""
     if _onednn_qconv() is None:
         return False
     g = torch.Generator().manual_seed(0x5EED)
     try:
-        for c, n, size, k, stride in ((6, 8, 7, 3, 1), (16, 8, 7, 3, 1), (24, 16, 9, 3, 2), (40, 24, 5, 1, 1),
+        for c, n, size, k, stride in ((3, 8, 7, 3, 1), (6, 8, 7, 3, 1), (16, 8, 7, 3, 1), (24, 16, 9, 3, 2), (40, 24, 5, 1, 1),
                                       (448, 8, 4, 3, 1), (256, 40, 1, 1, 1)):
             for case in range(3):
                 if case == 0:  # every operand at its most negative or most positive
@@ -126,7 +125,7 @@ class IntWeights(torch.nn.Module):
     w = clamp(rint(w_float WMAX / max |w_n|)), in parts w = 8 w_hi + w_lo (int8 [N, K] each,
     fan-in ordered kernel row, kernel column, channel, as `im2col`), with the value of one
     integer per channel, max |w_n| / WMAX (binary64 [N]). `values`: [w ; -w_lo] in binary64
-    [2K, N] for the VALUES product (made at first use); `blocks`: the int8 convolution's
+    [2K, N] for the VALUES product (made at first use); `parts`: the int8 convolutions'
     weights (module docstring), made at first use."""
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -155,19 +154,13 @@ class IntWeights(torch.nn.Module):
             self._values = torch.cat([self.ints, -self.lo.to(torch.int64)], dim=1).to(torch.float64).T.contiguous()
         return self._values
 
-    def blocks(self, fan_in: int) -> tuple[torch.Tensor, int]:
-        """The int8 convolution's weights [nb N, 2C, kh, kw] over the stacked (a_hi | a_lo)
-        channels, and the number of output blocks nb (2 up to `TWO_BLOCK_MAX_FAN_IN`, else 3)."""
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 convolutions' weights: (w_hi ; 16 w_lo) [2N, C, kh, kw] for a_hi's plane
+        and w_hi [N, C, kh, kw] for a_lo's."""
         n = self.hi.shape[0]
         kh, kw = self.kernel
-        as_conv = [t.view(n, kh, kw, -1).permute(0, 3, 1, 2) for t in (self.hi, self.lo)]  # [N, C, kh, kw]
-        hi, lo16 = as_conv[0], as_conv[1] * 16
-        zero = torch.zeros_like(hi)
-        if fan_in <= TWO_BLOCK_MAX_FAN_IN:
-            rows = [torch.cat([hi, zero], 1), torch.cat([lo16, hi], 1)]
-        else:
-            rows = [torch.cat([hi, zero], 1), torch.cat([lo16, zero], 1), torch.cat([zero, hi], 1)]
-        return torch.cat(rows).to(torch.int8).contiguous(), len(rows)
+        hi, lo = [t.view(n, kh, kw, -1).permute(0, 3, 1, 2) for t in (self.hi, self.lo)]  # [N, C, kh, kw]
+        return torch.cat([hi, lo * 16]).contiguous(), hi.contiguous()
 
 
 def values_columns(values: torch.Tensor) -> torch.Tensor:
@@ -191,8 +184,8 @@ def im2col(values: torch.Tensor, k: int, stride: int, pads: tuple[int, int, int,
 
 class IntConv(torch.nn.Module):
     """The integer products of one convolution (module docstring): `products(operand)` ->
-    (G, Ho, Wo, blocks) with G the int8 convolution's nb output blocks [M, nb N] (binary32;
-    blocks = nb) or the sums v themselves [M, N] (binary64; blocks = 0)."""
+    (G, Ho, Wo) with G the two int8 convolutions' outputs (Gh [M, 2N], Gl [M, N], binary32)
+    or the sums v themselves [M, N] (binary64), as `exact2_kernels.epilogue` takes them."""
 
     def __init__(self, conv: torch.nn.Conv2d, pads: tuple[int, int, int, int]) -> None:
         super().__init__()
@@ -200,38 +193,39 @@ class IntConv(torch.nn.Module):
         self.k, self.stride, self.pads = conv.kernel_size[0], conv.stride[0], pads
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.fan_in = self.in_channels * self.k * self.k
-        self._packed: tuple[int, object, int] | None = None  # (thread count, oneDNN's packed weights, blocks)
+        self._packed: tuple[int, object, object] | None = None  # (thread count, oneDNN's packed weights x 2)
         self._cpu_form: str | None = None  # `form` on the CPU, once known
 
     def form(self, device: torch.device) -> str:
-        """STACKED where oneDNN's int8 convolution runs (DIFFCODEC_NO_INT8=1: never, which is
+        """PLANES where oneDNN's int8 convolution runs (DIFFCODEC_NO_INT8=1: never, which is
         a GPU's path on a CPU), else VALUES (decided once per layer for the CPU)."""
         if device.type != "cpu":
             return K.VALUES
         if self._cpu_form is None:
             # every channel count, the first convolution's 3 too (0.14 vs 0.25 ms at batch 1 on this CPU)
-            self._cpu_form = (K.STACKED if self.fan_in <= QCONV_MAX_FAN_IN and not INT8_OFF and qconv_verified()
+            self._cpu_form = (K.PLANES if self.fan_in <= QCONV_MAX_FAN_IN and not INT8_OFF and qconv_verified()
                               else K.VALUES)
         return self._cpu_form
 
-    def products(self, operand: torch.Tensor, up: int = 1) -> tuple[torch.Tensor, int, int, int]:
-        """operand [B, H, W, 2C] uint8 (STACKED) or [B, H, W, C] binary64 (VALUES), on the
+    def products(self, operand: torch.Tensor, up: int = 1) -> tuple[K.Sums, int, int]:
+        """operand [2, B, H, W, C] uint8 (PLANES) or [B, H, W, C] binary64 (VALUES), on the
         input grid upsampled ``up`` times (nearest)."""
         if up > 1:  # nearest upsampling: one copy
-            b, h, w, c = operand.shape
-            operand = operand[:, :, None, :, None, :].expand(b, h, up, w, up, c).reshape(b, h * up, w * up, c)
+            *lead, h, w, c = operand.shape
+            operand = (operand[..., :, None, :, None, :].expand(*lead, h, up, w, up, c)
+                       .reshape(*lead, h * up, w * up, c))
         if operand.dtype == torch.uint8:
             try:
-                return self._stacked_products(operand)
+                return self._int8_products(operand)
             except RuntimeError:  # oneDNN cannot make this primitive (it happens for some channel counts)
                 self._cpu_form = K.VALUES  # oneDNN could not run this layer: VALUES from then on
-                hi, lo = operand.to(torch.float64).sub_(K.ZERO_POINT).chunk(2, dim=3)
+                hi, lo = operand.to(torch.float64).sub_(K.ZERO_POINT)
                 operand = hi.mul_(K.PART_SCALE).add_(lo)  # the same integers as VALUES
         top, left, bottom, right = self.pads
         cols = im2col(values_columns(operand), self.k, self.stride, self.pads)  # (a | a_lo) per tap
         out_h = (operand.shape[1] + top + bottom - self.k) // self.stride + 1
         out_w = (operand.shape[2] + left + right - self.k) // self.stride + 1
-        return torch.mm(cols, self._tap_values()), out_h, out_w, 0
+        return torch.mm(cols, self._tap_values()), out_h, out_w
 
     def _tap_values(self) -> torch.Tensor:
         """`IntWeights.values` reordered for `im2col`'s columns of (a | a_lo): per tap, the C
@@ -240,9 +234,10 @@ class IntConv(torch.nn.Module):
         v = self.weights.values  # [2K, N]: w (tap, channel), then -w_lo (tap, channel)
         return torch.cat([v[:kk * c].view(kk, c, -1), v[kk * c:].view(kk, c, -1)], dim=1).reshape(2 * kk * c, -1)
 
-    def _stacked_products(self, operand: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    def _int8_products(self, operand: torch.Tensor) -> tuple[K.Sums, int, int]:
         top, left, bottom, right = self.pads
-        x = operand.permute(0, 3, 1, 2)  # NCHW, channels-last in memory
+        _, b, h, w, c = operand.shape
+        x = operand.view(2 * b, h, w, c).permute(0, 3, 1, 2)  # both planes as one NCHW batch, channels-last
         if (top, left) != (bottom, right) or top != left:  # asymmetric ('end') padding: pad with the zero point
             x = F.pad(x, (left, right, top, bottom), value=K.ZERO_POINT).contiguous(memory_format=torch.channels_last)
             padding = 0
@@ -250,8 +245,12 @@ class IntConv(torch.nn.Module):
             padding = top
         threads = torch.get_num_threads()
         if self._packed is None or self._packed[0] != threads:  # oneDNN may not run weights packed for others
-            w8, nb = self.weights.blocks(self.fan_in)
-            self._packed = (threads, _qconv_pack(w8, self.stride, padding), nb)
-        _, packed, nb = self._packed
-        y = _qconv_call(packed, x, nb * self.out_channels, self.stride, padding)
-        return y.permute(0, 2, 3, 1).reshape(-1, nb * self.out_channels), y.shape[2], y.shape[3], nb
+            hi_lo, hi = self.weights.parts()
+            self._packed = (threads, _qconv_pack(hi_lo.to(torch.int8), self.stride, padding),
+                            _qconv_pack(hi.to(torch.int8), self.stride, padding))
+        _, w_hi_lo, w_hi = self._packed
+        n = self.out_channels
+        g_hi = _qconv_call(w_hi_lo, x[:b], 2 * n, self.stride, padding)  # a_hi's, [B, 2N, Ho, Wo] channels-last
+        g_lo = _qconv_call(w_hi, x[b:], n, self.stride, padding)  # a_lo's
+        out_h, out_w = g_hi.shape[2], g_hi.shape[3]
+        return (g_hi.permute(0, 2, 3, 1).reshape(-1, 2 * n), g_lo.permute(0, 2, 3, 1).reshape(-1, n)), out_h, out_w

@@ -75,17 +75,18 @@ class ExactConv2(nn.Module):
         self.register_buffer("bias64", b.to(torch.float64))
 
     def form(self, device: torch.device) -> str:
-        """The operand form this layer's products take (`exact2_kernels.STACKED` or `VALUES`)."""
+        """The operand form this layer's products take (`exact2_kernels.PLANES` or `VALUES`)."""
         return self.int_conv.form(device)
 
     def from_operand(self, operand: torch.Tensor, s_x: torch.Tensor, *, up: int = 1,
                      add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                      float64: bool = False) -> torch.Tensor:
-        """The integer operand [B, H, W, 2C or C] with per-image scales s_x [B] -> [B, Ho, Wo, N]."""
-        b = operand.shape[0]
-        G, out_h, out_w, blocks = self.int_conv.products(operand, up)
+        """The integer operand [2, B, H, W, C] (PLANES) or [B, H, W, C] (VALUES) with per-image
+        scales s_x [B] -> [B, Ho, Wo, N]."""
+        b = operand.shape[-4]
+        G, out_h, out_w = self.int_conv.products(operand, up)
         res = None if residual is None else residual.reshape(b * out_h * out_w, self.out_channels)
-        y = K.epilogue(G, blocks, out_h * out_w, s_x, self.int_conv.weights.scale,
+        y = K.epilogue(G, out_h * out_w, s_x, self.int_conv.weights.scale,
                        self.bias64 if float64 else self.bias32, add=add, residual=res, float64=float64)
         return y.view(b, out_h, out_w, self.out_channels)
 
@@ -93,7 +94,7 @@ class ExactConv2(nn.Module):
         """A float input [B, H, W, C] quantized per image by its max |x| -> [B, Ho, Wo, N]."""
         b, h, w, c = x.shape
         operand, s = K.quantize_dynamic(x.reshape(b, h * w, c), self.form(x.device))
-        return self.from_operand(operand.view(b, h, w, -1), s, up=up, residual=residual)
+        return self.from_operand(K.grid(operand, h, w), s, up=up, residual=residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _nchw(self.from_float(_channels_last(x)))
@@ -187,7 +188,7 @@ class ExactResBlock2(nn.Module):
         op1, s1 = self.norm1.operand(flat, self.conv1.form(x.device))
         projections, index = self.projection
         emb = projections.of(temb, index)  # temb_proj(SiLU(temb)), binary32 [B, N or 2N]
-        op1 = op1.view(b, h, w, -1)
+        op1 = K.grid(op1, h, w)
         if self.scale_shift:
             scale, shift = emb.chunk(2, dim=1)
             hid = self.conv1.from_operand(op1, s1)
@@ -196,7 +197,7 @@ class ExactResBlock2(nn.Module):
             hid = self.conv1.from_operand(op1, s1, add=emb)  # norm2(h + emb): the sum is binary32
             op2, s2 = self.norm2.operand(hid.view(b, h * w, -1), self.conv2.form(x.device))
         skip = xc if self.skip is None else self.skip.from_float(xc)
-        out = self.conv2.from_operand(op2.view(b, h, w, -1), s2, residual=skip)  # skip + h
+        out = self.conv2.from_operand(K.grid(op2, h, w), s2, residual=skip)  # skip + h
         return _nchw(out)
 
 
@@ -213,7 +214,7 @@ class ExactAttnBlock2(nn.Module):
         tokens, heads = h * w, self.num_heads
         d = c // heads
         op, s = self.norm.operand(xc.view(b, tokens, c), self.qkv.form(x.device))
-        qkv = self.qkv.from_operand(op.view(b, h, w, -1), s).view(b, tokens, 3, heads, d)
+        qkv = self.qkv.from_operand(K.grid(op, h, w), s).view(b, tokens, 3, heads, d)
         (q, k, v), (sq, sk, sv) = K.quantize_heads(qkv)  # each [B, heads, tokens, d] and [B]
         scores = torch.matmul(q, k.transpose(-1, -2))  # exact: d QMAX^2 < 2^53
         c_rows = ((sq * sk) * (1.0 / math.sqrt(d))).repeat_interleave(heads * tokens)
@@ -258,7 +259,7 @@ class ExactHead2(nn.Module):
         xc = _channels_last(x)
         b, h, w, c = xc.shape
         op, s = self.norm.operand(xc.view(b, h * w, c), self.conv.form(x.device))
-        return _nchw(self.conv.from_operand(op.view(b, h, w, -1), s, float64=True))
+        return _nchw(self.conv.from_operand(K.grid(op, h, w), s, float64=True))
 
 
 _BLOCK_SWAPS = {ResBlock: ExactResBlock2, AttnBlock: ExactAttnBlock2, Downsample: ExactDownsample2,

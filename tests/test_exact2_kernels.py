@@ -145,7 +145,7 @@ def test_quantize_heads_equals_its_twin_and_quantize_dynamic_per_part(twin):
     assert torch.all(fast[0][0, 1] == 0) and fast[1][0, 1] == 0
 
 
-@pytest.mark.parametrize("form", [K.STACKED, K.VALUES])
+@pytest.mark.parametrize("form", [K.PLANES, K.VALUES])
 def test_quantize_equals_its_twin(twin, form):
     for dtype in (torch.float32, torch.float64):
         x = _activations(6, 37, 13, seed=2).to(dtype)
@@ -155,12 +155,12 @@ def test_quantize_equals_its_twin(twin, form):
         _same(*twin(K.quantize_dynamic, x, form))
 
 
-def test_the_stacked_form_holds_the_integers_in_the_parts_ranges():
+def test_the_planes_form_holds_the_integers_in_the_parts_ranges():
     x = _activations(6, 37, 13, seed=2)
-    stacked, s = K.quantize_dynamic(x, K.STACKED)
+    planes, s = K.quantize_dynamic(x, K.PLANES)
     values, s2 = K.quantize_dynamic(x, K.VALUES)
-    assert torch.equal(s, s2) and stacked.dtype == torch.uint8 and stacked.shape == (6, 37, 26)
-    hi, lo = stacked[..., :13].to(torch.int64) - K.ZERO_POINT, stacked[..., 13:].to(torch.int64) - K.ZERO_POINT
+    assert torch.equal(s, s2) and planes.dtype == torch.uint8 and planes.shape == (2, 6, 37, 13)
+    hi, lo = planes.to(torch.int64) - K.ZERO_POINT
     assert int(hi.min()) >= -63 and int(hi.max()) <= 63 and int(lo.min()) >= -64 and int(lo.max()) <= 63
     assert torch.equal((hi * K.PART_SCALE + lo).to(torch.float64), values)
     assert int(values.abs().max()) == K.QMAX
@@ -180,7 +180,7 @@ def test_absmax_group_stats_and_norm_plan_equal_their_twins(twin):
         _same(*twin(K.norm_plan, x, 3, weight, bias, 1e-6, silu, scale, shift))
 
 
-@pytest.mark.parametrize("form", [K.STACKED, K.VALUES])
+@pytest.mark.parametrize("form", [K.PLANES, K.VALUES])
 @pytest.mark.parametrize("silu", [True, False])
 def test_norm_act_and_the_fused_group_norm_equal_their_twins(twin, form, silu):
     x = _activations(6, 50, 8, seed=5)
@@ -213,8 +213,8 @@ def test_im2col_is_the_convolution_s_column_matrix(case):
     assert torch.equal(got, want.permute(0, 2, 3, 1).reshape(-1, 3))
 
 
-def test_int_weights_parts_blocks_and_values():
-    from diffcodec.exact2_products import TWO_BLOCK_MAX_FAN_IN, WMAX, IntWeights
+def test_int_weights_parts_and_values():
+    from diffcodec.exact2_products import WMAX, IntWeights
 
     g = torch.Generator().manual_seed(9)
     w = torch.randn(40, 30, 3, 3, generator=g)
@@ -226,23 +226,27 @@ def test_int_weights_parts_blocks_and_values():
     assert torch.all(ints.abs().amax(dim=1)[iw.scale > 0] == WMAX)  # each channel's max reaches WMAX
     assert int(iw.hi.min()) >= -63 and int(iw.hi.max()) <= 63 and int(iw.lo.min()) >= -4 and int(iw.lo.max()) <= 3
     assert torch.equal(iw.values, torch.cat([ints, -iw.lo.to(torch.int64)], 1).T.to(torch.float64))
-    blocks, nb = iw.blocks(270)
-    assert nb == 2 and blocks.shape == (80, 60, 3, 3) and int(blocks.min()) >= -64 and int(blocks.max()) <= 63
-    hi = iw.hi.view(40, 3, 3, 30).permute(0, 3, 1, 2)
-    assert torch.equal(blocks[:40, :30], hi) and not blocks[:40, 30:].any()  # (w_hi | 0)
-    lo16 = 16 * iw.lo.view(40, 3, 3, 30).permute(0, 3, 1, 2)
-    assert torch.equal(blocks[40:, 30:], hi) and torch.equal(blocks[40:, :30], lo16)  # (16 w_lo | w_hi)
-    assert iw.blocks(TWO_BLOCK_MAX_FAN_IN + 1)[1] == 3
+    hi_lo, hi = iw.parts()
+    assert hi_lo.shape == (80, 30, 3, 3) and hi.shape == (40, 30, 3, 3)
+    assert int(hi_lo.min()) >= -64 and int(hi_lo.max()) <= 63  # the int8 convolutions' non-saturating range
+    assert torch.equal(hi, iw.hi.view(40, 3, 3, 30).permute(0, 3, 1, 2))
+    assert torch.equal(hi_lo, torch.cat([hi, 16 * iw.lo.view(40, 3, 3, 30).permute(0, 3, 1, 2)]))  # (w_hi ; 16 w_lo)
 
 
-@pytest.mark.parametrize("blocks", [0, 2, 3])
+def _int8_products(g: torch.Generator, m: int, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Random int8 products (Gh [m, 2n], Gl [m, n]) binary32 at their bounds' scale, and the
+    sums v they stand for (binary64)."""
+    gh, gl = (torch.randint(-2**23, 2**23, (m, k * n), generator=g).to(torch.float64) for k in (2, 1))
+    return (gh.float(), gl.float()), gh[:, :n] * 1024 + (gh[:, n:] + gl) * 8
+
+
+@pytest.mark.parametrize("parts", [False, True])
 @pytest.mark.parametrize("mode", ["plain", "add", "residual", "float64"])
-def test_epilogue_equals_its_twin_and_combines_the_blocks(twin, blocks, mode):
+def test_epilogue_equals_its_twin_and_combines_the_products(twin, parts, mode):
     g = torch.Generator().manual_seed(10)
     m, n, pixels = 24, 7, 6
-    parts = [torch.randint(-2**23, 2**23, (m, n), generator=g).to(torch.float64) for _ in range(3)]
-    v = parts[0] * 1024 + (parts[1] + (parts[2] if blocks == 3 else 0)) * 8  # the sums the blocks stand for
-    G = torch.cat(parts[:blocks], dim=1).to(torch.float32) if blocks else v
+    products, v = _int8_products(g, m, n)
+    G = products if parts else v
     s_x = torch.rand(m // pixels, generator=g, dtype=torch.float64) * 1e-3
     s_w = torch.rand(n, generator=g, dtype=torch.float64) * 1e-3
     bias = torch.randn(n, generator=g)
@@ -251,10 +255,19 @@ def test_epilogue_equals_its_twin_and_combines_the_blocks(twin, blocks, mode):
               "float64": {"float64": True}, "plain": {}}[mode]
     if mode == "float64":
         bias = bias.to(torch.float64)
-    fast, slow = twin(lambda *a: K.epilogue(*a, **kwargs), G, blocks, pixels, s_x, s_w, bias)
+    fast, slow = twin(lambda *a: K.epilogue(*a, **kwargs), G, pixels, s_x, s_w, bias)
     _same(fast, slow)
-    if blocks:  # the same output as from the sums themselves
-        _same(fast, K.epilogue(v, 0, pixels, s_x, s_w, bias, **kwargs))
+    if parts:  # the same output as from the sums themselves
+        assert torch.equal(K.sums(products), v)
+        _same(fast, K.epilogue(v, pixels, s_x, s_w, bias, **kwargs))
+
+
+def test_epilogue_refuses_products_that_do_not_match():
+    g = torch.Generator().manual_seed(12)
+    (gh, gl), _ = _int8_products(g, 6, 4)
+    with pytest.raises(ValueError, match="do not match"):
+        K.epilogue((gh[:, :6], gl), 6, torch.ones(1, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                   torch.zeros(4))
 
 
 def test_softmax_weights_equal_their_twin(twin):
@@ -291,22 +304,22 @@ for c, n, size, k, stride, pads, up in [(16, 8, 6, 3, 1, (1, 1, 1, 1), 1), (24, 
     for case in range(2):
         x = torch.randn(3, size, size, c) if case else torch.sign(torch.randn(3, size, size, c))
         x[0] = 5.0  # every integer +QMAX
-        stacked, _ = K.quantize_dynamic(x.reshape(3, -1, c), K.STACKED)
+        planes, _ = K.quantize_dynamic(x.reshape(3, -1, c), K.PLANES)
         values, _ = K.quantize_dynamic(x.reshape(3, -1, c), K.VALUES)
-        G, h, w, blocks = layer.products(stacked.view(3, size, size, -1), up)
-        V, h2, w2, none = layer.products(values.view(3, size, size, -1), up)
-        ok &= blocks in (2, 3) and none == 0
-        ok &= (h, w) == (h2, w2) and torch.equal(K._sums_torch(G, blocks), V)
+        G, h, w = layer.products(K.grid(planes, size, size), up)
+        V, h2, w2 = layer.products(K.grid(values, size, size), up)
+        ok &= isinstance(G, tuple) and G[0].dtype == torch.float32 and V.dtype == torch.float64
+        ok &= (h, w) == (h2, w2) and torch.equal(K.sums(G), V)
 print(json.dumps({"exact": bool(ok), "verified": qconv_verified()}))
 """
 
 
 @pytest.mark.slow
 def test_int8_convolutions_give_the_exact_products_under_every_onednn_isa():
-    """oneDNN's int8 convolution (the STACKED products, two or three blocks) gives the same
-    sums as the binary64 product of the same integers, for 3x3 (strides 1 and 2, 'end'
-    padding, upsampled input, 3 input channels), 1x1 (also on one pixel: a linear layer) and
-    a fan-in of 4032 (three blocks), on saturated and
+    """oneDNN's int8 convolutions (the PLANES products: a_hi's and a_lo's) give the same sums
+    as the binary64 product of the same integers, for 3x3 (strides 1 and 2, 'end' padding,
+    upsampled input, 3 input channels), 1x1 (also on one pixel: a linear layer) and a fan-in
+    of 4032, on saturated and
     random operands, with oneDNN capped at SSE4.1, AVX2 and AVX-512 without VNNI (kernels
     that add u8 x s8 pairs in int16 with saturation) and uncapped; `qconv_verified` passes
     under each."""
@@ -355,7 +368,7 @@ def _battery() -> list:
         x = _activations(b, p, c, seed=22)
         x.view(-1)[::97] = 0.0
         out.append(K.absmax(x))
-        for form in (K.STACKED, K.VALUES):
+        for form in (K.PLANES, K.VALUES):
             out.append(K.quantize_dynamic(x, form))
             out.append(K.quantize_dynamic(x.double(), form))
             r = torch.rand(b, generator=g, dtype=torch.float64) * 1e4
@@ -367,19 +380,18 @@ def _battery() -> list:
         scale, shift = torch.randn(b, c, generator=g), torch.randn(b, c, generator=g)
         for silu in (True, False):
             out.append(K.norm_plan(x, groups, weight, bias, 1e-5, silu, scale, shift))
-            for form in (K.STACKED, K.VALUES):
+            for form in (K.PLANES, K.VALUES):
                 out.append(K.group_norm_operand(x, groups, weight, bias, 1e-5, silu, form))
                 out.append(K.group_norm_operand(x, groups, weight, bias, 1e-6, silu, form, scale, shift))
     m, n, pixels = 600, 40, 100
-    parts = [torch.randint(-2**23, 2**23, (m, n), generator=g).to(torch.float32) for _ in range(3)]
+    products, v = _int8_products(g, m, n)
     s_x, s_w = torch.rand(m // pixels, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
     bias32, add = torch.randn(n, generator=g), torch.randn(m // pixels, n, generator=g)
     residual = torch.randn(m, n, generator=g)
-    for blocks in (0, 2, 3):
-        G = torch.cat(parts[:blocks], 1) if blocks else parts[0].double() * 1024
-        out += [K.epilogue(G, blocks, pixels, s_x, s_w, bias32), K.epilogue(G, blocks, pixels, s_x, s_w, bias32, add=add),
-                K.epilogue(G, blocks, pixels, s_x, s_w, bias32, residual=residual),
-                K.epilogue(G, blocks, pixels, s_x, s_w, bias32.double(), float64=True)]
+    for G in (v, products):
+        out += [K.epilogue(G, pixels, s_x, s_w, bias32), K.epilogue(G, pixels, s_x, s_w, bias32, add=add),
+                K.epilogue(G, pixels, s_x, s_w, bias32, residual=residual),
+                K.epilogue(G, pixels, s_x, s_w, bias32.double(), float64=True)]
     scores = torch.randint(-2**30, 2**30, (96, 40), generator=g).to(torch.float64)
     out.append(K.softmax_weights(scores, torch.rand(96, generator=g, dtype=torch.float64) * 1e-8, 20))
     out.append(K.quantize_heads(torch.randn(3, 40, 3, 2, 24, generator=g) * 5))

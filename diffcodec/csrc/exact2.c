@@ -3,8 +3,8 @@
  *
  * Tensors are contiguous, channels-last: activations x [B, P, C] (binary32, or binary64 where
  * said), per-image values [B]. An integer operand is written in one of two forms:
- *   STACKED, uint8 [B, P, 2C]: a = 128 a_hi + a_lo, a_hi = (a + 64) >> 7 in [-63, 63] stored
- *     as a_hi + 64 in channel c, a_lo = a - 128 a_hi in [-64, 63] stored as a_lo + 64 in C + c;
+ *   PLANES, uint8 [2, B, P, C]: a = 128 a_hi + a_lo, a_hi = (a + 64) >> 7 in [-63, 63] stored
+ *     as a_hi + 64 in plane 0, a_lo = a - 128 a_hi in [-64, 63] stored as a_lo + 64 in plane 1;
  *   VALUES, binary64 [B, P, C]: the integers themselves.
  * The pixel loops run as B x nchunk jobs (image job / nchunk, its chunk job % nchunk of
  * ceil(P / nchunk) pixels) on `threads` threads; per-job partial results (maxima, int64 sums)
@@ -267,26 +267,26 @@ DC_EXPORT int dc_absmax_f32(const float *x, int64_t B, int64_t P, int64_t C, int
 
 /* ---------------------------------------------------------------------------- quantize */
 
-/* A pixel's integers q [C] in the STACKED form (o [2C]) */
-#define DC_STORE_STACKED(o, C, q_of_c)                                                                            \
+/* A pixel's integers q [C] in the PLANES form: o [C] in plane 0, o + plane in plane 1 */
+#define DC_STORE_PLANES(o, plane, C, q_of_c)                                                                      \
     for (int64_t c = 0; c < (C); c++) {                                                                           \
         int32_t q = (q_of_c);                                                                                     \
         (o)[c] = part_hi(q);                                                                                      \
-        (o)[(C) + c] = part_lo(q);                                                                                \
+        (o)[(plane) + c] = part_lo(q);                                                                            \
     }
 
-/* One job's integers clamp(rint(x r_b), +-QMAX) (binary64), STACKED (uint8 [B, P, 2C]) or
+/* One job's integers clamp(rint(x r_b), +-QMAX) (binary64), PLANES (uint8 [2, B, P, C]) or
  * VALUES (binary64 [B, P, C]) */
-DC_INLINE void quantize_job(const void *x, int is64, const double *r, void *out, int stacked, int64_t P, int64_t C,
-                            int64_t nchunk, int64_t job) {
+DC_INLINE void quantize_job(const void *x, int is64, const double *r, void *out, int planes, int64_t B, int64_t P,
+                            int64_t C, int64_t nchunk, int64_t job) {
     int64_t b, p0, p1;
     job_range(job, nchunk, P, &b, &p0, &p1);
     double rb = r[b];
     for (int64_t p = p0; p < p1; p++) {
         int64_t row = b * P + p;
-        if (stacked) {
-            uint8_t *restrict o = (uint8_t *)out + row * 2 * C;
-            DC_STORE_STACKED(o, C, quantize64(load(x, row * C + c, is64), rb))
+        if (planes) {
+            uint8_t *restrict o = (uint8_t *)out + row * C;
+            DC_STORE_PLANES(o, B * P * C, C, quantize64(load(x, row * C + c, is64), rb))
         } else {
             double *restrict o = (double *)out + row * C;
             for (int64_t c = 0; c < C; c++) o[c] = (double)quantize64(load(x, row * C + c, is64), rb);
@@ -294,21 +294,21 @@ DC_INLINE void quantize_job(const void *x, int is64, const double *r, void *out,
     }
 }
 
-#define DC_QUANTIZE(name, T, is64, stacked, OUT)                                                                  \
+#define DC_QUANTIZE(name, T, is64, planes, OUT)                                                                   \
     DC_EXPORT int name(const T *x, const double *r, OUT *out, int64_t B, int64_t P, int64_t C, int64_t nchunk,    \
                        int64_t threads) {                                                                         \
-        DC_FOR_JOBS(threads, B * nchunk, job) quantize_job(x, is64, r, out, stacked, P, C, nchunk, job);          \
+        DC_FOR_JOBS(threads, B * nchunk, job) quantize_job(x, is64, r, out, planes, B, P, C, nchunk, job);        \
         return 0;                                                                                                 \
     }
-/* x [B, P, C] binary32 / binary64, r [B] binary64 -> the integers in the STACKED / VALUES form */
-DC_QUANTIZE(dc_quantize_f32_stacked, float, 0, 1, uint8_t)
+/* x [B, P, C] binary32 / binary64, r [B] binary64 -> the integers in the PLANES / VALUES form */
+DC_QUANTIZE(dc_quantize_f32_planes, float, 0, 1, uint8_t)
 DC_QUANTIZE(dc_quantize_f32_values, float, 0, 0, double)
-DC_QUANTIZE(dc_quantize_f64_stacked, double, 1, 1, uint8_t)
+DC_QUANTIZE(dc_quantize_f64_planes, double, 1, 1, uint8_t)
 DC_QUANTIZE(dc_quantize_f64_values, double, 1, 0, double)
 
 /* Per image: m = max |x| (in x's type), (r, s) = scales(m), the integers clamp(rint(x r)) in
  * ``out``'s form; s [B] binary64 */
-#define DC_QUANTIZE_DYNAMIC(name, T, is64, stacked, OUT)                                                          \
+#define DC_QUANTIZE_DYNAMIC(name, T, is64, planes, OUT)                                                           \
     DC_EXPORT int name(const T *x, OUT *out, double *s, int64_t B, int64_t P, int64_t C, int64_t nchunk,          \
                        int64_t threads) {                                                                         \
         double *r = malloc((size_t)(B + 1) * sizeof(double));                                                     \
@@ -316,7 +316,7 @@ DC_QUANTIZE(dc_quantize_f64_values, double, 1, 0, double)
         int rc = r == NULL || m == NULL ? -1 : absmax_##T(x, B, P, C, nchunk, m, threads);                        \
         if (rc == 0) {                                                                                            \
             for (int64_t b = 0; b < B; b++) scales((double)m[b], &r[b], &s[b]);                                   \
-            DC_FOR_JOBS(threads, B * nchunk, job) quantize_job(x, is64, r, out, stacked, P, C, nchunk, job);      \
+            DC_FOR_JOBS(threads, B * nchunk, job) quantize_job(x, is64, r, out, planes, B, P, C, nchunk, job);    \
         }                                                                                                         \
         free(r);                                                                                                  \
         free(m);                                                                                                  \
@@ -324,10 +324,10 @@ DC_QUANTIZE(dc_quantize_f64_values, double, 1, 0, double)
     }
 #define absmax_float absmax_f32
 #define absmax_double absmax_f64
-/* x [B, P, C] binary32 / binary64 -> the integers in the STACKED / VALUES form and s [B] */
-DC_QUANTIZE_DYNAMIC(dc_quantize_dynamic_f32_stacked, float, 0, 1, uint8_t)
+/* x [B, P, C] binary32 / binary64 -> the integers in the PLANES / VALUES form and s [B] */
+DC_QUANTIZE_DYNAMIC(dc_quantize_dynamic_f32_planes, float, 0, 1, uint8_t)
 DC_QUANTIZE_DYNAMIC(dc_quantize_dynamic_f32_values, float, 0, 0, double)
-DC_QUANTIZE_DYNAMIC(dc_quantize_dynamic_f64_stacked, double, 1, 1, uint8_t)
+DC_QUANTIZE_DYNAMIC(dc_quantize_dynamic_f64_planes, double, 1, 1, uint8_t)
 DC_QUANTIZE_DYNAMIC(dc_quantize_dynamic_f64_values, double, 1, 0, double)
 
 /* ------------------------------------------------------------------------------ GroupNorm */
@@ -512,9 +512,9 @@ DC_EXPORT int dc_norm_coefficients(const int64_t *s1, const int64_t *s2, const f
 #define DC_BLOCK 256 /* channels per block of the VALUES form's int32 buffer */
 
 /* One job's integers clamp(rint(f(x a + c) r_b)) (binary32; f = silu32 or the identity) of x
- * [B, P, C] binary32, STACKED or VALUES */
+ * [B, P, C] binary32, PLANES or VALUES */
 DC_INLINE void apply_job(const float *x, const float *a, const float *c0, const float *r, void *out, int silu,
-                         int stacked, int64_t P, int64_t C, int64_t nchunk, int64_t job) {
+                         int planes, int64_t B, int64_t P, int64_t C, int64_t nchunk, int64_t job) {
     int64_t b, p0, p1;
     job_range(job, nchunk, P, &b, &p0, &p1);
     float rb = r[b];
@@ -522,12 +522,12 @@ DC_INLINE void apply_job(const float *x, const float *a, const float *c0, const 
     for (int64_t p = p0; p < p1; p++) {
         int64_t row = b * P + p;
         const float *restrict xp = x + row * C;
-        if (stacked) {
-            uint8_t *restrict o = (uint8_t *)out + row * 2 * C;
+        if (planes) {
+            uint8_t *restrict o = (uint8_t *)out + row * C;
             if (silu) {
-                DC_STORE_STACKED(o, C, quantize32(silu32(xp[c] * ab[c] + cb[c]), rb))
+                DC_STORE_PLANES(o, B * P * C, C, quantize32(silu32(xp[c] * ab[c] + cb[c]), rb))
             } else {
-                DC_STORE_STACKED(o, C, quantize32(xp[c] * ab[c] + cb[c], rb))
+                DC_STORE_PLANES(o, B * P * C, C, quantize32(xp[c] * ab[c] + cb[c], rb))
             }
         } else {
             double *restrict o = (double *)out + row * C;
@@ -545,16 +545,16 @@ DC_INLINE void apply_job(const float *x, const float *a, const float *c0, const 
     }
 }
 
-#define DC_NORM_ACT(name, silu, stacked, OUT)                                                                     \
+#define DC_NORM_ACT(name, silu, planes, OUT)                                                                      \
     DC_EXPORT int name(const float *x, const float *a, const float *c0, const float *r, OUT *out, int64_t B,      \
-                       int64_t P, int64_t C, int64_t nchunk, int64_t threads) {                                  \
-        DC_FOR_JOBS(threads, B * nchunk, job) apply_job(x, a, c0, r, out, silu, stacked, P, C, nchunk, job);      \
+                       int64_t P, int64_t C, int64_t nchunk, int64_t threads) {                                   \
+        DC_FOR_JOBS(threads, B * nchunk, job) apply_job(x, a, c0, r, out, silu, planes, B, P, C, nchunk, job);    \
         return 0;                                                                                                 \
     }
 /* exact2_kernels.norm_act: x [B, P, C], a, c0 [B, C], r [B] binary32 -> the integers */
-DC_NORM_ACT(dc_norm_act_silu_stacked, 1, 1, uint8_t)
+DC_NORM_ACT(dc_norm_act_silu_planes, 1, 1, uint8_t)
 DC_NORM_ACT(dc_norm_act_silu_values, 1, 0, double)
-DC_NORM_ACT(dc_norm_act_stacked, 0, 1, uint8_t)
+DC_NORM_ACT(dc_norm_act_planes, 0, 1, uint8_t)
 DC_NORM_ACT(dc_norm_act_values, 0, 0, double)
 
 /* norm_plan in one call: max |x|, the fixed-point shift (bits - 1 - frexp's exponent of
@@ -595,7 +595,7 @@ static int group_norm_plan(const float *x, int64_t groups, int64_t bits, const d
     return 0;
 }
 
-#define DC_GROUP_NORM(name, silu, stacked, OUT)                                                                   \
+#define DC_GROUP_NORM(name, silu, planes, OUT)                                                                    \
     DC_EXPORT int name(const float *x, int64_t groups, int64_t bits, const double *weight, const double *bias,    \
                        double eps, const double *scale, const double *shift, int64_t has_scale, OUT *out,         \
                        double *s, int64_t B, int64_t P, int64_t C, int64_t nchunk, int64_t threads) {             \
@@ -604,26 +604,47 @@ static int group_norm_plan(const float *x, int64_t groups, int64_t bits, const d
         int rc = mem == NULL ? -1                                                                                 \
                              : group_norm_plan(x, groups, bits, weight, bias, eps, scale, shift, has_scale != 0,  \
                                                silu, s, B, P, C, nchunk, threads, mem, &a, &c0, &r);              \
-        if (rc == 0) DC_FOR_JOBS(threads, B * nchunk, job) apply_job(x, a, c0, r, out, silu, stacked, P, C,      \
-                                                                   nchunk, job);                                  \
+        if (rc == 0)                                                                                              \
+            DC_FOR_JOBS(threads, B * nchunk, job)                                                                 \
+                apply_job(x, a, c0, r, out, silu, planes, B, P, C, nchunk, job);                                  \
         free(mem);                                                                                                \
         return rc;                                                                                                \
     }
 /* exact2_kernels.group_norm_operand (norm_plan then norm_act): x [B, P, C] binary32, weight,
  * bias [C] binary64, scale, shift [B, C] binary64 (read when has_scale) -> the integers, s [B] */
-DC_GROUP_NORM(dc_group_norm_silu_stacked, 1, 1, uint8_t)
+DC_GROUP_NORM(dc_group_norm_silu_planes, 1, 1, uint8_t)
 DC_GROUP_NORM(dc_group_norm_silu_values, 1, 0, double)
-DC_GROUP_NORM(dc_group_norm_stacked, 0, 1, uint8_t)
+DC_GROUP_NORM(dc_group_norm_planes, 0, 1, uint8_t)
 DC_GROUP_NORM(dc_group_norm_values, 0, 0, double)
 
 /* ---------------------------------------------------------------------------- epilogues */
 
-/* The sum v of an output row's column n: blocks 0, gv [N] holds v (binary64); blocks 2 or 3,
- * gf [blocks N] (binary32): 1024 G0 + 8 (G1 [+ G2]), each step exact in binary64 */
-DC_INLINE double combine(const double *restrict gv, const float *restrict gf, int64_t n, int64_t N, int blocks) {
-    if (blocks == 0) return gv[n];
-    if (blocks == 2) return (double)gf[n] * 1024.0 + (double)gf[N + n] * 8.0;
-    return (double)gf[n] * 1024.0 + ((double)gf[N + n] + (double)gf[2 * N + n]) * 8.0;
+/* The sums of an output row: VALUES, gv [N] holds v (binary64); PARTS, the int8 products
+ * gh [2N] (a_hi's with w_hi, then with 16 w_lo) and gl [N] (a_lo's with w_hi), binary32
+ * integers: v = 1024 gh[n] + 8 (gh[N + n] + gl[n]), each step exact in binary64 */
+typedef struct {
+    const double *restrict gv;
+    const float *restrict gh, *restrict gl;
+} dc_sums;
+
+DC_INLINE double combine(dc_sums g, int64_t n, int64_t N) {
+    if (g.gv != NULL) return g.gv[n];
+    return (double)g.gh[n] * 1024.0 + ((double)g.gh[N + n] + (double)g.gl[n]) * 8.0;
+}
+
+/* Row ``row`` of the sums (prefetching it) */
+DC_INLINE dc_sums sums_row(const double *G, const float *Gh, const float *Gl, int64_t N, int64_t row) {
+    dc_sums g = {NULL, NULL, NULL};
+    if (G != NULL) {
+        g.gv = G + row * N;
+        prefetch_ahead(g.gv, N * 8);
+    } else {
+        g.gh = Gh + row * 2 * N;
+        g.gl = Gl + row * N;
+        prefetch_ahead(g.gh, N * 8);
+        prefetch_ahead(g.gl, N * 4);
+    }
+    return g;
 }
 
 /* S[b, n] = s_x[b] s_w[n] (binary64, one product each), or NULL */
@@ -637,70 +658,64 @@ static double *scale_table(const double *s_x, int64_t nb, const double *s_w, int
 
 /* Output row ``row`` [N] binary32: y = fl32(v S[row / P, n]) + bias[n], then (mode 1)
  * y + add[row / P, n] or (mode 2) residual[row, n] + y, one binary32 rounding each */
-DC_INLINE void epilogue_row(const void *G, int blocks, int64_t N, int64_t P, const double *S,
+DC_INLINE void epilogue_row(const double *G, const float *Gh, const float *Gl, int64_t N, int64_t P, const double *S,
                             const float *restrict bias, const float *add, const float *residual, int mode, float *out,
                             int64_t row) {
     int64_t b = row / P;
-    const double *restrict gv = (const double *)G + row * N;
-    const float *restrict gf = (const float *)G + row * blocks * N;
+    dc_sums g = sums_row(G, Gh, Gl, N, row);
     const double *restrict Sb = S + b * N;
     float *restrict o = out + row * N;
-    prefetch_ahead(blocks ? (const void *)gf : (const void *)gv, blocks ? blocks * N * 4 : N * 8);
     if (mode) prefetch_ahead(mode == 1 ? add + b * N : residual + row * N, mode == 1 ? 0 : N * 4);
     if (mode == 1) {
         const float *restrict ad = add + b * N;
-        for (int64_t n = 0; n < N; n++) o[n] = ((float)(combine(gv, gf, n, N, blocks) * Sb[n]) + bias[n]) + ad[n];
+        for (int64_t n = 0; n < N; n++) o[n] = ((float)(combine(g, n, N) * Sb[n]) + bias[n]) + ad[n];
     } else if (mode == 2) {
         const float *restrict re = residual + row * N;
-        for (int64_t n = 0; n < N; n++) o[n] = re[n] + ((float)(combine(gv, gf, n, N, blocks) * Sb[n]) + bias[n]);
+        for (int64_t n = 0; n < N; n++) o[n] = re[n] + ((float)(combine(g, n, N) * Sb[n]) + bias[n]);
     } else {
-        for (int64_t n = 0; n < N; n++) o[n] = (float)(combine(gv, gf, n, N, blocks) * Sb[n]) + bias[n];
+        for (int64_t n = 0; n < N; n++) o[n] = (float)(combine(g, n, N) * Sb[n]) + bias[n];
     }
 }
 
 /* Output row ``row`` [N] binary64: v S[row / P, n] + bias[n] (the output layer) */
-DC_INLINE void epilogue64_row(const void *G, int blocks, int64_t N, int64_t P, const double *S,
-                              const double *restrict bias, double *out, int64_t row) {
-    const double *restrict gv = (const double *)G + row * N;
-    const float *restrict gf = (const float *)G + row * blocks * N;
+DC_INLINE void epilogue64_row(const double *G, const float *Gh, const float *Gl, int64_t N, int64_t P,
+                              const double *S, const double *restrict bias, double *out, int64_t row) {
+    dc_sums g = sums_row(G, Gh, Gl, N, row);
     const double *restrict Sb = S + (row / P) * N;
     double *restrict o = out + row * N;
-    prefetch_ahead(blocks ? (const void *)gf : (const void *)gv, blocks ? blocks * N * 4 : N * 8);
-    for (int64_t n = 0; n < N; n++) o[n] = combine(gv, gf, n, N, blocks) * Sb[n] + bias[n];
+    for (int64_t n = 0; n < N; n++) o[n] = combine(g, n, N) * Sb[n] + bias[n];
 }
 
-#define DC_EPILOGUE(name, blocks, GT)                                                                             \
-    DC_EXPORT int name(const GT *G, int64_t M, int64_t N, int64_t P, const double *s_x, int64_t nb,              \
-                       const double *s_w, const float *bias, const float *add, const float *residual,             \
-                       int64_t mode, float *out, int64_t threads) {                                               \
-        double *S = scale_table(s_x, nb, s_w, N);                                                                 \
-        if (S == NULL) return -1;                                                                                 \
-        if (mode == 1) {                                                                                          \
-            DC_FOR_JOBS(threads, M, row) epilogue_row(G, blocks, N, P, S, bias, add, residual, 1, out, row);      \
-        } else if (mode == 2) {                                                                                   \
-            DC_FOR_JOBS(threads, M, row) epilogue_row(G, blocks, N, P, S, bias, add, residual, 2, out, row);      \
-        } else {                                                                                                  \
-            DC_FOR_JOBS(threads, M, row) epilogue_row(G, blocks, N, P, S, bias, add, residual, 0, out, row);      \
-        }                                                                                                         \
-        free(S);                                                                                                  \
-        return 0;                                                                                                 \
-    }                                                                                                             \
-    DC_EXPORT int name##_f64(const GT *G, int64_t M, int64_t N, int64_t P, const double *s_x, int64_t nb,        \
-                             const double *s_w, const double *bias, double *out, int64_t threads) {              \
-        double *S = scale_table(s_x, nb, s_w, N);                                                                 \
-        if (S == NULL) return -1;                                                                                 \
-        DC_FOR_JOBS(threads, M, row) epilogue64_row(G, blocks, N, P, S, bias, out, row);                          \
-        free(S);                                                                                                  \
-        return 0;                                                                                                 \
+/* exact2_kernels.epilogue: the sums as G [M, N] binary64 (VALUES; Gh = Gl = NULL) or as the
+ * int8 products Gh [M, 2N] and Gl [M, N] binary32 (PARTS; G = NULL); s_x [nb], s_w [N]
+ * binary64; P pixels per image (row / P < nb); bias, add [nb, N], residual [M, N] binary32
+ * (read in mode 1 / 2 only), mode 0 plain / 1 add / 2 residual, out [M, N] binary32 */
+DC_EXPORT int dc_epilogue(const double *G, const float *Gh, const float *Gl, int64_t M, int64_t N, int64_t P,
+                          const double *s_x, int64_t nb, const double *s_w, const float *bias, const float *add,
+                          const float *residual, int64_t mode, float *out, int64_t threads) {
+    double *S = scale_table(s_x, nb, s_w, N);
+    if (S == NULL) return -1;
+    if (mode == 1) {
+        DC_FOR_JOBS(threads, M, row) epilogue_row(G, Gh, Gl, N, P, S, bias, add, residual, 1, out, row);
+    } else if (mode == 2) {
+        DC_FOR_JOBS(threads, M, row) epilogue_row(G, Gh, Gl, N, P, S, bias, add, residual, 2, out, row);
+    } else {
+        DC_FOR_JOBS(threads, M, row) epilogue_row(G, Gh, Gl, N, P, S, bias, add, residual, 0, out, row);
     }
-/* exact2_kernels.epilogue: G [M, N] binary64 sums (values) or [M, blocks N] binary32 int8
- * convolution blocks; s_x [nb], s_w [N] binary64; P pixels per image (row / P < nb).
- * dc_epilogue_*: bias, add [nb, N], residual [M, N] binary32 (read in mode 1 / 2 only),
- * mode 0 plain / 1 add / 2 residual, out [M, N] binary32; dc_epilogue_*_f64: bias [N]
- * binary64, out [M, N] binary64 */
-DC_EPILOGUE(dc_epilogue_values, 0, double)
-DC_EPILOGUE(dc_epilogue_blocks2, 2, float)
-DC_EPILOGUE(dc_epilogue_blocks3, 3, float)
+    free(S);
+    return 0;
+}
+
+/* The same sums, bias [N] binary64 -> out [M, N] binary64 */
+DC_EXPORT int dc_epilogue_f64(const double *G, const float *Gh, const float *Gl, int64_t M, int64_t N, int64_t P,
+                              const double *s_x, int64_t nb, const double *s_w, const double *bias, double *out,
+                              int64_t threads) {
+    double *S = scale_table(s_x, nb, s_w, N);
+    if (S == NULL) return -1;
+    DC_FOR_JOBS(threads, M, row) epilogue64_row(G, Gh, Gl, N, P, S, bias, out, row);
+    free(S);
+    return 0;
+}
 
 /* ------------------------------------------------------------------------------ attention */
 
