@@ -3,7 +3,8 @@
 `exact_network2(model)` returns a copy of a float `UNet` computing the same function under
 exact-arithmetic contract 2 (`exact`): its output is the same bits on every CPU and GPU, at
 any thread count, batch size or batch order, like contract 1's (`exact_net`), and it runs
-at least as fast as the float32 network on the CPU (reports/exact.md).
+at about the float32 network's speed on the CPU (0.75-1.14x by batch, threads and CPU:
+reports/exact.md).
 
 What each layer computes (the kernels: `exact2_kernels`; B images, P pixels, C channels):
 
@@ -11,8 +12,9 @@ What each layer computes (the kernels: `exact2_kernels`; B images, P pixels, C c
   definition: `exact2_products`): the weights, 10-bit integers per output channel,
   clamp(rint(w WMAX / max |w_n|)), made when the copy is made; the input, 14-bit integers per
   image, clamp(rint(x QMAX / m_b)) with m_b its max |x| (or, after a GroupNorm, a bound
-  computed from the group statistics: `_NormAct`). The sums come from one int8 convolution
-  of the operands' parts, or a binary64 matrix product (the same integers either way). The
+  computed from the group statistics: `_NormAct`). The sums come from two int8 convolutions,
+  one per part of the input (its planes), or a binary64 matrix product (the same integers
+  either way). The
   output is fl32(v S[b, n]) + bias[n], S = (m_b / QMAX)(max |w_n| / WMAX) in binary64.
 - Activations between layers are binary32 [B, H, W, C] (channels-last); sums of branches
   (residuals, the timestep embedding) are binary32 additions in the float model's order.
