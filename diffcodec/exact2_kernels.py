@@ -403,8 +403,9 @@ def epilogue(G: Sums, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: t
         raise ValueError(f"epilogue: products {tuple(G[0].shape)} and {tuple(G[1].shape)} do not match")
     if s_x.dtype != torch.float64 or s_w.dtype != torch.float64:
         s_x, s_w = s_x.to(torch.float64), s_w.to(torch.float64)
-    first = G[0] if parts else G
-    if (use_native(first) and all(g.dtype == (torch.float32 if parts else torch.float64) for g in (G if parts else [G]))
+    tensors = G if parts else (G,)
+    first = tensors[0]
+    if (use_native(first) and all(g.dtype == (torch.float32 if parts else torch.float64) for g in tensors)
             and (float64 or all(t is None or t.dtype == torch.float32 for t in (bias, add, residual)))):
         nb = s_x.shape[0]
         if m > nb * pixels or (add is not None and add.shape != (nb, n)) or (

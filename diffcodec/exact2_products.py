@@ -28,7 +28,7 @@ the same integers, chosen per layer for speed (`IntConv.form`):
   2^15 (2 x 127 x 64) and no kernel saturates (measured: operands at the int8 extremes do
   saturate under those instruction sets; bench.int8_saturation). (Until 2026-12-07 the
   parts were stacked along the channels into one convolution over 2C channels, with a
-  block of zero weights (2 or 3 output blocks); the same integers, 1.2-2x more work:
+  block of zero weights (2 or 3 output blocks); the same integers, 4/3 to 2x the work:
   reports/exact.md.)
 - VALUES (a GPU, a CPU without the int8 convolution, fan-ins above 4161): the integers themselves in binary64, an im2col, and one
   binary64 product of [a | a_lo] with [w ; -w_lo]: every partial sum an integer below 2^53,
@@ -92,14 +92,15 @@ def _qconv_pack(w8: torch.Tensor, stride: int, padding: int):
 def qconv_verified() -> bool:
     """Whether oneDNN's int8 convolution is here and computes exact integer sums: once per
     process, on operands at the ranges' extremes and random ones, 3x3 (stride 1 and 2) and
-    1x1 kernels (also on one pixel), 3 to 448 channels, fan-ins up to 4032, against binary64 products of the same integers. False
-    (the VALUES path everywhere) when the op is missing, raises, or differs anywhere."""
+    1x1 kernels (also on one pixel), 3 to 448 channels, fan-ins up to 4032, against binary64
+    products of the same integers. False (the VALUES path everywhere) when the op is missing,
+    raises, or differs anywhere."""
     if _onednn_qconv() is None:
         return False
     g = torch.Generator().manual_seed(0x5EED)
     try:
-        for c, n, size, k, stride in ((3, 8, 7, 3, 1), (6, 8, 7, 3, 1), (16, 8, 7, 3, 1), (24, 16, 9, 3, 2), (40, 24, 5, 1, 1),
-                                      (448, 8, 4, 3, 1), (256, 40, 1, 1, 1)):
+        for c, n, size, k, stride in ((3, 8, 7, 3, 1), (6, 8, 7, 3, 1), (16, 8, 7, 3, 1), (24, 16, 9, 3, 2),
+                                      (40, 24, 5, 1, 1), (448, 8, 4, 3, 1), (256, 40, 1, 1, 1)):
             for case in range(3):
                 if case == 0:  # every operand at its most negative or most positive
                     x = torch.where(torch.rand(2, c, size, size, generator=g) < 0.5, -64, 63)
@@ -246,8 +247,7 @@ class IntConv(torch.nn.Module):
         threads = torch.get_num_threads()
         if self._packed is None or self._packed[0] != threads:  # oneDNN may not run weights packed for others
             hi_lo, hi = self.weights.parts()
-            self._packed = (threads, _qconv_pack(hi_lo.to(torch.int8), self.stride, padding),
-                            _qconv_pack(hi.to(torch.int8), self.stride, padding))
+            self._packed = (threads, _qconv_pack(hi_lo, self.stride, padding), _qconv_pack(hi, self.stride, padding))
         _, w_hi_lo, w_hi = self._packed
         n = self.out_channels
         g_hi = _qconv_call(w_hi_lo, x[:b], 2 * n, self.stride, padding)  # a_hi's, [B, 2N, Ho, Wo] channels-last
