@@ -60,26 +60,27 @@ def test_progressive_v3_every_field_round_trips_alone_and_together():
     come from the caller; payload_bits is not stored)."""
     others = {"exact": True, "network_float64": True, "num_steps": 1000, "chunk_bits": 63.75, "log2_candidates": 3,
               "seed": 2**32 - 1, "spacing": "uniform", "pad_bits": 0.25, "snap_log2": -30, "clip_denoised": False,
-              "check_bits": 0, "check_min_bits": 65535, "check_growth": 1.5, "min_stage_bits": 40.0}
+              "check_bits": 0, "check_min_bits": 65535, "check_growth": 1.5, "min_stage_bits": 40.0,
+              "region_tiles": 5}
     assert set(others) == {name for name, _ in COMPACT_FIELDS}  # the table covers every stored field
     for name, value in others.items():
         p = ProgressiveParams(**{name: value}, num_tiles=7, tile_size=16)
         block = p.pack()
         assert ProgressiveParams.unpack(block, num_tiles=7, tile_size=16) == p, name
         assert block[0] == 6 and len(block) <= 2 + 5 + 1
-        for version in (3, 4):  # the same layout (the pad's default aside)
+        for version in (3, 4) if name != "region_tiles" else ():  # the same layout (the pad's default aside)
             old = dataclasses.replace(p, version=version, pad_bits=p.pad_bits if name == "pad_bits" else 2.0)
             assert ProgressiveParams.unpack(old.pack(), num_tiles=7, tile_size=16) == old
             assert old.pack()[1:] == block[1:]
-    every = ProgressiveParams(**others, num_tiles=3)
-    assert ProgressiveParams.unpack(every.pack(), num_tiles=3) == every
+    every = ProgressiveParams(**{**others, "region_tiles": 2}, num_tiles=2)  # one region (min_stage_bits is set)
+    assert ProgressiveParams.unpack(every.pack(), num_tiles=2) == every
     assert ProgressiveParams.unpack(ProgressiveParams(payload_bits=800).pack()).payload_bits == 0
 
 
 def test_progressive_v3_corrupt_blocks_are_one_line_errors():
     good = ProgressiveParams(num_steps=10, seed=5).pack()
     cases = {
-        "fields unknown to this diffcodec": b"\x03\x80\x80\x01",  # mask bit 14: beyond the table
+        "fields unknown to this diffcodec": b"\x03\x80\x80\x02",  # mask bit 15: beyond the table
         "ends inside the num_steps": good[:2],
         "bytes after its fields": good + b"\x00",
         r"num_steps must be 1..65535": b"\x03\x04\x00",  # K = 0

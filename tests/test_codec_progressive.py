@@ -457,6 +457,53 @@ def test_network_slices_change_neither_the_stream_nor_the_decoding(skips):
     assert full.complete and torch.equal(full.x0, x0.double())
 
 
+def test_regions_code_each_region_in_turn_and_every_prefix_decodes():
+    """A stream of several regions (issue 28: a stage's Gaussians, search and plan held for one
+    region at a time): 5 tiles in regions of 2, 2 and 1. Whatever the network's slices it is the
+    same stream; it decodes bit-exactly; its shortest prefixes, the pixel stage's found from the
+    last region's models alone (`syntax.PixelTail`), equal a bisection that parses every prefix
+    from the start with every region's models; each boundary the encoder is shown is what a
+    decoder makes of such a file; a stream of one region is the one without the field."""
+    model, dc = seeded_tiny(2)
+    exact_fn = network(model, exact=True)
+    fn64 = lambda x, t: 0.1 * exact_fn(x, t)  # noqa: E731 (`denoiser` under the exact contract)
+    x0 = to_model_input(test_image(5, seed=6))
+    D = x0.numel()
+    params = dataclasses.replace(PARAMS, num_tiles=5, num_steps=6, exact=True, region_tiles=2)
+    assert params.num_regions == 3 and [(r.start, r.stop) for r in params.regions()] == [(0, 2), (2, 4), (4, 5)]
+    assert ProgressiveParams.unpack(params.pack(), num_tiles=5, tile_size=TILE) == params
+    seen: list = []
+
+    def end(b):
+        seen.append(b)
+        return pg.GO_ON
+
+    enc = pg.encode(fn64, dc, x0, params, tiles_per_call=1, end=end)
+    assert pg.encode(fn64, dc, x0, params, tiles_per_call=None).payload == enc.payload
+    one = pg.encode(fn64, dc, x0, dataclasses.replace(params, region_tiles=0))
+    assert one.payload != enc.payload  # the regions' own levels, permutations and pools
+    assert pg.encode(fn64, dc, x0, dataclasses.replace(params, region_tiles=5)).payload == one.payload
+    assert abs(len(enc.payload) - len(one.payload)) < 0.2 * len(one.payload)  # other samples: other bits
+    run = syntax.read_stages(syntax.TwinReader(enc.payload, 8 * len(enc.payload), syntax.pad_words(params, D)),
+                             syntax.Syntax(params, D), params.num_steps)
+    assert run.stop == "complete" and all(len(st.parts()) == 3 for st in run.stages)
+    assert [len(st.indices) for st in run.stages[1:]] == list(enc.num_chunks[1:])
+    dec = pg.decode(fn64, dc, enc.payload, enc.params, tiles_per_call=2)
+    assert dec.complete and torch.equal(dec.x0, x0.double()) and dec.pixels_checked
+    models = pg._pixel_params(*_pixel_step(fn64, dc, enc, x0), enc.params)
+    expected = _bisected_prefixes(enc, D, models)
+    np.testing.assert_array_equal(enc.prefix_bits, expected)
+    assert dec.bits_used == expected[-1]
+    assert seen[-1].stages == params.num_stages and seen[-1].payload_bits() == expected[-1]
+    for b in seen[:-1]:
+        cut = pg.decode(fn64, dc, b.payload(), enc.params, tiles_per_call=3)
+        assert cut.stages == b.stages and np.array_equal(from_model_output(cut.x0), b.tiles)
+    # a file cut inside the pixel stage: every latent stage, then x^_0 of y_0, not the pixels
+    short = pg.decode(fn64, dc, enc.payload[: (expected[-2] + expected[-1]) // 16], enc.params)
+    assert short.stages == params.num_steps and not short.complete
+    np.testing.assert_array_equal(from_model_output(short.x0), seen[-2].tiles)
+
+
 # ------------------------------------------------------------------------------- CLI
 
 

@@ -59,7 +59,7 @@ from diffcodec.codec.container import (
 )
 from diffcodec.codec.probe import check_probe, probe_digest
 from diffcodec.codec.progressive import codec as progressive
-from diffcodec.codec.progressive.params import ProgressiveParams
+from diffcodec.codec.progressive.params import ProgressiveParams, with_regions
 from diffcodec.codec.rate import RateControl, RateTarget
 from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.exact import CONTRACT_VERSION, CONTRACT_VERSIONS
@@ -455,8 +455,8 @@ def _progressive_params(given: ProgressiveParams | None, steps: int, spacing: st
         if given is not None:
             return replace(given, num_tiles=num_tiles, tile_size=tile, payload_bits=0, network_float64=float64,
                            exact=exact)
-        return ProgressiveParams(num_steps=steps, spacing=spacing, chunk_bits=chunk_bits, network_float64=float64,
-                                 exact=exact, num_tiles=num_tiles, tile_size=tile)
+        return with_regions(ProgressiveParams(num_steps=steps, spacing=spacing, chunk_bits=chunk_bits,
+                                              network_float64=float64, exact=exact, num_tiles=num_tiles, tile_size=tile))
     except ValueError as e:
         raise DiffcodecError(str(e)) from None
 

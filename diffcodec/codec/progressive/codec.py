@@ -80,6 +80,7 @@ from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.codec.progressive.syntax import (
     PIXEL_HI,
     PIXEL_LO,
+    PixelTail,
     StageSymbols,
     Syntax,
     StageRun,
@@ -89,6 +90,7 @@ from diffcodec.codec.progressive.syntax import (
     read_stages,
     shortest_prefix,
     shortest_prefixes,
+    tail_prefix,
     write_closing,
     write_stage,
 )
@@ -110,6 +112,7 @@ from diffcodec.timesteps import chain_schedule, keep_timesteps
 RECONSTRUCTIONS = ("xstart", "ddim")
 PIXEL_RULE = PixelRule(mean_lo=-1e4, mean_hi=1e4, std_floor=None)  # the format's (`coding_params`)
 _PERMUTATION_STREAM = 0  # chunk c of a stage uses key word 1 + c
+_REGION_STREAM = 0x7265_6769  # "regi": region r > 0's pools are keyed by stream_key(seed, this, r)
 
 
 def coded_schedule(diffusion: DiffusionConfig, num_steps: int, spacing: str = "quadratic") -> Schedule:
@@ -207,10 +210,18 @@ def _latent(p_mean: np.ndarray, p_log_var: np.ndarray, u: np.ndarray, exact_cont
     return y if dtype == torch.float64 else y.astype(np.float32)
 
 
-def _permutation(params: ProgressiveParams, stage: int, num_dims: int) -> np.ndarray:
-    """The stage's keyed permutation of the dimensions (int64 [D])."""
-    raw = np.random.PCG64(np.random.SeedSequence([params.seed, stage, _PERMUTATION_STREAM])).random_raw(num_dims)
+def _permutation(params: ProgressiveParams, stage: int, num_dims: int, region: int = 0) -> np.ndarray:
+    """The stage's keyed permutation of a region's dimensions (int64 [D]; region 0's key is a
+    stream of one region's, the stage's)."""
+    words = [params.seed, stage, _PERMUTATION_STREAM] + ([region] if region else [])
+    raw = np.random.PCG64(np.random.SeedSequence(words)).random_raw(num_dims)
     return np.argsort(raw, kind="stable")
+
+
+def region_seed(params: ProgressiveParams, region: int) -> int:
+    """The seed of a region's pools (`rcc_pool.plan_stage`): the stream's for region 0 (a stream
+    of one region's), a key of (seed, region) for the others."""
+    return params.seed if region == 0 else rcc_pool.stream_key(params.seed, _REGION_STREAM, region)
 
 
 def _chunks(params: ProgressiveParams, stage: int, num_dims: int, num_chunks: int) -> list[np.ndarray]:
@@ -218,11 +229,13 @@ def _chunks(params: ProgressiveParams, stage: int, num_dims: int, num_chunks: in
     return np.array_split(_permutation(params, stage, num_dims), num_chunks)
 
 
-def stage_plan(params: ProgressiveParams, stage: int, num_dims: int, chunking: tuple[int, float]
+def stage_plan(params: ProgressiveParams, stage: int, num_dims: int, chunking: tuple[int, float], region: int = 0
                ) -> rcc_pool.StagePlan:
-    """A version 4 to 6 stage's candidate plan (`rcc_pool`) from its `Syntax.chunking` (m, kappa)."""
+    """A version 4 to 6 stage's candidate plan (`rcc_pool`) for a region of ``num_dims``
+    dimensions from its `Syntax.chunking` (m, kappa)."""
     num_chunks, kappa = chunking
-    return rcc_pool.plan_stage(params.seed, stage, _permutation(params, stage, num_dims), num_chunks, kappa,
+    return rcc_pool.plan_stage(region_seed(params, region), stage, _permutation(params, stage, num_dims, region),
+                               num_chunks, kappa,
                                params.pad_bits, params.log2_candidates, cap_pool_normals=params.version >= 5,
                                normals="table" if params.version >= 6 else "box_muller")
 
@@ -355,7 +368,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     chain = CodedChain(diffusion, params)
     s = chain.full
     B, K, D, var_type = x0.shape[0], s.num_steps, x0.numel(), diffusion.var_type
-    per_tile, slices = D // B, tile_slices(B, tiles_per_call)
+    per_tile = D // B
     ts = torch.from_numpy(s.timesteps).to(x0.device)
     enc, syntax = RangeEncoder(), Syntax(params, D, context)
     kl_bits = np.zeros(K + 1)
@@ -363,12 +376,9 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     closes = np.zeros(K, dtype=bool)  # the stage closed a checked group
     sample_bits = np.zeros(K)
     levels, chunks_per_stage, mse = np.zeros(K, dtype=np.int64), np.zeros(K, dtype=np.int64), np.zeros(K)
-    # what a stage keeps for the whole image between its two passes
+    # what a stage keeps for the whole image: the last latent; the rest is one region's (`regions`)
     y: torch.Tensor | None = None  # the last latent made [B, C, s, s]
-    p_mean, p_log_var = np.empty(D), np.empty(D)  # float64: the stage's p
-    coef = (np.empty(D, np.float32), np.empty(D, np.float32)) if params.version >= 4 else None  # the search's a, b
-    q_all = (np.empty(D), np.empty(D)) if params.version <= 3 else None  # versions 1-3: each chunk's own weights
-    kl_dims = np.empty(D) if params.version <= 4 else None  # versions 1-4: candidates from each chunk's own KL
+    regions = params.regions()
     recon = np.empty((B, *x0.shape[2:], x0.shape[1]), dtype=np.uint8) if end is not None else None  # pixels of x^_0
     pending: int | None = None  # the stage whose latent y holds, its x^_0 not yet scored
     previous: Boundary | None = None  # the last boundary `end` let the encoder pass
@@ -404,13 +414,15 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         previous = here
         return None
 
-    def reached(stage: int) -> Encoded | None:
-        """After stage ``stage`` (its group's check written, its latent made and x^_0 scored)."""
+    def reached(stage: int, words: np.ndarray | None = None) -> Encoded | None:
+        """After stage ``stage`` (its group's check written, its latent made and x^_0 scored);
+        ``words``: the coder's output after it, where the coder has gone on since."""
         if progress is not None:
             progress(stage)
         if end is None or not (closes[stage] or not params.check_bits):
             return None
-        return decide(Boundary(stage + 1, int(s.timesteps[K - 1 - stage]), recon.copy(), enc.words(),
+        words = enc.words() if words is None else words
+        return decide(Boundary(stage + 1, int(s.timesteps[K - 1 - stage]), recon.copy(), words,
                                lambda data: shortest_prefix(data, 8 * len(data), params, D, stage + 1, None)))
 
     def network(sl: slice, x0_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,132 +439,175 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
 
     sse = np.zeros(B)  # per tile, of the pending latent's x^_0
     kl_tiles = np.zeros(B)  # per tile, of the stage's KL: added in tile order, the same sum for any slicing
+
+    def score_pending(words: np.ndarray | None = None) -> Encoded | None:
+        """Once the network has run on every tile of the pending latent: its x^_0's boundary
+        (``words``: `reached`'s)."""
+        nonlocal pending
+        if pending is None:
+            return None
+        mse[pending] = sse.sum() / D
+        done, pending = reached(pending, words), None
+        return done
+
     for stage in range(K):
         k = K - 1 - stage  # the code step of the latent this stage sends
-        for sl in slices:  # first pass: the stage's Gaussians
-            dims = slice(sl.start * per_tile, sl.stop * per_tile)
-            x0_b = x0[sl].to(dtype)
-            if stage == 0:
-                q_mean, _, q_log_var = q_mean_variance(s, x0_b, _full_step(x0_b, k))
-                p_mean[dims], p_log_var[dims] = 0.0, 0.0
-            else:
-                y_b, out = network(sl, x0_b)
-                sched, i = chain.step(k)
-                p = p_mean_variance(sched, out, y_b, _full_step(y_b, i), var_type=var_type,
-                                    clip_denoised=params.clip_denoised)
-                p_mean[dims], p_log_var[dims] = _flat64(p.mean), _flat64(p.log_variance)
-                q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0_b, y_b, _full_step(y_b, i))
-                p = out = y_b = None
-            qm, qv, pm, pv = _flat64(q_mean), _flat64(q_log_var), p_mean[dims], p_log_var[dims]
-            kl_b = rcc.gaussian_kl_bits(qm, qv, pm, pv)
-            kl_tiles[sl] = kl_b.reshape(-1, per_tile).sum(axis=1)
-            if coef is not None:
-                rcc_pool.log_weight_coefficients(qm, qv, pm, pv, out=(coef[0][dims], coef[1][dims]))
-            if q_all is not None:
-                q_all[0][dims], q_all[1][dims] = qm, qv
-            if kl_dims is not None:
-                kl_dims[dims] = kl_b
-            q_mean = q_log_var = qm = qv = pm = pv = kl_b = x0_b = None
-        kl_bits[stage] = kl_tiles.sum()
-        if pending is not None:
-            mse[pending] = sse.sum() / D
-            if (done := reached(pending)) is not None:
+        sched, i = chain.step(k) if stage else (None, 0)
+        parts: list[StageSymbols] = []
+        for r, region in enumerate(regions):
+            # one region at a time: its Gaussians, its search, its latent (over the last one)
+            first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
+            rslices = [slice(region.start + a.start, region.start + a.stop)
+                       for a in tile_slices(region.stop - region.start, tiles_per_call)]
+            p_mean, p_log_var = np.empty(Dr), np.empty(Dr)  # float64: the region's p
+            coef = (np.empty(Dr, np.float32), np.empty(Dr, np.float32)) if params.version >= 4 else None  # a, b
+            q_all = (np.empty(Dr), np.empty(Dr)) if params.version <= 3 else None  # versions 1-3: chunks' own weights
+            kl_dims = np.empty(Dr) if params.version <= 4 else None  # versions 1-4: candidates from chunks' own KL
+            for sl in rslices:  # first pass: the region's Gaussians
+                dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
+                x0_b = x0[sl].to(dtype)
+                if stage == 0:
+                    q_mean, _, q_log_var = q_mean_variance(s, x0_b, _full_step(x0_b, k))
+                    p_mean[dims], p_log_var[dims] = 0.0, 0.0
+                else:
+                    y_b, out = network(sl, x0_b)
+                    p = p_mean_variance(sched, out, y_b, _full_step(y_b, i), var_type=var_type,
+                                        clip_denoised=params.clip_denoised)
+                    p_mean[dims], p_log_var[dims] = _flat64(p.mean), _flat64(p.log_variance)
+                    q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0_b, y_b, _full_step(y_b, i))
+                    p = out = y_b = None
+                qm, qv, pm, pv = _flat64(q_mean), _flat64(q_log_var), p_mean[dims], p_log_var[dims]
+                kl_b = rcc.gaussian_kl_bits(qm, qv, pm, pv)
+                kl_tiles[sl] = kl_b.reshape(-1, per_tile).sum(axis=1)
+                if coef is not None:
+                    rcc_pool.log_weight_coefficients(qm, qv, pm, pv, out=(coef[0][dims], coef[1][dims]))
+                if q_all is not None:
+                    q_all[0][dims], q_all[1][dims] = qm, qv
+                if kl_dims is not None:
+                    kl_dims[dims] = kl_b
+                q_mean = q_log_var = qm = qv = pm = pv = kl_b = x0_b = None
+            region_kl = float(kl_tiles[region].sum())
+            if len(regions) == 1:
+                kl_bits[stage] = region_kl
+                if (done := score_pending()) is not None:
+                    return done
+                if syntax.skippable() and kl_bits[stage] < params.min_stage_bits:
+                    break  # skipped (a stream of one region)
+            level = 0 if syntax.implicit() else level_of_kl(region_kl)
+            if params.version >= 3 and stage:
+                level = max(level, 1)
+            n, kappa = syntax.chunking(level, Dr)
+            indices = np.zeros(n, dtype=np.int64)
+            plan = None
+            if params.version >= 4:  # pooled candidates (`rcc_pool`)
+                with clock("candidates"):
+                    plan = stage_plan(params, stage, Dr, (n, kappa), region=r)
+                    if level:
+                        counts, rule = None, "greedy"  # version 5: the stage's N for every chunk (its index range)
+                        if params.version == 4:
+                            # each chunk's candidates from its own KL, as versions 1-3 (the decoder needs no count)
+                            chunk_kl = np.add.reduceat(kl_dims[plan.perm], plan.bounds[:-1])
+                            counts = rcc_pool.chunk_counts(chunk_kl, params.pad_bits, params.log2_candidates)
+                            rule = "pfr"
+                        indices[:] = rcc_pool.select(plan, *coef, counts, rule=rule, device=x0.device)
+            elif level:
+                with clock("candidates"):
+                    tasks = []
+                    for c, idx in enumerate(_chunks(params, stage, Dr, n)):
+                        lw = rcc.LogWeight.of_gaussians(q_all[0][idx], q_all[1][idx], p_mean[idx], p_log_var[idx])
+                        kl_c = float(kl_dims[idx].sum())
+                        log2_n = min(max(math.ceil(kl_c + params.pad_bits), 1), params.log2_candidates)
+                        tasks.append((lw, (params.seed, stage, 1 + c), 1 << log2_n))
+                    indices[:] = rcc.pfr_select_many(tasks, workers=workers)
+            coef = q_all = kl_dims = None
+            part = StageSymbols(level, indices)
+            parts.append(part)
+            with clock("candidates"):
+                u = _sample_stage(params, stage, part, n, Dr, plan)
+            plan = None
+            if y is None:
+                y = torch.empty(x0.shape, dtype=dtype, device=x0.device)
+            for sl in rslices:  # second pass: the region's latent, over the last one
+                dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
+                x0_b = x0[sl].to(dtype)
+                if stage == 0:
+                    q_mean, _, q_log_var = q_mean_variance(s, x0_b, _full_step(x0_b, k))
+                else:
+                    q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0_b, y[sl], _full_step(x0_b, i))
+                # what the sent sample delivers, log2 q(y)/p(y): the stage's KL on average if it were
+                # an exact sample of q; less when the candidate budget leaves it between p and q
+                sample_bits[stage] += _sample_bits(_flat64(q_mean), _flat64(q_log_var), p_mean[dims],
+                                                   p_log_var[dims], u[dims])
+                y_b = _latent(p_mean[dims], p_log_var[dims], u[dims], params.exact, dtype)
+                y[sl] = torch.from_numpy(y_b.reshape(y[sl].shape)).to(x0.device)
+                q_mean = q_log_var = y_b = x0_b = None
+            u = p_mean = p_log_var = None
+        else:  # every region coded: the stage's symbols, once the x^_0 of the latent before is scored
+            kl_bits[stage] = kl_tiles.sum()
+            if (done := score_pending()) is not None:
                 return done
-            pending = None
-        if syntax.skippable() and kl_bits[stage] < params.min_stage_bits:
+            symbols = StageSymbols.of_regions(parts)
             with clock("entropy"):
-                closes[stage] = write_stage(enc, syntax, StageSymbols(0, np.zeros(0, dtype=np.int64)))
+                closes[stage] = write_stage(enc, syntax, symbols)
                 size_hints[stage] = 32 * enc.num_words
-            mse[stage] = mse[stage - 1]
-            if (done := reached(stage)) is not None:
-                return done
+            chain.keep(k)
+            levels[stage] = symbols.level
+            chunks_per_stage[stage] = sum(len(q.indices) for q in parts if q.level)
+            pending = stage
             continue
-        level = 0 if syntax.implicit() else level_of_kl(float(kl_bits[stage]))
-        if params.version >= 3 and stage:
-            level = max(level, 1)
-        n, kappa = syntax.chunking(level)
-        indices = np.zeros(n, dtype=np.int64)
-        plan = None
-        if params.version >= 4:  # pooled candidates (`rcc_pool`)
-            with clock("candidates"):
-                plan = stage_plan(params, stage, D, (n, kappa))
-                if level:
-                    counts, rule = None, "greedy"  # version 5: the stage's N for every chunk (its index range)
-                    if params.version == 4:
-                        # each chunk's candidates from its own KL, as versions 1-3 (the decoder needs no count)
-                        chunk_kl = np.add.reduceat(kl_dims[plan.perm], plan.bounds[:-1])
-                        counts = rcc_pool.chunk_counts(chunk_kl, params.pad_bits, params.log2_candidates)
-                        rule = "pfr"
-                    indices[:] = rcc_pool.select(plan, *coef, counts, rule=rule, device=x0.device)
-        elif level:
-            with clock("candidates"):
-                tasks = []
-                for c, idx in enumerate(_chunks(params, stage, D, n)):
-                    lw = rcc.LogWeight.of_gaussians(q_all[0][idx], q_all[1][idx], p_mean[idx], p_log_var[idx])
-                    kl_c = float(kl_dims[idx].sum())
-                    log2_n = min(max(math.ceil(kl_c + params.pad_bits), 1), params.log2_candidates)
-                    tasks.append((lw, (params.seed, stage, 1 + c), 1 << log2_n))
-                indices[:] = rcc.pfr_select_many(tasks, workers=workers)
-        symbols = StageSymbols(level, indices)
-        with clock("entropy"):
-            closes[stage] = write_stage(enc, syntax, symbols)
+        with clock("entropy"):  # a skipped stage (the break above)
+            closes[stage] = write_stage(enc, syntax, StageSymbols(0, np.zeros(0, dtype=np.int64)))
             size_hints[stage] = 32 * enc.num_words
-        with clock("candidates"):
-            u = _sample_stage(params, stage, symbols, n, D, plan)
-        plan = None
-        if y is None:
-            y = torch.empty(x0.shape, dtype=dtype, device=x0.device)
-        for sl in slices:  # second pass: the stage's latent, over the last one
-            dims = slice(sl.start * per_tile, sl.stop * per_tile)
+        mse[stage] = mse[stage - 1]
+        if (done := reached(stage)) is not None:
+            return done
+    # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5), a region at a time
+    tail: PixelTail | None = None  # several regions: the last one's start and models (`syntax.PixelTail`)
+    pixel_models = None  # one region: its models (level units), for the prefix search
+    latent_words = enc.words() if end is not None else None  # the boundary before the pixels (`score_pending`)
+    for r, region in enumerate(regions):
+        first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
+        region_models, symbols = (np.empty(Dr), np.empty(Dr)), np.empty(Dr, dtype=np.int32)
+        for a in tile_slices(region.stop - region.start, tiles_per_call):
+            sl = slice(region.start + a.start, region.start + a.stop)
+            dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
             x0_b = x0[sl].to(dtype)
-            if stage == 0:
-                q_mean, _, q_log_var = q_mean_variance(s, x0_b, _full_step(x0_b, k))
-            else:
-                sched, i = chain.step(k)
-                q_mean, _, q_log_var = q_posterior_mean_variance(sched, x0_b, y[sl], _full_step(x0_b, i))
-            # what the sent sample delivers, log2 q(y)/p(y): the stage's KL on average if it were
-            # an exact sample of q; less when the candidate budget leaves it between p and q
-            sample_bits[stage] += _sample_bits(_flat64(q_mean), _flat64(q_log_var), p_mean[dims], p_log_var[dims],
-                                               u[dims])
-            y_b = _latent(p_mean[dims], p_log_var[dims], u[dims], params.exact, dtype)
-            y[sl] = torch.from_numpy(y_b.reshape(y[sl].shape)).to(x0.device)
-            q_mean = q_log_var = y_b = x0_b = None
-        u = None
-        chain.keep(k)
-        levels[stage], chunks_per_stage[stage] = level, (n if level else 0)
-        pending = stage
-    # stage K: x_0 given y_0 under the discretized Gaussian (Alg. 3 line 5), slice by slice
-    coef = q_all = kl_dims = None
-    pixel_mean, pixel_std = p_mean, p_log_var  # reused: the pixel stage's models, level units
-    symbols = np.empty(D, dtype=np.int32)
-    for sl in slices:
-        dims = slice(sl.start * per_tile, sl.stop * per_tile)
-        x0_b = x0[sl].to(dtype)
-        y_b, out = network(sl, x0_b)
-        p = p_mean_variance(s, out, y_b, _full_step(y_b, 0), var_type=var_type, clip_denoised=params.clip_denoised)
-        kl_bits[K] += _pixel_bits(x0_b, p.mean, p.log_variance)
-        pixel_mean[dims], pixel_std[dims] = _pixel_params(p.mean, p.log_variance, params)
-        symbols[dims] = np.rint((_flat64(x0_b) + 1.0) * 127.5)
-        p = out = y_b = x0_b = None
+            y_b, out = network(sl, x0_b)
+            p = p_mean_variance(s, out, y_b, _full_step(y_b, 0), var_type=var_type, clip_denoised=params.clip_denoised)
+            kl_bits[K] += _pixel_bits(x0_b, p.mean, p.log_variance)
+            region_models[0][dims], region_models[1][dims] = _pixel_params(p.mean, p.log_variance, params)
+            symbols[dims] = np.rint((_flat64(x0_b) + 1.0) * 127.5)
+            p = out = y_b = x0_b = None
+        if r == len(regions) - 1 and (done := score_pending(latent_words)) is not None:
+            return done  # x^_0 of y_0 scored on every tile: the last boundary before the pixels
+        with clock("entropy"):
+            if len(regions) > 1 and r == len(regions) - 1:
+                tail = PixelTail(enc.pos(), *region_models)
+            enc.encode_gaussian(symbols, *region_models, PIXEL_LO, PIXEL_HI)
+            syntax.add_pixels(symbols)
+        pixel_models = region_models if len(regions) == 1 else None
+        region_models = symbols = None
     y = None
-    mse[K - 1] = sse.sum() / D
-    if (done := reached(K - 1)) is not None:
-        return done
-    pixel_models = pixel_mean, pixel_std
     with clock("entropy"):
-        enc.encode_gaussian(symbols, *pixel_models, PIXEL_LO, PIXEL_HI)
-        write_closing(enc, syntax, symbols)
+        write_closing(enc, syntax)
         words = enc.words()
-    symbols = None
+
+    def lossless_prefix(data: bytes, lo: int = 0) -> int:
+        if tail is not None:
+            return tail_prefix(data, 8 * len(data), params, tail, lo)
+        return shortest_prefix(data, 8 * len(data), params, D, K + 1, pixel_models)
+
     if end is not None:  # the lossless end is the last boundary
-        done = decide(Boundary(K + 1, -1, None, words,
-                               lambda data: shortest_prefix(data, 8 * len(data), params, D, K + 1, pixel_models)))
+        done = decide(Boundary(K + 1, -1, None, words, lossless_prefix))
         if done is not None:
             return done
     with clock("entropy"):
         full = words.astype(">u4").tobytes()
         size_hints[K] = 8 * len(full)
-        prefix = shortest_prefixes(full, params, D, pixel_models, group_hints(size_hints, closes, params))
+        hints = group_hints(size_hints, closes, params)
+        prefix = shortest_prefixes(full, params, D, pixel_models, hints)
+        if tail is not None:
+            prefix[K] = lossless_prefix(full, int(prefix[K - 1]))
     if progress is not None:
         progress(K)
     payload = full[: -(-int(prefix[-1]) // 8)]
@@ -604,7 +659,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     K, var_type = s.num_steps, diffusion.var_type
     shape = (params.num_tiles, 3, params.tile_size, params.tile_size)
     D = int(np.prod(shape))
-    per_tile, slices = D // params.num_tiles, tile_slices(params.num_tiles, tiles_per_call)
+    per_tile, regions = D // params.num_tiles, params.regions()
     bits = 8 * len(payload) if num_bits is None else max(0, min(int(num_bits), 8 * len(payload)))
     limit = params.num_stages if upto is None else max(0, min(int(upto), params.num_stages))
     reader = TwinReader(payload, bits, pad_words(params, D))
@@ -647,28 +702,31 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             if progress is not None:
                 progress(stage)
             continue
-        chunking = syntax.chunking(symbols.level)
-        with clock("candidates"):
-            plan = stage_plan(params, stage, D, chunking) if params.version >= 4 else None
-            u = _sample_stage(params, stage, symbols, chunking[0], D, plan)
-        plan = None
         xstart = torch.empty(shape, dtype=dtype, device=device) if keep_all and y is not None else None
         if y is None:
             y = torch.empty(shape, dtype=dtype, device=device)
         sched, i = chain.step(k) if stage else (None, 0)
-        for sl in slices:
-            dims = slice(sl.start * per_tile, sl.stop * per_tile)
-            if stage == 0:  # p = N(0, I)
-                p_mean = p_log_var = np.zeros(dims.stop - dims.start)
-            else:
-                y_b, out = network(sl, xstart)
-                step = p_mean_variance(sched, out, y_b, _full_step(y_b, i), var_type=var_type,
-                                       clip_denoised=params.clip_denoised)
-                p_mean, p_log_var = _flat64(step.mean), _flat64(step.log_variance)
-                step = out = y_b = None
-            y[sl] = torch.from_numpy(_latent(p_mean, p_log_var, u[dims], params.exact, dtype).reshape(y[sl].shape)
-                                     ).to(device)
-            p_mean = p_log_var = None
+        for r, (region, part) in enumerate(zip(regions, symbols.parts())):  # a region at a time
+            first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
+            chunking = syntax.chunking(part.level, Dr)
+            with clock("candidates"):
+                plan = stage_plan(params, stage, Dr, chunking, region=r) if params.version >= 4 else None
+                u = _sample_stage(params, stage, part, chunking[0], Dr, plan)
+            plan = None
+            for a in tile_slices(region.stop - region.start, tiles_per_call):
+                sl = slice(region.start + a.start, region.start + a.stop)
+                dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
+                if stage == 0:  # p = N(0, I)
+                    p_mean = p_log_var = np.zeros(dims.stop - dims.start)
+                else:
+                    y_b, out = network(sl, xstart)
+                    step = p_mean_variance(sched, out, y_b, _full_step(y_b, i), var_type=var_type,
+                                           clip_denoised=params.clip_denoised)
+                    p_mean, p_log_var = _flat64(step.mean), _flat64(step.log_variance)
+                    step = out = y_b = None
+                y[sl] = torch.from_numpy(_latent(p_mean, p_log_var, u[dims], params.exact, dtype
+                                                 ).reshape(y[sl].shape)).to(device)
+                p_mean = p_log_var = None
         u = None
         ran(xstart)
         chain.keep(k)
@@ -685,29 +743,56 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     # the last latent's reverse-process Gaussian and x^_0 (a skipped stage makes no latent)
     pixel_stage = stages == K and limit > K
     last_xstart = torch.empty(shape, dtype=dtype, device=device)
-    pixel_models = (np.empty(D), np.empty(D)) if pixel_stage else None
-    for sl in slices:
-        dims = slice(sl.start * per_tile, sl.stop * per_tile)
-        y_b, out = network(sl, last_xstart)
-        if pixel_models is not None:
-            p = p_mean_variance(s, out, y_b, _full_step(y_b, chain.kept[-1]), var_type=var_type,
-                                clip_denoised=params.clip_denoised)
-            pixel_models[0][dims], pixel_models[1][dims] = _pixel_params(p.mean, p.log_variance, params)
-        p = out = y_b = None
+    pixels: np.ndarray | None = np.empty(D, dtype=np.uint8) if pixel_stage else None  # the decoded levels
+    pixel_models = tail = shadow = None
+    if pixel_stage and len(regions) > 1:  # the coder's state at the last region's pixels (`PixelTail`)
+        shadow, shadow_syntax = RangeEncoder(), Syntax(params, D)
+        for part in run.stages:
+            write_stage(shadow, shadow_syntax, part)
+    for r, region in enumerate(regions):  # a region at a time: x^_0 and, for the pixel stage, its models and pixels
+        first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
+        region_models = (np.empty(Dr), np.empty(Dr)) if pixels is not None else None
+        for a in tile_slices(region.stop - region.start, tiles_per_call):
+            sl = slice(region.start + a.start, region.start + a.stop)
+            dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
+            y_b, out = network(sl, last_xstart)
+            if region_models is not None:
+                p = p_mean_variance(s, out, y_b, _full_step(y_b, chain.kept[-1]), var_type=var_type,
+                                    clip_denoised=params.clip_denoised)
+                region_models[0][dims], region_models[1][dims] = _pixel_params(p.mean, p.log_variance, params)
+            p = out = y_b = None
+        if region_models is None:
+            continue
+        with clock("entropy"):
+            part = reader.pixels(*region_models)
+            if part is None:
+                pixels = None
+                continue
+            pixels[first:first + Dr] = part
+            syntax.add_pixels(part)
+            if shadow is not None and r < len(regions) - 1:
+                shadow.encode_gaussian(part, *region_models, PIXEL_LO, PIXEL_HI)
+            elif shadow is not None:
+                tail = PixelTail(shadow.pos(), *region_models)
+            pixel_models = region_models if len(regions) == 1 else None
+        region_models = part = None
+    shadow = None
     ran(last_xstart)
     if reconstruction == "xstart":  # the latent is done with (DDIM would start from it)
         y = None
     pixels_checked = None
-    if pixel_models is not None:
-        with clock("entropy"):
-            pixels = reader.pixels(*pixel_models)
-            if pixels is not None and syntax.closes():
-                pixels_checked = reader.closing(syntax, pixels)
+    if pixels is not None:
+        if syntax.closes():
+            with clock("entropy"):
+                pixels_checked = reader.closing(syntax)
                 pixels = None if pixels_checked is None else pixels
         if pixels is not None:
             with clock("entropy"):
-                used = shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
-            pixel_models = None
+                if tail is not None:
+                    used = tail_prefix(payload, bits, params, tail)
+                else:
+                    used = shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
+            pixel_models = tail = None
             x0 = pixels.astype(np.float32)
             pixels = None
             x0 /= 127.5  # in place, in float32: level / 127.5 - 1
@@ -726,7 +811,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             x0 = last_xstart
         else:
             x0 = torch.empty_like(last_xstart)
-            for sl in slices:  # each slice's DDIM chain is its own
+            for sl in tile_slices(params.num_tiles, tiles_per_call):  # each slice's DDIM chain is its own
                 x0[sl] = ddim_reconstruct(model_fn, s, y[sl], k, var_type=var_type,
                                           clip_denoised=params.clip_denoised, first_xstart=last_xstart[sl])
     with clock("entropy"):

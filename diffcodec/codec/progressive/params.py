@@ -59,6 +59,12 @@ class ProgressiveParams:
     # version 3: the encoder skips a stage (1 .. K-2) whose KL is below this many bits, so that
     # its latent is sent merged with the next step's (`syntax`; not needed to decode)
     min_stage_bits: float = 0.0
+    # version 6 on: the tiles coded as regions of this many consecutive tiles (`regions`): each
+    # stage sends each region's level and chunks in turn, from the region's own permutation and
+    # pools, so that an encoder or decoder holds a stage's Gaussians, coefficients and plan for
+    # one region at a time, not for the image (issue 28). A block without the field (every file
+    # before it) has one region, as has 0; `with_regions` sets REGION_TILES where there are more tiles.
+    region_tiles: int = 0
 
     _FIXED = struct.Struct("<BBHBBBbBIHII")  # 23 bytes, see `pack`
     _CHECKS = struct.Struct("<BBH")  # block version 2: check bits, growth x 4, min group bits
@@ -99,6 +105,10 @@ class ProgressiveParams:
             raise ValueError("progressive: min_stage_bits must be a multiple of 1/4 in 0..1023.75")
         if self.version not in self.READ_VERSIONS:
             raise ValueError(f"progressive: unknown stream version {self.version}")
+        if not 0 <= self.region_tiles < 1 << 32 or self.region_tiles and self.version < 6:
+            raise ValueError("progressive: region_tiles must be in 0..2^32-1 (0: one region), set from version 6 on")
+        if self.num_regions > 1 and self.min_stage_bits:
+            raise ValueError("progressive: a stream of several regions skips no stage (min_stage_bits 0)")
         if self.version == 1 and self.check_bits or self.version == 2 and not self.check_bits:
             raise ValueError(f"progressive: a version {self.version} stream "
                              + ("has no checks" if self.version == 1 else "has checks"))
@@ -185,9 +195,30 @@ class ProgressiveParams:
     def num_stages(self) -> int:
         return self.num_steps + 1
 
+    @property
+    def num_regions(self) -> int:
+        """Regions of the stream (version 6 on): ceil(tiles / region_tiles); 1 where region_tiles is 0."""
+        if self.version < 6 or not self.region_tiles:
+            return 1
+        return -(-self.num_tiles // self.region_tiles)
+
+    def regions(self) -> list[slice]:
+        """Each region's tiles, in order: consecutive runs of region_tiles tiles, the last one shorter."""
+        step = self.region_tiles if self.num_regions > 1 else self.num_tiles
+        return [slice(i, min(i + step, self.num_tiles)) for i in range(0, self.num_tiles, step)]
+
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ProgressiveParams)}
+REGION_TILES = 128  # the encoder's regions (`with_regions`): 128 tiles of 32x32 are 393,216 dimensions
+
+
+def with_regions(params: ProgressiveParams, region_tiles: int = REGION_TILES) -> ProgressiveParams:
+    """``params`` in regions of ``region_tiles`` tiles where it has more tiles than that (version
+    6 on; otherwise as they are: a stream of one region is the same either way)."""
+    if params.version < 6 or params.num_tiles <= region_tiles or params.min_stage_bits:
+        return params
+    return dataclasses.replace(params, region_tiles=region_tiles)
 
 
 def default_pad_bits(version: int) -> float:
@@ -219,4 +250,5 @@ COMPACT_FIELDS = (
     ("check_min_bits", "u"),
     ("check_growth", "q"),
     ("min_stage_bits", "q"),
+    ("region_tiles", "u"),
 )

@@ -23,6 +23,12 @@ Stage syntax (one range-coder stream, FIFO, stage k strictly before stage k + 1)
                   [0, N), N = the stage's candidates (`rcc_pool.stage_candidates`): the
                   index of the largest of N i.i.d. values is uniform, so log2 N bits is its
                   entropy and no law needs to adapt)
+    regions       (version 6 with the block's region_tiles, a stream of several regions: the
+                  tiles in runs of region_tiles) a coded stage sends level, then indices, for
+                  each region in turn: each region's level law follows that region's levels, its
+                  chunks cut its own dimensions (its own keyed permutation and pools), and the
+                  check's digest takes the regions' symbols in order; a stream of one region
+                  is the version 6 stream of before
     check         (block version 2, after the stage that closes a group) check_bits bits,
                   uniformly: the low bits of a running SHA-256 of every stage's symbols so far
                   (`Syntax.check_value`). A group closes once its nominal KL (the levels' KL,
@@ -123,10 +129,24 @@ def _level_law(center: float, scale: float, exact_contract: bool) -> np.ndarray:
 
 @dataclass(frozen=True)
 class StageSymbols:
-    """What one RCC stage sends: its level and one PFR index per chunk."""
+    """What one RCC stage sends: its level and one PFR index per chunk; in a stream of several
+    regions, each region's (``regions``; ``level`` is then their largest, ``indices`` theirs
+    joined, as `of_regions` makes them)."""
 
     level: int
     indices: np.ndarray  # int64 [num_chunks]; [0] for level 0
+    regions: tuple[StageSymbols, ...] = ()
+
+    @classmethod
+    def of_regions(cls, parts: list[StageSymbols]) -> StageSymbols:
+        """A stage of several regions; a single region's symbols as they are."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(max(p.level for p in parts), np.concatenate([p.indices for p in parts]), tuple(parts))
+
+    def parts(self) -> tuple[StageSymbols, ...]:
+        """Each region's symbols (one region: these)."""
+        return self.regions or (self,)
 
 
 class Syntax:
@@ -136,12 +156,18 @@ class Syntax:
         self.params = params
         self.context = context  # what else the closing check covers (the container's image sizes)
         self.num_dims = num_dims
-        self.levels: list[int] = []
+        per_tile = num_dims // params.num_tiles
+        self.region_dims = [per_tile * (r.stop - r.start) for r in params.regions()]  # one region: num_dims
+        if sum(self.region_dims) != num_dims:
+            raise ValueError(f"progressive: {num_dims} dimensions are not {params.num_tiles} equal tiles")
+        self.levels: list[int] = []  # per stage (several regions: the largest region's)
+        self.region_levels: list[list[int]] = [[] for _ in self.region_dims]
         self.exponents = rcc.ExponentModel(params.log2_candidates, exact_contract=params.exact)
         self._digest = b"diffcodec progressive stages"  # running SHA-256 of the symbols (`check_value`)
         self._group_bits = 0.0  # nominal KL of the stages since the last check
         self._checked_bits = 0.0  # nominal KL of the stages before it
         self.skip_counts = [[1, 1], [1, 1]]  # version 3: [not skipped, skipped] after a coded / a skipped stage
+        self._pixels = None  # the closing check's running hash, once the pixel stage starts
 
     @property
     def stage(self) -> int:
@@ -163,18 +189,20 @@ class Syntax:
     def _skipped_before(self) -> int:
         return int(self.stage >= 2 and self.levels[-1] == 0)
 
-    def level_history(self) -> list[int]:
-        """The levels the level law conditions on (version 3: coded stages only)."""
+    def level_history(self, region: int = 0) -> list[int]:
+        """The levels the level law of ``region`` conditions on (version 3: coded stages only)."""
+        levels = self.region_levels[region]
         if self.params.version >= 3:
-            return [lv for lv in self.levels[1:] if lv]
-        return self.levels
+            return [lv for lv in levels[1:] if lv]
+        return levels
 
-    def chunking(self, level: int) -> tuple[int, float]:
-        """(number of chunks, nominal KL per chunk in bits) of a level."""
+    def chunking(self, level: int, num_dims: int | None = None) -> tuple[int, float]:
+        """(number of chunks, nominal KL per chunk in bits) of a level over ``num_dims``
+        dimensions (a region's; default: every dimension)."""
         if level == 0:
             return 1, 0.0
         kl = kl_of_level(level)
-        n = int(min(max(math.ceil(kl / self.params.chunk_bits), 1), self.num_dims))
+        n = int(min(max(math.ceil(kl / self.params.chunk_bits), 1), num_dims or self.num_dims))
         return n, kl / n
 
     def uniform_indices(self) -> bool:
@@ -182,24 +210,36 @@ class Syntax:
         exponent and mantissa."""
         return self.params.version >= 5
 
-    def index_range(self, level: int) -> int:
-        """N: a version 5 chunk's index range at a stage of ``level`` (its pools' rows)."""
-        n, kappa = self.chunking(level)
+    def index_range(self, level: int, num_dims: int | None = None) -> int:
+        """N: a version 5 chunk's index range at a stage of ``level`` over ``num_dims``
+        dimensions (a region's; default: every dimension) (its pools' rows)."""
+        num_dims = num_dims or self.num_dims
+        n, kappa = self.chunking(level, num_dims)
         return rcc_pool.stage_candidates(kappa, self.params.pad_bits, self.params.log2_candidates,
-                                         rcc_pool.pool_row_width(self.num_dims, n))
+                                         rcc_pool.pool_row_width(num_dims, n))
+
+    def regions_of(self, symbols: StageSymbols) -> tuple[StageSymbols, ...]:
+        """A stage's symbols per region, checked against the stream's regions."""
+        parts = symbols.parts()
+        if len(parts) != len(self.region_dims):
+            raise ValueError(f"progressive: {len(parts)} regions' symbols for a stream of {len(self.region_dims)}")
+        return parts
 
     def commit(self, symbols: StageSymbols) -> None:
         stage = len(self.levels)
         if self.skippable():
             self.skip_counts[self._skipped_before()][int(symbols.level == 0)] += 1
         self.levels.append(symbols.level)
+        for levels, part in zip(self.region_levels, self.regions_of(symbols)):
+            levels.append(part.level)
         if symbols.level and not self.uniform_indices():
             _, kappa = self.chunking(symbols.level)
             self.exponents.update(kappa, rcc.split_index(symbols.indices)[0])
         if self.params.check_bits:
-            indices = np.ascontiguousarray(symbols.indices, dtype="<i8").tobytes()
-            self._digest = hashlib.sha256(self._digest + struct.pack("<IB", stage, symbols.level) + indices).digest()
-            self._group_bits += kl_of_level(symbols.level)
+            for part in self.regions_of(symbols):  # one region: the stage's symbols, as before regions
+                indices = np.ascontiguousarray(part.indices, dtype="<i8").tobytes()
+                self._digest = hashlib.sha256(self._digest + struct.pack("<IB", stage, part.level) + indices).digest()
+                self._group_bits += kl_of_level(part.level)
 
     def check_due(self) -> bool:
         """Whether the stage just committed closes a group (then its check follows it)."""
@@ -213,13 +253,23 @@ class Syntax:
         """The check of every stage so far: the low check_bits bits of their running digest."""
         return int.from_bytes(self._digest[:4], "little") & ((1 << self.params.check_bits) - 1)
 
-    def closing_value(self, pixels: np.ndarray) -> int:
+    def closing_value(self, pixels: np.ndarray | None = None) -> int:
         """The closing check (version 3): 32 bits of the digest extended by ``context`` (the
         caller's: the container passes the image sizes, so a header edit that keeps its CRC
-        cannot crop the verified pixels) and the pixel symbols."""
-        data = np.ascontiguousarray(pixels, dtype="<i2").tobytes()
-        context = struct.pack("<I", len(self.context)) + self.context
-        return int.from_bytes(hashlib.sha256(self._digest + b"pixels" + context + data).digest()[:4], "little")
+        cannot crop the verified pixels) and the pixel symbols: ``pixels``, or those given to
+        `add_pixels` (a region at a time)."""
+        if pixels is not None:
+            self.add_pixels(pixels)
+        return int.from_bytes(self._pixel_hash().digest()[:4], "little")
+
+    def add_pixels(self, pixels: np.ndarray) -> None:
+        """The next pixel symbols (in order) into the closing check."""
+        self._pixel_hash().update(np.ascontiguousarray(pixels, dtype="<i2").tobytes())
+
+    def _pixel_hash(self):
+        if getattr(self, "_pixels", None) is None:
+            self._pixels = hashlib.sha256(self._digest + b"pixels" + struct.pack("<I", len(self.context)) + self.context)
+        return self._pixels
 
     def closes(self) -> bool:
         """Whether the stream ends with a closing check (version 3 with checks)."""
@@ -258,24 +308,38 @@ def decode_index_uniform(dec: RangeDecoder, num_candidates: int, count: int) -> 
 def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> bool:
     """Encode one RCC stage's symbols, and its group's check when it closes one; advance
     ``syntax``. Returns whether a check was written."""
+    parts = syntax.regions_of(symbols)
     if syntax.implicit():
-        if symbols.level != 0 or list(symbols.indices) != [0]:
+        if any(p.level != 0 or list(p.indices) != [0] for p in parts):
             raise ValueError("progressive: stage 0 of a version 3 stream is candidate 0, sent as nothing")
     elif syntax.skippable() and symbols.level == 0:
         enc.encode_categorical(np.array([1]), syntax.skip_probs()[None])
     else:
-        if syntax.params.version >= 3 and symbols.level == 0:
+        if syntax.params.version >= 3 and any(p.level == 0 for p in parts):
             raise ValueError("progressive: a coded stage of a version 3 stream has level >= 1")
         if syntax.skippable():
             enc.encode_categorical(np.array([0]), syntax.skip_probs()[None])
-        enc.encode_categorical(np.array([symbols.level]),
-                               level_probs(syntax.level_history(), exact_contract=syntax.params.exact)[None])
+        for region, part in enumerate(parts):
+            _write_region(enc, syntax, region, part)
+    syntax.commit(symbols)
+    if not syntax.check_due():
+        return False
+    enc.encode_uniform(np.array([syntax.check_value()]), 1 << syntax.params.check_bits)
+    syntax.close_group()
+    return True
+
+
+def _write_region(enc: RangeEncoder, syntax: Syntax, region: int, symbols: StageSymbols) -> None:
+    """A coded stage's level and indices for one region (the stage's, in a stream of one)."""
+    num_dims = syntax.region_dims[region]
+    enc.encode_categorical(np.array([symbols.level]),
+                           level_probs(syntax.level_history(region), exact_contract=syntax.params.exact)[None])
     if symbols.level:
-        n, kappa = syntax.chunking(symbols.level)
+        n, kappa = syntax.chunking(symbols.level, num_dims)
         if len(symbols.indices) != n:
             raise ValueError(f"progressive: level {symbols.level} needs {n} indices, got {len(symbols.indices)}")
     if symbols.level and syntax.uniform_indices():
-        encode_index_uniform(enc, symbols.indices, syntax.index_range(symbols.level))
+        encode_index_uniform(enc, symbols.indices, syntax.index_range(symbols.level, num_dims))
     elif symbols.level:
         exps, mants = rcc.split_index(symbols.indices)
         if exps.max() > syntax.params.log2_candidates:
@@ -286,12 +350,6 @@ def write_stage(enc: RangeEncoder, syntax: Syntax, symbols: StageSymbols) -> boo
         coded = sizes > 1
         if coded.any():
             enc.encode_uniform(mants[coded], sizes[coded])
-    syntax.commit(symbols)
-    if not syntax.check_due():
-        return False
-    enc.encode_uniform(np.array([syntax.check_value()]), 1 << syntax.params.check_bits)
-    syntax.close_group()
-    return True
 
 
 def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
@@ -299,18 +357,28 @@ def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
 
     Raises one of ``_DECODE_ERRORS`` on data that no encoder could have written.
     """
+    regions = range(len(syntax.region_dims))
     if syntax.implicit():
-        return StageSymbols(0, np.zeros(1, dtype=np.int64))
+        return StageSymbols.of_regions([StageSymbols(0, np.zeros(1, dtype=np.int64)) for _ in regions])
     if syntax.skippable() and int(dec.decode_categorical(syntax.skip_probs()[None])[0]):
+        if len(regions) > 1:
+            raise ValueError("progressive: a skipped stage in a stream of several regions")
         return StageSymbols(0, np.zeros(0, dtype=np.int64))
-    level = int(dec.decode_categorical(level_probs(syntax.level_history(), exact_contract=syntax.params.exact)[None])[0])
+    return StageSymbols.of_regions([_read_region(dec, syntax, r) for r in regions])
+
+
+def _read_region(dec: RangeDecoder, syntax: Syntax, region: int) -> StageSymbols:
+    """What `_write_region` wrote."""
+    num_dims = syntax.region_dims[region]
+    level = int(dec.decode_categorical(level_probs(syntax.level_history(region),
+                                                   exact_contract=syntax.params.exact)[None])[0])
     if level == 0:
         if syntax.params.version >= 3:
             raise ValueError("progressive: level 0 in a coded stage of a version 3 stream")
         return StageSymbols(0, np.zeros(1, dtype=np.int64))
-    n, kappa = syntax.chunking(level)
+    n, kappa = syntax.chunking(level, num_dims)
     if syntax.uniform_indices():
-        return StageSymbols(level, decode_index_uniform(dec, syntax.index_range(level), n))
+        return StageSymbols(level, decode_index_uniform(dec, syntax.index_range(level, num_dims), n))
     probs = syntax.exponents.probs(kappa)
     exps = dec.decode_categorical(np.broadcast_to(probs, (n, len(probs)))).astype(np.int64)
     sizes = rcc.mantissa_size(exps)
@@ -319,7 +387,6 @@ def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
     if coded.any():
         mant[coded] = dec.decode_uniform(sizes[coded], int(coded.sum()))
     return StageSymbols(level, rcc.join_index(exps, mant))
-
 
 
 def padded_words(payload: bytes, num_bits: int, pad_words: int, fill: int) -> np.ndarray:
@@ -339,6 +406,13 @@ def padded_words(payload: bytes, num_bits: int, pad_words: int, fill: int) -> np
             head[-1] = (head[-1] & ~low) | (low if fill else np.uint32(0))
         words[:prefix_words] = head
     return words
+
+
+def _same(a: StageSymbols, b: StageSymbols) -> bool:
+    """Whether two readings of a stage are the same symbols, region by region."""
+    pa, pb = a.parts(), b.parts()
+    return len(pa) == len(pb) and all(x.level == y.level and np.array_equal(x.indices, y.indices)
+                                      for x, y in zip(pa, pb))
 
 
 class TwinReader:
@@ -367,15 +441,16 @@ class TwinReader:
             a, b = (read_stage(d, syntax) for d in self._decoders)
         except DECODE_ERRORS:
             a = b = None
-        if a is None or a.level != b.level or not np.array_equal(a.indices, b.indices):
+        if a is None or not _same(a, b):
             self.failed = True
             return None
         syntax.commit(a)
         return a
 
-    def closing(self, syntax: Syntax, pixels: np.ndarray) -> bool | None:
-        """Read the closing check (version 3): True when it matches the stream and ``pixels``,
-        False when both decoders read another value, None once the prefix ends."""
+    def closing(self, syntax: Syntax | None, pixels: np.ndarray | None = None) -> bool | None:
+        """Read the closing check (version 3): True when it matches the stream and ``pixels``
+        (or those given to `Syntax.add_pixels`; without a ``syntax``: whenever both decoders
+        read it alike), False when both decoders read another value, None once the prefix ends."""
         if self.failed:
             return None
         try:
@@ -385,7 +460,7 @@ class TwinReader:
         if a is None or a != b:
             self.failed = True
             return None
-        return a[0] | a[1] << 16 == syntax.closing_value(pixels)
+        return syntax is None or a[0] | a[1] << 16 == syntax.closing_value(pixels)
 
     def check(self, syntax: Syntax) -> bool | None:
         """Read a group's check: True when it matches the symbols read, False when both
@@ -519,11 +594,43 @@ def count_stages(payload: bytes, num_bits: int, params: ProgressiveParams, num_d
     return params.num_steps
 
 
-def write_closing(enc: RangeEncoder, syntax: Syntax, pixels: np.ndarray) -> None:
-    """The closing check after the pixel stage (version 3 with checks; nothing otherwise)."""
+def write_closing(enc: RangeEncoder, syntax: Syntax, pixels: np.ndarray | None = None) -> None:
+    """The closing check after the pixel stage (version 3 with checks; nothing otherwise), over
+    ``pixels`` or the pixels given to `Syntax.add_pixels`."""
     if syntax.closes():
         value = syntax.closing_value(pixels)
         enc.encode_uniform(np.array([value & 0xFFFF, value >> 16]), 1 << 16)
+
+
+@dataclass(frozen=True)
+class PixelTail:
+    """The last region's part of the pixel stage of a stream of several regions: where it starts
+    in the coder's output (`RangeEncoder.pos`) and its models (mean, std). A prefix delivers
+    the whole stream when it holds the output up to there and both padded decoders, sought
+    there, read the tail's pixels and the closing check alike (`tail_prefix`): what
+    `count_stages` says with every region's models (tests/test_codec_progressive.py), from one
+    region's models, so that nothing of the pixel stage is kept for the whole image."""
+
+    position: tuple[int, tuple[int, int]]
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def tail_delivers(payload: bytes, num_bits: int, params: ProgressiveParams, tail: PixelTail) -> bool:
+    """Whether the first ``num_bits`` bits deliver a complete stream whose pixel stage ends with ``tail``."""
+    if num_bits < 32 * tail.position[0]:  # the output before the tail is not all there
+        return False
+    reader = TwinReader(payload, num_bits, pad_words(params, len(tail.mean)))
+    reader.seek(tail.position)
+    pixels = reader.pixels(tail.mean, tail.std)
+    closes = params.version >= 3 and params.check_bits > 0
+    return pixels is not None and (not closes or reader.closing(None) is not None)
+
+
+def tail_prefix(payload: bytes, num_bits: int, params: ProgressiveParams, tail: PixelTail, lo: int = 0) -> int:
+    """The fewest payload bits (in [lo, num_bits]; num_bits deliver the stream) that deliver the
+    complete stream (`tail_delivers`), searched down from num_bits."""
+    return first_enough(lo, num_bits, lambda bits: tail_delivers(payload, bits, params, tail), down=True)
 
 
 def first_enough(lo: int, hi: int, enough: Callable[[int], bool], *, down: bool = False) -> int:
