@@ -71,6 +71,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("mode", choices=("lossless", "progressive"))
     p.add_argument("sides", type=int, nargs="+")
     p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--region-tiles", type=int, default=None,
+                   help="progressive: the stream's regions (default: the encoder's, `progressive.params.REGION_TILES`)")
     args = p.parse_args(argv)
     mode, sides, batch = args.mode, args.sides, args.batch
     torch.set_num_threads(1)
@@ -79,6 +81,9 @@ def main(argv: list[str]) -> int:
     # a lossless stream without its bootstrap: that is the progressive codec on a few tiles,
     # measured in the progressive mode (and it would be most of this probe's time)
     extra = {"bootstrap": False} if mode == "lossless" else {}
+    if mode == "progressive" and args.region_tiles is not None:
+        from diffcodec.codec.progressive.params import ProgressiveParams
+        extra = {"progressive_params": ProgressiveParams(num_steps=2, region_tiles=args.region_tiles)}
     warm = api.encode(synthetic_images([(TILE, TILE)]), model=loaded, mode=mode, steps=2, batch_size=batch,
                       compute_bound=False, **extra)
     api.decode(warm.data, model=loaded, batch_size=batch)

@@ -563,7 +563,13 @@ def group_checkpoints(payload: bytes, params: ProgressiveParams, num_dims: int) 
 
 
 def pad_words(params: ProgressiveParams, num_dims: int) -> int:
-    """Padding that one stage can never read past: 24 bits per symbol, 2 symbols per chunk."""
+    """Padding that one stage can never read past: 24 bits per symbol, 2 symbols per chunk, over
+    the largest region's dimensions (a stream of one region: all of them). A stage of several
+    regions reads them in turn; a reading that runs past its prefix reads the fills, which its
+    two decoders tell apart within a region (its chunk indices are uniform on N >= 2), or
+    within the next where the pixels agree on both fills: the pad holds two regions' pixels."""
+    if params.num_regions > 1:
+        num_dims = num_dims // params.num_tiles * params.region_tiles
     return (24 * (2 * num_dims + 1) + 31) // 32 + 4
 
 
