@@ -49,14 +49,18 @@ and the pixel stage): it then delivers the stages up to there. `encode`'s ``end`
 makes from a file that ends there, and that file's payload) and says whether to go on, to end
 the file there, or to end it at the boundary before; the encoder then stops computing.
 
-Memory. The network sees the tiles in slices (`tile_slices`: where the batch is formed), and
-each stage works slice by slice: the encoder in two passes (the network on the last latent and
-the stage's Gaussians; after the search, the new latent), the decoder in one. What spans the
-whole image: the latent, and while the encoder searches p's mean and log-variance, the
-search's coefficients and the stage's permutation (about 50-90 bytes per image dimension to
-encode, 50-70 to decode: tests/test_codec_memory.py, reports/results.md). A stage's chunks
-span every tile through its one permutation, so these stream versions cannot bound that part
-by the batch.
+Memory. The network sees the tiles in slices (`tile_slices`: where the batch is formed). A
+stream in regions (`ProgressiveParams.regions`: runs of region_tiles tiles, 128 from
+`params.with_regions` where an image has more) codes each stage a region at a time: the
+network on the region's part of the last latent, its Gaussians and the search's coefficients,
+its level, plan and search, its part of the new latent, which replaces the last one in place
+(a region's network outputs depend on its own tiles only); its symbols wait for the stage's
+end. The pixel stage goes the same way, and the complete stream's shortest prefix is found
+from the last region's models (`syntax.PixelTail`). What spans the whole image is then the
+latent (float64) and the image itself: about 12 bytes per dimension to encode and 32 to
+decode (x^_0 and the pixels too), against 100 and 53 in one region, whose permutation
+spans every tile (tests/test_codec_memory.py, reports/results.md). A stream of one region
+(an image of up to 128 tiles, and every file before regions) is the stream of before.
 """
 
 from __future__ import annotations
@@ -314,11 +318,11 @@ def _full_step(like: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def tile_slices(num_tiles: int, tiles_per_call: int | None) -> list[slice]:
-    """Where the progressive codec forms its network batch: the tiles in consecutive slices of
-    ``tiles_per_call`` (None: all of them in one call, which a float32 stream needs, its outputs
-    changing with the batch). Each stage runs the network, its Gaussians and the search's
-    coefficients slice by slice, so that what a stage holds for the whole image is a few values
-    per dimension (the latent, p's mean and log-variance, the search's coefficients)."""
+    """Where the progressive codec forms its network batch: a region's ``num_tiles`` tiles in
+    consecutive slices of ``tiles_per_call`` (None: all of them in one call, which a float32
+    stream needs, its outputs changing with the batch: encoder and decoder cut the same
+    regions). Each stage runs the network, its Gaussians and the search's coefficients slice
+    by slice."""
     step = num_tiles if tiles_per_call is None else max(1, int(tiles_per_call))
     return [slice(i, min(i + step, num_tiles)) for i in range(0, num_tiles, step)]
 
@@ -349,10 +353,11 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     boundary) as its answer; the payload then ends there (or at the boundary before) and nothing
     after it is computed.
 
-    Each stage works in two passes over the tiles (`tile_slices`): the first runs the network
-    on the last latent (scoring its x^_0) and makes the stage's Gaussians, the second, after the
-    search, makes the stage's latent; between them the stage holds p's mean and log-variance,
-    the search's coefficients and the latent for the whole image (tests/test_codec_memory.py).
+    Each stage works a region at a time (``params.regions()``), in two passes over the region's
+    tiles (`tile_slices`): the first runs the network on the last latent (scoring its x^_0) and
+    makes the region's Gaussians, the second, after its search, makes its part of the stage's
+    latent; between them the region holds p's mean and log-variance and the search's
+    coefficients; the stage's symbols are written once every region is coded.
 
     Returns the payload (complete stream) and per-stage measurements. With
     ``params.network_float64`` the latents are float64 and ``model_fn`` must take and return
@@ -648,8 +653,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     ``ddim``: deterministic DDIM, eta = 0, down the rest of the coded chain). ``progress``:
     called with each stage's index once it is decoded. ``tiles_per_call``: the network's batch
     (`tile_slices`; None: every tile in one call, as a float32 stream's encoder made them).
-    Each stage makes its latent slice by slice over the last one, after the network's call on
-    it: between stages the decoder holds the latent for the whole image.
+    Each stage makes its latent a region at a time, slice by slice over the last one, after the
+    network's call on it: between stages the decoder holds the latent for the whole image.
     """
     if reconstruction not in RECONSTRUCTIONS:
         raise DiffcodecError(f"unknown reconstruction {reconstruction!r}; known: {', '.join(RECONSTRUCTIONS)}")
