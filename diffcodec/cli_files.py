@@ -68,7 +68,9 @@ def format_info(r: dict) -> str:
     if r["num_steps"]:
         lines.append(f"  steps       {r['num_steps']} coded ({r['spacing']} spacing)"
                      + (f", {r['chunks']} bits-back chunk(s), {r['bootstrap_tiles']} bootstrap tile(s)"
-                        if r["mode"] != "progressive" else f", {r['num_stages']} stages"))
+                        if r["mode"] != "progressive" else f", {r['num_stages']} stages"
+                        + (f", each in {r['regions']} regions of {r['region_tiles']} tiles" if r["regions"] > 1
+                           else "")))
     if r["mode"] != "progressive" or not r["model_matches"]:
         return "\n".join(lines)
     if r["cut_short"]:

@@ -102,6 +102,36 @@ def test_encode_to_a_target_then_cut_then_decode(setup, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp / "a.png")), np.asarray(Image.open(tmp / "b.png")))
 
 
+def test_a_stream_in_regions_is_inspected_cut_and_decoded(setup, capsys):
+    """A file whose stream is in regions (an image of more tiles than the encoder's regions:
+    here regions of 2 tiles of a 6-tile image): `info` says so and lists its cut points, a cut
+    file decodes to what `decode --bits` of the whole one gives, and the whole file decodes
+    to the image."""
+    from diffcodec.codec import api
+    from diffcodec.codec.progressive.params import ProgressiveParams
+
+    tmp, ckpt, _ = setup
+    img = synthetic_images([(48, 32)], seed=8)[0]  # 3 x 2 tiles of 16
+    enc = api.encode([img], checkpoint=str(ckpt), mode="progressive",
+                     progressive_params=ProgressiveParams(num_steps=6, chunk_bits=4.0, region_tiles=2))
+    (tmp / "regions.dfc").write_bytes(enc.data)
+    r = info(tmp / "regions.dfc", ckpt, capsys)
+    assert (r["regions"], r["region_tiles"], r["num_stages"]) == (3, 2, 7) and r["whole"]
+    code, text, _ = run(["info", tmp / "regions.dfc", "-c", ckpt], capsys)
+    assert code == 0 and "7 stages, each in 3 regions of 2 tiles" in text
+    point = r["cut_points"][1]
+    code, out, err = run(["cut", tmp / "regions.dfc", "-o", tmp / "regions_cut.dfc", "-c", ckpt, "--stage",
+                          point["stages"], "--json"], capsys)
+    assert code == 0, err
+    c = json.loads(out)
+    for name, src, extra in (("rc.png", "regions_cut.dfc", []),
+                             ("rb.png", "regions.dfc", ["--bits", c["decode_bits_equivalent"]]),
+                             ("rw.png", "regions.dfc", [])):
+        assert run(["decode", tmp / src, "-o", tmp / name, "-c", ckpt, "--device", "cpu", *extra], capsys)[0] == 0
+    assert np.array_equal(np.asarray(Image.open(tmp / "rc.png")), np.asarray(Image.open(tmp / "rb.png")))
+    assert np.array_equal(np.asarray(Image.open(tmp / "rw.png")), img)
+
+
 def test_cut_short_and_damaged_files_are_told_apart(setup, capsys):
     tmp, ckpt, img = setup
     data = (tmp / "full.dfc").read_bytes()

@@ -63,6 +63,8 @@ class FileInfo:
     # progressive files
     stream_version: int = 0
     num_stages: int = 0  # K + 1
+    regions: int = 0  # regions of the stream (`ProgressiveParams.regions`: 1 = every tile in one)
+    region_tiles: int = 0  # tiles per region (0: one region)
     file_stages: int = 0  # the stages the file delivers when whole (format 5 records it; else K + 1)
     declared_bytes: int | None = None  # the whole file's length as its header says (format 5, 3), else None
     cut_short: bool | None = None  # None: format 4 cannot tell
@@ -141,6 +143,7 @@ def _describe_progressive(data: bytes, container: Container, h: Header, params: 
         what = what or "the pixel stage (lossless end) is verified by decode"
     base = _header_only(data, h, note, True, K, params.spacing, params.network_float64, payload=len(payload))
     return replace(base, stream_version=params.version, num_stages=params.num_stages, file_stages=file_stages,
+                   regions=params.num_regions, region_tiles=params.region_tiles if params.num_regions > 1 else 0,
                    declared_bytes=declared, cut_short=cut_short, whole=whole, stages_held=layout.stages,
                    cut_points=points,
                    damage=damage, note=what)

@@ -157,8 +157,8 @@ class Encoded:
     kl_bits: np.ndarray  # float64 [S]: the analytic cost of each stage on this trajectory
     #   (prior KL, the KL terms L_{t}, and -log2 p(x_0 | y_0) with the exact normal CDF)
     timesteps: np.ndarray  # int64 [S]: original timestep of each stage's latent (-1: x_0)
-    levels: np.ndarray  # int64 [min(S, K)]
-    num_chunks: np.ndarray  # int64 [min(S, K)]
+    levels: np.ndarray  # int64 [min(S, K)] (several regions: the largest region's level)
+    num_chunks: np.ndarray  # int64 [min(S, K)] (several regions: all of theirs)
     xstart_mse: np.ndarray  # float64 [min(S, K)]: MSE on [0,255] of x^_0 predicted from each stage's latent
     seconds: dict[str, float] = field(default_factory=dict)
     num_checks: int = 0  # integrity checks written (check_bits each)

@@ -4,6 +4,9 @@ The block sits in the container's mode-1 parameter field (`container`) and in a 
 file's bootstrap section (`bitsback.params`). Its byte layouts are in `ProgressiveParams.pack`:
 versions 3 to 6 (6: what this diffcodec writes) are compact (defaults cost nothing; tile
 count and size come from the container); versions 1 and 2 are fixed layouts, read as before.
+A version 6 block with the region_tiles field (an image of more than `REGION_TILES` tiles)
+is a stream in regions (`syntax`); a diffcodec from before it refuses the block (a field it
+does not know) instead of misreading the stream.
 """
 
 from __future__ import annotations
