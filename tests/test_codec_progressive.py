@@ -502,6 +502,12 @@ def test_regions_code_each_region_in_turn_and_every_prefix_decodes():
     short = pg.decode(fn64, dc, enc.payload[: (expected[-2] + expected[-1]) // 16], enc.params)
     assert short.stages == params.num_steps and not short.complete
     np.testing.assert_array_equal(from_model_output(short.x0), seen[-2].tiles)
+    # a float32 stream: each region's tiles in one network call on both sides, as the encoder made them
+    fn32 = denoiser(model)
+    params32 = dataclasses.replace(params, exact=False)
+    enc32 = pg.encode(fn32, dc, x0, params32)
+    dec32 = pg.decode(fn32, dc, enc32.payload, enc32.params)
+    assert dec32.complete and torch.equal(dec32.x0, x0) and dec32.bits_used == enc32.prefix_bits[-1]
 
 
 # ------------------------------------------------------------------------------- CLI

@@ -327,6 +327,12 @@ def tile_slices(num_tiles: int, tiles_per_call: int | None) -> list[slice]:
     return [slice(i, min(i + step, num_tiles)) for i in range(0, num_tiles, step)]
 
 
+def region_slices(region: slice, tiles_per_call: int | None) -> list[slice]:
+    """`tile_slices` of a region's tiles, as slices of the image's tiles."""
+    return [slice(region.start + a.start, region.start + a.stop)
+            for a in tile_slices(region.stop - region.start, tiles_per_call)]
+
+
 def _flat64(t: torch.Tensor) -> np.ndarray:
     return t.double().cpu().numpy().ravel()
 
@@ -462,8 +468,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         for r, region in enumerate(regions):
             # one region at a time: its Gaussians, its search, its latent (over the last one)
             first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
-            rslices = [slice(region.start + a.start, region.start + a.stop)
-                       for a in tile_slices(region.stop - region.start, tiles_per_call)]
+            rslices = region_slices(region, tiles_per_call)
             p_mean, p_log_var = np.empty(Dr), np.empty(Dr)  # float64: the region's p
             coef = (np.empty(Dr, np.float32), np.empty(Dr, np.float32)) if params.version >= 4 else None  # a, b
             q_all = (np.empty(Dr), np.empty(Dr)) if params.version <= 3 else None  # versions 1-3: chunks' own weights
@@ -573,8 +578,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     for r, region in enumerate(regions):
         first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
         region_models, symbols = (np.empty(Dr), np.empty(Dr)), np.empty(Dr, dtype=np.int32)
-        for a in tile_slices(region.stop - region.start, tiles_per_call):
-            sl = slice(region.start + a.start, region.start + a.stop)
+        for sl in region_slices(region, tiles_per_call):
             dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
             x0_b = x0[sl].to(dtype)
             y_b, out = network(sl, x0_b)
@@ -718,8 +722,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                 plan = stage_plan(params, stage, Dr, chunking, region=r) if params.version >= 4 else None
                 u = _sample_stage(params, stage, part, chunking[0], Dr, plan)
             plan = None
-            for a in tile_slices(region.stop - region.start, tiles_per_call):
-                sl = slice(region.start + a.start, region.start + a.stop)
+            for sl in region_slices(region, tiles_per_call):
                 dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
                 if stage == 0:  # p = N(0, I)
                     p_mean = p_log_var = np.zeros(dims.stop - dims.start)
@@ -757,8 +760,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     for r, region in enumerate(regions):  # a region at a time: x^_0 and, for the pixel stage, its models and pixels
         first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
         region_models = (np.empty(Dr), np.empty(Dr)) if pixels is not None else None
-        for a in tile_slices(region.stop - region.start, tiles_per_call):
-            sl = slice(region.start + a.start, region.start + a.stop)
+        for sl in region_slices(region, tiles_per_call):
             dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
             y_b, out = network(sl, last_xstart)
             if region_models is not None:
