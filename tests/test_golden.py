@@ -47,6 +47,7 @@ from diffcodec.codec.bitsback.chain import GridConfig
 from diffcodec.codec.bitsback.params import BitsBackParams
 from diffcodec.codec.container import MODE_BITSBACK, model_identity, unpack
 from diffcodec.codec.progressive.params import ProgressiveParams
+from diffcodec.errors import DiffcodecError
 
 from conftest import SHARED_DATA, as_loaded, seeded_model, synthetic_images
 
@@ -444,6 +445,47 @@ def test_stream_version_golden_files_decode_whole_and_cut(stream_version):
     c = unpack(data)
     assert (c.header.version, c.header.contract, c.header.stages) == (5, 2, 11)
     assert ProgressiveParams.unpack(c.header.params, num_tiles=2).version == stream_version
+    model = load_checkpoint(None)
+    decoded = api.decode(data, model=model, device="cpu")
+    assert decoded.verified and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
+    cut = api.decode(fileinfo.cut(data, model, stages=7).data, model=model, device="cpu")
+    assert (cut.stages, cut.file_stages, cut.truncated, cut.damage) == (7, 7, False, "")
+    assert pixel_sha256(cut.images[0]) == cut_pixels
+
+
+# ---- default model, progressive stream version 6 in regions
+
+EXACT_REGIONS = (HERE / "default_exact_progressive_k10_s6_regions.dfc",
+                 "f6d0338a1115781180a4a14706b669ebc9093d453a37a8bb72277f6f36dedb9e",
+                 "b49616a94d0b11341e7a4dd4ba30b21369c5f5f12ccfa627fb4b589d7fb3bdea")
+
+
+def test_stream_in_regions_golden_file_decodes_whole_and_cut():
+    """A stream in regions (format 5, contract 2, stream version 6 with region_tiles 1: the
+    exact golden source's 2 tiles as 2 regions, each stage sending each region's level and
+    chunks in turn; 9,278 bytes, against 8,588 in one region: a region's level and chunk
+    round-up per stage weigh on a one-tile region). Made with
+
+        api.encode(images, ["synthetic"], mode="progressive",
+                   progressive_params=ProgressiveParams(num_steps=10, region_tiles=1))
+
+    Whole, it decodes to the source pixels; cut at stage 7, to its pinned lossy image."""
+    from diffcodec.codec import fileinfo
+
+    path, sha, cut_pixels = EXACT_REGIONS
+    data = path.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == sha, f"{path.name} changed"
+    c = unpack(data)
+    assert (c.header.version, c.header.contract, c.header.stages) == (5, 2, 11)
+    params = ProgressiveParams.unpack(c.header.params, num_tiles=2)
+    assert (params.version, params.region_tiles, params.num_regions) == (6, 1, 2)
+    # a diffcodec from before regions (its field table one entry shorter) refuses the block
+    from diffcodec.codec.fields import Reader, read_fields
+    from diffcodec.codec.progressive.params import COMPACT_FIELDS, block_defaults
+    r = Reader(c.header.params, "file", "progressive parameter block")
+    r.pos = 1
+    with pytest.raises(DiffcodecError, match="fields unknown to this diffcodec"):
+        read_fields(r, block_defaults(6), COMPACT_FIELDS[:-1])
     model = load_checkpoint(None)
     decoded = api.decode(data, model=model, device="cpu")
     assert decoded.verified and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
