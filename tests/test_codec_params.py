@@ -168,3 +168,26 @@ def test_bitsback_compact_corrupt_blocks_are_one_line_errors():
     with pytest.raises(ValueError, match="needs K"):
         dataclasses.replace(BB, num_steps=0).pack()
     assert read_fields(Reader(b"\x00", "f"), {"a": 1}, (("a", "u"),)) == {"a": 1}
+
+
+def test_the_encoder_codes_more_than_128_tiles_in_regions_of_128():
+    """`with_regions` (what `api.encode` applies to its progressive parameters): regions of
+    REGION_TILES where there are more tiles, nothing otherwise (one region is the same stream);
+    older stream versions and streams that skip stages are left in one region."""
+    from diffcodec.codec import api
+    from diffcodec.codec.progressive.params import REGION_TILES, with_regions
+
+    assert REGION_TILES == 128
+    assert with_regions(ProgressiveParams(num_tiles=128)).region_tiles == 0
+    big = with_regions(ProgressiveParams(num_tiles=384))
+    assert (big.region_tiles, big.num_regions) == (128, 3)
+    assert [(r.start, r.stop) for r in big.regions()] == [(0, 128), (128, 256), (256, 384)]
+    assert ProgressiveParams.unpack(big.pack(), num_tiles=384) == big
+    assert with_regions(ProgressiveParams(num_tiles=384, version=5, pad_bits=8.0)).region_tiles == 0
+    assert with_regions(ProgressiveParams(num_tiles=384, min_stage_bits=4.0)).region_tiles == 0
+    made = api._progressive_params(None, 50, "quadratic", 14.0, False, True, 129, 32)
+    assert (made.region_tiles, made.num_regions, [r.stop for r in made.regions()]) == (128, 2, [128, 129])
+    with pytest.raises(ValueError, match="skips no stage"):
+        ProgressiveParams(num_tiles=384, region_tiles=128, min_stage_bits=4.0)
+    with pytest.raises(ValueError, match="from version 6 on"):
+        ProgressiveParams(region_tiles=2, version=5)
