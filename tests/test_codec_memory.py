@@ -25,7 +25,7 @@ PROGRESSIVE_SIDES = (192, 384)  # 144 and 576 tiles, in regions of 16 tiles (9 a
 # 86-99 / 76-87; since the stages work in slices of tiles, 52-87 / 50-68, reports/results.md).
 LOSSLESS_MAX_GROWTH_MIB = 24
 # In regions (2026-12-07, AMD EPYC): 11-12 bytes per added dimension to encode (the latent, float64,
-# and the input), 32 to decode (the latent, x^_0 and the decoded pixels); in one region, the same
+# and the input), 30-32 to decode (the latent, x^_0 and the decoded pixels); in one region, the same
 # images: 100 / 53 (tests.memory_probe progressive 192 384 --region-tiles 0).
 PROGRESSIVE_MAX_BYTES_PER_DIM = 48
 

@@ -333,6 +333,11 @@ def region_slices(region: slice, tiles_per_call: int | None) -> list[slice]:
             for a in tile_slices(region.stop - region.start, tiles_per_call)]
 
 
+def dtype_np(dtype: torch.dtype) -> type:
+    """numpy's float type of a torch float dtype."""
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
 def _flat64(t: torch.Tensor) -> np.ndarray:
     return t.double().cpu().numpy().ravel()
 
@@ -800,11 +805,11 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                 else:
                     used = shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
             pixel_models = tail = None
-            x0 = pixels.astype(np.float32)
+            levels = np.arange(256, dtype=np.float32)
+            levels /= 127.5  # in float32: level / 127.5 - 1, each level's value, looked up (no
+            levels -= 1.0  # float32 copy of the image on the way to dtype)
+            x0 = torch.from_numpy(levels.astype(dtype_np(dtype))[pixels].reshape(shape)).to(device)
             pixels = None
-            x0 /= 127.5  # in place, in float32: level / 127.5 - 1
-            x0 -= 1.0
-            x0 = torch.from_numpy(x0.reshape(shape)).to(device, dtype)
             return Decoded(x0, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, last_xstart,
                            xstarts, latents, dict(clock.seconds), pixels_checked)
     pixel_models = None
