@@ -426,6 +426,19 @@ EXACT_STREAMS = {
 }
 
 
+def _decodes_whole_and_cut_at_7(data: bytes, cut_pixels: str) -> None:
+    """A golden progressive file of the exact source decodes whole to the source pixels and,
+    cut at stage 7 (`cut`, no network), to its pinned lossy image."""
+    from diffcodec.codec import fileinfo
+
+    model = load_checkpoint(None)
+    decoded = api.decode(data, model=model, device="cpu")
+    assert decoded.verified and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
+    cut = api.decode(fileinfo.cut(data, model, stages=7).data, model=model, device="cpu")
+    assert (cut.stages, cut.file_stages, cut.truncated, cut.damage) == (7, 7, False, "")
+    assert pixel_sha256(cut.images[0]) == cut_pixels
+
+
 @pytest.mark.parametrize("stream_version", sorted(EXACT_STREAMS))
 def test_stream_version_golden_files_decode_whole_and_cut(stream_version):
     """Format 5, exact contract 2, progressive stream versions 4 (`rcc_pool`: the candidates
@@ -437,7 +450,6 @@ def test_stream_version_golden_files_decode_whole_and_cut(stream_version):
     reproduced bit for bit, or the closing check fails); cut at stage 7 (`cut`, no network),
     to its pinned lossy image on every machine. The encoder's ranking is float32, so the
     file, not the encoder, is pinned."""
-    from diffcodec.codec import fileinfo
 
     path, sha, cut_pixels = EXACT_STREAMS[stream_version]
     data = path.read_bytes()
@@ -445,12 +457,7 @@ def test_stream_version_golden_files_decode_whole_and_cut(stream_version):
     c = unpack(data)
     assert (c.header.version, c.header.contract, c.header.stages) == (5, 2, 11)
     assert ProgressiveParams.unpack(c.header.params, num_tiles=2).version == stream_version
-    model = load_checkpoint(None)
-    decoded = api.decode(data, model=model, device="cpu")
-    assert decoded.verified and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
-    cut = api.decode(fileinfo.cut(data, model, stages=7).data, model=model, device="cpu")
-    assert (cut.stages, cut.file_stages, cut.truncated, cut.damage) == (7, 7, False, "")
-    assert pixel_sha256(cut.images[0]) == cut_pixels
+    _decodes_whole_and_cut_at_7(data, cut_pixels)
 
 
 # ---- default model, progressive stream version 6 in regions
@@ -470,7 +477,6 @@ def test_stream_in_regions_golden_file_decodes_whole_and_cut():
                    progressive_params=ProgressiveParams(num_steps=10, region_tiles=1))
 
     Whole, it decodes to the source pixels; cut at stage 7, to its pinned lossy image."""
-    from diffcodec.codec import fileinfo
 
     path, sha, cut_pixels = EXACT_REGIONS
     data = path.read_bytes()
@@ -486,9 +492,4 @@ def test_stream_in_regions_golden_file_decodes_whole_and_cut():
     r.pos = 1
     with pytest.raises(DiffcodecError, match="fields unknown to this diffcodec"):
         read_fields(r, block_defaults(6), COMPACT_FIELDS[:-1])
-    model = load_checkpoint(None)
-    decoded = api.decode(data, model=model, device="cpu")
-    assert decoded.verified and pixel_sha256(decoded.images[0]) == EXACT_SOURCE_SHA256
-    cut = api.decode(fileinfo.cut(data, model, stages=7).data, model=model, device="cpu")
-    assert (cut.stages, cut.file_stages, cut.truncated, cut.damage) == (7, 7, False, "")
-    assert pixel_sha256(cut.images[0]) == cut_pixels
+    _decodes_whole_and_cut_at_7(data, cut_pixels)
