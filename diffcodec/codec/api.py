@@ -410,8 +410,8 @@ def encode(
 def _tiles_per_call(params: ProgressiveParams, batch_size: int) -> int | None:
     """The progressive codec's network batch (`progressive.tile_slices`): ``batch_size`` tiles
     at a time under the exact contract or float64, whose outputs do not depend on the batch; a
-    float32 stream's whole stage in one call (its decoder must see the encoder's batch: such
-    files decode only where the encoder's arithmetic is reproduced)."""
+    float32 stream's whole region in one call (its decoder must see the encoder's batch, the
+    same regions: such files decode only where the encoder's arithmetic is reproduced)."""
     return batch_size if params.exact or params.network_float64 else None
 
 
