@@ -57,7 +57,7 @@ its level, plan and search, its part of the new latent, which replaces the last 
 (a region's network outputs depend on its own tiles only); its symbols wait for the stage's
 end. The pixel stage goes the same way, and the complete stream's shortest prefix is found
 from the last region's models (`syntax.PixelTail`). What spans the whole image is then the
-latent (float64) and the image itself: about 12 bytes per dimension to encode and 32 to
+latent (float64) and the image itself: about 12 bytes per dimension to encode and 30 to
 decode (x^_0 and the pixels too), against 100 and 53 in one region, whose permutation
 spans every tile (tests/test_codec_memory.py, reports/results.md). A stream of one region
 (an image of up to 128 tiles, and every file before regions) is the stream of before.
