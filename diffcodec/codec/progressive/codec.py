@@ -333,11 +333,6 @@ def region_slices(region: slice, tiles_per_call: int | None) -> list[slice]:
             for a in tile_slices(region.stop - region.start, tiles_per_call)]
 
 
-def dtype_np(dtype: torch.dtype) -> type:
-    """numpy's float type of a torch float dtype."""
-    return np.float64 if dtype == torch.float64 else np.float32
-
-
 def _flat64(t: torch.Tensor) -> np.ndarray:
     return t.double().cpu().numpy().ravel()
 
@@ -808,7 +803,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             levels = np.arange(256, dtype=np.float32)
             levels /= 127.5  # in float32: level / 127.5 - 1, each level's value, looked up (no
             levels -= 1.0  # float32 copy of the image on the way to dtype)
-            x0 = torch.from_numpy(levels.astype(dtype_np(dtype))[pixels].reshape(shape)).to(device)
+            levels = levels.astype(np.float64 if dtype == torch.float64 else np.float32)
+            x0 = torch.from_numpy(levels[pixels].reshape(shape)).to(device)
             pixels = None
             return Decoded(x0, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, last_xstart,
                            xstarts, latents, dict(clock.seconds), pixels_checked)

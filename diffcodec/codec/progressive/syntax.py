@@ -253,21 +253,18 @@ class Syntax:
         """The check of every stage so far: the low check_bits bits of their running digest."""
         return int.from_bytes(self._digest[:4], "little") & ((1 << self.params.check_bits) - 1)
 
-    def closing_value(self, pixels: np.ndarray | None = None) -> int:
+    def closing_value(self) -> int:
         """The closing check (version 3): 32 bits of the digest extended by ``context`` (the
         caller's: the container passes the image sizes, so a header edit that keeps its CRC
-        cannot crop the verified pixels) and the pixel symbols: ``pixels``, or those given to
-        `add_pixels` (a region at a time)."""
-        if pixels is not None:
-            self.add_pixels(pixels)
+        cannot crop the verified pixels) and the pixel symbols given to `add_pixels`."""
         return int.from_bytes(self._pixel_hash().digest()[:4], "little")
 
     def add_pixels(self, pixels: np.ndarray) -> None:
-        """The next pixel symbols (in order) into the closing check."""
+        """The next pixel symbols, in order (a region at a time), into the closing check."""
         self._pixel_hash().update(np.ascontiguousarray(pixels, dtype="<i2").tobytes())
 
     def _pixel_hash(self):
-        if getattr(self, "_pixels", None) is None:
+        if self._pixels is None:
             self._pixels = hashlib.sha256(self._digest + b"pixels" + struct.pack("<I", len(self.context)) + self.context)
         return self._pixels
 
@@ -447,10 +444,10 @@ class TwinReader:
         syntax.commit(a)
         return a
 
-    def closing(self, syntax: Syntax | None, pixels: np.ndarray | None = None) -> bool | None:
-        """Read the closing check (version 3): True when it matches the stream and ``pixels``
-        (or those given to `Syntax.add_pixels`; without a ``syntax``: whenever both decoders
-        read it alike), False when both decoders read another value, None once the prefix ends."""
+    def closing(self, syntax: Syntax | None) -> bool | None:
+        """Read the closing check (version 3): True when it matches the stream and the pixels
+        given to `Syntax.add_pixels` (without a ``syntax``: whenever both decoders read it
+        alike), False when both decoders read another value, None once the prefix ends."""
         if self.failed:
             return None
         try:
@@ -460,7 +457,7 @@ class TwinReader:
         if a is None or a != b:
             self.failed = True
             return None
-        return syntax is None or a[0] | a[1] << 16 == syntax.closing_value(pixels)
+        return syntax is None or a[0] | a[1] << 16 == syntax.closing_value()
 
     def check(self, syntax: Syntax) -> bool | None:
         """Read a group's check: True when it matches the symbols read, False when both
@@ -595,16 +592,16 @@ def count_stages(payload: bytes, num_bits: int, params: ProgressiveParams, num_d
         return first + len(run.stages)
     if limit > params.num_steps and pixel_models is not None:
         pixels = reader.pixels(*pixel_models)
-        if pixels is not None and (not syntax.closes() or reader.closing(syntax, pixels) is not None):
+        if pixels is not None and (not syntax.closes() or reader.closing(None) is not None):
             return params.num_stages
     return params.num_steps
 
 
-def write_closing(enc: RangeEncoder, syntax: Syntax, pixels: np.ndarray | None = None) -> None:
+def write_closing(enc: RangeEncoder, syntax: Syntax) -> None:
     """The closing check after the pixel stage (version 3 with checks; nothing otherwise), over
-    ``pixels`` or the pixels given to `Syntax.add_pixels`."""
+    the pixels given to `Syntax.add_pixels`."""
     if syntax.closes():
-        value = syntax.closing_value(pixels)
+        value = syntax.closing_value()
         enc.encode_uniform(np.array([value & 0xFFFF, value >> 16]), 1 << 16)
 
 
