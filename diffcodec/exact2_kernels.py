@@ -101,8 +101,8 @@ class _Lib:
         self.group_norm = {(silu, form): fn(f"dc_group_norm{'_silu' if silu else ''}_{form}", P, I, I, P, P, F, P, P,
                                             I, P, P, I, I, I, I, I)
                            for silu in (True, False) for form in forms}
-        self.epilogue = fn("dc_epilogue", P, P, P, I, I, I, P, I, P, P, P, P, I, P, I)
-        self.epilogue64 = fn("dc_epilogue_f64", P, P, P, I, I, I, P, I, P, P, P, I)
+        self.epilogue = fn("dc_epilogue", P, P, P, P, P, P, P, I, I, I, P, I, P, P, P, P, I, P, I)
+        self.epilogue64 = fn("dc_epilogue_f64", P, P, P, P, P, P, P, I, I, I, P, I, P, P, P, I)
         self.softmax_weights = fn("dc_softmax_weights", P, P, I, I, F, P, I)
         self.quantize_heads = fn("dc_quantize_heads", P, I, I, I, I, I, P, P, I)
         self.silu64 = fn("dc_silu64", P, P, I, I)
@@ -380,32 +380,50 @@ def group_norm_operand(x: torch.Tensor, groups: int, weight: torch.Tensor, bias:
     return out, s
 
 
-Sums = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-"""A layer's integer sums as `epilogue` takes them: the sums v themselves, or two int8 products."""
+Sums = torch.Tensor | tuple[torch.Tensor, ...]
+"""A layer's integer sums as `epilogue` takes them (`exact2_products`): the sums v themselves
+(binary64 [M, N]); two int8 products (Gh [M, 2N], Gl [M, N]) in binary32; or the same two as
+int32 matrix products of the planes' bytes, with the zero point's share of each to subtract
+(Ih [M, 2N], Il [M, N], Zh [2N], Zl [N]: Gh = Ih - Zh, Gl = Il - Zl)."""
+
+
+def _product_parts(G: Sums) -> tuple[torch.Tensor | None, ...]:
+    """G as (v, Gh, Gl, Ih, Il, Zh, Zl), the forms it is not as None; checks the shapes."""
+    if not isinstance(G, tuple):
+        return (G, None, None, None, None, None, None)
+    m, n = G[1].shape
+    if G[0].shape != (m, 2 * n) or (len(G) == 4 and (G[2].shape != (2 * n,) or G[3].shape != (n,))):
+        raise ValueError(f"epilogue: products {[tuple(g.shape) for g in G]} do not match")
+    if len(G) == 2:
+        return (None, *G, None, None, None, None)
+    if len(G) == 4:
+        if any(g.dtype != torch.int32 for g in G):
+            raise ValueError(f"epilogue: int32 products and shares, not {[g.dtype for g in G]}")
+        return (None, None, None, *G)
+    raise ValueError(f"epilogue: {len(G)} product tensors (2 or 4)")
 
 
 def epilogue(G: Sums, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
              *, add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              float64: bool = False) -> torch.Tensor:
-    """A layer's output rows [M, N] from its products G (`exact2_products`): the sums v
-    [M, N] themselves (binary64), or the int8 products (Gh [M, 2N], Gl [M, N]) (binary32
-    integers: a_hi's with w_hi and with 16 w_lo, a_lo's with w_hi) whose sum is
-    v = 1024 Gh[:, :N] + 8 (Gh[:, N:] + Gl). With b = row // pixels and the binary64 scale
-    S = s_x[b] s_w[n] (the values of one input and one weight integer): y = fl32(v S) +
-    bias[n]; then y + add[b, n] (``add``) or residual[row, n] + y (``residual``), each one
-    binary32 rounding. ``float64``: y = v S + bias[n] in binary64 (the output layer; no add
-    or residual)."""
+    """A layer's output rows [M, N] from its products G (`Sums`): the sums v [M, N]
+    themselves (binary64), or the int8 products (Gh [M, 2N], Gl [M, N]: a_hi's with w_hi and
+    with 16 w_lo, a_lo's with w_hi; binary32 integers, or int32 less their zero point's
+    shares) whose sum is v = 1024 Gh[:, :N] + 8 (Gh[:, N:] + Gl). With b = row // pixels
+    and the binary64 scale S = s_x[b] s_w[n] (the values of one input and one weight
+    integer): y = fl32(v S) + bias[n]; then y + add[b, n] (``add``) or residual[row, n] + y
+    (``residual``), each one binary32 rounding. ``float64``: y = v S + bias[n] in binary64
+    (the output layer; no add or residual)."""
     if add is not None and residual is not None:
         raise ValueError("epilogue: add or residual, not both")
-    parts = isinstance(G, tuple)
-    m, n = G[1].shape if parts else G.shape
-    if parts and G[0].shape != (m, 2 * n):
-        raise ValueError(f"epilogue: products {tuple(G[0].shape)} and {tuple(G[1].shape)} do not match")
+    forms = _product_parts(G)
+    tensors = [g for g in forms if g is not None]
+    m, n = (forms[0] if forms[0] is not None else tensors[1]).shape
+    wanted = (torch.float64, torch.float32, torch.float32, torch.int32, torch.int32, torch.int32, torch.int32)
     if s_x.dtype != torch.float64 or s_w.dtype != torch.float64:
         s_x, s_w = s_x.to(torch.float64), s_w.to(torch.float64)
-    tensors = G if parts else (G,)
     first = tensors[0]
-    if (use_native(first) and all(g.dtype == (torch.float32 if parts else torch.float64) for g in tensors)
+    if (use_native(first) and all(g is None or g.dtype == d for g, d in zip(forms, wanted))
             and (float64 or all(t is None or t.dtype == torch.float32 for t in (bias, add, residual)))):
         nb = s_x.shape[0]
         if m > nb * pixels or (add is not None and add.shape != (nb, n)) or (
@@ -413,22 +431,22 @@ def epilogue(G: Sums, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: t
             raise ValueError(f"epilogue: {m} rows of {pixels} pixels, {nb} scales, add "
                              f"{None if add is None else tuple(add.shape)}, residual "
                              f"{None if residual is None else tuple(residual.shape)}")
-        gv, gh, gl = (None, G[0].contiguous(), G[1].contiguous()) if parts else (G.contiguous(), None, None)
+        forms = [None if g is None else g.contiguous() for g in forms]  # (held by a name until the call returns)
+        pointers = [_opt_ptr(g) for g in forms]
         s_x, s_w = s_x.contiguous(), s_w.contiguous()
-        threads = native.threads(m * n * (3 if parts else 1))
+        threads = native.threads(m * n * (1 if forms[0] is not None else 3))
         if float64:
             out = torch.empty((m, n), dtype=torch.float64)
             bias = bias.to(torch.float64).contiguous()
-            _C.epilogue64(_opt_ptr(gv), _opt_ptr(gh), _opt_ptr(gl), m, n, pixels, _ptr(s_x), nb, _ptr(s_w),
-                          _ptr(bias), _ptr(out), threads)
+            _C.epilogue64(*pointers, m, n, pixels, _ptr(s_x), nb, _ptr(s_w), _ptr(bias), _ptr(out), threads)
             return out
         out = torch.empty((m, n), dtype=torch.float32)
         mode = 1 if add is not None else 2 if residual is not None else 0
-        bias = bias.contiguous()  # (each argument held by a name until the call returns)
+        bias = bias.contiguous()
         add = None if add is None else add.contiguous()
         residual = None if residual is None else residual.contiguous()
-        _C.epilogue(_opt_ptr(gv), _opt_ptr(gh), _opt_ptr(gl), m, n, pixels, _ptr(s_x), nb, _ptr(s_w), _ptr(bias),
-                    _opt_ptr(add), _opt_ptr(residual), mode, _ptr(out), threads)
+        _C.epilogue(*pointers, m, n, pixels, _ptr(s_x), nb, _ptr(s_w), _ptr(bias), _opt_ptr(add),
+                    _opt_ptr(residual), mode, _ptr(out), threads)
         return out
     v = sums(G)
     rows = torch.arange(m, device=first.device) // pixels
@@ -447,6 +465,8 @@ def sums(G: Sums) -> torch.Tensor:
     """The sums v [M, N] of `epilogue`'s products, in binary64 (exact: integers below 2^53)."""
     if not isinstance(G, tuple):
         return G.to(torch.float64)
+    if len(G) == 4:  # int32 products less the zero point's shares: exact int32 differences
+        G = (G[0] - G[2], G[1] - G[3])
     hi, lo = G[0].to(torch.float64), G[1].to(torch.float64)
     n = lo.shape[1]
     return hi[:, :n] * 1024.0 + (hi[:, n:] + lo) * 8.0

@@ -240,13 +240,25 @@ def _int8_products(g: torch.Generator, m: int, n: int) -> tuple[tuple[torch.Tens
     return (gh.float(), gl.float()), gh[:, :n] * 1024 + (gh[:, n:] + gl) * 8
 
 
-@pytest.mark.parametrize("parts", [False, True])
+def _int32_products(g: torch.Generator, products: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The same products as int32 matrix products with their zero point's shares (random
+    shares of 1x1 products' size, added to the products)."""
+    (gh, gl), n = products, products[1].shape[1]
+    zh, zl = (torch.randint(-2**22, 2**22, (k * n,), generator=g, dtype=torch.int32) for k in (2, 1))
+    return gh.to(torch.int32) + zh, gl.to(torch.int32) + zl, zh, zl
+
+
+@pytest.mark.parametrize("parts", ["values", "binary32", "int32"])
 @pytest.mark.parametrize("mode", ["plain", "add", "residual", "float64"])
 def test_epilogue_equals_its_twin_and_combines_the_products(twin, parts, mode):
+    """The sums v, the int8 convolutions' binary32 products and the int8 matrix products'
+    int32 ones less their zero point's shares: the same outputs, C kernel and twin."""
     g = torch.Generator().manual_seed(10)
     m, n, pixels = 24, 7, 6
     products, v = _int8_products(g, m, n)
-    G = products if parts else v
+    if parts == "int32":
+        products = _int32_products(g, products)
+    G = products if parts != "values" else v
     s_x = torch.rand(m // pixels, generator=g, dtype=torch.float64) * 1e-3
     s_w = torch.rand(n, generator=g, dtype=torch.float64) * 1e-3
     bias = torch.randn(n, generator=g)
@@ -257,7 +269,7 @@ def test_epilogue_equals_its_twin_and_combines_the_products(twin, parts, mode):
         bias = bias.to(torch.float64)
     fast, slow = twin(lambda *a: K.epilogue(*a, **kwargs), G, pixels, s_x, s_w, bias)
     _same(fast, slow)
-    if parts:  # the same output as from the sums themselves
+    if parts != "values":  # the same output as from the sums themselves
         assert torch.equal(K.sums(products), v)
         _same(fast, K.epilogue(v, pixels, s_x, s_w, bias, **kwargs))
 
@@ -265,9 +277,14 @@ def test_epilogue_equals_its_twin_and_combines_the_products(twin, parts, mode):
 def test_epilogue_refuses_products_that_do_not_match():
     g = torch.Generator().manual_seed(12)
     (gh, gl), _ = _int8_products(g, 6, 4)
+    ones, zeros = torch.ones(1, dtype=torch.float64), torch.zeros(4)
     with pytest.raises(ValueError, match="do not match"):
-        K.epilogue((gh[:, :6], gl), 6, torch.ones(1, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
-                   torch.zeros(4))
+        K.epilogue((gh[:, :6], gl), 6, ones, torch.ones(4, dtype=torch.float64), zeros)
+    ih, il, zh, zl = _int32_products(g, (gh, gl))
+    with pytest.raises(ValueError, match="do not match"):
+        K.epilogue((ih, il, zh[:4], zl), 6, ones, torch.ones(4, dtype=torch.float64), zeros)
+    with pytest.raises(ValueError, match="int32 products and shares"):
+        K.epilogue((ih, il, zh.long(), zl), 6, ones, torch.ones(4, dtype=torch.float64), zeros)
 
 
 def test_softmax_weights_equal_their_twin(twin):
@@ -289,9 +306,9 @@ def test_softmax_weights_equal_their_twin(twin):
 _PRODUCT_SCRIPT = r"""
 import json, torch
 from diffcodec import exact2_kernels as K
-from diffcodec.exact2_products import IntConv, qconv_verified
+from diffcodec.exact2_products import IntConv, int_mm_verified, qconv_verified
 torch.manual_seed(0)
-ok = qconv_verified()
+ok = qconv_verified() and int_mm_verified()
 for c, n, size, k, stride, pads, up in [(16, 8, 6, 3, 1, (1, 1, 1, 1), 1), (24, 5, 8, 3, 2, (0, 0, 1, 1), 1),
                                         (32, 12, 4, 3, 1, (1, 1, 1, 1), 2), (448, 4, 3, 3, 1, (1, 1, 1, 1), 1),
                                         (40, 24, 5, 1, 1, (0, 0, 0, 0), 1), (3, 8, 6, 3, 1, (1, 1, 1, 1), 1),
@@ -308,21 +325,23 @@ for c, n, size, k, stride, pads, up in [(16, 8, 6, 3, 1, (1, 1, 1, 1), 1), (24, 
         values, _ = K.quantize_dynamic(x.reshape(3, -1, c), K.VALUES)
         G, h, w = layer.products(K.grid(planes, size, size), up)
         V, h2, w2 = layer.products(K.grid(values, size, size), up)
-        ok &= isinstance(G, tuple) and G[0].dtype == torch.float32 and V.dtype == torch.float64
+        matrix = k == 1 and stride == 1 and pads == (0, 0, 0, 0)  # torch._int_mm's int32 products
+        ok &= isinstance(G, tuple) and len(G) == (4 if matrix else 2) and V.dtype == torch.float64
+        ok &= all(t.dtype == (torch.int32 if matrix else torch.float32) for t in G)
         ok &= (h, w) == (h2, w2) and torch.equal(K.sums(G), V)
-print(json.dumps({"exact": bool(ok), "verified": qconv_verified()}))
+print(json.dumps({"exact": bool(ok), "verified": qconv_verified() and int_mm_verified()}))
 """
 
 
 @pytest.mark.slow
 def test_int8_convolutions_give_the_exact_products_under_every_onednn_isa():
-    """oneDNN's int8 convolutions (the PLANES products: a_hi's and a_lo's) give the same sums
-    as the binary64 product of the same integers, for 3x3 (strides 1 and 2, 'end' padding,
-    upsampled input, 3 input channels), 1x1 (also on one pixel: a linear layer) and a fan-in
-    of 4032, on saturated and
-    random operands, with oneDNN capped at SSE4.1, AVX2 and AVX-512 without VNNI (kernels
-    that add u8 x s8 pairs in int16 with saturation) and uncapped; `qconv_verified` passes
-    under each."""
+    """oneDNN's int8 convolutions (the PLANES products: a_hi's and a_lo's) and, for 1x1
+    layers, its int8 matrix products (torch._int_mm, less the zero point's shares) give the
+    same sums as the binary64 product of the same integers, for 3x3 (strides 1 and 2, 'end'
+    padding, upsampled input, 3 input channels), 1x1 (also on one pixel: a linear layer) and
+    a fan-in of 4032, on saturated and random operands, with oneDNN capped at SSE4.1, AVX2
+    and AVX-512 without VNNI (kernels that add u8 x s8 pairs in int16 with saturation) and
+    uncapped; `qconv_verified` and `int_mm_verified` pass under each."""
     procs = []
     for isa in ("SSE41", "AVX2", "AVX512_CORE", None):
         env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}

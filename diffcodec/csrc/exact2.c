@@ -621,26 +621,50 @@ DC_GROUP_NORM(dc_group_norm_values, 0, 0, double)
 
 /* The sums of an output row: VALUES, gv [N] holds v (binary64); PARTS, the int8 products
  * gh [2N] (a_hi's with w_hi, then with 16 w_lo) and gl [N] (a_lo's with w_hi), binary32
- * integers: v = 1024 gh[n] + 8 (gh[N + n] + gl[n]), each step exact in binary64 */
+ * integers: v = 1024 gh[n] + 8 (gh[N + n] + gl[n]), each step exact in binary64; or the
+ * same products as int32 (ih, il: the matrix products of the planes' bytes, zero point
+ * included) less the zero point's share of each (zh [2N], zl [N]): gh = ih - zh, gl = il - zl,
+ * exact int32 differences, the same integers */
 typedef struct {
     const double *restrict gv;
     const float *restrict gh, *restrict gl;
+    const int32_t *restrict ih, *restrict il, *restrict zh, *restrict zl;
 } dc_sums;
 
-DC_INLINE double combine(dc_sums g, int64_t n, int64_t N) {
-    if (g.gv != NULL) return g.gv[n];
+enum { SUMS_VALUES, SUMS_F32, SUMS_I32 }; /* the form, a constant where the row loops are made */
+
+DC_INLINE double combine(dc_sums g, int64_t n, int64_t N, int form) {
+    if (form == SUMS_VALUES) return g.gv[n];
+    if (form == SUMS_I32)
+        return (double)(g.ih[n] - g.zh[n]) * 1024.0 + ((double)(g.ih[N + n] - g.zh[N + n]) + (double)(g.il[n] - g.zl[n])) * 8.0;
     return (double)g.gh[n] * 1024.0 + ((double)g.gh[N + n] + (double)g.gl[n]) * 8.0;
 }
 
+/* A layer's sums in one of the three forms above (the others NULL) */
+typedef struct {
+    const double *G;
+    const float *Gh, *Gl;
+    const int32_t *Ih, *Il, *Zh, *Zl;
+} dc_products;
+
+DC_INLINE int sums_form(dc_products p) { return p.G != NULL ? SUMS_VALUES : p.Ih != NULL ? SUMS_I32 : SUMS_F32; }
+
 /* Row ``row`` of the sums (prefetching it) */
-DC_INLINE dc_sums sums_row(const double *G, const float *Gh, const float *Gl, int64_t N, int64_t row) {
-    dc_sums g = {NULL, NULL, NULL};
-    if (G != NULL) {
-        g.gv = G + row * N;
+DC_INLINE dc_sums sums_row(dc_products p, int64_t N, int64_t row, int form) {
+    dc_sums g = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    if (form == SUMS_VALUES) {
+        g.gv = p.G + row * N;
         prefetch_ahead(g.gv, N * 8);
+    } else if (form == SUMS_I32) {
+        g.ih = p.Ih + row * 2 * N;
+        g.il = p.Il + row * N;
+        g.zh = p.Zh;
+        g.zl = p.Zl;
+        prefetch_ahead(g.ih, N * 8);
+        prefetch_ahead(g.il, N * 4);
     } else {
-        g.gh = Gh + row * 2 * N;
-        g.gl = Gl + row * N;
+        g.gh = p.Gh + row * 2 * N;
+        g.gl = p.Gl + row * N;
         prefetch_ahead(g.gh, N * 8);
         prefetch_ahead(g.gl, N * 4);
     }
@@ -658,61 +682,87 @@ static double *scale_table(const double *s_x, int64_t nb, const double *s_w, int
 
 /* Output row ``row`` [N] binary32: y = fl32(v S[row / P, n]) + bias[n], then (mode 1)
  * y + add[row / P, n] or (mode 2) residual[row, n] + y, one binary32 rounding each */
-DC_INLINE void epilogue_row(const double *G, const float *Gh, const float *Gl, int64_t N, int64_t P, const double *S,
-                            const float *restrict bias, const float *add, const float *residual, int mode, float *out,
-                            int64_t row) {
+DC_INLINE void epilogue_row(dc_products p, int64_t N, int64_t P, const double *S,
+                            const float *restrict bias, const float *add, const float *residual, int form, int mode,
+                            float *out, int64_t row) {
     int64_t b = row / P;
-    dc_sums g = sums_row(G, Gh, Gl, N, row);
+    dc_sums g = sums_row(p, N, row, form);
     const double *restrict Sb = S + b * N;
     float *restrict o = out + row * N;
     if (mode) prefetch_ahead(mode == 1 ? add + b * N : residual + row * N, mode == 1 ? 0 : N * 4);
     if (mode == 1) {
         const float *restrict ad = add + b * N;
-        for (int64_t n = 0; n < N; n++) o[n] = ((float)(combine(g, n, N) * Sb[n]) + bias[n]) + ad[n];
+        for (int64_t n = 0; n < N; n++) o[n] = ((float)(combine(g, n, N, form) * Sb[n]) + bias[n]) + ad[n];
     } else if (mode == 2) {
         const float *restrict re = residual + row * N;
-        for (int64_t n = 0; n < N; n++) o[n] = re[n] + ((float)(combine(g, n, N) * Sb[n]) + bias[n]);
+        for (int64_t n = 0; n < N; n++) o[n] = re[n] + ((float)(combine(g, n, N, form) * Sb[n]) + bias[n]);
     } else {
-        for (int64_t n = 0; n < N; n++) o[n] = (float)(combine(g, n, N) * Sb[n]) + bias[n];
+        for (int64_t n = 0; n < N; n++) o[n] = (float)(combine(g, n, N, form) * Sb[n]) + bias[n];
     }
 }
 
 /* Output row ``row`` [N] binary64: v S[row / P, n] + bias[n] (the output layer) */
-DC_INLINE void epilogue64_row(const double *G, const float *Gh, const float *Gl, int64_t N, int64_t P,
-                              const double *S, const double *restrict bias, double *out, int64_t row) {
-    dc_sums g = sums_row(G, Gh, Gl, N, row);
+DC_INLINE void epilogue64_row(dc_products p, int64_t N, int64_t P, const double *S, const double *restrict bias,
+                              int form, double *out, int64_t row) {
+    dc_sums g = sums_row(p, N, row, form);
     const double *restrict Sb = S + (row / P) * N;
     double *restrict o = out + row * N;
-    for (int64_t n = 0; n < N; n++) o[n] = combine(g, n, N) * Sb[n] + bias[n];
+    for (int64_t n = 0; n < N; n++) o[n] = combine(g, n, N, form) * Sb[n] + bias[n];
 }
 
-/* exact2_kernels.epilogue: the sums as G [M, N] binary64 (VALUES; Gh = Gl = NULL) or as the
- * int8 products Gh [M, 2N] and Gl [M, N] binary32 (PARTS; G = NULL); s_x [nb], s_w [N]
+/* exact2_kernels.epilogue: the sums as G [M, N] binary64 (VALUES), as the int8 products
+ * Gh [M, 2N] and Gl [M, N] binary32, or as Ih [M, 2N] and Il [M, N] int32 with the zero
+ * point's shares Zh [2N] and Zl [N] (one form given, the others NULL); s_x [nb], s_w [N]
  * binary64; P pixels per image (row / P < nb); bias, add [nb, N], residual [M, N] binary32
  * (read in mode 1 / 2 only), mode 0 plain / 1 add / 2 residual, out [M, N] binary32 */
-DC_EXPORT int dc_epilogue(const double *G, const float *Gh, const float *Gl, int64_t M, int64_t N, int64_t P,
-                          const double *s_x, int64_t nb, const double *s_w, const float *bias, const float *add,
-                          const float *residual, int64_t mode, float *out, int64_t threads) {
+DC_EXPORT int dc_epilogue(const double *G, const float *Gh, const float *Gl, const int32_t *Ih, const int32_t *Il,
+                          const int32_t *Zh, const int32_t *Zl, int64_t M, int64_t N, int64_t P, const double *s_x,
+                          int64_t nb, const double *s_w, const float *bias, const float *add, const float *residual,
+                          int64_t mode, float *out, int64_t threads) {
+    dc_products p = {G, Gh, Gl, Ih, Il, Zh, Zl};
     double *S = scale_table(s_x, nb, s_w, N);
     if (S == NULL) return -1;
-    if (mode == 1) {
-        DC_FOR_JOBS(threads, M, row) epilogue_row(G, Gh, Gl, N, P, S, bias, add, residual, 1, out, row);
-    } else if (mode == 2) {
-        DC_FOR_JOBS(threads, M, row) epilogue_row(G, Gh, Gl, N, P, S, bias, add, residual, 2, out, row);
-    } else {
-        DC_FOR_JOBS(threads, M, row) epilogue_row(G, Gh, Gl, N, P, S, bias, add, residual, 0, out, row);
+    int form = sums_form(p);
+/* one loop per (form, mode), each a constant there */
+#define DC_EPILOGUE_JOBS(FORM, MODE) \
+    DC_FOR_JOBS(threads, M, row) epilogue_row(p, N, P, S, bias, add, residual, FORM, MODE, out, row)
+#define DC_EPILOGUE_MODES(FORM)          \
+    if (mode == 1) {                     \
+        DC_EPILOGUE_JOBS(FORM, 1);       \
+    } else if (mode == 2) {              \
+        DC_EPILOGUE_JOBS(FORM, 2);       \
+    } else {                             \
+        DC_EPILOGUE_JOBS(FORM, 0);       \
     }
+    if (form == SUMS_VALUES) {
+        DC_EPILOGUE_MODES(SUMS_VALUES)
+    } else if (form == SUMS_I32) {
+        DC_EPILOGUE_MODES(SUMS_I32)
+    } else {
+        DC_EPILOGUE_MODES(SUMS_F32)
+    }
+#undef DC_EPILOGUE_MODES
+#undef DC_EPILOGUE_JOBS
     free(S);
     return 0;
 }
 
 /* The same sums, bias [N] binary64 -> out [M, N] binary64 */
-DC_EXPORT int dc_epilogue_f64(const double *G, const float *Gh, const float *Gl, int64_t M, int64_t N, int64_t P,
+DC_EXPORT int dc_epilogue_f64(const double *G, const float *Gh, const float *Gl, const int32_t *Ih,
+                              const int32_t *Il, const int32_t *Zh, const int32_t *Zl, int64_t M, int64_t N, int64_t P,
                               const double *s_x, int64_t nb, const double *s_w, const double *bias, double *out,
                               int64_t threads) {
+    dc_products p = {G, Gh, Gl, Ih, Il, Zh, Zl};
     double *S = scale_table(s_x, nb, s_w, N);
     if (S == NULL) return -1;
-    DC_FOR_JOBS(threads, M, row) epilogue64_row(G, Gh, Gl, N, P, S, bias, out, row);
+    int form = sums_form(p);
+    if (form == SUMS_VALUES) {
+        DC_FOR_JOBS(threads, M, row) epilogue64_row(p, N, P, S, bias, SUMS_VALUES, out, row);
+    } else if (form == SUMS_I32) {
+        DC_FOR_JOBS(threads, M, row) epilogue64_row(p, N, P, S, bias, SUMS_I32, out, row);
+    } else {
+        DC_FOR_JOBS(threads, M, row) epilogue64_row(p, N, P, S, bias, SUMS_F32, out, row);
+    }
     free(S);
     return 0;
 }
