@@ -31,7 +31,7 @@ the same integers, chosen per layer for speed (`IntConv.form`):
   block of zero weights (2 or 3 output blocks); the same integers, 4/3 to 2x the work:
   reports/exact.md.) A 1x1 convolution (and a linear layer) is a matrix product of the
   planes themselves, so it goes through `torch._int_mm` instead (oneDNN's int8 matrix
-  product, int32 out: 3 to 20 times faster than its 1x1 convolution on a 2-core AMD EPYC,
+  product, int32 out: 3 to 27 times faster than its 1x1 convolution on a 2-core AMD EPYC,
   whose every call costs about 30 us), on the planes' bytes read as int8 (in [0, 127]: the
   parts plus the zero point) with the same weights; the zero point's share of each sum, 64
   times the weights' column sum, is subtracted in the epilogue (exact int32 differences).
