@@ -107,6 +107,7 @@ class _Lib:
         self.quantize_heads = fn("dc_quantize_heads", P, I, I, I, I, I, P, P, I)
         self.silu64 = fn("dc_silu64", P, P, I, I)
         self.silu32 = fn("dc_silu32", P, P, I, I)
+        self.im2col_planes = fn("dc_im2col_planes", P, I, I, I, I, I, I, I, I, I, I, P, I)
         self.constants = native.bind(lib, "dc_exact2_constants", P, restype=native.i64)
 
 
@@ -179,6 +180,25 @@ def _empty_form(shape: tuple[int, int, int], form: str) -> torch.Tensor:
 def grid(operand: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """An operand [..., P, C] in either form (P = h w pixels) viewed as [..., h, w, C]."""
     return operand.view(*operand.shape[:-2], h, w, operand.shape[-1])
+
+
+def im2col_planes(planes: torch.Tensor, k: int, stride: int, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """An operand in the PLANES form [2, B, H, W, C] -> its k x k windows [2, B Ho Wo, k k C]
+    (columns: kernel row, kernel column, channel; as `exact2_products.im2col`), zero padding
+    ``pads`` = (top, left, bottom, right) as the zero point (a part 0). Data movement only."""
+    _, b, h, w, c = planes.shape
+    top, left, bottom, right = pads
+    out_h, out_w = (h + top + bottom - k) // stride + 1, (w + left + right - k) // stride + 1
+    if use_native(planes) and planes.dtype == torch.uint8:
+        planes = planes.contiguous()
+        out = torch.empty((2, b * out_h * out_w, k * k * c), dtype=torch.uint8)
+        _C.im2col_planes(_ptr(planes), 2 * b, h, w, c, k, stride, top, left, out_h, out_w, _ptr(out),
+                         native.threads(out.numel()))
+        return out
+    src = torch.nn.functional.pad(planes, (0, 0, left, right, top, bottom), value=ZERO_POINT)
+    cols = torch.cat([src[:, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+                      for i in range(k) for j in range(k)], dim=4)
+    return cols.reshape(2, b * out_h * out_w, k * k * c)
 
 
 def quantize(x: torch.Tensor, r: torch.Tensor, form: str) -> torch.Tensor:

@@ -35,6 +35,8 @@ the same integers, chosen per layer for speed (`IntConv.form`):
   whose every call costs about 30 us), on the planes' bytes read as int8 (in [0, 127]: the
   parts plus the zero point) with the same weights; the zero point's share of each sum, 64
   times the weights' column sum, is subtracted in the epilogue (exact int32 differences).
+  So is a k x k convolution with few outputs (`MATRIX_MAX_ROWS`), on its windows
+  (`exact2_kernels.im2col_planes`, the zero point outside the image).
   Operands in [0, 127] x [-64, 63] are exact under every oneDNN instruction set
   (`int_mm_verified`, tests/test_exact2_kernels.py: made unsigned by adding 128, each u8 x s8
   pair stays within 2 x 255 x 64 < 2^15).
@@ -58,6 +60,10 @@ WMAX = 507
 """Largest magnitude of a quantized weight: 8 w_hi + w_lo with w_hi = floor((w + 4) / 8) in
 [-63, 63] and w_lo in [-4, 3]; 10 bits."""
 W_PART_SCALE = 8
+MATRIX_MAX_ROWS = 128
+"""Up to this many output pixels a call (4x4 and 8x8 layers at small batches), a k x k
+convolution's products are an `exact2_kernels.im2col_planes` and `torch._int_mm` rather than
+oneDNN's int8 convolution, whose 30-70 us a call dominate there (2-core AMD EPYC)."""
 QCONV_MAX_FAN_IN = 4161
 """Largest fan-in whose int8 products (|.| <= K 63 64) binary32 holds exactly."""
 INT8_OFF = bool(os.environ.get("DIFFCODEC_NO_INT8"))
@@ -277,8 +283,13 @@ class IntConv(torch.nn.Module):
     def _int8_products(self, operand: torch.Tensor) -> tuple[K.Sums, int, int]:
         top, left, bottom, right = self.pads
         _, b, h, w, c = operand.shape
-        if self.k == 1 and self.stride == 1 and self.pads == (0, 0, 0, 0) and int_mm_verified():
-            return self._matrix_products(operand.reshape(2, b * h * w, c)), h, w
+        out_h = (h + top + bottom - self.k) // self.stride + 1
+        out_w = (w + left + right - self.k) // self.stride + 1
+        if int_mm_verified():
+            if self.k == 1 and self.stride == 1 and self.pads == (0, 0, 0, 0):
+                return self._matrix_products(operand.reshape(2, b * h * w, c)), h, w
+            if b * out_h * out_w <= MATRIX_MAX_ROWS:  # few outputs: oneDNN's per-call cost dominates
+                return self._matrix_products(K.im2col_planes(operand, self.k, self.stride, self.pads)), out_h, out_w
         x = operand.view(2 * b, h, w, c).permute(0, 3, 1, 2)  # both planes as one NCHW batch, channels-last
         if (top, left) != (bottom, right) or top != left:  # asymmetric ('end') padding: pad with the zero point
             x = F.pad(x, (left, right, top, bottom), value=K.ZERO_POINT).contiguous(memory_format=torch.channels_last)
@@ -297,11 +308,12 @@ class IntConv(torch.nn.Module):
         return (g_hi.permute(0, 2, 3, 1).reshape(-1, 2 * n), g_lo.permute(0, 2, 3, 1).reshape(-1, n)), out_h, out_w
 
     def _matrix_products(self, planes: torch.Tensor) -> K.Sums:
-        """A 1x1 convolution's products from the planes [2, M, C] (module docstring): int32
-        (Ih [M, 2N], Il [M, N]) and the zero point's shares (Zh [2N], Zl [N])."""
-        if self._matrices is None:
-            hi_lo, hi = self.weights.parts()  # [2N, C, 1, 1], [N, C, 1, 1]
-            mats = [wt.reshape(wt.shape[0], -1).T.contiguous() for wt in (hi_lo, hi)]  # [C, 2N], [C, N] int8
+        """The products from the planes' windows [2, M, K] (a 1x1 convolution's planes
+        themselves, or `exact2_kernels.im2col_planes`; module docstring): int32 (Ih [M, 2N],
+        Il [M, N]) and the zero point's shares (Zh [2N], Zl [N])."""
+        if self._matrices is None:  # (w_hi ; 16 w_lo) and w_hi as [K, 2N], [K, N] int8, K in `im2col`'s order
+            hi, lo = self.weights.hi, self.weights.lo
+            mats = [torch.cat([hi, lo * 16]).T.contiguous(), hi.T.contiguous()]
             self._matrices = (*mats, *(K.ZERO_POINT * mat.sum(dim=0, dtype=torch.int32) for mat in mats))
         w_hi_lo, w_hi, z_hi_lo, z_hi = self._matrices
         x = planes.view(torch.int8)  # the bytes a_part + 64, in [0, 127]: the same integers as int8

@@ -145,6 +145,20 @@ def test_quantize_heads_equals_its_twin_and_quantize_dynamic_per_part(twin):
     assert torch.all(fast[0][0, 1] == 0) and fast[1][0, 1] == 0
 
 
+def test_im2col_planes_equals_its_twin_and_the_values_im2col(twin):
+    """The PLANES windows (3x3 with symmetric and 'end' padding, stride 2, 1x1) = the torch
+    twin = `exact2_products.im2col` of the same parts (the zero point outside the image)."""
+    from diffcodec.exact2_products import im2col
+
+    planes = torch.randint(0, 128, (2, 3, 5, 6, 7), generator=torch.Generator().manual_seed(40)).to(torch.uint8)
+    for k, stride, pads in ((3, 1, (1, 1, 1, 1)), (3, 2, (0, 0, 1, 1)), (1, 1, (0, 0, 0, 0))):
+        fast, slow = twin(lambda p: K.im2col_planes(p, k, stride, pads), planes)
+        _same(fast, slow)
+        for i in range(2):
+            want = im2col(planes[i].to(torch.int64) - K.ZERO_POINT, k, stride, pads)
+            assert torch.equal(fast[i].to(torch.int64) - K.ZERO_POINT, want)
+
+
 @pytest.mark.parametrize("form", [K.PLANES, K.VALUES])
 def test_quantize_equals_its_twin(twin, form):
     for dtype in (torch.float32, torch.float64):
@@ -306,10 +320,12 @@ def test_softmax_weights_equal_their_twin(twin):
 _PRODUCT_SCRIPT = r"""
 import json, torch
 from diffcodec import exact2_kernels as K
-from diffcodec.exact2_products import IntConv, int_mm_verified, qconv_verified
+from diffcodec.exact2_products import MATRIX_MAX_ROWS, IntConv, int_mm_verified, qconv_verified
 torch.manual_seed(0)
 ok = qconv_verified() and int_mm_verified()
+cases = set()
 for c, n, size, k, stride, pads, up in [(16, 8, 6, 3, 1, (1, 1, 1, 1), 1), (24, 5, 8, 3, 2, (0, 0, 1, 1), 1),
+                                        (16, 8, 12, 3, 1, (1, 1, 1, 1), 1), (24, 5, 16, 3, 2, (0, 0, 1, 1), 1),
                                         (32, 12, 4, 3, 1, (1, 1, 1, 1), 2), (448, 4, 3, 3, 1, (1, 1, 1, 1), 1),
                                         (40, 24, 5, 1, 1, (0, 0, 0, 0), 1), (3, 8, 6, 3, 1, (1, 1, 1, 1), 1),
                                         (256, 40, 1, 1, 1, (0, 0, 0, 0), 1)]:
@@ -325,10 +341,13 @@ for c, n, size, k, stride, pads, up in [(16, 8, 6, 3, 1, (1, 1, 1, 1), 1), (24, 
         values, _ = K.quantize_dynamic(x.reshape(3, -1, c), K.VALUES)
         G, h, w = layer.products(K.grid(planes, size, size), up)
         V, h2, w2 = layer.products(K.grid(values, size, size), up)
-        matrix = k == 1 and stride == 1 and pads == (0, 0, 0, 0)  # torch._int_mm's int32 products
+        # torch._int_mm's int32 products: 1x1, or few outputs (on `im2col_planes`' windows)
+        matrix = (k == 1 and stride == 1 and pads == (0, 0, 0, 0)) or 3 * h * w <= MATRIX_MAX_ROWS
+        cases.add(matrix)
         ok &= isinstance(G, tuple) and len(G) == (4 if matrix else 2) and V.dtype == torch.float64
         ok &= all(t.dtype == (torch.int32 if matrix else torch.float32) for t in G)
         ok &= (h, w) == (h2, w2) and torch.equal(K.sums(G), V)
+ok &= cases == {True, False}  # both paths ran
 print(json.dumps({"exact": bool(ok), "verified": qconv_verified() and int_mm_verified()}))
 """
 
@@ -414,6 +433,8 @@ def _battery() -> list:
     scores = torch.randint(-2**30, 2**30, (96, 40), generator=g).to(torch.float64)
     out.append(K.softmax_weights(scores, torch.rand(96, generator=g, dtype=torch.float64) * 1e-8, 20))
     out.append(K.quantize_heads(torch.randn(3, 40, 3, 2, 24, generator=g) * 5))
+    out.append(K.im2col_planes(torch.randint(0, 128, (2, 4, 9, 9, 16), generator=g).to(torch.uint8), 3, 1,
+                               (1, 1, 1, 1)))
     y = _silu_inputs()
     out += [K.silu64(y), _silu32_native(y.clamp(-3e38, 3e38).float())]
     return out

@@ -844,6 +844,30 @@ DC_EXPORT int dc_quantize_heads(const float *qkv, int64_t B, int64_t T, int64_t 
     return 0;
 }
 
+/* ------------------------------------------------------------------------------ im2col */
+
+/* exact2_kernels.im2col_planes: planes [2 B, H, W, C] uint8 (the PLANES form, both planes as
+ * 2B images) -> cols [2 B Ho Wo, k k C] (kernel row, kernel column, channel), each output
+ * pixel's window; outside the image the zero point (a part 0). Data movement only. */
+DC_EXPORT int dc_im2col_planes(const uint8_t *x, int64_t images, int64_t H, int64_t W, int64_t C, int64_t k,
+                               int64_t stride, int64_t top, int64_t left, int64_t Ho, int64_t Wo, uint8_t *out,
+                               int64_t threads) {
+    int64_t pixels = Ho * Wo;
+    DC_FOR_JOBS(threads, images * pixels, row) {
+        int64_t image = row / pixels, pix = row - image * pixels, oy = pix / Wo, ox = pix - oy * Wo;
+        uint8_t *o = out + row * k * k * C;
+        for (int64_t i = 0; i < k; i++)
+            for (int64_t j = 0; j < k; j++, o += C) {
+                int64_t iy = oy * stride - top + i, ix = ox * stride - left + j;
+                if (iy >= 0 && iy < H && ix >= 0 && ix < W)
+                    memcpy(o, x + ((image * H + iy) * W + ix) * C, (size_t)C);
+                else
+                    memset(o, 64, (size_t)C);
+            }
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------- SiLU */
 
 /* exact.silu elementwise: x [n] binary64 -> out [n] */
