@@ -26,8 +26,11 @@ PROGRESSIVE_SIDES = (192, 384)  # 144 and 576 tiles, in regions of 16 tiles (9 a
 LOSSLESS_MAX_GROWTH_MIB = 24
 # In regions (2026-12-07, AMD EPYC): 11-12 bytes per added dimension to encode (the latent, float64,
 # and the input), 30-32 to decode (the latent, x^_0 and the decoded pixels); in one region, the same
-# images: 100 / 53 (tests.memory_probe progressive 192 384 --region-tiles 0).
-PROGRESSIVE_MAX_BYTES_PER_DIM = 48
+# images: 100 / 53 (tests.memory_probe progressive 192 384 --region-tiles 0). Since the exact
+# network's small products go through torch._int_mm (a later commit the same day) the decode's
+# figure moves more between runs: 24-46 at 192 / 384 pixels (25-37 at the commit before it), 41-46
+# at 192 / 512 (28-32 before); not understood yet (reports/exact.md), hence the decode's wider bound.
+PROGRESSIVE_MAX_BYTES_PER_DIM = {"encode_mib": 48, "decode_mib": 64}
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
                                 reason="needs Linux's /proc/self/clear_refs to reset the peak resident memory")
@@ -54,4 +57,4 @@ def test_progressive_peak_memory_in_regions_grows_by_the_latent_and_pixels_only(
     added_dims = large["dims"] - small["dims"]
     for phase in ("encode_mib", "decode_mib"):
         per_dim = (large[phase] - small[phase]) * 2**20 / added_dims
-        assert per_dim < PROGRESSIVE_MAX_BYTES_PER_DIM, (phase, per_dim, small, large)
+        assert per_dim < PROGRESSIVE_MAX_BYTES_PER_DIM[phase], (phase, per_dim, small, large)
