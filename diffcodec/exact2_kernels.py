@@ -182,10 +182,25 @@ def grid(operand: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return operand.view(*operand.shape[:-2], h, w, operand.shape[-1])
 
 
+def im2col(values: torch.Tensor, k: int, stride: int, pads: tuple[int, int, int, int],
+           pad_value: int = 0) -> torch.Tensor:
+    """[B, H, W, C] -> the column matrix [B Ho Wo, k k C] (columns: kernel row, kernel
+    column, channel) of a k x k convolution with padding ``pads`` = (top, left, bottom,
+    right) of ``pad_value``. Data movement only (the VALUES products' operand, and
+    `im2col_planes`' twin)."""
+    b, h, w, c = values.shape
+    top, left, bottom, right = pads
+    out_h, out_w = (h + top + bottom - k) // stride + 1, (w + left + right - k) // stride + 1
+    src = torch.nn.functional.pad(values, (0, 0, left, right, top, bottom), value=pad_value)
+    cols = torch.cat([src[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+                      for i in range(k) for j in range(k)], dim=3)
+    return cols.reshape(b * out_h * out_w, k * k * c)
+
+
 def im2col_planes(planes: torch.Tensor, k: int, stride: int, pads: tuple[int, int, int, int]) -> torch.Tensor:
     """An operand in the PLANES form [2, B, H, W, C] -> its k x k windows [2, B Ho Wo, k k C]
-    (columns: kernel row, kernel column, channel; as `exact2_products.im2col`), zero padding
-    ``pads`` = (top, left, bottom, right) as the zero point (a part 0). Data movement only."""
+    (`im2col` of each plane), padding ``pads`` = (top, left, bottom, right) of the zero point
+    (a part 0). One C pass on the CPU."""
     _, b, h, w, c = planes.shape
     top, left, bottom, right = pads
     out_h, out_w = (h + top + bottom - k) // stride + 1, (w + left + right - k) // stride + 1
@@ -195,10 +210,7 @@ def im2col_planes(planes: torch.Tensor, k: int, stride: int, pads: tuple[int, in
         _C.im2col_planes(_ptr(planes), 2 * b, h, w, c, k, stride, top, left, out_h, out_w, _ptr(out),
                          native.threads(out.numel()))
         return out
-    src = torch.nn.functional.pad(planes, (0, 0, left, right, top, bottom), value=ZERO_POINT)
-    cols = torch.cat([src[:, :, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
-                      for i in range(k) for j in range(k)], dim=4)
-    return cols.reshape(2, b * out_h * out_w, k * k * c)
+    return im2col(planes.reshape(2 * b, h, w, c), k, stride, pads, ZERO_POINT).view(2, b * out_h * out_w, k * k * c)
 
 
 def quantize(x: torch.Tensor, r: torch.Tensor, form: str) -> torch.Tensor:

@@ -141,8 +141,8 @@ def _int_mm_exact(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def int_mm_verified() -> bool:
-    """Whether `torch._int_mm` is here and computes exact integer sums on the 1x1 products'
-    operands (bytes in [0, 127] read as int8, weights in [-64, 63]): once per process, at
+    """Whether `torch._int_mm` is here and computes exact integer sums on the matrix
+    products' operands (planes' bytes in [0, 127] read as int8, weights in [-64, 63]): once per process, at
     the ranges' extremes and on random ones, 1 to 300 rows, fan-ins 3 to 4032, against
     binary64 products of the same integers. False (the int8 convolutions then) when the op
     is missing, raises, or differs anywhere."""
@@ -168,7 +168,7 @@ def int_mm_verified() -> bool:
 class IntWeights(torch.nn.Module):
     """A layer's weights [N, C, kh, kw] (or [N, K]) as 10-bit integers per output channel,
     w = clamp(rint(w_float WMAX / max |w_n|)), in parts w = 8 w_hi + w_lo (int8 [N, K] each,
-    fan-in ordered kernel row, kernel column, channel, as `im2col`), with the value of one
+    fan-in ordered kernel row, kernel column, channel, as `exact2_kernels.im2col`), with the value of one
     integer per channel, max |w_n| / WMAX (binary64 [N]). `values`: [w ; -w_lo] in binary64
     [2K, N] for the VALUES product (made at first use); `parts`: the int8 convolutions'
     weights (module docstring), made at first use."""
@@ -214,19 +214,6 @@ def values_columns(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([values, values - hi * K.PART_SCALE], dim=-1)
 
 
-def im2col(values: torch.Tensor, k: int, stride: int, pads: tuple[int, int, int, int]) -> torch.Tensor:
-    """[B, H, W, C] -> the column matrix [B Ho Wo, k k C] (columns: kernel row, kernel
-    column, channel) of a k x k convolution with zero padding ``pads`` = (top, left, bottom,
-    right). Data movement only."""
-    b, h, w, c = values.shape
-    top, left, bottom, right = pads
-    out_h, out_w = (h + top + bottom - k) // stride + 1, (w + left + right - k) // stride + 1
-    src = F.pad(values, (0, 0, left, right, top, bottom))
-    cols = torch.cat([src[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
-                      for i in range(k) for j in range(k)], dim=3)
-    return cols.reshape(b * out_h * out_w, k * k * c)
-
-
 class IntConv(torch.nn.Module):
     """The integer products of one convolution (module docstring): `products(operand)` ->
     (G, Ho, Wo) with G the two int8 convolutions' outputs (Gh [M, 2N], Gl [M, N], binary32)
@@ -239,7 +226,7 @@ class IntConv(torch.nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.fan_in = self.in_channels * self.k * self.k
         self._packed: tuple[int, object, object] | None = None  # (thread count, oneDNN's packed weights x 2)
-        self._matrices: tuple[torch.Tensor, ...] | None = None  # a 1x1 product's weights and zero point shares
+        self._matrices: tuple[torch.Tensor, ...] | None = None  # `_matrix_products`' weights and zero point shares
         self._cpu_form: str | None = None  # `form` on the CPU, once known
 
     def form(self, device: torch.device) -> str:
@@ -268,13 +255,13 @@ class IntConv(torch.nn.Module):
                 hi, lo = operand.to(torch.float64).sub_(K.ZERO_POINT)
                 operand = hi.mul_(K.PART_SCALE).add_(lo)  # the same integers as VALUES
         top, left, bottom, right = self.pads
-        cols = im2col(values_columns(operand), self.k, self.stride, self.pads)  # (a | a_lo) per tap
+        cols = K.im2col(values_columns(operand), self.k, self.stride, self.pads)  # (a | a_lo) per tap
         out_h = (operand.shape[1] + top + bottom - self.k) // self.stride + 1
         out_w = (operand.shape[2] + left + right - self.k) // self.stride + 1
         return torch.mm(cols, self._tap_values()), out_h, out_w
 
     def _tap_values(self) -> torch.Tensor:
-        """`IntWeights.values` reordered for `im2col`'s columns of (a | a_lo): per tap, the C
+        """`IntWeights.values` reordered for `exact2_kernels.im2col`'s columns of (a | a_lo): per tap, the C
         weights then the C negated low parts."""
         kk, c = self.k * self.k, self.in_channels
         v = self.weights.values  # [2K, N]: w (tap, channel), then -w_lo (tap, channel)
@@ -311,7 +298,7 @@ class IntConv(torch.nn.Module):
         """The products from the planes' windows [2, M, K] (a 1x1 convolution's planes
         themselves, or `exact2_kernels.im2col_planes`; module docstring): int32 (Ih [M, 2N],
         Il [M, N]) and the zero point's shares (Zh [2N], Zl [N])."""
-        if self._matrices is None:  # (w_hi ; 16 w_lo) and w_hi as [K, 2N], [K, N] int8, K in `im2col`'s order
+        if self._matrices is None:  # (w_hi ; 16 w_lo) and w_hi as [K, 2N], [K, N] int8, K in im2col's order
             hi, lo = self.weights.hi, self.weights.lo
             mats = [torch.cat([hi, lo * 16]).T.contiguous(), hi.T.contiguous()]
             self._matrices = (*mats, *(K.ZERO_POINT * mat.sum(dim=0, dtype=torch.int32) for mat in mats))

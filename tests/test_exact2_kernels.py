@@ -147,15 +147,13 @@ def test_quantize_heads_equals_its_twin_and_quantize_dynamic_per_part(twin):
 
 def test_im2col_planes_equals_its_twin_and_the_values_im2col(twin):
     """The PLANES windows (3x3 with symmetric and 'end' padding, stride 2, 1x1) = the torch
-    twin = `exact2_products.im2col` of the same parts (the zero point outside the image)."""
-    from diffcodec.exact2_products import im2col
-
+    twin = `im2col` of the same parts (the zero point outside the image)."""
     planes = torch.randint(0, 128, (2, 3, 5, 6, 7), generator=torch.Generator().manual_seed(40)).to(torch.uint8)
     for k, stride, pads in ((3, 1, (1, 1, 1, 1)), (3, 2, (0, 0, 1, 1)), (1, 1, (0, 0, 0, 0))):
         fast, slow = twin(lambda p: K.im2col_planes(p, k, stride, pads), planes)
         _same(fast, slow)
         for i in range(2):
-            want = im2col(planes[i].to(torch.int64) - K.ZERO_POINT, k, stride, pads)
+            want = K.im2col(planes[i].to(torch.int64) - K.ZERO_POINT, k, stride, pads)
             assert torch.equal(fast[i].to(torch.int64) - K.ZERO_POINT, want)
 
 
@@ -213,13 +211,11 @@ def test_norm_act_and_the_fused_group_norm_equal_their_twins(twin, form, silu):
 @pytest.mark.parametrize("case", [(2, 8, 8, 5, 3, 1, (1, 1, 1, 1)), (3, 8, 6, 4, 3, 2, (1, 1, 1, 1)),
                                   (2, 8, 8, 4, 3, 2, (0, 0, 1, 1)), (1, 5, 7, 2, 1, 1, (0, 0, 0, 0))])
 def test_im2col_is_the_convolution_s_column_matrix(case):
-    from diffcodec.exact2_products import im2col
-
     b, h, w, c, k, stride, pads = case
     g = torch.Generator().manual_seed(7)
     x = torch.randint(-K.QMAX, K.QMAX + 1, (b, h, w, c), generator=g).to(torch.float64)
     weight = torch.randint(-K.QMAX, K.QMAX + 1, (3, c, k, k), generator=g).to(torch.float64)
-    cols = im2col(x, k, stride, pads)
+    cols = K.im2col(x, k, stride, pads)
     got = cols @ weight.permute(0, 2, 3, 1).reshape(3, -1).T
     top, left, bottom, right = pads
     want = torch.nn.functional.conv2d(torch.nn.functional.pad(x.permute(0, 3, 1, 2), (left, right, top, bottom)),
