@@ -101,5 +101,6 @@ def from_model_output(x: torch.Tensor) -> np.ndarray:
         raise ValueError(f"from_model_output: expected [N, 3, H, W], got {list(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError("from_model_output: tensor holds NaN or infinity")
-    y = ((x.detach().to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    y = x.detach().to(torch.float32, copy=True)  # one float32 copy, worked in place
+    y = y.add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
     return np.ascontiguousarray(y.permute(0, 2, 3, 1).cpu().numpy())

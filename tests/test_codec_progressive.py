@@ -12,6 +12,7 @@ from diffcodec.codec.progressive import codec as pg
 from diffcodec.codec.progressive import syntax
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.config import DiffusionConfig, preset
+from diffcodec.diffusion import p_xstart
 from diffcodec.errors import DiffcodecError
 from diffcodec.images import from_model_output, to_model_input
 from diffcodec.runtime import network
@@ -508,6 +509,41 @@ def test_regions_code_each_region_in_turn_and_every_prefix_decodes():
     enc32 = pg.encode(fn32, dc, x0, params32)
     dec32 = pg.decode(fn32, dc, enc32.payload, enc32.params)
     assert dec32.complete and torch.equal(dec32.x0, x0) and dec32.bits_used == enc32.prefix_bits[-1]
+
+
+def test_a_stream_in_regions_is_decoded_a_region_at_a_time_through_every_stage():
+    """The decoder of a stream in regions takes each region through every stage before the
+    next (it holds x^_0 and the pixels for the image, not the latent): its progress comes once
+    per stage and region, region by region; what it keeps (``keep_all``) is each stage's whole
+    latent, whose x^_0 is the network's on it, the last one's the fallback; a prefix's DDIM
+    reconstruction is the DDIM chain from its last latent; all alike whatever the slices."""
+    model, dc = seeded_tiny(2)
+    exact_fn = network(model, exact=True)
+    fn64 = lambda x, t: 0.1 * exact_fn(x, t)  # noqa: E731 (`denoiser` under the exact contract)
+    x0 = to_model_input(test_image(5, seed=7))
+    params = dataclasses.replace(PARAMS, num_tiles=5, num_steps=6, exact=True, region_tiles=2)
+    enc = pg.encode(fn64, dc, x0, params, tiles_per_call=2)
+    S, s = params.num_steps, pg.coded_schedule(dc, params.num_steps, params.spacing)
+    calls: list[int] = []
+    dec = pg.decode(fn64, dc, enc.payload, enc.params, keep_all=True, progress=calls.append, tiles_per_call=2)
+    assert dec.complete and torch.equal(dec.x0, x0.double())
+    assert calls == list(range(S)) * params.num_regions
+    assert len(dec.latents) == len(dec.xstart) == S and dec.fallback is dec.xstart[-1]
+    for j, (latent, xstart) in enumerate(zip(dec.latents, dec.xstart)):
+        t = torch.full((5,), S - 1 - j, dtype=torch.long)
+        out = fn64(latent, torch.from_numpy(s.timesteps)[t]).double()
+        assert torch.equal(xstart, p_xstart(s, out, latent, t, var_type=dc.var_type,
+                                            clip_denoised=params.clip_denoised))
+    other = pg.decode(fn64, dc, enc.payload, enc.params, keep_all=True, tiles_per_call=1)
+    assert all(torch.equal(a, b) for a, b in zip(dec.latents + dec.xstart, other.latents + other.xstart))
+    mid = int(enc.prefix_bits[3])
+    ddim = pg.decode(fn64, dc, enc.payload, enc.params, num_bits=mid, reconstruction="ddim", keep_all=True,
+                     tiles_per_call=2)
+    assert ddim.stages == 4 and not ddim.complete
+    k = S - ddim.stages
+    chain = pg.ddim_reconstruct(fn64, s, ddim.latents[-1], k, var_type=dc.var_type,
+                                clip_denoised=params.clip_denoised)
+    assert torch.equal(ddim.x0, chain) and not torch.equal(ddim.x0, ddim.xstart[-1])
 
 
 # ------------------------------------------------------------------------------- CLI

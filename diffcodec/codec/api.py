@@ -580,7 +580,8 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
                                      model.diffusion_config, container.payload, params,
                                      num_bits=file_bits - header_bits, upto=limit, reconstruction=reconstruction,
                                      device=device, context=b"" if legacy else image_sizes_context(h.images),
-                                     progress=_stage_bar(progress, "decode", min(limit, params.num_stages)),
+                                     progress=_stage_bar(progress, "decode",
+                                                        min(limit, params.num_stages) * params.num_regions),
                                      tiles_per_call=_tiles_per_call(params, batch_size))
     except DamagedFileError as e:
         raise DamagedFileError(f"{where}: {e}; nothing written") from None

@@ -56,11 +56,13 @@ network on the region's part of the last latent, its Gaussians and the search's 
 its level, plan and search, its part of the new latent, which replaces the last one in place
 (a region's network outputs depend on its own tiles only); its symbols wait for the stage's
 end. The pixel stage goes the same way, and the complete stream's shortest prefix is found
-from the last region's models (`syntax.PixelTail`). What spans the whole image is then the
-latent (float64) and the image itself: about 12 bytes per dimension to encode and 30 to
-decode (x^_0 and the pixels too), against 100 and 53 in one region, whose permutation
-spans every tile (tests/test_codec_memory.py, reports/results.md). A stream of one region
-(an image of up to 128 tiles, and every file before regions) is the stream of before.
+from the last region's models (`syntax.PixelTail`). The decoder, which reads every stage's
+symbols before any network call, takes a region through every stage before the next. What
+spans the whole image is then, to encode, the latent (float64) and the image itself (about 12
+bytes per dimension), to decode x^_0 of the last latent and the pixels (about 20), against 100
+and 53 in one region, whose permutation spans every tile (tests/test_codec_memory.py,
+reports/results.md). A stream of one region (an image of up to 128 tiles, and every file
+before regions) is the stream of before.
 """
 
 from __future__ import annotations
@@ -655,10 +657,13 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     ``upto`` stages. Stops at the first stage the prefix does not deliver; the image is then
     reconstructed from the last latent (``xstart``: x^_0 predicted from it, clipped;
     ``ddim``: deterministic DDIM, eta = 0, down the rest of the coded chain). ``progress``:
-    called with each stage's index once it is decoded. ``tiles_per_call``: the network's batch
-    (`tile_slices`; None: every tile in one call, as a float32 stream's encoder made them).
-    Each stage makes its latent a region at a time, slice by slice over the last one, after the
-    network's call on it: between stages the decoder holds the latent for the whole image.
+    called with a stage's index each time a region's part of it is decoded (a stream of R
+    regions: R calls per stage). ``tiles_per_call``: the network's batch (`tile_slices`; None:
+    every tile in one call, as a float32 stream's encoder made them).
+    The decoder works a region at a time through every stage (the stream holds every stage's
+    symbols before the pixels, so all of them are read first): what it holds for the whole
+    image is x^_0 of the last latent and the pixels, not the latent (DDIM's reconstruction and
+    ``keep_all`` excepted).
     """
     if reconstruction not in RECONSTRUCTIONS:
         raise DiffcodecError(f"unknown reconstruction {reconstruction!r}; known: {', '.join(RECONSTRUCTIONS)}")
@@ -675,80 +680,43 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     syntax = Syntax(params, D, context)
     ts = torch.from_numpy(s.timesteps).to(device)
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
-    y: torch.Tensor | None = None  # the last latent made
-    xstarts, latents, stages = [], [], 0
-    pending: int | None = None  # the stage that made y, until the network has run on it
-    owed = 0  # keep_all: x^_0 entries owed to y (its stage's and the skipped stages' after it)
 
-    def network(sl: slice, xstart: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last latent's slice and the network's output on it (its x^_0 into ``xstart``)."""
-        y_b, last = y[sl], chain.kept[-1]
+    def network(y_b: torch.Tensor, last: int) -> torch.Tensor:
+        """The network's output on a slice of the latent made at code step ``last``."""
         with clock("network"):
-            out = model_fn(y_b, ts[_full_step(y_b, last)]).to(dtype)
-        if xstart is not None:
-            xstart[sl] = p_xstart(s, out, y_b, _full_step(y_b, last), var_type=var_type,
-                                  clip_denoised=params.clip_denoised)
-        return y_b, out
+            return model_fn(y_b, ts[_full_step(y_b, last)]).to(dtype)
 
-    def ran(xstart: torch.Tensor | None) -> None:
-        """After a pass of the network over y: its stage is done."""
-        nonlocal pending, owed
-        xstarts.extend([xstart] * owed)
-        owed = 0
-        if progress is not None and pending is not None:
-            progress(pending)
-        pending = None
+    def x_start(out: torch.Tensor, y_b: torch.Tensor, last: int) -> torch.Tensor:
+        return p_xstart(s, out, y_b, _full_step(y_b, last), var_type=var_type, clip_denoised=params.clip_denoised)
 
     with clock("entropy"):
         run: StageRun = read_stages(reader, syntax, limit)  # symbols only: verified before any network call
-    for stage, symbols in enumerate(run.stages):
-        k = K - 1 - stage
-        stages = stage + 1
-        if stage and symbols.level == 0 and params.version >= 3:  # skipped: no latent at this step
-            if keep_all:
-                owed += 1
-                latents.append(latents[-1])
-            if progress is not None:
-                progress(stage)
-            continue
-        xstart = torch.empty(shape, dtype=dtype, device=device) if keep_all and y is not None else None
-        if y is None:
-            y = torch.empty(shape, dtype=dtype, device=device)
-        sched, i = chain.step(k) if stage else (None, 0)
-        for r, (region, part) in enumerate(zip(regions, symbols.parts())):  # a region at a time
-            first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
-            chunking = syntax.chunking(part.level, Dr)
-            with clock("candidates"):
-                plan = stage_plan(params, stage, Dr, chunking, region=r) if params.version >= 4 else None
-                u = _sample_stage(params, stage, part, chunking[0], Dr, plan)
-            plan = None
-            for sl in region_slices(region, tiles_per_call):
-                dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
-                if stage == 0:  # p = N(0, I)
-                    p_mean = p_log_var = np.zeros(dims.stop - dims.start)
-                else:
-                    y_b, out = network(sl, xstart)
-                    step = p_mean_variance(sched, out, y_b, _full_step(y_b, i), var_type=var_type,
-                                           clip_denoised=params.clip_denoised)
-                    p_mean, p_log_var = _flat64(step.mean), _flat64(step.log_variance)
-                    step = out = y_b = None
-                y[sl] = torch.from_numpy(_latent(p_mean, p_log_var, u[dims], params.exact, dtype
-                                                 ).reshape(y[sl].shape)).to(device)
-                p_mean = p_log_var = None
-        u = None
-        ran(xstart)
-        chain.keep(k)
-        pending = stage
-        if keep_all:
-            owed += 1
-            latents.append(y.clone())
+    stages = len(run.stages)
     if stages == 0:
         if run.stop == "check":
             raise DamagedFileError(f"the file is damaged (the integrity check after stage {run.at_stage} failed) "
                                    "and holds no intact stage before the damage")
         raise DiffcodecError(f"the first {bits} bits of the stream hold no complete stage; "
                              f"a longer prefix is needed")
-    # the last latent's reverse-process Gaussian and x^_0 (a skipped stage makes no latent)
+    # The chain's steps, once for every region: per latent made, (stage, schedule, step index,
+    # the code step of the latent before it); per stage, the latent current after it (a skipped
+    # stage makes none).
+    steps: list[tuple[int, Schedule | None, int, int]] = []
+    current: list[int] = []
+    for stage, symbols in enumerate(run.stages):
+        if not (stage and symbols.level == 0 and params.version >= 3):
+            k = K - 1 - stage
+            sched, i = chain.step(k) if stage else (None, 0)
+            steps.append((stage, sched, i, chain.kept[-1] if stage else -1))
+            chain.keep(k)
+        current.append(len(steps) - 1)
+    last = chain.kept[-1]  # the last latent's code step
+    parts = [symbols.parts() for symbols in run.stages]
+    # what spans the image: x^_0 of the last latent, the pixels (keep_all: every latent and its x^_0;
+    # DDIM: the last latent, which its reconstruction starts from)
+    made = [torch.empty(shape, dtype=dtype, device=device) for _ in steps] if keep_all else []
+    made_xstarts = [torch.empty(shape, dtype=dtype, device=device) for _ in steps[:-1]] if keep_all else []
+    y = torch.empty(shape, dtype=dtype, device=device) if reconstruction == "ddim" else None
     pixel_stage = stages == K and limit > K
     last_xstart = torch.empty(shape, dtype=dtype, device=device)
     pixels: np.ndarray | None = np.empty(D, dtype=np.uint8) if pixel_stage else None  # the decoded levels
@@ -757,17 +725,59 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         shadow, shadow_syntax = RangeEncoder(), Syntax(params, D)
         for part in run.stages:
             write_stage(shadow, shadow_syntax, part)
-    for r, region in enumerate(regions):  # a region at a time: x^_0 and, for the pixel stage, its models and pixels
+    # A region at a time, every stage: its latents, slice by slice over the last one after the
+    # network's call on it (a region's network outputs depend on its own tiles only), then the
+    # last latent's x^_0 and, for the pixel stage, its models and pixels (read in the stream's
+    # order: every stage's symbols, then the regions' pixels in turn).
+    for r, region in enumerate(regions):
         first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
+        rslices = region_slices(region, tiles_per_call)
+        y_r = torch.empty((region.stop - region.start, *shape[1:]), dtype=dtype, device=device)  # the region's latent
+        for j, (stage, sched, i, before) in enumerate(steps):
+            part = parts[stage][r]
+            chunking = syntax.chunking(part.level, Dr)
+            with clock("candidates"):
+                plan = stage_plan(params, stage, Dr, chunking, region=r) if params.version >= 4 else None
+                u = _sample_stage(params, stage, part, chunking[0], Dr, plan)
+            plan = None
+            for sl in rslices:
+                at = slice(sl.start - region.start, sl.stop - region.start)  # within the region
+                dims = slice(at.start * per_tile, at.stop * per_tile)
+                if stage == 0:  # p = N(0, I)
+                    p_mean = p_log_var = np.zeros(dims.stop - dims.start)
+                else:
+                    y_b = y_r[at]
+                    out = network(y_b, before)
+                    if keep_all:
+                        made_xstarts[j - 1][sl] = x_start(out, y_b, before)
+                    step = p_mean_variance(sched, out, y_b, _full_step(y_b, i), var_type=var_type,
+                                           clip_denoised=params.clip_denoised)
+                    p_mean, p_log_var = _flat64(step.mean), _flat64(step.log_variance)
+                    step = out = y_b = None
+                y_r[at] = torch.from_numpy(_latent(p_mean, p_log_var, u[dims], params.exact, dtype
+                                                   ).reshape(y_r[at].shape)).to(device)
+                p_mean = p_log_var = None
+            u = None
+            if keep_all:
+                made[j][region] = y_r
+            if progress is not None:
+                for later in range(stage, stages if j == len(steps) - 1 else steps[j + 1][0]):
+                    progress(later)  # this stage and the skipped ones after it
+        if y is not None:
+            y[region] = y_r
         region_models = (np.empty(Dr), np.empty(Dr)) if pixels is not None else None
-        for sl in region_slices(region, tiles_per_call):
-            dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
-            y_b, out = network(sl, last_xstart)
+        for sl in rslices:
+            at = slice(sl.start - region.start, sl.stop - region.start)
+            dims = slice(at.start * per_tile, at.stop * per_tile)
+            y_b = y_r[at]
+            out = network(y_b, last)
+            last_xstart[sl] = x_start(out, y_b, last)
             if region_models is not None:
-                p = p_mean_variance(s, out, y_b, _full_step(y_b, chain.kept[-1]), var_type=var_type,
+                p = p_mean_variance(s, out, y_b, _full_step(y_b, last), var_type=var_type,
                                     clip_denoised=params.clip_denoised)
                 region_models[0][dims], region_models[1][dims] = _pixel_params(p.mean, p.log_variance, params)
             p = out = y_b = None
+        y_r = None
         if region_models is None:
             continue
         with clock("entropy"):
@@ -784,9 +794,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             pixel_models = region_models if len(regions) == 1 else None
         region_models = part = None
     shadow = None
-    ran(last_xstart)
-    if reconstruction == "xstart":  # the latent is done with (DDIM would start from it)
-        y = None
+    xstarts = [(made_xstarts + [last_xstart])[j] for j in current] if keep_all else []
+    latents = [made[j] for j in current] if keep_all else []
     pixels_checked = None
     if pixels is not None:
         if syntax.closes():
