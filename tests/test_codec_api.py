@@ -78,6 +78,15 @@ def test_both_modes_round_trip_through_one_api_with_progress(model):
     assert not part.verified and part.stages == 2 and [im.shape for im in part.images] == [(32, 32, 3), (20, 40, 3)]
     with pytest.raises(DiffcodecError, match="apply to progressive files"):
         api.decode(lossless.data, model=model, device="cpu", upto=2)
+    # a stream in regions (2 and 1 tiles): the decoder takes a region through every stage before
+    # the next, and the bar counts a stage of each region, never going back, ending at its total
+    regions = api.encode(images, model=model, mode="progressive", workers=1, float64=True,
+                         progressive_params=replace(params, region_tiles=2))
+    assert regions.encoded.params.num_regions == 2
+    calls.clear()
+    whole = api.decode(regions.data, model=model, device="cpu", progress=lambda *c: calls.append(c))
+    assert whole.verified and all(np.array_equal(x, y) for x, y in zip(whole.images, images))
+    assert [c[1] for c in calls] == list(range(1, 9)) + [8] and calls[-1][1:] == (8, 8)
 
 
 def test_bad_requests_are_refused_before_any_network_call(model, monkeypatch):

@@ -514,7 +514,7 @@ def test_regions_code_each_region_in_turn_and_every_prefix_decodes():
 def test_a_stream_in_regions_is_decoded_a_region_at_a_time_through_every_stage():
     """The decoder of a stream in regions takes each region through every stage before the
     next (it holds x^_0 and the pixels for the image, not the latent): its progress comes once
-    per stage and region, region by region; what it keeps (``keep_all``) is each stage's whole
+    per stage and region, region by region, the pixel stage's included; what it keeps (``keep_all``) is each stage's whole
     latent, whose x^_0 is the network's on it, the last one's the fallback; a prefix's DDIM
     reconstruction is the DDIM chain from its last latent; all alike whatever the slices."""
     model, dc = seeded_tiny(2)
@@ -527,7 +527,7 @@ def test_a_stream_in_regions_is_decoded_a_region_at_a_time_through_every_stage()
     calls: list[int] = []
     dec = pg.decode(fn64, dc, enc.payload, enc.params, keep_all=True, progress=calls.append, tiles_per_call=2)
     assert dec.complete and torch.equal(dec.x0, x0.double())
-    assert calls == list(range(S)) * params.num_regions
+    assert calls == (list(range(S)) + [S]) * params.num_regions  # each region: its stages, then its pixels
     assert len(dec.latents) == len(dec.xstart) == S and dec.fallback is dec.xstart[-1]
     for j, (latent, xstart) in enumerate(zip(dec.latents, dec.xstart)):
         t = torch.full((5,), S - 1 - j, dtype=torch.long)

@@ -620,8 +620,8 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
         diverged = False
         damage = ("the lossless stage does not reproduce the pixel checksum" if legacy
                   else "the lossless stage fails the stream's closing check")
-    if progress is not None:
-        progress("decode", dec.stages, params.num_stages)
+    if progress is not None:  # in the bar's units: a stage of each region
+        progress("decode", dec.stages * params.num_regions, params.num_stages * params.num_regions)
     stages = dec.stages if verified or not dec.complete else dec.stages - 1
     total = 8 * declared if declared is not None else (0 if truncated else 8 * len(container.payload))
     return ProgressiveDecoding(

@@ -658,7 +658,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     reconstructed from the last latent (``xstart``: x^_0 predicted from it, clipped;
     ``ddim``: deterministic DDIM, eta = 0, down the rest of the coded chain). ``progress``:
     called with a stage's index each time a region's part of it is decoded (a stream of R
-    regions: R calls per stage). ``tiles_per_call``: the network's batch (`tile_slices`; None:
+    regions: R calls per stage, the pixel stage's once the network has run for its models). ``tiles_per_call``: the network's batch (`tile_slices`; None:
     every tile in one call, as a float32 stream's encoder made them).
     The decoder works a region at a time through every stage (the stream holds every stage's
     symbols before the pixels, so all of them are read first): what it holds for the whole
@@ -780,6 +780,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         y_r = None
         if region_models is None:
             continue
+        if progress is not None:
+            progress(stages)  # the pixel stage's part for the region, its network's pass done
         with clock("entropy"):
             part = reader.pixels(*region_models)
             if part is None:
