@@ -658,8 +658,9 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     reconstructed from the last latent (``xstart``: x^_0 predicted from it, clipped;
     ``ddim``: deterministic DDIM, eta = 0, down the rest of the coded chain). ``progress``:
     called with a stage's index each time a region's part of it is decoded (a stream of R
-    regions: R calls per stage, the pixel stage's once the network has run for its models). ``tiles_per_call``: the network's batch (`tile_slices`; None:
-    every tile in one call, as a float32 stream's encoder made them).
+    regions: R calls per stage, the pixel stage's once the network has run for its models).
+    ``tiles_per_call``: the network's batch (`tile_slices`; None: every tile in one call, as a
+    float32 stream's encoder made them).
     The decoder works a region at a time through every stage (the stream holds every stage's
     symbols before the pixels, so all of them are read first): what it holds for the whole
     image is x^_0 of the last latent and the pixels, not the latent (DDIM's reconstruction and
@@ -731,7 +732,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     # order: every stage's symbols, then the regions' pixels in turn).
     for r, region in enumerate(regions):
         first, Dr = region.start * per_tile, (region.stop - region.start) * per_tile
-        rslices = region_slices(region, tiles_per_call)
+        # each network slice (`tile_slices` of the region): its tiles in the image and in the region, its dimensions
+        rslices = [(slice(region.start + at.start, region.start + at.stop), at,
+                    slice(at.start * per_tile, at.stop * per_tile))
+                   for at in tile_slices(region.stop - region.start, tiles_per_call)]
         y_r = torch.empty((region.stop - region.start, *shape[1:]), dtype=dtype, device=device)  # the region's latent
         for j, (stage, sched, i, before) in enumerate(steps):
             part = parts[stage][r]
@@ -740,9 +744,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                 plan = stage_plan(params, stage, Dr, chunking, region=r) if params.version >= 4 else None
                 u = _sample_stage(params, stage, part, chunking[0], Dr, plan)
             plan = None
-            for sl in rslices:
-                at = slice(sl.start - region.start, sl.stop - region.start)  # within the region
-                dims = slice(at.start * per_tile, at.stop * per_tile)
+            for sl, at, dims in rslices:
                 if stage == 0:  # p = N(0, I)
                     p_mean = p_log_var = np.zeros(dims.stop - dims.start)
                 else:
@@ -766,9 +768,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         if y is not None:
             y[region] = y_r
         region_models = (np.empty(Dr), np.empty(Dr)) if pixels is not None else None
-        for sl in rslices:
-            at = slice(sl.start - region.start, sl.stop - region.start)
-            dims = slice(at.start * per_tile, at.stop * per_tile)
+        for sl, at, dims in rslices:
             y_b = y_r[at]
             out = network(y_b, last)
             last_xstart[sl] = x_start(out, y_b, last)
@@ -796,7 +796,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
             pixel_models = region_models if len(regions) == 1 else None
         region_models = part = None
     shadow = None
-    xstarts = [(made_xstarts + [last_xstart])[j] for j in current] if keep_all else []
+    made_xstarts.append(last_xstart)
+    xstarts = [made_xstarts[j] for j in current] if keep_all else []
     latents = [made[j] for j in current] if keep_all else []
     pixels_checked = None
     if pixels is not None:
