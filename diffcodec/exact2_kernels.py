@@ -437,7 +437,7 @@ def _product_parts(G: Sums) -> tuple[torch.Tensor | None, ...]:
 
 def epilogue(G: Sums, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor,
              *, add: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-             float64: bool = False) -> torch.Tensor:
+             float64: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """A layer's output rows [M, N] from its products G (`Sums`): the sums v [M, N]
     themselves (binary64), or the int8 products (Gh [M, 2N], Gl [M, N]: a_hi's with w_hi and
     with 16 w_lo, a_lo's with w_hi; binary32 integers, or int32 less their zero point's
@@ -445,12 +445,17 @@ def epilogue(G: Sums, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: t
     and the binary64 scale S = s_x[b] s_w[n] (the values of one input and one weight
     integer): y = fl32(v S) + bias[n]; then y + add[b, n] (``add``) or residual[row, n] + y
     (``residual``), each one binary32 rounding. ``float64``: y = v S + bias[n] in binary64
-    (the output layer; no add or residual)."""
+    (the output layer; no add or residual). ``out``: a contiguous [M, N] tensor of the output's
+    dtype to write the rows into (returned)."""
     if add is not None and residual is not None:
         raise ValueError("epilogue: add or residual, not both")
     forms = _product_parts(G)
     tensors = [g for g in forms if g is not None]
     m, n = (forms[0] if forms[0] is not None else tensors[1]).shape
+    out_dtype = torch.float64 if float64 else torch.float32
+    if out is not None and (out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous()):
+        raise ValueError(f"epilogue: out must be a contiguous {out_dtype} [{m}, {n}], got "
+                         f"{out.dtype} {tuple(out.shape)}")
     wanted = (torch.float64, torch.float32, torch.float32, torch.int32, torch.int32, torch.int32, torch.int32)
     if s_x.dtype != torch.float64 or s_w.dtype != torch.float64:
         s_x, s_w = s_x.to(torch.float64), s_w.to(torch.float64)
@@ -467,12 +472,11 @@ def epilogue(G: Sums, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: t
         pointers = [_opt_ptr(g) for g in forms]
         s_x, s_w = s_x.contiguous(), s_w.contiguous()
         threads = native.threads(m * n * (1 if forms[0] is not None else 3))
+        out = torch.empty((m, n), dtype=out_dtype) if out is None else out
         if float64:
-            out = torch.empty((m, n), dtype=torch.float64)
             bias = bias.to(torch.float64).contiguous()
             _C.epilogue64(*pointers, m, n, pixels, _ptr(s_x), nb, _ptr(s_w), _ptr(bias), _ptr(out), threads)
             return out
-        out = torch.empty((m, n), dtype=torch.float32)
         mode = 1 if add is not None else 2 if residual is not None else 0
         bias = bias.contiguous()
         add = None if add is None else add.contiguous()
@@ -484,13 +488,14 @@ def epilogue(G: Sums, pixels: int, s_x: torch.Tensor, s_w: torch.Tensor, bias: t
     rows = torch.arange(m, device=first.device) // pixels
     S = s_x[rows][:, None] * s_w[None, :]
     if float64:
-        return v * S + bias
-    y = (v * S).to(torch.float32) + bias
-    if add is not None:
-        y = y + add[rows]
-    elif residual is not None:
-        y = residual + y
-    return y
+        y = v * S + bias
+    else:
+        y = (v * S).to(torch.float32) + bias
+        if add is not None:
+            y = y + add[rows]
+        elif residual is not None:
+            y = residual + y
+    return y if out is None else out.copy_(y)
 
 
 def sums(G: Sums) -> torch.Tensor:

@@ -240,6 +240,18 @@ class IntConv(torch.nn.Module):
                               else K.VALUES)
         return self._cpu_form
 
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """The output's (Ho, Wo) for an input of h x w pixels (after any upsampling)."""
+        top, left, bottom, right = self.pads
+        return (h + top + bottom - self.k) // self.stride + 1, (w + left + right - self.k) // self.stride + 1
+
+    def product_bytes(self, device: torch.device) -> int:
+        """Bytes of the products (and the VALUES path's im2col) per output pixel: what
+        `products` allocates for each row of the output."""
+        if self.form(device) == K.PLANES:
+            return 12 * self.out_channels  # Gh [., 2N] and Gl [., N], binary32 or int32
+        return 8 * self.out_channels + 16 * self.fan_in  # v [., N] and (a | a_lo) [., 2K], binary64
+
     def products(self, operand: torch.Tensor, up: int = 1) -> tuple[K.Sums, int, int]:
         """operand [2, B, H, W, C] uint8 (PLANES) or [B, H, W, C] binary64 (VALUES), on the
         input grid upsampled ``up`` times (nearest)."""
@@ -254,10 +266,8 @@ class IntConv(torch.nn.Module):
                 self._cpu_form = K.VALUES  # oneDNN could not run this layer: VALUES from then on
                 hi, lo = operand.to(torch.float64).sub_(K.ZERO_POINT)
                 operand = hi.mul_(K.PART_SCALE).add_(lo)  # the same integers as VALUES
-        top, left, bottom, right = self.pads
         cols = K.im2col(values_columns(operand), self.k, self.stride, self.pads)  # (a | a_lo) per tap
-        out_h = (operand.shape[1] + top + bottom - self.k) // self.stride + 1
-        out_w = (operand.shape[2] + left + right - self.k) // self.stride + 1
+        out_h, out_w = self.output_size(operand.shape[1], operand.shape[2])
         return torch.mm(cols, self._tap_values()), out_h, out_w
 
     def _tap_values(self) -> torch.Tensor:
@@ -268,18 +278,20 @@ class IntConv(torch.nn.Module):
         return torch.cat([v[:kk * c].view(kk, c, -1), v[kk * c:].view(kk, c, -1)], dim=1).reshape(2 * kk * c, -1)
 
     def _int8_products(self, operand: torch.Tensor) -> tuple[K.Sums, int, int]:
+        """The PLANES products of ``operand`` [2, B, H, W, C] (each plane contiguous; the pair
+        need not be: a slice of images)."""
         top, left, bottom, right = self.pads
         _, b, h, w, c = operand.shape
-        out_h = (h + top + bottom - self.k) // self.stride + 1
-        out_w = (w + left + right - self.k) // self.stride + 1
+        out_h, out_w = self.output_size(h, w)
         if int_mm_verified():
             if self.k == 1 and self.stride == 1 and self.pads == (0, 0, 0, 0):
-                return self._matrix_products(operand.reshape(2, b * h * w, c)), h, w
+                return self._matrix_products(*(plane.reshape(b * h * w, c) for plane in operand)), h, w
             if b * out_h * out_w <= MATRIX_MAX_ROWS:  # few outputs: oneDNN's per-call cost dominates
-                return self._matrix_products(K.im2col_planes(operand, self.k, self.stride, self.pads)), out_h, out_w
-        x = operand.view(2 * b, h, w, c).permute(0, 3, 1, 2)  # both planes as one NCHW batch, channels-last
+                return self._matrix_products(*K.im2col_planes(operand, self.k, self.stride, self.pads)), out_h, out_w
+        x_hi, x_lo = (plane.permute(0, 3, 1, 2) for plane in operand)  # NCHW views, channels-last
         if (top, left) != (bottom, right) or top != left:  # asymmetric ('end') padding: pad with the zero point
-            x = F.pad(x, (left, right, top, bottom), value=K.ZERO_POINT).contiguous(memory_format=torch.channels_last)
+            x_hi, x_lo = (F.pad(x, (left, right, top, bottom), value=K.ZERO_POINT).contiguous(
+                memory_format=torch.channels_last) for x in (x_hi, x_lo))
             padding = 0
         else:
             padding = top
@@ -289,13 +301,13 @@ class IntConv(torch.nn.Module):
             self._packed = (threads, _qconv_pack(hi_lo, self.stride, padding), _qconv_pack(hi, self.stride, padding))
         _, w_hi_lo, w_hi = self._packed
         n = self.out_channels
-        g_hi = _qconv_call(w_hi_lo, x[:b], 2 * n, self.stride, padding)  # a_hi's, [B, 2N, Ho, Wo] channels-last
-        g_lo = _qconv_call(w_hi, x[b:], n, self.stride, padding)  # a_lo's
+        g_hi = _qconv_call(w_hi_lo, x_hi, 2 * n, self.stride, padding)  # a_hi's, [B, 2N, Ho, Wo] channels-last
+        g_lo = _qconv_call(w_hi, x_lo, n, self.stride, padding)  # a_lo's
         out_h, out_w = g_hi.shape[2], g_hi.shape[3]
         return (g_hi.permute(0, 2, 3, 1).reshape(-1, 2 * n), g_lo.permute(0, 2, 3, 1).reshape(-1, n)), out_h, out_w
 
-    def _matrix_products(self, planes: torch.Tensor) -> K.Sums:
-        """The products from the planes' windows [2, M, K] (a 1x1 convolution's planes
+    def _matrix_products(self, rows_hi: torch.Tensor, rows_lo: torch.Tensor) -> K.Sums:
+        """The products from the planes' windows [M, K] each (a 1x1 convolution's planes
         themselves, or `exact2_kernels.im2col_planes`; module docstring): int32 (Ih [M, 2N],
         Il [M, N]) and the zero point's shares (Zh [2N], Zl [N])."""
         if self._matrices is None:  # (w_hi ; 16 w_lo) and w_hi as [K, 2N], [K, N] int8, K in im2col's order
@@ -303,5 +315,6 @@ class IntConv(torch.nn.Module):
             mats = [torch.cat([hi, lo * 16]).T.contiguous(), hi.T.contiguous()]
             self._matrices = (*mats, *(K.ZERO_POINT * mat.sum(dim=0, dtype=torch.int32) for mat in mats))
         w_hi_lo, w_hi, z_hi_lo, z_hi = self._matrices
-        x = planes.view(torch.int8)  # the bytes a_part + 64, in [0, 127]: the same integers as int8
-        return torch._int_mm(x[0], w_hi_lo), torch._int_mm(x[1], w_hi), z_hi_lo, z_hi
+        # the bytes a_part + 64, in [0, 127]: the same integers as int8
+        return (torch._int_mm(rows_hi.view(torch.int8), w_hi_lo), torch._int_mm(rows_lo.view(torch.int8), w_hi),
+                z_hi_lo, z_hi)

@@ -50,6 +50,13 @@ from diffcodec.runtime import release_freed_memory
 from diffcodec.unet import AttnBlock, Downsample, ResBlock, TimestepEmbedding, UNet, Upsample
 
 
+PRODUCT_CHUNK_BYTES = 8 << 20
+"""A layer's integer products (12 bytes per output channel and pixel with the int8 products,
+3x a binary32 output) are made and consumed this many bytes' worth of images at a time, so
+that a large batch never holds the products of all its images at once (the same integers:
+a product's rows do not depend on the other images)."""
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """An NCHW-shaped tensor as [B, H, W, C], contiguous (a view when x is channels-last)."""
     return x.permute(0, 2, 3, 1).contiguous()
@@ -86,12 +93,25 @@ class ExactConv2(nn.Module):
                      float64: bool = False) -> torch.Tensor:
         """The integer operand [2, B, H, W, C] (PLANES) or [B, H, W, C] (VALUES) with per-image
         scales s_x [B] -> [B, Ho, Wo, N]."""
-        b = operand.shape[-4]
-        G, out_h, out_w = self.int_conv.products(operand, up)
-        res = None if residual is None else residual.reshape(b * out_h * out_w, self.out_channels)
-        y = K.epilogue(G, out_h * out_w, s_x, self.int_conv.weights.scale,
-                       self.bias64 if float64 else self.bias32, add=add, residual=res, float64=float64)
-        return y.view(b, out_h, out_w, self.out_channels)
+        b, h, w = operand.shape[-4], operand.shape[-3] * up, operand.shape[-2] * up
+        out_h, out_w = self.int_conv.output_size(h, w)
+        n, pixels = self.out_channels, out_h * out_w
+        res = None if residual is None else residual.reshape(b * pixels, n)
+        bias = self.bias64 if float64 else self.bias32
+        step = max(1, PRODUCT_CHUNK_BYTES // (self.int_conv.product_bytes(operand.device) * pixels))
+        if step >= b:
+            G, _, _ = self.int_conv.products(operand, up)
+            y = K.epilogue(G, pixels, s_x, self.int_conv.weights.scale, bias, add=add, residual=res, float64=float64)
+            return y.view(b, out_h, out_w, n)
+        y = torch.empty((b * pixels, n), dtype=torch.float64 if float64 else torch.float32, device=operand.device)
+        for i in range(0, b, step):  # a few images at a time: their products are freed before the next
+            j = min(b, i + step)
+            G, _, _ = self.int_conv.products(operand.narrow(-4, i, j - i), up)
+            K.epilogue(G, pixels, s_x[i:j], self.int_conv.weights.scale, bias, float64=float64,
+                       add=None if add is None else add[i:j],
+                       residual=None if res is None else res[i * pixels:j * pixels], out=y[i * pixels:j * pixels])
+            del G
+        return y.view(b, out_h, out_w, n)
 
     def from_float(self, x: torch.Tensor, *, up: int = 1, residual: torch.Tensor | None = None) -> torch.Tensor:
         """A float input [B, H, W, C] quantized per image by its max |x| -> [B, Ho, Wo, N]."""

@@ -279,6 +279,13 @@ def test_epilogue_equals_its_twin_and_combines_the_products(twin, parts, mode):
         bias = bias.to(torch.float64)
     fast, slow = twin(lambda *a: K.epilogue(*a, **kwargs), G, pixels, s_x, s_w, bias)
     _same(fast, slow)
+
+    def written(*args):  # into a given tensor (`exact_net2` writes a batch's slices so)
+        out = torch.full((m, n), float("nan"), dtype=fast.dtype)
+        assert K.epilogue(*args, **kwargs, out=out) is out
+        return out
+    for into in twin(written, G, pixels, s_x, s_w, bias):
+        _same(into, fast)
     if parts != "values":  # the same output as from the sums themselves
         assert torch.equal(K.sums(products), v)
         _same(fast, K.epilogue(v, pixels, s_x, s_w, bias, **kwargs))
@@ -295,6 +302,9 @@ def test_epilogue_refuses_products_that_do_not_match():
         K.epilogue((ih, il, zh[:4], zl), 6, ones, torch.ones(4, dtype=torch.float64), zeros)
     with pytest.raises(ValueError, match="int32 products and shares"):
         K.epilogue((ih, il, zh.long(), zl), 6, ones, torch.ones(4, dtype=torch.float64), zeros)
+    for out in (torch.empty(6, 4, dtype=torch.float64), torch.empty(5, 4), torch.empty(4, 6).T):
+        with pytest.raises(ValueError, match="out must be a contiguous torch.float32"):
+            K.epilogue((gh, gl), 6, ones, torch.ones(4, dtype=torch.float64), zeros, out=out)
 
 
 def test_softmax_weights_equal_their_twin(twin):

@@ -384,6 +384,33 @@ def test_exact_network2_equals_the_independent_numpy_reference_bit_for_bit(confi
     assert not mismatch.any(), f"{mismatch.sum()} of {mismatch.size} values differ, max {np.abs(got - ref).max()}"
 
 
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "binary64"])
+@pytest.mark.parametrize("chunk_bytes", [1, 40_000], ids=["one-image", "some-images"])
+@pytest.mark.parametrize("config", [WIDE, VARIANT], ids=["wide", "variant"])
+def test_products_made_a_few_images_at_a_time_give_the_same_bits(config, chunk_bytes, int8, monkeypatch):
+    """`exact_net2.PRODUCT_CHUNK_BYTES` small enough that every layer takes its products one
+    image at a time (1 byte), or 1 to 5 by layer (40,000 bytes; a batch of 5 leaves
+    remainders): the numpy reference's bits still, through the int8 products and through the
+    binary64 ones, with upsampling, residuals, embeddings added and the binary64 output layer."""
+    from diffcodec import exact2_products, exact_net2
+    monkeypatch.setattr(exact_net2, "PRODUCT_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(exact2_products, "INT8_OFF", not int8)
+    model = random_model(config, seed=21)
+    x, t = random_inputs(config, 5, seed=22)
+    net = exact_network2(model)
+    calls = []
+    for conv in (m for m in net.modules() if isinstance(m, exact2_products.IntConv)):
+        conv.products = (lambda f: lambda op, up=1: calls.append(op.shape[-4]) or f(op, up))(conv.products)
+    with torch.no_grad():
+        got = net(x, t).numpy()
+    assert set(calls) == {1} if chunk_bytes == 1 else {1, 2, 5} <= set(calls), calls  # the batch split, by layer
+    forms = {m.form(torch.device("cpu")) for m in net.modules() if isinstance(m, exact2_products.IntConv)}
+    assert forms == {"planes" if int8 and exact2_products.qconv_verified() else "values"}, forms
+    ref = _Reference2(config, model.state_dict())(x.numpy(), t.numpy())
+    mismatch = got != ref
+    assert not mismatch.any(), f"{mismatch.sum()} of {mismatch.size} values differ, max {np.abs(got - ref).max()}"
+
+
 @pytest.mark.parametrize("config", [WIDE, VARIANT], ids=["wide", "variant"])
 def test_exact_network2_equals_the_reference_at_the_bounds(config):
     """Every weight quantizes to +-WMAX (`adversarial_model`) and the inputs are saturated
