@@ -238,15 +238,25 @@ class ExactAttnBlock2(nn.Module):
         d = c // heads
         op, s = self.norm.operand(xc.view(b, tokens, c), self.qkv.form(x.device))
         qkv = self.qkv.from_operand(K.grid(op, h, w), s).view(b, tokens, 3, heads, d)
+        out = torch.empty((b, tokens, heads, d), dtype=torch.float32, device=x.device)
+        # binary64 scores, weights and sums per image: 8 (3 heads tokens + 5 c) bytes a token
+        step = max(1, PRODUCT_CHUNK_BYTES // (8 * tokens * (3 * heads * tokens + 5 * c)))
+        for i in range(0, b, step):  # a few images at a time (each image's attention is its own)
+            out[i:i + step] = self._attend(qkv[i:i + step]).permute(0, 2, 1, 3)
+        return _nchw(self.proj.from_float(out.view(b, h, w, c), residual=xc))  # x + proj(out)
+
+    @staticmethod
+    def _attend(qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [B, tokens, 3, heads, d] binary32 -> softmax(q k^T / sqrt(d)) v [B, heads, tokens, d]."""
+        b, tokens, _, heads, d = qkv.shape
         (q, k, v), (sq, sk, sv) = K.quantize_heads(qkv)  # each [B, heads, tokens, d] and [B]
         scores = torch.matmul(q, k.transpose(-1, -2))  # exact: d QMAX^2 < 2^53
         c_rows = ((sq * sk) * (1.0 / math.sqrt(d))).repeat_interleave(heads * tokens)
         weight_bits = min(30, exact.MANTISSA_LIMIT_BITS - 14 - exact.ceil_log2(tokens))  # tokens 2^P QMAX < 2^53
         weights, den = K.softmax_weights(scores.view(-1, tokens), c_rows, weight_bits)
+        del scores
         num = torch.matmul(weights.view(b, heads, tokens, tokens), v)  # exact integers
-        out = exact.divide(num, den.view(b, heads, tokens, 1)).mul_(sv[:, None, None, None]).to(torch.float32)
-        out = out.permute(0, 2, 1, 3).reshape(b, h, w, c)
-        return _nchw(self.proj.from_float(out, residual=xc))  # x + proj(out)
+        return exact.divide(num, den.view(b, heads, tokens, 1)).mul_(sv[:, None, None, None]).to(torch.float32)
 
 
 class ExactDownsample2(nn.Module):
