@@ -48,13 +48,17 @@ the same integers, chosen per layer for speed (`IntConv.form`):
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from diffcodec import exact
 from diffcodec import exact2_kernels as K
+from diffcodec.runtime import release_freed_memory
 
 WMAX = 507
 """Largest magnitude of a quantized weight: 8 w_hi + w_lo with w_hi = floor((w + 4) / 8) in
@@ -171,7 +175,11 @@ class IntWeights(torch.nn.Module):
     fan-in ordered kernel row, kernel column, channel, as `exact2_kernels.im2col`), with the value of one
     integer per channel, max |w_n| / WMAX (binary64 [N]). `values`: [w ; -w_lo] in binary64
     [2K, N] for the VALUES product (made at first use); `parts`: the int8 convolutions'
-    weights (module docstring), made at first use."""
+    weights (module docstring), made at first use.
+
+    Once a layer has made the form its products use (oneDNN's packed weights, the int8
+    matrices), the parts are read back from it when needed (`rely_on`) rather than kept twice:
+    2 bytes a weight less (17 MiB for the default model)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -184,27 +192,56 @@ class IntWeights(torch.nn.Module):
         self.register_buffer("scale", torch.where(m == 0, 0.0, exact.divide(m, float(WMAX))))
         ints = torch.round(w2 * r[:, None]).clamp_(-WMAX, WMAX).to(torch.int64)  # [N, K]
         hi = torch.div(ints + W_PART_SCALE // 2, W_PART_SCALE, rounding_mode="floor")
-        self.register_buffer("hi", hi.to(torch.int8))
-        self.register_buffer("lo", (ints - hi * W_PART_SCALE).to(torch.int8))
+        self._own: tuple[torch.Tensor, torch.Tensor] | None = (hi.to(torch.int8), (ints - hi * W_PART_SCALE).to(torch.int8))
+        self._read_back: Callable[[], Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._values: torch.Tensor | None = None
+
+    def hi_lo(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_hi, w_lo), int8 [N, K] each, on the CPU: its own, or read back (`rely_on`)."""
+        return self._own if self._own is not None else self._read_back()()
+
+    def rely_on(self, read_back: Callable[[], tuple[torch.Tensor, torch.Tensor]], hi: torch.Tensor,
+                lo: torch.Tensor) -> bool:
+        """Let go of its own parts if ``read_back()`` gives (w_hi, w_lo) = (``hi``, ``lo``), the
+        ones a form was just made of (checked now, once per form made); else keep (or take
+        back) ``hi`` and ``lo``. Whether it now relies on ``read_back``."""
+        got = read_back()
+        if torch.equal(got[0], hi) and torch.equal(got[1], lo):
+            # a layer's own method held weakly: no reference cycle, so the network goes with its last name
+            self._own = None
+            self._read_back = weakref.WeakMethod(read_back) if inspect.ismethod(read_back) else lambda: read_back
+            return True
+        self._own, self._read_back = (hi.contiguous(), lo.contiguous()), None
+        return False
+
+    @property
+    def hi(self) -> torch.Tensor:
+        return self.hi_lo()[0]
+
+    @property
+    def lo(self) -> torch.Tensor:
+        return self.hi_lo()[1]
 
     @property
     def ints(self) -> torch.Tensor:
         """The 10-bit integers [N, K] (int64)."""
-        return self.hi.to(torch.int64) * W_PART_SCALE + self.lo.to(torch.int64)
+        hi, lo = self.hi_lo()
+        return hi.to(torch.int64) * W_PART_SCALE + lo.to(torch.int64)
 
     @property
     def values(self) -> torch.Tensor:
-        if self._values is None or self._values.device != self.hi.device:
-            self._values = torch.cat([self.ints, -self.lo.to(torch.int64)], dim=1).to(torch.float64).T.contiguous()
+        if self._values is None or self._values.device != self.scale.device:
+            self._values = (torch.cat([self.ints, -self.lo.to(torch.int64)], dim=1).to(torch.float64).T
+                            .contiguous().to(self.scale.device))
         return self._values
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The int8 convolutions' weights: (w_hi ; 16 w_lo) [2N, C, kh, kw] for a_hi's plane
         and w_hi [N, C, kh, kw] for a_lo's."""
-        n = self.hi.shape[0]
+        w_hi, w_lo = self.hi_lo()
+        n = w_hi.shape[0]
         kh, kw = self.kernel
-        hi, lo = [t.view(n, kh, kw, -1).permute(0, 3, 1, 2) for t in (self.hi, self.lo)]  # [N, C, kh, kw]
+        hi, lo = [t.view(n, kh, kw, -1).permute(0, 3, 1, 2) for t in (w_hi, w_lo)]  # [N, C, kh, kw]
         return torch.cat([hi, lo * 16]).contiguous(), hi.contiguous()
 
 
@@ -297,8 +334,16 @@ class IntConv(torch.nn.Module):
             padding = top
         threads = torch.get_num_threads()
         if self._packed is None or self._packed[0] != threads:  # oneDNN may not run weights packed for others
+            w_hi, w_lo = self.weights.hi_lo()
             hi_lo, hi = self.weights.parts()
             self._packed = (threads, _qconv_pack(hi_lo, self.stride, padding), _qconv_pack(hi, self.stride, padding))
+            del hi_lo, hi
+            self.weights.rely_on(self._read_back, w_hi, w_lo)
+            del w_hi, w_lo
+            # the pages of what packing freed handed back now: made among a first call's
+            # activations, they would stay resident (a first call at batch 1 peaked 360 MiB
+            # instead of 321 with the default model; reports/exact.md)
+            release_freed_memory()
         _, w_hi_lo, w_hi = self._packed
         n = self.out_channels
         g_hi = _qconv_call(w_hi_lo, x_hi, 2 * n, self.stride, padding)  # a_hi's, [B, 2N, Ho, Wo] channels-last
@@ -306,14 +351,30 @@ class IntConv(torch.nn.Module):
         out_h, out_w = g_hi.shape[2], g_hi.shape[3]
         return (g_hi.permute(0, 2, 3, 1).reshape(-1, 2 * n), g_lo.permute(0, 2, 3, 1).reshape(-1, n)), out_h, out_w
 
+    def _read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_hi, w_lo) [N, K] int8 read back from a form made of them: the int8 matrices, or
+        oneDNN's packed (w_hi ; 16 w_lo) reordered to plain (`IntWeights.rely_on`)."""
+        n = self.out_channels
+        if self._matrices is not None:
+            both = self._matrices[0].T  # [2N, K]
+        elif self._packed is not None:
+            both = self._packed[1].to_dense().permute(0, 2, 3, 1).reshape(2 * n, -1)  # [2N, C, kh, kw] -> [2N, K]
+        else:
+            raise RuntimeError("exact network: a layer's integer weights are in no form")  # unreachable by design
+        return both[:n].contiguous(), torch.div(both[n:], 16, rounding_mode="floor").contiguous()
+
     def _matrix_products(self, rows_hi: torch.Tensor, rows_lo: torch.Tensor) -> K.Sums:
         """The products from the planes' windows [M, K] each (a 1x1 convolution's planes
         themselves, or `exact2_kernels.im2col_planes`; module docstring): int32 (Ih [M, 2N],
         Il [M, N]) and the zero point's shares (Zh [2N], Zl [N])."""
-        if self._matrices is None:  # (w_hi ; 16 w_lo) and w_hi as [K, 2N], [K, N] int8, K in im2col's order
-            hi, lo = self.weights.hi, self.weights.lo
-            mats = [torch.cat([hi, lo * 16]).T.contiguous(), hi.T.contiguous()]
-            self._matrices = (*mats, *(K.ZERO_POINT * mat.sum(dim=0, dtype=torch.int32) for mat in mats))
+        if self._matrices is None:  # (w_hi ; 16 w_lo) [K, 2N] int8, K in im2col's order; w_hi is its first N columns
+            hi, lo = self.weights.hi_lo()
+            both = torch.cat([hi, lo * 16]).T.contiguous()
+            shares = K.ZERO_POINT * both.sum(dim=0, dtype=torch.int32)
+            self._matrices = (both, both[:, :self.out_channels], shares, shares[:self.out_channels])
+            self.weights.rely_on(self._read_back, hi, lo)
+            del hi, lo
+            release_freed_memory()  # as after packing
         w_hi_lo, w_hi, z_hi_lo, z_hi = self._matrices
         # the bytes a_part + 64, in [0, 127]: the same integers as int8
         return (torch._int_mm(rows_hi.view(torch.int8), w_hi_lo), torch._int_mm(rows_lo.view(torch.int8), w_hi),

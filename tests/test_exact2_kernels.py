@@ -243,6 +243,59 @@ def test_int_weights_parts_and_values():
     assert torch.equal(hi_lo, torch.cat([hi, 16 * iw.lo.view(40, 3, 3, 30).permute(0, 3, 1, 2)]))  # (w_hi ; 16 w_lo)
 
 
+def test_int_weights_rely_on_a_read_back_only_when_it_gives_the_same_integers():
+    from diffcodec.exact2_products import IntWeights
+
+    w = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(10))
+    iw = IntWeights(w)
+    hi, lo = (t.clone() for t in iw.hi_lo())
+    wrong = (hi.clone(), lo.clone())
+    wrong[1][2, 5] += 1
+    assert not iw.rely_on(lambda: wrong, hi, lo)  # keeps its own
+    assert iw._own is not None and torch.equal(iw.hi, hi) and torch.equal(iw.lo, lo)
+    reads = []
+    assert iw.rely_on(lambda: reads.append(1) or (hi.clone(), lo.clone()), hi, lo)
+    assert iw._own is None and len(reads) == 1  # let go of its own: checked once
+    assert torch.equal(iw.ints, IntWeights(w).ints) and len(reads) > 1  # read back when asked
+
+
+def test_a_layer_keeps_its_weights_once_in_the_forms_its_products_use():
+    """After products at many outputs (oneDNN's packed weights) and at few (the int8 matrices),
+    on one thread and on two (packed again), a layer holds no int8 parts of its own; they read
+    back as the same integers, and the products are the same as a fresh layer's."""
+    from diffcodec.exact2_products import IntConv, int_mm_verified, qconv_verified
+
+    if not (qconv_verified() and int_mm_verified()):
+        pytest.skip("oneDNN's int8 convolution or matrix product is not exact here: the binary64 products")
+    g = torch.Generator().manual_seed(11)
+    conv = torch.nn.Conv2d(24, 16, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(16, 24, 3, 3, generator=g))
+    layer, fresh = IntConv(conv, (1, 1, 1, 1)), IntConv(conv, (1, 1, 1, 1))
+    want = fresh.weights.hi_lo()
+    planes = torch.randint(0, 128, (2, 3, 8, 8, 24), generator=g, dtype=torch.uint8)
+    saved = torch.get_num_threads()
+    try:
+        for threads, images in ((1, 3), (1, 1), (2, 3)):  # 192 outputs: packed; 64: matrices; repacked
+            torch.set_num_threads(threads)
+            got, _, _ = layer.products(planes[:, :images])
+            assert layer.weights._own is None
+            assert all(torch.equal(a, b) for a, b in zip(layer.weights.hi_lo(), want))
+            assert torch.equal(K.sums(got), K.sums(fresh.products(planes[:, :images])[0]))
+    finally:
+        torch.set_num_threads(saved)
+    assert layer._packed is not None and layer._matrices is not None
+    import gc
+    import weakref
+    gc.disable()
+    try:  # no reference cycle through the read-back: the layer goes with its last name
+        gone = weakref.ref(layer)
+        del layer
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def _int8_products(g: torch.Generator, m: int, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Random int8 products (Gh [m, 2n], Gl [m, n]) binary32 at their bounds' scale, and the
     sums v they stand for (binary64)."""
