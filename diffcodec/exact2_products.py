@@ -169,6 +169,11 @@ def int_mm_verified() -> bool:
     return True
 
 
+_BUILD_ROWS_ELEMENTS = 1 << 18
+"""`IntWeights` quantizes about this many weights at a time (its binary64 and int64 copies:
+a few MiB, not 40 bytes a weight of the largest layer at once)."""
+
+
 class IntWeights(torch.nn.Module):
     """A layer's weights [N, C, kh, kw] (or [N, K]) as 10-bit integers per output channel,
     w = clamp(rint(w_float WMAX / max |w_n|)), in parts w = 8 w_hi + w_lo (int8 [N, K] each,
@@ -183,16 +188,25 @@ class IntWeights(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        w = weight.detach().to("cpu", torch.float64)
-        self.kernel = tuple(w.shape[2:]) if w.dim() == 4 else None
-        w2 = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
-        safe = torch.where(w2.abs().amax(dim=1) == 0, 1.0, w2.abs().amax(dim=1))
-        m = w2.abs().amax(dim=1)
-        r = torch.where(m == 0, 0.0, exact.divide(torch.full_like(m, float(WMAX)), safe))
-        self.register_buffer("scale", torch.where(m == 0, 0.0, exact.divide(m, float(WMAX))))
-        ints = torch.round(w2 * r[:, None]).clamp_(-WMAX, WMAX).to(torch.int64)  # [N, K]
-        hi = torch.div(ints + W_PART_SCALE // 2, W_PART_SCALE, rounding_mode="floor")
-        self._own: tuple[torch.Tensor, torch.Tensor] | None = (hi.to(torch.int8), (ints - hi * W_PART_SCALE).to(torch.int8))
+        weight = weight.detach().to("cpu")
+        self.kernel = tuple(weight.shape[2:]) if weight.dim() == 4 else None
+        n = weight.shape[0]
+        parts = torch.empty((2, n, weight[0].numel()), dtype=torch.int8)  # (w_hi, w_lo) [N, K]
+        scale = torch.empty(n, dtype=torch.float64)
+        step = max(1, _BUILD_ROWS_ELEMENTS // max(1, weight[0].numel()))
+        for i in range(0, n, step):  # a few output channels at a time: the binary64 and int64 copies stay small
+            w = weight[i:i + step].to(torch.float64)
+            w2 = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
+            m = w2.abs().amax(dim=1)
+            safe = torch.where(m == 0, 1.0, m)
+            r = torch.where(m == 0, 0.0, exact.divide(torch.full_like(m, float(WMAX)), safe))
+            scale[i:i + step] = torch.where(m == 0, 0.0, exact.divide(m, float(WMAX)))
+            ints = torch.round(w2 * r[:, None]).clamp_(-WMAX, WMAX).to(torch.int64)  # [rows, K]
+            hi = torch.div(ints + W_PART_SCALE // 2, W_PART_SCALE, rounding_mode="floor")
+            parts[0, i:i + step] = hi
+            parts[1, i:i + step] = ints - hi * W_PART_SCALE
+        self.register_buffer("scale", scale)
+        self._own: tuple[torch.Tensor, torch.Tensor] | None = (parts[0], parts[1])
         self._read_back: Callable[[], Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._values: torch.Tensor | None = None
 

@@ -131,12 +131,9 @@ class ExactLinear2(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
-                         dtype=linear.weight.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(linear.weight.detach()[:, :, None, None])
-            if linear.bias is not None:
-                conv.bias.copy_(linear.bias.detach())
+        conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=False, device="meta")  # no weights made
+        conv.weight = nn.Parameter(linear.weight.detach()[:, :, None, None], requires_grad=False)  # a view
+        conv.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.conv = ExactConv2(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,11 +172,12 @@ class EmbeddingProjections(nn.Module):
 
     def __init__(self, linears: list[nn.Linear]) -> None:
         super().__init__()
-        fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears))
+        fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears), bias=False, device="meta")
         with torch.no_grad():
-            fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
-            fused.bias.copy_(torch.cat([lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
-                                        for lin in linears]))
+            fused.weight = nn.Parameter(torch.cat([lin.weight.detach().cpu() for lin in linears]), requires_grad=False)
+            fused.bias = nn.Parameter(torch.cat([lin.bias.detach().cpu() if lin.bias is not None
+                                                 else torch.zeros(lin.out_features) for lin in linears]),
+                                      requires_grad=False)
         self.linear = ExactLinear2(fused)
         self.bounds = [0]
         for lin in linears:
