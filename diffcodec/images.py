@@ -95,6 +95,15 @@ def to_model_input(images_uint8: np.ndarray) -> torch.Tensor:
     return (t / 127.5 - 1.0).contiguous()
 
 
+def levels_as_tiles(levels: np.ndarray) -> np.ndarray:
+    """uint8 pixel levels [N, 3, H, W] (a decoder's, in the model's layout) -> uint8 [N, H, W, 3]:
+    what `from_model_output` gives for the model input of the same levels (`to_model_input`),
+    without a float copy."""
+    if levels.ndim != 4 or levels.shape[1] != 3 or levels.dtype != np.uint8:
+        raise ValueError(f"levels_as_tiles: expected uint8 [N, 3, H, W], got {levels.dtype} {list(levels.shape)}")
+    return np.ascontiguousarray(levels.transpose(0, 2, 3, 1))
+
+
 def from_model_output(x: torch.Tensor) -> np.ndarray:
     """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]: round((x + 1) * 127.5) clipped to 0..255."""
     if x.ndim != 4 or x.shape[1] != 3:

@@ -4,7 +4,6 @@ progress phases, refusal of files another model wrote."""
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from diffcodec.checkpoint import LoadedModel
 from diffcodec.codec import api
 from diffcodec.codec.container import MODE_BITSBACK, MODE_PROGRESSIVE, Container, Header, ImageEntry, pack
 from diffcodec.codec.probe import probe_digest
+from diffcodec.codec.progressive.codec import Decoded
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.errors import DiffcodecError
 from diffcodec.images import image_tiles, to_model_input
@@ -168,10 +168,13 @@ def test_v4_progressive_decode_trusts_the_streams_closing_check(model, monkeypat
     def stub(**fields):
         def decode(model_fn, diffusion, payload, params, **kw):
             calls["params"] = params
-            base = dict(x0=x0, stages=4, complete=True, timestep=-1, bits_available=8 * len(payload),
-                        bits_used=8 * len(payload) - 3, diverged=False, stop="complete", stop_stage=-1,
-                        fallback=torch.zeros_like(x0), seconds={}, pixels_checked=True)
-            return SimpleNamespace(**{**base, **fields})
+            assert kw["as_levels"]  # a complete stream's pixels as uint8 levels, no float copy
+            complete = fields.get("complete", True)  # complete: the levels; else a reconstruction
+            base = dict(x0=None if complete else x0, stages=4, complete=True, timestep=-1,
+                        bits_available=8 * len(payload), bits_used=8 * len(payload) - 3, diverged=False,
+                        stop="complete", stop_stage=-1, fallback=torch.zeros_like(x0), seconds={}, pixels_checked=True,
+                        levels=np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)) if complete else None)
+            return Decoded(**{**base, **fields})
         monkeypatch.setattr(api.progressive, "decode", decode)
 
     params = ProgressiveParams(num_steps=3, network_float64=True)

@@ -146,6 +146,13 @@ def test_full_stream_is_lossless(coded):
     np.testing.assert_array_equal(from_model_output(dec.x0), tiles)
     assert dec.bits_used == enc.prefix_bits[-1]
     assert np.array_equal(from_model_output(dec.x0), tiles)
+    levels = pg.decode(fn, dc, enc.payload, enc.params, as_levels=True)  # as the api decodes: no float pixels
+    assert levels.x0 is None and levels.levels.dtype == np.uint8 and dec.levels is None
+    assert np.array_equal(levels.levels, tiles.transpose(0, 3, 1, 2))
+    assert (levels.complete, levels.stages, levels.bits_used, levels.pixels_checked) == \
+        (dec.complete, dec.stages, dec.bits_used, dec.pixels_checked) and torch.equal(levels.fallback, dec.fallback)
+    cut = pg.decode(fn, dc, enc.payload, enc.params, num_bits=enc.prefix_bits[-2], as_levels=True)
+    assert not cut.complete and cut.levels is None and cut.x0 is not None  # a prefix: the reconstruction as before
 
 
 def test_every_prefix_decodes_and_distortion_falls(coded):

@@ -73,3 +73,18 @@ def test_a_set_of_images_goes_to_tiles_and_back():
     assert all(np.array_equal(a, b) for a, b in zip(back, imgs))
     with pytest.raises(ValueError, match="need 8 tiles"):
         images_from_tiles(tiles[:7], [im.shape[:2] for im in imgs])
+
+
+def test_levels_as_tiles_equal_the_model_outputs_of_the_same_levels():
+    """Every level 0..255 as a decoder's uint8 [N, 3, H, W]: the tiles `from_model_output`
+    gives for its model input (the api hands out a complete stream's pixels so, without a float copy)."""
+    from diffcodec.images import levels_as_tiles
+
+    levels = np.arange(256, dtype=np.uint8).reshape(4, 1, 8, 8).repeat(3, axis=1)
+    levels[:, 1] = 255 - levels[:, 1]
+    tiles = levels_as_tiles(levels)
+    assert tiles.shape == (4, 8, 8, 3) and tiles.flags.c_contiguous
+    assert np.array_equal(tiles, from_model_output(to_model_input(np.ascontiguousarray(levels.transpose(0, 2, 3, 1)))))
+    for bad in (levels.astype(np.int16), levels[:, :2], levels[0]):
+        with pytest.raises(ValueError, match="levels_as_tiles: expected uint8"):
+            levels_as_tiles(bad)

@@ -24,6 +24,8 @@ whole job (the bootstrap's stages, the chain's steps and the bound's, `_Lossless
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import struct
 import time
@@ -63,7 +65,8 @@ from diffcodec.codec.progressive.params import ProgressiveParams, with_regions
 from diffcodec.codec.rate import RateControl, RateTarget
 from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.exact import CONTRACT_VERSION, CONTRACT_VERSIONS
-from diffcodec.images import from_model_output, image_tiles, images_from_tiles, tile_count, to_model_input
+from diffcodec.images import (from_model_output, image_tiles, images_from_tiles, levels_as_tiles, tile_count,
+                              to_model_input)
 from diffcodec.likelihood import BoundResult, merge_rows
 from diffcodec.runtime import (
     ModelFn,
@@ -582,7 +585,7 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
                                      device=device, context=b"" if legacy else image_sizes_context(h.images),
                                      progress=_stage_bar(progress, "decode",
                                                         min(limit, params.num_stages) * params.num_regions),
-                                     tiles_per_call=_tiles_per_call(params, batch_size))
+                                     tiles_per_call=_tiles_per_call(params, batch_size), as_levels=True)
     except DamagedFileError as e:
         raise DamagedFileError(f"{where}: {e}; nothing written") from None
     except DiffcodecError as e:
@@ -599,10 +602,12 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
         if dec.complete and given_all and surplus > 0:
             raise DiffcodecError(f"{where}: {surplus} unexpected bytes after the end of the stream")
     whole = not truncated and given_all  # the decoder was given the complete stream
-    images = images_from_tiles(from_model_output(dec.x0), sizes)
     verified, diverged, damage = False, dec.diverged, ""
+    if dec.complete and not legacy and dec.pixels_checked is True:
+        verified, dec = True, dataclasses.replace(dec, fallback=None)  # its memory back before the images are made
+    images = images_from_tiles(levels_as_tiles(dec.levels) if dec.complete else from_model_output(dec.x0), sizes)
     if dec.complete:
-        verified = pixel_checksum(images) == h.pixel_sha if legacy else dec.pixels_checked is True
+        verified = pixel_checksum(images) == h.pixel_sha if legacy else verified
         if not verified:  # never hand out wrong pixels: fall back to x^_0 from y_0
             diverged, images = True, images_from_tiles(from_model_output(dec.fallback), sizes)
     pixels_missing = framed and whole and limit > params.num_steps and not dec.complete and dec.stop == "complete"

@@ -632,7 +632,8 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
 class Decoded:
     """What a (possibly partial) stream gave. Bits count the payload only."""
 
-    x0: torch.Tensor  # [B, C, s, s] in [-1, 1]: the decoded pixels when complete, else the reconstruction
+    x0: torch.Tensor | None  # [B, C, s, s] in [-1, 1]: the decoded pixels when complete, else the
+    #   reconstruction; None when complete and decoded ``as_levels`` (then `levels` holds the pixels)
     stages: int  # stages received, 0 .. K+1
     complete: bool  # all K+1 stages: x0 holds the coded pixels (the caller checks their checksum)
     timestep: int  # original timestep of the last latent received (-1: x_0 itself)
@@ -647,12 +648,14 @@ class Decoded:
     seconds: dict[str, float] = field(default_factory=dict)
     pixels_checked: bool | None = None  # version 3: the closing check matched (True) / was read and differs
     #   (False: damage or, for a float file, divergence); None: no closing check, or not reached
+    levels: np.ndarray | None = None  # when complete and decoded ``as_levels``: the pixels, uint8 [B, C, s, s]
 
 
 def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params: ProgressiveParams, *,
            num_bits: int | None = None, upto: int | None = None, reconstruction: str = "xstart",
            device: torch.device | str = "cpu", keep_all: bool = False, context: bytes = b"",
-           progress: Callable[[int], None] | None = None, tiles_per_call: int | None = None) -> Decoded:
+           progress: Callable[[int], None] | None = None, tiles_per_call: int | None = None,
+           as_levels: bool = False) -> Decoded:
     """Algorithm 4 on the first ``num_bits`` bits of the payload (all when None), at most
     ``upto`` stages. Stops at the first stage the prefix does not deliver; the image is then
     reconstructed from the last latent (``xstart``: x^_0 predicted from it, clipped;
@@ -660,7 +663,8 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     called with a stage's index each time a region's part of it is decoded (a stream of R
     regions: R calls per stage, the pixel stage's once the network has run for its models).
     ``tiles_per_call``: the network's batch (`tile_slices`; None: every tile in one call, as a
-    float32 stream's encoder made them).
+    float32 stream's encoder made them). ``as_levels``: a complete stream's pixels come back as
+    their uint8 levels (`Decoded.levels`, 1 byte a dimension) and x0 is not made (8).
     The decoder works a region at a time through every stage (the stream holds every stage's
     symbols before the pixels, so all of them are read first): what it holds for the whole
     image is x^_0 of the last latent and the pixels, not the latent (DDIM's reconstruction and
@@ -812,6 +816,9 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                 else:
                     used = shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
             pixel_models = tail = None
+            if as_levels:
+                return Decoded(None, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, last_xstart,
+                               xstarts, latents, dict(clock.seconds), pixels_checked, pixels.reshape(shape))
             levels = np.arange(256, dtype=np.float32)
             levels /= 127.5  # in float32: level / 127.5 - 1, each level's value, looked up (no
             levels -= 1.0  # float32 copy of the image on the way to dtype)
