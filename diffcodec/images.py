@@ -95,21 +95,25 @@ def to_model_input(images_uint8: np.ndarray) -> torch.Tensor:
     return (t / 127.5 - 1.0).contiguous()
 
 
+def to_levels(x: torch.Tensor) -> np.ndarray:
+    """float [N, 3, H, W] in [-1, 1] -> its uint8 pixel levels [N, 3, H, W] (the model's layout):
+    round((x + 1) * 127.5) clipped to 0..255, worked on one binary32 copy."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"to_levels: expected [N, 3, H, W], got {list(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("to_levels: tensor holds NaN or infinity")
+    y = x.detach().to(torch.float32, copy=True)  # one float32 copy, worked in place
+    return y.add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
 def levels_as_tiles(levels: np.ndarray) -> np.ndarray:
-    """uint8 pixel levels [N, 3, H, W] (a decoder's, in the model's layout) -> uint8 [N, H, W, 3]:
-    what `from_model_output` gives for the model input of the same levels (`to_model_input`),
-    without a float copy."""
+    """uint8 pixel levels [N, 3, H, W] (`to_levels`, a decoder's pixels) -> uint8 tiles [N, H, W, 3]."""
     if levels.ndim != 4 or levels.shape[1] != 3 or levels.dtype != np.uint8:
         raise ValueError(f"levels_as_tiles: expected uint8 [N, 3, H, W], got {levels.dtype} {list(levels.shape)}")
     return np.ascontiguousarray(levels.transpose(0, 2, 3, 1))
 
 
 def from_model_output(x: torch.Tensor) -> np.ndarray:
-    """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]: round((x + 1) * 127.5) clipped to 0..255."""
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"from_model_output: expected [N, 3, H, W], got {list(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("from_model_output: tensor holds NaN or infinity")
-    y = x.detach().to(torch.float32, copy=True)  # one float32 copy, worked in place
-    y = y.add_(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(y.permute(0, 2, 3, 1).cpu().numpy())
+    """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]: round((x + 1) * 127.5) clipped to 0..255
+    (`to_levels` in the images' layout)."""
+    return levels_as_tiles(to_levels(x))

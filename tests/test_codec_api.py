@@ -16,7 +16,7 @@ from diffcodec.codec.probe import probe_digest
 from diffcodec.codec.progressive.codec import Decoded
 from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.errors import DiffcodecError
-from diffcodec.images import image_tiles, to_model_input
+from diffcodec.images import image_tiles, to_levels, to_model_input
 from diffcodec.runtime import network
 
 from conftest import as_loaded, seeded_model, synthetic_images
@@ -169,11 +169,12 @@ def test_v4_progressive_decode_trusts_the_streams_closing_check(model, monkeypat
         def decode(model_fn, diffusion, payload, params, **kw):
             calls["params"] = params
             assert kw["as_levels"]  # a complete stream's pixels as uint8 levels, no float copy
-            complete = fields.get("complete", True)  # complete: the levels; else a reconstruction
-            base = dict(x0=None if complete else x0, stages=4, complete=True, timestep=-1,
-                        bits_available=8 * len(payload), bits_used=8 * len(payload) - 3, diverged=False,
-                        stop="complete", stop_stage=-1, fallback=torch.zeros_like(x0), seconds={}, pixels_checked=True,
-                        levels=np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)) if complete else None)
+            complete = fields.get("complete", True)  # the image as uint8 levels: the pixels, or a reconstruction
+            base = dict(x0=None, stages=4, complete=True, timestep=-1, bits_available=8 * len(payload),
+                        bits_used=8 * len(payload) - 3, diverged=False, stop="complete", stop_stage=-1,
+                        fallback=None, seconds={}, pixels_checked=True,
+                        levels=np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)) if complete else to_levels(x0),
+                        fallback_levels=to_levels(torch.zeros_like(x0)) if complete else None)
             return Decoded(**{**base, **fields})
         monkeypatch.setattr(api.progressive, "decode", decode)
 

@@ -14,7 +14,7 @@ from diffcodec.codec.progressive.params import ProgressiveParams
 from diffcodec.config import DiffusionConfig, preset
 from diffcodec.diffusion import p_xstart
 from diffcodec.errors import DiffcodecError
-from diffcodec.images import from_model_output, to_model_input
+from diffcodec.images import from_model_output, to_levels, to_model_input
 from diffcodec.runtime import network
 from diffcodec.timesteps import SPACINGS, kept_timesteps
 from diffcodec.unet import UNet
@@ -146,13 +146,19 @@ def test_full_stream_is_lossless(coded):
     np.testing.assert_array_equal(from_model_output(dec.x0), tiles)
     assert dec.bits_used == enc.prefix_bits[-1]
     assert np.array_equal(from_model_output(dec.x0), tiles)
-    levels = pg.decode(fn, dc, enc.payload, enc.params, as_levels=True)  # as the api decodes: no float pixels
-    assert levels.x0 is None and levels.levels.dtype == np.uint8 and dec.levels is None
-    assert np.array_equal(levels.levels, tiles.transpose(0, 3, 1, 2))
+    # as the api decodes: the image as uint8 levels, x^_0 held as levels region by region, no float image
+    levels = pg.decode(fn, dc, enc.payload, enc.params, as_levels=True)
+    assert levels.x0 is None and levels.fallback is None and dec.levels is None and dec.fallback_levels is None
+    assert levels.levels.dtype == np.uint8 and np.array_equal(levels.levels, tiles.transpose(0, 3, 1, 2))
+    assert np.array_equal(levels.fallback_levels, to_levels(dec.fallback))
     assert (levels.complete, levels.stages, levels.bits_used, levels.pixels_checked) == \
-        (dec.complete, dec.stages, dec.bits_used, dec.pixels_checked) and torch.equal(levels.fallback, dec.fallback)
-    cut = pg.decode(fn, dc, enc.payload, enc.params, num_bits=enc.prefix_bits[-2], as_levels=True)
-    assert not cut.complete and cut.levels is None and cut.x0 is not None  # a prefix: the reconstruction as before
+        (dec.complete, dec.stages, dec.bits_used, dec.pixels_checked)
+    for reconstruction in pg.RECONSTRUCTIONS:  # a prefix: the reconstruction's levels
+        kw = dict(num_bits=enc.prefix_bits[-2], reconstruction=reconstruction)
+        cut, floats = pg.decode(fn, dc, enc.payload, enc.params, as_levels=True, **kw), pg.decode(
+            fn, dc, enc.payload, enc.params, **kw)
+        assert not cut.complete and cut.x0 is None and cut.fallback_levels is None
+        assert cut.stages == floats.stages and np.array_equal(cut.levels, to_levels(floats.x0))
 
 
 def test_every_prefix_decodes_and_distortion_falls(coded):

@@ -65,8 +65,7 @@ from diffcodec.codec.progressive.params import ProgressiveParams, with_regions
 from diffcodec.codec.rate import RateControl, RateTarget
 from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.exact import CONTRACT_VERSION, CONTRACT_VERSIONS
-from diffcodec.images import (from_model_output, image_tiles, images_from_tiles, levels_as_tiles, tile_count,
-                              to_model_input)
+from diffcodec.images import image_tiles, images_from_tiles, levels_as_tiles, tile_count, to_model_input
 from diffcodec.likelihood import BoundResult, merge_rows
 from diffcodec.runtime import (
     ModelFn,
@@ -604,12 +603,12 @@ def _decode_progressive(model: LoadedModel, container: Container, data_bytes: in
     whole = not truncated and given_all  # the decoder was given the complete stream
     verified, diverged, damage = False, dec.diverged, ""
     if dec.complete and not legacy and dec.pixels_checked is True:
-        verified, dec = True, dataclasses.replace(dec, fallback=None)  # its memory back before the images are made
-    images = images_from_tiles(levels_as_tiles(dec.levels) if dec.complete else from_model_output(dec.x0), sizes)
+        verified, dec = True, dataclasses.replace(dec, fallback_levels=None)  # its memory back before the images
+    images = images_from_tiles(levels_as_tiles(dec.levels), sizes)
     if dec.complete:
         verified = pixel_checksum(images) == h.pixel_sha if legacy else verified
         if not verified:  # never hand out wrong pixels: fall back to x^_0 from y_0
-            diverged, images = True, images_from_tiles(from_model_output(dec.fallback), sizes)
+            diverged, images = True, images_from_tiles(levels_as_tiles(dec.fallback_levels), sizes)
     pixels_missing = framed and whole and limit > params.num_steps and not dec.complete and dec.stop == "complete"
     if dec.stop == "check":
         damage = f"the integrity check after stage {dec.stop_stage} failed"

@@ -109,6 +109,7 @@ from diffcodec.diffusion import (
     q_posterior_mean_variance,
 )
 from diffcodec.errors import DamagedFileError, DiffcodecError
+from diffcodec.images import to_levels
 from diffcodec.images import from_model_output
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats
 from diffcodec.runtime import ModelFn, usable_cores
@@ -633,7 +634,7 @@ class Decoded:
     """What a (possibly partial) stream gave. Bits count the payload only."""
 
     x0: torch.Tensor | None  # [B, C, s, s] in [-1, 1]: the decoded pixels when complete, else the
-    #   reconstruction; None when complete and decoded ``as_levels`` (then `levels` holds the pixels)
+    #   reconstruction; None when decoded ``as_levels`` (then `levels` holds the image)
     stages: int  # stages received, 0 .. K+1
     complete: bool  # all K+1 stages: x0 holds the coded pixels (the caller checks their checksum)
     timestep: int  # original timestep of the last latent received (-1: x_0 itself)
@@ -642,13 +643,16 @@ class Decoded:
     diverged: bool = False  # the whole stream was there but its pixel stage did not decode
     stop: str = "complete"  # why the RCC stages stopped (`syntax.StageRun.stop`: complete, limit, end, check)
     stop_stage: int = -1  # where ("end" / "check")
-    fallback: torch.Tensor | None = None  # when complete: x^_0 predicted from y_0 (if the checksum fails)
+    fallback: torch.Tensor | None = None  # when complete: x^_0 predicted from y_0 (if the checksum fails);
+    #   None when decoded ``as_levels`` (then `fallback_levels`), ``keep_all`` excepted
     xstart: list[torch.Tensor] = field(default_factory=list)  # per received latent: x^_0 (keep_all)
     latents: list[torch.Tensor] = field(default_factory=list)  # per received latent (keep_all)
     seconds: dict[str, float] = field(default_factory=dict)
     pixels_checked: bool | None = None  # version 3: the closing check matched (True) / was read and differs
     #   (False: damage or, for a float file, divergence); None: no closing check, or not reached
-    levels: np.ndarray | None = None  # when complete and decoded ``as_levels``: the pixels, uint8 [B, C, s, s]
+    levels: np.ndarray | None = None  # ``as_levels``: the image's uint8 levels [B, C, s, s] (`images.to_levels`),
+    #   the pixels when complete, else the reconstruction's
+    fallback_levels: np.ndarray | None = None  # ``as_levels``, when complete: the fallback's levels
 
 
 def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params: ProgressiveParams, *,
@@ -663,8 +667,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     called with a stage's index each time a region's part of it is decoded (a stream of R
     regions: R calls per stage, the pixel stage's once the network has run for its models).
     ``tiles_per_call``: the network's batch (`tile_slices`; None: every tile in one call, as a
-    float32 stream's encoder made them). ``as_levels``: a complete stream's pixels come back as
-    their uint8 levels (`Decoded.levels`, 1 byte a dimension) and x0 is not made (8).
+    float32 stream's encoder made them). ``as_levels``: the image comes back as its uint8 levels
+    (`Decoded.levels`, 1 byte a dimension: the pixels, or the reconstruction as `images.to_levels`
+    rounds it) and no float image is made; an x^_0 reconstruction or fallback is held as levels
+    region by region (not 8 bytes a dimension; ``keep_all`` excepted).
     The decoder works a region at a time through every stage (the stream holds every stage's
     symbols before the pixels, so all of them are read first): what it holds for the whole
     image is x^_0 of the last latent and the pixels, not the latent (DDIM's reconstruction and
@@ -723,7 +729,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     made_xstarts = [torch.empty(shape, dtype=dtype, device=device) for _ in steps[:-1]] if keep_all else []
     y = torch.empty(shape, dtype=dtype, device=device) if reconstruction == "ddim" else None
     pixel_stage = stages == K and limit > K
-    last_xstart = torch.empty(shape, dtype=dtype, device=device)
+    # x^_0 of the last latent: as uint8 levels where nothing needs it as floats (1 byte a dimension, not 8)
+    xstart_levels = as_levels and not keep_all and reconstruction == "xstart"
+    last_xstart = None if xstart_levels else torch.empty(shape, dtype=dtype, device=device)
+    last_levels = np.empty(shape, dtype=np.uint8) if xstart_levels else None
     pixels: np.ndarray | None = np.empty(D, dtype=np.uint8) if pixel_stage else None  # the decoded levels
     pixel_models = tail = shadow = None
     if pixel_stage and len(regions) > 1:  # the coder's state at the last region's pixels (`PixelTail`)
@@ -775,7 +784,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
         for sl, at, dims in rslices:
             y_b = y_r[at]
             out = network(y_b, last)
-            last_xstart[sl] = x_start(out, y_b, last)
+            if last_levels is not None:
+                last_levels[sl] = to_levels(x_start(out, y_b, last))
+            else:
+                last_xstart[sl] = x_start(out, y_b, last)
             if region_models is not None:
                 p = p_mean_variance(s, out, y_b, _full_step(y_b, last), var_type=var_type,
                                     clip_denoised=params.clip_denoised)
@@ -817,8 +829,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                     used = shortest_prefix(payload, bits, params, D, K + 1, pixel_models)
             pixel_models = tail = None
             if as_levels:
-                return Decoded(None, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, last_xstart,
-                               xstarts, latents, dict(clock.seconds), pixels_checked, pixels.reshape(shape))
+                return Decoded(None, K + 1, True, -1, bits, used, False, run.stop, run.at_stage,
+                               last_xstart if keep_all else None, xstarts, latents, dict(clock.seconds),
+                               pixels_checked, pixels.reshape(shape),
+                               last_levels if last_levels is not None else to_levels(last_xstart))
             levels = np.arange(256, dtype=np.float32)
             levels /= 127.5  # in float32: level / 127.5 - 1, each level's value, looked up (no
             levels -= 1.0  # float32 copy of the image on the way to dtype)
@@ -835,7 +849,7 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
     k = chain.kept[-1]
     with clock("reconstruction"):
         if reconstruction == "xstart":
-            x0 = last_xstart
+            x0 = last_xstart  # (None when held as levels)
         else:
             x0 = torch.empty_like(last_xstart)
             for sl in tile_slices(params.num_tiles, tiles_per_call):  # each slice's DDIM chain is its own
@@ -843,6 +857,10 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                                           clip_denoised=params.clip_denoised, first_xstart=last_xstart[sl])
     with clock("entropy"):
         used = shortest_prefix(payload, bits, params, D, stages, None)
+    if as_levels:
+        levels = last_levels if last_levels is not None else to_levels(x0)
+        return Decoded(None, stages, False, int(s.timesteps[k]), bits, used, diverged, run.stop, run.at_stage, None,
+                       xstarts, latents, dict(clock.seconds), levels=levels)
     return Decoded(x0, stages, False, int(s.timesteps[k]), bits, used, diverged, run.stop, run.at_stage, None,
                    xstarts, latents, dict(clock.seconds))
 
