@@ -179,8 +179,8 @@ class IntWeights(torch.nn.Module):
     w = clamp(rint(w_float WMAX / max |w_n|)), in parts w = 8 w_hi + w_lo (int8 [N, K] each,
     fan-in ordered kernel row, kernel column, channel, as `exact2_kernels.im2col`), with the value of one
     integer per channel, max |w_n| / WMAX (binary64 [N]). `values`: [w ; -w_lo] in binary64
-    [2K, N] for the VALUES product (made at first use); `parts`: the int8 convolutions'
-    weights (module docstring), made at first use.
+    [2K, N] for the VALUES product (made at each use; `IntConv` keeps them in its taps' order);
+    `parts`: the int8 convolutions' weights (module docstring), made at each use.
 
     Once a layer has made the form its products use (oneDNN's packed weights, the int8
     matrices), the parts are read back from it when needed (`rely_on`) rather than kept twice:
@@ -208,7 +208,6 @@ class IntWeights(torch.nn.Module):
         self.register_buffer("scale", scale)
         self._own: tuple[torch.Tensor, torch.Tensor] | None = (parts[0], parts[1])
         self._read_back: Callable[[], Callable[[], tuple[torch.Tensor, torch.Tensor]]] | None = None
-        self._values: torch.Tensor | None = None
 
     def hi_lo(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_hi, w_lo), int8 [N, K] each, on the CPU: its own, or read back (`rely_on`)."""
@@ -244,10 +243,8 @@ class IntWeights(torch.nn.Module):
 
     @property
     def values(self) -> torch.Tensor:
-        if self._values is None or self._values.device != self.scale.device:
-            self._values = (torch.cat([self.ints, -self.lo.to(torch.int64)], dim=1).to(torch.float64).T
-                            .contiguous().to(self.scale.device))
-        return self._values
+        return torch.cat([self.ints, -self.lo.to(torch.int64)], dim=1).to(torch.float64).T.contiguous().to(
+            self.scale.device)
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The int8 convolutions' weights: (w_hi ; 16 w_lo) [2N, C, kh, kw] for a_hi's plane
@@ -278,6 +275,7 @@ class IntConv(torch.nn.Module):
         self.fan_in = self.in_channels * self.k * self.k
         self._packed: tuple[int, object, object] | None = None  # (thread count, oneDNN's packed weights x 2)
         self._matrices: tuple[torch.Tensor, ...] | None = None  # `_matrix_products`' weights and zero point shares
+        self._taps: torch.Tensor | None = None  # `_tap_values`, made once per device
         self._cpu_form: str | None = None  # `form` on the CPU, once known
 
     def form(self, device: torch.device) -> str:
@@ -323,10 +321,14 @@ class IntConv(torch.nn.Module):
 
     def _tap_values(self) -> torch.Tensor:
         """`IntWeights.values` reordered for `exact2_kernels.im2col`'s columns of (a | a_lo): per tap, the C
-        weights then the C negated low parts."""
-        kk, c = self.k * self.k, self.in_channels
-        v = self.weights.values  # [2K, N]: w (tap, channel), then -w_lo (tap, channel)
-        return torch.cat([v[:kk * c].view(kk, c, -1), v[kk * c:].view(kk, c, -1)], dim=1).reshape(2 * kk * c, -1)
+        weights then the C negated low parts; made once per device (a layer's products may come a
+        few images at a time)."""
+        if self._taps is None or self._taps.device != self.weights.scale.device:
+            kk, c = self.k * self.k, self.in_channels
+            v = self.weights.values  # [2K, N]: w (tap, channel), then -w_lo (tap, channel)
+            self._taps = torch.cat([v[:kk * c].view(kk, c, -1), v[kk * c:].view(kk, c, -1)], dim=1).reshape(
+                2 * kk * c, -1)
+        return self._taps
 
     def _int8_products(self, operand: torch.Tensor) -> tuple[K.Sums, int, int]:
         """The PLANES products of ``operand`` [2, B, H, W, C] (each plane contiguous; the pair

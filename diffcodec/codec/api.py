@@ -25,7 +25,6 @@ whole job (the bootstrap's stages, the chain's steps and the bound's, `_Lossless
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import struct
 import time

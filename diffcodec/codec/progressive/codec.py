@@ -59,9 +59,9 @@ end. The pixel stage goes the same way, and the complete stream's shortest prefi
 from the last region's models (`syntax.PixelTail`). The decoder, which reads every stage's
 symbols before any network call, takes a region through every stage before the next. What
 spans the whole image is then, to encode, the latent (float64) and the image itself (about 12
-bytes per dimension), to decode x^_0 of the last latent and the pixels (about 25), against 100
-and 53 in one region, whose permutation spans every tile (tests/test_codec_memory.py,
-reports/results.md). A stream of one region (an image of up to 128 tiles, and every file
+bytes per dimension), to decode x^_0 of the last latent (as uint8 levels for the api) and the
+pixels (about 15-19), against 100 and 53 in one region, whose permutation spans every tile
+(tests/test_codec_memory.py, reports/results.md). A stream of one region (an image of up to 128 tiles, and every file
 before regions) is the stream of before.
 """
 
@@ -109,8 +109,7 @@ from diffcodec.diffusion import (
     q_posterior_mean_variance,
 )
 from diffcodec.errors import DamagedFileError, DiffcodecError
-from diffcodec.images import to_levels
-from diffcodec.images import from_model_output
+from diffcodec.images import from_model_output, to_levels
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats
 from diffcodec.runtime import ModelFn, usable_cores
 from diffcodec.schedule import Schedule
