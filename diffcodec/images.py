@@ -91,8 +91,22 @@ def to_model_input(images_uint8: np.ndarray) -> torch.Tensor:
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
         desc = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
         raise ValueError(f"to_model_input: expected uint8 [N, H, W, 3], got {desc}")
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).to(torch.float32)
-    return (t / 127.5 - 1.0).contiguous()
+    return level_values(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)).contiguous()
+
+
+def level_values(levels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixel levels (any shape) -> the model's float32 values, level / 127.5 - 1 in binary32."""
+    if levels.dtype != torch.uint8:
+        raise ValueError(f"level_values: expected uint8 levels, got {levels.dtype}")
+    return levels.to(torch.float32) / 127.5 - 1.0
+
+
+def tiles_as_levels(tiles: np.ndarray) -> np.ndarray:
+    """uint8 tiles [N, H, W, 3] -> their levels [N, 3, H, W] (the model's layout; `levels_as_tiles`
+    undone): what `to_model_input` makes values of, at 1 byte a dimension instead of 4."""
+    if tiles.ndim != 4 or tiles.shape[3] != 3 or tiles.dtype != np.uint8:
+        raise ValueError(f"tiles_as_levels: expected uint8 [N, H, W, 3], got {tiles.dtype} {list(tiles.shape)}")
+    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
 
 
 def to_levels(x: torch.Tensor) -> np.ndarray:

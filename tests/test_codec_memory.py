@@ -1,7 +1,7 @@
 """Peak memory against the number of tiles (issue 28): the network's share is bounded by the
 batch; a lossless stream holds nothing more per tile; a progressive stream in regions holds a
 stage's coding state for one region, and for the whole image only its latent (encoder) or x^_0
-(decoder) and the pixels (`tests.memory_probe`, one fresh process per mode; a tiny model at 16x16 tiles, K = 2;
+(decoder), the pixels and the payload (`tests.memory_probe`, one fresh process per mode; a tiny model at 16x16 tiles, K = 2;
 lossless 36 and then 144 tiles, progressive 144 and then 1,024 in regions of 16)."""
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ LOSSLESS_MAX_GROWTH_MIB = 24
 # 15-19 to decode at 192 / 512 (2 runs): its bound is 36, which the float x^_0 (24-29) plus a
 # float copy of the image at the end would exceed at larger sizes (37 at 192 / 1024).
 PROGRESSIVE_MAX_BYTES_PER_DIM = {"encode_mib": 48, "decode_mib": 36}
+# The heap's live bytes (`memory_probe.LiveHeap`), which move by a few KiB between runs, with a
+# rate target that shows every boundary to rate control (the CLI's default encode ends at one):
+# 13.7 to encode (the latent, float64, and the image's levels, its reconstruction and the
+# payload), 13.1 to decode at 192 / 512 pixels (2026-12-08); 27.5 / 17.4 before the encoder held
+# the image as levels, showed its reconstruction without a copy, summed its squared errors in
+# blocks, and a stage's symbols were held once (reports/results.md).
+PROGRESSIVE_MAX_LIVE_BYTES_PER_DIM = {"encode_live_mib": 18, "decode_live_mib": 16}
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
                                 reason="needs Linux's /proc/self/clear_refs to reset the peak resident memory")
@@ -57,8 +64,11 @@ def test_lossless_peak_memory_does_not_grow_with_the_tiles():
 
 
 def test_progressive_peak_memory_in_regions_grows_by_the_latent_and_pixels_only():
-    small, large = _probe("progressive", PROGRESSIVE_SIDES, "--region-tiles", "16")
+    small, large = _probe("progressive", PROGRESSIVE_SIDES, "--region-tiles", "16", "--psnr", "99")
     added_dims = large["dims"] - small["dims"]
-    for phase in ("encode_mib", "decode_mib"):
+    bounds = dict(PROGRESSIVE_MAX_BYTES_PER_DIM)
+    if large["encode_live_mib"] is not None:  # glibc's mallinfo2
+        bounds.update(PROGRESSIVE_MAX_LIVE_BYTES_PER_DIM)
+    for phase, bound in bounds.items():
         per_dim = (large[phase] - small[phase]) * 2**20 / added_dims
-        assert per_dim < PROGRESSIVE_MAX_BYTES_PER_DIM[phase], (phase, per_dim, small, large)
+        assert per_dim < bound, (phase, per_dim, small, large)

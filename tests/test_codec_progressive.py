@@ -92,6 +92,22 @@ def coded_pfr(coded):
     return fn, dc, tiles, x0, pg.encode(fn, dc, x0, dataclasses.replace(PARAMS, version=4))
 
 
+def test_pixels_given_as_levels_code_the_same_stream(coded):
+    """x0 as uint8 levels (what the api passes: 1 byte a dimension) gives the stream of its values,
+    in float32 and under the exact contract, whatever the network's slices."""
+    from diffcodec.images import tiles_as_levels
+
+    fn, dc, tiles, x0, enc = coded
+    levels = torch.from_numpy(tiles_as_levels(tiles))
+    assert pg.encode(fn, dc, levels, PARAMS).payload == enc.payload
+    model, _ = seeded_tiny(0)
+    exact_fn = network(model, exact=True)
+    fn_exact = lambda x, t: 0.1 * exact_fn(x, t)  # noqa: E731
+    params = dataclasses.replace(PARAMS, num_steps=3, exact=True)
+    ref = pg.encode(fn_exact, dc, x0, params)
+    assert pg.encode(fn_exact, dc, levels, params, tiles_per_call=1).payload == ref.payload
+
+
 def test_coded_chain_keeps_the_spaced_timesteps():
     for spacing in SPACINGS:
         for T, K in [(1000, 30), (1000, 2), (50, 50), (10, 7)]:
@@ -440,9 +456,12 @@ def test_network_slices_change_neither_the_stream_nor_the_decoding(skips):
         return call
 
     seen: list = []
+    shown: list = []  # each boundary's tiles, copied during the call (`Boundary.tiles`: valid only then)
 
     def end(b):
+        assert b.tiles is None or not b.tiles.flags.writeable
         seen.append(b)
+        shown.append(None if b.tiles is None else b.tiles.copy())
         return pg.GO_ON
 
     encs = {n: pg.encode(counting(n), dc, x0, params, tiles_per_call=n, end=end if n == 2 else None)
@@ -455,10 +474,11 @@ def test_network_slices_change_neither_the_stream_nor_the_decoding(skips):
         np.testing.assert_array_equal(e.prefix_bits, ref.prefix_bits)
         np.testing.assert_allclose(e.kl_bits, ref.kl_bits, rtol=1e-12)
         np.testing.assert_allclose(e.xstart_mse, ref.xstart_mse, rtol=1e-9)
-    assert seen[-1].stages == params.num_stages and seen[-1].tiles is None and len(seen) >= 3
-    for b in seen[:-1]:  # what `end` is shown is what a decoder makes of such a file
+    assert seen[-1].stages == params.num_stages and shown[-1] is None and len(seen) >= 3
+    assert all(b.tiles is None for b in seen)  # let go once `end` has answered
+    for b, tiles in zip(seen[:-1], shown):  # what `end` is shown is what a decoder makes of such a file
         dec = pg.decode(fn64, dc, b.payload(), ref.params, tiles_per_call=3)
-        assert dec.stages == b.stages and np.array_equal(from_model_output(dec.x0), b.tiles)
+        assert dec.stages == b.stages and np.array_equal(from_model_output(dec.x0), tiles)
     mid = int(ref.prefix_bits[3])
     for reconstruction in ("xstart", "ddim"):
         a, b = (pg.decode(fn64, dc, ref.payload, ref.params, num_bits=mid, reconstruction=reconstruction,
@@ -487,9 +507,12 @@ def test_regions_code_each_region_in_turn_and_every_prefix_decodes():
     assert params.num_regions == 3 and [(r.start, r.stop) for r in params.regions()] == [(0, 2), (2, 4), (4, 5)]
     assert ProgressiveParams.unpack(params.pack(), num_tiles=5, tile_size=TILE) == params
     seen: list = []
+    shown: list = []  # each boundary's tiles, copied during the call (`Boundary.tiles`: valid only then)
 
     def end(b):
+        assert b.tiles is None or not b.tiles.flags.writeable
         seen.append(b)
+        shown.append(None if b.tiles is None else b.tiles.copy())
         return pg.GO_ON
 
     enc = pg.encode(fn64, dc, x0, params, tiles_per_call=1, end=end)
@@ -509,13 +532,13 @@ def test_regions_code_each_region_in_turn_and_every_prefix_decodes():
     np.testing.assert_array_equal(enc.prefix_bits, expected)
     assert dec.bits_used == expected[-1]
     assert seen[-1].stages == params.num_stages and seen[-1].payload_bits() == expected[-1]
-    for b in seen[:-1]:
+    for b, tiles in zip(seen[:-1], shown):
         cut = pg.decode(fn64, dc, b.payload(), enc.params, tiles_per_call=3)
-        assert cut.stages == b.stages and np.array_equal(from_model_output(cut.x0), b.tiles)
+        assert cut.stages == b.stages and np.array_equal(from_model_output(cut.x0), tiles)
     # a file cut inside the pixel stage: every latent stage, then x^_0 of y_0, not the pixels
     short = pg.decode(fn64, dc, enc.payload[: (expected[-2] + expected[-1]) // 16], enc.params)
     assert short.stages == params.num_steps and not short.complete
-    np.testing.assert_array_equal(from_model_output(short.x0), seen[-2].tiles)
+    np.testing.assert_array_equal(from_model_output(short.x0), shown[-2])
     # a float32 stream: each region's tiles in one network call on both sides, as the encoder made them
     fn32 = denoiser(model)
     params32 = dataclasses.replace(params, exact=False)

@@ -12,7 +12,7 @@ import pytest
 
 from diffcodec.codec import api, fileinfo
 from diffcodec.codec.container import Container, pack, unpack
-from diffcodec.codec.rate import RateTarget, psnr_db
+from diffcodec.codec.rate import SQUARED_ERROR_BLOCK, RateTarget, psnr_db, squared_error
 from diffcodec.errors import DamagedFileError, DiffcodecError
 
 from conftest import as_loaded, seeded_model, synthetic_images
@@ -185,3 +185,21 @@ def test_cut_refuses_what_it_cannot_cut(coded):
         fileinfo.cut(lossless.data, loaded, stages=1)
     described = fileinfo.describe(lossless.data, loaded)
     assert described.mode == "bits-back lossless" and described.num_steps == 2 and not described.cut_points
+
+
+def test_squared_error_in_blocks_is_the_float_sum():
+    """`squared_error` sums a block of values at a time, exactly: the integer numpy's float64
+    differences give, and so `psnr_db` is their PSNR to the last bit, across block edges."""
+    rng = np.random.default_rng(5)
+    for n in (1, 7, SQUARED_ERROR_BLOCK, SQUARED_ERROR_BLOCK + 1, 3 * SQUARED_ERROR_BLOCK - 5):
+        a = rng.integers(0, 256, n, dtype=np.uint8)
+        b = np.clip(a.astype(np.int64) + rng.integers(-40, 41, n), 0, 255).astype(np.uint8)
+        diff = a.astype(np.float64) - b.astype(np.float64)
+        assert squared_error(a, b) == int(np.sum(diff**2))
+        mse = float(np.mean(diff**2))
+        assert psnr_db(a, b) == (math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse))
+    full = np.full((3, 5, 3), 255, np.uint8)
+    assert squared_error(full, np.zeros_like(full)) == 255**2 * 45 and psnr_db(full, full) == math.inf
+    for bad in ((full, full[:2]), (full, full.astype(np.int16))):
+        with pytest.raises(ValueError, match="squared_error: expected two uint8 arrays"):
+            squared_error(*bad)

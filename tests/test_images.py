@@ -88,3 +88,23 @@ def test_levels_as_tiles_equal_the_model_outputs_of_the_same_levels():
     for bad in (levels.astype(np.int16), levels[:, :2], levels[0]):
         with pytest.raises(ValueError, match="levels_as_tiles: expected uint8"):
             levels_as_tiles(bad)
+
+
+def test_tiles_as_levels_give_the_model_input_a_slice_at_a_time():
+    """`tiles_as_levels` undoes `levels_as_tiles`; their `level_values` are `to_model_input`'s
+    values bit for bit, whole or a few tiles at a time (the progressive encoder's)."""
+    from diffcodec.images import level_values, levels_as_tiles, tiles_as_levels
+
+    tiles = rand_images(5, 8, 8, seed=3)
+    tiles[0, 0, :4, :] = [[0, 127, 255], [128, 1, 254], [64, 191, 2], [126, 129, 253]]
+    levels = tiles_as_levels(tiles)
+    assert levels.shape == (5, 3, 8, 8) and levels.flags.c_contiguous and np.array_equal(levels_as_tiles(levels), tiles)
+    values = to_model_input(tiles)
+    t = torch.from_numpy(levels)
+    assert level_values(t).dtype == torch.float32 and torch.equal(level_values(t), values)
+    assert torch.equal(torch.cat([level_values(t[i : i + 2]) for i in range(0, 5, 2)]), values)
+    with pytest.raises(ValueError, match="level_values: expected uint8"):
+        level_values(t.to(torch.int16))
+    for bad in (tiles.astype(np.int16), tiles[..., :2], tiles[0]):
+        with pytest.raises(ValueError, match="tiles_as_levels: expected uint8"):
+            tiles_as_levels(bad)

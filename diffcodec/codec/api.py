@@ -64,7 +64,7 @@ from diffcodec.codec.progressive.params import ProgressiveParams, with_regions
 from diffcodec.codec.rate import RateControl, RateTarget
 from diffcodec.errors import DamagedFileError, DiffcodecError
 from diffcodec.exact import CONTRACT_VERSION, CONTRACT_VERSIONS
-from diffcodec.images import image_tiles, images_from_tiles, levels_as_tiles, tile_count, to_model_input
+from diffcodec.images import image_tiles, images_from_tiles, levels_as_tiles, tile_count, tiles_as_levels
 from diffcodec.likelihood import BoundResult, merge_rows
 from diffcodec.runtime import (
     ModelFn,
@@ -381,7 +381,7 @@ def encode(
                 raise DiffcodecError(f"{target}: a rate target needs a progressive stream of version 3")
             control = None if target is None else RateControl(
                 target, images, lambda n, stages: file_size(replace(header, stages=stages), n), params.num_stages)
-            enc = progressive.encode(model_fn, dc, to_model_input(tiles).to(device),
+            enc = progressive.encode(model_fn, dc, torch.from_numpy(tiles_as_levels(tiles)).to(device),
                                      params, progress=_stage_bar(progress, "encode", params.num_stages), workers=workers,
                                      context=image_sizes_context(entries), end=control,
                                      tiles_per_call=_tiles_per_call(params, per_call))

@@ -51,9 +51,28 @@ class RateTarget:
         return f"--{self.kind} {self.value:g}"
 
 
+SQUARED_ERROR_BLOCK = 1 << 18  # values a block: what `squared_error` holds beyond its inputs (2 MiB)
+
+
+def squared_error(a: np.ndarray, b: np.ndarray) -> int:
+    """The sum of squared differences of two uint8 arrays of one shape, exact (an integer), made
+    a block of values at a time: no image-sized temporary (a photo's float64 differences and
+    squares were 24 bytes a value at every boundary rate control looked at)."""
+    if a.shape != b.shape or a.dtype != np.uint8 or b.dtype != np.uint8:
+        raise ValueError(f"squared_error: expected two uint8 arrays of one shape, got {a.dtype} {list(a.shape)} "
+                         f"and {b.dtype} {list(b.shape)}")
+    a, b = a.reshape(-1), b.reshape(-1)
+    total = 0
+    for at in range(0, a.size, SQUARED_ERROR_BLOCK):
+        d = a[at : at + SQUARED_ERROR_BLOCK].astype(np.int64)
+        d -= b[at : at + SQUARED_ERROR_BLOCK]
+        total += int(np.dot(d, d))  # at most 255^2 x 2^18 < 2^63 a block
+    return total
+
+
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images of one shape (peak 255; inf when equal)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    mse = squared_error(a, b) / a.size  # what numpy's mean of the squares gives: its sum is exact
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 

@@ -58,11 +58,14 @@ its level, plan and search, its part of the new latent, which replaces the last 
 end. The pixel stage goes the same way, and the complete stream's shortest prefix is found
 from the last region's models (`syntax.PixelTail`). The decoder, which reads every stage's
 symbols before any network call, takes a region through every stage before the next. What
-spans the whole image is then, to encode, the latent (float64) and the image itself (about 12
-bytes per dimension), to decode x^_0 of the last latent (as uint8 levels for the api) and the
-pixels (about 15-19), against 100 and 53 in one region, whose permutation spans every tile
-(tests/test_codec_memory.py, reports/results.md). A stream of one region (an image of up to 128 tiles, and every file
-before regions) is the stream of before.
+spans the whole image is then, to encode, the latent (float64), the image as uint8 levels (made
+into values a slice at a time) and, under a rate target, its reconstruction (uint8, shown to
+``end`` without a copy); to decode, x^_0 of the last latent (as uint8 levels for the api) and
+the pixels; both, the payload and each stage's symbols (held once). The heap's live bytes grow
+by about 14 bytes per dimension either way at the test's high rate (tests/test_codec_memory.py,
+reports/results.md), against 100 and 53 in one region, whose permutation spans every tile. A
+stream of one region (an image of up to 128 tiles, and every file before regions) is the stream
+of before.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ from diffcodec.diffusion import (
     q_posterior_mean_variance,
 )
 from diffcodec.errors import DamagedFileError, DiffcodecError
-from diffcodec.images import from_model_output, to_levels
+from diffcodec.images import from_model_output, level_values, to_levels
 from diffcodec.losses import LN2, discretized_gaussian_log_likelihood_nats
 from diffcodec.runtime import ModelFn, usable_cores
 from diffcodec.schedule import Schedule
@@ -183,7 +186,8 @@ class Boundary:
     ``stages``: the stages such a file delivers (K + 1: the whole stream); ``timestep``: the
     original timestep of its last latent (-1: the pixels); ``tiles``: the reconstruction a
     decoder makes from it (x^_0 predicted from that latent, as pixels: uint8 [B, s, s, C],
-    `images.from_model_output`; None at the lossless end); ``max_payload_bits``: the coder's
+    `images.from_model_output`; None at the lossless end), a read-only view of the encoder's
+    buffer, valid during the ``end`` call only (None after it); ``max_payload_bits``: the coder's
     sealed output so far, which such a file never exceeds; `payload_bits()`: its exact payload
     (the shortest prefix of that output that delivers the stages; parsed on first use)."""
 
@@ -348,7 +352,9 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
            *, progress: Callable[[int], None] | None = None, workers: int | None = None,
            context: bytes = b"", end: Callable[[Boundary], str] | None = None,
            tiles_per_call: int | None = None) -> Encoded:
-    """Algorithm 3 for a batch of tiles x0 [B, C, s, s] (exact pixel values in [-1, 1]).
+    """Algorithm 3 for a batch of tiles x0 [B, C, s, s]: exact pixel values in [-1, 1], or their
+    uint8 levels (0..255), which the encoder makes into values (`images.level_values`) a slice of
+    tiles at a time: a photo's image is then held at 1 byte a dimension, not 4 or 8.
 
     The candidate search runs on ``workers`` threads (default: the usable CPU cores); the
     stream does not depend on it. ``tiles_per_call``: the network's batch (`tile_slices`; None:
@@ -378,6 +384,11 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     clock = StageClock()
     workers = usable_cores() if workers is None else max(1, int(workers))
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
+
+    def x0_values(sl: slice) -> torch.Tensor:
+        """x0's tiles ``sl`` as values in ``dtype``."""
+        return (level_values(x0[sl]) if x0.dtype == torch.uint8 else x0[sl]).to(dtype)
+
     chain = CodedChain(diffusion, params)
     s = chain.full
     B, K, D, var_type = x0.shape[0], s.num_steps, x0.numel(), diffusion.var_type
@@ -418,6 +429,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         """Ask ``end`` at a boundary: the Encoded of a file that ends here or before, or None."""
         nonlocal previous
         decision = end(here)
+        here.tiles = None  # the encoder's buffer, which the next stages overwrite
         if decision == END_BEFORE:
             if previous is None:
                 raise ValueError("progressive: `end` asked to end before the first boundary")
@@ -435,7 +447,9 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         if end is None or not (closes[stage] or not params.check_bits):
             return None
         words = enc.words() if words is None else words
-        return decide(Boundary(stage + 1, int(s.timesteps[K - 1 - stage]), recon.copy(), words,
+        tiles = recon.view()
+        tiles.flags.writeable = False
+        return decide(Boundary(stage + 1, int(s.timesteps[K - 1 - stage]), tiles, words,
                                lambda data: shortest_prefix(data, 8 * len(data), params, D, stage + 1, None)))
 
     def network(sl: slice, x0_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +491,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
             kl_dims = np.empty(Dr) if params.version <= 4 else None  # versions 1-4: candidates from chunks' own KL
             for sl in rslices:  # first pass: the region's Gaussians
                 dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
-                x0_b = x0[sl].to(dtype)
+                x0_b = x0_values(sl)
                 if stage == 0:
                     q_mean, _, q_log_var = q_mean_variance(s, x0_b, _full_step(x0_b, k))
                     p_mean[dims], p_log_var[dims] = 0.0, 0.0
@@ -541,7 +555,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
                 y = torch.empty(x0.shape, dtype=dtype, device=x0.device)
             for sl in rslices:  # second pass: the region's latent, over the last one
                 dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
-                x0_b = x0[sl].to(dtype)
+                x0_b = x0_values(sl)
                 if stage == 0:
                     q_mean, _, q_log_var = q_mean_variance(s, x0_b, _full_step(x0_b, k))
                 else:
@@ -582,7 +596,7 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
         region_models, symbols = (np.empty(Dr), np.empty(Dr)), np.empty(Dr, dtype=np.int32)
         for sl in region_slices(region, tiles_per_call):
             dims = slice(sl.start * per_tile - first, sl.stop * per_tile - first)
-            x0_b = x0[sl].to(dtype)
+            x0_b = x0_values(sl)
             y_b, out = network(sl, x0_b)
             p = p_mean_variance(s, out, y_b, _full_step(y_b, 0), var_type=var_type, clip_denoised=params.clip_denoised)
             kl_bits[K] += _pixel_bits(x0_b, p.mean, p.log_variance)

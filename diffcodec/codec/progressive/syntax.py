@@ -131,10 +131,10 @@ def _level_law(center: float, scale: float, exact_contract: bool) -> np.ndarray:
 class StageSymbols:
     """What one RCC stage sends: its level and one PFR index per chunk; in a stream of several
     regions, each region's (``regions``; ``level`` is then their largest, ``indices`` theirs
-    joined, as `of_regions` makes them)."""
+    joined, made when asked for: the regions' arrays are held once)."""
 
     level: int
-    indices: np.ndarray  # int64 [num_chunks]; [0] for level 0
+    own_indices: np.ndarray | None  # int64 [num_chunks]; [0] for level 0 (None: several regions')
     regions: tuple[StageSymbols, ...] = ()
 
     @classmethod
@@ -142,7 +142,14 @@ class StageSymbols:
         """A stage of several regions; a single region's symbols as they are."""
         if len(parts) == 1:
             return parts[0]
-        return cls(max(p.level for p in parts), np.concatenate([p.indices for p in parts]), tuple(parts))
+        return cls(max(p.level for p in parts), None, tuple(parts))
+
+    @property
+    def indices(self) -> np.ndarray:
+        """int64 [num_chunks]: the stage's indices (several regions: a new array of theirs joined)."""
+        if self.own_indices is not None:
+            return self.own_indices
+        return np.concatenate([p.indices for p in self.regions])
 
     def parts(self) -> tuple[StageSymbols, ...]:
         """Each region's symbols (one region: these)."""
@@ -349,11 +356,11 @@ def _write_region(enc: RangeEncoder, syntax: Syntax, region: int, symbols: Stage
             enc.encode_uniform(mants[coded], sizes[coded])
 
 
-def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
-    """Decode one RCC stage's symbols (does NOT advance ``syntax``; see `TwinReader`).
-
-    Raises one of ``_DECODE_ERRORS`` on data that no encoder could have written.
-    """
+def _read_stage_head(dec: RangeDecoder, syntax: Syntax) -> StageSymbols | None:
+    """What `write_stage` wrote, read (`TwinReader` reads both of its decoders, without advancing
+    ``syntax``; one of ``DECODE_ERRORS`` on data no encoder writes): a stage that sends no
+    region's symbols (stage 0 of version 3, a skipped stage), or None: each region's symbols
+    follow (`_read_region`)."""
     regions = range(len(syntax.region_dims))
     if syntax.implicit():
         return StageSymbols.of_regions([StageSymbols(0, np.zeros(1, dtype=np.int64)) for _ in regions])
@@ -361,7 +368,7 @@ def read_stage(dec: RangeDecoder, syntax: Syntax) -> StageSymbols:
         if len(regions) > 1:
             raise ValueError("progressive: a skipped stage in a stream of several regions")
         return StageSymbols(0, np.zeros(0, dtype=np.int64))
-    return StageSymbols.of_regions([_read_region(dec, syntax, r) for r in regions])
+    return None
 
 
 def _read_region(dec: RangeDecoder, syntax: Syntax, region: int) -> StageSymbols:
@@ -394,14 +401,17 @@ def padded_words(payload: bytes, num_bits: int, pad_words: int, fill: int) -> np
     words = np.full(prefix_words + pad_words + 2, 0xFFFFFFFF if fill else 0, dtype=np.uint32)
     if prefix_words:
         nbytes = -(-num_bits // 8)
-        raw = np.zeros(4 * prefix_words, dtype=np.uint8)
-        raw[:nbytes] = np.frombuffer(payload, dtype=np.uint8, count=nbytes)
-        head = raw.view(">u4").astype(np.uint32)
+        whole = nbytes // 4  # the prefix's whole words, read in place; the last, partial one padded
+        words[:whole] = np.frombuffer(payload, dtype=">u4", count=whole)
+        if whole < prefix_words:
+            last = np.zeros(4, dtype=np.uint8)
+            last[: nbytes - 4 * whole] = np.frombuffer(payload, dtype=np.uint8, count=nbytes - 4 * whole,
+                                                       offset=4 * whole)
+            words[whole] = last.view(">u4")[0]
         tail_bits = 32 * prefix_words - num_bits  # bits of the last word past the prefix
         if tail_bits:
             low = np.uint32((1 << tail_bits) - 1)
-            head[-1] = (head[-1] & ~low) | (low if fill else np.uint32(0))
-        words[:prefix_words] = head
+            words[prefix_words - 1] = (words[prefix_words - 1] & ~low) | (low if fill else np.uint32(0))
     return words
 
 
@@ -435,14 +445,28 @@ class TwinReader:
         if self.failed:
             return None
         try:
-            a, b = (read_stage(d, syntax) for d in self._decoders)
+            a = self._read_stage(syntax)
         except DECODE_ERRORS:
-            a = b = None
-        if a is None or not _same(a, b):
+            a = None
+        if a is None:
             self.failed = True
             return None
         syntax.commit(a)
         return a
+
+    def _read_stage(self, syntax: Syntax) -> StageSymbols | None:
+        """The next stage on both decoders, a region at a time (one copy of the stage's symbols
+        is held, not two): the symbols, or None where the two readings differ."""
+        heads = [_read_stage_head(d, syntax) for d in self._decoders]
+        if heads[0] is not None or heads[1] is not None:
+            return heads[0] if heads[1] is not None and heads[0] is not None and _same(*heads) else None
+        parts = []
+        for r in range(len(syntax.region_dims)):
+            a, b = (_read_region(d, syntax, r) for d in self._decoders)
+            if not _same(a, b):
+                return None
+            parts.append(a)
+        return StageSymbols.of_regions(parts)
 
     def closing(self, syntax: Syntax | None) -> bool | None:
         """Read the closing check (version 3): True when it matches the stream and the pixels
