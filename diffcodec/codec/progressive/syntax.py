@@ -458,8 +458,9 @@ class TwinReader:
         """The next stage on both decoders, a region at a time (one copy of the stage's symbols
         is held, not two): the symbols, or None where the two readings differ."""
         heads = [_read_stage_head(d, syntax) for d in self._decoders]
-        if heads[0] is not None or heads[1] is not None:
-            return heads[0] if heads[1] is not None and heads[0] is not None and _same(*heads) else None
+        if heads[0] is not None or heads[1] is not None:  # a stage without regions' symbols: both, alike
+            both = heads[0] is not None and heads[1] is not None
+            return heads[0] if both and _same(*heads) else None
         parts = []
         for r in range(len(syntax.region_dims)):
             a, b = (_read_region(d, syntax, r) for d in self._decoders)
