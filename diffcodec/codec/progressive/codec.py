@@ -386,8 +386,11 @@ def encode(model_fn: ModelFn, diffusion: DiffusionConfig, x0: torch.Tensor, para
     dtype = torch.float64 if params.network_float64 or params.exact else torch.float32
 
     def x0_values(sl: slice) -> torch.Tensor:
-        """x0's tiles ``sl`` as values in ``dtype``."""
-        return (level_values(x0[sl]) if x0.dtype == torch.uint8 else x0[sl]).to(dtype)
+        """x0's tiles ``sl`` as values in ``dtype`` (levels made into values on the CPU, as
+        `images.to_model_input` makes them, whatever device x0 is on)."""
+        if x0.dtype == torch.uint8:
+            return level_values(x0[sl].cpu()).to(device=x0.device, dtype=dtype)
+        return x0[sl].to(dtype)
 
     chain = CodedChain(diffusion, params)
     s = chain.full
@@ -846,11 +849,9 @@ def decode(model_fn: ModelFn, diffusion: DiffusionConfig, payload: bytes, params
                                last_xstart if keep_all else None, xstarts, latents, dict(clock.seconds),
                                pixels_checked, pixels.reshape(shape),
                                last_levels if last_levels is not None else to_levels(last_xstart))
-            levels = np.arange(256, dtype=np.float32)
-            levels /= 127.5  # in float32: level / 127.5 - 1, each level's value, looked up (no
-            levels -= 1.0  # float32 copy of the image on the way to dtype)
-            levels = levels.astype(np.float64 if dtype == torch.float64 else np.float32)
-            x0 = torch.from_numpy(levels[pixels].reshape(shape)).to(device)
+            # each level's value (`images.level_values`), looked up: no float32 copy of the image on the way to dtype
+            values = level_values(torch.arange(256, dtype=torch.uint8)).to(dtype).numpy()
+            x0 = torch.from_numpy(values[pixels].reshape(shape)).to(device)
             pixels = None
             return Decoded(x0, K + 1, True, -1, bits, used, False, run.stop, run.at_stage, last_xstart,
                            xstarts, latents, dict(clock.seconds), pixels_checked)
